@@ -1,0 +1,162 @@
+// Block geometry and live-block indexing of a weight mask. Framework-free.
+#ifndef MASKED_OPS_CC_KERNELS_BLOCK_MASK_H_
+#define MASKED_OPS_CC_KERNELS_BLOCK_MASK_H_
+
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+namespace masked_ops {
+
+// Runs work(begin, end) over [0, units) split in shards, possibly concurrently.
+// cost_per_unit is a rough count of scalar operations per unit, which lets the
+// scheduler pick a shard size. Every caller writes disjoint outputs per unit, so
+// results never depend on how units are sharded.
+using ParallelFor = std::function<void(int64_t units, int64_t cost_per_unit,
+                                       const std::function<void(int64_t, int64_t)>& work)>;
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Bit patterns of the 16-bit float mask dtypes. The kernels only need "is it
+// zero" and "its value", so they carry the bits instead of a framework type.
+struct Float16Bits {
+  uint16_t bits;
+};
+struct BFloat16Bits {
+  uint16_t bits;
+};
+
+inline float BitsToFloat(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+inline float ToFloat(Float16Bits h) {
+  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+  const uint32_t exponent = (h.bits >> 10) & 0x1fu;
+  const uint32_t mantissa = h.bits & 0x3ffu;
+  if (exponent == 0) {
+    // Zero or subnormal: mantissa * 2^-24, exact in float.
+    const float magnitude = static_cast<float>(mantissa) * (1.0f / 16777216.0f);
+    return sign ? -magnitude : magnitude;
+  }
+  if (exponent == 0x1f) return BitsToFloat(sign | 0x7f800000u | (mantissa << 13));
+  return BitsToFloat(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+inline float ToFloat(BFloat16Bits b) { return BitsToFloat(static_cast<uint32_t>(b.bits) << 16); }
+
+// A mask entry is live when it compares unequal to zero: NaN is live, -0 is not.
+template <typename TMask>
+inline bool IsLive(TMask v) {
+  return v != TMask(0);
+}
+inline bool IsLive(Float16Bits v) { return (v.bits & 0x7fffu) != 0; }
+inline bool IsLive(BFloat16Bits v) { return (v.bits & 0x7fffu) != 0; }
+
+// The factor a live entry scales its weight by, in the weight's dtype, exactly
+// as tf.cast(mask, T) would produce it.
+template <typename T, typename TMask>
+inline T MaskFactor(TMask v) {
+  return static_cast<T>(v);
+}
+template <typename T>
+inline T MaskFactor(Float16Bits v) {
+  return static_cast<T>(ToFloat(v));
+}
+template <typename T>
+inline T MaskFactor(BFloat16Bits v) {
+  return static_cast<T>(ToFloat(v));
+}
+
+// A rows x cols matrix cut into block_rows x block_cols blocks; the last block
+// row and column may be ragged.
+struct BlockGrid {
+  int64_t rows;
+  int64_t cols;
+  int64_t block_rows;
+  int64_t block_cols;
+
+  int64_t grid_rows() const { return CeilDiv(rows, block_rows); }
+  int64_t grid_cols() const { return CeilDiv(cols, block_cols); }
+  int64_t row_begin(int64_t block_row) const { return block_row * block_rows; }
+  int64_t col_begin(int64_t block_col) const { return block_col * block_cols; }
+  int64_t rows_in(int64_t block_row) const {
+    const int64_t begin = row_begin(block_row);
+    return rows - begin < block_rows ? rows - begin : block_rows;
+  }
+  int64_t cols_in(int64_t block_col) const {
+    const int64_t begin = col_begin(block_col);
+    return cols - begin < block_cols ? cols - begin : block_cols;
+  }
+  // Extent of a packed block: a block never needs to be larger than the matrix,
+  // whatever block size the caller asked for.
+  int64_t packed_rows() const { return rows < block_rows ? rows : block_rows; }
+  int64_t packed_cols() const { return cols < block_cols ? cols : block_cols; }
+};
+
+enum class MaskLevel {
+  kElement,  // one mask entry per weight: [rows, cols]
+  kBlock,    // one mask entry per block: [grid_rows, grid_cols]
+};
+
+template <typename TMask>
+struct MaskView {
+  const TMask* data;
+  MaskLevel level;
+};
+
+// Live blocks grouped by block column (major = column) or by block row
+// (major = row): the blocks of group g are minor[offsets[g] .. offsets[g+1]),
+// and position p in that range is also the block's slot in a packed buffer.
+struct LiveBlockList {
+  std::vector<int64_t> offsets;
+  std::vector<int64_t> minor;
+  int64_t size() const { return static_cast<int64_t>(minor.size()); }
+};
+
+// live[i * grid_cols + j] != 0 when block (i, j) holds at least one live entry.
+template <typename TMask>
+std::vector<uint8_t> FindLiveBlocks(const BlockGrid& grid, MaskView<TMask> mask,
+                                    const ParallelFor& parallel_for) {
+  const int64_t grid_rows = grid.grid_rows();
+  const int64_t grid_cols = grid.grid_cols();
+  std::vector<uint8_t> live(static_cast<size_t>(grid_rows * grid_cols), 0);
+  if (mask.level == MaskLevel::kBlock) {
+    for (int64_t b = 0; b < grid_rows * grid_cols; ++b) live[b] = IsLive(mask.data[b]);
+    return live;
+  }
+  // Element masks: each block row scans its own rows of the mask, stopping a
+  // block's scan at its first live entry.
+  parallel_for(grid_rows, grid.block_rows * grid.cols, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = grid.row_begin(i);
+      const int64_t nr = grid.rows_in(i);
+      for (int64_t j = 0; j < grid_cols; ++j) {
+        const int64_t c0 = grid.col_begin(j);
+        const int64_t nc = grid.cols_in(j);
+        bool any = false;
+        for (int64_t r = 0; r < nr && !any; ++r) {
+          const TMask* row = mask.data + (r0 + r) * grid.cols + c0;
+          for (int64_t c = 0; c < nc; ++c) {
+            if (IsLive(row[c])) {
+              any = true;
+              break;
+            }
+          }
+        }
+        live[i * grid_cols + j] = any;
+      }
+    }
+  });
+  return live;
+}
+
+LiveBlockList GroupLiveBlocksByColumn(const BlockGrid& grid, const std::vector<uint8_t>& live);
+LiveBlockList GroupLiveBlocksByRow(const BlockGrid& grid, const std::vector<uint8_t>& live);
+
+}  // namespace masked_ops
+
+#endif  // MASKED_OPS_CC_KERNELS_BLOCK_MASK_H_

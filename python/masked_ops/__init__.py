@@ -1,0 +1,15 @@
+"""TensorFlow ops whose fused kernels skip masked-out blocks of weights."""
+
+from importlib.metadata import version as _version
+
+from masked_ops import _loader
+
+# Fail at import, not at the first op call, when the library cannot serve this
+# TensorFlow.
+_loader.op_library()
+
+from masked_ops import layers  # noqa: E402
+from masked_ops.ops import expand_block_mask, masked_matmul  # noqa: E402
+
+__all__ = ["expand_block_mask", "layers", "masked_matmul"]
+__version__ = _version("tf-masked-ops")

@@ -1,0 +1,101 @@
+"""masked_matmul, with its gradients registered beside it."""
+
+import operator
+
+import tensorflow as tf
+
+from masked_ops._loader import op_library
+
+_ops = op_library()
+
+
+def normalize_block_size(block_size):
+    """`block_size` as a (rows, cols) pair of ints; an int means a square block."""
+    if isinstance(block_size, int):
+        pair = (block_size, block_size)
+    else:
+        pair = tuple(block_size)
+        if len(pair) != 2:
+            raise ValueError(f"block_size must be an int or a pair of ints, got {block_size!r}")
+    rows, cols = (operator.index(v) for v in pair)
+    if rows < 1 or cols < 1:
+        raise tf.errors.InvalidArgumentError(
+            None, None, f"block_size must be positive, got ({rows}, {cols})"
+        )
+    return rows, cols
+
+
+def expand_block_mask(block_mask, shape, block_size=(32, 32)):
+    """Element-level mask of `shape` = [k, n] from a block-level mask.
+
+    Entry (r, c) takes the value of block (r // block_rows, c // block_cols).
+    """
+    rows, cols = normalize_block_size(block_size)
+    block_mask = tf.convert_to_tensor(block_mask)
+    k, n = shape
+    expanded = tf.repeat(tf.repeat(block_mask, rows, axis=0), cols, axis=1)
+    return expanded[:k, :n]
+
+
+def masked_matmul(x, w, mask, *, block_size=(32, 32), name=None):
+    """`x @ where(mask != 0, w * mask, 0)`, skipping all-zero blocks of `mask`.
+
+    Args:
+      x: `[..., k]` float32 or float64; any number of leading dims.
+      w: `[k, n]`, same dtype as `x`.
+      mask: element-level `[k, n]` or block-level
+        `[ceil(k / block_rows), ceil(n / block_cols)]`, any real or bool dtype.
+        Entries where it is 0 contribute exactly 0, even if `w` holds NaN or
+        Inf there; other entries scale `w` by the mask value.
+      block_size: `(block_rows, block_cols)` or an int for square blocks. Work
+        is skipped per block, so a block whose mask is all zero costs nothing,
+        forward and backward.
+
+    Returns:
+      `[..., n]`, dtype of `x`.
+    """
+    rows, cols = normalize_block_size(block_size)
+    with tf.name_scope(name or "masked_matmul"):
+        x = tf.convert_to_tensor(x)
+        w = tf.convert_to_tensor(w, dtype_hint=x.dtype)
+        mask = tf.convert_to_tensor(mask)
+        return _ops.masked_ops_masked_matmul(x, w, mask, block_rows=rows, block_cols=cols)
+
+
+def _block_attrs(op):
+    return {"block_rows": op.get_attr("block_rows"), "block_cols": op.get_attr("block_cols")}
+
+
+# Writing W = where(mask != 0, w * mask, 0), the three ops are
+#   MaskedMatmul(x, w)            y  = x @ W
+#   MaskedMatmulGradInput(dy, w)  dx = dy @ W^T
+#   MaskedMatmulGradWeight(x, dy) dw = (x^T @ dy) masked like W
+# and every gradient of one is another of the three, so gradients of any order
+# keep skipping the dead blocks. The mask gets no gradient.
+
+
+@tf.RegisterGradient("MaskedOps>MaskedMatmul")
+def _masked_matmul_grad(op, dy):
+    x, w, mask = op.inputs
+    attrs = _block_attrs(op)
+    dx = _ops.masked_ops_masked_matmul_grad_input(dy, w, mask, **attrs)
+    dw = _ops.masked_ops_masked_matmul_grad_weight(x, dy, mask, **attrs)
+    return dx, dw, None
+
+
+@tf.RegisterGradient("MaskedOps>MaskedMatmulGradInput")
+def _masked_matmul_grad_input_grad(op, grad_dx):
+    dy, w, mask = op.inputs
+    attrs = _block_attrs(op)
+    grad_dy = _ops.masked_ops_masked_matmul(grad_dx, w, mask, **attrs)
+    grad_w = _ops.masked_ops_masked_matmul_grad_weight(grad_dx, dy, mask, **attrs)
+    return grad_dy, grad_w, None
+
+
+@tf.RegisterGradient("MaskedOps>MaskedMatmulGradWeight")
+def _masked_matmul_grad_weight_grad(op, grad_dw):
+    x, dy, mask = op.inputs
+    attrs = _block_attrs(op)
+    grad_x = _ops.masked_ops_masked_matmul_grad_input(dy, grad_dw, mask, **attrs)
+    grad_dy = _ops.masked_ops_masked_matmul(x, grad_dw, mask, **attrs)
+    return grad_x, grad_dy, None
