@@ -115,7 +115,7 @@ class MaskedDense(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
         if self._pending_mask is not None:
             pending, self._pending_mask = self._pending_mask, None
-            self.set_mask(pending)
+            self._assign_mask(pending)
 
     def set_mask(self, mask):
         """Replaces the mask; takes an element- or block-level array of any real or bool dtype.
@@ -125,9 +125,12 @@ class MaskedDense(keras.layers.Layer):
         layer (build the layer with `mask_granularity="element"`).
         """
         mask = _as_float_mask(mask)
-        if not self.built:
+        if self.built:
+            self._assign_mask(mask)
+        else:
             self._pending_mask = mask
-            return
+
+    def _assign_mask(self, mask):
         element_shape, block_shape = self._shapes(self.kernel.shape[0])
         shape = tuple(mask.shape)
         if shape == tuple(self.mask.shape):
