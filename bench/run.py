@@ -25,7 +25,8 @@ Ratios in the table:
   vs multiply, vs where  multiply ms / fused ms, where ms / fused ms
   efficiency             live fraction * dense ms / fused ms, where the live
                          fraction is the share of blocks kept: 1.0 means the
-                         fused op's time falls exactly as its work does.
+                         fused op does its live blocks' work as fast as the
+                         dense matmul does the whole product's.
 """
 
 import argparse
