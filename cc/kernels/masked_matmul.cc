@@ -1,62 +1,154 @@
 #include "cc/kernels/masked_matmul.h"
 
 #include <algorithm>
+#include <memory>
 #include <vector>
+
+#include "cc/kernels/gemm.h"
 
 namespace masked_ops {
 namespace {
 
-// Rows of x (or dy) one work unit handles; its accumulator is
-// kRowTile x block width, small enough to stay in L1 for blocks up to 64 wide.
-constexpr int64_t kRowTile = 32;
+// Bytes of packed `a` that consecutive PanelGemm units share, sized for L2.
+constexpr int64_t kChunkBytes = 384 * 1024;
+constexpr int64_t kMaxChunkTiles = 16;
+// Depth (in elements) multiplied per pass over a set of output tiles, sized
+// so that the a and b slices of a pass stay in L1.
+constexpr int64_t kRunDepth = 256;
 
-// Copies the effective weights where(mask != 0, w * mask, 0) of every listed
-// block into one contiguous buffer: slot p of the list holds a
-// packed_rows x packed_cols row-major block (packed_cols x packed_rows when
-// transposed), zero-padded at ragged edges. Only live blocks are read.
+// A buffer the packing code fills completely, so it skips zero-initialising.
+template <typename T>
+using Buffer = std::unique_ptr<T[]>;
+
+template <typename T>
+Buffer<T> NewBuffer(int64_t size) {
+  return Buffer<T>(new T[static_cast<size_t>(size)]);
+}
+
+// Packs where(mask != 0, w * mask, 0) of every listed block into PanelGemm
+// panels. Group g of the list is one output block column; its live blocks are
+// stacked in depth, segment_len rows each, and the stack is cut into strips of
+// strip_width columns, zero-padded. Without `transposed` a block keeps its
+// orientation (forward: depth = rows of w); with it, block (i, j) enters as
+// its transpose (dx: depth = columns of w). Only live blocks are read.
 template <typename T, typename TMask>
-std::vector<T> PackLiveBlocks(const BlockGrid& grid, const T* w, MaskView<TMask> mask,
-                              const LiveBlockList& list, bool grouped_by_column, bool transpose,
-                              const ParallelFor& parallel_for) {
-  const int64_t pr = grid.packed_rows();
-  const int64_t pc = grid.packed_cols();
-  const int64_t block_size = pr * pc;
-  std::vector<T> packed(static_cast<size_t>(list.size() * block_size), T(0));
+std::vector<T> PackPanels(const BlockGrid& grid, const T* w, MaskView<TMask> mask,
+                          const LiveBlockList& list, bool transposed, int64_t strip_width,
+                          int64_t padded_width, const ParallelFor& parallel_for) {
+  const int64_t segment_len = transposed ? grid.packed_cols() : grid.packed_rows();
+  std::vector<T> panels(static_cast<size_t>(list.size() * segment_len * padded_width), T(0));
   const int64_t groups = static_cast<int64_t>(list.offsets.size()) - 1;
   const int64_t mean_blocks = list.size() / std::max<int64_t>(groups, 1) + 1;
-  parallel_for(groups, mean_blocks * block_size * 2, [&](int64_t begin, int64_t end) {
+  parallel_for(groups, mean_blocks * segment_len * padded_width * 2, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
-      for (int64_t p = list.offsets[g]; p < list.offsets[g + 1]; ++p) {
-        const int64_t i = grouped_by_column ? list.minor[p] : g;
-        const int64_t j = grouped_by_column ? g : list.minor[p];
+      const int64_t first = list.offsets[g];
+      const int64_t depth = (list.offsets[g + 1] - first) * segment_len;
+      T* panel = panels.data() + first * segment_len * padded_width;
+      for (int64_t p = first; p < list.offsets[g + 1]; ++p) {
+        const int64_t i = transposed ? g : list.minor[p];
+        const int64_t j = transposed ? list.minor[p] : g;
         const int64_t r0 = grid.row_begin(i);
         const int64_t c0 = grid.col_begin(j);
         const int64_t nr = grid.rows_in(i);
         const int64_t nc = grid.cols_in(j);
-        T* dst = packed.data() + p * block_size;
-        const int64_t row_stride = transpose ? 1 : pc;
-        const int64_t col_stride = transpose ? pr : 1;
-        if (mask.level == MaskLevel::kBlock) {
-          const T factor = MaskFactor<T>(mask.data[i * grid.grid_cols() + j]);
-          for (int64_t r = 0; r < nr; ++r) {
-            const T* src = w + (r0 + r) * grid.cols + c0;
-            for (int64_t c = 0; c < nc; ++c) dst[r * row_stride + c * col_stride] = src[c] * factor;
-          }
-        } else {
-          for (int64_t r = 0; r < nr; ++r) {
-            const T* src = w + (r0 + r) * grid.cols + c0;
-            const TMask* m = mask.data + (r0 + r) * grid.cols + c0;
-            for (int64_t c = 0; c < nc; ++c) {
-              dst[r * row_stride + c * col_stride] =
-                  IsLive(m[c]) ? src[c] * MaskFactor<T>(m[c]) : T(0);
+        const int64_t depth_pos = (p - first) * segment_len;
+        const bool block_level = mask.level == MaskLevel::kBlock;
+        const T block_factor = block_level ? MaskFactor<T>(mask.data[i * grid.grid_cols() + j]) : T(0);
+        for (int64_t r = 0; r < nr; ++r) {
+          const T* src = w + (r0 + r) * grid.cols + c0;
+          const TMask* m = mask.data + (r0 + r) * grid.cols + c0;
+          auto value = [&](int64_t c) -> T {
+            if (block_level) return src[c] * block_factor;
+            return IsLive(m[c]) ? src[c] * MaskFactor<T>(m[c]) : T(0);
+          };
+          if (transposed) {
+            // Row r of the block is column r of its transpose.
+            T* dst = panel + (r / strip_width) * depth * strip_width + depth_pos * strip_width +
+                     r % strip_width;
+            for (int64_t c = 0; c < nc; ++c) dst[c * strip_width] = value(c);
+          } else {
+            for (int64_t s = 0; s * strip_width < nc; ++s) {
+              T* dst = panel + s * depth * strip_width + (depth_pos + r) * strip_width;
+              const int64_t count = std::min(strip_width, nc - s * strip_width);
+              for (int64_t c = 0; c < count; ++c) dst[c] = value(s * strip_width + c);
             }
           }
         }
       }
     }
   });
-  return packed;
+  return panels;
 }
+
+// out[m, out_cols] = a[m, depth] @ (the block-sparse matrix whose live blocks
+// the panels hold), through the backend's PanelGemm.
+template <typename T>
+struct PanelProduct {
+  const T* a;
+  int64_t m;
+  int64_t depth;
+  int64_t depth_padded;     // blocks along depth x segment_len
+  int64_t block_depth;      // depth between consecutive block segments
+  int64_t segment_len;
+  const LiveBlockList* list;
+  const std::vector<T>* panels;
+  GemmTiling tiling;
+  int64_t padded_width;
+  int64_t width;
+  int64_t out_cols;
+  T* out;
+};
+
+template <typename T>
+void RunPanelProduct(const GemmBackend<T>& backend, const PanelProduct<T>& product,
+                     const ParallelFor& parallel_for) {
+  const int64_t tile_rows = product.tiling.a_tile;
+  const int64_t tiles = CeilDiv(product.m, tile_rows);
+  const int64_t tile_size = product.depth_padded * tile_rows;
+  Buffer<T> packed_a = NewBuffer<T>(tiles * tile_size);
+  parallel_for(tiles, tile_size, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      backend.pack_tile(product.a + t * tile_rows * product.depth, product.depth, 1,
+                        std::min(tile_rows, product.m - t * tile_rows), product.depth, tile_rows,
+                        product.depth_padded, packed_a.get() + t * tile_size);
+    }
+  });
+
+  const LiveBlockList& list = *product.list;
+  std::vector<int64_t> segment_begin(list.minor.size());
+  for (size_t p = 0; p < segment_begin.size(); ++p) {
+    segment_begin[p] = list.minor[p] * product.block_depth;
+  }
+  const int64_t chunk_tiles = std::clamp<int64_t>(
+      kChunkBytes / std::max<int64_t>(tile_size * static_cast<int64_t>(sizeof(T)), 1), 1,
+      kMaxChunkTiles);
+  PanelGemmArgs<T> args;
+  args.a = PackedRows<T>{packed_a.get(), product.m, tile_rows, product.depth_padded};
+  args.groups = static_cast<int64_t>(list.offsets.size()) - 1;
+  args.group_offsets = list.offsets.data();
+  args.segment_begin = segment_begin.data();
+  args.segment_len = product.segment_len;
+  args.panels = product.panels->data();
+  args.strip_width = product.tiling.strip_width;
+  args.padded_width = product.padded_width;
+  args.width = product.width;
+  args.out_cols = product.out_cols;
+  args.out = product.out;
+  args.rows_per_chunk = chunk_tiles * tile_rows;
+  args.blocks_per_run = std::max<int64_t>(1, kRunDepth / std::max<int64_t>(product.segment_len, 1));
+  const int64_t chunks = CeilDiv(product.m, args.rows_per_chunk);
+  const int64_t mean_blocks = list.size() / std::max<int64_t>(args.groups, 1) + 1;
+  // Units run chunk-major, so the units of one shard share their chunk of a.
+  parallel_for(chunks * args.groups,
+               args.rows_per_chunk * mean_blocks * product.segment_len * product.width * 2,
+               [&](int64_t begin, int64_t end) {
+                 for (int64_t u = begin; u < end; ++u) {
+                   backend.panel_gemm_unit(args, u / args.groups, u % args.groups);
+                 }
+               });
+}
+
+int64_t RoundUp(int64_t value, int64_t multiple) { return CeilDiv(value, multiple) * multiple; }
 
 }  // namespace
 
@@ -66,46 +158,16 @@ void MaskedMatmul(const MatmulShape& shape, const T* x, const T* w, MaskView<TMa
   if (shape.m == 0 || shape.n == 0) return;
   const BlockGrid grid = shape.weight_grid();
   const LiveBlockList list = GroupLiveBlocksByColumn(grid, FindLiveBlocks(grid, mask, parallel_for));
-  const std::vector<T> packed = PackLiveBlocks(grid, w, mask, list, /*grouped_by_column=*/true,
-                                               /*transpose=*/false, parallel_for);
-  const int64_t pr = grid.packed_rows();
-  const int64_t pc = grid.packed_cols();
-  const int64_t grid_cols = grid.grid_cols();
-  const int64_t row_tiles = CeilDiv(shape.m, kRowTile);
-  const int64_t mean_blocks = list.size() / grid_cols + 1;
-  // Unit u computes rows [t * kRowTile, ...) of block column j of y from the
-  // live blocks of that column only.
-  parallel_for(row_tiles * grid_cols, kRowTile * mean_blocks * pr * pc * 2,
-               [&](int64_t begin, int64_t end) {
-                 std::vector<T> acc(static_cast<size_t>(kRowTile * pc));
-                 for (int64_t u = begin; u < end; ++u) {
-                   const int64_t t = u / grid_cols;
-                   const int64_t j = u % grid_cols;
-                   const int64_t m0 = t * kRowTile;
-                   const int64_t rows = std::min(kRowTile, shape.m - m0);
-                   std::fill(acc.begin(), acc.end(), T(0));
-                   for (int64_t p = list.offsets[j]; p < list.offsets[j + 1]; ++p) {
-                     const int64_t i = list.minor[p];
-                     const int64_t k0 = grid.row_begin(i);
-                     const int64_t depth = grid.rows_in(i);
-                     const T* block = packed.data() + p * pr * pc;
-                     for (int64_t r = 0; r < rows; ++r) {
-                       const T* x_row = x + (m0 + r) * shape.k + k0;
-                       T* acc_row = acc.data() + r * pc;
-                       for (int64_t kk = 0; kk < depth; ++kk) {
-                         const T a = x_row[kk];
-                         const T* w_row = block + kk * pc;
-                         for (int64_t c = 0; c < pc; ++c) acc_row[c] += a * w_row[c];
-                       }
-                     }
-                   }
-                   const int64_t n0 = grid.col_begin(j);
-                   const int64_t width = grid.cols_in(j);
-                   for (int64_t r = 0; r < rows; ++r) {
-                     std::copy_n(acc.data() + r * pc, width, y + (m0 + r) * shape.n + n0);
-                   }
-                 }
-               });
+  const GemmBackend<T>& backend = SelectedGemmBackend<T>();
+  const GemmTiling tiling = backend.tiling(grid.packed_cols());
+  const int64_t padded_width = RoundUp(grid.packed_cols(), tiling.strip_width);
+  const std::vector<T> panels = PackPanels(grid, w, mask, list, /*transposed=*/false,
+                                           tiling.strip_width, padded_width, parallel_for);
+  RunPanelProduct(backend,
+                  PanelProduct<T>{x, shape.m, shape.k, grid.grid_rows() * grid.packed_rows(),
+                                  grid.block_rows, grid.packed_rows(), &list, &panels, tiling,
+                                  padded_width, grid.packed_cols(), shape.n, y},
+                  parallel_for);
 }
 
 template <typename T, typename TMask>
@@ -114,48 +176,16 @@ void MaskedMatmulGradInput(const MatmulShape& shape, const T* dy, const T* w,
   if (shape.m == 0 || shape.k == 0) return;
   const BlockGrid grid = shape.weight_grid();
   const LiveBlockList list = GroupLiveBlocksByRow(grid, FindLiveBlocks(grid, mask, parallel_for));
-  // Transposed packing makes the innermost loop run along k, contiguous in
-  // both the packed block and dx.
-  const std::vector<T> packed = PackLiveBlocks(grid, w, mask, list, /*grouped_by_column=*/false,
-                                               /*transpose=*/true, parallel_for);
-  const int64_t pr = grid.packed_rows();
-  const int64_t pc = grid.packed_cols();
-  const int64_t grid_rows = grid.grid_rows();
-  const int64_t row_tiles = CeilDiv(shape.m, kRowTile);
-  const int64_t mean_blocks = list.size() / grid_rows + 1;
-  // Unit u computes rows [t * kRowTile, ...) of block column i of dx from the
-  // live blocks of block row i of w.
-  parallel_for(row_tiles * grid_rows, kRowTile * mean_blocks * pr * pc * 2,
-               [&](int64_t begin, int64_t end) {
-                 std::vector<T> acc(static_cast<size_t>(kRowTile * pr));
-                 for (int64_t u = begin; u < end; ++u) {
-                   const int64_t t = u / grid_rows;
-                   const int64_t i = u % grid_rows;
-                   const int64_t m0 = t * kRowTile;
-                   const int64_t rows = std::min(kRowTile, shape.m - m0);
-                   std::fill(acc.begin(), acc.end(), T(0));
-                   for (int64_t p = list.offsets[i]; p < list.offsets[i + 1]; ++p) {
-                     const int64_t j = list.minor[p];
-                     const int64_t n0 = grid.col_begin(j);
-                     const int64_t width = grid.cols_in(j);
-                     const T* block = packed.data() + p * pr * pc;
-                     for (int64_t r = 0; r < rows; ++r) {
-                       const T* dy_row = dy + (m0 + r) * shape.n + n0;
-                       T* acc_row = acc.data() + r * pr;
-                       for (int64_t c = 0; c < width; ++c) {
-                         const T g = dy_row[c];
-                         const T* wt_row = block + c * pr;
-                         for (int64_t kk = 0; kk < pr; ++kk) acc_row[kk] += g * wt_row[kk];
-                       }
-                     }
-                   }
-                   const int64_t k0 = grid.row_begin(i);
-                   const int64_t depth = grid.rows_in(i);
-                   for (int64_t r = 0; r < rows; ++r) {
-                     std::copy_n(acc.data() + r * pr, depth, dx + (m0 + r) * shape.k + k0);
-                   }
-                 }
-               });
+  const GemmBackend<T>& backend = SelectedGemmBackend<T>();
+  const GemmTiling tiling = backend.tiling(grid.packed_rows());
+  const int64_t padded_width = RoundUp(grid.packed_rows(), tiling.strip_width);
+  const std::vector<T> panels = PackPanels(grid, w, mask, list, /*transposed=*/true,
+                                           tiling.strip_width, padded_width, parallel_for);
+  RunPanelProduct(backend,
+                  PanelProduct<T>{dy, shape.m, shape.n, grid.grid_cols() * grid.packed_cols(),
+                                  grid.block_cols, grid.packed_cols(), &list, &panels, tiling,
+                                  padded_width, grid.packed_rows(), shape.k, dx},
+                  parallel_for);
 }
 
 template <typename T, typename TMask>
@@ -164,16 +194,12 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
   if (shape.k == 0 || shape.n == 0) return;
   const BlockGrid grid = shape.weight_grid();
   const std::vector<uint8_t> live = FindLiveBlocks(grid, mask, parallel_for);
+  const int64_t grid_rows = grid.grid_rows();
   const int64_t grid_cols = grid.grid_cols();
-  const int64_t blocks = grid.grid_rows() * grid_cols;
-  std::vector<int64_t> live_blocks;
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (live[b]) live_blocks.push_back(b);
-  }
-  const int64_t pc = grid.packed_cols();
   const int64_t pr = grid.packed_rows();
+  const int64_t pc = grid.packed_cols();
 
-  parallel_for(blocks, pr * pc, [&](int64_t begin, int64_t end) {
+  parallel_for(grid_rows * grid_cols, pr * pc, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       if (live[b]) continue;
       const int64_t i = b / grid_cols;
@@ -185,43 +211,106 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
     }
   });
 
-  // Unit p forms the block (x^T dy) restricted to live block p, summing over
-  // all m rows in order, then applies the mask entry by entry.
-  parallel_for(static_cast<int64_t>(live_blocks.size()), shape.m * pr * pc * 2,
+  // Slots of the block rows and block columns that hold a live block: only
+  // their slices of x^T and dy are packed.
+  std::vector<int64_t> live_blocks;
+  std::vector<int64_t> row_slot(static_cast<size_t>(grid_rows), -1);
+  std::vector<int64_t> col_slot(static_cast<size_t>(grid_cols), -1);
+  int64_t row_slots = 0;
+  int64_t col_slots = 0;
+  for (int64_t b = 0; b < grid_rows * grid_cols; ++b) {
+    if (!live[b]) continue;
+    live_blocks.push_back(b);
+    if (row_slot[b / grid_cols] < 0) row_slot[b / grid_cols] = row_slots++;
+    if (col_slot[b % grid_cols] < 0) col_slot[b % grid_cols] = col_slots++;
+  }
+  if (live_blocks.empty()) return;
+
+  const GemmBackend<T>& backend = SelectedGemmBackend<T>();
+  const GemmTiling tiling = backend.tiling(pc);
+  const int64_t tile_rows = tiling.a_tile;
+  const int64_t strip_width = tiling.strip_width;
+  const int64_t tiles_per_block = CeilDiv(pr, tile_rows);
+  const int64_t strips_per_block = CeilDiv(pc, strip_width);
+  const int64_t m = shape.m;
+  const int64_t tile_size = m * tile_rows;
+  const int64_t strip_size = m * strip_width;
+  Buffer<T> packed_x = NewBuffer<T>(row_slots * tiles_per_block * tile_size);
+  Buffer<T> packed_dy = NewBuffer<T>(col_slots * strips_per_block * strip_size);
+  parallel_for(grid_rows * tiles_per_block + grid_cols * strips_per_block, m * tile_rows,
                [&](int64_t begin, int64_t end) {
-                 std::vector<T> acc(static_cast<size_t>(pr * pc));
-                 for (int64_t p = begin; p < end; ++p) {
-                   const int64_t i = live_blocks[p] / grid_cols;
-                   const int64_t j = live_blocks[p] % grid_cols;
-                   const int64_t k0 = grid.row_begin(i);
-                   const int64_t n0 = grid.col_begin(j);
-                   const int64_t depth = grid.rows_in(i);
-                   const int64_t width = grid.cols_in(j);
-                   std::fill(acc.begin(), acc.end(), T(0));
-                   for (int64_t mm = 0; mm < shape.m; ++mm) {
-                     const T* x_row = x + mm * shape.k + k0;
-                     const T* dy_row = dy + mm * shape.n + n0;
-                     for (int64_t kk = 0; kk < depth; ++kk) {
-                       const T a = x_row[kk];
-                       T* acc_row = acc.data() + kk * pc;
-                       for (int64_t c = 0; c < width; ++c) acc_row[c] += a * dy_row[c];
-                     }
-                   }
-                   for (int64_t kk = 0; kk < depth; ++kk) {
-                     T* out = dw + (k0 + kk) * shape.n + n0;
-                     const T* acc_row = acc.data() + kk * pc;
-                     if (mask.level == MaskLevel::kBlock) {
-                       const T factor = MaskFactor<T>(mask.data[live_blocks[p]]);
-                       for (int64_t c = 0; c < width; ++c) out[c] = acc_row[c] * factor;
-                     } else {
-                       const TMask* m = mask.data + (k0 + kk) * shape.n + n0;
-                       for (int64_t c = 0; c < width; ++c) {
-                         out[c] = IsLive(m[c]) ? acc_row[c] * MaskFactor<T>(m[c]) : T(0);
-                       }
-                     }
+                 for (int64_t u = begin; u < end; ++u) {
+                   if (u < grid_rows * tiles_per_block) {
+                     const int64_t i = u / tiles_per_block;
+                     const int64_t t = u % tiles_per_block;
+                     if (row_slot[i] < 0) continue;
+                     // x^T: rows are columns of x (stride 1), depth runs down x.
+                     backend.pack_tile(
+                         x + grid.row_begin(i) + t * tile_rows, 1, shape.k,
+                         std::clamp<int64_t>(grid.rows_in(i) - t * tile_rows, 0, tile_rows), m,
+                         tile_rows, m,
+                         packed_x.get() + (row_slot[i] * tiles_per_block + t) * tile_size);
+                   } else {
+                     const int64_t v = u - grid_rows * tiles_per_block;
+                     const int64_t j = v / strips_per_block;
+                     const int64_t s = v % strips_per_block;
+                     if (col_slot[j] < 0) continue;
+                     backend.pack_tile(
+                         dy + grid.col_begin(j) + s * strip_width, 1, shape.n,
+                         std::clamp<int64_t>(grid.cols_in(j) - s * strip_width, 0, strip_width),
+                         m, strip_width, m,
+                         packed_dy.get() + (col_slot[j] * strips_per_block + s) * strip_size);
                    }
                  }
                });
+
+  // Unit p forms x^T dy on live block p over all of m, run by run, then masks
+  // it entry by entry.
+  parallel_for(
+      static_cast<int64_t>(live_blocks.size()), m * pr * pc * 2, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t i = live_blocks[p] / grid_cols;
+          const int64_t j = live_blocks[p] % grid_cols;
+          const int64_t k0 = grid.row_begin(i);
+          const int64_t n0 = grid.col_begin(j);
+          const int64_t depth = grid.rows_in(i);
+          const int64_t width = grid.cols_in(j);
+          if (m == 0) {
+            for (int64_t kk = 0; kk < depth; ++kk) std::fill_n(dw + (k0 + kk) * shape.n + n0, width, T(0));
+          }
+          for (int64_t m0 = 0; m0 < m; m0 += kRunDepth) {
+            for (int64_t t = 0; t * tile_rows < depth; ++t) {
+              for (int64_t s = 0; s * strip_width < width; ++s) {
+                OuterGemmArgs<T> args;
+                args.a_t = packed_x.get() + (row_slot[i] * tiles_per_block + t) * tile_size +
+                           m0 * tile_rows;
+                args.b_strip = packed_dy.get() +
+                               (col_slot[j] * strips_per_block + s) * strip_size + m0 * strip_width;
+                args.depth = std::min(kRunDepth, m - m0);
+                args.block_width = pc;
+                args.out = dw + (k0 + t * tile_rows) * shape.n + n0 + s * strip_width;
+                args.ldo = shape.n;
+                args.rows = std::min(tile_rows, depth - t * tile_rows);
+                args.cols = std::min(strip_width, width - s * strip_width);
+                args.accumulate = m0 > 0;
+                backend.outer_gemm(args);
+              }
+            }
+          }
+          for (int64_t kk = 0; kk < depth; ++kk) {
+            T* out = dw + (k0 + kk) * shape.n + n0;
+            if (mask.level == MaskLevel::kBlock) {
+              const T factor = MaskFactor<T>(mask.data[live_blocks[p]]);
+              for (int64_t c = 0; c < width; ++c) out[c] *= factor;
+            } else {
+              const TMask* mk = mask.data + (k0 + kk) * shape.n + n0;
+              for (int64_t c = 0; c < width; ++c) {
+                out[c] = IsLive(mk[c]) ? out[c] * MaskFactor<T>(mk[c]) : T(0);
+              }
+            }
+          }
+        }
+      });
 }
 
 #define MASKED_OPS_INSTANTIATE(T, TMask)                                                  \

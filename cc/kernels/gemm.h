@@ -1,0 +1,109 @@
+// The dense-arithmetic core of the masked kernels, compiled once per
+// instruction set (cc/kernels/gemm_isa.inc) and picked at run time.
+//
+// Both block-sparse products reduce to two GEMM shapes:
+//
+// PanelGemm: out[:, group g] = a[:, segments of g] @ panel(g). Each output
+//   block column g (of `width` columns) has a packed panel made of its live
+//   blocks stacked in depth, and each live block p brings the depth segment
+//   [segment_begin[p], segment_begin[p] + segment_len) of `a`. The forward
+//   product is this with a = x and panels from w; dx is this with a = dy and
+//   panels from w^T.
+// OuterGemm: for one block, out = a[:, rows]^T @ b[:, cols] over all m; dw
+//   of a live block.
+//
+// This header holds plain data only: the per-ISA translation units are
+// compiled with different -m flags and must share no inline code with the
+// rest of the library (the linker could keep their AVX copy for everyone).
+#ifndef MASKED_OPS_CC_KERNELS_GEMM_H_
+#define MASKED_OPS_CC_KERNELS_GEMM_H_
+
+#include <cstdint>
+
+namespace masked_ops {
+
+// How a backend tiles the output: a_tile rows of `a` are packed together
+// (interleaved, see PackedRows), and output columns are cut into strips of
+// strip_width, the width of the packed panels.
+struct GemmTiling {
+  int64_t a_tile;
+  int64_t strip_width;
+};
+
+// `a` packed for PanelGemm: rows in tiles of a_tile; tile t holds, for each
+// depth index d in [0, depth_padded), the a_tile values a[t * a_tile + r, d]
+// contiguously, zero beyond the matrix. Size: tiles * depth_padded * a_tile.
+template <typename T>
+struct PackedRows {
+  const T* data;
+  int64_t rows;
+  int64_t tile_rows;  // GemmTiling::a_tile
+  int64_t depth_padded;
+};
+
+template <typename T>
+struct PanelGemmArgs {
+  PackedRows<T> a;
+  int64_t groups;
+  const int64_t* group_offsets;  // groups + 1 entries into the live list
+  const int64_t* segment_begin;  // per live block: its first depth index in a
+  int64_t segment_len;           // depth rows per live block, padded
+  // Panels of group g start at panels + group_offsets[g] * segment_len *
+  // padded_width; in it, strip s (strip_width columns) is a
+  // (live blocks * segment_len) x strip_width row-major matrix.
+  const T* panels;
+  int64_t strip_width;   // GemmTiling::strip_width for this width
+  int64_t padded_width;  // width rounded up to the strip width
+  int64_t width;         // output columns per group
+  int64_t out_cols;      // output columns in all; the last group may be short
+  T* out;                // [rows, out_cols] row-major
+  int64_t rows_per_chunk;  // a multiple of a_tile
+  // Live blocks per depth run: runs of this many blocks are multiplied in
+  // turn so that a run's panel strip stays in L1 across all row tiles.
+  int64_t blocks_per_run;
+};
+
+// For dw, one tile of one live block over a run of m: a_t holds, for the
+// a_tile rows of k in the tile, each m's values interleaved
+// (a_t[m * a_tile + r], as PackedRows); b_strip holds, for each m,
+// strip_width values (b_strip[m * strip_width + c]). out gets rows x cols of
+// a^T b over the depth, added to what is there when accumulate.
+template <typename T>
+struct OuterGemmArgs {
+  const T* a_t;
+  const T* b_strip;
+  int64_t depth;
+  int64_t block_width;  // the strip width is GemmTiling::strip_width of this
+  T* out;
+  int64_t ldo;
+  int64_t rows;
+  int64_t cols;
+  bool accumulate;
+};
+
+// The entry points each instruction-set backend provides.
+template <typename T>
+struct GemmBackend {
+  const char* name;
+  GemmTiling (*tiling)(int64_t width);
+  // Packs `rows` (<= tile_rows) rows of a strided matrix, element (r, d) at
+  // a[r * row_stride + d * depth_stride], as one tile of PackedRows:
+  // packed[d * tile_rows + r], zero for r >= rows or d >= depth.
+  void (*pack_tile)(const T* a, int64_t row_stride, int64_t depth_stride, int64_t rows,
+                    int64_t depth, int64_t tile_rows, int64_t depth_padded, T* packed);
+  // Rows [chunk * rows_per_chunk, ...) of output group g.
+  void (*panel_gemm_unit)(const PanelGemmArgs<T>& args, int64_t chunk, int64_t group);
+  void (*outer_gemm)(const OuterGemmArgs<T>& args);
+};
+
+// The fastest backend this CPU runs, unless MASKED_OPS_CPU_ISA names a slower
+// one ("generic", "avx2" or "avx512"); chosen once per process.
+template <typename T>
+const GemmBackend<T>& SelectedGemmBackend();
+
+// Name of the backend SelectedGemmBackend picks, e.g. "avx512".
+const char* SelectedGemmBackendName();
+
+}  // namespace masked_ops
+
+#endif  // MASKED_OPS_CC_KERNELS_GEMM_H_
