@@ -16,9 +16,11 @@ from reference import (
     tolerance,
 )
 
-# (m, k, n): ragged against every block size below, M = 1, primes, a single column.
-SHAPES = [(1, 33, 17), (7, 64, 64), (13, 100, 70), (5, 31, 95), (4, 8, 1)]
-BLOCK_SIZES = [(32, 32), (8, 16), (16, 8), (5, 7), (1, 1)]
+# (m, k, n): ragged against every block size below, M = 1, primes, a single
+# column, and one large enough for several row chunks of the kernels.
+SHAPES = [(1, 33, 17), (7, 64, 64), (13, 100, 70), (5, 31, 95), (4, 8, 1), (260, 700, 90)]
+# Square, non-square, one and several SIMD strips wide, odd, and 1x1.
+BLOCK_SIZES = [(32, 32), (8, 16), (16, 8), (16, 64), (64, 64), (5, 7), (1, 1)]
 DENSITIES = [0.0, 0.1, 0.5, 1.0]
 
 
@@ -159,8 +161,8 @@ def test_nan_mask_entries_are_live_like_the_reference():
     assert np.isnan(y[:, 2]).all()
 
 
-@pytest.mark.parametrize("m,k,n", [(6, 45, 38), (1, 16, 16), (9, 70, 3)])
-@pytest.mark.parametrize("block_size", [(16, 16), (8, 32), (5, 3)])
+@pytest.mark.parametrize("m,k,n", [(6, 45, 38), (1, 16, 16), (9, 70, 3), (300, 80, 72)])
+@pytest.mark.parametrize("block_size", [(16, 16), (8, 32), (5, 3), (32, 64)])
 @pytest.mark.parametrize("level", ["block", "element"])
 @pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
 def test_gradients_match_reference_tape(m, k, n, block_size, level, density):

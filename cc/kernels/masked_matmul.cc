@@ -1,10 +1,10 @@
 #include "cc/kernels/masked_matmul.h"
 
 #include <algorithm>
-#include <memory>
 #include <vector>
 
 #include "cc/kernels/gemm.h"
+#include "cc/kernels/scratch.h"
 
 namespace masked_ops {
 namespace {
@@ -16,13 +16,24 @@ constexpr int64_t kMaxChunkTiles = 16;
 // so that the a and b slices of a pass stay in L1.
 constexpr int64_t kRunDepth = 256;
 
-// A buffer the packing code fills completely, so it skips zero-initialising.
 template <typename T>
-using Buffer = std::unique_ptr<T[]>;
+size_t BytesOf(int64_t elements) {
+  return static_cast<size_t>(elements) * sizeof(T);
+}
+
+// One row of a live block, masked: dst[c] = where(mask != 0, src * mask, 0).
+template <typename T, typename TMask>
+void MaskRow(const T* src, const TMask* mask, int64_t count, T* dst) {
+  for (int64_t c = 0; c < count; ++c) dst[c] = IsLive(mask[c]) ? src[c] * MaskFactor<T>(mask[c]) : T(0);
+}
 
 template <typename T>
-Buffer<T> NewBuffer(int64_t size) {
-  return Buffer<T>(new T[static_cast<size_t>(size)]);
+void ScaleRow(const T* src, T factor, int64_t count, T* dst) {
+  if (factor == T(1)) {
+    std::copy_n(src, count, dst);
+  } else {
+    for (int64_t c = 0; c < count; ++c) dst[c] = src[c] * factor;
+  }
 }
 
 // Packs where(mask != 0, w * mask, 0) of every listed block into PanelGemm
@@ -32,18 +43,18 @@ Buffer<T> NewBuffer(int64_t size) {
 // orientation (forward: depth = rows of w); with it, block (i, j) enters as
 // its transpose (dx: depth = columns of w). Only live blocks are read.
 template <typename T, typename TMask>
-std::vector<T> PackPanels(const BlockGrid& grid, const T* w, MaskView<TMask> mask,
-                          const LiveBlockList& list, bool transposed, int64_t strip_width,
-                          int64_t padded_width, const ParallelFor& parallel_for) {
+void PackPanels(const BlockGrid& grid, const T* w, MaskView<TMask> mask, const LiveBlockList& list,
+                bool transposed, int64_t strip_width, int64_t padded_width, T* panels,
+                const ParallelFor& parallel_for) {
   const int64_t segment_len = transposed ? grid.packed_cols() : grid.packed_rows();
-  std::vector<T> panels(static_cast<size_t>(list.size() * segment_len * padded_width), T(0));
   const int64_t groups = static_cast<int64_t>(list.offsets.size()) - 1;
   const int64_t mean_blocks = list.size() / std::max<int64_t>(groups, 1) + 1;
-  parallel_for(groups, mean_blocks * segment_len * padded_width * 2, [&](int64_t begin, int64_t end) {
+  const bool block_level = mask.level == MaskLevel::kBlock;
+  parallel_for(groups, mean_blocks * segment_len * padded_width, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t first = list.offsets[g];
       const int64_t depth = (list.offsets[g + 1] - first) * segment_len;
-      T* panel = panels.data() + first * segment_len * padded_width;
+      T* panel = panels + first * segment_len * padded_width;
       for (int64_t p = first; p < list.offsets[g + 1]; ++p) {
         const int64_t i = transposed ? g : list.minor[p];
         const int64_t j = transposed ? list.minor[p] : g;
@@ -52,32 +63,44 @@ std::vector<T> PackPanels(const BlockGrid& grid, const T* w, MaskView<TMask> mas
         const int64_t nr = grid.rows_in(i);
         const int64_t nc = grid.cols_in(j);
         const int64_t depth_pos = (p - first) * segment_len;
-        const bool block_level = mask.level == MaskLevel::kBlock;
-        const T block_factor = block_level ? MaskFactor<T>(mask.data[i * grid.grid_cols() + j]) : T(0);
+        // A ragged block leaves part of its slots unwritten: zero them first.
+        const int64_t block_depth = transposed ? nc : nr;
+        const int64_t block_width = transposed ? nr : nc;
+        if (block_depth < segment_len || block_width < padded_width) {
+          for (int64_t s = 0; s * strip_width < padded_width; ++s) {
+            std::fill_n(panel + s * depth * strip_width + depth_pos * strip_width,
+                        segment_len * strip_width, T(0));
+          }
+        }
+        const T factor = block_level ? MaskFactor<T>(mask.data[i * grid.grid_cols() + j]) : T(0);
         for (int64_t r = 0; r < nr; ++r) {
           const T* src = w + (r0 + r) * grid.cols + c0;
           const TMask* m = mask.data + (r0 + r) * grid.cols + c0;
-          auto value = [&](int64_t c) -> T {
-            if (block_level) return src[c] * block_factor;
-            return IsLive(m[c]) ? src[c] * MaskFactor<T>(m[c]) : T(0);
-          };
           if (transposed) {
             // Row r of the block is column r of its transpose.
             T* dst = panel + (r / strip_width) * depth * strip_width + depth_pos * strip_width +
                      r % strip_width;
-            for (int64_t c = 0; c < nc; ++c) dst[c * strip_width] = value(c);
-          } else {
-            for (int64_t s = 0; s * strip_width < nc; ++s) {
-              T* dst = panel + s * depth * strip_width + (depth_pos + r) * strip_width;
-              const int64_t count = std::min(strip_width, nc - s * strip_width);
-              for (int64_t c = 0; c < count; ++c) dst[c] = value(s * strip_width + c);
+            for (int64_t c = 0; c < nc; ++c) {
+              dst[c * strip_width] =
+                  block_level ? src[c] * factor
+                              : (IsLive(m[c]) ? src[c] * MaskFactor<T>(m[c]) : T(0));
+            }
+            continue;
+          }
+          for (int64_t s = 0; s * strip_width < nc; ++s) {
+            T* dst = panel + s * depth * strip_width + (depth_pos + r) * strip_width;
+            const int64_t offset = s * strip_width;
+            const int64_t count = std::min(strip_width, nc - offset);
+            if (block_level) {
+              ScaleRow(src + offset, factor, count, dst);
+            } else {
+              MaskRow(src + offset, m + offset, count, dst);
             }
           }
         }
       }
     }
   });
-  return panels;
 }
 
 // out[m, out_cols] = a[m, depth] @ (the block-sparse matrix whose live blocks
@@ -91,7 +114,7 @@ struct PanelProduct {
   int64_t block_depth;      // depth between consecutive block segments
   int64_t segment_len;
   const LiveBlockList* list;
-  const std::vector<T>* panels;
+  const T* panels;
   GemmTiling tiling;
   int64_t padded_width;
   int64_t width;
@@ -102,19 +125,20 @@ struct PanelProduct {
 template <typename T>
 void RunPanelProduct(const GemmBackend<T>& backend, const PanelProduct<T>& product,
                      const ParallelFor& parallel_for) {
+  const LiveBlockList& list = *product.list;
   const int64_t tile_rows = product.tiling.a_tile;
-  const int64_t tiles = CeilDiv(product.m, tile_rows);
+  // With no live block, every output group is zero-filled and a is not read.
+  const int64_t tiles = list.size() == 0 ? 0 : CeilDiv(product.m, tile_rows);
   const int64_t tile_size = product.depth_padded * tile_rows;
-  Buffer<T> packed_a = NewBuffer<T>(tiles * tile_size);
+  const ScratchBuffer packed_a(BytesOf<T>(tiles * tile_size));
   parallel_for(tiles, tile_size, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       backend.pack_tile(product.a + t * tile_rows * product.depth, product.depth, 1,
                         std::min(tile_rows, product.m - t * tile_rows), product.depth, tile_rows,
-                        product.depth_padded, packed_a.get() + t * tile_size);
+                        product.depth_padded, packed_a.as<T>() + t * tile_size);
     }
   });
 
-  const LiveBlockList& list = *product.list;
   std::vector<int64_t> segment_begin(list.minor.size());
   for (size_t p = 0; p < segment_begin.size(); ++p) {
     segment_begin[p] = list.minor[p] * product.block_depth;
@@ -123,12 +147,12 @@ void RunPanelProduct(const GemmBackend<T>& backend, const PanelProduct<T>& produ
       kChunkBytes / std::max<int64_t>(tile_size * static_cast<int64_t>(sizeof(T)), 1), 1,
       kMaxChunkTiles);
   PanelGemmArgs<T> args;
-  args.a = PackedRows<T>{packed_a.get(), product.m, tile_rows, product.depth_padded};
+  args.a = PackedRows<T>{packed_a.as<T>(), product.m, tile_rows, product.depth_padded};
   args.groups = static_cast<int64_t>(list.offsets.size()) - 1;
   args.group_offsets = list.offsets.data();
   args.segment_begin = segment_begin.data();
   args.segment_len = product.segment_len;
-  args.panels = product.panels->data();
+  args.panels = product.panels;
   args.strip_width = product.tiling.strip_width;
   args.padded_width = product.padded_width;
   args.width = product.width;
@@ -161,11 +185,12 @@ void MaskedMatmul(const MatmulShape& shape, const T* x, const T* w, MaskView<TMa
   const GemmBackend<T>& backend = SelectedGemmBackend<T>();
   const GemmTiling tiling = backend.tiling(grid.packed_cols());
   const int64_t padded_width = RoundUp(grid.packed_cols(), tiling.strip_width);
-  const std::vector<T> panels = PackPanels(grid, w, mask, list, /*transposed=*/false,
-                                           tiling.strip_width, padded_width, parallel_for);
+  const ScratchBuffer panels(BytesOf<T>(list.size() * grid.packed_rows() * padded_width));
+  PackPanels(grid, w, mask, list, /*transposed=*/false, tiling.strip_width, padded_width,
+             panels.as<T>(), parallel_for);
   RunPanelProduct(backend,
                   PanelProduct<T>{x, shape.m, shape.k, grid.grid_rows() * grid.packed_rows(),
-                                  grid.block_rows, grid.packed_rows(), &list, &panels, tiling,
+                                  grid.block_rows, grid.packed_rows(), &list, panels.as<T>(), tiling,
                                   padded_width, grid.packed_cols(), shape.n, y},
                   parallel_for);
 }
@@ -179,11 +204,12 @@ void MaskedMatmulGradInput(const MatmulShape& shape, const T* dy, const T* w,
   const GemmBackend<T>& backend = SelectedGemmBackend<T>();
   const GemmTiling tiling = backend.tiling(grid.packed_rows());
   const int64_t padded_width = RoundUp(grid.packed_rows(), tiling.strip_width);
-  const std::vector<T> panels = PackPanels(grid, w, mask, list, /*transposed=*/true,
-                                           tiling.strip_width, padded_width, parallel_for);
+  const ScratchBuffer panels(BytesOf<T>(list.size() * grid.packed_cols() * padded_width));
+  PackPanels(grid, w, mask, list, /*transposed=*/true, tiling.strip_width, padded_width,
+             panels.as<T>(), parallel_for);
   RunPanelProduct(backend,
                   PanelProduct<T>{dy, shape.m, shape.n, grid.grid_cols() * grid.packed_cols(),
-                                  grid.block_cols, grid.packed_cols(), &list, &panels, tiling,
+                                  grid.block_cols, grid.packed_cols(), &list, panels.as<T>(), tiling,
                                   padded_width, grid.packed_rows(), shape.k, dx},
                   parallel_for);
 }
@@ -235,8 +261,8 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
   const int64_t m = shape.m;
   const int64_t tile_size = m * tile_rows;
   const int64_t strip_size = m * strip_width;
-  Buffer<T> packed_x = NewBuffer<T>(row_slots * tiles_per_block * tile_size);
-  Buffer<T> packed_dy = NewBuffer<T>(col_slots * strips_per_block * strip_size);
+  const ScratchBuffer packed_x(BytesOf<T>(row_slots * tiles_per_block * tile_size));
+  const ScratchBuffer packed_dy(BytesOf<T>(col_slots * strips_per_block * strip_size));
   parallel_for(grid_rows * tiles_per_block + grid_cols * strips_per_block, m * tile_rows,
                [&](int64_t begin, int64_t end) {
                  for (int64_t u = begin; u < end; ++u) {
@@ -249,7 +275,7 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
                          x + grid.row_begin(i) + t * tile_rows, 1, shape.k,
                          std::clamp<int64_t>(grid.rows_in(i) - t * tile_rows, 0, tile_rows), m,
                          tile_rows, m,
-                         packed_x.get() + (row_slot[i] * tiles_per_block + t) * tile_size);
+                         packed_x.as<T>() + (row_slot[i] * tiles_per_block + t) * tile_size);
                    } else {
                      const int64_t v = u - grid_rows * tiles_per_block;
                      const int64_t j = v / strips_per_block;
@@ -259,7 +285,7 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
                          dy + grid.col_begin(j) + s * strip_width, 1, shape.n,
                          std::clamp<int64_t>(grid.cols_in(j) - s * strip_width, 0, strip_width),
                          m, strip_width, m,
-                         packed_dy.get() + (col_slot[j] * strips_per_block + s) * strip_size);
+                         packed_dy.as<T>() + (col_slot[j] * strips_per_block + s) * strip_size);
                    }
                  }
                });
@@ -282,9 +308,9 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
             for (int64_t t = 0; t * tile_rows < depth; ++t) {
               for (int64_t s = 0; s * strip_width < width; ++s) {
                 OuterGemmArgs<T> args;
-                args.a_t = packed_x.get() + (row_slot[i] * tiles_per_block + t) * tile_size +
+                args.a_t = packed_x.as<T>() + (row_slot[i] * tiles_per_block + t) * tile_size +
                            m0 * tile_rows;
-                args.b_strip = packed_dy.get() +
+                args.b_strip = packed_dy.as<T>() +
                                (col_slot[j] * strips_per_block + s) * strip_size + m0 * strip_width;
                 args.depth = std::min(kRunDepth, m - m0);
                 args.block_width = pc;

@@ -9,7 +9,8 @@ from masked_ops import _loader
 _loader.op_library()
 
 from masked_ops import layers  # noqa: E402
+from masked_ops._loader import cpu_backend  # noqa: E402
 from masked_ops.ops import expand_block_mask, masked_matmul  # noqa: E402
 
-__all__ = ["expand_block_mask", "layers", "masked_matmul"]
+__all__ = ["cpu_backend", "expand_block_mask", "layers", "masked_matmul"]
 __version__ = _version("tf-masked-ops")

@@ -1,5 +1,6 @@
 """Loads the op library once, from beside this file."""
 
+import ctypes
 import functools
 import os
 
@@ -22,8 +23,25 @@ def check_tensorflow_version(running: str, built: str) -> None:
         )
 
 
+_LIBRARY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_masked_ops.so")
+
+
 @functools.lru_cache(maxsize=None)
 def op_library():
     """The loaded `_masked_ops.so` module of generated op wrappers."""
     check_tensorflow_version(tf.__version__, _build_info.TENSORFLOW_VERSION)
-    return tf.load_op_library(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_masked_ops.so"))
+    return tf.load_op_library(_LIBRARY_PATH)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_backend():
+    """The instruction set the CPU kernels run with: "avx512", "avx2" or "generic".
+
+    The fastest one this CPU supports, unless the environment variable
+    MASKED_OPS_CPU_ISA (read once, at the first op call) names a slower one.
+    """
+    op_library()
+    # The same file, already loaded: dlopen hands back TensorFlow's handle.
+    entry = ctypes.CDLL(_LIBRARY_PATH).MaskedOpsCpuBackend
+    entry.restype = ctypes.c_char_p
+    return entry().decode()

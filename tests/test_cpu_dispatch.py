@@ -1,0 +1,110 @@
+"""Runtime CPU dispatch: every backend this CPU runs computes the same op, and
+results do not depend on the thread count."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import masked_ops
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+BACKENDS = ("generic", "avx2", "avx512")
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def supported_backends():
+    flags = cpu_flags()
+    supported = ["generic"]
+    if {"avx2", "fma"} <= flags:
+        supported.append("avx2")
+    if {"avx512f", "avx512vl", "fma"} <= flags:
+        supported.append("avx512")
+    return supported
+
+
+def run(args, env_update, cwd=TESTS_DIR):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **env_update)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(not cpu_flags(), reason="needs /proc/cpuinfo to know what the CPU supports")
+def test_default_backend_is_the_best_the_cpu_supports():
+    if "MASKED_OPS_CPU_ISA" in os.environ:
+        pytest.skip("MASKED_OPS_CPU_ISA is set for this run")
+    assert masked_ops.cpu_backend() == supported_backends()[-1]
+
+
+def test_requested_backend_is_used():
+    requested = os.environ.get("MASKED_OPS_CPU_ISA")
+    if requested not in supported_backends():
+        pytest.skip("runs where MASKED_OPS_CPU_ISA names a backend this CPU supports")
+    assert masked_ops.cpu_backend() == requested
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_backend_passes_the_matmul_suite(backend):
+    """The whole masked_matmul suite, again, with the kernels forced onto `backend`."""
+    if backend not in supported_backends():
+        pytest.skip(f"this CPU cannot run the {backend} kernels")
+    result = run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "test_masked_matmul.py", "test_cpu_dispatch.py::test_requested_backend_is_used"],
+        {"MASKED_OPS_CPU_ISA": backend},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_unknown_backend_request_falls_back_with_a_warning():
+    result = run(
+        [sys.executable, "-c", "import masked_ops; print(masked_ops.cpu_backend())"],
+        {"MASKED_OPS_CPU_ISA": "sse9"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == supported_backends()[-1]
+    assert "ignoring MASKED_OPS_CPU_ISA=sse9" in result.stderr
+
+
+DIGEST_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, sys
+    import numpy as np, tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
+    import masked_ops
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal((100, 300), np.float32))
+    w = tf.constant(rng.standard_normal((300, 200), np.float32))
+    mask = tf.constant((rng.random((300, 200)) < 0.3).astype(np.float32) * 1.5)
+    with tf.GradientTape() as tape:
+        tape.watch([x, w])
+        y = masked_ops.masked_matmul(x, w, mask, block_size=(16, 32))
+        loss = tf.reduce_sum(tf.sin(y))
+    dx, dw = tape.gradient(loss, [x, w])
+    digest = hashlib.sha256()
+    for t in (y, dx, dw):
+        digest.update(t.numpy().tobytes())
+    print(digest.hexdigest())
+    """
+)
+
+
+def test_results_are_bitwise_identical_for_any_thread_count():
+    digests = {}
+    for threads in (1, 2, 3, 5):
+        result = run([sys.executable, "-c", DIGEST_SCRIPT, str(threads)], {})
+        assert result.returncode == 0, result.stderr[-3000:]
+        digests[threads] = result.stdout.split()[-1]
+    assert len(set(digests.values())) == 1, digests
