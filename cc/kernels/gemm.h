@@ -23,10 +23,12 @@
 namespace masked_ops {
 
 // How a backend tiles the output: a_tile rows of `a` are packed together
-// (interleaved, see PackedRows), and output columns are cut into strips of
-// strip_width, the width of the packed panels.
+// (interleaved, see PackedRows) for PanelGemm, OuterGemm covers outer_tile
+// rows per call, and output columns are cut into strips of strip_width, the
+// width of the packed panels.
 struct GemmTiling {
   int64_t a_tile;
+  int64_t outer_tile;
   int64_t strip_width;
 };
 
@@ -63,15 +65,18 @@ struct PanelGemmArgs {
   int64_t blocks_per_run;
 };
 
-// For dw, one tile of one live block over a run of m: a_t holds, for the
-// a_tile rows of k in the tile, each m's values interleaved
-// (a_t[m * a_tile + r], as PackedRows); b_strip holds, for each m,
-// strip_width values (b_strip[m * strip_width + c]). out gets rows x cols of
-// a^T b over the depth, added to what is there when accumulate.
+// For dw, one tile of one live block over a run of m: out (rows x cols,
+// leading dimension ldo) gets a^T b over `depth` steps, added to what is
+// there when accumulate. At depth step d, a holds the tile's outer_tile
+// values of x^T at a[d * lda + r] and b the strip's values at b[d * ldb + c].
+// All outer_tile rows and strip_width columns are read, whatever rows and
+// cols are stored.
 template <typename T>
 struct OuterGemmArgs {
-  const T* a_t;
-  const T* b_strip;
+  const T* a;
+  int64_t lda;
+  const T* b;
+  int64_t ldb;
   int64_t depth;
   int64_t block_width;  // the strip width is GemmTiling::strip_width of this
   T* out;

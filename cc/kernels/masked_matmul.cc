@@ -15,6 +15,8 @@ constexpr int64_t kMaxChunkTiles = 16;
 // Depth (in elements) multiplied per pass over a set of output tiles, sized
 // so that the a and b slices of a pass stay in L1.
 constexpr int64_t kRunDepth = 256;
+// Rows and columns of dw (at least one block) that one dw unit covers.
+constexpr int64_t kRegionSpan = 128;
 
 template <typename T>
 size_t BytesOf(int64_t elements) {
@@ -224,6 +226,7 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
   const int64_t grid_cols = grid.grid_cols();
   const int64_t pr = grid.packed_rows();
   const int64_t pc = grid.packed_cols();
+  const int64_t m = shape.m;
 
   parallel_for(grid_rows * grid_cols, pr * pc, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -238,31 +241,37 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
   });
 
   // Slots of the block rows and block columns that hold a live block: only
-  // their slices of x^T and dy are packed.
-  std::vector<int64_t> live_blocks;
+  // their slices of x^T and dy are packed, into contiguous tiles and strips
+  // (read in place, their power-of-two strides would alias in every cache).
   std::vector<int64_t> row_slot(static_cast<size_t>(grid_rows), -1);
   std::vector<int64_t> col_slot(static_cast<size_t>(grid_cols), -1);
   int64_t row_slots = 0;
   int64_t col_slots = 0;
+  int64_t live_count = 0;
   for (int64_t b = 0; b < grid_rows * grid_cols; ++b) {
     if (!live[b]) continue;
-    live_blocks.push_back(b);
+    ++live_count;
     if (row_slot[b / grid_cols] < 0) row_slot[b / grid_cols] = row_slots++;
     if (col_slot[b % grid_cols] < 0) col_slot[b % grid_cols] = col_slots++;
   }
-  if (live_blocks.empty()) return;
+  if (live_count == 0) return;
 
   const GemmBackend<T>& backend = SelectedGemmBackend<T>();
   const GemmTiling tiling = backend.tiling(pc);
-  const int64_t tile_rows = tiling.a_tile;
+  const int64_t tile_rows = tiling.outer_tile;
   const int64_t strip_width = tiling.strip_width;
   const int64_t tiles_per_block = CeilDiv(pr, tile_rows);
   const int64_t strips_per_block = CeilDiv(pc, strip_width);
-  const int64_t m = shape.m;
   const int64_t tile_size = m * tile_rows;
   const int64_t strip_size = m * strip_width;
   const ScratchBuffer packed_x(BytesOf<T>(row_slots * tiles_per_block * tile_size));
   const ScratchBuffer packed_dy(BytesOf<T>(col_slots * strips_per_block * strip_size));
+  auto x_tile = [&](int64_t i, int64_t t) {
+    return packed_x.as<T>() + (row_slot[i] * tiles_per_block + t) * tile_size;
+  };
+  auto dy_strip = [&](int64_t j, int64_t s) {
+    return packed_dy.as<T>() + (col_slot[j] * strips_per_block + s) * strip_size;
+  };
   parallel_for(grid_rows * tiles_per_block + grid_cols * strips_per_block, m * tile_rows,
                [&](int64_t begin, int64_t end) {
                  for (int64_t u = begin; u < end; ++u) {
@@ -274,8 +283,7 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
                      backend.pack_tile(
                          x + grid.row_begin(i) + t * tile_rows, 1, shape.k,
                          std::clamp<int64_t>(grid.rows_in(i) - t * tile_rows, 0, tile_rows), m,
-                         tile_rows, m,
-                         packed_x.as<T>() + (row_slot[i] * tiles_per_block + t) * tile_size);
+                         tile_rows, m, x_tile(i, t));
                    } else {
                      const int64_t v = u - grid_rows * tiles_per_block;
                      const int64_t j = v / strips_per_block;
@@ -284,54 +292,73 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
                      backend.pack_tile(
                          dy + grid.col_begin(j) + s * strip_width, 1, shape.n,
                          std::clamp<int64_t>(grid.cols_in(j) - s * strip_width, 0, strip_width),
-                         m, strip_width, m,
-                         packed_dy.as<T>() + (col_slot[j] * strips_per_block + s) * strip_size);
+                         m, strip_width, m, dy_strip(j, s));
                    }
                  }
                });
 
-  // Unit p forms x^T dy on live block p over all of m, run by run, then masks
-  // it entry by entry.
+  // Unit u is a region of region_rows x region_cols blocks. Over each run of
+  // m, the region's slices of x and dy and its blocks of dw stay in L2 while
+  // every live block of the region takes its share, so x and dy are read from
+  // memory once per region row or column, not once per block.
+  const int64_t region_rows = std::max<int64_t>(1, kRegionSpan / grid.block_rows);
+  const int64_t region_cols = std::max<int64_t>(1, kRegionSpan / grid.block_cols);
+  const int64_t regions_down = CeilDiv(grid_rows, region_rows);
+  const int64_t regions_across = CeilDiv(grid_cols, region_cols);
+  const int64_t mean_live = live_count / (regions_down * regions_across) + 1;
   parallel_for(
-      static_cast<int64_t>(live_blocks.size()), m * pr * pc * 2, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-          const int64_t i = live_blocks[p] / grid_cols;
-          const int64_t j = live_blocks[p] % grid_cols;
-          const int64_t k0 = grid.row_begin(i);
-          const int64_t n0 = grid.col_begin(j);
-          const int64_t depth = grid.rows_in(i);
-          const int64_t width = grid.cols_in(j);
-          if (m == 0) {
-            for (int64_t kk = 0; kk < depth; ++kk) std::fill_n(dw + (k0 + kk) * shape.n + n0, width, T(0));
-          }
+      regions_down * regions_across, mean_live * m * pr * pc * 2, [&](int64_t begin, int64_t end) {
+        for (int64_t u = begin; u < end; ++u) {
+          const int64_t i_begin = (u / regions_across) * region_rows;
+          const int64_t j_begin = (u % regions_across) * region_cols;
+          const int64_t i_end = std::min(grid_rows, i_begin + region_rows);
+          const int64_t j_end = std::min(grid_cols, j_begin + region_cols);
           for (int64_t m0 = 0; m0 < m; m0 += kRunDepth) {
-            for (int64_t t = 0; t * tile_rows < depth; ++t) {
-              for (int64_t s = 0; s * strip_width < width; ++s) {
-                OuterGemmArgs<T> args;
-                args.a_t = packed_x.as<T>() + (row_slot[i] * tiles_per_block + t) * tile_size +
-                           m0 * tile_rows;
-                args.b_strip = packed_dy.as<T>() +
-                               (col_slot[j] * strips_per_block + s) * strip_size + m0 * strip_width;
-                args.depth = std::min(kRunDepth, m - m0);
-                args.block_width = pc;
-                args.out = dw + (k0 + t * tile_rows) * shape.n + n0 + s * strip_width;
-                args.ldo = shape.n;
-                args.rows = std::min(tile_rows, depth - t * tile_rows);
-                args.cols = std::min(strip_width, width - s * strip_width);
-                args.accumulate = m0 > 0;
-                backend.outer_gemm(args);
+            const int64_t depth = std::min(kRunDepth, m - m0);
+            for (int64_t i = i_begin; i < i_end; ++i) {
+              for (int64_t j = j_begin; j < j_end; ++j) {
+                if (!live[i * grid_cols + j]) continue;
+                for (int64_t t = 0; t * tile_rows < grid.rows_in(i); ++t) {
+                  const int64_t row = grid.row_begin(i) + t * tile_rows;
+                  for (int64_t s = 0; s * strip_width < grid.cols_in(j); ++s) {
+                    const int64_t col = grid.col_begin(j) + s * strip_width;
+                    OuterGemmArgs<T> args;
+                    args.a = x_tile(i, t) + m0 * tile_rows;
+                    args.lda = tile_rows;
+                    args.b = dy_strip(j, s) + m0 * strip_width;
+                    args.ldb = strip_width;
+                    args.depth = depth;
+                    args.block_width = pc;
+                    args.out = dw + row * shape.n + col;
+                    args.ldo = shape.n;
+                    args.rows = std::min(tile_rows, grid.rows_in(i) - t * tile_rows);
+                    args.cols = std::min(strip_width, grid.cols_in(j) - s * strip_width);
+                    args.accumulate = m0 > 0;
+                    backend.outer_gemm(args);
+                  }
+                }
               }
             }
           }
-          for (int64_t kk = 0; kk < depth; ++kk) {
-            T* out = dw + (k0 + kk) * shape.n + n0;
-            if (mask.level == MaskLevel::kBlock) {
-              const T factor = MaskFactor<T>(mask.data[live_blocks[p]]);
-              for (int64_t c = 0; c < width; ++c) out[c] *= factor;
-            } else {
-              const TMask* mk = mask.data + (k0 + kk) * shape.n + n0;
-              for (int64_t c = 0; c < width; ++c) {
-                out[c] = IsLive(mk[c]) ? out[c] * MaskFactor<T>(mk[c]) : T(0);
+          // dw = where(mask != 0, (x^T dy) * mask, 0) on the region's live blocks.
+          for (int64_t i = i_begin; i < i_end; ++i) {
+            for (int64_t j = j_begin; j < j_end; ++j) {
+              const int64_t block = i * grid_cols + j;
+              if (!live[block]) continue;
+              for (int64_t r = 0; r < grid.rows_in(i); ++r) {
+                const int64_t row = grid.row_begin(i) + r;
+                T* out = dw + row * shape.n + grid.col_begin(j);
+                const int64_t width = grid.cols_in(j);
+                if (m == 0) std::fill_n(out, width, T(0));
+                if (mask.level == MaskLevel::kBlock) {
+                  const T factor = MaskFactor<T>(mask.data[block]);
+                  for (int64_t c = 0; c < width; ++c) out[c] *= factor;
+                } else {
+                  const TMask* mk = mask.data + row * shape.n + grid.col_begin(j);
+                  for (int64_t c = 0; c < width; ++c) {
+                    out[c] = IsLive(mk[c]) ? out[c] * MaskFactor<T>(mk[c]) : T(0);
+                  }
+                }
               }
             }
           }

@@ -1,6 +1,8 @@
 // CPU OpKernels for masked_matmul and its gradients: validate every input,
 // allocate outputs, dispatch to the framework-free kernels.
 #include <cstdint>
+#include <new>
+#include <stdexcept>
 
 #include "absl/strings/str_cat.h"
 #include "cc/kernels/block_mask.h"
@@ -45,6 +47,22 @@ ParallelFor IntraOpParallelFor(OpKernelContext* ctx) {
     workers->ParallelFor(
         units, tsl::thread::ThreadPool::SchedulingParams::Adaptive(cost_per_unit), work);
   };
+}
+
+// The kernels allocate their scratch on the calling thread, never inside
+// parallel work, so running out of memory surfaces here: an error for this
+// op, not an abort of the process.
+template <typename Kernel>
+void RunKernel(OpKernelContext* ctx, Kernel&& kernel) {
+  try {
+    kernel();
+  } catch (const std::bad_alloc&) {
+    ctx->SetStatus(absl::ResourceExhaustedError(
+        absl::StrCat(ctx->op_kernel().type_string(), ": out of memory for packed operands")));
+  } catch (const std::length_error&) {
+    ctx->SetStatus(absl::ResourceExhaustedError(
+        absl::StrCat(ctx->op_kernel().type_string(), ": packed operands too large")));
+  }
 }
 
 absl::Status RequireRank(const Tensor& t, absl::string_view name, absl::string_view expected,
@@ -122,8 +140,10 @@ class MaskedMatmulOp : public MaskedMatmulKernelBase<T, Mask> {
     OP_REQUIRES_OK(ctx, WithLastDim(x.shape(), n, &y_shape));
     Tensor* y = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_shape, &y));
-    MaskedMatmul<T>(this->Shape(LeadingRows(x.shape()), k, n), x.flat<T>().data(),
-                    w.flat<T>().data(), mask_view, y->flat<T>().data(), IntraOpParallelFor(ctx));
+    RunKernel(ctx, [&] {
+      MaskedMatmul<T>(this->Shape(LeadingRows(x.shape()), k, n), x.flat<T>().data(),
+                      w.flat<T>().data(), mask_view, y->flat<T>().data(), IntraOpParallelFor(ctx));
+    });
   }
 };
 
@@ -149,9 +169,11 @@ class MaskedMatmulGradInputOp : public MaskedMatmulKernelBase<T, Mask> {
     OP_REQUIRES_OK(ctx, WithLastDim(dy.shape(), k, &dx_shape));
     Tensor* dx = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, dx_shape, &dx));
-    MaskedMatmulGradInput<T>(this->Shape(LeadingRows(dy.shape()), k, n), dy.flat<T>().data(),
-                             w.flat<T>().data(), mask_view, dx->flat<T>().data(),
-                             IntraOpParallelFor(ctx));
+    RunKernel(ctx, [&] {
+      MaskedMatmulGradInput<T>(this->Shape(LeadingRows(dy.shape()), k, n), dy.flat<T>().data(),
+                               w.flat<T>().data(), mask_view, dx->flat<T>().data(),
+                               IntraOpParallelFor(ctx));
+    });
   }
 };
 
@@ -181,9 +203,11 @@ class MaskedMatmulGradWeightOp : public MaskedMatmulKernelBase<T, Mask> {
     OP_REQUIRES_OK(ctx, this->ViewMask(mask, k, n, &mask_view));
     Tensor* dw = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({k, n}), &dw));
-    MaskedMatmulGradWeight<T>(this->Shape(LeadingRows(x.shape()), k, n), x.flat<T>().data(),
-                              dy.flat<T>().data(), mask_view, dw->flat<T>().data(),
-                              IntraOpParallelFor(ctx));
+    RunKernel(ctx, [&] {
+      MaskedMatmulGradWeight<T>(this->Shape(LeadingRows(x.shape()), k, n), x.flat<T>().data(),
+                                dy.flat<T>().data(), mask_view, dw->flat<T>().data(),
+                                IntraOpParallelFor(ctx));
+    });
   }
 };
 
