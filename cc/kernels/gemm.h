@@ -53,7 +53,11 @@ struct PanelGemmArgs {
   // Panels of group g start at panels + group_offsets[g] * segment_len *
   // padded_width; in it, strip s (strip_width columns) is a
   // (live blocks * segment_len) x strip_width row-major matrix.
+  // With b_in_place, `panels` is w itself, [depth, out_cols] row-major, read
+  // where the live blocks lie: only when the blocks need no masking (all mask
+  // factors 1), none is ragged, and every strip is full.
   const T* panels;
+  bool b_in_place;
   int64_t strip_width;   // GemmTiling::strip_width for this width
   int64_t padded_width;  // width rounded up to the strip width
   int64_t width;         // output columns per group

@@ -117,6 +117,7 @@ struct PanelProduct {
   int64_t segment_len;
   const LiveBlockList* list;
   const T* panels;
+  bool b_in_place;
   GemmTiling tiling;
   int64_t padded_width;
   int64_t width;
@@ -155,6 +156,7 @@ void RunPanelProduct(const GemmBackend<T>& backend, const PanelProduct<T>& produ
   args.segment_begin = segment_begin.data();
   args.segment_len = product.segment_len;
   args.panels = product.panels;
+  args.b_in_place = product.b_in_place;
   args.strip_width = product.tiling.strip_width;
   args.padded_width = product.padded_width;
   args.width = product.width;
@@ -176,6 +178,28 @@ void RunPanelProduct(const GemmBackend<T>& backend, const PanelProduct<T>& produ
 
 int64_t RoundUp(int64_t value, int64_t multiple) { return CeilDiv(value, multiple) * multiple; }
 
+// Rows of x up to which the forward product reads w in place rather than
+// packing it, when it may: packing costs a pass over the live weights, which
+// only pays off once several row tiles reuse the packed strips.
+constexpr int64_t kInPlaceMaxRowTiles = 2;
+
+// Whether w's live blocks can serve as panels as they are: nothing to mask
+// (block-level mask, every live factor exactly 1), no ragged block, and
+// blocks a whole number of strips wide.
+template <typename T, typename TMask>
+bool WeightsUsableInPlace(const BlockGrid& grid, MaskView<TMask> mask, const GemmTiling& tiling,
+                          int64_t m) {
+  if (CeilDiv(m, tiling.a_tile) > kInPlaceMaxRowTiles || mask.level != MaskLevel::kBlock ||
+      grid.rows % grid.block_rows != 0 || grid.cols % grid.block_cols != 0 ||
+      grid.block_cols % tiling.strip_width != 0) {
+    return false;
+  }
+  for (int64_t b = 0; b < grid.grid_rows() * grid.grid_cols(); ++b) {
+    if (IsLive(mask.data[b]) && MaskFactor<T>(mask.data[b]) != T(1)) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 template <typename T, typename TMask>
@@ -187,12 +211,17 @@ void MaskedMatmul(const MatmulShape& shape, const T* x, const T* w, MaskView<TMa
   const GemmBackend<T>& backend = SelectedGemmBackend<T>();
   const GemmTiling tiling = backend.tiling(grid.packed_cols());
   const int64_t padded_width = RoundUp(grid.packed_cols(), tiling.strip_width);
-  const ScratchBuffer panels(BytesOf<T>(list.size() * grid.packed_rows() * padded_width));
-  PackPanels(grid, w, mask, list, /*transposed=*/false, tiling.strip_width, padded_width,
-             panels.as<T>(), parallel_for);
+  const bool in_place = WeightsUsableInPlace<T>(grid, mask, tiling, shape.m);
+  const ScratchBuffer panels(
+      in_place ? 0 : BytesOf<T>(list.size() * grid.packed_rows() * padded_width));
+  if (!in_place) {
+    PackPanels(grid, w, mask, list, /*transposed=*/false, tiling.strip_width, padded_width,
+               panels.as<T>(), parallel_for);
+  }
   RunPanelProduct(backend,
                   PanelProduct<T>{x, shape.m, shape.k, grid.grid_rows() * grid.packed_rows(),
-                                  grid.block_rows, grid.packed_rows(), &list, panels.as<T>(), tiling,
+                                  grid.block_rows, grid.packed_rows(), &list,
+                                  in_place ? w : panels.as<T>(), in_place, tiling,
                                   padded_width, grid.packed_cols(), shape.n, y},
                   parallel_for);
 }
@@ -211,7 +240,8 @@ void MaskedMatmulGradInput(const MatmulShape& shape, const T* dy, const T* w,
              panels.as<T>(), parallel_for);
   RunPanelProduct(backend,
                   PanelProduct<T>{dy, shape.m, shape.n, grid.grid_cols() * grid.packed_cols(),
-                                  grid.block_cols, grid.packed_cols(), &list, panels.as<T>(), tiling,
+                                  grid.block_cols, grid.packed_cols(), &list, panels.as<T>(),
+                                  /*b_in_place=*/false, tiling,
                                   padded_width, grid.packed_rows(), shape.k, dx},
                   parallel_for);
 }
