@@ -382,18 +382,29 @@ def test_dtype_mismatch_and_unsupported_dtypes_are_rejected():
 @pytest.mark.parametrize("mask_dtype", [np.bool_, np.int32, np.float32])
 @pytest.mark.parametrize("m", [1, 8, 24, 25])
 @pytest.mark.parametrize("live_factor", [1, 2])
-def test_small_batch_reads_unmasked_weights_in_place(mask_dtype, m, live_factor):
-    """Small batches with 0/1 block masks and whole blocks read w in place
-    instead of packing it; any other factor, or a larger batch, packs. Both
-    must agree with the reference, and dead blocks must stay unread."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_batch_reads_weights_in_place(mask_dtype, m, live_factor, dtype):
+    """Small batches with block masks and whole blocks read w in place: the
+    forward product when every factor is 1, dx (by dot products with w's rows)
+    for any factor; a larger batch packs. All must agree with the reference,
+    and dead blocks must stay unread."""
     if mask_dtype is np.bool_ and live_factor != 1:
         pytest.skip("a bool mask has no other factor")
     rng = np.random.default_rng([m, live_factor])
     k, n, block_size = 128, 96, (32, 32)
     block_mask = random_block_mask(rng, grid_shape(k, n, block_size), 0.5) * live_factor
     dead = expand_block_mask_np(block_mask, (k, n), block_size) == 0
-    w = np.where(dead, np.nan, rng.standard_normal((k, n))).astype(np.float32)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    y = masked_ops.masked_matmul(x, w, block_mask.astype(mask_dtype), block_size=block_size)
-    clean_w = np.where(dead, 0, w).astype(np.float32)
-    assert_close(y, masked_matmul_reference(x, clean_w, block_mask, block_size), np.float32, k)
+    w = np.where(dead, np.nan, rng.standard_normal((k, n))).astype(dtype)
+    x = tf.constant(rng.standard_normal((m, k)).astype(dtype))
+    w, clean_w = tf.constant(w), tf.constant(np.where(dead, 0, w).astype(dtype))
+    upstream = tf.constant(rng.standard_normal((m, n)).astype(dtype))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, w, clean_w])
+        y = masked_ops.masked_matmul(x, w, block_mask.astype(mask_dtype), block_size=block_size)
+        y_ref = masked_matmul_reference(x, clean_w, block_mask, block_size)
+        loss, loss_ref = tf.reduce_sum(y * upstream), tf.reduce_sum(y_ref * upstream)
+    assert_close(y, y_ref, dtype, k)
+    dx, dw = tape.gradient(loss, [x, w])
+    dx_ref, dw_ref = tape.gradient(loss_ref, [x, clean_w])
+    assert_close(dx, dx_ref, dtype, n)
+    assert_close(dw, dw_ref, dtype, m)

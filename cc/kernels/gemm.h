@@ -30,6 +30,7 @@ struct GemmTiling {
   int64_t a_tile;
   int64_t outer_tile;
   int64_t strip_width;
+  int64_t vector_lanes;  // T values per SIMD register, for RowDot's segments
 };
 
 // `a` packed for PanelGemm: rows in tiles of a_tile; tile t holds, for each
@@ -90,6 +91,28 @@ struct OuterGemmArgs {
   bool accumulate;
 };
 
+// For dx of a short dy, reading w in place: for k in [k_begin, k_end) (rows
+// of one block row of w), out[r * ldo + k] = sum over the live blocks p of
+// factors[p] * (dy[r, seg] . w[k, seg]), seg = [segment_begin[p],
+// segment_begin[p] + segment_len). w is streamed once, row by row, with no
+// packing; segment_len must be a multiple of GemmTiling::vector_lanes.
+template <typename T>
+struct RowDotArgs {
+  const T* dy;
+  int64_t rows;
+  int64_t ldy;
+  const T* w;
+  int64_t ldw;
+  int64_t k_begin;
+  int64_t k_end;
+  const int64_t* segment_begin;
+  const T* factors;
+  int64_t segments;
+  int64_t segment_len;
+  T* out;
+  int64_t ldo;
+};
+
 // The entry points each instruction-set backend provides.
 template <typename T>
 struct GemmBackend {
@@ -103,6 +126,7 @@ struct GemmBackend {
   // Rows [chunk * rows_per_chunk, ...) of output group g.
   void (*panel_gemm_unit)(const PanelGemmArgs<T>& args, int64_t chunk, int64_t group);
   void (*outer_gemm)(const OuterGemmArgs<T>& args);
+  void (*row_dot)(const RowDotArgs<T>& args);
 };
 
 // The fastest backend this CPU runs, unless MASKED_OPS_CPU_ISA names a slower

@@ -77,7 +77,8 @@ void PackPanels(const BlockGrid& grid, const T* w, MaskView<TMask> mask, const L
         const T factor = block_level ? MaskFactor<T>(mask.data[i * grid.grid_cols() + j]) : T(0);
         for (int64_t r = 0; r < nr; ++r) {
           const T* src = w + (r0 + r) * grid.cols + c0;
-          const TMask* m = mask.data + (r0 + r) * grid.cols + c0;
+          // Element masks line up with w; a block mask has no row to point into.
+          const TMask* m = block_level ? nullptr : mask.data + (r0 + r) * grid.cols + c0;
           if (transposed) {
             // Row r of the block is column r of its transpose.
             T* dst = panel + (r / strip_width) * depth * strip_width + depth_pos * strip_width +
@@ -226,6 +227,47 @@ void MaskedMatmul(const MatmulShape& shape, const T* x, const T* w, MaskView<TMa
                   parallel_for);
 }
 
+// Rows of dy up to which dx takes dot products with w's rows in place
+// (RowDot) instead of packing the transposed live blocks: with so few rows
+// the strided transposing copy would cost more than the product.
+constexpr int64_t kRowDotMaxRows = 24;
+
+template <typename T, typename TMask>
+void GradInputByRowDots(const GemmBackend<T>& backend, const MatmulShape& shape, const T* dy,
+                        const T* w, MaskView<TMask> mask, const LiveBlockList& list, T* dx,
+                        const ParallelFor& parallel_for) {
+  const BlockGrid grid = shape.weight_grid();
+  std::vector<int64_t> segment_begin(list.minor.size());
+  std::vector<T> factors(list.minor.size());
+  for (int64_t i = 0; i < grid.grid_rows(); ++i) {
+    for (int64_t p = list.offsets[i]; p < list.offsets[i + 1]; ++p) {
+      segment_begin[p] = list.minor[p] * grid.block_cols;
+      factors[p] = MaskFactor<T>(mask.data[i * grid.grid_cols() + list.minor[p]]);
+    }
+  }
+  const int64_t mean_blocks = list.size() / grid.grid_rows() + 1;
+  parallel_for(grid.grid_rows(), shape.m * grid.block_rows * mean_blocks * grid.block_cols * 2,
+               [&](int64_t begin, int64_t end) {
+                 for (int64_t i = begin; i < end; ++i) {
+                   RowDotArgs<T> args;
+                   args.dy = dy;
+                   args.rows = shape.m;
+                   args.ldy = shape.n;
+                   args.w = w;
+                   args.ldw = shape.n;
+                   args.k_begin = grid.row_begin(i);
+                   args.k_end = grid.row_begin(i) + grid.rows_in(i);
+                   args.segment_begin = segment_begin.data() + list.offsets[i];
+                   args.factors = factors.data() + list.offsets[i];
+                   args.segments = list.offsets[i + 1] - list.offsets[i];
+                   args.segment_len = grid.block_cols;
+                   args.out = dx;
+                   args.ldo = shape.k;
+                   backend.row_dot(args);
+                 }
+               });
+}
+
 template <typename T, typename TMask>
 void MaskedMatmulGradInput(const MatmulShape& shape, const T* dy, const T* w,
                            MaskView<TMask> mask, T* dx, const ParallelFor& parallel_for) {
@@ -234,6 +276,13 @@ void MaskedMatmulGradInput(const MatmulShape& shape, const T* dy, const T* w,
   const LiveBlockList list = GroupLiveBlocksByRow(grid, FindLiveBlocks(grid, mask, parallel_for));
   const GemmBackend<T>& backend = SelectedGemmBackend<T>();
   const GemmTiling tiling = backend.tiling(grid.packed_rows());
+  // Block factors are applied per dot product; an element mask needs packing.
+  if (shape.m <= kRowDotMaxRows && mask.level == MaskLevel::kBlock &&
+      grid.rows % grid.block_rows == 0 && grid.cols % grid.block_cols == 0 &&
+      grid.block_cols % tiling.vector_lanes == 0) {
+    GradInputByRowDots(backend, shape, dy, w, mask, list, dx, parallel_for);
+    return;
+  }
   const int64_t padded_width = RoundUp(grid.packed_rows(), tiling.strip_width);
   const ScratchBuffer panels(BytesOf<T>(list.size() * grid.packed_cols() * padded_width));
   PackPanels(grid, w, mask, list, /*transposed=*/true, tiling.strip_width, padded_width,
