@@ -1,7 +1,7 @@
 """Times masked_matmul against the plain-TensorFlow ways of masking a matmul.
 
 For every shape M x K x N, mode, block size and density, a random block-level
-mask keeps round(density * blocks) square blocks of a [K, N] weight alive, and
+mask keeps round(density * blocks) blocks of a [K, N] weight alive, and
 four variants compute the product of x [M, K] with the masked weight:
 
   fused     masked_matmul(x, w, block_mask): skips the dead blocks
@@ -94,7 +94,7 @@ SUITES = {
 
 # The memory table is a yes/no question per variant (does it build a K x N
 # temporary?), which one block size and the two ends of the density range answer.
-MEMORY_BLOCK_SIZE = 32
+MEMORY_BLOCK_SIZE = "32"
 MEMORY_DENSITIES = (1.0, 0.1)
 MEMORY_WARMUP_SHAPE = (64, 64, 64)
 MEMORY_PROBE_FLAG = "--memory-probe"
@@ -113,7 +113,7 @@ def parse_args(argv):
     parser.add_argument("--shapes", help="comma-separated MxKxN list")
     parser.add_argument("--densities", help="comma-separated fractions of live blocks")
     parser.add_argument("--block-sizes", "--block-size", dest="block_sizes",
-                        help="comma-separated sides of the square blocks")
+                        help="comma-separated block sizes: N (square) or RxC")
     parser.add_argument("--modes", help="comma-separated subset of forward,train")
     parser.add_argument("--reps", type=int, default=15, help=f"timed calls per variant, at least {MIN_REPS}")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first")
@@ -164,10 +164,17 @@ def parse_density(text):
 
 
 def parse_block_size(text):
-    text = text.strip()
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"block size must be a positive integer, got {text!r}")
-    return int(text)
+    """A block size as typed, in canonical form: "32" (square) or "16x64" (rows x columns)."""
+    parts = text.strip().lower().split("x")
+    if len(parts) not in (1, 2) or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise ValueError(f"block size must be N or RxC with positive integers, got {text!r}")
+    return "x".join(str(int(part)) for part in parts)
+
+
+def block_dims(block_size):
+    """(rows, columns) of a block size in parse_block_size's form."""
+    rows, _, cols = block_size.partition("x")
+    return int(rows), int(cols or rows)
 
 
 def shape_name(shape):
@@ -189,14 +196,15 @@ def make_case(shape, density, block_size):
     """Inputs for one shape, density and block size, the same whichever mode uses them."""
     m_dim, k_dim, n_dim = shape
     rng = np.random.default_rng(SEED)
-    block_grid = (-(-k_dim // block_size), -(-n_dim // block_size))
+    block_rows, block_cols = block_dims(block_size)
+    block_grid = (-(-k_dim // block_rows), -(-n_dim // block_cols))
     block_mask = random_block_mask(rng, block_grid, density)
     return {
         "x": tf.Variable(rng.standard_normal((m_dim, k_dim), np.float32)),
         "w": tf.Variable(rng.standard_normal((k_dim, n_dim), np.float32)),
         "g": tf.constant(rng.standard_normal((m_dim, n_dim), np.float32)),
         "block_mask": tf.constant(block_mask),
-        "m": masked_ops.expand_block_mask(block_mask, (k_dim, n_dim), block_size),
+        "m": masked_ops.expand_block_mask(block_mask, (k_dim, n_dim), (block_rows, block_cols)),
         "live_fraction": float(block_mask.mean()),
     }
 
@@ -205,7 +213,7 @@ def products(case, block_size):
     """Each variant's product of x and the masked weight, by name."""
     block_mask, m = case["block_mask"], case["m"]
     return {
-        "fused": lambda x, w: masked_ops.masked_matmul(x, w, block_mask, block_size=block_size),
+        "fused": lambda x, w: masked_ops.masked_matmul(x, w, block_mask, block_size=block_dims(block_size)),
         "multiply": lambda x, w: tf.matmul(x, w * m),
         "where": lambda x, w: tf.matmul(x, tf.where(m != 0, w, tf.zeros_like(w))),
         "dense": lambda x, w: tf.matmul(x, w),
