@@ -108,3 +108,31 @@ def test_results_are_bitwise_identical_for_any_thread_count():
         assert result.returncode == 0, result.stderr[-3000:]
         digests[threads] = result.stdout.split()[-1]
     assert len(set(digests.values())) == 1, digests
+
+
+def test_wide_simd_instructions_only_in_the_avx_backends():
+    """Code outside the AVX2/AVX-512 backends must run on any x86-64: a wheel
+    built here cannot be allowed to raise SIGILL on an older CPU."""
+    if not {"avx2"} <= cpu_flags():
+        pytest.skip("an x86-64 build is what this checks")
+    library = os.path.join(os.path.dirname(masked_ops.__file__), "_masked_ops.so")
+    try:
+        disassembly = subprocess.run(
+            ["objdump", "-d", "--no-show-raw-insn", "-C", library],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    except FileNotFoundError:
+        pytest.skip("objdump is not installed")
+    function = None
+    offenders = set()
+    wide_in_backends = 0
+    for line in disassembly.splitlines():
+        if line.endswith(">:"):
+            function = line
+        elif "%ymm" in line or "%zmm" in line:
+            if "::avx2::" in function or "::avx512::" in function:
+                wide_in_backends += 1
+            else:
+                offenders.add(function)
+    assert wide_in_backends > 0, "no AVX code found at all: is the library stripped?"
+    assert not offenders, sorted(offenders)[:5]
