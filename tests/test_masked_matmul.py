@@ -408,3 +408,22 @@ def test_small_batch_reads_weights_in_place(mask_dtype, m, live_factor, dtype):
     dx_ref, dw_ref = tape.gradient(loss_ref, [x, clean_w])
     assert_close(dx, dx_ref, dtype, n)
     assert_close(dw, dw_ref, dtype, m)
+
+
+@pytest.mark.parametrize("block_size", [(8, 8), (32, 32), (64, 16), (4, 40)])
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_deep_products_accumulate_across_runs(block_size, density):
+    """Depths far beyond one pass of the kernels (runs of live blocks, runs
+    of m in dw), so that partial results are accumulated in the output."""
+    rng = np.random.default_rng([*block_size, int(density * 10)])
+    m, k, n = 300, 2100, 48
+    x = tf.constant(rng.standard_normal((m, k)).astype(np.float32))
+    w = tf.constant(rng.standard_normal((k, n)).astype(np.float32))
+    mask = make_mask(rng, k, n, block_size, density, "block")
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, w])
+        y = masked_ops.masked_matmul(x, w, mask, block_size=block_size)
+        y_ref = masked_matmul_reference(x, w, mask, block_size)
+    assert_close(y, y_ref, np.float32, k)
+    for got, want, depth in zip(tape.gradient(y, [x, w]), tape.gradient(y_ref, [x, w]), (n, m)):
+        assert_close(got, want, np.float32, depth)

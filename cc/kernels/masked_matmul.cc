@@ -12,9 +12,14 @@ namespace {
 // Bytes of packed `a` that consecutive PanelGemm units share, sized for L2.
 constexpr int64_t kChunkBytes = 384 * 1024;
 constexpr int64_t kMaxChunkTiles = 16;
-// Depth (in elements) multiplied per pass over a set of output tiles, sized
-// so that the a and b slices of a pass stay in L1.
+// Depth (in elements) dw multiplies per pass over a region's tiles, sized so
+// that the a and b slices of a pass stay in L1.
 constexpr int64_t kRunDepth = 256;
+// Bytes of a panel strip one PanelGemm pass multiplies into every row tile of
+// a chunk before moving on: a run of live blocks whose strip fits in L1. A
+// narrow strip gets a deeper run, which also means fewer passes loading and
+// storing the output tiles.
+constexpr int64_t kRunStripBytes = 32 * 1024;
 // Rows and columns of dw (at least one block) that one dw unit covers.
 constexpr int64_t kRegionSpan = 128;
 
@@ -164,7 +169,9 @@ void RunPanelProduct(const GemmBackend<T>& backend, const PanelProduct<T>& produ
   args.out_cols = product.out_cols;
   args.out = product.out;
   args.rows_per_chunk = chunk_tiles * tile_rows;
-  args.blocks_per_run = std::max<int64_t>(1, kRunDepth / std::max<int64_t>(product.segment_len, 1));
+  args.blocks_per_run = std::max<int64_t>(
+      1, kRunStripBytes / (std::max<int64_t>(product.segment_len, 1) *
+                           product.tiling.strip_width * static_cast<int64_t>(sizeof(T))));
   const int64_t chunks = CeilDiv(product.m, args.rows_per_chunk);
   const int64_t mean_blocks = list.size() / std::max<int64_t>(args.groups, 1) + 1;
   // Units run chunk-major, so the units of one shard share their chunk of a.
