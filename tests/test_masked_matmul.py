@@ -412,11 +412,14 @@ def test_small_batch_reads_weights_in_place(mask_dtype, m, live_factor, dtype):
 
 @pytest.mark.parametrize("block_size", [(8, 8), (32, 32), (64, 16), (4, 40)])
 @pytest.mark.parametrize("density", [0.3, 1.0])
-def test_deep_products_accumulate_across_runs(block_size, density):
+@pytest.mark.parametrize("k", [2048, 2100])
+def test_deep_products_accumulate_across_runs(block_size, density, k):
     """Depths far beyond one pass of the kernels (runs of live blocks, runs
-    of m in dw), so that partial results are accumulated in the output."""
-    rng = np.random.default_rng([*block_size, int(density * 10)])
-    m, k, n = 300, 2100, 48
+    of m in dw), so that partial results are accumulated in the output; with
+    whole blocks along k at low density x is read in place (301 rows: a
+    partial last row tile still comes packed), ragged k always packs."""
+    rng = np.random.default_rng([*block_size, int(density * 10), k])
+    m, n = 301, 48
     x = tf.constant(rng.standard_normal((m, k)).astype(np.float32))
     w = tf.constant(rng.standard_normal((k, n)).astype(np.float32))
     mask = make_mask(rng, k, n, block_size, density, "block")

@@ -64,6 +64,11 @@ struct PanelGemmArgs {
   int64_t width;         // output columns per group
   int64_t out_cols;      // output columns in all; the last group may be short
   T* out;                // [rows, out_cols] row-major
+  // When set, whole row tiles read a in place from these rows ([rows,
+  // a_rows_stride] row-major, every segment inside them); a.data then holds
+  // only the last, partial tile, packed.
+  const T* a_rows;
+  int64_t a_rows_stride;
   int64_t rows_per_chunk;  // a multiple of a_tile
   // Live blocks per depth run: runs of this many blocks are multiplied in
   // turn so that a run's panel strip stays in L1 across all row tiles.

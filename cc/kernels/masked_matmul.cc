@@ -12,6 +12,10 @@ namespace {
 // Bytes of packed `a` that consecutive PanelGemm units share, sized for L2.
 constexpr int64_t kChunkBytes = 384 * 1024;
 constexpr int64_t kMaxChunkTiles = 16;
+// Mean uses of each value of a (live blocks per block of depth) from which
+// PanelGemm packs a rather than reading its rows in place (measured here:
+// in place wins clearly at 13 uses, breaks even at 32-64, loses at 128).
+constexpr int64_t kPackAtUses = 64;
 // Depth (in elements) dw multiplies per pass over a region's tiles, sized so
 // that the a and b slices of a pass stay in L1.
 constexpr int64_t kRunDepth = 256;
@@ -139,12 +143,21 @@ void RunPanelProduct(const GemmBackend<T>& backend, const PanelProduct<T>& produ
   // With no live block, every output group is zero-filled and a is not read.
   const int64_t tiles = list.size() == 0 ? 0 : CeilDiv(product.m, tile_rows);
   const int64_t tile_size = product.depth_padded * tile_rows;
-  const ScratchBuffer packed_a(BytesOf<T>(tiles * tile_size));
-  parallel_for(tiles, tile_size, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
+  // Packing a costs a pass over all of it, repaid only when its values are
+  // used by many live blocks. Below kPackAtUses uses per value (a sparse
+  // mask), whole row tiles read a in place; a last partial tile, and narrow
+  // strips (whose kernel needs rows side by side), still come packed.
+  const int64_t depth_blocks = std::max<int64_t>(1, product.depth_padded / std::max<int64_t>(product.segment_len, 1));
+  const bool rows_in_place = list.size() > 0 && product.depth_padded == product.depth &&
+                             product.tiling.strip_width >= product.tiling.vector_lanes &&
+                             list.size() < kPackAtUses * depth_blocks;
+  const int64_t first_packed = rows_in_place ? product.m / tile_rows : 0;
+  const ScratchBuffer packed_a(BytesOf<T>((tiles - first_packed) * tile_size));
+  parallel_for(tiles - first_packed, tile_size, [&](int64_t begin, int64_t end) {
+    for (int64_t t = first_packed + begin; t < first_packed + end; ++t) {
       backend.pack_tile(product.a + t * tile_rows * product.depth, product.depth, 1,
                         std::min(tile_rows, product.m - t * tile_rows), product.depth, tile_rows,
-                        product.depth_padded, packed_a.as<T>() + t * tile_size);
+                        product.depth_padded, packed_a.as<T>() + (t - first_packed) * tile_size);
     }
   });
 
@@ -168,6 +181,8 @@ void RunPanelProduct(const GemmBackend<T>& backend, const PanelProduct<T>& produ
   args.width = product.width;
   args.out_cols = product.out_cols;
   args.out = product.out;
+  args.a_rows = rows_in_place ? product.a : nullptr;
+  args.a_rows_stride = product.depth;
   args.rows_per_chunk = chunk_tiles * tile_rows;
   args.blocks_per_run = std::max<int64_t>(
       1, kRunStripBytes / (std::max<int64_t>(product.segment_len, 1) *
