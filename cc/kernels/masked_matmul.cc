@@ -341,28 +341,43 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
     }
   });
 
+  // Blocks half a SIMD register wide are multiplied two side by side, so that
+  // dw's strips fill whole registers: the GEMM runs on a grid of block pairs,
+  // recomputing a live block's dead neighbour, which the mask pass zeroes
+  // again.
+  const GemmBackend<T>& backend = SelectedGemmBackend<T>();
+  const GemmTiling block_tiling = backend.tiling(pc);
+  const int64_t pair =
+      grid_cols > 1 && 2 * block_tiling.strip_width <= block_tiling.vector_lanes ? 2 : 1;
+  const BlockGrid gemm_grid{grid.rows, grid.cols, grid.block_rows, grid.block_cols * pair};
+  const int64_t gemm_cols = gemm_grid.grid_cols();
+  std::vector<uint8_t> gemm_live(static_cast<size_t>(grid_rows * gemm_cols), 0);
+  for (int64_t b = 0; b < grid_rows * grid_cols; ++b) {
+    if (live[b]) gemm_live[(b / grid_cols) * gemm_cols + (b % grid_cols) / pair] = 1;
+  }
+  const int64_t gemm_pc = gemm_grid.packed_cols();
+
   // Slots of the block rows and block columns that hold a live block: only
   // their slices of x^T and dy are packed, into contiguous tiles and strips
   // (read in place, their power-of-two strides would alias in every cache).
   std::vector<int64_t> row_slot(static_cast<size_t>(grid_rows), -1);
-  std::vector<int64_t> col_slot(static_cast<size_t>(grid_cols), -1);
+  std::vector<int64_t> col_slot(static_cast<size_t>(gemm_cols), -1);
   int64_t row_slots = 0;
   int64_t col_slots = 0;
   int64_t live_count = 0;
-  for (int64_t b = 0; b < grid_rows * grid_cols; ++b) {
-    if (!live[b]) continue;
+  for (int64_t b = 0; b < grid_rows * gemm_cols; ++b) {
+    if (!gemm_live[b]) continue;
     ++live_count;
-    if (row_slot[b / grid_cols] < 0) row_slot[b / grid_cols] = row_slots++;
-    if (col_slot[b % grid_cols] < 0) col_slot[b % grid_cols] = col_slots++;
+    if (row_slot[b / gemm_cols] < 0) row_slot[b / gemm_cols] = row_slots++;
+    if (col_slot[b % gemm_cols] < 0) col_slot[b % gemm_cols] = col_slots++;
   }
   if (live_count == 0) return;
 
-  const GemmBackend<T>& backend = SelectedGemmBackend<T>();
-  const GemmTiling tiling = backend.tiling(pc);
+  const GemmTiling tiling = backend.tiling(gemm_pc);
   const int64_t tile_rows = tiling.outer_tile;
   const int64_t strip_width = tiling.strip_width;
   const int64_t tiles_per_block = CeilDiv(pr, tile_rows);
-  const int64_t strips_per_block = CeilDiv(pc, strip_width);
+  const int64_t strips_per_block = CeilDiv(gemm_pc, strip_width);
   const int64_t tile_size = m * tile_rows;
   const int64_t strip_size = m * strip_width;
   const ScratchBuffer packed_x(BytesOf<T>(row_slots * tiles_per_block * tile_size));
@@ -373,7 +388,7 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
   auto dy_strip = [&](int64_t j, int64_t s) {
     return packed_dy.as<T>() + (col_slot[j] * strips_per_block + s) * strip_size;
   };
-  parallel_for(grid_rows * tiles_per_block + grid_cols * strips_per_block, m * tile_rows,
+  parallel_for(grid_rows * tiles_per_block + gemm_cols * strips_per_block, m * tile_rows,
                [&](int64_t begin, int64_t end) {
                  for (int64_t u = begin; u < end; ++u) {
                    if (u < grid_rows * tiles_per_block) {
@@ -391,8 +406,9 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
                      const int64_t s = v % strips_per_block;
                      if (col_slot[j] < 0) continue;
                      backend.pack_tile(
-                         dy + grid.col_begin(j) + s * strip_width, 1, shape.n,
-                         std::clamp<int64_t>(grid.cols_in(j) - s * strip_width, 0, strip_width),
+                         dy + gemm_grid.col_begin(j) + s * strip_width, 1, shape.n,
+                         std::clamp<int64_t>(gemm_grid.cols_in(j) - s * strip_width, 0,
+                                             strip_width),
                          m, strip_width, m, dy_strip(j, s));
                    }
                  }
@@ -403,9 +419,9 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
   // every live block of the region takes its share, so x and dy are read from
   // memory once per region row or column, not once per block.
   const int64_t region_rows = std::max<int64_t>(1, kRegionSpan / grid.block_rows);
-  const int64_t region_cols = std::max<int64_t>(1, kRegionSpan / grid.block_cols);
+  const int64_t region_cols = std::max<int64_t>(1, kRegionSpan / gemm_grid.block_cols);
   const int64_t regions_down = CeilDiv(grid_rows, region_rows);
-  const int64_t regions_across = CeilDiv(grid_cols, region_cols);
+  const int64_t regions_across = CeilDiv(gemm_cols, region_cols);
   const int64_t mean_live = live_count / (regions_down * regions_across) + 1;
   parallel_for(
       regions_down * regions_across, mean_live * m * pr * pc * 2, [&](int64_t begin, int64_t end) {
@@ -413,27 +429,27 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
           const int64_t i_begin = (u / regions_across) * region_rows;
           const int64_t j_begin = (u % regions_across) * region_cols;
           const int64_t i_end = std::min(grid_rows, i_begin + region_rows);
-          const int64_t j_end = std::min(grid_cols, j_begin + region_cols);
+          const int64_t j_end = std::min(gemm_cols, j_begin + region_cols);
           for (int64_t m0 = 0; m0 < m; m0 += kRunDepth) {
             const int64_t depth = std::min(kRunDepth, m - m0);
             for (int64_t i = i_begin; i < i_end; ++i) {
               for (int64_t j = j_begin; j < j_end; ++j) {
-                if (!live[i * grid_cols + j]) continue;
+                if (!gemm_live[i * gemm_cols + j]) continue;
                 for (int64_t t = 0; t * tile_rows < grid.rows_in(i); ++t) {
                   const int64_t row = grid.row_begin(i) + t * tile_rows;
-                  for (int64_t s = 0; s * strip_width < grid.cols_in(j); ++s) {
-                    const int64_t col = grid.col_begin(j) + s * strip_width;
+                  for (int64_t s = 0; s * strip_width < gemm_grid.cols_in(j); ++s) {
+                    const int64_t col = gemm_grid.col_begin(j) + s * strip_width;
                     OuterGemmArgs<T> args;
                     args.a = x_tile(i, t) + m0 * tile_rows;
                     args.lda = tile_rows;
                     args.b = dy_strip(j, s) + m0 * strip_width;
                     args.ldb = strip_width;
                     args.depth = depth;
-                    args.block_width = pc;
+                    args.block_width = gemm_pc;
                     args.out = dw + row * shape.n + col;
                     args.ldo = shape.n;
                     args.rows = std::min(tile_rows, grid.rows_in(i) - t * tile_rows);
-                    args.cols = std::min(strip_width, grid.cols_in(j) - s * strip_width);
+                    args.cols = std::min(strip_width, gemm_grid.cols_in(j) - s * strip_width);
                     args.accumulate = m0 > 0;
                     backend.outer_gemm(args);
                   }
@@ -441,16 +457,20 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
               }
             }
           }
-          // dw = where(mask != 0, (x^T dy) * mask, 0) on the region's live blocks.
+          // dw = where(mask != 0, (x^T dy) * mask, 0) on the region's live
+          // blocks; a dead block computed beside a live one is zeroed again.
           for (int64_t i = i_begin; i < i_end; ++i) {
-            for (int64_t j = j_begin; j < j_end; ++j) {
+            for (int64_t j = j_begin * pair; j < std::min(grid_cols, j_end * pair); ++j) {
               const int64_t block = i * grid_cols + j;
-              if (!live[block]) continue;
+              if (!gemm_live[i * gemm_cols + j / pair]) continue;
               for (int64_t r = 0; r < grid.rows_in(i); ++r) {
                 const int64_t row = grid.row_begin(i) + r;
                 T* out = dw + row * shape.n + grid.col_begin(j);
                 const int64_t width = grid.cols_in(j);
-                if (m == 0) std::fill_n(out, width, T(0));
+                if (m == 0 || !live[block]) {
+                  std::fill_n(out, width, T(0));
+                  if (!live[block]) continue;
+                }
                 if (mask.level == MaskLevel::kBlock) {
                   const T factor = MaskFactor<T>(mask.data[block]);
                   for (int64_t c = 0; c < width; ++c) out[c] *= factor;
