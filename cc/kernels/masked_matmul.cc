@@ -329,18 +329,6 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
   const int64_t pc = grid.packed_cols();
   const int64_t m = shape.m;
 
-  parallel_for(grid_rows * grid_cols, pr * pc, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      if (live[b]) continue;
-      const int64_t i = b / grid_cols;
-      const int64_t j = b % grid_cols;
-      for (int64_t r = 0; r < grid.rows_in(i); ++r) {
-        std::fill_n(dw + (grid.row_begin(i) + r) * shape.n + grid.col_begin(j), grid.cols_in(j),
-                    T(0));
-      }
-    }
-  });
-
   // Blocks half a SIMD register wide are multiplied two side by side, so that
   // dw's strips fill whole registers: the GEMM runs on a grid of block pairs,
   // recomputing a live block's dead neighbour, which the mask pass zeroes
@@ -356,6 +344,20 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
     if (live[b]) gemm_live[(b / grid_cols) * gemm_cols + (b % grid_cols) / pair] = 1;
   }
   const int64_t gemm_pc = gemm_grid.packed_cols();
+
+  // Blocks outside every computed pair are zero now; the others are zeroed,
+  // if dead, by the mask pass.
+  parallel_for(grid_rows * grid_cols, pr * pc, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t i = b / grid_cols;
+      const int64_t j = b % grid_cols;
+      if (gemm_live[i * gemm_cols + j / pair]) continue;
+      for (int64_t r = 0; r < grid.rows_in(i); ++r) {
+        std::fill_n(dw + (grid.row_begin(i) + r) * shape.n + grid.col_begin(j), grid.cols_in(j),
+                    T(0));
+      }
+    }
+  });
 
   // Slots of the block rows and block columns that hold a live block: only
   // their slices of x^T and dy are packed, into contiguous tiles and strips
