@@ -17,6 +17,7 @@ using ParallelFor = std::function<void(int64_t units, int64_t cost_per_unit,
                                        const std::function<void(int64_t, int64_t)>& work)>;
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t RoundUp(int64_t value, int64_t multiple) { return CeilDiv(value, multiple) * multiple; }
 
 // Bit patterns of the 16-bit float mask dtypes. The kernels only need "is it
 // zero" and "its value", so they carry the bits instead of a framework type.
@@ -117,6 +118,17 @@ struct LiveBlockList {
   int64_t size() const { return static_cast<int64_t>(minor.size()); }
 };
 
+// Whether any entry of a rows x cols piece of a mask (rows ld apart) is live.
+template <typename TMask>
+bool AnyLive(const TMask* mask, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      if (IsLive(mask[r * ld + c])) return true;
+    }
+  }
+  return false;
+}
+
 // live[i * grid_cols + j] != 0 when block (i, j) holds at least one live entry.
 template <typename TMask>
 std::vector<uint8_t> FindLiveBlocks(const BlockGrid& grid, MaskView<TMask> mask,
@@ -137,17 +149,7 @@ std::vector<uint8_t> FindLiveBlocks(const BlockGrid& grid, MaskView<TMask> mask,
       for (int64_t j = 0; j < grid_cols; ++j) {
         const int64_t c0 = grid.col_begin(j);
         const int64_t nc = grid.cols_in(j);
-        bool any = false;
-        for (int64_t r = 0; r < nr && !any; ++r) {
-          const TMask* row = mask.data + (r0 + r) * grid.cols + c0;
-          for (int64_t c = 0; c < nc; ++c) {
-            if (IsLive(row[c])) {
-              any = true;
-              break;
-            }
-          }
-        }
-        live[i * grid_cols + j] = any;
+        live[i * grid_cols + j] = AnyLive(mask.data + r0 * grid.cols + c0, grid.cols, nr, nc);
       }
     }
   });

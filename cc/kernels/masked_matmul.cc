@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "cc/kernels/gemm.h"
+#include "cc/kernels/panels.h"
 #include "cc/kernels/scratch.h"
 
 namespace masked_ops {
@@ -27,26 +28,6 @@ constexpr int64_t kRunStripBytes = 32 * 1024;
 // Rows and columns of dw (at least one block) that one dw unit covers.
 constexpr int64_t kRegionSpan = 128;
 
-template <typename T>
-size_t BytesOf(int64_t elements) {
-  return static_cast<size_t>(elements) * sizeof(T);
-}
-
-// One row of a live block, masked: dst[c] = where(mask != 0, src * mask, 0).
-template <typename T, typename TMask>
-void MaskRow(const T* src, const TMask* mask, int64_t count, T* dst) {
-  for (int64_t c = 0; c < count; ++c) dst[c] = IsLive(mask[c]) ? src[c] * MaskFactor<T>(mask[c]) : T(0);
-}
-
-template <typename T>
-void ScaleRow(const T* src, T factor, int64_t count, T* dst) {
-  if (factor == T(1)) {
-    std::copy_n(src, count, dst);
-  } else {
-    for (int64_t c = 0; c < count; ++c) dst[c] = src[c] * factor;
-  }
-}
-
 // Packs where(mask != 0, w * mask, 0) of every listed block into PanelGemm
 // panels. Group g of the list is one output block column; its live blocks are
 // stacked in depth, segment_len rows each, and the stack is cut into strips of
@@ -65,51 +46,19 @@ void PackPanels(const BlockGrid& grid, const T* w, MaskView<TMask> mask, const L
     for (int64_t g = begin; g < end; ++g) {
       const int64_t first = list.offsets[g];
       const int64_t depth = (list.offsets[g + 1] - first) * segment_len;
-      T* panel = panels + first * segment_len * padded_width;
       for (int64_t p = first; p < list.offsets[g + 1]; ++p) {
         const int64_t i = transposed ? g : list.minor[p];
         const int64_t j = transposed ? list.minor[p] : g;
-        const int64_t r0 = grid.row_begin(i);
-        const int64_t c0 = grid.col_begin(j);
-        const int64_t nr = grid.rows_in(i);
-        const int64_t nc = grid.cols_in(j);
-        const int64_t depth_pos = (p - first) * segment_len;
-        // A ragged block leaves part of its slots unwritten: zero them first.
-        const int64_t block_depth = transposed ? nc : nr;
-        const int64_t block_width = transposed ? nr : nc;
-        if (block_depth < segment_len || block_width < padded_width) {
-          for (int64_t s = 0; s * strip_width < padded_width; ++s) {
-            std::fill_n(panel + s * depth * strip_width + depth_pos * strip_width,
-                        segment_len * strip_width, T(0));
-          }
-        }
-        const T factor = block_level ? MaskFactor<T>(mask.data[i * grid.grid_cols() + j]) : T(0);
-        for (int64_t r = 0; r < nr; ++r) {
-          const T* src = w + (r0 + r) * grid.cols + c0;
-          // Element masks line up with w; a block mask has no row to point into.
-          const TMask* m = block_level ? nullptr : mask.data + (r0 + r) * grid.cols + c0;
-          if (transposed) {
-            // Row r of the block is column r of its transpose.
-            T* dst = panel + (r / strip_width) * depth * strip_width + depth_pos * strip_width +
-                     r % strip_width;
-            for (int64_t c = 0; c < nc; ++c) {
-              dst[c * strip_width] =
-                  block_level ? src[c] * factor
-                              : (IsLive(m[c]) ? src[c] * MaskFactor<T>(m[c]) : T(0));
-            }
-            continue;
-          }
-          for (int64_t s = 0; s * strip_width < nc; ++s) {
-            T* dst = panel + s * depth * strip_width + (depth_pos + r) * strip_width;
-            const int64_t offset = s * strip_width;
-            const int64_t count = std::min(strip_width, nc - offset);
-            if (block_level) {
-              ScaleRow(src + offset, factor, count, dst);
-            } else {
-              MaskRow(src + offset, m + offset, count, dst);
-            }
-          }
-        }
+        const int64_t offset = grid.row_begin(i) * grid.cols + grid.col_begin(j);
+        // Element masks line up with w; a block mask has one factor per block.
+        const BlockSource<T, TMask> block{
+            w + offset, block_level ? nullptr : mask.data + offset,
+            block_level ? MaskFactor<T>(mask.data[i * grid.grid_cols() + j]) : T(0),
+            grid.cols, grid.rows_in(i), grid.cols_in(j)};
+        PackBlock(block, transposed,
+                  PanelSlot<T>{panels + first * segment_len * padded_width, depth,
+                               (p - first) * segment_len, segment_len, strip_width,
+                               padded_width});
       }
     }
   });
@@ -198,8 +147,6 @@ void RunPanelProduct(const GemmBackend<T>& backend, const PanelProduct<T>& produ
                  }
                });
 }
-
-int64_t RoundUp(int64_t value, int64_t multiple) { return CeilDiv(value, multiple) * multiple; }
 
 // Rows of x up to which the forward product reads w in place rather than
 // packing it, when it may: packing costs a pass over the live weights, which

@@ -6,8 +6,14 @@
 #define MASKED_OPS_CC_KERNELS_SCRATCH_H_
 
 #include <cstddef>
+#include <cstdint>
 
 namespace masked_ops {
+
+template <typename T>
+size_t BytesOf(int64_t elements) {
+  return static_cast<size_t>(elements) * sizeof(T);
+}
 
 class ScratchBuffer {
  public:

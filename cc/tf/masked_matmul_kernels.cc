@@ -1,12 +1,11 @@
 // CPU OpKernels for masked_matmul and its gradients: validate every input,
 // allocate outputs, dispatch to the framework-free kernels.
 #include <cstdint>
-#include <new>
-#include <stdexcept>
 
 #include "absl/strings/str_cat.h"
 #include "cc/kernels/block_mask.h"
 #include "cc/kernels/masked_matmul.h"
+#include "cc/tf/kernel_support.h"
 #include "cc/tf/validation.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
@@ -15,60 +14,6 @@
 
 namespace masked_ops {
 namespace {
-
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-
-// TensorFlow's spelling of each kernel mask type; the 16-bit floats are
-// passed to the kernels as their bits.
-template <typename Mask>
-struct TfMaskType {
-  using type = Mask;
-};
-template <>
-struct TfMaskType<Float16Bits> {
-  using type = Eigen::half;
-};
-template <>
-struct TfMaskType<BFloat16Bits> {
-  using type = tensorflow::bfloat16;
-};
-
-static_assert(sizeof(Eigen::half) == sizeof(Float16Bits), "half is 16 bits");
-static_assert(sizeof(tensorflow::bfloat16) == sizeof(BFloat16Bits), "bfloat16 is 16 bits");
-
-ParallelFor IntraOpParallelFor(OpKernelContext* ctx) {
-  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  return [workers](int64_t units, int64_t cost_per_unit,
-                   const std::function<void(int64_t, int64_t)>& work) {
-    workers->ParallelFor(
-        units, tsl::thread::ThreadPool::SchedulingParams::Adaptive(cost_per_unit), work);
-  };
-}
-
-// The kernels allocate their scratch on the calling thread, never inside
-// parallel work, so running out of memory surfaces here: an error for this
-// op, not an abort of the process.
-template <typename Kernel>
-void RunKernel(OpKernelContext* ctx, Kernel&& kernel) {
-  try {
-    kernel();
-  } catch (const std::bad_alloc&) {
-    ctx->SetStatus(absl::ResourceExhaustedError(
-        absl::StrCat(ctx->op_kernel().type_string(), ": out of memory for packed operands")));
-  } catch (const std::length_error&) {
-    ctx->SetStatus(absl::ResourceExhaustedError(
-        absl::StrCat(ctx->op_kernel().type_string(), ": packed operands too large")));
-  }
-}
-
-absl::Status RequireRank(const Tensor& t, absl::string_view name, absl::string_view expected,
-                         int rank, bool at_least) {
-  return CheckRank(name, expected, t.shape().DebugString(), t.dims(), rank, at_least);
-}
 
 int64_t LastDim(const Tensor& t) { return t.dim_size(t.dims() - 1); }
 

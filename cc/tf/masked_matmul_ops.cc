@@ -2,6 +2,7 @@
 #include <cstdint>
 
 #include "cc/kernels/block_mask.h"
+#include "cc/tf/shape_support.h"
 #include "cc/tf/validation.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
@@ -9,36 +10,6 @@
 
 namespace masked_ops {
 namespace {
-
-using ::tensorflow::shape_inference::DimensionHandle;
-using ::tensorflow::shape_inference::InferenceContext;
-using ::tensorflow::shape_inference::ShapeHandle;
-
-constexpr char kMaskTypes[] =
-    "Tmask: {bool, int8, uint8, int16, int32, int64, half, bfloat16, float, double}";
-
-// WithRank / WithRankAtLeast with a message that names the argument.
-absl::Status RequireRank(InferenceContext* c, int input, absl::string_view name,
-                         absl::string_view expected, int64_t rank, bool at_least,
-                         ShapeHandle* out) {
-  const ShapeHandle shape = c->input(input);
-  if (c->RankKnown(shape)) {
-    TF_RETURN_IF_ERROR(
-        CheckRank(name, expected, c->DebugString(shape), c->Rank(shape), rank, at_least));
-  }
-  return at_least ? c->WithRankAtLeast(shape, rank, out) : c->WithRank(shape, rank, out);
-}
-
-// Merges two dimensions that must agree, naming both sides when they do not.
-absl::Status MergeDims(InferenceContext* c, DimensionHandle a, DimensionHandle b,
-                       absl::string_view what, ShapeHandle a_shape, ShapeHandle b_shape,
-                       DimensionHandle* out) {
-  if (c->ValueKnown(a) && c->ValueKnown(b)) {
-    TF_RETURN_IF_ERROR(CheckDimsEqual(what, c->Value(a), c->Value(b), c->DebugString(a_shape),
-                                      c->DebugString(b_shape)));
-  }
-  return c->Merge(a, b, out);
-}
 
 // Checks the mask against the weight's [k, n] when everything is known
 // statically; the kernel checks again at run time.

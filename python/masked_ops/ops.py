@@ -9,20 +9,25 @@ from masked_ops._loader import op_library
 _ops = op_library()
 
 
+def positive_pair(value, name):
+    """`value` as a pair of positive ints; an int means the same twice."""
+    if isinstance(value, int):
+        pair = (value, value)
+    else:
+        pair = tuple(value)
+        if len(pair) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    first, second = (operator.index(v) for v in pair)
+    if first < 1 or second < 1:
+        raise tf.errors.InvalidArgumentError(
+            None, None, f"{name} must be positive, got ({first}, {second})"
+        )
+    return first, second
+
+
 def normalize_block_size(block_size):
     """`block_size` as a (rows, cols) pair of ints; an int means a square block."""
-    if isinstance(block_size, int):
-        pair = (block_size, block_size)
-    else:
-        pair = tuple(block_size)
-        if len(pair) != 2:
-            raise ValueError(f"block_size must be an int or a pair of ints, got {block_size!r}")
-    rows, cols = (operator.index(v) for v in pair)
-    if rows < 1 or cols < 1:
-        raise tf.errors.InvalidArgumentError(
-            None, None, f"block_size must be positive, got ({rows}, {cols})"
-        )
-    return rows, cols
+    return positive_pair(block_size, "block_size")
 
 
 def expand_block_mask(block_mask, shape, block_size=(32, 32)):

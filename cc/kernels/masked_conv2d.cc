@@ -1,0 +1,643 @@
+#include "cc/kernels/masked_conv2d.h"
+
+#include <algorithm>
+#include <atomic>
+#include <new>
+#include <vector>
+
+#include "cc/kernels/gemm.h"
+#include "cc/kernels/masked_matmul.h"
+#include "cc/kernels/panels.h"
+#include "cc/kernels/scratch.h"
+
+// Every product here is a PanelGemm (gemm.h) whose `a` is gathered on the fly:
+//   forward  rows = output pixels, depth = (tap, input-channel block) slices
+//            of the receptive field (im2col), groups = output-channel blocks;
+//   dx       rows = input pixels, depth = (tap, output-channel block) slices
+//            of dy at the output pixels that read this input pixel, groups =
+//            input-channel blocks, panels from the transposed filter blocks;
+//   dfilter  one OuterGemm per live filter block over the output pixels.
+// The gathered depth holds only the (tap, block) slices that some live filter
+// block multiplies, so dead blocks are neither gathered nor multiplied. Rows
+// are packed a chunk at a time into per-thread buffers sized for L2, never as
+// a whole im2col matrix.
+
+namespace masked_ops {
+namespace {
+
+// Bytes of gathered `a` per chunk of rows: the chunk stays in L2 while every
+// output group multiplies it.
+constexpr int64_t kChunkBytes = 384 * 1024;
+constexpr int64_t kMaxChunkTiles = 16;
+// Units of parallel work to aim for: when a small image has fewer chunks
+// than this, each chunk's output groups are split among several units (each
+// gathering the chunk itself).
+constexpr int64_t kMinUnits = 8;
+// Bytes of a panel strip one PanelGemm pass keeps in L1 (see masked_matmul.cc).
+constexpr int64_t kRunStripBytes = 32 * 1024;
+// Output pixels per dfilter pass: the gathered input slice and dy's rows for
+// one pass stay in L1 and L2.
+constexpr int64_t kGradFilterPixels = 256;
+// Units of dfilter work (ranges of filter block rows): each unit reads all of
+// dy once, so fewer units mean less traffic, more mean better balance.
+constexpr int64_t kGradFilterUnits = 16;
+
+// A filter block row is one tap and one input-channel block: row index
+// tap * in_blocks + input block. Block columns are output-channel blocks.
+int64_t FilterBlockRows(const Conv2DGeometry& g) { return g.taps() * g.in_blocks(); }
+
+// Offset of block (block_row, out_block)'s first value in the filters (and
+// in an element mask, laid out alike).
+int64_t FilterBlockOffset(const Conv2DGeometry& g, int64_t block_row, int64_t out_block) {
+  const int64_t tap = block_row / g.in_blocks();
+  const int64_t first_in = (block_row % g.in_blocks()) * g.in_block;
+  return (tap * g.in_channels + first_in) * g.out_channels + out_block * g.out_block;
+}
+
+int64_t FilterBlockInChannels(const Conv2DGeometry& g, int64_t block_row) {
+  const int64_t first_in = (block_row % g.in_blocks()) * g.in_block;
+  return std::min(g.in_block, g.in_channels - first_in);
+}
+
+int64_t FilterBlockOutChannels(const Conv2DGeometry& g, int64_t out_block) {
+  return std::min(g.out_block, g.out_channels - out_block * g.out_block);
+}
+
+template <typename T, typename TMask>
+BlockSource<T, TMask> FilterBlock(const Conv2DGeometry& g, const T* filters,
+                                  MaskView<TMask> mask, int64_t block_row, int64_t out_block) {
+  const int64_t in_block = block_row % g.in_blocks();
+  const int64_t offset = FilterBlockOffset(g, block_row, out_block);
+  const bool block_level = mask.level == MaskLevel::kBlock;
+  return BlockSource<T, TMask>{
+      filters + offset,
+      block_level ? nullptr : mask.data + offset,
+      block_level ? MaskFactor<T>(mask.data[in_block * g.out_blocks() + out_block]) : T(0),
+      g.out_channels,
+      FilterBlockInChannels(g, block_row),
+      FilterBlockOutChannels(g, out_block)};
+}
+
+// live[block_row * out_blocks + out_block] != 0 when the block holds a live
+// mask entry at its tap.
+template <typename TMask>
+std::vector<uint8_t> FindLiveFilterBlocks(const Conv2DGeometry& g, MaskView<TMask> mask,
+                                          const ParallelFor& parallel_for) {
+  const int64_t block_rows = FilterBlockRows(g);
+  const int64_t out_blocks = g.out_blocks();
+  std::vector<uint8_t> live(static_cast<size_t>(block_rows * out_blocks), 0);
+  if (mask.level == MaskLevel::kBlock) {
+    for (int64_t b = 0; b < block_rows; ++b) {
+      for (int64_t j = 0; j < out_blocks; ++j) {
+        live[b * out_blocks + j] = IsLive(mask.data[(b % g.in_blocks()) * out_blocks + j]);
+      }
+    }
+    return live;
+  }
+  parallel_for(block_rows, g.in_block * g.out_channels, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t j = 0; j < out_blocks; ++j) {
+        live[b * out_blocks + j] =
+            AnyLive(mask.data + FilterBlockOffset(g, b, j), g.out_channels,
+                    FilterBlockInChannels(g, b), FilterBlockOutChannels(g, j));
+      }
+    }
+  });
+  return live;
+}
+
+// The rows of a gathered product: pixels, all of them in order or a list.
+struct PixelRows {
+  bool all;
+  int64_t count;
+  std::vector<int64_t> pixels;
+  int64_t at(int64_t row) const { return all ? row : pixels[row]; }
+};
+
+PixelRows AllPixels(int64_t count) { return PixelRows{true, count, {}}; }
+
+// Calls visit(n, oy_begin, oy_end, ox_begin, ox_end, active) for every output
+// tile; a tile is active when some factor in it is nonzero.
+template <typename T, typename Visit>
+void ForEachOutputTile(const Conv2DGeometry& g, const T* output_factors, const Visit& visit) {
+  for (int64_t n = 0; n < g.batch; ++n) {
+    for (int64_t oy0 = 0; oy0 < g.out_h; oy0 += g.tile_h) {
+      const int64_t oy1 = std::min(g.out_h, oy0 + g.tile_h);
+      for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += g.tile_w) {
+        const int64_t ox1 = std::min(g.out_w, ox0 + g.tile_w);
+        bool active = false;
+        for (int64_t oy = oy0; oy < oy1 && !active; ++oy) {
+          const T* row = output_factors + (n * g.out_h + oy) * g.out_w;
+          for (int64_t ox = ox0; ox < ox1; ++ox) active |= row[ox] != T(0);
+        }
+        visit(n, oy0, oy1, ox0, ox1, active);
+      }
+    }
+  }
+}
+
+// Output pixels of active tiles, tile by tile (nearby pixels share input rows).
+template <typename T>
+PixelRows ActiveOutputPixels(const Conv2DGeometry& g, const T* output_factors) {
+  if (output_factors == nullptr) return AllPixels(g.out_pixels());
+  PixelRows rows{false, 0, {}};
+  ForEachOutputTile(g, output_factors, [&](int64_t n, int64_t oy0, int64_t oy1, int64_t ox0,
+                                           int64_t ox1, bool active) {
+    if (!active) return;
+    for (int64_t oy = oy0; oy < oy1; ++oy) {
+      for (int64_t ox = ox0; ox < ox1; ++ox) rows.pixels.push_back((n * g.out_h + oy) * g.out_w + ox);
+    }
+  });
+  rows.count = static_cast<int64_t>(rows.pixels.size());
+  return rows;
+}
+
+// Input pixels inside the receptive field of some active output tile, in
+// raster order; the gradient of every other input pixel is zero.
+template <typename T>
+PixelRows ActiveInputPixels(const Conv2DGeometry& g, const T* output_factors) {
+  if (output_factors == nullptr) return AllPixels(g.in_pixels());
+  std::vector<uint8_t> reached(static_cast<size_t>(g.in_pixels()), 0);
+  const int64_t reach_h = (g.filter_h - 1) * g.dilation_h;
+  const int64_t reach_w = (g.filter_w - 1) * g.dilation_w;
+  ForEachOutputTile(g, output_factors, [&](int64_t n, int64_t oy0, int64_t oy1, int64_t ox0,
+                                           int64_t ox1, bool active) {
+    if (!active) return;
+    const int64_t iy0 = std::max<int64_t>(0, oy0 * g.stride_h - g.pad_top);
+    const int64_t iy1 = std::min(g.in_h, (oy1 - 1) * g.stride_h - g.pad_top + reach_h + 1);
+    const int64_t ix0 = std::max<int64_t>(0, ox0 * g.stride_w - g.pad_left);
+    const int64_t ix1 = std::min(g.in_w, (ox1 - 1) * g.stride_w - g.pad_left + reach_w + 1);
+    for (int64_t iy = iy0; iy < iy1; ++iy) {
+      if (ix1 > ix0) std::fill(&reached[(n * g.in_h + iy) * g.in_w + ix0], &reached[(n * g.in_h + iy) * g.in_w + ix1], 1);
+    }
+  });
+  PixelRows rows{false, 0, {}};
+  for (int64_t p = 0; p < g.in_pixels(); ++p) {
+    if (reached[p]) rows.pixels.push_back(p);
+  }
+  rows.count = static_cast<int64_t>(rows.pixels.size());
+  return rows;
+}
+
+// The gathered depth: every (tap, channel block) slice that a live filter
+// block multiplies gets a slot, segment_len deep, in order of first use.
+struct DepthSlots {
+  std::vector<int64_t> slot_of;  // per slice: its slot, or -1
+  std::vector<int64_t> slices;   // per slot: its slice
+};
+
+DepthSlots AssignDepthSlots(const LiveBlockList& list, int64_t slices) {
+  DepthSlots depth{std::vector<int64_t>(static_cast<size_t>(slices), -1), {}};
+  for (const int64_t slice : list.minor) {
+    if (depth.slot_of[slice] >= 0) continue;
+    depth.slot_of[slice] = static_cast<int64_t>(depth.slices.size());
+    depth.slices.push_back(slice);
+  }
+  return depth;
+}
+
+// parallel_for for work that allocates its own scratch per shard: a failed
+// allocation in a worker comes back as bad_alloc on the calling thread (which
+// the glue reports as an error) instead of escaping the worker.
+template <typename Work>
+void ParallelForWithScratch(const ParallelFor& parallel_for, int64_t units, int64_t cost_per_unit,
+                            const Work& work) {
+  std::atomic<bool> out_of_memory{false};
+  parallel_for(units, cost_per_unit, [&](int64_t begin, int64_t end) {
+    try {
+      work(begin, end);
+    } catch (const std::bad_alloc&) {
+      out_of_memory = true;
+    }
+  });
+  if (out_of_memory) throw std::bad_alloc();
+}
+
+// A PanelGemm product whose `a` rows are gathered a chunk at a time.
+template <typename T>
+struct GatheredProduct {
+  int64_t rows;
+  int64_t depth;  // gathered depth: slots x segment_len
+  int64_t segment_len;
+  const LiveBlockList* list;
+  const std::vector<int64_t>* segment_begin;  // per live block, into the gathered depth
+  const T* panels;
+  GemmTiling tiling;
+  int64_t padded_width;
+  int64_t width;
+  int64_t out_cols;
+};
+
+// gather(tile, first_row, rows) packs rows [first_row, first_row + rows) of a,
+// rows <= a_tile, as one PackedRows tile (zero rows past `rows`).
+// When `direct` is non-null, the product of row r goes straight to
+// direct + r * out_cols; otherwise store(out, first_row, rows, col_begin,
+// col_end) receives each chunk's product, out_cols apart.
+template <typename T, typename Gather, typename Store>
+void RunGatheredProduct(const GemmBackend<T>& backend, const GatheredProduct<T>& product,
+                        const Gather& gather, T* direct, const Store& store,
+                        const ParallelFor& parallel_for) {
+  const LiveBlockList& list = *product.list;
+  const int64_t tile_rows = product.tiling.a_tile;
+  const int64_t tile_size = std::max<int64_t>(product.depth, 1) * tile_rows;
+  const int64_t chunk_tiles = std::clamp<int64_t>(
+      kChunkBytes / (tile_size * static_cast<int64_t>(sizeof(T))), 1, kMaxChunkTiles);
+  const int64_t rows_per_chunk = chunk_tiles * tile_rows;
+  const int64_t chunks = CeilDiv(product.rows, rows_per_chunk);
+  const int64_t groups = static_cast<int64_t>(list.offsets.size()) - 1;
+  const int64_t splits = std::clamp<int64_t>(CeilDiv(kMinUnits, std::max<int64_t>(chunks, 1)), 1, groups);
+  const int64_t groups_per_split = CeilDiv(groups, splits);
+
+  PanelGemmArgs<T> args;
+  args.a = PackedRows<T>{nullptr, 0, tile_rows, product.depth};
+  args.groups = groups;
+  args.group_offsets = list.offsets.data();
+  args.segment_begin = product.segment_begin->data();
+  args.segment_len = product.segment_len;
+  args.panels = product.panels;
+  args.b_in_place = false;
+  args.strip_width = product.tiling.strip_width;
+  args.padded_width = product.padded_width;
+  args.width = product.width;
+  args.out_cols = product.out_cols;
+  args.out = nullptr;
+  args.a_rows = nullptr;
+  args.a_rows_stride = 0;
+  args.rows_per_chunk = rows_per_chunk;
+  args.blocks_per_run = std::max<int64_t>(
+      1, kRunStripBytes / (product.segment_len * product.tiling.strip_width *
+                           static_cast<int64_t>(sizeof(T))));
+  const int64_t mean_blocks = list.size() / std::max<int64_t>(groups, 1) + 1;
+  ParallelForWithScratch(
+      parallel_for, chunks * splits,
+      rows_per_chunk * (product.depth + mean_blocks * product.segment_len * product.width * 2 *
+                                            groups_per_split),
+      [&](int64_t begin, int64_t end) {
+        const ScratchBuffer packed(BytesOf<T>(chunk_tiles * tile_size));
+        const ScratchBuffer out(direct != nullptr ? 0 : BytesOf<T>(rows_per_chunk * product.out_cols));
+        for (int64_t u = begin; u < end; ++u) {
+          const int64_t first_row = (u / splits) * rows_per_chunk;
+          const int64_t rows = std::min(rows_per_chunk, product.rows - first_row);
+          const int64_t group_begin = (u % splits) * groups_per_split;
+          const int64_t group_end = std::min(groups, group_begin + groups_per_split);
+          if (group_begin >= group_end) continue;
+          for (int64_t t = 0; t * tile_rows < rows; ++t) {
+            gather(packed.as<T>() + t * tile_size, first_row + t * tile_rows,
+                   std::min(tile_rows, rows - t * tile_rows));
+          }
+          PanelGemmArgs<T> chunk_args = args;
+          chunk_args.a.data = packed.as<T>();
+          chunk_args.a.rows = rows;
+          chunk_args.out = direct != nullptr ? direct + first_row * product.out_cols : out.as<T>();
+          for (int64_t group = group_begin; group < group_end; ++group) {
+            backend.panel_gemm_unit(chunk_args, 0, group);
+          }
+          if (direct == nullptr) {
+            store(out.as<T>(), first_row, rows, group_begin * product.width,
+                  std::min(product.out_cols, group_end * product.width));
+          }
+        }
+      });
+}
+
+// Copies count values of src, times factor (exact copy for 1), into dst with
+// a stride, and zeros up to segment_len.
+template <typename T>
+void GatherSlice(const T* src, int64_t count, T factor, int64_t segment_len, T* dst,
+                 int64_t stride) {
+  if (src == nullptr || factor == T(0)) count = 0;
+  if (factor == T(1)) {
+    for (int64_t c = 0; c < count; ++c) dst[c * stride] = src[c];
+  } else {
+    for (int64_t c = 0; c < count; ++c) dst[c * stride] = src[c] * factor;
+  }
+  for (int64_t c = count; c < segment_len; ++c) dst[c * stride] = T(0);
+}
+
+// Writes y or dx rows of a chunk to their pixels, times the pixel's factor
+// (zero where it is zero). Without factors, a plain copy.
+template <typename T>
+void StoreRows(const PixelRows& rows, const T* factors, int64_t channels, const T* out,
+               int64_t first_row, int64_t count, int64_t col_begin, int64_t col_end, T* dst) {
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t pixel = rows.at(first_row + r);
+    const T factor = factors == nullptr ? T(1) : factors[pixel];
+    const T* src = out + r * channels;
+    T* to = dst + pixel * channels;
+    for (int64_t c = col_begin; c < col_end; ++c) to[c] = factor == T(0) ? T(0) : src[c] * factor;
+  }
+}
+
+// Depth (or width) of a packed block: never more than the channels.
+int64_t SegmentLen(int64_t block, int64_t channels) { return std::min(block, channels); }
+
+template <typename T, typename TMask>
+void PackFilterPanels(const Conv2DGeometry& g, const T* filters, MaskView<TMask> mask,
+                      const LiveBlockList& list, bool transposed, int64_t segment_len,
+                      const GemmTiling& tiling, int64_t padded_width, T* panels,
+                      const ParallelFor& parallel_for) {
+  const int64_t groups = static_cast<int64_t>(list.offsets.size()) - 1;
+  const int64_t out_blocks = g.out_blocks();
+  parallel_for(groups, (list.size() / std::max<int64_t>(groups, 1) + 1) * segment_len * padded_width,
+               [&](int64_t begin, int64_t end) {
+                 for (int64_t group = begin; group < end; ++group) {
+                   const int64_t first = list.offsets[group];
+                   const int64_t depth = (list.offsets[group + 1] - first) * segment_len;
+                   for (int64_t p = first; p < list.offsets[group + 1]; ++p) {
+                     // Forward: group = output block, minor = filter block row.
+                     // dx: group = input block, minor = tap * out_blocks + output block.
+                     const int64_t block_row =
+                         transposed ? (list.minor[p] / out_blocks) * g.in_blocks() + group
+                                    : list.minor[p];
+                     const int64_t out_block = transposed ? list.minor[p] % out_blocks : group;
+                     PackBlock(FilterBlock(g, filters, mask, block_row, out_block), transposed,
+                               PanelSlot<T>{panels + first * segment_len * padded_width, depth,
+                                            (p - first) * segment_len, segment_len,
+                                            tiling.strip_width, padded_width});
+                   }
+                 }
+               });
+}
+
+std::vector<int64_t> SegmentBegins(const LiveBlockList& list, const DepthSlots& depth,
+                                   int64_t segment_len) {
+  std::vector<int64_t> begins(list.minor.size());
+  for (size_t p = 0; p < begins.size(); ++p) begins[p] = depth.slot_of[list.minor[p]] * segment_len;
+  return begins;
+}
+
+}  // namespace
+
+template <typename T, typename TMask>
+void MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskView<TMask> mask,
+                  const T* output_factors, T* y, const ParallelFor& parallel_for) {
+  if (g.out_pixels() == 0 || g.out_channels == 0) return;
+  const PixelRows rows = ActiveOutputPixels(g, output_factors);
+  if (output_factors != nullptr) {
+    ForEachOutputTile(g, output_factors, [&](int64_t n, int64_t oy0, int64_t oy1, int64_t ox0,
+                                             int64_t ox1, bool active) {
+      if (active) return;
+      for (int64_t oy = oy0; oy < oy1; ++oy) {
+        std::fill_n(y + ((n * g.out_h + oy) * g.out_w + ox0) * g.out_channels,
+                    (ox1 - ox0) * g.out_channels, T(0));
+      }
+    });
+  }
+  const BlockGrid grid{FilterBlockRows(g) * g.in_block, g.out_channels, g.in_block, g.out_block};
+  const LiveBlockList list =
+      GroupLiveBlocksByColumn(grid, FindLiveFilterBlocks(g, mask, parallel_for));
+  const GemmBackend<T>& backend = SelectedGemmBackend<T>();
+  const int64_t width = SegmentLen(g.out_block, g.out_channels);
+  const int64_t segment_len = SegmentLen(g.in_block, g.in_channels);
+  const GemmTiling tiling = backend.tiling(width);
+  const int64_t padded_width = RoundUp(width, tiling.strip_width);
+  const ScratchBuffer panels(BytesOf<T>(list.size() * segment_len * padded_width));
+  PackFilterPanels(g, filters, mask, list, /*transposed=*/false, segment_len, tiling,
+                   padded_width, panels.as<T>(), parallel_for);
+  const DepthSlots depth = AssignDepthSlots(list, FilterBlockRows(g));
+  const std::vector<int64_t> segment_begin = SegmentBegins(list, depth, segment_len);
+  const int64_t slots = static_cast<int64_t>(depth.slices.size());
+
+  // im2col of one tile of output pixels, only the slots' slices.
+  auto gather = [&](T* tile, int64_t first_row, int64_t count) {
+    const int64_t tile_rows = tiling.a_tile;
+    for (int64_t r = 0; r < tile_rows; ++r) {
+      const int64_t pixel = r < count ? rows.at(first_row + r) : -1;
+      const int64_t n = pixel / (g.out_h * g.out_w);
+      const int64_t oy = (pixel / g.out_w) % g.out_h;
+      const int64_t ox = pixel % g.out_w;
+      for (int64_t s = 0; s < slots; ++s) {
+        const int64_t tap = depth.slices[s] / g.in_blocks();
+        const int64_t first_in = (depth.slices[s] % g.in_blocks()) * g.in_block;
+        const int64_t iy = oy * g.stride_h - g.pad_top + (tap / g.filter_w) * g.dilation_h;
+        const int64_t ix = ox * g.stride_w - g.pad_left + (tap % g.filter_w) * g.dilation_w;
+        const bool inside = pixel >= 0 && iy >= 0 && iy < g.in_h && ix >= 0 && ix < g.in_w;
+        const T* src = inside ? x + ((n * g.in_h + iy) * g.in_w + ix) * g.in_channels + first_in
+                              : nullptr;
+        GatherSlice(src, std::min(g.in_block, g.in_channels - first_in), T(1), segment_len,
+                    tile + s * segment_len * tile_rows + r, tile_rows);
+      }
+    }
+  };
+  auto store = [&](const T* out, int64_t first_row, int64_t count, int64_t col_begin,
+                   int64_t col_end) {
+    StoreRows(rows, output_factors, g.out_channels, out, first_row, count, col_begin, col_end, y);
+  };
+  const GatheredProduct<T> product{rows.count, slots * segment_len, segment_len, &list,
+                                   &segment_begin, panels.as<T>(), tiling, padded_width,
+                                   width, g.out_channels};
+  RunGatheredProduct(backend, product, gather, rows.all && output_factors == nullptr ? y : nullptr,
+                     store, parallel_for);
+}
+
+template <typename T, typename TMask>
+void MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filters,
+                           MaskView<TMask> mask, const T* output_factors, T* dx,
+                           const ParallelFor& parallel_for) {
+  if (g.in_pixels() == 0 || g.in_channels == 0) return;
+  const PixelRows rows = ActiveInputPixels(g, output_factors);
+  if (!rows.all) {
+    // Unreached input pixels get zero; rows lists the reached ones in order.
+    int64_t next = 0;
+    for (int64_t p = 0; p < g.in_pixels(); ++p) {
+      if (next < rows.count && rows.pixels[next] == p) {
+        ++next;
+        continue;
+      }
+      std::fill_n(dx + p * g.in_channels, g.in_channels, T(0));
+    }
+  }
+  // Group = input block; its live blocks, tap by tap, are the (tap, output
+  // block) slices of dy it multiplies.
+  const std::vector<uint8_t> live = FindLiveFilterBlocks(g, mask, parallel_for);
+  const int64_t in_blocks = g.in_blocks();
+  const int64_t out_blocks = g.out_blocks();
+  LiveBlockList list;
+  list.offsets.push_back(0);
+  for (int64_t i = 0; i < in_blocks; ++i) {
+    for (int64_t tap = 0; tap < g.taps(); ++tap) {
+      for (int64_t j = 0; j < out_blocks; ++j) {
+        if (live[(tap * in_blocks + i) * out_blocks + j]) list.minor.push_back(tap * out_blocks + j);
+      }
+    }
+    list.offsets.push_back(list.size());
+  }
+  const GemmBackend<T>& backend = SelectedGemmBackend<T>();
+  const int64_t width = SegmentLen(g.in_block, g.in_channels);
+  const int64_t segment_len = SegmentLen(g.out_block, g.out_channels);
+  const GemmTiling tiling = backend.tiling(width);
+  const int64_t padded_width = RoundUp(width, tiling.strip_width);
+  const ScratchBuffer panels(BytesOf<T>(list.size() * segment_len * padded_width));
+  PackFilterPanels(g, filters, mask, list, /*transposed=*/true, segment_len, tiling,
+                   padded_width, panels.as<T>(), parallel_for);
+  const DepthSlots depth = AssignDepthSlots(list, g.taps() * out_blocks);
+  const std::vector<int64_t> segment_begin = SegmentBegins(list, depth, segment_len);
+  const int64_t slots = static_cast<int64_t>(depth.slices.size());
+
+  // Input pixel (iy, ix) meets tap (ky, kx) at the output pixel whose window
+  // puts that tap on it, if the strides land there exactly.
+  auto output_pixel_at = [&](int64_t n, int64_t iy, int64_t ix, int64_t tap) -> int64_t {
+    const int64_t sy = iy + g.pad_top - (tap / g.filter_w) * g.dilation_h;
+    const int64_t sx = ix + g.pad_left - (tap % g.filter_w) * g.dilation_w;
+    if (sy < 0 || sx < 0 || sy % g.stride_h != 0 || sx % g.stride_w != 0) return -1;
+    const int64_t oy = sy / g.stride_h;
+    const int64_t ox = sx / g.stride_w;
+    if (oy >= g.out_h || ox >= g.out_w) return -1;
+    return (n * g.out_h + oy) * g.out_w + ox;
+  };
+  auto gather = [&](T* tile, int64_t first_row, int64_t count) {
+    const int64_t tile_rows = tiling.a_tile;
+    for (int64_t r = 0; r < tile_rows; ++r) {
+      const int64_t pixel = r < count ? rows.at(first_row + r) : -1;
+      const int64_t n = pixel / (g.in_h * g.in_w);
+      const int64_t iy = (pixel / g.in_w) % g.in_h;
+      const int64_t ix = pixel % g.in_w;
+      for (int64_t s = 0; s < slots; ++s) {
+        const int64_t tap = depth.slices[s] / out_blocks;
+        const int64_t first_out = (depth.slices[s] % out_blocks) * g.out_block;
+        const int64_t at = pixel >= 0 ? output_pixel_at(n, iy, ix, tap) : -1;
+        const T factor = at < 0 ? T(0) : output_factors == nullptr ? T(1) : output_factors[at];
+        GatherSlice(at < 0 ? nullptr : dy + at * g.out_channels + first_out,
+                    std::min(g.out_block, g.out_channels - first_out), factor, segment_len,
+                    tile + s * segment_len * tile_rows + r, tile_rows);
+      }
+    }
+  };
+  auto store = [&](const T* out, int64_t first_row, int64_t count, int64_t col_begin,
+                   int64_t col_end) {
+    StoreRows<T>(rows, nullptr, g.in_channels, out, first_row, count, col_begin, col_end, dx);
+  };
+  const GatheredProduct<T> product{rows.count, slots * segment_len, segment_len, &list,
+                                   &segment_begin, panels.as<T>(), tiling, padded_width,
+                                   width, g.in_channels};
+  RunGatheredProduct(backend, product, gather, rows.all ? dx : nullptr, store, parallel_for);
+}
+
+template <typename T, typename TMask>
+void MaskedConv2DGradFilter(const Conv2DGeometry& g, const T* x, const T* dy,
+                            MaskView<TMask> mask, const T* output_factors, T* dfilters,
+                            const ParallelFor& parallel_for) {
+  const int64_t block_rows = FilterBlockRows(g);
+  const int64_t out_blocks = g.out_blocks();
+  if (block_rows == 0 || g.out_channels == 0) return;
+  const std::vector<uint8_t> live = FindLiveFilterBlocks(g, mask, parallel_for);
+  const PixelRows rows = ActiveOutputPixels(g, output_factors);
+  const GemmBackend<T>& backend = SelectedGemmBackend<T>();
+  const int64_t in_width = SegmentLen(g.in_block, g.in_channels);
+  const int64_t out_width = SegmentLen(g.out_block, g.out_channels);
+  const GemmTiling tiling = backend.tiling(out_width);
+  // OuterGemm reads whole tiles of rows and whole strips of columns.
+  const int64_t x_ld = RoundUp(in_width, tiling.outer_tile);
+  const int64_t dy_ld = (out_blocks - 1) * g.out_block + RoundUp(out_width, tiling.strip_width);
+
+  // dy at the active pixels, times their factors, zero-padded: read by every
+  // unit, so formed once.
+  const ScratchBuffer dy_rows(BytesOf<T>(rows.count * dy_ld));
+  parallel_for(rows.count, dy_ld, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t pixel = rows.at(r);
+      GatherSlice(dy + pixel * g.out_channels, g.out_channels,
+                  output_factors == nullptr ? T(1) : output_factors[pixel], dy_ld,
+                  dy_rows.as<T>() + r * dy_ld, 1);
+    }
+  });
+
+  std::vector<int64_t> live_per_row(static_cast<size_t>(block_rows), 0);
+  for (int64_t b = 0; b < block_rows; ++b) {
+    for (int64_t j = 0; j < out_blocks; ++j) live_per_row[b] += live[b * out_blocks + j];
+  }
+  const int64_t rows_per_unit = CeilDiv(block_rows, kGradFilterUnits);
+  const int64_t units = CeilDiv(block_rows, rows_per_unit);
+  ParallelForWithScratch(parallel_for, units, rows_per_unit * rows.count * in_width * g.out_channels,
+                         [&](int64_t begin, int64_t end) {
+    const ScratchBuffer x_slices(BytesOf<T>(rows_per_unit * kGradFilterPixels * x_ld));
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b_begin = u * rows_per_unit;
+      const int64_t b_end = std::min(block_rows, b_begin + rows_per_unit);
+      for (int64_t p0 = 0; p0 < rows.count; p0 += kGradFilterPixels) {
+        const int64_t pixels = std::min(kGradFilterPixels, rows.count - p0);
+        for (int64_t b = b_begin; b < b_end; ++b) {
+          if (live_per_row[b] == 0) continue;
+          const int64_t tap = b / g.in_blocks();
+          const int64_t first_in = (b % g.in_blocks()) * g.in_block;
+          const int64_t channels = std::min(g.in_block, g.in_channels - first_in);
+          T* slice = x_slices.as<T>() + (b - b_begin) * kGradFilterPixels * x_ld;
+          for (int64_t r = 0; r < pixels; ++r) {
+            const int64_t pixel = rows.at(p0 + r);
+            const int64_t n = pixel / (g.out_h * g.out_w);
+            const int64_t iy = ((pixel / g.out_w) % g.out_h) * g.stride_h - g.pad_top +
+                               (tap / g.filter_w) * g.dilation_h;
+            const int64_t ix = (pixel % g.out_w) * g.stride_w - g.pad_left +
+                               (tap % g.filter_w) * g.dilation_w;
+            const bool inside = iy >= 0 && iy < g.in_h && ix >= 0 && ix < g.in_w;
+            GatherSlice(inside ? x + ((n * g.in_h + iy) * g.in_w + ix) * g.in_channels + first_in
+                               : nullptr,
+                        channels, T(1), x_ld, slice + r * x_ld, 1);
+          }
+          for (int64_t j = 0; j < out_blocks; ++j) {
+            if (!live[b * out_blocks + j]) continue;
+            const int64_t first_out = j * g.out_block;
+            const int64_t cols = std::min(g.out_block, g.out_channels - first_out);
+            T* block = dfilters + (tap * g.in_channels + first_in) * g.out_channels + first_out;
+            for (int64_t t = 0; t * tiling.outer_tile < channels; ++t) {
+              for (int64_t s = 0; s * tiling.strip_width < cols; ++s) {
+                OuterGemmArgs<T> args;
+                args.a = slice + t * tiling.outer_tile;
+                args.lda = x_ld;
+                args.b = dy_rows.as<T>() + p0 * dy_ld + first_out + s * tiling.strip_width;
+                args.ldb = dy_ld;
+                args.depth = pixels;
+                args.block_width = out_width;
+                args.out = block + t * tiling.outer_tile * g.out_channels + s * tiling.strip_width;
+                args.ldo = g.out_channels;
+                args.rows = std::min(tiling.outer_tile, channels - t * tiling.outer_tile);
+                args.cols = std::min(tiling.strip_width, cols - s * tiling.strip_width);
+                args.accumulate = p0 > 0;
+                backend.outer_gemm(args);
+              }
+            }
+          }
+        }
+      }
+      // df = where(mask != 0, gradient * mask, 0); dead blocks (and every
+      // block when no pixel is active) are exact zeros.
+      for (int64_t b = b_begin; b < b_end; ++b) {
+        for (int64_t j = 0; j < out_blocks; ++j) {
+          const BlockSource<T, TMask> block = FilterBlock(g, dfilters, mask, b, j);
+          T* out = dfilters + FilterBlockOffset(g, b, j);
+          for (int64_t r = 0; r < block.rows; ++r) {
+            T* row = out + r * block.ld;
+            if (!live[b * out_blocks + j] || rows.count == 0) {
+              std::fill_n(row, block.cols, T(0));
+              continue;
+            }
+            if (block.element_mask == nullptr) {
+              for (int64_t c = 0; c < block.cols; ++c) row[c] *= block.factor;
+            } else {
+              const TMask* m = block.element_mask + r * block.ld;
+              for (int64_t c = 0; c < block.cols; ++c) {
+                row[c] = IsLive(m[c]) ? row[c] * MaskFactor<T>(m[c]) : T(0);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+#define MASKED_OPS_INSTANTIATE(T, TMask)                                                      \
+  template void MaskedConv2D<T, TMask>(const Conv2DGeometry&, const T*, const T*,            \
+                                       MaskView<TMask>, const T*, T*, const ParallelFor&);   \
+  template void MaskedConv2DGradInput<T, TMask>(const Conv2DGeometry&, const T*, const T*,   \
+                                                MaskView<TMask>, const T*, T*,               \
+                                                const ParallelFor&);                         \
+  template void MaskedConv2DGradFilter<T, TMask>(const Conv2DGeometry&, const T*, const T*,  \
+                                                 MaskView<TMask>, const T*, T*,              \
+                                                 const ParallelFor&);
+
+MASKED_OPS_FOR_EACH_TYPE_PAIR(MASKED_OPS_INSTANTIATE)
+
+#undef MASKED_OPS_INSTANTIATE
+
+}  // namespace masked_ops

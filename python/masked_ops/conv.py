@@ -1,0 +1,133 @@
+"""masked_conv2d, with its gradients registered beside it."""
+
+import operator
+
+import tensorflow as tf
+
+from masked_ops.ops import _ops, positive_pair
+
+# Attributes the gradient ops take over from the forward op.
+_CONV_ATTRS = (
+    "strides",
+    "dilations",
+    "padding",
+    "explicit_paddings",
+    "in_channel_block",
+    "out_channel_block",
+    "tile_height",
+    "tile_width",
+    "use_output_mask",
+)
+
+
+def _padding_attrs(padding):
+    """(padding, explicit_paddings) op attributes from tf.nn.conv2d's forms.
+
+    "SAME" or "VALID", or explicit amounts: [[top, bottom], [left, right]] or,
+    as tf.nn.conv2d takes them for NHWC, [[0, 0], [top, bottom], [left,
+    right], [0, 0]].
+    """
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode not in ("SAME", "VALID"):
+            raise ValueError(f'padding must be "SAME", "VALID" or explicit amounts, got {padding!r}')
+        return mode, []
+    pairs = [tuple(operator.index(v) for v in pair) for pair in padding]
+    if len(pairs) == 4:
+        if pairs[0] != (0, 0) or pairs[3] != (0, 0):
+            raise ValueError(f"explicit padding of the batch and channel dimensions must be 0, got {padding!r}")
+        pairs = pairs[1:3]
+    if len(pairs) != 2 or any(len(pair) != 2 for pair in pairs):
+        raise ValueError(
+            "explicit padding must be [[top, bottom], [left, right]] or "
+            f"[[0, 0], [top, bottom], [left, right], [0, 0]], got {padding!r}"
+        )
+    return "EXPLICIT", [pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]]
+
+
+def masked_conv2d(
+    x,
+    filters,
+    mask=None,
+    *,
+    strides=1,
+    padding="VALID",
+    dilations=1,
+    output_mask=None,
+    channel_block=32,
+    tile=8,
+    name=None,
+):
+    """A 2-D convolution (NHWC) that skips masked-out filter blocks and output tiles.
+
+    Computes `where(o != 0, conv2d(x, where(mask != 0, filters * mask, 0)) * o, 0)`
+    with `o = output_mask[..., None]`, like `tf.nn.conv2d` on the masked filters.
+
+    Args:
+      x: `[batch, height, width, in_channels]`, float32 or float64.
+      filters: `[filter_height, filter_width, in_channels, out_channels]`.
+      mask: element-level (the filters' shape) or channel-block-level
+        `[ceil(in_channels / bi), ceil(out_channels / bo)]` with `(bi, bo) =
+        channel_block`, any real or bool dtype; None keeps every filter.
+        Filter entries where it is 0 contribute exactly 0, even if they hold
+        NaN or Inf. A block of bi x bo channels at one tap of the window whose
+        mask is all zero is never read or multiplied, forward or backward.
+      strides, dilations: int or (height, width).
+      padding: "VALID", "SAME", or explicit amounts as `tf.nn.conv2d` takes
+        them (`[[0, 0], [top, bottom], [left, right], [0, 0]]`) or
+        `[[top, bottom], [left, right]]`.
+      output_mask: `[batch, out_height, out_width]` (or with a trailing 1), any
+        real or bool dtype, or None. Scales each output pixel; where it is 0
+        the output is exactly 0. Output tiles of `tile` pixels where it is all
+        zero are not computed and pass no gradient back. It may change every call.
+      channel_block: int or (in_channels, out_channels) per filter block.
+      tile: int or (height, width) of the output tiles.
+
+    Returns:
+      `[batch, out_height, out_width, out_channels]`, dtype of `x`.
+
+    Gradients flow to `x` and `filters` (exact zeros where `mask` is 0), not to
+    the masks.
+    """
+    in_block, out_block = positive_pair(channel_block, "channel_block")
+    tile_height, tile_width = positive_pair(tile, "tile")
+    stride_h, stride_w = positive_pair(strides, "strides")
+    dilation_h, dilation_w = positive_pair(dilations, "dilations")
+    padding_mode, explicit_paddings = _padding_attrs(padding)
+    with tf.name_scope(name or "masked_conv2d"):
+        x = tf.convert_to_tensor(x)
+        filters = tf.convert_to_tensor(filters, dtype_hint=x.dtype)
+        if mask is None:
+            channels = tf.shape(filters, out_type=tf.int64)[2:]
+            blocks = (channels + [in_block - 1, out_block - 1]) // [in_block, out_block]
+            mask = tf.ones(blocks, tf.bool)
+        mask = tf.convert_to_tensor(mask)
+        use_output_mask = output_mask is not None
+        output_mask = tf.convert_to_tensor(output_mask) if use_output_mask else tf.zeros([0], tf.bool)
+        return _ops.masked_ops_masked_conv2d(
+            x,
+            filters,
+            mask,
+            output_mask,
+            strides=[stride_h, stride_w],
+            dilations=[dilation_h, dilation_w],
+            padding=padding_mode,
+            explicit_paddings=explicit_paddings,
+            in_channel_block=in_block,
+            out_channel_block=out_block,
+            tile_height=tile_height,
+            tile_width=tile_width,
+            use_output_mask=use_output_mask,
+        )
+
+
+# dx and dfilters are ops of their own that skip the same filter blocks and
+# output tiles; the masks get no gradient. The gradient ops have none
+# registered (no second-order gradients).
+@tf.RegisterGradient("MaskedOps>MaskedConv2D")
+def _masked_conv2d_grad(op, dy):
+    x, filters, mask, output_mask = op.inputs
+    attrs = {attr: op.get_attr(attr) for attr in _CONV_ATTRS}
+    dx = _ops.masked_ops_masked_conv2d_grad_input(x, filters, mask, output_mask, dy, **attrs)
+    dfilters = _ops.masked_ops_masked_conv2d_grad_filter(x, filters, mask, output_mask, dy, **attrs)
+    return dx, dfilters, None, None
