@@ -1,5 +1,6 @@
 """Keras 3 layers built on the masked ops."""
 
+from masked_ops.layers.masked_conv2d import MaskedConv2D
 from masked_ops.layers.masked_dense import MaskedDense
 
-__all__ = ["MaskedDense"]
+__all__ = ["MaskedConv2D", "MaskedDense"]

@@ -6,14 +6,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from masked_ops.layers._mask_weight import MaskWeightMixin
 from masked_ops.ops import expand_block_mask, masked_matmul, normalize_block_size
-
-_GRANULARITIES = ("block", "element")
-_SUPPORTED_COMPUTE_DTYPES = ("float32", "float64")
 
 
 @keras.saving.register_keras_serializable(package="masked_ops")
-class MaskedDense(keras.layers.Layer):
+class MaskedDense(MaskWeightMixin, keras.layers.Layer):
     """`activation(x @ where(mask != 0, kernel * mask, 0) + bias)`.
 
     The mask is a non-trainable float32 weight saved with the model. It is
@@ -51,11 +49,8 @@ class MaskedDense(keras.layers.Layer):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         if not isinstance(units, (int, np.integer)) or units < 1:
             raise ValueError(f"units must be a positive int, got {units!r}")
-        if mask_granularity is not None and mask_granularity not in _GRANULARITIES:
-            raise ValueError(f"mask_granularity must be one of {_GRANULARITIES}, got {mask_granularity!r}")
         self.units = int(units)
         self.block_size = normalize_block_size(block_size)
-        self.mask_granularity = mask_granularity
         self.activation = keras.activations.get(activation)
         self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -66,26 +61,25 @@ class MaskedDense(keras.layers.Layer):
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
-        self._pending_mask = None if mask is None else _as_float_mask(mask)
+        self._init_mask_weight(mask, mask_granularity, rank_options=(2,))
 
-    def _shapes(self, input_dim):
+    def _mask_shapes(self):
+        input_dim = self.kernel.shape[0]
         element = (input_dim, self.units)
         block = (math.ceil(input_dim / self.block_size[0]), math.ceil(self.units / self.block_size[1]))
         return element, block
 
+    def _expand_block_mask(self, block_mask):
+        return expand_block_mask(block_mask, tuple(self.kernel.shape), self.block_size)
+
+    def _block_size_for_messages(self):
+        return self.block_size
+
     def build(self, input_shape):
-        if self.compute_dtype not in _SUPPORTED_COMPUTE_DTYPES:
-            raise TypeError(
-                f"MaskedDense computes in {_SUPPORTED_COMPUTE_DTYPES}, not {self.compute_dtype}; "
-                "use a float32 or float64 dtype policy"
-            )
+        self._check_compute_dtype()
         input_dim = input_shape[-1]
         if input_dim is None:
             raise ValueError(f"MaskedDense needs a known last input dimension, got input shape {input_shape}")
-        element_shape, block_shape = self._shapes(input_dim)
-        if self.mask_granularity is None:
-            pending = None if self._pending_mask is None else tuple(self._pending_mask.shape)
-            self.mask_granularity = "element" if pending == element_shape and pending != block_shape else "block"
         self.kernel = self.add_weight(
             name="kernel",
             shape=(input_dim, self.units),
@@ -104,45 +98,8 @@ class MaskedDense(keras.layers.Layer):
             if self.use_bias
             else None
         )
-        self.mask = self.add_weight(
-            name="mask",
-            shape=element_shape if self.mask_granularity == "element" else block_shape,
-            initializer="ones",
-            trainable=False,
-            dtype="float32",
-            autocast=False,
-        )
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
-        if self._pending_mask is not None:
-            pending, self._pending_mask = self._pending_mask, None
-            self._assign_mask(pending)
-
-    def set_mask(self, mask):
-        """Replaces the mask; takes an element- or block-level array of any real or bool dtype.
-
-        A block-level mask given to an element-granularity layer is expanded to
-        its blocks; an element-level mask cannot be stored in a block-granularity
-        layer (build the layer with `mask_granularity="element"`).
-        """
-        mask = _as_float_mask(mask)
-        if self.built:
-            self._assign_mask(mask)
-        else:
-            self._pending_mask = mask
-
-    def _assign_mask(self, mask):
-        element_shape, block_shape = self._shapes(self.kernel.shape[0])
-        shape = tuple(mask.shape)
-        if shape == tuple(self.mask.shape):
-            self.mask.assign(mask)
-        elif self.mask_granularity == "element" and shape == block_shape:
-            self.mask.assign(expand_block_mask(mask, element_shape, self.block_size))
-        else:
-            raise ValueError(
-                f"mask of shape {shape} fits neither this layer's {self.mask_granularity}-level "
-                f"mask {tuple(self.mask.shape)} (element-level would be {element_shape}, "
-                f"block-level {block_shape} for block size {self.block_size})"
-            )
+        self._build_mask_weight()
 
     def call(self, inputs):
         outputs = masked_matmul(inputs, self.kernel, self.mask, block_size=self.block_size)
@@ -172,10 +129,3 @@ class MaskedDense(keras.layers.Layer):
             }
         )
         return config
-
-
-def _as_float_mask(mask):
-    mask = tf.convert_to_tensor(mask)
-    if mask.shape.rank != 2:
-        raise ValueError(f"a mask must be 2-D, got shape {mask.shape}")
-    return tf.cast(mask, tf.float32)
