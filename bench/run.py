@@ -17,6 +17,7 @@ Suites pick the shapes, densities, block sizes and modes; explicit flags
 override them:
   quick   what `make bench` runs: 512x1024x1024, densities 1, 0.5, 0.25, 0.1,
           block 32, forward and train
+  conv    masked_conv2d's cases: see bench/conv_suite.py
   matmul  the full sweep: 512x2048x2048, 8x4096x4096 and 4096x1024x4096,
           densities 1, 0.5, 0.25, 0.1, 0.05, blocks 16, 32 and 64, forward and
           train, plus the peak-memory table
@@ -142,6 +143,12 @@ def parse_args(argv):
     if unknown:
         parser.error(f"unknown modes {unknown}; choose from {list(MODES)}")
     return args
+
+
+def requested_suite(argv):
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--suite")
+    return parser.parse_known_args(argv)[0].suite
 
 
 def parse_shape(text):
@@ -560,5 +567,10 @@ if __name__ == "__main__":
     # The memory table's child processes come back in here, one per measurement.
     if sys.argv[1:2] == [MEMORY_PROBE_FLAG]:
         print(memory_probe(*sys.argv[2:]))
+    elif requested_suite(sys.argv[1:]) == "conv":
+        # The conv suite has cases of its own, not shapes x blocks x densities.
+        import conv_suite
+
+        conv_suite.main(sys.argv[1:], sys.modules[__name__])
     else:
         main(sys.argv[1:])
