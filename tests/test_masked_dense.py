@@ -70,7 +70,7 @@ def test_set_mask_rejects_shapes_the_layer_cannot_hold():
     layer.build((None, 10))
     with pytest.raises(ValueError, match="element-level would be"):
         layer.set_mask(np.ones((10, 6)))
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match="must have rank 2"):
         layer.set_mask(np.ones((3,)))
 
 
