@@ -168,7 +168,8 @@ PixelRows ActiveInputPixels(const Conv2DGeometry& g, const T* output_factors) {
     const int64_t ix0 = std::max<int64_t>(0, ox0 * g.stride_w - g.pad_left);
     const int64_t ix1 = std::min(g.in_w, (ox1 - 1) * g.stride_w - g.pad_left + reach_w + 1);
     for (int64_t iy = iy0; iy < iy1; ++iy) {
-      if (ix1 > ix0) std::fill(&reached[(n * g.in_h + iy) * g.in_w + ix0], &reached[(n * g.in_h + iy) * g.in_w + ix1], 1);
+      const auto row = reached.begin() + (n * g.in_h + iy) * g.in_w;
+      if (ix1 > ix0) std::fill(row + ix0, row + ix1, 1);
     }
   });
   PixelRows rows{false, 0, {}};
