@@ -367,6 +367,33 @@ std::vector<int64_t> SegmentBegins(const LiveBlockList& list, const DepthSlots& 
   return begins;
 }
 
+// The live filter blocks of `list` packed as PanelGemm panels, and the
+// gathered depth they read: what the forward and dx products share.
+template <typename T>
+struct FilterPanels {
+  template <typename TMask>
+  FilterPanels(const GemmBackend<T>& backend, const Conv2DGeometry& g, const T* filters,
+               MaskView<TMask> mask, const LiveBlockList& list, bool transposed, int64_t width,
+               int64_t segment_len, int64_t slices, const ParallelFor& parallel_for)
+      : tiling(backend.tiling(width)),
+        padded_width(RoundUp(width, tiling.strip_width)),
+        panels(BytesOf<T>(list.size() * segment_len * padded_width)),
+        depth(AssignDepthSlots(list, slices)),
+        segment_begin(SegmentBegins(list, depth, segment_len)) {
+    PackFilterPanels(g, filters, mask, list, transposed, segment_len, tiling, padded_width,
+                     panels.as<T>(), parallel_for);
+  }
+
+  int64_t slots() const { return static_cast<int64_t>(depth.slices.size()); }
+  const T* data() const { return panels.as<T>(); }
+
+  GemmTiling tiling;
+  int64_t padded_width;
+  ScratchBuffer panels;
+  DepthSlots depth;
+  std::vector<int64_t> segment_begin;
+};
+
 }  // namespace
 
 template <typename T, typename TMask>
@@ -390,14 +417,11 @@ void MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskVie
   const GemmBackend<T>& backend = SelectedGemmBackend<T>();
   const int64_t width = SegmentLen(g.out_block, g.out_channels);
   const int64_t segment_len = SegmentLen(g.in_block, g.in_channels);
-  const GemmTiling tiling = backend.tiling(width);
-  const int64_t padded_width = RoundUp(width, tiling.strip_width);
-  const ScratchBuffer panels(BytesOf<T>(list.size() * segment_len * padded_width));
-  PackFilterPanels(g, filters, mask, list, /*transposed=*/false, segment_len, tiling,
-                   padded_width, panels.as<T>(), parallel_for);
-  const DepthSlots depth = AssignDepthSlots(list, FilterBlockRows(g));
-  const std::vector<int64_t> segment_begin = SegmentBegins(list, depth, segment_len);
-  const int64_t slots = static_cast<int64_t>(depth.slices.size());
+  const FilterPanels<T> panels(backend, g, filters, mask, list, /*transposed=*/false, width,
+                               segment_len, FilterBlockRows(g), parallel_for);
+  const GemmTiling& tiling = panels.tiling;
+  const DepthSlots& depth = panels.depth;
+  const int64_t slots = panels.slots();
 
   // im2col of one tile of output pixels, only the slots' slices.
   auto gather = [&](T* tile, int64_t first_row, int64_t count) {
@@ -425,8 +449,8 @@ void MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskVie
     StoreRows(rows, output_factors, g.out_channels, out, first_row, count, col_begin, col_end, y);
   };
   const GatheredProduct<T> product{rows.count, slots * segment_len, segment_len, &list,
-                                   &segment_begin, panels.as<T>(), tiling, padded_width,
-                                   width, g.out_channels};
+                                   &panels.segment_begin, panels.data(), tiling,
+                                   panels.padded_width, width, g.out_channels};
   RunGatheredProduct(backend, product, gather, rows.all && output_factors == nullptr ? y : nullptr,
                      store, parallel_for);
 }
@@ -466,14 +490,11 @@ void MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filter
   const GemmBackend<T>& backend = SelectedGemmBackend<T>();
   const int64_t width = SegmentLen(g.in_block, g.in_channels);
   const int64_t segment_len = SegmentLen(g.out_block, g.out_channels);
-  const GemmTiling tiling = backend.tiling(width);
-  const int64_t padded_width = RoundUp(width, tiling.strip_width);
-  const ScratchBuffer panels(BytesOf<T>(list.size() * segment_len * padded_width));
-  PackFilterPanels(g, filters, mask, list, /*transposed=*/true, segment_len, tiling,
-                   padded_width, panels.as<T>(), parallel_for);
-  const DepthSlots depth = AssignDepthSlots(list, g.taps() * out_blocks);
-  const std::vector<int64_t> segment_begin = SegmentBegins(list, depth, segment_len);
-  const int64_t slots = static_cast<int64_t>(depth.slices.size());
+  const FilterPanels<T> panels(backend, g, filters, mask, list, /*transposed=*/true, width,
+                               segment_len, g.taps() * out_blocks, parallel_for);
+  const GemmTiling& tiling = panels.tiling;
+  const DepthSlots& depth = panels.depth;
+  const int64_t slots = panels.slots();
 
   // Input pixel (iy, ix) meets tap (ky, kx) at the output pixel whose window
   // puts that tap on it, if the strides land there exactly.
@@ -509,8 +530,8 @@ void MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filter
     StoreRows<T>(rows, nullptr, g.in_channels, out, first_row, count, col_begin, col_end, dx);
   };
   const GatheredProduct<T> product{rows.count, slots * segment_len, segment_len, &list,
-                                   &segment_begin, panels.as<T>(), tiling, padded_width,
-                                   width, g.in_channels};
+                                   &panels.segment_begin, panels.data(), tiling,
+                                   panels.padded_width, width, g.in_channels};
   RunGatheredProduct(backend, product, gather, rows.all ? dx : nullptr, store, parallel_for);
 }
 
