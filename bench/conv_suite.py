@@ -76,6 +76,7 @@ def main(argv, run):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=["conv"], required=True)
     parser.add_argument("--modes", default="forward,train")
+    parser.add_argument("--kernels", default="3,1", help="filter sizes to run, of 3 and 1")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", metavar="PATH")
@@ -83,10 +84,10 @@ def main(argv, run):
     if args.reps < run.MIN_REPS:
         parser.error(f"--reps must be at least {run.MIN_REPS}, got {args.reps}")
     command = shlex.join(["python", "bench/run.py", *argv])
+    kernels = {int(size) for size in args.kernels.split(",")}
+    runs = [(case, mode) for case in CASES if case[1] in kernels for mode in args.modes.split(",")]
     rows = []
-    for index, ((kind, kernel, density, active), mode) in enumerate(
-        [(case, mode) for case in CASES for mode in args.modes.split(",")], 1
-    ):
+    for index, ((kind, kernel, density, active), mode) in enumerate(runs, 1):
         start = time.perf_counter()
         case = make_case(kernel, density, active, np.random.default_rng(SEED))
         functions = {name: run.step_function(product, case, mode) for name, product in products(case, kind).items()}
@@ -100,7 +101,7 @@ def main(argv, run):
             "median_ms": medians, "timings_ms": timings,
             "speedup": medians["baseline"] / medians["fused"], "target": 0.8 / (density * active),
         })
-        print(f"[{index}/{len(CASES) * len(args.modes.split(','))}] {kind} {kernel}x{kernel} {mode} "
+        print(f"[{index}/{len(runs)}] {kind} {kernel}x{kernel} {mode} "
               f"d={density:g} a={active:g}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     setting = (f"TensorFlow {tf.__version__}, masked_ops {masked_ops.cpu_backend()} kernels, "
                f"{run.cpu_threads()} CPU threads")

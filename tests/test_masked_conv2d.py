@@ -81,6 +81,7 @@ def make_case(geometry, density, level, with_output_mask, dtype=np.float32, seed
         "mask": make_filter_mask(rng, geometry, density, level),
         "output_mask": make_output_mask(rng, geometry, 0.5) if with_output_mask else None,
         "kwargs": {"strides": s, "padding": pad, "dilations": d},
+        "channel_block": CHANNEL_BLOCK,
         "rng": rng,
     }
 
@@ -88,7 +89,7 @@ def make_case(geometry, density, level, with_output_mask, dtype=np.float32, seed
 def fused(case, x=None, filters=None):
     return masked_ops.masked_conv2d(
         case["x"] if x is None else x, case["filters"] if filters is None else filters, case["mask"],
-        output_mask=case["output_mask"], channel_block=CHANNEL_BLOCK, tile=TILE, **case["kwargs"],
+        output_mask=case["output_mask"], channel_block=case["channel_block"], tile=TILE, **case["kwargs"],
     )
 
 
@@ -96,7 +97,7 @@ def reference(case, x=None, filters=None):
     return masked_conv2d_reference(
         case["x"] if x is None else x, case["filters"] if filters is None else filters, case["mask"],
         case["output_mask"], case["kwargs"]["strides"], case["kwargs"]["padding"],
-        case["kwargs"]["dilations"], CHANNEL_BLOCK,
+        case["kwargs"]["dilations"], case["channel_block"],
     )
 
 
@@ -122,11 +123,7 @@ def test_forward_matches_reference(geometry, density, level, with_output_mask):
     assert_close(y, expected, np.float32, window_terms(geometry))
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
-@pytest.mark.parametrize("density", [0.25, 1.0])
-@pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
-def test_gradients_match_reference_tape(geometry, density, with_output_mask):
-    case = make_case(geometry, density, "element", with_output_mask)
+def check_gradients_against_tape(case, geometry):
     x = tf.constant(case["x"])
     filters = tf.constant(case["filters"])
     with tf.GradientTape(persistent=True) as tape:
@@ -143,8 +140,41 @@ def test_gradients_match_reference_tape(geometry, density, with_output_mask):
     assert_close(dx, ref_dx, np.float32, kh * kw * cout)
     assert_close(dfilters, ref_dfilters, np.float32, n * out_h * out_w)
     # Masked-out filter entries get exact zeros, not just small numbers.
-    element = conv_element_mask(case["mask"], (kh, kw, cin, cout), CHANNEL_BLOCK)
+    element = conv_element_mask(case["mask"], (kh, kw, cin, cout), case["channel_block"])
     assert np.all(dfilters.numpy()[element == 0] == 0)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
+@pytest.mark.parametrize("density", [0.25, 1.0])
+@pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
+def test_gradients_match_reference_tape(geometry, density, with_output_mask):
+    check_gradients_against_tape(make_case(geometry, density, "element", with_output_mask), geometry)
+
+
+# Stride-1 forward and dx products without an output mask read their rows in
+# place from zero-bordered copies of x and dy when the channel blocks are
+# whole and the output strips full-width (the blocks above are too narrow for
+# that); a ragged block falls back to the gather. Explicit paddings larger
+# than the filter's reach crop dy's copy.
+IN_PLACE_GEOMETRIES = [
+    (2, 9, 11, 32, 48, (3, 3), 1, "SAME", 1),
+    (1, 12, 10, 48, 32, (5, 5), 1, "VALID", 1),
+    (2, 9, 13, 32, 32, (1, 7), 1, "SAME", 1),
+    (2, 13, 13, 32, 48, (3, 3), 1, "SAME", 2),
+    (1, 13, 11, 48, 32, (3, 3), 1, [[0, 0], [4, 1], [0, 3], [0, 0]], 1),
+    (1, 7, 7, 40, 40, (3, 3), 1, "SAME", 1),
+]
+
+
+@pytest.mark.parametrize("geometry", IN_PLACE_GEOMETRIES, ids=geometry_id)
+@pytest.mark.parametrize("channel_block", [(16, 16), (16, 32)], ids=["16x16", "16x32"])
+@pytest.mark.parametrize("level", ["block", "element"])
+def test_stride_one_rows_read_in_place(geometry, channel_block, level):
+    case = make_case(geometry, 0.5, "block", False)
+    case["channel_block"] = channel_block
+    case["mask"] = make_filter_mask(case["rng"], geometry, 0.5, level, channel_block)
+    assert_close(fused(case), reference(case), np.float32, window_terms(geometry))
+    check_gradients_against_tape(case, geometry)
 
 
 @pytest.mark.parametrize(

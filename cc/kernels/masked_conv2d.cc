@@ -25,16 +25,10 @@
 namespace masked_ops {
 namespace {
 
-// Bytes of gathered `a` per chunk of rows: the chunk stays in L2 while every
-// output group multiplies it.
-constexpr int64_t kChunkBytes = 384 * 1024;
-constexpr int64_t kMaxChunkTiles = 16;
 // Units of parallel work to aim for: when a small image has fewer chunks
 // than this, each chunk's output groups are split among several units (each
 // gathering the chunk itself).
 constexpr int64_t kMinUnits = 8;
-// Bytes of a panel strip one PanelGemm pass keeps in L1 (see masked_matmul.cc).
-constexpr int64_t kRunStripBytes = 32 * 1024;
 // Output pixels per dfilter pass: the gathered input slice and dy's rows for
 // one pass stay in L1 and L2.
 constexpr int64_t kGradFilterPixels = 256;
@@ -214,19 +208,26 @@ void ParallelForWithScratch(const ParallelFor& parallel_for, int64_t units, int6
   if (out_of_memory) throw std::bad_alloc();
 }
 
-// A PanelGemm product whose `a` rows are gathered a chunk at a time.
+// A PanelGemm product whose `a` rows come a chunk at a time: gathered into
+// packed tiles, or, when rows_in_place is set, read where they lie.
 template <typename T>
 struct GatheredProduct {
   int64_t rows;
-  int64_t depth;  // gathered depth: slots x segment_len
+  int64_t rows_per_image;  // chunks never straddle two images (= rows for one)
+  int64_t depth;           // gathered depth: slots x segment_len; 0 in place
   int64_t segment_len;
   const LiveBlockList* list;
-  const std::vector<int64_t>* segment_begin;  // per live block, into the gathered depth
+  const std::vector<int64_t>* segment_begin;  // per live block: into the depth, or the row
   const T* panels;
   GemmTiling tiling;
   int64_t padded_width;
   int64_t width;
   int64_t out_cols;
+  // In place: row r of image i starts at rows_in_place + i * image_stride +
+  // r * row_stride; rows_per_image is a multiple of the row tile.
+  const T* rows_in_place;
+  int64_t image_stride;
+  int64_t row_stride;
 };
 
 // gather(tile, first_row, rows) packs rows [first_row, first_row + rows) of a,
@@ -239,12 +240,15 @@ void RunGatheredProduct(const GemmBackend<T>& backend, const GatheredProduct<T>&
                         const Gather& gather, T* direct, const Store& store,
                         const ParallelFor& parallel_for) {
   const LiveBlockList& list = *product.list;
+  const bool in_place = product.rows_in_place != nullptr;
   const int64_t tile_rows = product.tiling.a_tile;
   const int64_t tile_size = std::max<int64_t>(product.depth, 1) * tile_rows;
   const int64_t chunk_tiles = std::clamp<int64_t>(
       kChunkBytes / (tile_size * static_cast<int64_t>(sizeof(T))), 1, kMaxChunkTiles);
   const int64_t rows_per_chunk = chunk_tiles * tile_rows;
-  const int64_t chunks = CeilDiv(product.rows, rows_per_chunk);
+  const int64_t images = product.rows_per_image == 0 ? 0 : product.rows / product.rows_per_image;
+  const int64_t chunks_per_image = CeilDiv(product.rows_per_image, rows_per_chunk);
+  const int64_t chunks = images * chunks_per_image;
   const int64_t groups = static_cast<int64_t>(list.offsets.size()) - 1;
   const int64_t splits = std::clamp<int64_t>(CeilDiv(kMinUnits, std::max<int64_t>(chunks, 1)), 1, groups);
   const int64_t groups_per_split = CeilDiv(groups, splits);
@@ -263,7 +267,7 @@ void RunGatheredProduct(const GemmBackend<T>& backend, const GatheredProduct<T>&
   args.out_cols = product.out_cols;
   args.out = nullptr;
   args.a_rows = nullptr;
-  args.a_rows_stride = 0;
+  args.a_rows_stride = product.row_stride;
   args.rows_per_chunk = rows_per_chunk;
   args.blocks_per_run = std::max<int64_t>(
       1, kRunStripBytes / (product.segment_len * product.tiling.strip_width *
@@ -274,20 +278,27 @@ void RunGatheredProduct(const GemmBackend<T>& backend, const GatheredProduct<T>&
       rows_per_chunk * (product.depth + mean_blocks * product.segment_len * product.width * 2 *
                                             groups_per_split),
       [&](int64_t begin, int64_t end) {
-        const ScratchBuffer packed(BytesOf<T>(chunk_tiles * tile_size));
+        const ScratchBuffer packed(in_place ? 0 : BytesOf<T>(chunk_tiles * tile_size));
         const ScratchBuffer out(direct != nullptr ? 0 : BytesOf<T>(rows_per_chunk * product.out_cols));
         for (int64_t u = begin; u < end; ++u) {
-          const int64_t first_row = (u / splits) * rows_per_chunk;
-          const int64_t rows = std::min(rows_per_chunk, product.rows - first_row);
+          const int64_t image = (u / splits) / chunks_per_image;
+          const int64_t image_row = ((u / splits) % chunks_per_image) * rows_per_chunk;
+          const int64_t first_row = image * product.rows_per_image + image_row;
+          const int64_t rows = std::min(rows_per_chunk, product.rows_per_image - image_row);
           const int64_t group_begin = (u % splits) * groups_per_split;
           const int64_t group_end = std::min(groups, group_begin + groups_per_split);
           if (group_begin >= group_end) continue;
-          for (int64_t t = 0; t * tile_rows < rows; ++t) {
-            gather(packed.as<T>() + t * tile_size, first_row + t * tile_rows,
-                   std::min(tile_rows, rows - t * tile_rows));
-          }
           PanelGemmArgs<T> chunk_args = args;
-          chunk_args.a.data = packed.as<T>();
+          if (in_place) {
+            chunk_args.a_rows = product.rows_in_place + image * product.image_stride +
+                                image_row * product.row_stride;
+          } else {
+            for (int64_t t = 0; t * tile_rows < rows; ++t) {
+              gather(packed.as<T>() + t * tile_size, first_row + t * tile_rows,
+                     std::min(tile_rows, rows - t * tile_rows));
+            }
+            chunk_args.a.data = packed.as<T>();
+          }
           chunk_args.a.rows = rows;
           chunk_args.out = direct != nullptr ? direct + first_row * product.out_cols : out.as<T>();
           for (int64_t group = group_begin; group < group_end; ++group) {
@@ -394,12 +405,121 @@ struct FilterPanels {
   std::vector<int64_t> segment_begin;
 };
 
+// With stride 1, a tile of consecutive output pixels can read its receptive
+// fields in place (no im2col): over images copied into a zero border of
+// out_h + reach_h by out_w + reach_w pixels, output pixel (oy, ox) taken as
+// row oy * padded_w + ox finds tap (ky, kx) at padded pixel row + ky * dh *
+// padded_w + kx * dw, one fixed offset per tap for every row. The reach_w
+// extra rows per image row are computed and dropped.
+struct PaddedRows {
+  int64_t padded_h;
+  int64_t padded_w;
+  int64_t rows_per_image;  // whole row tiles over out_h rows of padded_w
+  int64_t out_h;
+  int64_t out_w;
+  int64_t slack_pixels;  // zero pixels after the last image for tiles that run past it
+
+  // The output pixel of row `row`, or -1 for a dropped row.
+  int64_t pixel(int64_t row) const {
+    const int64_t image = row / rows_per_image;
+    const int64_t oy = (row % rows_per_image) / padded_w;
+    const int64_t ox = (row % rows_per_image) % padded_w;
+    if (oy >= out_h || ox >= out_w) return -1;
+    return (image * out_h + oy) * out_w + ox;
+  }
+  int64_t image_pixels() const { return padded_h * padded_w; }
+};
+
+PaddedRows PaddedRowsFor(int64_t out_h, int64_t out_w, int64_t reach_h, int64_t reach_w,
+                         int64_t tile_rows) {
+  const int64_t padded_w = out_w + reach_w;
+  return PaddedRows{out_h + reach_h, padded_w, RoundUp(out_h * padded_w, tile_rows), out_h,
+                    out_w, reach_w + tile_rows};
+}
+
+int64_t ReachH(const Conv2DGeometry& g) { return (g.filter_h - 1) * g.dilation_h; }
+int64_t ReachW(const Conv2DGeometry& g) { return (g.filter_w - 1) * g.dilation_w; }
+
+// Copies images [batch, src_h, src_w, channels] into `padded` (batch padded
+// images and the slack after them): source pixel (sy, sx) lands on (sy + top,
+// sx + left) when that is inside; everything else is zero. top and left may
+// be negative (source rows that fall outside are left out).
+template <typename T>
+void PadImages(const T* src, int64_t batch, int64_t src_h, int64_t src_w, int64_t channels,
+               int64_t top, int64_t left, const PaddedRows& layout, T* padded,
+               const ParallelFor& parallel_for) {
+  const int64_t row_values = layout.padded_w * channels;
+  const int64_t x_begin = std::clamp<int64_t>(left, 0, layout.padded_w);
+  const int64_t x_end = std::clamp<int64_t>(src_w + left, x_begin, layout.padded_w);
+  parallel_for(batch * layout.padded_h, row_values, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t image = row / layout.padded_h;
+      const int64_t sy = row % layout.padded_h - top;
+      T* dst = padded + row * row_values;
+      if (sy < 0 || sy >= src_h || x_begin == x_end) {
+        std::fill_n(dst, row_values, T(0));
+        continue;
+      }
+      std::fill_n(dst, x_begin * channels, T(0));
+      std::copy_n(src + ((image * src_h + sy) * src_w + x_begin - left) * channels,
+                  (x_end - x_begin) * channels, dst + x_begin * channels);
+      std::fill(dst + x_end * channels, dst + row_values, T(0));
+    }
+  });
+  std::fill_n(padded + batch * layout.image_pixels() * channels, layout.slack_pixels * channels,
+              T(0));
+}
+
+// Whether a forward or dx product reads its rows in place from padded images
+// rather than gathering them: stride 1 (one offset per tap); no output mask
+// (the gather skips inactive tiles); no ragged channel block (its segment
+// would read live values of the next pixel); full-width strips (the narrow
+// kernel needs packed rows); and, as in the matmul, few uses per value.
+bool ReadsRowsInPlace(const Conv2DGeometry& g, const void* output_factors,
+                      const GemmTiling& tiling, int64_t channels, int64_t segment_len,
+                      int64_t live_blocks) {
+  return g.stride_h == 1 && g.stride_w == 1 && output_factors == nullptr &&
+         channels % segment_len == 0 && tiling.strip_width >= tiling.vector_lanes &&
+         live_blocks > 0 && live_blocks < kPackAtUses * (channels / segment_len);
+}
+
+// Writes the rows of a chunk of an in-place product to their pixels,
+// dropping the rows that are no pixel.
+template <typename T>
+void StorePaddedRows(const PaddedRows& layout, int64_t channels, const T* out,
+                     int64_t first_row, int64_t count, int64_t col_begin, int64_t col_end,
+                     T* dst) {
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t pixel = layout.pixel(first_row + r);
+    if (pixel < 0) continue;
+    std::copy(out + r * channels + col_begin, out + r * channels + col_end,
+              dst + pixel * channels + col_begin);
+  }
+}
+
+// A 1x1 convolution with stride 1, no padding and no output mask is the
+// matrix product of the pixels [pixels, in_channels] with the filter
+// [in_channels, out_channels], in the same memory layout (an element mask
+// too): the matmul kernels read x in place, without an im2col gather.
+bool IsPlainPointwise(const Conv2DGeometry& g, const void* output_factors) {
+  return g.taps() == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_top == 0 &&
+         g.pad_left == 0 && g.in_h == g.out_h && g.in_w == g.out_w && output_factors == nullptr;
+}
+
+MatmulShape PointwiseShape(const Conv2DGeometry& g) {
+  return MatmulShape{g.out_pixels(), g.in_channels, g.out_channels, g.in_block, g.out_block};
+}
+
 }  // namespace
 
 template <typename T, typename TMask>
 void MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskView<TMask> mask,
                   const T* output_factors, T* y, const ParallelFor& parallel_for) {
   if (g.out_pixels() == 0 || g.out_channels == 0) return;
+  if (IsPlainPointwise(g, output_factors)) {
+    MaskedMatmul(PointwiseShape(g), x, filters, mask, y, parallel_for);
+    return;
+  }
   const PixelRows rows = ActiveOutputPixels(g, output_factors);
   if (output_factors != nullptr) {
     ForEachOutputTile(g, output_factors, [&](int64_t n, int64_t oy0, int64_t oy1, int64_t ox0,
@@ -420,6 +540,32 @@ void MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskVie
   const FilterPanels<T> panels(backend, g, filters, mask, list, /*transposed=*/false, width,
                                segment_len, FilterBlockRows(g), parallel_for);
   const GemmTiling& tiling = panels.tiling;
+  if (ReadsRowsInPlace(g, output_factors, tiling, g.in_channels, segment_len, list.size())) {
+    const PaddedRows layout = PaddedRowsFor(g.out_h, g.out_w, ReachH(g), ReachW(g), tiling.a_tile);
+    const ScratchBuffer padded(
+        BytesOf<T>((g.batch * layout.image_pixels() + layout.slack_pixels) * g.in_channels));
+    PadImages(x, g.batch, g.in_h, g.in_w, g.in_channels, g.pad_top, g.pad_left, layout,
+              padded.as<T>(), parallel_for);
+    std::vector<int64_t> segment_begin(list.minor.size());
+    for (size_t p = 0; p < segment_begin.size(); ++p) {
+      const int64_t tap = list.minor[p] / g.in_blocks();
+      const int64_t first_in = (list.minor[p] % g.in_blocks()) * g.in_block;
+      segment_begin[p] = ((tap / g.filter_w) * g.dilation_h * layout.padded_w +
+                          (tap % g.filter_w) * g.dilation_w) * g.in_channels + first_in;
+    }
+    const GatheredProduct<T> product{g.batch * layout.rows_per_image, layout.rows_per_image,
+                                     0, segment_len, &list, &segment_begin, panels.data(),
+                                     tiling, panels.padded_width, width, g.out_channels,
+                                     padded.as<T>(), layout.image_pixels() * g.in_channels,
+                                     g.in_channels};
+    RunGatheredProduct(
+        backend, product, [](T*, int64_t, int64_t) {}, static_cast<T*>(nullptr),
+        [&](const T* out, int64_t first_row, int64_t count, int64_t col_begin, int64_t col_end) {
+          StorePaddedRows(layout, g.out_channels, out, first_row, count, col_begin, col_end, y);
+        },
+        parallel_for);
+    return;
+  }
   const DepthSlots& depth = panels.depth;
   const int64_t slots = panels.slots();
 
@@ -448,9 +594,9 @@ void MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskVie
                    int64_t col_end) {
     StoreRows(rows, output_factors, g.out_channels, out, first_row, count, col_begin, col_end, y);
   };
-  const GatheredProduct<T> product{rows.count, slots * segment_len, segment_len, &list,
-                                   &panels.segment_begin, panels.data(), tiling,
-                                   panels.padded_width, width, g.out_channels};
+  const GatheredProduct<T> product{rows.count, rows.count, slots * segment_len, segment_len,
+                                   &list, &panels.segment_begin, panels.data(), tiling,
+                                   panels.padded_width, width, g.out_channels, nullptr, 0, 0};
   RunGatheredProduct(backend, product, gather, rows.all && output_factors == nullptr ? y : nullptr,
                      store, parallel_for);
 }
@@ -460,6 +606,10 @@ void MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filter
                            MaskView<TMask> mask, const T* output_factors, T* dx,
                            const ParallelFor& parallel_for) {
   if (g.in_pixels() == 0 || g.in_channels == 0) return;
+  if (IsPlainPointwise(g, output_factors)) {
+    MaskedMatmulGradInput(PointwiseShape(g), dy, filters, mask, dx, parallel_for);
+    return;
+  }
   const PixelRows rows = ActiveInputPixels(g, output_factors);
   if (!rows.all) {
     // Unreached input pixels get zero; rows lists the reached ones in order.
@@ -493,6 +643,37 @@ void MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filter
   const FilterPanels<T> panels(backend, g, filters, mask, list, /*transposed=*/true, width,
                                segment_len, g.taps() * out_blocks, parallel_for);
   const GemmTiling& tiling = panels.tiling;
+  if (ReadsRowsInPlace(g, output_factors, tiling, g.out_channels, segment_len, list.size())) {
+    // dy padded so that input pixel (iy, ix) finds tap (ky, kx)'s output
+    // pixel at padded pixel (iy + reach_h - ky * dh, ix + reach_w - kx * dw).
+    const int64_t reach_h = ReachH(g);
+    const int64_t reach_w = ReachW(g);
+    const PaddedRows layout = PaddedRowsFor(g.in_h, g.in_w, reach_h, reach_w, tiling.a_tile);
+    const ScratchBuffer padded(
+        BytesOf<T>((g.batch * layout.image_pixels() + layout.slack_pixels) * g.out_channels));
+    PadImages(dy, g.batch, g.out_h, g.out_w, g.out_channels, reach_h - g.pad_top,
+              reach_w - g.pad_left, layout, padded.as<T>(), parallel_for);
+    std::vector<int64_t> segment_begin(list.minor.size());
+    for (size_t p = 0; p < segment_begin.size(); ++p) {
+      const int64_t tap = list.minor[p] / out_blocks;
+      const int64_t first_out = (list.minor[p] % out_blocks) * g.out_block;
+      segment_begin[p] = ((reach_h - (tap / g.filter_w) * g.dilation_h) * layout.padded_w +
+                          reach_w - (tap % g.filter_w) * g.dilation_w) * g.out_channels +
+                         first_out;
+    }
+    const GatheredProduct<T> product{g.batch * layout.rows_per_image, layout.rows_per_image,
+                                     0, segment_len, &list, &segment_begin, panels.data(),
+                                     tiling, panels.padded_width, width, g.in_channels,
+                                     padded.as<T>(), layout.image_pixels() * g.out_channels,
+                                     g.out_channels};
+    RunGatheredProduct(
+        backend, product, [](T*, int64_t, int64_t) {}, static_cast<T*>(nullptr),
+        [&](const T* out, int64_t first_row, int64_t count, int64_t col_begin, int64_t col_end) {
+          StorePaddedRows(layout, g.in_channels, out, first_row, count, col_begin, col_end, dx);
+        },
+        parallel_for);
+    return;
+  }
   const DepthSlots& depth = panels.depth;
   const int64_t slots = panels.slots();
 
@@ -529,9 +710,9 @@ void MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filter
                    int64_t col_end) {
     StoreRows<T>(rows, nullptr, g.in_channels, out, first_row, count, col_begin, col_end, dx);
   };
-  const GatheredProduct<T> product{rows.count, slots * segment_len, segment_len, &list,
-                                   &panels.segment_begin, panels.data(), tiling,
-                                   panels.padded_width, width, g.in_channels};
+  const GatheredProduct<T> product{rows.count, rows.count, slots * segment_len, segment_len,
+                                   &list, &panels.segment_begin, panels.data(), tiling,
+                                   panels.padded_width, width, g.in_channels, nullptr, 0, 0};
   RunGatheredProduct(backend, product, gather, rows.all ? dx : nullptr, store, parallel_for);
 }
 
@@ -542,6 +723,10 @@ void MaskedConv2DGradFilter(const Conv2DGeometry& g, const T* x, const T* dy,
   const int64_t block_rows = FilterBlockRows(g);
   const int64_t out_blocks = g.out_blocks();
   if (block_rows == 0 || g.out_channels == 0) return;
+  if (IsPlainPointwise(g, output_factors)) {
+    MaskedMatmulGradWeight(PointwiseShape(g), x, dy, mask, dfilters, parallel_for);
+    return;
+  }
   const std::vector<uint8_t> live = FindLiveFilterBlocks(g, mask, parallel_for);
   const PixelRows rows = ActiveOutputPixels(g, output_factors);
   const GemmBackend<T>& backend = SelectedGemmBackend<T>();

@@ -10,21 +10,9 @@
 namespace masked_ops {
 namespace {
 
-// Bytes of packed `a` that consecutive PanelGemm units share, sized for L2.
-constexpr int64_t kChunkBytes = 384 * 1024;
-constexpr int64_t kMaxChunkTiles = 16;
-// Mean uses of each value of a (live blocks per block of depth) from which
-// PanelGemm packs a rather than reading its rows in place (measured here:
-// in place wins clearly at 13 uses, breaks even at 32-64, loses at 128).
-constexpr int64_t kPackAtUses = 64;
 // Depth (in elements) dw multiplies per pass over a region's tiles, sized so
 // that the a and b slices of a pass stay in L1.
 constexpr int64_t kRunDepth = 256;
-// Bytes of a panel strip one PanelGemm pass multiplies into every row tile of
-// a chunk before moving on: a run of live blocks whose strip fits in L1. A
-// narrow strip gets a deeper run, which also means fewer passes loading and
-// storing the output tiles.
-constexpr int64_t kRunStripBytes = 32 * 1024;
 // Rows and columns of dw (at least one block) that one dw unit covers.
 constexpr int64_t kRegionSpan = 128;
 

@@ -10,6 +10,20 @@
 
 namespace masked_ops {
 
+// PanelGemm tuning shared by the matmul and conv2d drivers.
+// Bytes of packed `a` that consecutive PanelGemm units share, sized for L2.
+constexpr int64_t kChunkBytes = 384 * 1024;
+constexpr int64_t kMaxChunkTiles = 16;
+// Mean uses of each value of a (live blocks per block of depth) from which
+// PanelGemm packs a rather than reading its rows in place (measured here:
+// in place wins clearly at 13 uses, breaks even at 32-64, loses at 128).
+constexpr int64_t kPackAtUses = 64;
+// Bytes of a panel strip one PanelGemm pass multiplies into every row tile of
+// a chunk before moving on: a run of live blocks whose strip fits in L1. A
+// narrow strip gets a deeper run, which also means fewer passes loading and
+// storing the output tiles.
+constexpr int64_t kRunStripBytes = 32 * 1024;
+
 // One live block of a row-major weight matrix: rows x cols values from w,
 // rows ld apart. With an element mask (laid out like w), each value enters as
 // where(mask != 0, w * mask, 0); without one (block-level mask), as w * factor.
