@@ -61,7 +61,8 @@ def test_each_backend_passes_the_matmul_suite(backend):
         pytest.skip(f"this CPU cannot run the {backend} kernels")
     result = run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "test_masked_matmul.py", "test_cpu_dispatch.py::test_requested_backend_is_used"],
+         "test_masked_matmul.py", "test_masked_conv2d.py",
+         "test_cpu_dispatch.py::test_requested_backend_is_used"],
         {"MASKED_OPS_CPU_ISA": backend},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -96,6 +97,19 @@ DIGEST_SCRIPT = textwrap.dedent(
     digest = hashlib.sha256()
     for t in (y, dx, dw):
         digest.update(t.numpy().tobytes())
+    # Convolutions big enough for several dfilter units, stride 1 without an
+    # output mask (rows read in place) and stride 2 with one (gathered).
+    x = tf.constant(rng.standard_normal((2, 30, 26, 32), np.float32))
+    filters = tf.constant(rng.standard_normal((3, 3, 32, 48), np.float32))
+    block_mask = tf.constant((rng.random((2, 3)) < 0.7).astype(np.float32))
+    for strides, output_mask in ((1, None), (2, (rng.random((2, 15, 13)) < 0.5).astype(np.float32))):
+        with tf.GradientTape() as tape:
+            tape.watch([x, filters])
+            y = masked_ops.masked_conv2d(x, filters, block_mask, strides=strides, padding="SAME",
+                                         output_mask=output_mask, channel_block=16, tile=4)
+            loss = tf.reduce_sum(tf.sin(y))
+        for t in (y, *tape.gradient(loss, [x, filters])):
+            digest.update(t.numpy().tobytes())
     print(digest.hexdigest())
     """
 )

@@ -163,6 +163,8 @@ IN_PLACE_GEOMETRIES = [
     (2, 13, 13, 32, 48, (3, 3), 1, "SAME", 2),
     (1, 13, 11, 48, 32, (3, 3), 1, [[0, 0], [4, 1], [0, 3], [0, 0]], 1),
     (1, 7, 7, 40, 40, (3, 3), 1, "SAME", 1),
+    # Over 256 output pixels: dfilters is summed in several units.
+    (2, 24, 19, 16, 32, (3, 3), 1, "SAME", 1),
 ]
 
 
@@ -174,6 +176,14 @@ def test_stride_one_rows_read_in_place(geometry, channel_block, level):
     case["channel_block"] = channel_block
     case["mask"] = make_filter_mask(case["rng"], geometry, 0.5, level, channel_block)
     assert_close(fused(case), reference(case), np.float32, window_terms(geometry))
+    check_gradients_against_tape(case, geometry)
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
+def test_dfilters_summed_in_several_units(strides, with_output_mask):
+    geometry = (3, 41, 37, 16, 24, (3, 3), strides, "SAME", 1)
+    case = make_case(geometry, 0.5, "element", with_output_mask)
     check_gradients_against_tape(case, geometry)
 
 

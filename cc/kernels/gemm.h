@@ -79,6 +79,8 @@ struct PanelGemmArgs {
 // leading dimension ldo) gets a^T b over `depth` steps, added to what is
 // there when accumulate. At depth step d, a holds the tile's outer_tile
 // values of x^T at a[d * lda + r] and b the strip's values at b[d * ldb + c].
+// With segment_begin, the steps are `segments` runs of `depth` steps, run s
+// reading a from depth step segment_begin[s] on and b straight on.
 // All outer_tile rows and strip_width columns are read, whatever rows and
 // cols are stored.
 template <typename T>
@@ -88,6 +90,8 @@ struct OuterGemmArgs {
   const T* b;
   int64_t ldb;
   int64_t depth;
+  const int64_t* segment_begin = nullptr;
+  int64_t segments = 1;
   int64_t block_width;  // the strip width is GemmTiling::strip_width of this
   T* out;
   int64_t ldo;

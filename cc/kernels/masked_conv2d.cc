@@ -29,12 +29,12 @@ namespace {
 // than this, each chunk's output groups are split among several units (each
 // gathering the chunk itself).
 constexpr int64_t kMinUnits = 8;
-// Output pixels per dfilter pass: the gathered input slice and dy's rows for
-// one pass stay in L1 and L2.
+// Rows per dfilter pass: a pass's rows of x (with the filter's reach) and of
+// dy stay in L2 while every live block multiplies them.
 constexpr int64_t kGradFilterPixels = 256;
-// Units of dfilter work (ranges of filter block rows): each unit reads all of
-// dy once, so fewer units mean less traffic, more mean better balance.
-constexpr int64_t kGradFilterUnits = 16;
+// Units of dfilter work (ranges of rows): each but the first keeps partial
+// sums of every live block, so more units cost memory and a longer final sum.
+constexpr int64_t kGradFilterUnits = 8;
 
 // A filter block row is one tap and one input-channel block: row index
 // tap * in_blocks + input block. Block columns are output-channel blocks.
@@ -405,6 +405,25 @@ struct FilterPanels {
   std::vector<int64_t> segment_begin;
 };
 
+// Rows [first, first + count) of x's im2col for one (tap, input block): the
+// input pixel each listed output pixel sees at that tap, ld apart, zero
+// outside the image and beyond `channels`.
+template <typename T>
+void GatherReceptiveSlice(const Conv2DGeometry& g, const T* x, const PixelRows& pixels,
+                          int64_t first, int64_t count, int64_t tap, int64_t first_in,
+                          int64_t channels, int64_t ld, T* slice) {
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t pixel = pixels.at(first + r);
+    const int64_t n = pixel / (g.out_h * g.out_w);
+    const int64_t iy = ((pixel / g.out_w) % g.out_h) * g.stride_h - g.pad_top +
+                       (tap / g.filter_w) * g.dilation_h;
+    const int64_t ix = (pixel % g.out_w) * g.stride_w - g.pad_left + (tap % g.filter_w) * g.dilation_w;
+    const bool inside = iy >= 0 && iy < g.in_h && ix >= 0 && ix < g.in_w;
+    GatherSlice(inside ? x + ((n * g.in_h + iy) * g.in_w + ix) * g.in_channels + first_in : nullptr,
+                channels, T(1), ld, slice + r * ld, 1);
+  }
+}
+
 // With stride 1, a tile of consecutive output pixels can read its receptive
 // fields in place (no im2col): over images copied into a zero border of
 // out_h + reach_h by out_w + reach_w pixels, output pixel (oy, ox) taken as
@@ -728,7 +747,10 @@ void MaskedConv2DGradFilter(const Conv2DGeometry& g, const T* x, const T* dy,
     return;
   }
   const std::vector<uint8_t> live = FindLiveFilterBlocks(g, mask, parallel_for);
-  const PixelRows rows = ActiveOutputPixels(g, output_factors);
+  std::vector<int64_t> live_blocks;  // block_row * out_blocks + out_block
+  for (int64_t b = 0; b < block_rows * out_blocks; ++b) {
+    if (live[b]) live_blocks.push_back(b);
+  }
   const GemmBackend<T>& backend = SelectedGemmBackend<T>();
   const int64_t in_width = SegmentLen(g.in_block, g.in_channels);
   const int64_t out_width = SegmentLen(g.out_block, g.out_channels);
@@ -737,94 +759,162 @@ void MaskedConv2DGradFilter(const Conv2DGeometry& g, const T* x, const T* dy,
   const int64_t x_ld = RoundUp(in_width, tiling.outer_tile);
   const int64_t dy_ld = (out_blocks - 1) * g.out_block + RoundUp(out_width, tiling.strip_width);
 
-  // dy at the active pixels, times their factors, zero-padded: read by every
-  // unit, so formed once.
-  const ScratchBuffer dy_rows(BytesOf<T>(rows.count * dy_ld));
-  parallel_for(rows.count, dy_ld, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t pixel = rows.at(r);
-      GatherSlice(dy + pixel * g.out_channels, g.out_channels,
-                  output_factors == nullptr ? T(1) : output_factors[pixel], dy_ld,
-                  dy_rows.as<T>() + r * dy_ld, 1);
-    }
-  });
-
-  std::vector<int64_t> live_per_row(static_cast<size_t>(block_rows), 0);
-  for (int64_t b = 0; b < block_rows; ++b) {
-    for (int64_t j = 0; j < out_blocks; ++j) live_per_row[b] += live[b * out_blocks + j];
+  // The sum runs over lines of output pixels. With stride 1 and no output
+  // mask, a line is an output row of an image, whose receptive fields at a
+  // tap are consecutive pixels of x padded (read in place, one offset per
+  // tap, the rows of a pass as segments). Otherwise a line is one active
+  // output pixel, its receptive field gathered a pass at a time.
+  const bool in_place = g.stride_h == 1 && g.stride_w == 1 && output_factors == nullptr;
+  // The slack covers OuterGemm reading a whole tile of channels at the last pixel.
+  const PaddedRows layout =
+      in_place ? PaddedRowsFor(g.out_h, g.out_w, ReachH(g), ReachW(g),
+                               CeilDiv(tiling.outer_tile, g.in_channels))
+               : PaddedRows{};
+  const PixelRows pixels = in_place ? AllPixels(g.out_pixels()) : ActiveOutputPixels(g, output_factors);
+  const int64_t line_pixels = in_place ? g.out_w : 1;
+  const int64_t lines = pixels.count / line_pixels;
+  const int64_t lines_per_image = in_place ? g.out_h : lines;
+  const int64_t pass_lines = std::max<int64_t>(1, kGradFilterPixels / line_pixels);
+  const ScratchBuffer padded(
+      in_place ? BytesOf<T>((g.batch * layout.image_pixels() + layout.slack_pixels) * g.in_channels)
+               : 0);
+  if (in_place) {
+    PadImages(x, g.batch, g.in_h, g.in_w, g.in_channels, g.pad_top, g.pad_left, layout,
+              padded.as<T>(), parallel_for);
   }
-  const int64_t rows_per_unit = CeilDiv(block_rows, kGradFilterUnits);
-  const int64_t units = CeilDiv(block_rows, rows_per_unit);
-  ParallelForWithScratch(parallel_for, units, rows_per_unit * rows.count * in_width * g.out_channels,
-                         [&](int64_t begin, int64_t end) {
-    const ScratchBuffer x_slices(BytesOf<T>(rows_per_unit * kGradFilterPixels * x_ld));
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t b_begin = u * rows_per_unit;
-      const int64_t b_end = std::min(block_rows, b_begin + rows_per_unit);
-      for (int64_t p0 = 0; p0 < rows.count; p0 += kGradFilterPixels) {
-        const int64_t pixels = std::min(kGradFilterPixels, rows.count - p0);
-        for (int64_t b = b_begin; b < b_end; ++b) {
-          if (live_per_row[b] == 0) continue;
-          const int64_t tap = b / g.in_blocks();
-          const int64_t first_in = (b % g.in_blocks()) * g.in_block;
-          const int64_t channels = std::min(g.in_block, g.in_channels - first_in);
-          T* slice = x_slices.as<T>() + (b - b_begin) * kGradFilterPixels * x_ld;
-          for (int64_t r = 0; r < pixels; ++r) {
-            const int64_t pixel = rows.at(p0 + r);
-            const int64_t n = pixel / (g.out_h * g.out_w);
-            const int64_t iy = ((pixel / g.out_w) % g.out_h) * g.stride_h - g.pad_top +
-                               (tap / g.filter_w) * g.dilation_h;
-            const int64_t ix = (pixel % g.out_w) * g.stride_w - g.pad_left +
-                               (tap % g.filter_w) * g.dilation_w;
-            const bool inside = iy >= 0 && iy < g.in_h && ix >= 0 && ix < g.in_w;
-            GatherSlice(inside ? x + ((n * g.in_h + iy) * g.in_w + ix) * g.in_channels + first_in
-                               : nullptr,
-                        channels, T(1), x_ld, slice + r * x_ld, 1);
-          }
-          for (int64_t j = 0; j < out_blocks; ++j) {
-            if (!live[b * out_blocks + j]) continue;
-            const int64_t first_out = j * g.out_block;
-            const int64_t cols = std::min(g.out_block, g.out_channels - first_out);
-            T* block = dfilters + (tap * g.in_channels + first_in) * g.out_channels + first_out;
-            for (int64_t t = 0; t * tiling.outer_tile < channels; ++t) {
-              for (int64_t s = 0; s * tiling.strip_width < cols; ++s) {
-                OuterGemmArgs<T> args;
-                args.a = slice + t * tiling.outer_tile;
+  std::vector<int64_t> line_begin(static_cast<size_t>(pass_lines));
+  for (int64_t l = 0; l < pass_lines; ++l) line_begin[l] = l * layout.padded_w;
+
+  // dy at the listed pixels, times their factors, each row dy_ld wide (whole
+  // strips are read): dy itself when that is what it already is.
+  const bool dy_as_is = pixels.all && output_factors == nullptr && g.out_channels == dy_ld;
+  const ScratchBuffer dy_copy(dy_as_is ? 0 : BytesOf<T>(pixels.count * dy_ld));
+  if (!dy_as_is) {
+    parallel_for(pixels.count, dy_ld, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t pixel = pixels.at(r);
+        GatherSlice(dy + pixel * g.out_channels, g.out_channels,
+                    output_factors == nullptr ? T(1) : output_factors[pixel], dy_ld,
+                    dy_copy.as<T>() + r * dy_ld, 1);
+      }
+    });
+  }
+  const T* dy_rows = dy_as_is ? dy : dy_copy.as<T>();
+
+  // Units are ranges of lines, so that one pass's rows of x and dy are read
+  // once from memory for every live block. Unit 0 sums into dfilters, the
+  // others into their own partial blocks, added in unit order afterwards:
+  // the same sums whatever the thread count.
+  const int64_t lines_per_unit = std::max<int64_t>(
+      1, CeilDiv(lines, std::clamp<int64_t>(std::min(CeilDiv(pixels.count, kGradFilterPixels), lines),
+                                            1, kGradFilterUnits)));
+  // Every unit gets lines (its partials are all written).
+  const int64_t units = std::max<int64_t>(1, CeilDiv(lines, lines_per_unit));
+  const int64_t block_values = g.in_block * g.out_block;
+  const int64_t live_count = static_cast<int64_t>(live_blocks.size());
+  const ScratchBuffer partials(BytesOf<T>((units - 1) * live_count * block_values));
+  auto block_out = [&](int64_t unit, int64_t index, int64_t* ldo) -> T* {
+    if (unit == 0) {
+      *ldo = g.out_channels;
+      return dfilters + FilterBlockOffset(g, live_blocks[index] / out_blocks,
+                                          live_blocks[index] % out_blocks);
+    }
+    *ldo = g.out_block;
+    return partials.as<T>() + ((unit - 1) * live_count + index) * block_values;
+  };
+  ParallelForWithScratch(
+      parallel_for, live_count == 0 ? 0 : units,
+      lines_per_unit * line_pixels * live_count * block_values * 2, [&](int64_t begin, int64_t end) {
+        const ScratchBuffer x_slice(in_place ? 0 : BytesOf<T>(pass_lines * x_ld));
+        for (int64_t u = begin; u < end; ++u) {
+          const int64_t unit_end = std::min(lines, (u + 1) * lines_per_unit);
+          for (int64_t l0 = u * lines_per_unit; l0 < unit_end;) {
+            const int64_t image = l0 / lines_per_image;
+            const int64_t count =
+                std::min({pass_lines, unit_end - l0, (image + 1) * lines_per_image - l0});
+            const bool first_pass = l0 == u * lines_per_unit;
+            int64_t gathered_row = -1;
+            for (int64_t index = 0; index < live_count; ++index) {
+              const int64_t b = live_blocks[index] / out_blocks;
+              const int64_t j = live_blocks[index] % out_blocks;
+              const int64_t tap = b / g.in_blocks();
+              const int64_t first_in = (b % g.in_blocks()) * g.in_block;
+              const int64_t channels = std::min(g.in_block, g.in_channels - first_in);
+              OuterGemmArgs<T> args;
+              if (in_place) {
+                const int64_t oy = l0 - image * lines_per_image;
+                const int64_t first = (oy + (tap / g.filter_w) * g.dilation_h) * layout.padded_w +
+                                      (tap % g.filter_w) * g.dilation_w;
+                args.a = padded.as<T>() + (image * layout.image_pixels() + first) * g.in_channels +
+                         first_in;
+                args.lda = g.in_channels;
+                args.segment_begin = line_begin.data();
+                args.segments = count;
+                args.depth = g.out_w;
+              } else {
+                if (gathered_row != b) {
+                  GatherReceptiveSlice(g, x, pixels, l0, count, tap, first_in, channels, x_ld,
+                                       x_slice.as<T>());
+                  gathered_row = b;
+                }
+                args.a = x_slice.as<T>();
                 args.lda = x_ld;
-                args.b = dy_rows.as<T>() + p0 * dy_ld + first_out + s * tiling.strip_width;
-                args.ldb = dy_ld;
-                args.depth = pixels;
-                args.block_width = out_width;
-                args.out = block + t * tiling.outer_tile * g.out_channels + s * tiling.strip_width;
-                args.ldo = g.out_channels;
-                args.rows = std::min(tiling.outer_tile, channels - t * tiling.outer_tile);
-                args.cols = std::min(tiling.strip_width, cols - s * tiling.strip_width);
-                args.accumulate = p0 > 0;
-                backend.outer_gemm(args);
+                args.depth = count;
+              }
+              const int64_t first_out = j * g.out_block;
+              const int64_t cols = std::min(g.out_block, g.out_channels - first_out);
+              int64_t ldo;
+              T* out = block_out(u, index, &ldo);
+              const T* a = args.a;
+              for (int64_t t = 0; t * tiling.outer_tile < channels; ++t) {
+                for (int64_t s = 0; s * tiling.strip_width < cols; ++s) {
+                  args.a = a + t * tiling.outer_tile;
+                  args.b = dy_rows + l0 * line_pixels * dy_ld + first_out + s * tiling.strip_width;
+                  args.ldb = dy_ld;
+                  args.block_width = out_width;
+                  args.out = out + t * tiling.outer_tile * ldo + s * tiling.strip_width;
+                  args.ldo = ldo;
+                  args.rows = std::min(tiling.outer_tile, channels - t * tiling.outer_tile);
+                  args.cols = std::min(tiling.strip_width, cols - s * tiling.strip_width);
+                  args.accumulate = !first_pass;
+                  backend.outer_gemm(args);
+                }
               }
             }
+            l0 += count;
           }
         }
-      }
-      // df = where(mask != 0, gradient * mask, 0); dead blocks (and every
-      // block when no pixel is active) are exact zeros.
-      for (int64_t b = b_begin; b < b_end; ++b) {
-        for (int64_t j = 0; j < out_blocks; ++j) {
-          const BlockSource<T, TMask> block = FilterBlock(g, dfilters, mask, b, j);
-          T* out = dfilters + FilterBlockOffset(g, b, j);
-          for (int64_t r = 0; r < block.rows; ++r) {
-            T* row = out + r * block.ld;
-            if (!live[b * out_blocks + j] || rows.count == 0) {
-              std::fill_n(row, block.cols, T(0));
-              continue;
-            }
-            if (block.element_mask == nullptr) {
-              for (int64_t c = 0; c < block.cols; ++c) row[c] *= block.factor;
-            } else {
-              const TMask* m = block.element_mask + r * block.ld;
-              for (int64_t c = 0; c < block.cols; ++c) {
-                row[c] = IsLive(m[c]) ? row[c] * MaskFactor<T>(m[c]) : T(0);
-              }
+      });
+
+  // Sum the partials into dfilters, then df = where(mask != 0, gradient *
+  // mask, 0); dead blocks (and every block when there are no rows) are exact
+  // zeros.
+  parallel_for(block_rows, (units + 1) * g.in_block * g.out_channels, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t j = 0; j < out_blocks; ++j) {
+        const BlockSource<T, TMask> block = FilterBlock(g, dfilters, mask, b, j);
+        T* out = dfilters + FilterBlockOffset(g, b, j);
+        const bool block_live = live[b * out_blocks + j] && lines > 0;
+        const int64_t index = block_live ? std::lower_bound(live_blocks.begin(), live_blocks.end(),
+                                                            b * out_blocks + j) - live_blocks.begin()
+                                         : -1;
+        for (int64_t r = 0; r < block.rows; ++r) {
+          T* row = out + r * block.ld;
+          if (!block_live) {
+            std::fill_n(row, block.cols, T(0));
+            continue;
+          }
+          for (int64_t u = 1; u < units; ++u) {
+            const T* partial = partials.as<T>() + ((u - 1) * live_count + index) * block_values +
+                               r * g.out_block;
+            for (int64_t c = 0; c < block.cols; ++c) row[c] += partial[c];
+          }
+          if (block.element_mask == nullptr) {
+            for (int64_t c = 0; c < block.cols; ++c) row[c] *= block.factor;
+          } else {
+            const TMask* m = block.element_mask + r * block.ld;
+            for (int64_t c = 0; c < block.cols; ++c) {
+              row[c] = IsLive(m[c]) ? row[c] * MaskFactor<T>(m[c]) : T(0);
             }
           }
         }
