@@ -4,6 +4,7 @@ import operator
 
 import tensorflow as tf
 
+from masked_ops.masks import expand_filter_block_mask, weight_gradient_mask
 from masked_ops.ops import _ops, positive_pair
 
 # Attributes the gradient ops take over from the forward op.
@@ -56,6 +57,7 @@ def masked_conv2d(
     output_mask=None,
     channel_block=32,
     tile=8,
+    grad_mask=None,
     name=None,
 ):
     """A 2-D convolution (NHWC) that skips masked-out filter blocks and output tiles.
@@ -82,6 +84,11 @@ def masked_conv2d(
         zero are not computed and pass no gradient back. It may change every call.
       channel_block: int or (in_channels, out_channels) per filter block.
       tile: int or (height, width) of the output tiles.
+      grad_mask: optional, element- or channel-block-level like `mask`
+        (static shape). Freezes filters: their gradient is the true one times
+        `mask * grad_mask` where both are non-zero and exactly 0 elsewhere, and
+        blocks where either is all zero are never computed. The output and the
+        gradient for `x` do not depend on it.
 
     Returns:
       `[batch, out_height, out_width, out_channels]`, dtype of `x`.
@@ -104,21 +111,38 @@ def masked_conv2d(
         mask = tf.convert_to_tensor(mask)
         use_output_mask = output_mask is not None
         output_mask = tf.convert_to_tensor(output_mask) if use_output_mask else tf.zeros([0], tf.bool)
-        return _ops.masked_ops_masked_conv2d(
-            x,
-            filters,
+        attrs = {
+            "strides": [stride_h, stride_w],
+            "dilations": [dilation_h, dilation_w],
+            "padding": padding_mode,
+            "explicit_paddings": explicit_paddings,
+            "in_channel_block": in_block,
+            "out_channel_block": out_block,
+            "tile_height": tile_height,
+            "tile_width": tile_width,
+            "use_output_mask": use_output_mask,
+        }
+        if grad_mask is None:
+            return _ops.masked_ops_masked_conv2d(x, filters, mask, output_mask, **attrs)
+        filter_mask = weight_gradient_mask(
             mask,
-            output_mask,
-            strides=[stride_h, stride_w],
-            dilations=[dilation_h, dilation_w],
-            padding=padding_mode,
-            explicit_paddings=explicit_paddings,
-            in_channel_block=in_block,
-            out_channel_block=out_block,
-            tile_height=tile_height,
-            tile_width=tile_width,
-            use_output_mask=use_output_mask,
+            grad_mask,
+            filters.shape,
+            lambda m: expand_filter_block_mask(m, filters.shape, (in_block, out_block)),
+            filters.dtype,
         )
+
+        @tf.custom_gradient
+        def frozen_conv2d(x, filters):
+            def grad(dy):
+                return (
+                    _ops.masked_ops_masked_conv2d_grad_input(x, filters, mask, output_mask, dy, **attrs),
+                    _ops.masked_ops_masked_conv2d_grad_filter(x, filters, filter_mask, output_mask, dy, **attrs),
+                )
+
+            return _ops.masked_ops_masked_conv2d(x, filters, mask, output_mask, **attrs), grad
+
+        return frozen_conv2d(x, filters)
 
 
 # dx and dfilters are ops of their own that skip the same filter blocks and

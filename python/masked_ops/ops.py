@@ -5,6 +5,7 @@ import operator
 import tensorflow as tf
 
 from masked_ops._loader import op_library
+from masked_ops.masks import expand_matrix_block_mask, weight_gradient_mask
 
 _ops = op_library()
 
@@ -35,14 +36,10 @@ def expand_block_mask(block_mask, shape, block_size=(32, 32)):
 
     Entry (r, c) takes the value of block (r // block_rows, c // block_cols).
     """
-    rows, cols = normalize_block_size(block_size)
-    block_mask = tf.convert_to_tensor(block_mask)
-    k, n = shape
-    expanded = tf.repeat(tf.repeat(block_mask, rows, axis=0), cols, axis=1)
-    return expanded[:k, :n]
+    return expand_matrix_block_mask(block_mask, shape, normalize_block_size(block_size))
 
 
-def masked_matmul(x, w, mask, *, block_size=(32, 32), name=None):
+def masked_matmul(x, w, mask, *, block_size=(32, 32), grad_mask=None, name=None):
     """`x @ where(mask != 0, w * mask, 0)`, skipping all-zero blocks of `mask`.
 
     Args:
@@ -55,6 +52,11 @@ def masked_matmul(x, w, mask, *, block_size=(32, 32), name=None):
       block_size: `(block_rows, block_cols)` or an int for square blocks. Work
         is skipped per block, so a block whose mask is all zero costs nothing,
         forward and backward.
+      grad_mask: optional, element- or block-level like `mask` (static shape).
+        Freezes weights: the gradient for `w` is `(x^T dy) * mask * grad_mask`
+        where both are non-zero and exactly 0 elsewhere, and blocks where
+        either is all zero are never computed. The output and the gradient
+        for `x` do not depend on it.
 
     Returns:
       `[..., n]`, dtype of `x`.
@@ -64,7 +66,24 @@ def masked_matmul(x, w, mask, *, block_size=(32, 32), name=None):
         x = tf.convert_to_tensor(x)
         w = tf.convert_to_tensor(w, dtype_hint=x.dtype)
         mask = tf.convert_to_tensor(mask)
-        return _ops.masked_ops_masked_matmul(x, w, mask, block_rows=rows, block_cols=cols)
+        attrs = {"block_rows": rows, "block_cols": cols}
+        if grad_mask is None:
+            return _ops.masked_ops_masked_matmul(x, w, mask, **attrs)
+        weight_mask = weight_gradient_mask(
+            mask, grad_mask, w.shape, lambda m: expand_matrix_block_mask(m, w.shape, (rows, cols)), w.dtype
+        )
+
+        @tf.custom_gradient
+        def frozen_matmul(x, w):
+            def grad(dy):
+                return (
+                    _ops.masked_ops_masked_matmul_grad_input(dy, w, mask, **attrs),
+                    _ops.masked_ops_masked_matmul_grad_weight(x, dy, weight_mask, **attrs),
+                )
+
+            return _ops.masked_ops_masked_matmul(x, w, mask, **attrs), grad
+
+        return frozen_matmul(x, w)
 
 
 def _block_attrs(op):
