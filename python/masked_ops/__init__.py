@@ -8,10 +8,10 @@ from masked_ops import _loader
 # TensorFlow.
 _loader.op_library()
 
-from masked_ops import layers  # noqa: E402
+from masked_ops import freeze, layers  # noqa: E402
 from masked_ops._loader import cpu_backend  # noqa: E402
 from masked_ops.conv import masked_conv2d  # noqa: E402
 from masked_ops.ops import expand_block_mask, masked_matmul  # noqa: E402
 
-__all__ = ["cpu_backend", "expand_block_mask", "layers", "masked_conv2d", "masked_matmul"]
+__all__ = ["cpu_backend", "expand_block_mask", "freeze", "layers", "masked_conv2d", "masked_matmul"]
 __version__ = _version("tf-masked-ops")

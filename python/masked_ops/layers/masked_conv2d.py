@@ -5,15 +5,15 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from masked_ops.conv import masked_conv2d
-from masked_ops.layers._mask_weight import MaskWeightMixin
+from masked_ops.layers._base import MaskedKernelLayer
+from masked_ops.masks import expand_filter_block_mask
 from masked_ops.ops import positive_pair
 
 
 @keras.saving.register_keras_serializable(package="masked_ops")
-class MaskedConv2D(MaskWeightMixin, keras.layers.Layer):
+class MaskedConv2D(MaskedKernelLayer):
     """`activation(masked_conv2d(x, kernel, mask, output_mask=...) + bias)`.
 
     The filter mask is a non-trainable float32 weight saved with the model:
@@ -35,6 +35,7 @@ class MaskedConv2D(MaskWeightMixin, keras.layers.Layer):
       mask: optional initial mask, element- or block-level. Its shape picks
         the granularity when `mask_granularity` is not given.
       mask_granularity: "block" or "element"; fixes the mask weight's shape.
+      grad_mask, grad_mask_granularity: freezing, as in `MaskedDense`.
     """
 
     def __init__(
@@ -60,9 +61,27 @@ class MaskedConv2D(MaskWeightMixin, keras.layers.Layer):
         tile=(8, 8),
         mask=None,
         mask_granularity=None,
+        grad_mask=None,
+        grad_mask_granularity=None,
         **kwargs,
     ):
-        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        super().__init__(
+            mask=mask,
+            mask_granularity=mask_granularity,
+            grad_mask=grad_mask,
+            grad_mask_granularity=grad_mask_granularity,
+            mask_ranks=(2, 4),
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            **kwargs,
+        )
         if not isinstance(filters, (int, np.integer)) or filters < 1:
             raise ValueError(f"filters must be a positive int, got {filters!r}")
         if str(padding).lower() not in ("valid", "same"):
@@ -78,16 +97,7 @@ class MaskedConv2D(MaskWeightMixin, keras.layers.Layer):
         self.dilation_rate = positive_pair(dilation_rate, "dilation_rate")
         self.channel_block = positive_pair(channel_block, "channel_block")
         self.tile = positive_pair(tile, "tile")
-        self.activation = keras.activations.get(activation)
-        self.use_bias = use_bias
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.kernel_constraint = keras.constraints.get(kernel_constraint)
-        self.bias_constraint = keras.constraints.get(bias_constraint)
         self.input_spec = keras.layers.InputSpec(ndim=4)
-        self._init_mask_weight(mask, mask_granularity, rank_options=(2, 4))
 
     def _mask_shapes(self):
         element = tuple(self.kernel.shape)
@@ -96,38 +106,17 @@ class MaskedConv2D(MaskWeightMixin, keras.layers.Layer):
         return element, block
 
     def _expand_block_mask(self, block_mask):
-        kh, kw, in_channels, out_channels = self.kernel.shape
-        per_tap = tf.repeat(tf.repeat(block_mask, self.channel_block[0], axis=0), self.channel_block[1], axis=1)
-        return tf.broadcast_to(per_tap[:in_channels, :out_channels], (kh, kw, in_channels, out_channels))
+        return expand_filter_block_mask(block_mask, tuple(self.kernel.shape), self.channel_block)
 
-    def _block_size_for_messages(self):
+    def _block_size(self):
         return self.channel_block
 
     def build(self, input_shape):
-        self._check_compute_dtype()
         in_channels = input_shape[-1]
         if in_channels is None:
             raise ValueError(f"MaskedConv2D needs a known channel dimension, got input shape {input_shape}")
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(*self.kernel_size, in_channels, self.filters),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        self.bias = (
-            self.add_weight(
-                name="bias",
-                shape=(self.filters,),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
-            if self.use_bias
-            else None
-        )
+        self._build_weights((*self.kernel_size, in_channels, self.filters), self.filters)
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: in_channels})
-        self._build_mask_weight()
 
     def call(self, inputs, output_mask=None):
         outputs = masked_conv2d(
@@ -140,10 +129,9 @@ class MaskedConv2D(MaskWeightMixin, keras.layers.Layer):
             output_mask=output_mask,
             channel_block=self.channel_block,
             tile=self.tile,
+            grad_mask=self.grad_mask,
         )
-        if self.bias is not None:
-            outputs = tf.nn.bias_add(outputs, self.bias)
-        return self.activation(outputs)
+        return self._bias_and_activation(outputs)
 
     def compute_output_shape(self, input_shape):
         batch, height, width, _ = input_shape
@@ -168,16 +156,6 @@ class MaskedConv2D(MaskWeightMixin, keras.layers.Layer):
                 "dilation_rate": list(self.dilation_rate),
                 "channel_block": list(self.channel_block),
                 "tile": list(self.tile),
-                "mask_granularity": self.mask_granularity,
-                "activation": keras.activations.serialize(self.activation),
-                "use_bias": self.use_bias,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
-                "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
-                "activity_regularizer": keras.regularizers.serialize(self.activity_regularizer),
-                "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
-                "bias_constraint": keras.constraints.serialize(self.bias_constraint),
             }
         )
         return config
