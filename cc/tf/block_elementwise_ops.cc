@@ -1,5 +1,7 @@
-// Op registration and shape function for mask_gradients' fused masking op.
+// Op registrations for the block-masked elementwise ops: mask_gradients'
+// fused masking and the optimizer wrapper's masked variable update.
 #include "cc/tf/shape_support.h"
+#include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
 
@@ -31,6 +33,24 @@ masked = where(mask != 0, grad * mask, 0), writing zero blocks without reading g
 grad is viewed as stacked [k, n] matrices (its last two dimensions; [1, n]
 for rank 1). mask is element-level (grad's shape) or block-level
 [ceil(k / block_rows), ceil(n / block_cols)], the same for every matrix.
+)doc");
+
+REGISTER_OP("MaskedOps>MaskedUpdateVariable")
+    .Input("resource: resource")
+    .Input("value: T")
+    .Input("mask: Tmask")
+    .Attr("T: {float, double}")
+    .Attr(kMaskTypes)
+    .Attr("block_rows: int >= 1")
+    .Attr("block_cols: int >= 1")
+    .Attr("mode: {'assign', 'add', 'sub'}")
+    .SetIsStateful()
+    .SetShapeFn(tensorflow::shape_inference::NoOutputs)
+    .Doc(R"doc(
+Where mask != 0, the variable becomes value, or gets value added or subtracted;
+elsewhere it is left untouched, and blocks whose mask is zero throughout are
+neither read nor written. value has the variable's shape; mask is element- or
+block-level as for MaskGradient.
 )doc");
 
 }  // namespace masked_ops

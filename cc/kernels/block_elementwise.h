@@ -1,0 +1,36 @@
+// Elementwise work on weights (or their gradients and optimizer state) that
+// skips the blocks a mask switches off. Framework-free: raw pointers, sizes and
+// a ParallelFor.
+//
+// A tensor is `outer` stacked k x n matrices (a Dense kernel: outer = 1; a
+// conv kernel [kh, kw, k, n]: outer = kh * kw; a vector: k = 1). Its mask is
+// element-level (the tensor's shape) or block-level [ceil(k / block_rows),
+// ceil(n / block_cols)], the same for every matrix.
+#ifndef MASKED_OPS_CC_KERNELS_BLOCK_ELEMENTWISE_H_
+#define MASKED_OPS_CC_KERNELS_BLOCK_ELEMENTWISE_H_
+
+#include <cstdint>
+
+#include "cc/kernels/block_mask.h"
+
+namespace masked_ops {
+
+// out = where(mask != 0, grad * mask, 0). A block whose mask is zero
+// throughout is written as zeros without reading grad. When out == grad (the
+// buffer was handed over), blocks whose factor is exactly 1 are not touched.
+template <typename T, typename TMask>
+void MaskGradient(int64_t outer, const BlockGrid& grid, const T* grad, MaskView<TMask> mask,
+                  T* out, const ParallelFor& parallel_for);
+
+enum class UpdateMode { kAssign, kAdd, kSub };
+
+// Where the mask is live (its value does not matter), var = value, var +=
+// value or var -= value; everywhere else var is left as it is, and a block
+// whose mask is zero throughout is neither read nor written, in var or value.
+template <typename T, typename TMask>
+void MaskedUpdate(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, UpdateMode mode,
+                  const T* value, T* var, const ParallelFor& parallel_for);
+
+}  // namespace masked_ops
+
+#endif  // MASKED_OPS_CC_KERNELS_BLOCK_ELEMENTWISE_H_

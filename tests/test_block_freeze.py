@@ -1,0 +1,184 @@
+"""BlockFreeze and masked_update: frozen entries stay bit-exact with every
+optimizer, trainable ones move exactly as the wrapped optimizer moves them."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from masked_ops.layers import MaskedDense
+from masked_ops.optimizers import BlockFreeze, masked_update
+from reference import element_mask
+
+BLOCK = (16, 8)
+GRAD_MASK = np.array([[1, 0, 1], [0, 0, 1], [1, 1, 0]], np.float32)
+FROZEN = element_mask(GRAD_MASK, (40, 24), BLOCK) == 0
+
+OPTIMIZERS = {
+    "sgd": lambda: keras.optimizers.SGD(0.1),
+    "momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+    "nesterov": lambda: keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "amsgrad": lambda: keras.optimizers.Adam(0.01, amsgrad=True),
+    "adamw": lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1),
+    "rmsprop": lambda: keras.optimizers.RMSprop(0.01),
+    "rmsprop-centered-momentum": lambda: keras.optimizers.RMSprop(0.01, momentum=0.5, centered=True),
+    "adafactor": lambda: keras.optimizers.Adafactor(0.01),
+}
+
+
+def train(make_optimizer, freeze, graph, steps_before=5, steps_after=50, pin_frozen=False):
+    """Trains w ([40, 24], frozen by GRAD_MASK after `steps_before` steps) and
+    an unfrozen bias, feeding masked gradients after the freeze, as the usual
+    recipe does. `freeze` wraps the optimizer in BlockFreeze at that point;
+    `pin_frozen` instead writes the frozen entries back after every step (the
+    reference: the wrapped optimizer's own update with the same frozen
+    weights)."""
+    rng = np.random.default_rng(0)
+    w = keras.Variable(rng.standard_normal((40, 24)).astype(np.float32), name="w")
+    b = keras.Variable(np.zeros(24, np.float32), name="b")
+    x = tf.constant(rng.standard_normal((16, 40)).astype(np.float32))
+    optimizer = make_optimizer()
+
+    def gradients():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.sin(tf.matmul(x, w.value) + b.value))
+        return tape.gradient(loss, [w.value, b.value])
+
+    for _ in range(steps_before):
+        optimizer.apply(gradients(), [w, b])
+    at_freeze = w.numpy().copy()
+    if freeze:
+        optimizer = BlockFreeze(optimizer, [(w, GRAD_MASK)], block_size=BLOCK)
+    trainable = tf.constant((~FROZEN).astype(np.float32))
+
+    def step():
+        grad_w, grad_b = gradients()
+        optimizer.apply([grad_w * trainable, grad_b], [w, b])
+        if pin_frozen:
+            w.assign(tf.where(FROZEN, at_freeze, w.value))
+
+    step = tf.function(step) if graph else step
+    for _ in range(steps_after):
+        step()
+    return at_freeze, w.numpy(), b.numpy()
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf.function"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_frozen_entries_stay_bit_exact_and_the_rest_trains_as_the_reference(name, graph):
+    at_freeze, frozen_run, frozen_bias = train(OPTIMIZERS[name], freeze=True, graph=graph)
+    _, reference_run, reference_bias = train(OPTIMIZERS[name], freeze=False, graph=graph, pin_frozen=True)
+    np.testing.assert_array_equal(frozen_run[FROZEN], at_freeze[FROZEN])
+    np.testing.assert_allclose(frozen_run[~FROZEN], reference_run[~FROZEN], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(frozen_bias, reference_bias, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(frozen_run[~FROZEN], at_freeze[~FROZEN])
+
+
+@pytest.mark.parametrize("name", ["momentum", "adam", "adamw"])
+def test_the_naive_recipe_moves_frozen_weights_and_block_freeze_does_not(name):
+    """The pitfall: multiplying gradients by the mask is not freezing when the
+    optimizer carries momentum or decays weights."""
+    at_freeze, naive, _ = train(OPTIMIZERS[name], freeze=False, graph=False, steps_after=5)
+    assert np.abs(naive[FROZEN] - at_freeze[FROZEN]).max() > 1e-4
+    at_freeze, frozen, _ = train(OPTIMIZERS[name], freeze=True, graph=False, steps_after=5)
+    np.testing.assert_array_equal(frozen[FROZEN], at_freeze[FROZEN])
+
+
+def frozen_model():
+    inputs = keras.Input((40,))
+    hidden = MaskedDense(24, block_size=BLOCK, activation="tanh", grad_mask=GRAD_MASK, name="hidden")(inputs)
+    outputs = MaskedDense(3, block_size=8, grad_mask_granularity="element", name="out")(hidden)
+    model = keras.Model(inputs, outputs)
+    out = model.get_layer("out")
+    out_mask = np.ones((24, 3), np.float32)
+    out_mask[:8] = 0
+    out.set_grad_mask(out_mask)
+    return model
+
+
+def test_model_fit_with_masks_read_from_the_layers():
+    rng = np.random.default_rng(1)
+    model = frozen_model()
+    model.compile(optimizer=BlockFreeze(keras.optimizers.AdamW(0.01, weight_decay=0.05), model), loss="mse")
+    x = rng.standard_normal((64, 40)).astype(np.float32)
+    y = rng.standard_normal((64, 3)).astype(np.float32)
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)  # moments everywhere, frozen or not
+    hidden = model.get_layer("hidden").kernel.numpy().copy()
+    out = model.get_layer("out").kernel.numpy().copy()
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+    np.testing.assert_array_equal(model.get_layer("hidden").kernel.numpy()[FROZEN], hidden[FROZEN])
+    np.testing.assert_array_equal(model.get_layer("out").kernel.numpy()[:8], out[:8])
+    assert not np.allclose(model.get_layer("out").kernel.numpy()[8:], out[8:])
+
+
+def test_checkpoint_round_trip_keeps_optimizer_state_and_freezing(tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((32, 40)).astype(np.float32)
+    y = rng.standard_normal((32, 3)).astype(np.float32)
+    model = frozen_model()
+    optimizer = BlockFreeze(keras.optimizers.Adam(0.01), model)
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    path = tf.train.Checkpoint(model=model, optimizer=optimizer).save(os.path.join(tmp_path, "ckpt"))
+
+    restored = frozen_model()
+    restored_optimizer = BlockFreeze(keras.optimizers.Adam(0.01), restored)
+    restored.compile(optimizer=restored_optimizer, loss="mse")
+    restored_optimizer.build(restored.trainable_variables)
+    tf.train.Checkpoint(model=restored, optimizer=restored_optimizer).restore(path).assert_existing_objects_matched()
+    assert int(restored_optimizer.iterations.numpy()) == int(optimizer.iterations.numpy())
+    for mine, theirs in zip(optimizer.variables, restored_optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+    hidden = restored.get_layer("hidden").kernel.numpy().copy()
+    restored.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    np.testing.assert_array_equal(restored.get_layer("hidden").kernel.numpy()[FROZEN], hidden[FROZEN])
+
+
+def test_block_freeze_serializes_with_its_inner_optimizer():
+    optimizer = BlockFreeze(keras.optimizers.Adam(0.003, beta_1=0.8), block_size=(4, 8))
+    clone = BlockFreeze.from_config(optimizer.get_config())
+    assert isinstance(clone.inner_optimizer, keras.optimizers.Adam)
+    assert clone.inner_optimizer.beta_1 == 0.8 and clone.block_size == (4, 8)
+    np.testing.assert_allclose(float(clone.learning_rate), 0.003)
+
+
+@pytest.mark.parametrize("mode", ["assign", "add", "sub"])
+@pytest.mark.parametrize("level", ["block", "element"])
+def test_masked_update_writes_live_entries_only(mode, level):
+    rng = np.random.default_rng(3)
+    start = rng.standard_normal((2, 40, 24)).astype(np.float32)
+    value = rng.standard_normal((2, 40, 24)).astype(np.float32)
+    mask = GRAD_MASK if level == "block" else np.broadcast_to(element_mask(GRAD_MASK, (40, 24), BLOCK), (2, 40, 24)) * (
+        rng.random((2, 40, 24)) < 0.7)
+    live = np.broadcast_to(element_mask(GRAD_MASK, (40, 24), BLOCK), (2, 40, 24)) != 0 if level == "block" else mask != 0
+    value[~live] = np.nan  # never read where frozen
+    variable = tf.Variable(start)
+    masked_update(variable, value, mask, block_size=BLOCK, mode=mode)
+    expected = start.copy()
+    expected[live] = {"assign": value, "add": start + value, "sub": start - value}[mode][live]
+    np.testing.assert_array_equal(variable.numpy(), expected)
+
+
+def test_masked_update_does_not_show_through_an_earlier_read():
+    variable = tf.Variable(np.zeros((4, 4), np.float32))
+    before = variable.read_value()
+    masked_update(variable, np.ones((4, 4), np.float32), np.ones((1, 1)), block_size=4, mode="add")
+    np.testing.assert_array_equal(before.numpy(), np.zeros((4, 4)))
+    np.testing.assert_array_equal(variable.numpy(), np.ones((4, 4)))
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_masked_update_rejects_bad_shapes(graph):
+    variable = tf.Variable(np.zeros((4, 6), np.float32))
+
+    def call(value_shape, mask_shape):
+        update = lambda: masked_update(variable, tf.zeros(value_shape), tf.ones(mask_shape), block_size=4)
+        return tf.function(update)() if graph else update()
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="value must have the variable's shape"):
+        call((6, 4), (1, 2))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="mask must be element-level"):
+        call((4, 6), (2, 2))
