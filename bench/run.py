@@ -18,6 +18,7 @@ override them:
   quick   what `make bench` runs: 512x1024x1024, densities 1, 0.5, 0.25, 0.1,
           block 32, forward and train
   conv    masked_conv2d's cases: see bench/conv_suite.py
+  freeze  freezing weight blocks (grad_mask, BlockFreeze): see bench/freeze_suite.py
   matmul  the full sweep: 512x2048x2048, 8x4096x4096 and 4096x1024x4096,
           densities 1, 0.5, 0.25, 0.1, 0.05, blocks 16, 32 and 64, forward and
           train, plus the peak-memory table
@@ -110,8 +111,9 @@ def parse_args(argv):
             for name, suite in SUITES.items()
         ),
     )
-    # "conv" is dispatched to conv_suite.py before this parser runs; listed for --help.
-    parser.add_argument("--suite", choices=[*SUITES, "conv"], default="quick", help="default: %(default)s")
+    # "conv" and "freeze" are dispatched to conv_suite.py and freeze_suite.py
+    # before this parser runs; listed for --help.
+    parser.add_argument("--suite", choices=[*SUITES, "conv", "freeze"], default="quick", help="default: %(default)s")
     parser.add_argument("--shapes", help="comma-separated MxKxN list")
     parser.add_argument("--densities", help="comma-separated fractions of live blocks")
     parser.add_argument("--block-sizes", "--block-size", dest="block_sizes",
@@ -569,9 +571,14 @@ if __name__ == "__main__":
     if sys.argv[1:2] == [MEMORY_PROBE_FLAG]:
         print(memory_probe(*sys.argv[2:]))
     elif requested_suite(sys.argv[1:]) == "conv":
-        # The conv suite has cases of its own, not shapes x blocks x densities.
+        # The conv and freeze suites have cases of their own, not shapes x
+        # blocks x densities.
         import conv_suite
 
         conv_suite.main(sys.argv[1:], sys.modules[__name__])
+    elif requested_suite(sys.argv[1:]) == "freeze":
+        import freeze_suite
+
+        freeze_suite.main(sys.argv[1:], sys.modules[__name__])
     else:
         main(sys.argv[1:])

@@ -282,14 +282,24 @@ void MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy,
 
   // Blocks outside every computed pair are zero now; the others are zeroed,
   // if dead, by the mask pass.
-  parallel_for(grid_rows * grid_cols, pr * pc, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t i = b / grid_cols;
-      const int64_t j = b % grid_cols;
-      if (gemm_live[i * gemm_cols + j / pair]) continue;
-      for (int64_t r = 0; r < grid.rows_in(i); ++r) {
-        std::fill_n(dw + (grid.row_begin(i) + r) * shape.n + grid.col_begin(j), grid.cols_in(j),
-                    T(0));
+  // Each row is filled a run of neighbouring such blocks at a time: at low
+  // density that is most of dw, and one fill per block row piece would cost
+  // more in calls than in stores.
+  parallel_for(grid_rows, pr * shape.n, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = 0; j < grid_cols;) {
+        if (gemm_live[i * gemm_cols + j / pair]) {
+          ++j;
+          continue;
+        }
+        int64_t run_end = j + 1;
+        while (run_end < grid_cols && !gemm_live[i * gemm_cols + run_end / pair]) ++run_end;
+        const int64_t first_col = grid.col_begin(j);
+        const int64_t cols = grid.col_begin(run_end - 1) + grid.cols_in(run_end - 1) - first_col;
+        for (int64_t r = 0; r < grid.rows_in(i); ++r) {
+          std::fill_n(dw + (grid.row_begin(i) + r) * shape.n + first_col, cols, T(0));
+        }
+        j = run_end;
       }
     }
   });
