@@ -10,8 +10,10 @@ Phases:
         grad_mask (frozen blocks never computed); baseline = the dense
         gradient times the mask, as the usual recipe gets it;
   step  a whole training step with Adam (the forward pass, the gradients for
-        x and the weights, the update): fused = MaskedDense / MaskedConv2D's
-        op with an all-live weight mask and grad_mask, then
+        x and the weights, the update): fused = masked_matmul /
+        masked_conv2d without a weight mask and with grad_mask (what
+        MaskedDense / MaskedConv2D(use_mask=False) run: TensorFlow's forward
+        and input gradient, the masked weight gradient), then
         BlockFreeze(Adam); baseline = tf.matmul / tf.nn.conv2d, the full
         backward, grads * mask, then Adam (which still moves frozen weights).
 Timing interleaves fused and baseline as the other suites do; target = 0.8 / f
@@ -61,7 +63,6 @@ def dense_case(fraction, rng):
     weights = [keras.Variable(rng.standard_normal(shape).astype(np.float32) / 64) for _ in range(DENSE_LAYERS)]
     grad_masks = [block_mask(rng, grid, fraction) for _ in range(DENSE_LAYERS)]
     element_masks = [tf.constant(expand(m, shape)) for m in grad_masks]
-    all_live = tf.ones(grid)
     x = tf.constant(rng.standard_normal((DENSE_BATCH, DENSE_WIDTH)).astype(np.float32))
     target = tf.constant(rng.standard_normal((DENSE_BATCH, DENSE_WIDTH)).astype(np.float32))
     # The phase's inputs: each layer's input and output gradient, fixed.
@@ -87,8 +88,7 @@ def dense_case(fraction, rng):
     def fused_step():
         with tf.GradientTape() as tape:
             tape.watch(x)
-            loss = network(lambda h, w, i: masked_ops.masked_matmul(h, w, all_live, block_size=BLOCK,
-                                                                    grad_mask=grad_masks[i]))
+            loss = network(lambda h, w, i: masked_ops.masked_matmul(h, w, block_size=BLOCK, grad_mask=grad_masks[i]))
         dx, *grads = tape.gradient(loss, [x, *weights])
         fused_optimizer.apply(grads, weights)
         return tf.reshape(loss, (1, 1)), dx
@@ -121,7 +121,6 @@ def conv_case(fraction, rng):
     w = keras.Variable(rng.standard_normal(shape).astype(np.float32) / 48)
     grad_mask = block_mask(rng, grid, fraction)
     element = tf.constant(expand(grad_mask, shape))
-    all_live = tf.ones(grid)
     x = tf.constant(rng.standard_normal((*CONV_SHAPE, CONV_CHANNELS)).astype(np.float32))
     dy = tf.constant(rng.standard_normal((*CONV_SHAPE, CONV_CHANNELS)).astype(np.float32))
     no_output_mask = tf.zeros([0], tf.bool)
@@ -132,7 +131,7 @@ def conv_case(fraction, rng):
     def fused_step():
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = masked_ops.masked_conv2d(x, w, all_live, padding="SAME", channel_block=BLOCK, grad_mask=grad_mask)
+            y = masked_ops.masked_conv2d(x, w, padding="SAME", channel_block=BLOCK, grad_mask=grad_mask)
             loss = tf.reduce_sum(y * dy)
         dx, grad = tape.gradient(loss, [x, w])
         fused_optimizer.apply([grad], [w])

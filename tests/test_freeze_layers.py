@@ -136,3 +136,33 @@ def test_conv_layer_gradient_frozen_by_element_grad_mask():
     assert layer.grad_mask_granularity == "element"
     assert np.all(gradient[grad_mask == 0] == 0)
     assert np.count_nonzero(gradient[grad_mask != 0]) > 0.9 * np.count_nonzero(grad_mask)
+
+
+def test_layers_without_a_weight_mask_match_keras_and_still_freeze(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 9, 9, 16)).astype(np.float32)
+    inputs = keras.Input((9, 9, 16))
+    conv = MaskedConv2D(32, 3, padding="same", channel_block=16, use_mask=False, grad_mask_granularity="block",
+                        name="conv")
+    dense = MaskedDense(8, block_size=16, use_mask=False, grad_mask=np.array([[0.0], [1.0]]), name="dense")
+    outputs = dense(keras.layers.GlobalAveragePooling2D()(conv(inputs)))
+    model = keras.Model(inputs, outputs)
+    assert conv.mask is None and dense.mask is None
+    with pytest.raises(ValueError, match="use_mask=False"):
+        dense.set_mask(np.ones((2, 1)))
+    plain_conv = keras.layers.Conv2D(32, 3, padding="same")
+    plain_conv.build((None, 9, 9, 16))
+    plain_conv.set_weights(conv.get_weights()[:2])
+    np.testing.assert_array_equal(conv(x).numpy(), plain_conv(x).numpy())
+    conv.set_grad_mask(np.array([[1.0, 0.0]]))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.sin(model(x)))
+    conv_grad, dense_grad = tape.gradient(loss, [conv.kernel, dense.kernel])
+    assert np.all(conv_grad.numpy()[..., 16:] == 0) and np.any(conv_grad.numpy()[..., :16] != 0)
+    assert np.all(dense_grad.numpy()[:16] == 0) and np.any(dense_grad.numpy()[16:] != 0)
+    path = os.path.join(tmp_path, "no_mask.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.get_layer("conv").mask is None and not loaded.get_layer("conv").use_mask
+    np.testing.assert_array_equal(loaded.get_layer("conv").grad_mask.numpy(), [[1.0, 0.0]])
+    np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-6, atol=1e-6)

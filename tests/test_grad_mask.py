@@ -158,3 +158,53 @@ def test_conv_grad_mask_without_a_filter_mask():
     _, _, reference = tape_gradients(lambda x, f: tf.nn.conv2d(x, f, 1, "SAME"), x, filters, tf.ones((1, 6, 6, 32)))
     np.testing.assert_allclose(dfilters[:, :, :16, :16], reference[:, :, :16, :16], rtol=1e-5, atol=1e-4)
     assert np.all(dfilters.numpy()[:, :, 16:, :] == 0) and np.all(dfilters.numpy()[:, :, :, 16:] == 0)
+
+
+@pytest.mark.parametrize("x_shape", [(6, 40), (2, 3, 40), (40,)], ids=["2d", "3d", "1d"])
+def test_matmul_without_a_weight_mask_uses_the_dense_product(x_shape):
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.standard_normal(x_shape).astype(np.float32))
+    w = tf.constant(rng.standard_normal((40, 24)).astype(np.float32))
+    dy = tf.constant(rng.standard_normal((*x_shape[:-1], 24)).astype(np.float32))
+    grad_mask = random_block_mask(rng, (3, 3), 0.5)
+    y, dx, dw = tape_gradients(
+        lambda x, w: masked_ops.masked_matmul(x, w, block_size=MATMUL_BLOCK, grad_mask=grad_mask), x, w, dy)
+    y_ref, dx_ref, dw_ref = tape_gradients(lambda x, w: tf.tensordot(x, w, 1), x, w, dy)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-5)
+    frozen_factor = element_mask(grad_mask, (40, 24), MATMUL_BLOCK)
+    np.testing.assert_allclose(dw, dw_ref * frozen_factor, rtol=1e-5, atol=1e-5)
+    assert np.all(dw.numpy()[frozen_factor == 0] == 0)
+    np.testing.assert_allclose(masked_ops.masked_matmul(x, w), y_ref, rtol=1e-6, atol=1e-5)
+
+
+EXPLICIT = [[0, 0], [2, 1], [0, 3], [0, 0]]
+
+
+# TensorFlow's own CPU convolution has no gradient for explicit padding with
+# dilations, so the reference cannot take that case.
+@pytest.mark.parametrize(
+    "padding, strides, dilations",
+    [(p, s, d) for p in ("SAME", "VALID", EXPLICIT) for s, d in ((1, 1), (2, 1), (1, 2)) if not (p is EXPLICIT and d > 1)],
+    ids=lambda v: "explicit" if v is EXPLICIT else str(v),
+)
+def test_conv_without_a_filter_mask_uses_tensorflows_convolution(padding, strides, dilations):
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.standard_normal((2, 11, 9, 32)).astype(np.float32))
+    filters = tf.constant(rng.standard_normal((3, 3, 32, 16)).astype(np.float32))
+    grad_mask = conv_element_mask(np.array([[1.0], [0.0]]), (3, 3, 32, 16), (16, 16)) * (rng.random((3, 3, 1, 16)) < 0.6)
+    reference = lambda x, f: tf.nn.conv2d(x, f, strides, padding, dilations=dilations)  # noqa: E731
+    dy = tf.constant(rng.standard_normal(reference(x, filters).shape).astype(np.float32))
+    kwargs = {"strides": strides, "padding": padding, "dilations": dilations, "channel_block": 16}
+    y, dx, dfilters = tape_gradients(
+        lambda x, f: masked_ops.masked_conv2d(x, f, grad_mask=grad_mask, **kwargs), x, filters, dy)
+    y_ref, dx_ref, df_ref = tape_gradients(reference, x, filters, dy)
+    rtol, atol = tolerance(np.float32, 2 * 11 * 9)
+    if dilations == 1:
+        np.testing.assert_array_equal(y.numpy(), y_ref.numpy())
+        np.testing.assert_array_equal(dx.numpy(), dx_ref.numpy())
+    else:  # dilated: the masked kernels with every block live
+        np.testing.assert_allclose(y.numpy(), y_ref.numpy(), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(dx.numpy(), dx_ref.numpy(), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(dfilters.numpy(), df_ref.numpy() * grad_mask, rtol=rtol, atol=atol)
+    assert np.all(dfilters.numpy()[grad_mask == 0] == 0)

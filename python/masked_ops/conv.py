@@ -70,7 +70,9 @@ def masked_conv2d(
       filters: `[filter_height, filter_width, in_channels, out_channels]`.
       mask: element-level (the filters' shape) or channel-block-level
         `[ceil(in_channels / bi), ceil(out_channels / bo)]` with `(bi, bo) =
-        channel_block`, any real or bool dtype; None keeps every filter.
+        channel_block`, any real or bool dtype; None keeps every filter (and,
+        without an output mask, runs TensorFlow's own convolution and input
+        gradient, for freezing with `grad_mask` alone).
         Filter entries where it is 0 contribute exactly 0, even if they hold
         NaN or Inf. A block of bi x bo channels at one tap of the window whose
         mask is all zero is never read or multiplied, forward or backward.
@@ -104,12 +106,17 @@ def masked_conv2d(
     with tf.name_scope(name or "masked_conv2d"):
         x = tf.convert_to_tensor(x)
         filters = tf.convert_to_tensor(filters, dtype_hint=x.dtype)
+        use_output_mask = output_mask is not None
+        # TensorFlow's CPU input gradient takes no dilations (tf.nn.conv2d
+        # goes through space-to-batch for them): those stay on the masked kernels.
+        if mask is None and not use_output_mask and (dilation_h, dilation_w) == (1, 1):
+            return _dense_conv2d(x, filters, grad_mask, padding_mode, explicit_paddings,
+                                 (stride_h, stride_w), (dilation_h, dilation_w), (in_block, out_block))
         if mask is None:
             channels = tf.shape(filters, out_type=tf.int64)[2:]
             blocks = (channels + [in_block - 1, out_block - 1]) // [in_block, out_block]
             mask = tf.ones(blocks, tf.bool)
         mask = tf.convert_to_tensor(mask)
-        use_output_mask = output_mask is not None
         output_mask = tf.convert_to_tensor(output_mask) if use_output_mask else tf.zeros([0], tf.bool)
         attrs = {
             "strides": [stride_h, stride_w],
@@ -143,6 +150,41 @@ def masked_conv2d(
             return _ops.masked_ops_masked_conv2d(x, filters, mask, output_mask, **attrs), grad
 
         return frozen_conv2d(x, filters)
+
+
+def _dense_conv2d(x, filters, grad_mask, padding_mode, explicit_paddings, strides, dilations, channel_block):
+    """tf.nn.conv2d, and with grad_mask, its filter gradient by the masked
+    kernel (frozen blocks never computed) while the input gradient is
+    TensorFlow's own."""
+    nhwc = lambda pair: [1, pair[0], pair[1], 1]  # noqa: E731
+    paddings = [0, 0, *explicit_paddings, 0, 0] if padding_mode == "EXPLICIT" else []
+    padding = padding_mode if padding_mode != "EXPLICIT" else [[0, 0], explicit_paddings[:2], explicit_paddings[2:], [0, 0]]
+
+    def forward(x, filters):
+        return tf.nn.conv2d(x, filters, nhwc(strides), padding, dilations=nhwc(dilations))
+
+    if grad_mask is None:
+        return forward(x, filters)
+    filter_mask = weight_gradient_mask(None, grad_mask, filters.shape, None, filters.dtype)
+    attrs = {
+        "strides": list(strides), "dilations": list(dilations), "padding": padding_mode,
+        "explicit_paddings": explicit_paddings, "in_channel_block": channel_block[0],
+        "out_channel_block": channel_block[1], "tile_height": 1, "tile_width": 1, "use_output_mask": False,
+    }
+
+    @tf.custom_gradient
+    def frozen_conv2d(x, filters):
+        def grad(dy):
+            dx = tf.raw_ops.Conv2DBackpropInput(
+                input_sizes=tf.shape(x), filter=filters, out_backprop=dy, strides=nhwc(strides),
+                padding=padding_mode, explicit_paddings=paddings, dilations=nhwc(dilations),
+            )
+            no_output_mask = tf.zeros([0], tf.bool)
+            return dx, _ops.masked_ops_masked_conv2d_grad_filter(x, filters, filter_mask, no_output_mask, dy, **attrs)
+
+        return forward(x, filters), grad
+
+    return frozen_conv2d(x, filters)
 
 
 # dx and dfilters are ops of their own that skip the same filter blocks and

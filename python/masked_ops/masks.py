@@ -28,14 +28,17 @@ def expand_filter_block_mask(block_mask, filter_shape, channel_block):
 
 def weight_gradient_mask(mask, grad_mask, element_shape, expand_block_mask, dtype):
     """The mask that gives `(x^T dy) * mask * grad_mask` where both are non-zero
-    and exact zeros elsewhere, when handed to a weight-gradient op.
+    and exact zeros elsewhere, when handed to a weight-gradient op (mask None:
+    no weight mask).
 
     Block-level when both masks are, else element-level (the block-level one
     expanded by `expand_block_mask`). A mask is element-level when its shape
     is the weight's, `element_shape`; shapes must be static.
     """
-    mask = tf.convert_to_tensor(mask)
     grad_mask = tf.convert_to_tensor(grad_mask)
+    if mask is None:
+        return tf.where(is_live(grad_mask), tf.cast(grad_mask, dtype), tf.zeros(grad_mask.shape, dtype))
+    mask = tf.convert_to_tensor(mask)
     element_shape = tuple(element_shape)
     for name, value in (("mask", mask), ("grad_mask", grad_mask)):
         if not value.shape.is_fully_defined():

@@ -39,7 +39,15 @@ def expand_block_mask(block_mask, shape, block_size=(32, 32)):
     return expand_matrix_block_mask(block_mask, shape, normalize_block_size(block_size))
 
 
-def masked_matmul(x, w, mask, *, block_size=(32, 32), grad_mask=None, name=None):
+def _dense_product(x, w):
+    return tf.tensordot(x, w, 1) if x.shape.rank == 1 else tf.matmul(x, w)
+
+
+def _dense_product_grad_input(dy, w):
+    return tf.tensordot(dy, w, [[0], [1]]) if dy.shape.rank == 1 else tf.matmul(dy, w, transpose_b=True)
+
+
+def masked_matmul(x, w, mask=None, *, block_size=(32, 32), grad_mask=None, name=None):
     """`x @ where(mask != 0, w * mask, 0)`, skipping all-zero blocks of `mask`.
 
     Args:
@@ -48,7 +56,9 @@ def masked_matmul(x, w, mask, *, block_size=(32, 32), grad_mask=None, name=None)
       mask: element-level `[k, n]` or block-level
         `[ceil(k / block_rows), ceil(n / block_cols)]`, any real or bool dtype.
         Entries where it is 0 contribute exactly 0, even if `w` holds NaN or
-        Inf there; other entries scale `w` by the mask value.
+        Inf there; other entries scale `w` by the mask value. None: no weight
+        mask, and the product and its gradient for `x` are TensorFlow's dense
+        ones (for freezing with `grad_mask` alone).
       block_size: `(block_rows, block_cols)` or an int for square blocks. Work
         is skipped per block, so a block whose mask is all zero costs nothing,
         forward and backward.
@@ -65,10 +75,13 @@ def masked_matmul(x, w, mask, *, block_size=(32, 32), grad_mask=None, name=None)
     with tf.name_scope(name or "masked_matmul"):
         x = tf.convert_to_tensor(x)
         w = tf.convert_to_tensor(w, dtype_hint=x.dtype)
-        mask = tf.convert_to_tensor(mask)
         attrs = {"block_rows": rows, "block_cols": cols}
-        if grad_mask is None:
-            return _ops.masked_ops_masked_matmul(x, w, mask, **attrs)
+        if mask is None and grad_mask is None:
+            return _dense_product(x, w)
+        if mask is not None:
+            mask = tf.convert_to_tensor(mask)
+            if grad_mask is None:
+                return _ops.masked_ops_masked_matmul(x, w, mask, **attrs)
         weight_mask = weight_gradient_mask(
             mask, grad_mask, w.shape, lambda m: expand_matrix_block_mask(m, w.shape, (rows, cols)), w.dtype
         )
@@ -76,12 +89,14 @@ def masked_matmul(x, w, mask, *, block_size=(32, 32), grad_mask=None, name=None)
         @tf.custom_gradient
         def frozen_matmul(x, w):
             def grad(dy):
-                return (
-                    _ops.masked_ops_masked_matmul_grad_input(dy, w, mask, **attrs),
-                    _ops.masked_ops_masked_matmul_grad_weight(x, dy, weight_mask, **attrs),
-                )
+                if mask is None:
+                    dx = _dense_product_grad_input(dy, w)
+                else:
+                    dx = _ops.masked_ops_masked_matmul_grad_input(dy, w, mask, **attrs)
+                return dx, _ops.masked_ops_masked_matmul_grad_weight(x, dy, weight_mask, **attrs)
 
-            return _ops.masked_ops_masked_matmul(x, w, mask, **attrs), grad
+            y = _dense_product(x, w) if mask is None else _ops.masked_ops_masked_matmul(x, w, mask, **attrs)
+            return y, grad
 
         return frozen_matmul(x, w)
 

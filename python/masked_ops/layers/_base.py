@@ -29,7 +29,9 @@ class MaskedKernelLayer(keras.layers.Layer):
     bias_size)` from build and `_bias_and_activation(outputs)` at the end of
     call.
 
-    The mask is always a weight (ones by default). The grad_mask weight exists
+    The mask is a weight (ones by default) unless the layer is made with
+    `use_mask=False`: then it has none (`mask` is None) and runs TensorFlow's
+    dense product and input gradient, for freezing alone. The grad_mask weight exists
     when the layer is made with `grad_mask` or `grad_mask_granularity`, or
     `set_grad_mask` is called before build: it freezes the kernel's entries
     where it is zero (their gradient is exactly 0 and never computed).
@@ -38,6 +40,7 @@ class MaskedKernelLayer(keras.layers.Layer):
     def __init__(
         self,
         *,
+        use_mask,
         mask,
         mask_granularity,
         grad_mask,
@@ -64,7 +67,11 @@ class MaskedKernelLayer(keras.layers.Layer):
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self._mask_ranks = mask_ranks
-        self._mask_slot = _MaskSlot("mask", mask_granularity, self._as_float_mask(mask))
+        self.use_mask = bool(use_mask)
+        if not self.use_mask and (mask is not None or mask_granularity is not None):
+            raise ValueError("a layer made with use_mask=False takes no mask or mask_granularity")
+        self._mask_slot = _MaskSlot("mask", mask_granularity, self._as_float_mask(mask)) if self.use_mask else None
+        self.mask = None
         wants_grad_mask = grad_mask is not None or grad_mask_granularity is not None
         self._grad_mask_slot = (
             _MaskSlot("grad_mask", grad_mask_granularity, self._as_float_mask(grad_mask)) if wants_grad_mask else None
@@ -73,7 +80,7 @@ class MaskedKernelLayer(keras.layers.Layer):
 
     @property
     def mask_granularity(self):
-        return self._mask_slot.granularity
+        return None if self._mask_slot is None else self._mask_slot.granularity
 
     @property
     def grad_mask_granularity(self):
@@ -103,7 +110,8 @@ class MaskedKernelLayer(keras.layers.Layer):
             if self.use_bias
             else None
         )
-        self.mask = self._build_mask(self._mask_slot)
+        if self._mask_slot is not None:
+            self.mask = self._build_mask(self._mask_slot)
         if self._grad_mask_slot is not None:
             self.grad_mask = self._build_mask(self._grad_mask_slot)
 
@@ -132,6 +140,8 @@ class MaskedKernelLayer(keras.layers.Layer):
         its blocks; an element-level mask cannot be stored in a block-granularity
         layer (build the layer with `mask_granularity="element"`).
         """
+        if self._mask_slot is None:
+            raise ValueError(f"layer {self.name!r} was made with use_mask=False and has no mask")
         self._set(self._mask_slot, self.mask if self.built else None, mask)
 
     def set_grad_mask(self, grad_mask):
@@ -187,6 +197,7 @@ class MaskedKernelLayer(keras.layers.Layer):
         config = super().get_config()
         config.update(
             {
+                "use_mask": self.use_mask,
                 "mask_granularity": self.mask_granularity,
                 "grad_mask_granularity": self.grad_mask_granularity,
                 "activation": keras.activations.serialize(self.activation),

@@ -35,7 +35,7 @@ class MaskedConv2D(MaskedKernelLayer):
       mask: optional initial mask, element- or block-level. Its shape picks
         the granularity when `mask_granularity` is not given.
       mask_granularity: "block" or "element"; fixes the mask weight's shape.
-      grad_mask, grad_mask_granularity: freezing, as in `MaskedDense`.
+      use_mask, grad_mask, grad_mask_granularity: as in `MaskedDense`.
     """
 
     def __init__(
@@ -59,6 +59,7 @@ class MaskedConv2D(MaskedKernelLayer):
         *,
         channel_block=(32, 32),
         tile=(8, 8),
+        use_mask=True,
         mask=None,
         mask_granularity=None,
         grad_mask=None,
@@ -66,6 +67,7 @@ class MaskedConv2D(MaskedKernelLayer):
         **kwargs,
     ):
         super().__init__(
+            use_mask=use_mask,
             mask=mask,
             mask_granularity=mask_granularity,
             grad_mask=grad_mask,

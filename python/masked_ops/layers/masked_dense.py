@@ -24,6 +24,9 @@ class MaskedDense(MaskedKernelLayer):
       mask: optional initial mask, element- or block-level. Its shape picks the
         granularity when `mask_granularity` is not given.
       mask_granularity: "block" or "element"; fixes the mask weight's shape.
+      use_mask: False for a layer without a weight mask (`mask` is None), which
+        multiplies with TensorFlow's dense kernels and can still freeze blocks
+        with grad_mask.
       grad_mask: optional initial grad_mask (1 trainable, 0 frozen), element- or
         block-level; frozen kernel entries get exactly zero gradient, and
         blocks frozen throughout are never computed in the backward pass.
@@ -37,6 +40,7 @@ class MaskedDense(MaskedKernelLayer):
         units,
         *,
         block_size=(32, 32),
+        use_mask=True,
         mask=None,
         mask_granularity=None,
         grad_mask=None,
@@ -53,6 +57,7 @@ class MaskedDense(MaskedKernelLayer):
         **kwargs,
     ):
         super().__init__(
+            use_mask=use_mask,
             mask=mask,
             mask_granularity=mask_granularity,
             grad_mask=grad_mask,
