@@ -182,3 +182,50 @@ def test_masked_update_rejects_bad_shapes(graph):
         call((6, 4), (1, 2))
     with pytest.raises(tf.errors.InvalidArgumentError, match="mask must be element-level"):
         call((4, 6), (2, 2))
+
+
+@pytest.mark.parametrize("name, fused_op", [("momentum", "MaskedOps>MaskedSgdStep"), ("adamw", "MaskedOps>MaskedAdamStep"),
+                                            ("rmsprop", None)])
+def test_frozen_variables_take_the_fused_step_where_there_is_one(name, fused_op):
+    w = keras.Variable(np.ones((40, 24), np.float32))
+    optimizer = BlockFreeze(OPTIMIZERS[name](), [(w, GRAD_MASK)], block_size=BLOCK)
+    step = tf.function(lambda grad: optimizer.apply([grad], [w]))
+    graph = step.get_concrete_function(tf.TensorSpec((40, 24), tf.float32)).graph
+    op_types = {op.type for op in graph.get_operations()}
+    if fused_op is None:
+        assert "MaskedOps>MaskedUpdateVariable" in op_types
+    else:
+        assert fused_op in op_types and "MaskedOps>MaskedUpdateVariable" not in op_types
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_fused_steps_reject_bad_inputs(graph):
+    from masked_ops.ops import _ops
+
+    variable = tf.Variable(np.zeros((4, 6), np.float32))
+    wrong = tf.Variable(np.zeros((6, 4), np.float32))
+    grad = tf.zeros((4, 6))
+    scalar = tf.constant(0.1)
+
+    def run(step):
+        def call():
+            step()  # the op, not its Operation, is the point
+
+        (tf.function(call) if graph else call)()
+
+    def adam(m, lr, mask):
+        run(lambda: _ops.masked_ops_masked_adam_step(
+            variable.handle, m.handle, variable.handle, variable.handle, grad, mask, scalar, scalar, scalar,
+            scalar, lr, scalar, amsgrad=False, block_rows=4, block_cols=4))
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="m must have grad's dtype and shape"):
+        adam(wrong, scalar, tf.ones((1, 2)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="learning_rate must be a scalar"):
+        adam(variable, tf.ones((2,)), tf.ones((1, 2)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="mask must be element-level"):
+        adam(variable, scalar, tf.ones((3, 3)))
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="momentum must have grad's dtype and shape"):
+        run(lambda: _ops.masked_ops_masked_sgd_step(
+            variable.handle, wrong.handle, grad, tf.ones((1, 2)), scalar, scalar, scalar,
+            use_momentum=True, nesterov=False, block_rows=4, block_cols=4))

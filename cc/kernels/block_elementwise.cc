@@ -1,6 +1,7 @@
 #include "cc/kernels/block_elementwise.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "cc/kernels/masked_matmul.h"
 
@@ -102,11 +103,70 @@ void MaskedUpdate(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, Up
   });
 }
 
+namespace {
+
+// Calls update(offset) for every live entry: all of a live block's entries
+// for a block mask, the live ones for an element mask.
+template <typename TMask, typename Update>
+void ForEachLiveEntry(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask,
+                      const ParallelFor& parallel_for, const Update& update) {
+  ForEachMaskBlock(outer, grid, mask, parallel_for, [&](const MaskedBlock<TMask>& block) {
+    if (!block.live) return;
+    for (int64_t r = 0; r < block.rows; ++r) {
+      const int64_t row = block.offset + r * grid.cols;
+      const TMask* m = block.element == nullptr ? nullptr : block.element + r * grid.cols;
+      for (int64_t c = 0; c < block.cols; ++c) {
+        if (m == nullptr || IsLive(m[c])) update(row + c);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+template <typename T, typename TMask>
+void MaskedAdamStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
+                    const AdamStep<T>& step, T* var, T* m, T* v, T* v_hat,
+                    const ParallelFor& parallel_for) {
+  ForEachLiveEntry(outer, grid, mask, parallel_for, [&](int64_t i) {
+    if (step.weight_decay != T(0)) var[i] -= var[i] * step.weight_decay * step.learning_rate;
+    const T g = grad[i];
+    m[i] += (g - m[i]) * step.one_minus_beta_1;
+    v[i] += (g * g - v[i]) * step.one_minus_beta_2;
+    T second = v[i];
+    if (step.amsgrad) {
+      v_hat[i] = std::max(v_hat[i], v[i]);
+      second = v_hat[i];
+    }
+    var[i] -= (m[i] * step.alpha) / (std::sqrt(second) + step.epsilon);
+  });
+}
+
+template <typename T, typename TMask>
+void MaskedSgdStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
+                   const SgdStep<T>& step, T* var, T* momentum, const ParallelFor& parallel_for) {
+  ForEachLiveEntry(outer, grid, mask, parallel_for, [&](int64_t i) {
+    if (step.weight_decay != T(0)) var[i] -= var[i] * step.weight_decay * step.learning_rate;
+    const T scaled = grad[i] * step.learning_rate;
+    if (momentum == nullptr) {
+      var[i] -= scaled;
+      return;
+    }
+    momentum[i] = momentum[i] * step.momentum - scaled;
+    var[i] += step.nesterov ? momentum[i] * step.momentum - scaled : momentum[i];
+  });
+}
+
 #define MASKED_OPS_INSTANTIATE(T, TMask)                                                       \
   template void MaskGradient<T, TMask>(int64_t, const BlockGrid&, const T*, MaskView<TMask>,    \
                                        T*, const ParallelFor&);                                 \
   template void MaskedUpdate<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, UpdateMode, \
-                                       const T*, T*, const ParallelFor&);
+                                       const T*, T*, const ParallelFor&);                       \
+  template void MaskedAdamStep<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, const T*,  \
+                                         const AdamStep<T>&, T*, T*, T*, T*,                    \
+                                         const ParallelFor&);                                   \
+  template void MaskedSgdStep<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, const T*,   \
+                                        const SgdStep<T>&, T*, T*, const ParallelFor&);
 
 MASKED_OPS_FOR_EACH_TYPE_PAIR(MASKED_OPS_INSTANTIATE)
 

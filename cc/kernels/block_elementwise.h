@@ -31,6 +31,39 @@ template <typename T, typename TMask>
 void MaskedUpdate(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, UpdateMode mode,
                   const T* value, T* var, const ParallelFor& parallel_for);
 
+// One optimizer step on the live entries only, in one pass over the live
+// blocks of the variable, its state and the gradient; frozen entries of all of
+// them are left exactly as they are, and frozen blocks are never read. The
+// arithmetic is Keras 3's, step for step (decoupled weight decay first,
+// `var -= var * weight_decay * learning_rate`, when weight_decay != 0).
+template <typename T>
+struct AdamStep {
+  T alpha;             // learning_rate * sqrt(1 - beta_2^t) / (1 - beta_1^t)
+  T one_minus_beta_1;
+  T one_minus_beta_2;
+  T epsilon;
+  T learning_rate;     // for the weight decay
+  T weight_decay;
+  bool amsgrad;        // v_hat = max(v_hat, v) divides instead of v
+};
+
+template <typename T, typename TMask>
+void MaskedAdamStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
+                    const AdamStep<T>& step, T* var, T* m, T* v, T* v_hat,
+                    const ParallelFor& parallel_for);
+
+template <typename T>
+struct SgdStep {
+  T learning_rate;
+  T momentum;  // 0: plain SGD, no momentum state
+  bool nesterov;
+  T weight_decay;
+};
+
+template <typename T, typename TMask>
+void MaskedSgdStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
+                   const SgdStep<T>& step, T* var, T* momentum, const ParallelFor& parallel_for);
+
 }  // namespace masked_ops
 
 #endif  // MASKED_OPS_CC_KERNELS_BLOCK_ELEMENTWISE_H_

@@ -1,8 +1,10 @@
 // CPU OpKernels for the block-masked elementwise ops: validate, dispatch to
 // the framework-free kernels.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "cc/kernels/block_elementwise.h"
@@ -134,6 +136,156 @@ class MaskedUpdateVariableOp : public OpKernel {
   UpdateMode mode_ = UpdateMode::kAssign;
 };
 
+// Resource variables updated in place by one op: looked up, locked (each
+// mutex once, in address order, so two ops never wait on each other), checked
+// against the gradient, and given buffers no earlier read still shares.
+class LockedVariables {
+ public:
+  // inputs[i] is the op input of the variable called names[i].
+  absl::Status Lock(OpKernelContext* ctx, const std::vector<int>& inputs,
+                    const std::vector<absl::string_view>& names, const Tensor& grad) {
+    for (const int input : inputs) {
+      tensorflow::core::RefCountPtr<tensorflow::Var> variable;
+      TF_RETURN_IF_ERROR(tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, input), &variable));
+      variables_.push_back(std::move(variable));
+    }
+    std::vector<tensorflow::mutex*> mutexes;
+    for (const auto& variable : variables_) mutexes.push_back(variable->mu());
+    std::sort(mutexes.begin(), mutexes.end());
+    mutexes.erase(std::unique(mutexes.begin(), mutexes.end()), mutexes.end());
+    for (tensorflow::mutex* mu : mutexes) locks_.emplace_back(*mu);
+    for (size_t index = 0; index < variables_.size(); ++index) {
+      Tensor* tensor = variables_[index]->tensor();
+      const absl::string_view name = names[index];
+      if (!tensor->IsInitialized()) {
+        return absl::FailedPreconditionError(absl::StrCat(name, " is not initialized"));
+      }
+      if (tensor->dtype() != grad.dtype() || tensor->shape() != grad.shape()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            name, " must have grad's dtype and shape ", tensorflow::DataTypeString(grad.dtype()), " ",
+            grad.shape().DebugString(), ", got ", tensorflow::DataTypeString(tensor->dtype()), " ",
+            tensor->shape().DebugString()));
+      }
+      TF_RETURN_IF_ERROR(Unshare(ctx, variables_[index].get()));
+    }
+    return absl::OkStatus();
+  }
+
+  template <typename T>
+  T* data(size_t index) const {
+    return variables_[index]->tensor()->template flat<T>().data();
+  }
+
+ private:
+  static absl::Status Unshare(OpKernelContext* ctx, tensorflow::Var* variable) {
+    Tensor* tensor = variable->tensor();
+    if (!variable->copy_on_read_mode.load() && tensor->RefCountIsOne()) return absl::OkStatus();
+    Tensor copy;
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensor->dtype(), tensor->shape(), &copy));
+    if (tensor->TotalBytes() > 0) std::memcpy(copy.data(), tensor->data(), tensor->TotalBytes());
+    *tensor = copy;
+    return absl::OkStatus();
+  }
+
+  std::vector<tensorflow::core::RefCountPtr<tensorflow::Var>> variables_;
+  std::vector<tensorflow::mutex_lock> locks_;
+};
+
+template <typename T>
+absl::Status ReadScalar(OpKernelContext* ctx, int input, absl::string_view name, T* value) {
+  const Tensor& tensor = ctx->input(input);
+  if (!tensorflow::TensorShapeUtils::IsScalar(tensor.shape())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " must be a scalar, got shape ", tensor.shape().DebugString()));
+  }
+  *value = tensor.scalar<T>()();
+  return absl::OkStatus();
+}
+
+// Shared by the optimizer steps: the block attrs, and the mask checked
+// against the gradient.
+template <typename Mask>
+class MaskedStepKernel : public OpKernel {
+ protected:
+  explicit MaskedStepKernel(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_rows", &block_rows_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_cols", &block_cols_));
+  }
+
+  absl::Status ViewGrad(OpKernelContext* ctx, int grad_input, MatrixStack<Mask>* stack) const {
+    return ViewMaskedStack(ctx->input(grad_input + 1), ctx->input(grad_input).shape(), "grad", block_rows_,
+                           block_cols_, stack);
+  }
+
+ private:
+  int64_t block_rows_ = 0;
+  int64_t block_cols_ = 0;
+};
+
+template <typename T, typename Mask>
+class MaskedAdamStepOp : public MaskedStepKernel<Mask> {
+ public:
+  explicit MaskedAdamStepOp(OpKernelConstruction* ctx) : MaskedStepKernel<Mask>(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("amsgrad", &amsgrad_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& grad = ctx->input(4);
+    MatrixStack<Mask> stack;
+    OP_REQUIRES_OK(ctx, this->ViewGrad(ctx, 4, &stack));
+    AdamStep<T> step;
+    step.amsgrad = amsgrad_;
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 6, "alpha", &step.alpha));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 7, "one_minus_beta_1", &step.one_minus_beta_1));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 8, "one_minus_beta_2", &step.one_minus_beta_2));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 9, "epsilon", &step.epsilon));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 10, "learning_rate", &step.learning_rate));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 11, "weight_decay", &step.weight_decay));
+    LockedVariables variables;
+    OP_REQUIRES_OK(ctx, amsgrad_ ? variables.Lock(ctx, {0, 1, 2, 3}, {"variable", "m", "v", "v_hat"}, grad)
+                                 : variables.Lock(ctx, {0, 1, 2}, {"variable", "m", "v"}, grad));
+    RunKernel(ctx, [&] {
+      MaskedAdamStep<T>(stack.outer, stack.grid, stack.mask, grad.flat<T>().data(), step,
+                        variables.data<T>(0), variables.data<T>(1), variables.data<T>(2),
+                        amsgrad_ ? variables.data<T>(3) : nullptr, IntraOpParallelFor(ctx));
+    });
+  }
+
+ private:
+  bool amsgrad_ = false;
+};
+
+template <typename T, typename Mask>
+class MaskedSgdStepOp : public MaskedStepKernel<Mask> {
+ public:
+  explicit MaskedSgdStepOp(OpKernelConstruction* ctx) : MaskedStepKernel<Mask>(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_momentum", &use_momentum_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("nesterov", &nesterov_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& grad = ctx->input(2);
+    MatrixStack<Mask> stack;
+    OP_REQUIRES_OK(ctx, this->ViewGrad(ctx, 2, &stack));
+    SgdStep<T> step;
+    step.nesterov = nesterov_;
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 4, "learning_rate", &step.learning_rate));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 5, "momentum_factor", &step.momentum));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 6, "weight_decay", &step.weight_decay));
+    LockedVariables variables;
+    OP_REQUIRES_OK(ctx, use_momentum_ ? variables.Lock(ctx, {0, 1}, {"variable", "momentum"}, grad)
+                                      : variables.Lock(ctx, {0}, {"variable"}, grad));
+    RunKernel(ctx, [&] {
+      MaskedSgdStep<T>(stack.outer, stack.grid, stack.mask, grad.flat<T>().data(), step, variables.data<T>(0),
+                       use_momentum_ ? variables.data<T>(1) : nullptr, IntraOpParallelFor(ctx));
+    });
+  }
+
+ private:
+  bool use_momentum_ = false;
+  bool nesterov_ = false;
+};
+
 }  // namespace
 
 using ::tensorflow::register_kernel::Name;
@@ -148,7 +300,17 @@ using ::tensorflow::register_kernel::Name;
                               .Device(::tensorflow::DEVICE_CPU)                          \
                               .TypeConstraint<T>("T")                                    \
                               .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),          \
-                          MaskedUpdateVariableOp<T, Mask>);
+                          MaskedUpdateVariableOp<T, Mask>);                              \
+  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedAdamStep")                               \
+                              .Device(::tensorflow::DEVICE_CPU)                          \
+                              .TypeConstraint<T>("T")                                    \
+                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),          \
+                          MaskedAdamStepOp<T, Mask>);                                    \
+  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedSgdStep")                                \
+                              .Device(::tensorflow::DEVICE_CPU)                          \
+                              .TypeConstraint<T>("T")                                    \
+                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),          \
+                          MaskedSgdStepOp<T, Mask>);
 
 MASKED_OPS_FOR_EACH_TYPE_PAIR(MASKED_OPS_REGISTER)
 

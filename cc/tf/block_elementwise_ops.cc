@@ -53,4 +53,52 @@ neither read nor written. value has the variable's shape; mask is element- or
 block-level as for MaskGradient.
 )doc");
 
+REGISTER_OP("MaskedOps>MaskedAdamStep")
+    .Input("variable: resource")
+    .Input("m: resource")
+    .Input("v: resource")
+    .Input("v_hat: resource")
+    .Input("grad: T")
+    .Input("mask: Tmask")
+    .Input("alpha: T")
+    .Input("one_minus_beta_1: T")
+    .Input("one_minus_beta_2: T")
+    .Input("epsilon: T")
+    .Input("learning_rate: T")
+    .Input("weight_decay: T")
+    .Attr("T: {float, double}")
+    .Attr(kMaskTypes)
+    .Attr("block_rows: int >= 1")
+    .Attr("block_cols: int >= 1")
+    .Attr("amsgrad: bool")
+    .SetIsStateful()
+    .SetShapeFn(tensorflow::shape_inference::NoOutputs)
+    .Doc(R"doc(
+Keras 3's Adam / AdamW step on the entries where mask != 0, in place, in one
+pass; frozen entries of the variable and of m, v, v_hat are left untouched and
+frozen blocks are never read. v_hat is read only with amsgrad.
+)doc");
+
+REGISTER_OP("MaskedOps>MaskedSgdStep")
+    .Input("variable: resource")
+    .Input("momentum: resource")
+    .Input("grad: T")
+    .Input("mask: Tmask")
+    .Input("learning_rate: T")
+    .Input("momentum_factor: T")
+    .Input("weight_decay: T")
+    .Attr("T: {float, double}")
+    .Attr(kMaskTypes)
+    .Attr("block_rows: int >= 1")
+    .Attr("block_cols: int >= 1")
+    .Attr("use_momentum: bool")
+    .Attr("nesterov: bool")
+    .SetIsStateful()
+    .SetShapeFn(tensorflow::shape_inference::NoOutputs)
+    .Doc(R"doc(
+Keras 3's SGD step (momentum, Nesterov) on the entries where mask != 0, in
+place, in one pass; frozen entries are left untouched and frozen blocks are
+never read. The momentum variable is read only with use_momentum.
+)doc");
+
 }  // namespace masked_ops

@@ -42,11 +42,14 @@ class _Freeze:
 class BlockFreeze(keras.optimizers.Optimizer):
     """Wraps a Keras optimizer so that frozen entries of chosen variables never change.
 
-    The wrapped optimizer computes its update as it always does; every write
-    it makes to a frozen variable, or to state of that variable's shape (SGD's
-    momentum, Adam's moments, AMSGrad's maximum, RMSprop's averages), and the
-    decoupled weight decay, go through a masked in-place update that leaves
-    frozen entries exactly as they were and skips frozen blocks. So frozen
+    For SGD (with momentum or Nesterov), Adam and AdamW, a frozen variable's
+    whole step (weight decay, moments, update) is one fused kernel that
+    touches only trainable entries and skips frozen blocks. For any other
+    optimizer, the wrapped optimizer computes its update as it always does, and
+    every write it makes to a frozen variable, or to state of that variable's
+    shape (AMSGrad's maximum, RMSprop's averages), and the decoupled weight
+    decay, go through a masked in-place update that leaves frozen entries
+    exactly as they were and skips frozen blocks. So frozen
     entries stay bit-exact for any number of steps, even with moments built up
     before the freeze, and trainable entries move exactly as the wrapped
     optimizer moves them. State of other shapes (Adafactor's factored moments)
@@ -143,7 +146,10 @@ class BlockFreeze(keras.optimizers.Optimizer):
         original_update_step = inner.update_step
 
         def update_step(gradient, variable, learning_rate):
-            updating.append(self._freeze_of(variable))
+            freeze = self._freeze_of(variable)
+            if freeze is not None and _fused_step(inner, freeze, gradient, variable, learning_rate):
+                return None
+            updating.append(freeze)
             try:
                 return original_update_step(gradient, variable, learning_rate)
             finally:
@@ -173,7 +179,7 @@ class BlockFreeze(keras.optimizers.Optimizer):
                 freeze = self._freeze_of(variable)
                 if freeze is None:
                     inner.assign_sub(variable, decay)
-                else:
+                elif not _has_fused_step(inner):  # else the fused step decays it
                     masked_update(variable, decay, freeze.mask, block_size=freeze.block_size, mode="sub")
 
         patches = {method: writer(method) for method in _MODES}
@@ -213,6 +219,56 @@ class BlockFreeze(keras.optimizers.Optimizer):
         config = dict(config)
         inner = keras.saving.deserialize_keras_object(config.pop("inner_optimizer"), custom_objects=custom_objects)
         return cls(inner, **config)
+
+
+def _handle(variable):
+    return (variable.value if isinstance(variable, keras.Variable) else variable).handle
+
+
+def _has_fused_step(optimizer):
+    # Exact types only: a subclass may change the update.
+    return type(optimizer) in (keras.optimizers.Adam, keras.optimizers.AdamW, keras.optimizers.SGD)
+
+
+def _fused_step(inner, freeze, gradient, variable, learning_rate):
+    """Runs inner's update of a frozen variable as one masked kernel (weight
+    decay included) when there is one for inner's type; False otherwise."""
+    if not _has_fused_step(inner) or isinstance(gradient, tf.IndexedSlices):
+        return False
+    dtype = variable.dtype
+    index = inner._get_variable_index(variable)
+    weight_decay = 0.0
+    if inner.weight_decay is not None and inner._use_weight_decay(variable):
+        weight_decay = inner.weight_decay
+    rows, cols = freeze.block_size
+    common = {"block_rows": rows, "block_cols": cols}
+    lr = tf.cast(learning_rate, dtype)
+    gradient = tf.cast(gradient, dtype)
+    mask = tf.convert_to_tensor(freeze.mask)
+    # As Keras computes them, so that live entries get the same numbers.
+    decay_lr = tf.cast(inner.learning_rate, dtype)
+    weight_decay = tf.cast(weight_decay, dtype)
+    if isinstance(inner, keras.optimizers.SGD):
+        use_momentum = inner.momentum != 0
+        momentum = inner.momentums[index] if use_momentum else variable
+        _ops.masked_ops_masked_sgd_step(
+            _handle(variable), _handle(momentum), gradient, mask, lr, tf.cast(inner.momentum, dtype),
+            weight_decay, use_momentum=use_momentum, nesterov=bool(inner.nesterov), **common,
+        )
+        return True
+    local_step = tf.cast(inner.iterations + 1, dtype)
+    beta_1_power = tf.pow(tf.cast(inner.beta_1, dtype), local_step)
+    beta_2_power = tf.pow(tf.cast(inner.beta_2, dtype), local_step)
+    alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+    m = inner._momentums[index]
+    v = inner._velocities[index]
+    v_hat = inner._velocity_hats[index] if inner.amsgrad else v
+    _ops.masked_ops_masked_adam_step(
+        _handle(variable), _handle(m), _handle(v), _handle(v_hat), gradient, mask, alpha,
+        tf.constant(1 - inner.beta_1, dtype), tf.constant(1 - inner.beta_2, dtype),
+        tf.constant(inner.epsilon, dtype), decay_lr, weight_decay, amsgrad=bool(inner.amsgrad), **common,
+    )
+    return True
 
 
 def _flatten_layers(layers):
