@@ -105,21 +105,27 @@ void MaskedUpdate(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, Up
 
 namespace {
 
-// Calls update(offset) for every live entry: all of a live block's entries
-// for a block mask, the live ones for an element mask.
-template <typename TMask, typename Update>
-void ForEachLiveEntry(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask,
-                      const ParallelFor& parallel_for, const Update& update) {
+// Calls step(first, count, element) for every row piece of every live block:
+// entries [first, first + count), with `element` their element-mask entries
+// (null for a block mask, where all of them are live).
+template <typename TMask, typename Step>
+void ForEachLiveRow(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask,
+                    const ParallelFor& parallel_for, const Step& step) {
   ForEachMaskBlock(outer, grid, mask, parallel_for, [&](const MaskedBlock<TMask>& block) {
     if (!block.live) return;
     for (int64_t r = 0; r < block.rows; ++r) {
-      const int64_t row = block.offset + r * grid.cols;
-      const TMask* m = block.element == nullptr ? nullptr : block.element + r * grid.cols;
-      for (int64_t c = 0; c < block.cols; ++c) {
-        if (m == nullptr || IsLive(m[c])) update(row + c);
-      }
+      step(block.offset + r * grid.cols, block.cols,
+           block.element == nullptr ? nullptr : block.element + r * grid.cols);
     }
   });
+}
+
+// The new values are computed for every entry of a live row piece and stored
+// only where the element mask is live (elsewhere the old value is stored back,
+// bit for bit), so that the loops have no branches and vectorize.
+template <typename T, typename TMask>
+inline T KeepFrozen(const TMask* element, int64_t c, T updated, T old) {
+  return element == nullptr || IsLive(element[c]) ? updated : old;
 }
 
 }  // namespace
@@ -128,32 +134,47 @@ template <typename T, typename TMask>
 void MaskedAdamStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
                     const AdamStep<T>& step, T* var, T* m, T* v, T* v_hat,
                     const ParallelFor& parallel_for) {
-  ForEachLiveEntry(outer, grid, mask, parallel_for, [&](int64_t i) {
-    if (step.weight_decay != T(0)) var[i] -= var[i] * step.weight_decay * step.learning_rate;
-    const T g = grad[i];
-    m[i] += (g - m[i]) * step.one_minus_beta_1;
-    v[i] += (g * g - v[i]) * step.one_minus_beta_2;
-    T second = v[i];
-    if (step.amsgrad) {
-      v_hat[i] = std::max(v_hat[i], v[i]);
-      second = v_hat[i];
+  const T decay = step.weight_decay;
+  ForEachLiveRow(outer, grid, mask, parallel_for, [&](int64_t first, int64_t count, const TMask* element) {
+    T* const w = var + first;
+    T* const m_row = m + first;
+    T* const v_row = v + first;
+    T* const v_hat_row = step.amsgrad ? v_hat + first : nullptr;
+    const T* const g = grad + first;
+    for (int64_t c = 0; c < count; ++c) {
+      const T decayed = decay != T(0) ? w[c] - w[c] * decay * step.learning_rate : w[c];
+      const T m_new = m_row[c] + (g[c] - m_row[c]) * step.one_minus_beta_1;
+      const T v_new = v_row[c] + (g[c] * g[c] - v_row[c]) * step.one_minus_beta_2;
+      const T v_hat_new = step.amsgrad ? std::max(v_hat_row[c], v_new) : v_new;
+      const T w_new = decayed - (m_new * step.alpha) / (std::sqrt(v_hat_new) + step.epsilon);
+      m_row[c] = KeepFrozen(element, c, m_new, m_row[c]);
+      v_row[c] = KeepFrozen(element, c, v_new, v_row[c]);
+      if (step.amsgrad) v_hat_row[c] = KeepFrozen(element, c, v_hat_new, v_hat_row[c]);
+      w[c] = KeepFrozen(element, c, w_new, w[c]);
     }
-    var[i] -= (m[i] * step.alpha) / (std::sqrt(second) + step.epsilon);
   });
 }
 
 template <typename T, typename TMask>
 void MaskedSgdStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
                    const SgdStep<T>& step, T* var, T* momentum, const ParallelFor& parallel_for) {
-  ForEachLiveEntry(outer, grid, mask, parallel_for, [&](int64_t i) {
-    if (step.weight_decay != T(0)) var[i] -= var[i] * step.weight_decay * step.learning_rate;
-    const T scaled = grad[i] * step.learning_rate;
-    if (momentum == nullptr) {
-      var[i] -= scaled;
-      return;
+  const T decay = step.weight_decay;
+  ForEachLiveRow(outer, grid, mask, parallel_for, [&](int64_t first, int64_t count, const TMask* element) {
+    T* const w = var + first;
+    T* const m_row = momentum == nullptr ? nullptr : momentum + first;
+    const T* const g = grad + first;
+    for (int64_t c = 0; c < count; ++c) {
+      const T decayed = decay != T(0) ? w[c] - w[c] * decay * step.learning_rate : w[c];
+      const T scaled = g[c] * step.learning_rate;
+      if (m_row == nullptr) {
+        w[c] = KeepFrozen(element, c, decayed - scaled, w[c]);
+        continue;
+      }
+      const T m_new = m_row[c] * step.momentum - scaled;
+      const T w_new = decayed + (step.nesterov ? m_new * step.momentum - scaled : m_new);
+      m_row[c] = KeepFrozen(element, c, m_new, m_row[c]);
+      w[c] = KeepFrozen(element, c, w_new, w[c]);
     }
-    momentum[i] = momentum[i] * step.momentum - scaled;
-    var[i] += step.nesterov ? momentum[i] * step.momentum - scaled : momentum[i];
   });
 }
 

@@ -33,7 +33,9 @@ void MaskedUpdate(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, Up
 
 // One optimizer step on the live entries only, in one pass over the live
 // blocks of the variable, its state and the gradient; frozen entries of all of
-// them are left exactly as they are, and frozen blocks are never read. The
+// them keep their exact bits (inside a live block of an element mask they are
+// stored back unchanged, so that the loops vectorize), and frozen blocks are
+// never read. The
 // arithmetic is Keras 3's, step for step (decoupled weight decay first,
 // `var -= var * weight_decay * learning_rate`, when weight_decay != 0).
 template <typename T>
