@@ -229,3 +229,22 @@ def test_fused_steps_reject_bad_inputs(graph):
         run(lambda: _ops.masked_ops_masked_sgd_step(
             variable.handle, wrong.handle, grad, tf.ones((1, 2)), scalar, scalar, scalar,
             use_momentum=True, nesterov=False, block_rows=4, block_cols=4))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "rmsprop"])
+def test_sparse_gradients_of_a_frozen_embedding(name):
+    rng = np.random.default_rng(6)
+    table = keras.Variable(rng.standard_normal((48, 16)).astype(np.float32))
+    frozen_rows = np.zeros((48, 16), bool)
+    frozen_rows[16:32] = True
+    optimizer = BlockFreeze(OPTIMIZERS[name](), [(table, (~frozen_rows).astype(np.float32))])
+    before = table.numpy().copy()
+    for step in range(5):
+        ids = tf.constant(rng.integers(0, 48, 12))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.sin(tf.gather(table.value, ids)))
+        grad = tape.gradient(loss, table.value)
+        assert isinstance(grad, tf.IndexedSlices)
+        optimizer.apply([grad], [table])
+    np.testing.assert_array_equal(table.numpy()[frozen_rows], before[frozen_rows])
+    assert not np.allclose(table.numpy()[~frozen_rows], before[~frozen_rows])
