@@ -178,6 +178,39 @@ void MaskedSgdStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, c
   });
 }
 
+template <typename T, typename TMask>
+void MaskedRmspropStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
+                       const RmspropStep<T>& step, T* var, T* velocity, T* momentum,
+                       T* average_grad, const ParallelFor& parallel_for) {
+  const T decay = step.weight_decay;
+  ForEachLiveRow(outer, grid, mask, parallel_for, [&](int64_t first, int64_t count, const TMask* element) {
+    T* const w = var + first;
+    T* const velocity_row = velocity + first;
+    T* const momentum_row = momentum == nullptr ? nullptr : momentum + first;
+    T* const average_row = step.centered ? average_grad + first : nullptr;
+    const T* const g = grad + first;
+    for (int64_t c = 0; c < count; ++c) {
+      const T decayed = decay != T(0) ? w[c] - w[c] * decay * step.learning_rate : w[c];
+      const T velocity_new = step.rho * velocity_row[c] + step.one_minus_rho * (g[c] * g[c]);
+      T denominator = velocity_new + step.epsilon;
+      if (step.centered) {
+        const T average_new = step.rho * average_row[c] + step.one_minus_rho * g[c];
+        denominator = velocity_new - average_new * average_new + step.epsilon;
+        average_row[c] = KeepFrozen(element, c, average_new, average_row[c]);
+      }
+      const T increment = (step.learning_rate * g[c]) / std::sqrt(denominator);
+      velocity_row[c] = KeepFrozen(element, c, velocity_new, velocity_row[c]);
+      if (momentum_row == nullptr) {
+        w[c] = KeepFrozen(element, c, decayed - increment, w[c]);
+        continue;
+      }
+      const T momentum_new = step.momentum * momentum_row[c] + increment;
+      momentum_row[c] = KeepFrozen(element, c, momentum_new, momentum_row[c]);
+      w[c] = KeepFrozen(element, c, decayed - momentum_new, w[c]);
+    }
+  });
+}
+
 #define MASKED_OPS_INSTANTIATE(T, TMask)                                                       \
   template void MaskGradient<T, TMask>(int64_t, const BlockGrid&, const T*, MaskView<TMask>,    \
                                        T*, const ParallelFor&);                                 \
@@ -187,7 +220,10 @@ void MaskedSgdStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, c
                                          const AdamStep<T>&, T*, T*, T*, T*,                    \
                                          const ParallelFor&);                                   \
   template void MaskedSgdStep<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, const T*,   \
-                                        const SgdStep<T>&, T*, T*, const ParallelFor&);
+                                        const SgdStep<T>&, T*, T*, const ParallelFor&);         \
+  template void MaskedRmspropStep<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>,         \
+                                            const T*, const RmspropStep<T>&, T*, T*, T*, T*,    \
+                                            const ParallelFor&);
 
 MASKED_OPS_FOR_EACH_TYPE_PAIR(MASKED_OPS_INSTANTIATE)
 

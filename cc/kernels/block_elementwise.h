@@ -66,6 +66,22 @@ template <typename T, typename TMask>
 void MaskedSgdStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
                    const SgdStep<T>& step, T* var, T* momentum, const ParallelFor& parallel_for);
 
+template <typename T>
+struct RmspropStep {
+  T learning_rate;
+  T rho;
+  T one_minus_rho;
+  T momentum;  // 0: no momentum state
+  T epsilon;
+  bool centered;  // keeps average_grad and divides by the centred variance
+  T weight_decay;
+};
+
+template <typename T, typename TMask>
+void MaskedRmspropStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
+                       const RmspropStep<T>& step, T* var, T* velocity, T* momentum,
+                       T* average_grad, const ParallelFor& parallel_for);
+
 }  // namespace masked_ops
 
 #endif  // MASKED_OPS_CC_KERNELS_BLOCK_ELEMENTWISE_H_

@@ -286,6 +286,52 @@ class MaskedSgdStepOp : public MaskedStepKernel<Mask> {
   bool nesterov_ = false;
 };
 
+template <typename T, typename Mask>
+class MaskedRmspropStepOp : public MaskedStepKernel<Mask> {
+ public:
+  explicit MaskedRmspropStepOp(OpKernelConstruction* ctx) : MaskedStepKernel<Mask>(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_momentum", &use_momentum_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("centered", &centered_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& grad = ctx->input(4);
+    MatrixStack<Mask> stack;
+    OP_REQUIRES_OK(ctx, this->ViewGrad(ctx, 4, &stack));
+    RmspropStep<T> step;
+    step.centered = centered_;
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 6, "learning_rate", &step.learning_rate));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 7, "rho", &step.rho));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 8, "one_minus_rho", &step.one_minus_rho));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 9, "momentum_factor", &step.momentum));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 10, "epsilon", &step.epsilon));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 11, "weight_decay", &step.weight_decay));
+    std::vector<int> inputs = {0, 1};
+    std::vector<absl::string_view> names = {"variable", "velocity"};
+    if (use_momentum_) {
+      inputs.push_back(2);
+      names.push_back("momentum");
+    }
+    if (centered_) {
+      inputs.push_back(3);
+      names.push_back("average_grad");
+    }
+    LockedVariables variables;
+    OP_REQUIRES_OK(ctx, variables.Lock(ctx, inputs, names, grad));
+    T* momentum = use_momentum_ ? variables.data<T>(2) : nullptr;
+    T* average_grad = centered_ ? variables.data<T>(use_momentum_ ? 3 : 2) : nullptr;
+    RunKernel(ctx, [&] {
+      MaskedRmspropStep<T>(stack.outer, stack.grid, stack.mask, grad.flat<T>().data(), step,
+                           variables.data<T>(0), variables.data<T>(1), momentum, average_grad,
+                           IntraOpParallelFor(ctx));
+    });
+  }
+
+ private:
+  bool use_momentum_ = false;
+  bool centered_ = false;
+};
+
 }  // namespace
 
 using ::tensorflow::register_kernel::Name;
@@ -310,7 +356,12 @@ using ::tensorflow::register_kernel::Name;
                               .Device(::tensorflow::DEVICE_CPU)                          \
                               .TypeConstraint<T>("T")                                    \
                               .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),          \
-                          MaskedSgdStepOp<T, Mask>);
+                          MaskedSgdStepOp<T, Mask>);                                     \
+  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedRmspropStep")                            \
+                              .Device(::tensorflow::DEVICE_CPU)                          \
+                              .TypeConstraint<T>("T")                                    \
+                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),          \
+                          MaskedRmspropStepOp<T, Mask>);
 
 MASKED_OPS_FOR_EACH_TYPE_PAIR(MASKED_OPS_REGISTER)
 

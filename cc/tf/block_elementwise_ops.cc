@@ -101,4 +101,31 @@ place, in one pass; frozen entries are left untouched and frozen blocks are
 never read. The momentum variable is read only with use_momentum.
 )doc");
 
+REGISTER_OP("MaskedOps>MaskedRmspropStep")
+    .Input("variable: resource")
+    .Input("velocity: resource")
+    .Input("momentum: resource")
+    .Input("average_grad: resource")
+    .Input("grad: T")
+    .Input("mask: Tmask")
+    .Input("learning_rate: T")
+    .Input("rho: T")
+    .Input("one_minus_rho: T")
+    .Input("momentum_factor: T")
+    .Input("epsilon: T")
+    .Input("weight_decay: T")
+    .Attr("T: {float, double}")
+    .Attr(kMaskTypes)
+    .Attr("block_rows: int >= 1")
+    .Attr("block_cols: int >= 1")
+    .Attr("use_momentum: bool")
+    .Attr("centered: bool")
+    .SetIsStateful()
+    .SetShapeFn(tensorflow::shape_inference::NoOutputs)
+    .Doc(R"doc(
+Keras 3's RMSprop step (momentum, centred) on the entries where mask != 0, in
+place, in one pass; frozen entries are left untouched and frozen blocks are
+never read. momentum and average_grad are read only when used.
+)doc");
+
 }  // namespace masked_ops

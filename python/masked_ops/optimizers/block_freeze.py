@@ -42,7 +42,7 @@ class _Freeze:
 class BlockFreeze(keras.optimizers.Optimizer):
     """Wraps a Keras optimizer so that frozen entries of chosen variables never change.
 
-    For SGD (with momentum or Nesterov), Adam and AdamW, a frozen variable's
+    For SGD (with momentum or Nesterov), Adam, AdamW and RMSprop, a frozen variable's
     whole step (weight decay, moments, update) is one fused kernel that
     touches only trainable entries and skips frozen blocks. For any other
     optimizer, the wrapped optimizer computes its update as it always does, and
@@ -227,7 +227,9 @@ def _handle(variable):
 
 def _has_fused_step(optimizer):
     # Exact types only: a subclass may change the update.
-    return type(optimizer) in (keras.optimizers.Adam, keras.optimizers.AdamW, keras.optimizers.SGD)
+    return type(optimizer) in (
+        keras.optimizers.Adam, keras.optimizers.AdamW, keras.optimizers.SGD, keras.optimizers.RMSprop
+    )
 
 
 def _fused_step(inner, freeze, gradient, variable, learning_rate):
@@ -254,6 +256,17 @@ def _fused_step(inner, freeze, gradient, variable, learning_rate):
         _ops.masked_ops_masked_sgd_step(
             _handle(variable), _handle(momentum), gradient, mask, lr, tf.cast(inner.momentum, dtype),
             weight_decay, use_momentum=use_momentum, nesterov=bool(inner.nesterov), **common,
+        )
+        return True
+    if isinstance(inner, keras.optimizers.RMSprop):
+        use_momentum = inner.momentum > 0
+        momentum = inner._momentums[index] if use_momentum else variable
+        average_grad = inner._average_gradients[index] if inner.centered else variable
+        _ops.masked_ops_masked_rmsprop_step(
+            _handle(variable), _handle(inner._velocities[index]), _handle(momentum), _handle(average_grad),
+            gradient, mask, lr, tf.constant(inner.rho, dtype), tf.constant(1 - inner.rho, dtype),
+            tf.constant(inner.momentum, dtype), tf.constant(inner.epsilon, dtype), weight_decay,
+            use_momentum=use_momentum, centered=bool(inner.centered), **common,
         )
         return True
     local_step = tf.cast(inner.iterations + 1, dtype)
