@@ -9,7 +9,7 @@ SOURCES := $(shell find cc python build_tools -type f -not -name '*.pyc') CMakeL
 BUILD_DEPS := "scikit-build-core>=1.1" ninja "cmake>=3.21"
 TF_REQUIREMENT := "tensorflow>=2.21,<2.22"
 
-.PHONY: test bench wheel wheel-check clean
+.PHONY: test bench wheel wheel-check gpu-test clean
 
 $(VENV_PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,10 @@ wheel-check: wheel
 
 clean:
 	rm -rf build dist .wheel-check-venv $(STAMP)
+
+# On a machine with a GPU and PyTorch (TensorFlow not needed): builds the CUDA
+# kernels and their TF-free harness, then runs tests/gpu against them.
+gpu-test:
+	cmake -S . -B build/gpu -G Ninja -DMASKED_OPS_TF=OFF -DMASKED_OPS_CUDA=ON
+	cmake --build build/gpu --target masked_ops_cuda_harness
+	$(PYTHON) -m pytest -q tests/gpu

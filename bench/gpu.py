@@ -1,0 +1,108 @@
+"""masked_matmul's CUDA kernels against cuBLAS, on a machine with a GPU.
+
+Runs through the TensorFlow-free harness (tests/gpu/harness.py) with PyTorch
+CUDA tensors: fused = the harness's block-sparse product with a random block
+mask of the given density; dense = torch.matmul(x, w * m), cuBLAS on the
+masked weight, the baseline the issue names. Forward alone, and forward plus
+both gradients ("train"). Each pair is timed interleaved with CUDA events
+after warm-up; the median of --reps repetitions is reported.
+
+  make gpu-test                       # builds build/gpu/libmasked_ops_cuda_harness.so
+  python3 bench/gpu.py --json bench/results/gpu.json
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "gpu"))
+from harness import Harness  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def timed(function, reps, warmup):
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def case(harness, shape, block, density, dtype, mode, reps, warmup):
+    m, k, n = shape
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    grid = (math.ceil(k / block), math.ceil(n / block))
+    live = torch.randperm(grid[0] * grid[1], generator=generator) < round(density * grid[0] * grid[1])
+    block_mask = live.reshape(grid).float().cuda()
+    element = block_mask.repeat_interleave(block, 0).repeat_interleave(block, 1)[:k, :n].to(dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(k, n, device="cuda", dtype=dtype)
+    dy = torch.randn(m, n, device="cuda", dtype=dtype)
+    y, dx, dw = (torch.empty(s, device="cuda", dtype=dtype) for s in ((m, n), (m, k), (k, n)))
+
+    def fused():
+        harness.run("forward", x, w, block_mask, "block", (block, block), shape, y)
+        if mode == "train":
+            harness.run("grad_input", dy, w, block_mask, "block", (block, block), shape, dx)
+            harness.run("grad_weight", x, dy, block_mask, "block", (block, block), shape, dw)
+
+    def dense():
+        w_masked = w * element
+        torch.matmul(x, w_masked, out=y)
+        if mode == "train":
+            torch.matmul(dy, w_masked.T, out=dx)
+            torch.mul(torch.matmul(x.T, dy), element, out=dw)
+
+    times = {"fused": [], "dense": []}
+    for _ in range(reps):
+        for name, function in (("fused", fused), ("dense", dense)):
+            times[name] += timed(function, 1, warmup if not times[name] else 0)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {"shape": list(shape), "block": block, "density": density, "dtype": str(dtype), "mode": mode,
+            "median_ms": medians, "speedup": medians["dense"] / medians["fused"],
+            "target": (0.7 if block <= 32 else 0.8) / density}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="4096x4096x4096")
+    parser.add_argument("--densities", default="1.0,0.5,0.25,0.1,0.05")
+    parser.add_argument("--blocks", default="16,32,64")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--modes", default="forward,train")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    harness = Harness(torch)
+    shape = tuple(int(v) for v in args.shape.split("x"))
+    rows = [
+        case(harness, shape, int(block), float(density), DTYPES[dtype], mode, args.reps, args.warmup)
+        for dtype in args.dtypes.split(",") for block in args.blocks.split(",")
+        for density in args.densities.split(",") for mode in args.modes.split(",")
+    ]
+    device = torch.cuda.get_device_name()
+    print(f"| dtype | block | density | mode | fused ms | cuBLAS ms | speedup | target |  # {device}")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['dtype']} | {row['block']} | {row['density']:g} | {row['mode']} | {row['median_ms']['fused']:.3f} "
+              f"| {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x | {row['target']:.2f}x |")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__,
+                                                       "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+// CUDA kernels for masked_matmul (see masked_matmul_gpu.h).
+//
+// Each call first turns the mask into canonical float factors (dead: +0;
+// live: its value, -0 for a live value that rounds to zero, so that liveness
+// is "any bit set"), marks the live blocks, and lists, per output block
+// column (forward) or block row (dx), the live blocks to multiply. The
+// products then run over those lists only: a dead block is never read. The
+// GEMM tiles are plain shared-memory tiles with float accumulators.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cc/kernels/cuda/masked_matmul_gpu.h"
+
+namespace masked_ops {
+namespace gpu {
+namespace {
+
+constexpr int kTile = 64;        // output tile edge per thread block
+constexpr int kDepthStep = 16;   // depth per shared-memory stage
+constexpr int kThreads = 256;    // 16 x 16 threads, 4 x 4 outputs each
+constexpr int kPerThread = kTile / 16;
+
+// Storage types as the device sees them.
+template <typename T>
+struct Device {
+  using type = T;
+};
+template <>
+struct Device<Float16Bits> {
+  using type = __half;
+};
+template <>
+struct Device<BFloat16Bits> {
+  using type = __nv_bfloat16;
+};
+
+__device__ inline float ToFloat(float v) { return v; }
+__device__ inline float ToFloat(__half v) { return __half2float(v); }
+__device__ inline float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ inline T FromFloat(float v);
+template <>
+__device__ inline float FromFloat<float>(float v) { return v; }
+template <>
+__device__ inline __half FromFloat<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ inline __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// A mask entry's canonical factor: +0 when dead (0 or -0), else its value in
+// float, with a live value that is zero in float kept live as -0.
+template <typename TMask>
+__device__ inline float CanonicalFactor(TMask v) {
+  if (!(v != TMask(0))) return 0.0f;
+  const float f = static_cast<float>(v);
+  return f == 0.0f ? -0.0f : f;
+}
+__device__ inline float CanonicalFactor(bool v) { return v ? 1.0f : 0.0f; }
+__device__ inline float CanonicalFactor(Float16Bits v) {
+  if ((v.bits & 0x7fffu) == 0) return 0.0f;
+  const float f = __half2float(__ushort_as_half(v.bits));
+  return f == 0.0f ? -0.0f : f;
+}
+__device__ inline float CanonicalFactor(BFloat16Bits v) {
+  if ((v.bits & 0x7fffu) == 0) return 0.0f;
+  return __uint_as_float(static_cast<uint32_t>(v.bits) << 16);
+}
+
+__device__ inline bool Live(float factor) { return __float_as_uint(factor) != 0u; }
+
+// where(factor is live, w * factor, 0): a dead entry never touches w's value.
+__device__ inline float Masked(float w, float factor) { return Live(factor) ? w * factor : 0.0f; }
+
+template <typename TMask>
+__global__ void CanonicalFactors(const TMask* mask, int64_t count, float* factors) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    factors[i] = CanonicalFactor(mask[i]);
+  }
+}
+
+struct GridDims {
+  int64_t rows, cols, block_rows, block_cols, grid_rows, grid_cols;
+  __host__ __device__ int64_t rows_in(int64_t i) const {
+    return rows - i * block_rows < block_rows ? rows - i * block_rows : block_rows;
+  }
+  __host__ __device__ int64_t cols_in(int64_t j) const {
+    return cols - j * block_cols < block_cols ? cols - j * block_cols : block_cols;
+  }
+};
+
+GridDims DimsOf(const BlockGrid& grid) {
+  return GridDims{grid.rows, grid.cols, grid.block_rows, grid.block_cols, grid.grid_rows(),
+                  grid.grid_cols()};
+}
+
+// live[b] = 1 when block b holds a live factor.
+__global__ void BlockLiveness(const float* factors, bool element_level, GridDims g, uint8_t* live) {
+  const int64_t blocks = g.grid_rows * g.grid_cols;
+  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < blocks;
+       b += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = b / g.grid_cols;
+    const int64_t j = b % g.grid_cols;
+    bool any = false;
+    if (!element_level) {
+      any = Live(factors[b]);
+    } else {
+      for (int64_t r = 0; r < g.rows_in(i) && !any; ++r) {
+        const float* row = factors + (i * g.block_rows + r) * g.cols + j * g.block_cols;
+        for (int64_t c = 0; c < g.cols_in(j) && !any; ++c) any = Live(row[c]);
+      }
+    }
+    live[b] = any ? 1 : 0;
+  }
+}
+
+// lists[group * capacity + n] for n < counts[group]: the live blocks of each
+// block column (by_column: their block rows) or block row (their columns).
+__global__ void LiveLists(const uint8_t* live, GridDims g, bool by_column, int32_t* lists,
+                          int32_t* counts) {
+  const int64_t groups = by_column ? g.grid_cols : g.grid_rows;
+  const int64_t capacity = by_column ? g.grid_rows : g.grid_cols;
+  for (int64_t group = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; group < groups;
+       group += int64_t(gridDim.x) * blockDim.x) {
+    int32_t count = 0;
+    for (int64_t n = 0; n < capacity; ++n) {
+      const int64_t block = by_column ? n * g.grid_cols + group : group * g.grid_cols + n;
+      if (live[block]) lists[group * capacity + count++] = static_cast<int32_t>(n);
+    }
+    counts[group] = count;
+  }
+}
+
+// out[m, out_cols] = a[m, depth] @ B for output group `blockIdx.y`, whose
+// columns are one block column of W (forward: B = masked W) or one block row
+// (transposed, dx: B = masked W^T), summing only over the group's live
+// blocks. blockIdx.x picks 64 rows, blockIdx.z 64 of the group's columns.
+template <typename T, bool kTransposed>
+__global__ void __launch_bounds__(kThreads)
+    BlockSparseProduct(const T* a, int64_t m, const T* w, const float* factors, bool element_level,
+                       GridDims g, const int32_t* lists, const int32_t* counts, T* out) {
+  __shared__ float a_tile[kDepthStep][kTile + 1];
+  __shared__ float b_tile[kDepthStep][kTile + 1];
+  const int64_t group = blockIdx.y;
+  // Forward: depth runs down W's rows, output columns along W's columns.
+  const int64_t depth_total = kTransposed ? g.cols : g.rows;
+  const int64_t out_cols = kTransposed ? g.rows : g.cols;
+  const int64_t depth_block = kTransposed ? g.block_cols : g.block_rows;
+  const int64_t group_width = kTransposed ? g.block_rows : g.block_cols;
+  const int64_t col0 = group * group_width + int64_t(blockIdx.z) * kTile;
+  const int64_t group_end = min(out_cols, (group + 1) * group_width);
+  const int64_t row0 = int64_t(blockIdx.x) * kTile;
+  if (col0 >= group_end) return;
+  const int capacity = static_cast<int>(kTransposed ? g.grid_cols : g.grid_rows);
+  const int tx = threadIdx.x % 16;
+  const int ty = threadIdx.x / 16;
+  float acc[kPerThread][kPerThread] = {};
+
+  for (int p = 0; p < counts[group]; ++p) {
+    const int64_t segment = lists[group * capacity + p];
+    const int64_t d_begin = segment * depth_block;
+    const int64_t d_end = min(depth_total, d_begin + depth_block);
+    for (int64_t d0 = d_begin; d0 < d_end; d0 += kDepthStep) {
+      for (int e = threadIdx.x; e < kDepthStep * kTile; e += kThreads) {
+        const int dd = e / kTile;
+        const int rr = e % kTile;
+        const int64_t d = d0 + dd;
+        const int64_t row = row0 + rr;
+        a_tile[dd][rr] = (d < d_end && row < m) ? ToFloat(a[row * depth_total + d]) : 0.0f;
+        const int64_t col = col0 + rr;
+        float b = 0.0f;
+        if (d < d_end && col < group_end) {
+          // W's entry (wr, wc) and its factor.
+          const int64_t wr = kTransposed ? col : d;
+          const int64_t wc = kTransposed ? d : col;
+          const float factor = element_level
+                                   ? factors[wr * g.cols + wc]
+                                   : factors[(wr / g.block_rows) * g.grid_cols + wc / g.block_cols];
+          b = Masked(ToFloat(w[wr * g.cols + wc]), factor);
+        }
+        b_tile[dd][rr] = b;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int dd = 0; dd < kDepthStep; ++dd) {
+        float av[kPerThread];
+        float bv[kPerThread];
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+          av[i] = a_tile[dd][ty + 16 * i];
+          bv[i] = b_tile[dd][tx + 16 * i];
+        }
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+#pragma unroll
+          for (int j = 0; j < kPerThread; ++j) acc[i][j] += av[i] * bv[j];
+        }
+      }
+      __syncthreads();
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int64_t row = row0 + ty + 16 * i;
+    if (row >= m) continue;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t col = col0 + tx + 16 * j;
+      if (col < group_end) out[row * out_cols + col] = FromFloat<T>(acc[i][j]);
+    }
+  }
+}
+
+// dw for block (blockIdx.y / grid_cols, blockIdx.y % grid_cols), 64 x 64 of
+// it per thread block (blockIdx.x walks the block's tiles): x^T dy over all
+// m rows, masked entry by entry; a dead block is written as zeros unread.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    BlockOuterProducts(const T* x, const T* dy, int64_t m, const float* factors, bool element_level,
+                       GridDims g, const uint8_t* live, T* dw) {
+  __shared__ float x_tile[kDepthStep][kTile + 1];
+  __shared__ float dy_tile[kDepthStep][kTile + 1];
+  const int64_t block = blockIdx.y;
+  const int64_t bi = block / g.grid_cols;
+  const int64_t bj = block % g.grid_cols;
+  // Tiles of the block as launched: a block never extends past the matrix.
+  const int64_t tiles_across = (min(g.cols, g.block_cols) + kTile - 1) / kTile;
+  const int64_t r0 = bi * g.block_rows + int64_t(blockIdx.x / tiles_across) * kTile;
+  const int64_t c0 = bj * g.block_cols + int64_t(blockIdx.x % tiles_across) * kTile;
+  const int64_t r_end = min(g.rows, bi * g.block_rows + g.rows_in(bi));
+  const int64_t c_end = min(g.cols, bj * g.block_cols + g.cols_in(bj));
+  if (r0 >= r_end || c0 >= c_end) return;
+  const int tx = threadIdx.x % 16;
+  const int ty = threadIdx.x / 16;
+  float acc[kPerThread][kPerThread] = {};
+  const bool block_live = live[block] != 0;
+  if (block_live) {
+    for (int64_t m0 = 0; m0 < m; m0 += kDepthStep) {
+      for (int e = threadIdx.x; e < kDepthStep * kTile; e += kThreads) {
+        const int dd = e / kTile;
+        const int rr = e % kTile;
+        const int64_t row = m0 + dd;
+        x_tile[dd][rr] = (row < m && r0 + rr < r_end) ? ToFloat(x[row * g.rows + r0 + rr]) : 0.0f;
+        dy_tile[dd][rr] = (row < m && c0 + rr < c_end) ? ToFloat(dy[row * g.cols + c0 + rr]) : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int dd = 0; dd < kDepthStep; ++dd) {
+        float xv[kPerThread];
+        float dv[kPerThread];
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+          xv[i] = x_tile[dd][ty + 16 * i];
+          dv[i] = dy_tile[dd][tx + 16 * i];
+        }
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+#pragma unroll
+          for (int j = 0; j < kPerThread; ++j) acc[i][j] += xv[i] * dv[j];
+        }
+      }
+      __syncthreads();
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int64_t row = r0 + ty + 16 * i;
+    if (row >= r_end) continue;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t col = c0 + tx + 16 * j;
+      if (col >= c_end) continue;
+      const float factor = element_level ? factors[row * g.cols + col] : factors[block];
+      dw[row * g.cols + col] = FromFloat<T>(block_live ? Masked(acc[i][j], factor) : 0.0f);
+    }
+  }
+}
+
+// The workspace: canonical factors, block liveness, lists and counts.
+struct Workspace {
+  float* factors;
+  uint8_t* live;
+  int32_t* lists;
+  int32_t* counts;
+};
+
+int64_t AlignUp(int64_t bytes) { return (bytes + 255) / 256 * 256; }
+
+int64_t FactorCount(const BlockGrid& grid, MaskLevel level) {
+  return level == MaskLevel::kElement ? grid.rows * grid.cols : grid.grid_rows() * grid.grid_cols();
+}
+
+Workspace Carve(void* base, const BlockGrid& grid, MaskLevel level) {
+  char* p = static_cast<char*>(base);
+  const int64_t blocks = grid.grid_rows() * grid.grid_cols();
+  Workspace ws;
+  ws.factors = reinterpret_cast<float*>(p);
+  p += AlignUp(FactorCount(grid, level) * int64_t(sizeof(float)));
+  ws.live = reinterpret_cast<uint8_t*>(p);
+  p += AlignUp(blocks);
+  ws.lists = reinterpret_cast<int32_t*>(p);
+  p += AlignUp(blocks * int64_t(sizeof(int32_t)));
+  ws.counts = reinterpret_cast<int32_t*>(p);
+  return ws;
+}
+
+unsigned BlocksFor(int64_t items) {
+  return static_cast<unsigned>(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, 65535));
+}
+
+template <typename TMask>
+Workspace IndexMask(const BlockGrid& grid, MaskView<TMask> mask, void* workspace, bool by_column,
+                    cudaStream_t stream) {
+  const Workspace ws = Carve(workspace, grid, mask.level);
+  const int64_t count = FactorCount(grid, mask.level);
+  const GridDims dims = DimsOf(grid);
+  CanonicalFactors<<<BlocksFor(count), kThreads, 0, stream>>>(mask.data, count, ws.factors);
+  BlockLiveness<<<BlocksFor(dims.grid_rows * dims.grid_cols), kThreads, 0, stream>>>(
+      ws.factors, mask.level == MaskLevel::kElement, dims, ws.live);
+  const int64_t groups = by_column ? dims.grid_cols : dims.grid_rows;
+  LiveLists<<<BlocksFor(groups), kThreads, 0, stream>>>(ws.live, dims, by_column, ws.lists,
+                                                        ws.counts);
+  return ws;
+}
+
+template <typename T, bool kTransposed, typename TMask>
+int RunProduct(const MatmulShape& shape, const T* a, const T* w, MaskView<TMask> mask, T* out,
+               void* workspace, Stream stream) {
+  using D = typename Device<T>::type;
+  const BlockGrid grid = shape.weight_grid();
+  const int64_t out_cols = kTransposed ? shape.k : shape.n;
+  if (shape.m == 0 || out_cols == 0) return 0;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const Workspace ws = IndexMask(grid, mask, workspace, /*by_column=*/!kTransposed, s);
+  const GridDims dims = DimsOf(grid);
+  const int64_t groups = kTransposed ? dims.grid_rows : dims.grid_cols;
+  const int64_t group_width = kTransposed ? grid.block_rows : grid.block_cols;
+  const dim3 blocks(static_cast<unsigned>((shape.m + kTile - 1) / kTile), static_cast<unsigned>(groups),
+                    static_cast<unsigned>((std::min(group_width, out_cols) + kTile - 1) / kTile));
+  BlockSparseProduct<D, kTransposed><<<blocks, kThreads, 0, s>>>(
+      reinterpret_cast<const D*>(a), shape.m, reinterpret_cast<const D*>(w), ws.factors,
+      mask.level == MaskLevel::kElement, dims, ws.lists, ws.counts, reinterpret_cast<D*>(out));
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+size_t GpuWorkspaceBytes(const BlockGrid& grid, MaskLevel level) {
+  const int64_t blocks = grid.grid_rows() * grid.grid_cols();
+  return static_cast<size_t>(AlignUp(FactorCount(grid, level) * int64_t(sizeof(float))) + AlignUp(blocks) +
+                             AlignUp(blocks * int64_t(sizeof(int32_t))) +
+                             AlignUp(std::max(grid.grid_rows(), grid.grid_cols()) * int64_t(sizeof(int32_t))));
+}
+
+template <typename T, typename TMask>
+int MaskedMatmul(const MatmulShape& shape, const T* x, const T* w, MaskView<TMask> mask, T* y,
+                 void* workspace, Stream stream) {
+  return RunProduct<T, false>(shape, x, w, mask, y, workspace, stream);
+}
+
+template <typename T, typename TMask>
+int MaskedMatmulGradInput(const MatmulShape& shape, const T* dy, const T* w, MaskView<TMask> mask,
+                          T* dx, void* workspace, Stream stream) {
+  return RunProduct<T, true>(shape, dy, w, mask, dx, workspace, stream);
+}
+
+template <typename T, typename TMask>
+int MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy, MaskView<TMask> mask,
+                           T* dw, void* workspace, Stream stream) {
+  using D = typename Device<T>::type;
+  const BlockGrid grid = shape.weight_grid();
+  if (shape.k == 0 || shape.n == 0) return 0;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const Workspace ws = IndexMask(grid, mask, workspace, /*by_column=*/true, s);
+  const GridDims dims = DimsOf(grid);
+  const int64_t tiles = ((grid.packed_rows() + kTile - 1) / kTile) * ((grid.packed_cols() + kTile - 1) / kTile);
+  const dim3 blocks(static_cast<unsigned>(tiles), static_cast<unsigned>(dims.grid_rows * dims.grid_cols));
+  BlockOuterProducts<D><<<blocks, kThreads, 0, s>>>(
+      reinterpret_cast<const D*>(x), reinterpret_cast<const D*>(dy), shape.m, ws.factors,
+      mask.level == MaskLevel::kElement, dims, ws.live, reinterpret_cast<D*>(dw));
+  return static_cast<int>(cudaGetLastError());
+}
+
+#define MASKED_OPS_INSTANTIATE(T, TMask)                                                        \
+  template int MaskedMatmul<T, TMask>(const MatmulShape&, const T*, const T*, MaskView<TMask>,   \
+                                      T*, void*, Stream);                                        \
+  template int MaskedMatmulGradInput<T, TMask>(const MatmulShape&, const T*, const T*,           \
+                                               MaskView<TMask>, T*, void*, Stream);              \
+  template int MaskedMatmulGradWeight<T, TMask>(const MatmulShape&, const T*, const T*,          \
+                                                MaskView<TMask>, T*, void*, Stream);
+
+MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MASKED_OPS_INSTANTIATE)
+
+#undef MASKED_OPS_INSTANTIATE
+
+}  // namespace gpu
+}  // namespace masked_ops

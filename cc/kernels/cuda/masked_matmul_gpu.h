@@ -1,0 +1,53 @@
+// masked_matmul on NVIDIA GPUs: the same three products as the CPU kernels
+// (masked_matmul.h), launched on a caller's stream. Framework-free: this
+// header needs no CUDA headers, so the TensorFlow glue and the TF-free
+// harness include it with a plain C++ compiler.
+//
+// T is float or the storage types Float16Bits / BFloat16Bits (half and
+// bfloat16, accumulated in float). The mask is any of the CPU kernels' mask
+// types, element-level or block-level. Every launcher needs a device
+// workspace of GpuWorkspaceBytes(...) bytes (the live-block index), returns
+// the cudaError_t of its launches as an int (0 on success) and does not
+// synchronize.
+#ifndef MASKED_OPS_CC_KERNELS_CUDA_MASKED_MATMUL_GPU_H_
+#define MASKED_OPS_CC_KERNELS_CUDA_MASKED_MATMUL_GPU_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cc/kernels/block_mask.h"
+#include "cc/kernels/masked_matmul.h"
+
+struct CUstream_st;
+
+namespace masked_ops {
+namespace gpu {
+
+using Stream = CUstream_st*;
+
+// Device bytes of the live-block index for a weight of `grid` with a mask of
+// `level`.
+size_t GpuWorkspaceBytes(const BlockGrid& grid, MaskLevel level);
+
+template <typename T, typename TMask>
+int MaskedMatmul(const MatmulShape& shape, const T* x, const T* w, MaskView<TMask> mask, T* y,
+                 void* workspace, Stream stream);
+
+template <typename T, typename TMask>
+int MaskedMatmulGradInput(const MatmulShape& shape, const T* dy, const T* w, MaskView<TMask> mask,
+                          T* dx, void* workspace, Stream stream);
+
+template <typename T, typename TMask>
+int MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy, MaskView<TMask> mask,
+                           T* dw, void* workspace, Stream stream);
+
+// Every (T, TMask) pair the GPU kernels are compiled for.
+#define MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MACRO)                 \
+  MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, float)                    \
+  MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, ::masked_ops::Float16Bits) \
+  MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, ::masked_ops::BFloat16Bits)
+
+}  // namespace gpu
+}  // namespace masked_ops
+
+#endif  // MASKED_OPS_CC_KERNELS_CUDA_MASKED_MATMUL_GPU_H_
