@@ -24,6 +24,8 @@ print(
             # The ABI define is applied separately, to every target.
             "compile_flags": ";".join(f for f in compile_flags if not f.startswith("-D_GLIBCXX_USE_CXX11_ABI")),
             "link_flags": ";".join(tf.sysconfig.get_link_flags()),
+            # The wheel ships the CUDA headers TensorFlow was built with, for GPU glue.
+            "include_dir": tf.sysconfig.get_include(),
         }
     )
 )
