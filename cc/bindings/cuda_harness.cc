@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "cc/kernels/block_mask.h"
+#include "cc/kernels/cuda/block_elementwise_gpu.h"
 #include "cc/kernels/cuda/masked_matmul_gpu.h"
 
 namespace masked_ops {
@@ -15,33 +16,16 @@ namespace {
 enum Product { kForward = 0, kGradInput = 1, kGradWeight = 2 };
 constexpr int kUnknownType = -1000;
 
-template <typename T, typename TMask>
-int Run(int product, const MatmulShape& shape, uintptr_t a, uintptr_t b, uintptr_t mask, int level,
-        uintptr_t out, uintptr_t workspace, uintptr_t stream) {
-  const MaskView<TMask> view{reinterpret_cast<const TMask*>(mask),
-                             level == 0 ? MaskLevel::kElement : MaskLevel::kBlock};
-  const T* first = reinterpret_cast<const T*>(a);
-  const T* second = reinterpret_cast<const T*>(b);
-  T* result = reinterpret_cast<T*>(out);
-  void* space = reinterpret_cast<void*>(workspace);
-  Stream s = reinterpret_cast<Stream>(stream);
-  switch (product) {
-    case kForward:
-      return MaskedMatmul<T, TMask>(shape, first, second, view, result, space, s);
-    case kGradInput:
-      return MaskedMatmulGradInput<T, TMask>(shape, first, second, view, result, space, s);
-    case kGradWeight:
-      return MaskedMatmulGradWeight<T, TMask>(shape, first, second, view, result, space, s);
-    default:
-      return kUnknownType;
-  }
-}
-
 template <typename T>
-int RunWithMask(const char* mask_type, int product, const MatmulShape& shape, uintptr_t a, uintptr_t b,
-                uintptr_t mask, int level, uintptr_t out, uintptr_t workspace, uintptr_t stream) {
+struct Tag {
+  using type = T;
+};
+
+// Calls run(Tag<T>{}, Tag<TMask>{}) for the named element and mask types.
+template <typename Run>
+int WithMaskType(const char* mask_type, const Run& run) {
 #define MASKED_OPS_MASK_CASE(NAME, TMask) \
-  if (std::strcmp(mask_type, NAME) == 0) return Run<T, TMask>(product, shape, a, b, mask, level, out, workspace, stream);
+  if (std::strcmp(mask_type, NAME) == 0) return run(Tag<TMask>{});
   MASKED_OPS_MASK_CASE("bool", bool)
   MASKED_OPS_MASK_CASE("int8", int8_t)
   MASKED_OPS_MASK_CASE("uint8", uint8_t)
@@ -55,6 +39,24 @@ int RunWithMask(const char* mask_type, int product, const MatmulShape& shape, ui
 #undef MASKED_OPS_MASK_CASE
   return kUnknownType;
 }
+
+template <typename Run>
+int WithTypes(const char* dtype, const char* mask_type, const Run& run) {
+  auto with = [&](auto element) {
+    return WithMaskType(mask_type, [&](auto mask) { return run(element, mask); });
+  };
+  if (std::strcmp(dtype, "float32") == 0) return with(Tag<float>{});
+  if (std::strcmp(dtype, "float16") == 0) return with(Tag<Float16Bits>{});
+  if (std::strcmp(dtype, "bfloat16") == 0) return with(Tag<BFloat16Bits>{});
+  return kUnknownType;
+}
+
+template <typename T>
+T* Ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+MaskLevel LevelOf(int level) { return level == 0 ? MaskLevel::kElement : MaskLevel::kBlock; }
 
 }  // namespace
 }  // namespace gpu
@@ -72,20 +74,94 @@ size_t masked_ops_gpu_workspace_bytes(int64_t k, int64_t n, int64_t block_rows, 
 }
 
 // product 0: out = a @ W (a = x [m, k]); 1: out = a @ W^T (a = dy [m, n]);
-// 2: out = dW from a = x, b = dy. b is w for products 0 and 1. Returns the
-// cudaError_t of the launches, or -1000 for an unknown type or product.
+// 2: out = dW from a = x, b = dy. b is w for products 0 and 1. Every entry
+// point returns the cudaError_t of its launches, or -1000 for an unknown type
+// or product.
 int masked_ops_gpu_matmul(int product, const char* dtype, const char* mask_dtype, int64_t m, int64_t k,
                           int64_t n, int64_t block_rows, int64_t block_cols, uintptr_t a, uintptr_t b,
                           uintptr_t mask, int level, uintptr_t out, uintptr_t workspace, uintptr_t stream) {
   using namespace masked_ops;
+  using namespace masked_ops::gpu;
   const MatmulShape shape{m, k, n, block_rows, block_cols};
-  if (std::strcmp(dtype, "float32") == 0)
-    return gpu::RunWithMask<float>(mask_dtype, product, shape, a, b, mask, level, out, workspace, stream);
-  if (std::strcmp(dtype, "float16") == 0)
-    return gpu::RunWithMask<Float16Bits>(mask_dtype, product, shape, a, b, mask, level, out, workspace, stream);
-  if (std::strcmp(dtype, "bfloat16") == 0)
-    return gpu::RunWithMask<BFloat16Bits>(mask_dtype, product, shape, a, b, mask, level, out, workspace, stream);
-  return gpu::kUnknownType;
+  return WithTypes(dtype, mask_dtype, [&](auto element, auto mask_tag) {
+    using T = typename decltype(element)::type;
+    using TMask = typename decltype(mask_tag)::type;
+    const MaskView<TMask> view{Ptr<const TMask>(mask), LevelOf(level)};
+    void* space = Ptr<void>(workspace);
+    Stream s = Ptr<CUstream_st>(stream);
+    switch (product) {
+      case kForward:
+        return MaskedMatmul<T, TMask>(shape, Ptr<const T>(a), Ptr<const T>(b), view, Ptr<T>(out), space, s);
+      case kGradInput:
+        return MaskedMatmulGradInput<T, TMask>(shape, Ptr<const T>(a), Ptr<const T>(b), view, Ptr<T>(out),
+                                               space, s);
+      case kGradWeight:
+        return MaskedMatmulGradWeight<T, TMask>(shape, Ptr<const T>(a), Ptr<const T>(b), view, Ptr<T>(out),
+                                                space, s);
+      default:
+        return kUnknownType;
+    }
+  });
+}
+
+// The elementwise ops over `outer` stacked k x n matrices (see
+// block_elementwise_gpu.h).
+size_t masked_ops_gpu_elementwise_workspace_bytes(int64_t outer, int64_t k, int64_t n, int64_t block_rows,
+                                                  int64_t block_cols, int level) {
+  return masked_ops::gpu::ElementwiseWorkspaceBytes(
+      outer, masked_ops::BlockGrid{k, n, block_rows, block_cols}, masked_ops::gpu::LevelOf(level));
+}
+
+// op: 0 mask_gradient(a = grad, out); 1/2/3 masked_update assign/add/sub
+// (a = value, out = var); 4 adam (a = grad; state = m, v, v_hat; scalars =
+// alpha, 1 - beta_1, 1 - beta_2, epsilon, learning_rate, weight_decay;
+// flag = amsgrad); 5 sgd (state = momentum or 0; scalars = learning_rate,
+// momentum, weight_decay; flag = nesterov); 6 rmsprop (state = velocity,
+// momentum or 0, average_grad or 0; scalars = learning_rate, rho, 1 - rho,
+// momentum, epsilon, weight_decay; flag = centered). out is the variable for
+// ops 1-6.
+int masked_ops_gpu_elementwise(int op, const char* dtype, const char* mask_dtype, int64_t outer, int64_t k,
+                               int64_t n, int64_t block_rows, int64_t block_cols, uintptr_t a, uintptr_t mask,
+                               int level, uintptr_t out, const uintptr_t* state, const float* scalars,
+                               int flag, uintptr_t workspace, uintptr_t stream) {
+  using namespace masked_ops;
+  using namespace masked_ops::gpu;
+  const BlockGrid grid{k, n, block_rows, block_cols};
+  return WithTypes(dtype, mask_dtype, [&](auto element, auto mask_tag) {
+    using T = typename decltype(element)::type;
+    using TMask = typename decltype(mask_tag)::type;
+    const MaskView<TMask> view{Ptr<const TMask>(mask), LevelOf(level)};
+    void* space = Ptr<void>(workspace);
+    Stream s = Ptr<CUstream_st>(stream);
+    switch (op) {
+      case 0:
+        return MaskGradient<T, TMask>(outer, grid, Ptr<const T>(a), view, Ptr<T>(out), space, s);
+      case 1:
+      case 2:
+      case 3: {
+        const UpdateMode mode = op == 1 ? UpdateMode::kAssign : op == 2 ? UpdateMode::kAdd : UpdateMode::kSub;
+        return MaskedUpdate<T, TMask>(outer, grid, view, mode, Ptr<const T>(a), Ptr<T>(out), space, s);
+      }
+      case 4: {
+        const AdamStep<float> step{scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5], flag != 0};
+        return MaskedAdamStep<T, TMask>(outer, grid, view, Ptr<const T>(a), step, Ptr<T>(out), Ptr<T>(state[0]),
+                                        Ptr<T>(state[1]), Ptr<T>(state[2]), space, s);
+      }
+      case 5: {
+        const SgdStep<float> step{scalars[0], scalars[1], flag != 0, scalars[2]};
+        return MaskedSgdStep<T, TMask>(outer, grid, view, Ptr<const T>(a), step, Ptr<T>(out), Ptr<T>(state[0]),
+                                       space, s);
+      }
+      case 6: {
+        const RmspropStep<float> step{scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], flag != 0,
+                                      scalars[5]};
+        return MaskedRmspropStep<T, TMask>(outer, grid, view, Ptr<const T>(a), step, Ptr<T>(out),
+                                           Ptr<T>(state[0]), Ptr<T>(state[1]), Ptr<T>(state[2]), space, s);
+      }
+      default:
+        return kUnknownType;
+    }
+  });
 }
 
 }  // extern "C"

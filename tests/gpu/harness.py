@@ -12,6 +12,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PRODUCTS = {"forward": 0, "grad_input": 1, "grad_weight": 2}
+ELEMENTWISE = {"mask_gradient": 0, "assign": 1, "add": 2, "sub": 3, "adam": 4, "sgd": 5, "rmsprop": 6}
 
 
 def library_path():
@@ -22,6 +23,14 @@ def load():
     library = ctypes.CDLL(str(library_path()))
     library.masked_ops_gpu_workspace_bytes.restype = ctypes.c_size_t
     library.masked_ops_gpu_workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int]
+    library.masked_ops_gpu_elementwise_workspace_bytes.restype = ctypes.c_size_t
+    library.masked_ops_gpu_elementwise_workspace_bytes.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_int]
+    library.masked_ops_gpu_elementwise.restype = ctypes.c_int
+    library.masked_ops_gpu_elementwise.argtypes = (
+        [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p] + [ctypes.c_int64] * 5
+        + [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                                   ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    )
     library.masked_ops_gpu_matmul.restype = ctypes.c_int
     library.masked_ops_gpu_matmul.argtypes = (
         [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p] + [ctypes.c_int64] * 5
@@ -53,4 +62,25 @@ class Harness:
             self.torch.cuda.current_stream().cuda_stream)
         if status != 0:
             raise RuntimeError(f"masked_ops_gpu_matmul({product}) failed with status {status}")
+        return out
+
+    def elementwise(self, op, a, mask, level, block_size, out, state=(), scalars=(), flag=False):
+        """An elementwise op over a as [outer, k, n] (see cc/bindings/cuda_harness.cc);
+        state tensors may be None. Updates out (and state) in place."""
+        k, n = (1, a.shape[-1]) if a.dim() == 1 else a.shape[-2:]
+        outer = a.numel() // max(k * n, 1) if k * n else 0
+        rows, cols = block_size
+        level_code = 0 if level == "element" else 1
+        workspace = self.torch.empty(
+            self.library.masked_ops_gpu_elementwise_workspace_bytes(outer, k, n, rows, cols, level_code),
+            dtype=self.torch.uint8, device=a.device)
+        pointers = [0 if t is None else t.data_ptr() for t in state] + [0] * (3 - len(state))
+        state_array = (ctypes.c_void_p * 3)(*pointers)
+        scalar_array = (ctypes.c_float * 6)(*(list(scalars) + [0.0] * (6 - len(scalars))))
+        status = self.library.masked_ops_gpu_elementwise(
+            ELEMENTWISE[op], dtype_name(a).encode(), dtype_name(mask).encode(), outer, k, n, rows, cols,
+            a.data_ptr(), mask.data_ptr(), level_code, out.data_ptr(), state_array, scalar_array, int(flag),
+            workspace.data_ptr(), self.torch.cuda.current_stream().cuda_stream)
+        if status != 0:
+            raise RuntimeError(f"masked_ops_gpu_elementwise({op}) failed with status {status}")
         return out

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cc/kernels/cuda/mask_factors.cuh"
 #include "cc/kernels/cuda/masked_matmul_gpu.h"
 
 namespace masked_ops {
@@ -23,65 +24,6 @@ constexpr int kTile = 64;        // output tile edge per thread block
 constexpr int kDepthStep = 16;   // depth per shared-memory stage
 constexpr int kThreads = 256;    // 16 x 16 threads, 4 x 4 outputs each
 constexpr int kPerThread = kTile / 16;
-
-// Storage types as the device sees them.
-template <typename T>
-struct Device {
-  using type = T;
-};
-template <>
-struct Device<Float16Bits> {
-  using type = __half;
-};
-template <>
-struct Device<BFloat16Bits> {
-  using type = __nv_bfloat16;
-};
-
-__device__ inline float ToFloat(float v) { return v; }
-__device__ inline float ToFloat(__half v) { return __half2float(v); }
-__device__ inline float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ inline T FromFloat(float v);
-template <>
-__device__ inline float FromFloat<float>(float v) { return v; }
-template <>
-__device__ inline __half FromFloat<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ inline __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// A mask entry's canonical factor: +0 when dead (0 or -0), else its value in
-// float, with a live value that is zero in float kept live as -0.
-template <typename TMask>
-__device__ inline float CanonicalFactor(TMask v) {
-  if (!(v != TMask(0))) return 0.0f;
-  const float f = static_cast<float>(v);
-  return f == 0.0f ? -0.0f : f;
-}
-__device__ inline float CanonicalFactor(bool v) { return v ? 1.0f : 0.0f; }
-__device__ inline float CanonicalFactor(Float16Bits v) {
-  if ((v.bits & 0x7fffu) == 0) return 0.0f;
-  const float f = __half2float(__ushort_as_half(v.bits));
-  return f == 0.0f ? -0.0f : f;
-}
-__device__ inline float CanonicalFactor(BFloat16Bits v) {
-  if ((v.bits & 0x7fffu) == 0) return 0.0f;
-  return __uint_as_float(static_cast<uint32_t>(v.bits) << 16);
-}
-
-__device__ inline bool Live(float factor) { return __float_as_uint(factor) != 0u; }
-
-// where(factor is live, w * factor, 0): a dead entry never touches w's value.
-__device__ inline float Masked(float w, float factor) { return Live(factor) ? w * factor : 0.0f; }
-
-template <typename TMask>
-__global__ void CanonicalFactors(const TMask* mask, int64_t count, float* factors) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    factors[i] = CanonicalFactor(mask[i]);
-  }
-}
 
 struct GridDims {
   int64_t rows, cols, block_rows, block_cols, grid_rows, grid_cols;

@@ -1,0 +1,48 @@
+// The block-masked elementwise ops of block_elementwise.h on NVIDIA GPUs:
+// gradient masking, masked variable updates and the fused optimizer steps,
+// with the same semantics, over `outer` stacked k x n matrices. T is float or
+// the storage types Float16Bits / BFloat16Bits (computed in float). Every
+// launcher needs a device workspace of ElementwiseWorkspaceBytes(...) bytes,
+// returns its launches' cudaError_t as an int (0 on success) and does not
+// synchronize. Framework-free and CUDA-header-free, like masked_matmul_gpu.h.
+#ifndef MASKED_OPS_CC_KERNELS_CUDA_BLOCK_ELEMENTWISE_GPU_H_
+#define MASKED_OPS_CC_KERNELS_CUDA_BLOCK_ELEMENTWISE_GPU_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cc/kernels/block_elementwise.h"
+#include "cc/kernels/block_mask.h"
+#include "cc/kernels/cuda/masked_matmul_gpu.h"
+
+namespace masked_ops {
+namespace gpu {
+
+size_t ElementwiseWorkspaceBytes(int64_t outer, const BlockGrid& grid, MaskLevel level);
+
+template <typename T, typename TMask>
+int MaskGradient(int64_t outer, const BlockGrid& grid, const T* grad, MaskView<TMask> mask, T* out,
+                 void* workspace, Stream stream);
+
+template <typename T, typename TMask>
+int MaskedUpdate(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, UpdateMode mode,
+                 const T* value, T* var, void* workspace, Stream stream);
+
+template <typename T, typename TMask>
+int MaskedAdamStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
+                   const AdamStep<float>& step, T* var, T* m, T* v, T* v_hat, void* workspace,
+                   Stream stream);
+
+template <typename T, typename TMask>
+int MaskedSgdStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
+                  const SgdStep<float>& step, T* var, T* momentum, void* workspace, Stream stream);
+
+template <typename T, typename TMask>
+int MaskedRmspropStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
+                      const RmspropStep<float>& step, T* var, T* velocity, T* momentum,
+                      T* average_grad, void* workspace, Stream stream);
+
+}  // namespace gpu
+}  // namespace masked_ops
+
+#endif  // MASKED_OPS_CC_KERNELS_CUDA_BLOCK_ELEMENTWISE_GPU_H_
