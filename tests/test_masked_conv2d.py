@@ -374,3 +374,20 @@ def test_bad_python_arguments():
         masked_ops.masked_conv2d(x, filters, padding=[[1, 0], [0, 0], [0, 0], [0, 0]])
     with pytest.raises(tf.errors.InvalidArgumentError, match="channel_block must be positive"):
         masked_ops.masked_conv2d(x, filters, channel_block=0)
+
+
+# (VALID rejects an input smaller than the filter, as tf.nn.conv2d does.)
+@pytest.mark.parametrize(
+    "x_shape, padding",
+    [((1, 5, 0, 3), "SAME"), ((1, 0, 5, 3), "SAME"), ((0, 5, 5, 3), "SAME"), ((0, 5, 5, 3), "VALID")],
+    ids=["no-width", "no-height", "no-batch", "no-batch-valid"],
+)
+def test_empty_outputs_give_zero_filter_gradients(x_shape, padding):
+    """A regression: the stride-1 filter gradient divided by the output width."""
+    x = tf.zeros(x_shape)
+    filters = tf.ones((3, 3, 3, 4))
+    with tf.GradientTape() as tape:
+        tape.watch(filters)
+        y = masked_ops.masked_conv2d(x, filters, np.ones((1, 1)), padding=padding, channel_block=16)
+        loss = tf.reduce_sum(y)
+    np.testing.assert_array_equal(tape.gradient(loss, filters).numpy(), np.zeros((3, 3, 3, 4)))

@@ -742,6 +742,11 @@ void MaskedConv2DGradFilter(const Conv2DGeometry& g, const T* x, const T* dy,
   const int64_t block_rows = FilterBlockRows(g);
   const int64_t out_blocks = g.out_blocks();
   if (block_rows == 0 || g.out_channels == 0) return;
+  if (g.out_pixels() == 0) {
+    // Nothing to sum over: the gradient is zero everywhere.
+    std::fill_n(dfilters, g.taps() * g.in_channels * g.out_channels, T(0));
+    return;
+  }
   if (IsPlainPointwise(g, output_factors)) {
     MaskedMatmulGradWeight(PointwiseShape(g), x, dy, mask, dfilters, parallel_for);
     return;
