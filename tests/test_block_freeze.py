@@ -196,10 +196,11 @@ def test_frozen_variables_take_the_fused_step_where_there_is_one(name, fused_op)
     step = tf.function(lambda grad: optimizer.apply([grad], [w]))
     graph = step.get_concrete_function(tf.TensorSpec((40, 24), tf.float32)).graph
     op_types = {op.type for op in graph.get_operations()}
+    fused_ops = {"MaskedOps>MaskedSgdStep", "MaskedOps>MaskedAdamStep", "MaskedOps>MaskedRmspropStep"}
     if fused_op is None:
-        assert "MaskedOps>MaskedUpdateVariable" in op_types
+        assert "MaskedOps>MaskedUpdateVariable" in op_types and not fused_ops & op_types
     else:
-        assert fused_op in op_types and "MaskedOps>MaskedUpdateVariable" not in op_types
+        assert fused_ops & op_types == {fused_op}
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
@@ -252,3 +253,109 @@ def test_sparse_gradients_of_a_frozen_embedding(name):
         optimizer.apply([grad], [table])
     np.testing.assert_array_equal(table.numpy()[frozen_rows], before[frozen_rows])
     assert not np.allclose(table.numpy()[~frozen_rows], before[~frozen_rows])
+
+
+def test_weight_decay_of_a_frozen_variable_with_sparse_gradients():
+    """AdamW decays every trainable entry, also of rows that got no gradient;
+    frozen rows neither decay nor move."""
+    rng = np.random.default_rng(8)
+    table = keras.Variable(rng.standard_normal((32, 8)).astype(np.float32))
+    trainable = np.ones((32, 8), np.float32)
+    trainable[8:16] = 0
+    optimizer = BlockFreeze(keras.optimizers.AdamW(0.01, weight_decay=0.5), [(table, trainable)])
+    before = table.numpy().copy()
+    ids = tf.constant([0, 1, 8, 9])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.gather(table.value, ids))
+    optimizer.apply([tape.gradient(loss, table.value)], [table])
+    after = table.numpy()
+    np.testing.assert_array_equal(after[8:16], before[8:16])
+    np.testing.assert_allclose(after[20:], before[20:] * (1 - 0.5 * 0.01), rtol=1e-6)
+    assert np.all(after[:2] != before[:2])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)),
+    lambda: BlockFreeze(keras.optimizers.SGD(0.1)),
+    lambda: keras.optimizers.Muon(),
+    lambda: keras.optimizers.Adam(use_ema=True),
+], ids=["loss-scale", "block-freeze", "muon", "ema"])
+def test_optimizers_whose_writes_cannot_be_masked_are_refused(make):
+    with pytest.raises(ValueError, match="BlockFreeze cannot wrap"):
+        BlockFreeze(make())
+
+
+def test_loss_scaling_goes_around_block_freeze_and_scale_factors_are_forwarded():
+    w = keras.Variable(np.ones((16, 8), np.float32))
+    frozen = np.zeros((16, 8), bool)
+    frozen[:8] = True
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        BlockFreeze(keras.optimizers.SGD(0.1, momentum=0.9), [(w, (~frozen).astype(np.float32))]))
+    for _ in range(3):
+        optimizer.apply([optimizer.scale_loss(tf.ones((16, 8)))], [w])
+    assert np.all(w.numpy()[frozen] == 1) and np.all(w.numpy()[~frozen] < 1)
+    scaled = BlockFreeze(keras.optimizers.SGD(0.1, loss_scale_factor=128.0))
+    assert float(scaled.scale_loss(1.0)) == 128.0
+
+
+def test_constraints_apply_to_trainable_entries_only():
+    rng = np.random.default_rng(9)
+    layer = MaskedDense(8, block_size=8, kernel_constraint=keras.constraints.MaxNorm(0.5),
+                        grad_mask=np.array([[1.0], [0.0]], np.float32))
+    model = keras.Sequential([keras.Input((16,)), layer])
+    model.compile(optimizer=BlockFreeze(keras.optimizers.SGD(0.1)), loss="mse")
+    layer.kernel.assign(rng.standard_normal((16, 8)).astype(np.float32) * 3)
+    before = layer.kernel.numpy().copy()
+    model.fit(rng.standard_normal((8, 16)), rng.standard_normal((8, 8)), epochs=2, verbose=0)
+    np.testing.assert_array_equal(layer.kernel.numpy()[8:], before[8:])
+    # MaxNorm over axis 0 scales whole columns; the trainable rows were rescaled by it.
+    assert not np.allclose(layer.kernel.numpy()[:8], before[:8])
+
+
+def test_masks_are_found_at_build_and_survive_saving(tmp_path):
+    """No masks given: the layers' grad_masks, read when the optimizer is
+    built, so also for layers built late and for a loaded model."""
+    rng = np.random.default_rng(10)
+    x, y = rng.standard_normal((32, 40)).astype(np.float32), rng.standard_normal((32, 3)).astype(np.float32)
+    model = keras.Sequential([
+        MaskedDense(24, block_size=BLOCK, activation="tanh", grad_mask=GRAD_MASK, name="hidden"),
+        MaskedDense(3, block_size=8, name="out"),
+    ])
+    model.compile(optimizer=BlockFreeze(keras.optimizers.AdamW(0.01, weight_decay=0.1)), loss="mse")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)  # builds the layers, then the optimizer
+    hidden = model.get_layer("hidden").kernel.numpy().copy()
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    np.testing.assert_array_equal(model.get_layer("hidden").kernel.numpy()[FROZEN], hidden[FROZEN])
+    path = os.path.join(tmp_path, "frozen.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, BlockFreeze)
+    hidden = loaded.get_layer("hidden").kernel.numpy().copy()
+    loaded.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    np.testing.assert_array_equal(loaded.get_layer("hidden").kernel.numpy()[FROZEN], hidden[FROZEN])
+    assert not np.allclose(loaded.get_layer("hidden").kernel.numpy()[~FROZEN], hidden[~FROZEN])
+
+
+@pytest.mark.parametrize("mode", ["assign", "add", "sub"])
+def test_masked_update_with_row_slices_touches_only_their_rows(mode):
+    rng = np.random.default_rng(11)
+    start = rng.standard_normal((12, 8)).astype(np.float32)
+    variable = tf.Variable(start)
+    mask = np.ones((12, 8), np.float32)
+    mask[:, :4] = 0
+    rows = [2, 5, 5] if mode != "assign" else [2, 5]
+    values = rng.standard_normal((len(rows), 8)).astype(np.float32)
+    masked_update(variable, tf.IndexedSlices(tf.constant(values), tf.constant(rows), tf.constant([12, 8])),
+                  mask, block_size=4, mode=mode)
+    expected = start.copy()
+    for row, value in zip(rows, values):
+        live = mask[row] != 0
+        expected[row, live] = {"assign": value, "add": expected[row] + value, "sub": expected[row] - value}[mode][live]
+    np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-6, atol=1e-6)
+    untouched = [r for r in range(12) if r not in rows]
+    np.testing.assert_array_equal(variable.numpy()[untouched], start[untouched])
+
+
+def test_apply_without_variables_needs_a_built_optimizer():
+    with pytest.raises(ValueError, match="needs a built optimizer"):
+        BlockFreeze(keras.optimizers.SGD(0.1)).apply([tf.zeros((2, 2))])

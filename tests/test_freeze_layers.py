@@ -166,3 +166,17 @@ def test_layers_without_a_weight_mask_match_keras_and_still_freeze(tmp_path):
     assert loaded.get_layer("conv").mask is None and not loaded.get_layer("conv").use_mask
     np.testing.assert_array_equal(loaded.get_layer("conv").grad_mask.numpy(), [[1.0, 0.0]])
     np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_masks_given_to_a_layer_built_inside_fit_are_kept():
+    """A regression: a Sequential without an Input builds its layers while
+    fit traces the step; masks assigned then were lost."""
+    rng = np.random.default_rng(5)
+    mask = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    grad_mask = np.array([[0.0, 1.0], [1.0, 1.0]], np.float32)
+    layer = MaskedDense(16, block_size=8, mask=mask, grad_mask=grad_mask)
+    model = keras.Sequential([layer, keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(rng.standard_normal((8, 16)), rng.standard_normal((8, 2)), epochs=1, verbose=0)
+    np.testing.assert_array_equal(layer.mask.numpy(), mask)
+    np.testing.assert_array_equal(layer.grad_mask.numpy(), grad_mask)

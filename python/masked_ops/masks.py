@@ -37,7 +37,8 @@ def weight_gradient_mask(mask, grad_mask, element_shape, expand_block_mask, dtyp
     """
     grad_mask = tf.convert_to_tensor(grad_mask)
     if mask is None:
-        return tf.where(is_live(grad_mask), tf.cast(grad_mask, dtype), tf.zeros(grad_mask.shape, dtype))
+        factors = tf.cast(grad_mask, dtype)
+        return tf.where(is_live(grad_mask), factors, tf.zeros_like(factors))
     mask = tf.convert_to_tensor(mask)
     element_shape = tuple(element_shape)
     for name, value in (("mask", mask), ("grad_mask", grad_mask)):

@@ -5,6 +5,9 @@ import keras
 import tensorflow as tf
 
 GRANULARITIES = ("block", "element")
+# Set on a masked layer's kernel variable that has a grad_mask: (grad_mask
+# weight, block size), which BlockFreeze reads to freeze the kernel.
+GRAD_MASK_TAG = "_masked_ops_grad_mask"
 SUPPORTED_COMPUTE_DTYPES = ("float32", "float64")
 
 
@@ -114,24 +117,25 @@ class MaskedKernelLayer(keras.layers.Layer):
             self.mask = self._build_mask(self._mask_slot)
         if self._grad_mask_slot is not None:
             self.grad_mask = self._build_mask(self._grad_mask_slot)
+            setattr(self.kernel, GRAD_MASK_TAG, (self.grad_mask, self._block_size()))
 
     def _build_mask(self, slot):
         element_shape, block_shape = self._mask_shapes()
         if slot.granularity is None:
             pending = None if slot.pending is None else tuple(slot.pending.shape)
             slot.granularity = "element" if pending == element_shape and pending != block_shape else "block"
-        weight = self.add_weight(
-            name=slot.name,
-            shape=element_shape if slot.granularity == "element" else block_shape,
-            initializer="ones",
-            trainable=False,
-            dtype="float32",
-            autocast=False,
-        )
+        shape = element_shape if slot.granularity == "element" else block_shape
+        initializer = "ones"
         if slot.pending is not None:
-            pending, slot.pending = slot.pending, None
-            self._assign_mask(slot, weight, pending)
-        return weight
+            # The value goes in as the initializer, not as an assign after
+            # creation: a layer built while a function is traced (a Sequential
+            # without an Input) would lose an assign to the trace.
+            value = self._fitted_mask(slot, shape, slot.pending)
+            slot.pending = None
+            initializer = lambda shape, dtype=None: tf.cast(value, dtype or "float32")  # noqa: E731
+        return self.add_weight(
+            name=slot.name, shape=shape, initializer=initializer, trainable=False, dtype="float32", autocast=False
+        )
 
     def set_mask(self, mask):
         """Replaces the mask; takes an element- or block-level array of any real or bool dtype.
@@ -167,18 +171,22 @@ class MaskedKernelLayer(keras.layers.Layer):
             self._assign_mask(slot, weight, mask)
 
     def _assign_mask(self, slot, weight, mask):
+        weight.assign(self._fitted_mask(slot, tuple(weight.shape), mask))
+
+    def _fitted_mask(self, slot, shape, mask):
+        """mask as the slot's weight of `shape` holds it: as is, or a block
+        mask expanded for an element-granularity weight."""
         element_shape, block_shape = self._mask_shapes()
-        shape = tuple(mask.shape)
-        if shape == tuple(weight.shape):
-            weight.assign(mask)
-        elif slot.granularity == "element" and shape == block_shape:
-            weight.assign(self._expand_block_mask(mask))
-        else:
-            raise ValueError(
-                f"{slot.name} of shape {shape} fits neither this layer's {slot.granularity}-level "
-                f"{slot.name} {tuple(weight.shape)} (element-level would be {element_shape}, "
-                f"block-level {block_shape} for block size {self._block_size()})"
-            )
+        given = tuple(mask.shape)
+        if given == shape:
+            return mask
+        if slot.granularity == "element" and given == block_shape:
+            return self._expand_block_mask(mask)
+        raise ValueError(
+            f"{slot.name} of shape {given} fits neither this layer's {slot.granularity}-level "
+            f"{slot.name} {shape} (element-level would be {element_shape}, "
+            f"block-level {block_shape} for block size {self._block_size()})"
+        )
 
     def _as_float_mask(self, mask):
         if mask is None:

@@ -1,11 +1,12 @@
 """BlockFreeze: any Keras optimizer, with frozen weight entries kept bit-exact."""
 
 import contextlib
+import threading
 
 import keras
 import tensorflow as tf
 
-from masked_ops.layers._base import MaskedKernelLayer
+from masked_ops.layers._base import GRAD_MASK_TAG, MaskedKernelLayer
 from masked_ops.ops import _ops, normalize_block_size
 
 _MODES = {"assign": "assign", "assign_add": "add", "assign_sub": "sub"}
@@ -20,12 +21,35 @@ def masked_update(variable, value, mask, *, block_size=(32, 32), mode="assign"):
     rows, cols = normalize_block_size(block_size)
     if isinstance(variable, keras.Variable):
         variable = variable.value
+    mask = tf.convert_to_tensor(mask)
     if isinstance(value, tf.IndexedSlices):
-        value = tf.convert_to_tensor(value)
-    value = tf.cast(value, variable.dtype)
+        _masked_sparse_update(variable, value, mask, rows, cols, mode)
+        return
     _ops.masked_ops_masked_update_variable(
-        variable.handle, value, tf.convert_to_tensor(mask), block_rows=rows, block_cols=cols, mode=mode
+        variable.handle, tf.cast(value, variable.dtype), mask, block_rows=rows, block_cols=cols, mode=mode
     )
+
+
+def _masked_sparse_update(variable, value, mask, rows, cols, mode):
+    """masked_update for row slices of a matrix: only the listed rows are
+    touched, as Keras's scatter updates touch them, and their frozen entries
+    are written back with their own bits."""
+    indices = value.indices
+    values = tf.cast(value.values, variable.dtype)
+    if mode != "assign":
+        # Repeated rows add up (as scatter_add adds them), then each row is
+        # written once.
+        indices, positions = tf.unique(indices)
+        values = tf.math.unsorted_segment_sum(values, positions, tf.size(indices))
+    if mask.shape.rank == variable.shape.rank and tuple(mask.shape) == tuple(variable.shape):
+        row_masks = tf.gather(mask, indices)
+    else:
+        width = tf.shape(values)[1]
+        row_masks = tf.repeat(tf.gather(mask, indices // rows), cols, axis=1)[:, :width]
+    live = tf.not_equal(tf.cast(row_masks, tf.float32), 0.0) if row_masks.dtype != tf.bool else row_masks
+    current = tf.gather(variable, indices)
+    updated = {"assign": values, "add": current + values, "sub": current - values}[mode]
+    variable.scatter_update(tf.IndexedSlices(tf.where(live, updated, current), indices, value.dense_shape))
 
 
 class _Freeze:
@@ -38,33 +62,47 @@ class _Freeze:
         self.shape = tuple(shape)
 
 
+# The inner optimizer's methods are swapped for masked ones while it applies
+# a step; one step at a time, so that concurrent steps never see each
+# other's swaps.
+_PATCH_LOCK = threading.RLock()
+
+
 @keras.saving.register_keras_serializable(package="masked_ops")
 class BlockFreeze(keras.optimizers.Optimizer):
     """Wraps a Keras optimizer so that frozen entries of chosen variables never change.
 
-    For SGD (with momentum or Nesterov), Adam, AdamW and RMSprop, a frozen variable's
-    whole step (weight decay, moments, update) is one fused kernel that
-    touches only trainable entries and skips frozen blocks. For any other
-    optimizer, the wrapped optimizer computes its update as it always does, and
-    every write it makes to a frozen variable, or to state of that variable's
-    shape (AMSGrad's maximum, RMSprop's averages), and the decoupled weight
-    decay, go through a masked in-place update that leaves frozen entries
-    exactly as they were and skips frozen blocks. So frozen
-    entries stay bit-exact for any number of steps, even with moments built up
-    before the freeze, and trainable entries move exactly as the wrapped
-    optimizer moves them. State of other shapes (Adafactor's factored moments)
-    is updated as usual, from gradients that are zero where frozen when the
-    layer's grad_mask (or `mask_gradients`) made them so.
+    For SGD (with momentum or Nesterov), Adam, AdamW and RMSprop, a frozen
+    variable's step (moments and update) is one fused kernel that touches only
+    trainable entries and skips frozen blocks. For any other optimizer, the
+    wrapped optimizer computes its update as it always does, and every write
+    it makes to a frozen variable, or to state of that variable's shape
+    (AMSGrad's maximum, RMSprop's averages), goes through a masked in-place
+    update that leaves frozen entries exactly as they were and skips frozen
+    blocks. Decoupled weight decay and variable constraints are applied to
+    trainable entries only, the same way. So frozen entries stay bit-exact for
+    any number of steps, even with moments built up before the freeze, and
+    trainable entries move exactly as the wrapped optimizer moves them. State
+    of other shapes (Adafactor's factored moments) is updated as usual, from
+    gradients that are zero where frozen when the layer's grad_mask (or
+    `mask_gradients`) made them so.
 
     Args:
       inner_optimizer: the `keras.optimizers.Optimizer` to wrap; its state is
-        kept, so it may have trained before.
-      masks: a Keras model, layer or list of layers (every masked layer with a
-        grad_mask freezes its kernel by it, read at every step); or masks
-        keyed by variable: a list of `(variable, mask)` pairs or a dict
-        `{variable.path: mask}`, element- or block-level (1 = trainable, 0 =
-        frozen). May be given later with `set_masks`.
-      block_size: block size of the block-level masks in a dict.
+        kept, so it may have trained before. Optimizers that replace Keras's
+        own step (LossScaleOptimizer, another BlockFreeze, Muon's weight
+        decay) or keep an EMA of the weights are refused: wrap a
+        LossScaleOptimizer around the BlockFreeze instead.
+      masks: None (the default): every trained kernel of a masked layer that
+        has a grad_mask is frozen by it, found when the optimizer is built (so
+        also after loading a saved model); or a Keras model, layer or list of
+        layers, to limit that to their layers; or masks keyed by variable: a
+        list of `(variable, mask)` pairs or a dict `{variable.path: mask}`,
+        element- or block-level (1 = trainable, 0 = frozen). Mask values are
+        read at every step and may change; which variables are frozen is
+        fixed when a training function is traced, so after `set_masks` a
+        compiled model needs compiling again.
+      block_size: block size of the block-level masks given by variable.
     """
 
     def __init__(self, inner_optimizer, masks=None, *, block_size=(32, 32), name=None, **kwargs):
@@ -73,69 +111,112 @@ class BlockFreeze(keras.optimizers.Optimizer):
                 f"BlockFreeze takes no optimizer arguments of its own (got {sorted(kwargs)}); "
                 "set them on the inner optimizer"
             )
+        _check_wrappable(inner_optimizer)
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
         self.block_size = normalize_block_size(block_size)
-        self._freezes = {}
-        self._masks_by_path = None
-        if masks is not None:
-            self.set_masks(masks)
+        self.set_masks(masks)
 
     def set_masks(self, masks):
         """Replaces what is frozen; see the class's `masks` argument."""
-        self._masks_by_path = None
-        self._freezes = {}
+        # Kept out of Keras's tracking: masks are the layers' weights or the
+        # caller's arrays, not optimizer state to checkpoint.
+        self.__dict__["_masks"] = masks
+        self.__dict__["_freezes"] = {}
+        if self.built:
+            self._resolve_masks(self._trainable_variables)
+
+    def _resolve_masks(self, variables):
+        masks = self._masks
+        freezes = {}
+
+        def freeze(variable, mask, block_size):
+            if mask is not None:
+                mask = mask if isinstance(mask, keras.Variable) else tf.convert_to_tensor(mask)
+                freezes[self.inner_optimizer._var_key(variable)] = _Freeze(mask, block_size, variable.shape)
+
         if isinstance(masks, dict):
-            # Keras variables are not hashable: paths name them until build
-            # says which variables they are.
-            self._masks_by_path = dict(masks)
-            if self.built:
-                self._resolve_paths(self._trainable_variables)
-            return
-        items = list(masks) if isinstance(masks, (list, tuple)) else [masks]
-        if items and all(isinstance(item, tuple) and len(item) == 2 for item in items):
-            for variable, mask in items:
-                self._freeze_variable(variable, mask, self.block_size)
-            return
-        for layer in _flatten_layers(items):
-            if isinstance(layer, MaskedKernelLayer) and layer.built and layer.grad_mask is not None:
-                self._freeze_variable(layer.kernel, layer.grad_mask, layer._block_size())
-
-    def _freeze_variable(self, variable, mask, block_size):
-        if mask is None:
-            return
-        mask = mask if isinstance(mask, keras.Variable) else tf.convert_to_tensor(mask)
-        self._freezes[self.inner_optimizer._var_key(variable)] = _Freeze(mask, block_size, variable.shape)
-
-    def _resolve_paths(self, variables):
-        by_path = {variable.path: variable for variable in variables}
-        unknown = sorted(set(self._masks_by_path) - set(by_path))
-        if unknown:
-            raise ValueError(f"BlockFreeze masks name variables that are not being trained: {unknown}")
-        for path, mask in self._masks_by_path.items():
-            self._freeze_variable(by_path[path], mask, self.block_size)
+            by_path = {variable.path: variable for variable in variables}
+            unknown = sorted(set(masks) - set(by_path))
+            if unknown:
+                raise ValueError(f"BlockFreeze masks name variables that are not being trained: {unknown}")
+            for path, mask in masks.items():
+                freeze(by_path[path], mask, self.block_size)
+        elif isinstance(masks, (list, tuple)) and masks and all(
+            isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], keras.Variable)
+            for item in masks
+        ):
+            for variable, mask in masks:
+                freeze(variable, mask, self.block_size)
+        else:
+            layers = None if masks is None else list(
+                _flatten_layers(masks if isinstance(masks, (list, tuple)) else [masks]))
+            if layers is not None:
+                unbuilt = [layer.name for layer in layers if isinstance(layer, MaskedKernelLayer) and not layer.built]
+                if unbuilt:
+                    raise ValueError(f"BlockFreeze needs the masked layers built to read their grad_mask: {unbuilt}")
+            owners = None if layers is None else {id(layer.kernel) for layer in layers
+                                                   if isinstance(layer, MaskedKernelLayer)}
+            for variable in variables:
+                tag = getattr(variable, GRAD_MASK_TAG, None)
+                if tag is not None and (owners is None or id(variable) in owners):
+                    freeze(variable, *tag)
+        self.__dict__["_freezes"] = freezes
 
     def build(self, var_list):
         # An optimizer that has trained before keeps its state.
         if not self.inner_optimizer.built:
             self.inner_optimizer.build(var_list)
         super().build(var_list)
-        if self._masks_by_path is not None:
-            self._resolve_paths(var_list)
+        self._resolve_masks(var_list)
 
     @property
     def variables(self):
         return self._variables + self.inner_optimizer.variables
 
     def apply(self, grads, trainable_variables=None):
-        if not self.built:
-            self.build(trainable_variables)
-            self.built = True
-        with self._masked_writes():
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError(
+                    "BlockFreeze.apply without variables needs a built optimizer: call "
+                    "optimizer.build(trainable_variables) first, or pass the variables"
+                )
+            variables = self._trainable_variables
+        else:
+            variables = list(trainable_variables)
+            if not self.built:
+                self.build(variables)
+                self.built = True
+        with _PATCH_LOCK, self._masked_writes(), self._masked_constraints(variables):
             self.inner_optimizer.apply(grads, trainable_variables)
+
+    def apply_gradients(self, grads_and_vars):
+        super().apply_gradients(grads_and_vars)
+        return self.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
 
     def _freeze_of(self, variable):
         return self._freezes.get(self.inner_optimizer._var_key(variable))
+
+    @contextlib.contextmanager
+    def _masked_constraints(self, variables):
+        """Keras applies a variable's constraint by assigning the whole
+        variable; for frozen variables it is held back and applied to the
+        trainable entries only, after the step."""
+        held = [(variable, variable.constraint) for variable in variables
+                if variable.constraint is not None and self._freeze_of(variable) is not None]
+        for variable, _ in held:
+            variable.constraint = None
+        try:
+            yield
+        finally:
+            for variable, constraint in held:
+                variable.constraint = constraint
+        for variable, constraint in held:
+            freeze = self._freeze_of(variable)
+            masked_update(variable, constraint(variable), freeze.mask, block_size=freeze.block_size)
 
     @contextlib.contextmanager
     def _masked_writes(self):
@@ -144,6 +225,7 @@ class BlockFreeze(keras.optimizers.Optimizer):
         inner = self.inner_optimizer
         updating = []
         original_update_step = inner.update_step
+        original_weight_decay = inner._apply_weight_decay
 
         def update_step(gradient, variable, learning_rate):
             freeze = self._freeze_of(variable)
@@ -168,19 +250,19 @@ class BlockFreeze(keras.optimizers.Optimizer):
             return write
 
         def apply_weight_decay(variables):
+            # Keras's own decay for the variables that are not frozen; the
+            # frozen ones decay where trainable only.
+            original_weight_decay([v for v in variables if self._freeze_of(v) is None])
             if inner.weight_decay is None:
                 return
             for variable in variables:
-                if not inner._use_weight_decay(variable):
+                freeze = self._freeze_of(variable)
+                if freeze is None or not inner._use_weight_decay(variable):
                     continue
                 learning_rate = tf.cast(inner.learning_rate, variable.dtype)
                 weight_decay = tf.cast(inner.weight_decay, variable.dtype)
-                decay = variable * weight_decay * learning_rate
-                freeze = self._freeze_of(variable)
-                if freeze is None:
-                    inner.assign_sub(variable, decay)
-                elif not _has_fused_step(inner):  # else the fused step decays it
-                    masked_update(variable, decay, freeze.mask, block_size=freeze.block_size, mode="sub")
+                masked_update(variable, variable * weight_decay * learning_rate, freeze.mask,
+                              block_size=freeze.block_size, mode="sub")
 
         patches = {method: writer(method) for method in _MODES}
         patches["update_step"] = update_step
@@ -221,6 +303,22 @@ class BlockFreeze(keras.optimizers.Optimizer):
         return cls(inner, **config)
 
 
+def _check_wrappable(optimizer):
+    """Refuses optimizers whose writes BlockFreeze could not all mask."""
+    base = keras.optimizers.Optimizer
+    if not isinstance(optimizer, base):
+        raise TypeError(f"BlockFreeze wraps a keras.optimizers.Optimizer, got {type(optimizer).__name__}")
+    if type(optimizer).apply is not base.apply:
+        raise ValueError(
+            f"BlockFreeze cannot wrap {type(optimizer).__name__}, which applies steps its own way "
+            "(a LossScaleOptimizer goes around the BlockFreeze instead: LossScaleOptimizer(BlockFreeze(...)))"
+        )
+    if type(optimizer)._apply_weight_decay is not base._apply_weight_decay:
+        raise ValueError(f"BlockFreeze cannot wrap {type(optimizer).__name__}: it decays weights its own way")
+    if optimizer.use_ema:
+        raise ValueError("BlockFreeze cannot wrap an optimizer with use_ema: the EMA overwrites frozen weights")
+
+
 def _handle(variable):
     return (variable.value if isinstance(variable, keras.Variable) else variable).handle
 
@@ -233,29 +331,25 @@ def _has_fused_step(optimizer):
 
 
 def _fused_step(inner, freeze, gradient, variable, learning_rate):
-    """Runs inner's update of a frozen variable as one masked kernel (weight
-    decay included) when there is one for inner's type; False otherwise."""
+    """Runs inner's update of a frozen variable as one masked kernel when
+    there is one for inner's type (and a dense gradient); False otherwise."""
     if not _has_fused_step(inner) or isinstance(gradient, tf.IndexedSlices):
         return False
     dtype = variable.dtype
     index = inner._get_variable_index(variable)
-    weight_decay = 0.0
-    if inner.weight_decay is not None and inner._use_weight_decay(variable):
-        weight_decay = inner.weight_decay
     rows, cols = freeze.block_size
     common = {"block_rows": rows, "block_cols": cols}
     lr = tf.cast(learning_rate, dtype)
     gradient = tf.cast(gradient, dtype)
     mask = tf.convert_to_tensor(freeze.mask)
-    # As Keras computes them, so that live entries get the same numbers.
-    decay_lr = tf.cast(inner.learning_rate, dtype)
-    weight_decay = tf.cast(weight_decay, dtype)
+    # Weight decay was applied before the step (see apply_weight_decay).
+    no_decay = tf.constant(0, dtype)
     if isinstance(inner, keras.optimizers.SGD):
         use_momentum = inner.momentum != 0
         momentum = inner.momentums[index] if use_momentum else variable
         _ops.masked_ops_masked_sgd_step(
             _handle(variable), _handle(momentum), gradient, mask, lr, tf.cast(inner.momentum, dtype),
-            weight_decay, use_momentum=use_momentum, nesterov=bool(inner.nesterov), **common,
+            no_decay, use_momentum=use_momentum, nesterov=bool(inner.nesterov), **common,
         )
         return True
     if isinstance(inner, keras.optimizers.RMSprop):
@@ -265,7 +359,7 @@ def _fused_step(inner, freeze, gradient, variable, learning_rate):
         _ops.masked_ops_masked_rmsprop_step(
             _handle(variable), _handle(inner._velocities[index]), _handle(momentum), _handle(average_grad),
             gradient, mask, lr, tf.constant(inner.rho, dtype), tf.constant(1 - inner.rho, dtype),
-            tf.constant(inner.momentum, dtype), tf.constant(inner.epsilon, dtype), weight_decay,
+            tf.constant(inner.momentum, dtype), tf.constant(inner.epsilon, dtype), no_decay,
             use_momentum=use_momentum, centered=bool(inner.centered), **common,
         )
         return True
@@ -279,7 +373,7 @@ def _fused_step(inner, freeze, gradient, variable, learning_rate):
     _ops.masked_ops_masked_adam_step(
         _handle(variable), _handle(m), _handle(v), _handle(v_hat), gradient, mask, alpha,
         tf.constant(1 - inner.beta_1, dtype), tf.constant(1 - inner.beta_2, dtype),
-        tf.constant(inner.epsilon, dtype), decay_lr, weight_decay, amsgrad=bool(inner.amsgrad), **common,
+        tf.constant(inner.epsilon, dtype), lr, no_decay, amsgrad=bool(inner.amsgrad), **common,
     )
     return True
 
