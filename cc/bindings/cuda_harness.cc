@@ -7,6 +7,7 @@
 
 #include "cc/kernels/block_mask.h"
 #include "cc/kernels/cuda/block_elementwise_gpu.h"
+#include "cc/kernels/cuda/masked_conv2d_gpu.h"
 #include "cc/kernels/cuda/masked_matmul_gpu.h"
 
 namespace masked_ops {
@@ -57,6 +58,14 @@ T* Ptr(uintptr_t address) {
 }
 
 MaskLevel LevelOf(int level) { return level == 0 ? MaskLevel::kElement : MaskLevel::kBlock; }
+
+// A Conv2DGeometry from its 19 fields, in declaration order.
+Conv2DGeometry GeometryOf(const int64_t* f) {
+  return Conv2DGeometry{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9],
+                        f[10], f[11], f[12], f[13], f[14], f[15], f[16], f[17], f[18]};
+}
+
+int64_t AlignUp(int64_t bytes) { return (bytes + 255) / 256 * 256; }
 
 }  // namespace
 }  // namespace gpu
@@ -158,6 +167,55 @@ int masked_ops_gpu_elementwise(int op, const char* dtype, const char* mask_dtype
         return MaskedRmspropStep<T, TMask>(outer, grid, view, Ptr<const T>(a), step, Ptr<T>(out),
                                            Ptr<T>(state[0]), Ptr<T>(state[1]), Ptr<T>(state[2]), space, s);
       }
+      default:
+        return kUnknownType;
+    }
+  });
+}
+
+// Device workspace of a conv product: the kernels' own, then room for the
+// output mask's canonical factors.
+size_t masked_ops_gpu_conv2d_workspace_bytes(const int64_t* geometry, int level) {
+  using namespace masked_ops::gpu;
+  const masked_ops::Conv2DGeometry g = GeometryOf(geometry);
+  return static_cast<size_t>(AlignUp(static_cast<int64_t>(Conv2DWorkspaceBytes(g, LevelOf(level)))) +
+                             AlignUp(g.out_pixels() * int64_t(sizeof(float))));
+}
+
+// product 0: out = y from a = x, b = filters; 1: out = dx from a = dy,
+// b = filters; 2: out = dfilters from a = x, b = dy. output_mask_dtype null
+// (or output_mask 0) for no output mask; geometry: Conv2DGeometry's 19 fields.
+int masked_ops_gpu_conv2d(int product, const char* dtype, const char* mask_dtype, const char* output_mask_dtype,
+                          const int64_t* geometry, uintptr_t a, uintptr_t b, uintptr_t mask, int level,
+                          uintptr_t output_mask, uintptr_t out, uintptr_t workspace, uintptr_t stream) {
+  using namespace masked_ops;
+  using namespace masked_ops::gpu;
+  const Conv2DGeometry g = GeometryOf(geometry);
+  Stream s = Ptr<CUstream_st>(stream);
+  void* space = Ptr<void>(workspace);
+  float* factors = nullptr;
+  if (output_mask != 0 && output_mask_dtype != nullptr) {
+    factors = reinterpret_cast<float*>(static_cast<char*>(space) +
+                                       AlignUp(static_cast<int64_t>(Conv2DWorkspaceBytes(g, LevelOf(level)))));
+    const int status = WithMaskType(output_mask_dtype, [&](auto tag) {
+      using TOut = typename decltype(tag)::type;
+      return CanonicalOutputFactors<TOut>(Ptr<const TOut>(output_mask), g.out_pixels(), factors, s);
+    });
+    if (status != 0) return status;
+  }
+  return WithTypes(dtype, mask_dtype, [&](auto element, auto mask_tag) {
+    using T = typename decltype(element)::type;
+    using TMask = typename decltype(mask_tag)::type;
+    const MaskView<TMask> view{Ptr<const TMask>(mask), LevelOf(level)};
+    switch (product) {
+      case kForward:
+        return MaskedConv2D<T, TMask>(g, Ptr<const T>(a), Ptr<const T>(b), view, factors, Ptr<T>(out), space, s);
+      case kGradInput:
+        return MaskedConv2DGradInput<T, TMask>(g, Ptr<const T>(a), Ptr<const T>(b), view, factors, Ptr<T>(out),
+                                               space, s);
+      case kGradWeight:
+        return MaskedConv2DGradFilter<T, TMask>(g, Ptr<const T>(a), Ptr<const T>(b), view, factors, Ptr<T>(out),
+                                                space, s);
       default:
         return kUnknownType;
     }

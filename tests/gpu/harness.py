@@ -31,6 +31,13 @@ def load():
         + [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
                                    ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     )
+    library.masked_ops_gpu_conv2d_workspace_bytes.restype = ctypes.c_size_t
+    library.masked_ops_gpu_conv2d_workspace_bytes.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+    library.masked_ops_gpu_conv2d.restype = ctypes.c_int
+    library.masked_ops_gpu_conv2d.argtypes = (
+        [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int64)]
+        + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 4
+    )
     library.masked_ops_gpu_matmul.restype = ctypes.c_int
     library.masked_ops_gpu_matmul.argtypes = (
         [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p] + [ctypes.c_int64] * 5
@@ -83,4 +90,20 @@ class Harness:
             workspace.data_ptr(), self.torch.cuda.current_stream().cuda_stream)
         if status != 0:
             raise RuntimeError(f"masked_ops_gpu_elementwise({op}) failed with status {status}")
+        return out
+
+    def conv2d(self, product, a, b, mask, level, geometry, out, output_mask=None):
+        """A masked_conv2d product (see cc/bindings/cuda_harness.cc); geometry
+        holds Conv2DGeometry's 19 fields in order."""
+        fields = (ctypes.c_int64 * 19)(*geometry)
+        level_code = 0 if level == "element" else 1
+        workspace = self.torch.empty(self.library.masked_ops_gpu_conv2d_workspace_bytes(fields, level_code),
+                                     dtype=self.torch.uint8, device=a.device)
+        status = self.library.masked_ops_gpu_conv2d(
+            PRODUCTS[product], dtype_name(a).encode(), dtype_name(mask).encode(),
+            None if output_mask is None else dtype_name(output_mask).encode(), fields, a.data_ptr(), b.data_ptr(),
+            mask.data_ptr(), level_code, 0 if output_mask is None else output_mask.data_ptr(), out.data_ptr(),
+            workspace.data_ptr(), self.torch.cuda.current_stream().cuda_stream)
+        if status != 0:
+            raise RuntimeError(f"masked_ops_gpu_conv2d({product}) failed with status {status}")
         return out

@@ -157,22 +157,23 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dw for block (blockIdx.y / grid_cols, blockIdx.y % grid_cols), 64 x 64 of
-// it per thread block (blockIdx.x walks the block's tiles): x^T dy over all
-// m rows, masked entry by entry; a dead block is written as zeros unread.
+// dw for block (blockIdx.x / grid_cols, blockIdx.x % grid_cols) (x allows
+// far more blocks than y), 64 x 64 of it per thread block (blockIdx.y walks
+// the block's tiles): x^T dy over all m rows, masked entry by entry; a dead
+// block is written as zeros unread.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     BlockOuterProducts(const T* x, const T* dy, int64_t m, const float* factors, bool element_level,
                        GridDims g, const uint8_t* live, T* dw) {
   __shared__ float x_tile[kDepthStep][kTile + 1];
   __shared__ float dy_tile[kDepthStep][kTile + 1];
-  const int64_t block = blockIdx.y;
+  const int64_t block = blockIdx.x;
   const int64_t bi = block / g.grid_cols;
   const int64_t bj = block % g.grid_cols;
   // Tiles of the block as launched: a block never extends past the matrix.
   const int64_t tiles_across = (min(g.cols, g.block_cols) + kTile - 1) / kTile;
-  const int64_t r0 = bi * g.block_rows + int64_t(blockIdx.x / tiles_across) * kTile;
-  const int64_t c0 = bj * g.block_cols + int64_t(blockIdx.x % tiles_across) * kTile;
+  const int64_t r0 = bi * g.block_rows + int64_t(blockIdx.y / tiles_across) * kTile;
+  const int64_t c0 = bj * g.block_cols + int64_t(blockIdx.y % tiles_across) * kTile;
   const int64_t r_end = min(g.rows, bi * g.block_rows + g.rows_in(bi));
   const int64_t c_end = min(g.cols, bj * g.block_cols + g.cols_in(bj));
   if (r0 >= r_end || c0 >= c_end) return;
@@ -281,6 +282,8 @@ int RunProduct(const MatmulShape& shape, const T* a, const T* w, MaskView<TMask>
   const GridDims dims = DimsOf(grid);
   const int64_t groups = kTransposed ? dims.grid_rows : dims.grid_cols;
   const int64_t group_width = kTransposed ? grid.block_rows : grid.block_cols;
+  // Output block columns (rows for dx) run along the grid's y, at most 65535.
+  if (groups > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
   const dim3 blocks(static_cast<unsigned>((shape.m + kTile - 1) / kTile), static_cast<unsigned>(groups),
                     static_cast<unsigned>((std::min(group_width, out_cols) + kTile - 1) / kTile));
   BlockSparseProduct<D, kTransposed><<<blocks, kThreads, 0, s>>>(
@@ -320,7 +323,7 @@ int MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy, Ma
   const Workspace ws = IndexMask(grid, mask, workspace, /*by_column=*/true, s);
   const GridDims dims = DimsOf(grid);
   const int64_t tiles = ((grid.packed_rows() + kTile - 1) / kTile) * ((grid.packed_cols() + kTile - 1) / kTile);
-  const dim3 blocks(static_cast<unsigned>(tiles), static_cast<unsigned>(dims.grid_rows * dims.grid_cols));
+  const dim3 blocks(static_cast<unsigned>(dims.grid_rows * dims.grid_cols), static_cast<unsigned>(tiles));
   BlockOuterProducts<D><<<blocks, kThreads, 0, s>>>(
       reinterpret_cast<const D*>(x), reinterpret_cast<const D*>(dy), shape.m, ws.factors,
       mask.level == MaskLevel::kElement, dims, ws.live, reinterpret_cast<D*>(dw));

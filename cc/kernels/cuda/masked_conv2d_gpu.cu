@@ -1,0 +1,514 @@
+// CUDA kernels for masked_conv2d (see masked_conv2d_gpu.h): implicit GEMMs
+// over shared-memory tiles, no im2col. The filter mask becomes canonical
+// factors and a liveness flag per (tap, input block, output block); the
+// forward product lists, per output block, the live (tap, input block)
+// slices, dx lists per input block the live (tap, output block) slices, and
+// dfilters computes live blocks only. The forward product works tile by
+// output tile: a tile whose output mask is zero throughout is written as
+// zeros and never computed.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cc/kernels/cuda/mask_factors.cuh"
+#include "cc/kernels/cuda/masked_conv2d_gpu.h"
+
+namespace masked_ops {
+namespace gpu {
+namespace {
+
+constexpr int kTile = 64;
+constexpr int kDepthStep = 16;
+constexpr int kThreads = 256;
+constexpr int kPerThread = kTile / 16;
+
+// Conv2DGeometry as the device reads it.
+struct ConvDims {
+  int64_t batch, in_h, in_w, in_channels, filter_h, filter_w, out_channels;
+  int64_t stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, out_h, out_w;
+  int64_t in_block, out_block, tile_h, tile_w;
+  bool element_level;
+  __host__ __device__ int64_t taps() const { return filter_h * filter_w; }
+  __host__ __device__ int64_t in_blocks() const { return (in_channels + in_block - 1) / in_block; }
+  __host__ __device__ int64_t out_blocks() const { return (out_channels + out_block - 1) / out_block; }
+  __host__ __device__ int64_t tiles_h() const { return (out_h + tile_h - 1) / tile_h; }
+  __host__ __device__ int64_t tiles_w() const { return (out_w + tile_w - 1) / tile_w; }
+  // The filter factor of (tap, ci, co).
+  __device__ float factor(const float* factors, int64_t tap, int64_t ci, int64_t co) const {
+    return element_level ? factors[(tap * in_channels + ci) * out_channels + co]
+                         : factors[(ci / in_block) * out_blocks() + co / out_block];
+  }
+};
+
+ConvDims DimsOf(const Conv2DGeometry& g, MaskLevel level) {
+  return ConvDims{g.batch, g.in_h, g.in_w, g.in_channels, g.filter_h, g.filter_w, g.out_channels,
+                  g.stride_h, g.stride_w, g.dilation_h, g.dilation_w, g.pad_top, g.pad_left, g.out_h,
+                  g.out_w, g.in_block, g.out_block, g.tile_h, g.tile_w, level == MaskLevel::kElement};
+}
+
+template <typename TOut>
+__global__ void OutputFactorsKernel(const TOut* mask, int64_t count, float* factors) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    factors[i] = CanonicalFactor(mask[i]);
+  }
+}
+
+// live[(tap * in_blocks + i) * out_blocks + j]: block (i, j) at the tap holds
+// a live factor.
+__global__ void FilterLiveness(const float* factors, ConvDims d, uint8_t* live) {
+  const int64_t count = d.taps() * d.in_blocks() * d.out_blocks();
+  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < count;
+       b += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = b % d.out_blocks();
+    const int64_t i = (b / d.out_blocks()) % d.in_blocks();
+    const int64_t tap = b / (d.out_blocks() * d.in_blocks());
+    bool any = false;
+    if (!d.element_level) {
+      any = Live(factors[i * d.out_blocks() + j]);
+    } else {
+      const int64_t ci_end = min(d.in_channels, (i + 1) * d.in_block);
+      const int64_t co_end = min(d.out_channels, (j + 1) * d.out_block);
+      for (int64_t ci = i * d.in_block; ci < ci_end && !any; ++ci) {
+        for (int64_t co = j * d.out_block; co < co_end && !any; ++co) any = Live(d.factor(factors, tap, ci, co));
+      }
+    }
+    live[b] = any ? 1 : 0;
+  }
+}
+
+// by_output: per output block j, the live (tap * in_blocks + i); else per
+// input block i, the live (tap * out_blocks + j).
+__global__ void FilterLists(const uint8_t* live, ConvDims d, bool by_output, int32_t* lists, int32_t* counts) {
+  const int64_t groups = by_output ? d.out_blocks() : d.in_blocks();
+  const int64_t capacity = d.taps() * (by_output ? d.in_blocks() : d.out_blocks());
+  for (int64_t group = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; group < groups;
+       group += int64_t(gridDim.x) * blockDim.x) {
+    int32_t count = 0;
+    for (int64_t tap = 0; tap < d.taps(); ++tap) {
+      const int64_t others = by_output ? d.in_blocks() : d.out_blocks();
+      for (int64_t o = 0; o < others; ++o) {
+        const int64_t i = by_output ? o : group;
+        const int64_t j = by_output ? group : o;
+        if (live[(tap * d.in_blocks() + i) * d.out_blocks() + j]) {
+          lists[group * capacity + count++] = static_cast<int32_t>(tap * others + o);
+        }
+      }
+    }
+    counts[group] = count;
+  }
+}
+
+// active[t] for output tile t (n, tile row, tile column): some output factor
+// in it is live; all tiles without an output mask.
+__global__ void TileActivity(const float* output_factors, ConvDims d, uint8_t* active) {
+  const int64_t tiles = d.batch * d.tiles_h() * d.tiles_w();
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < tiles;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    if (output_factors == nullptr) {
+      active[t] = 1;
+      continue;
+    }
+    const int64_t n = t / (d.tiles_h() * d.tiles_w());
+    const int64_t oy0 = ((t / d.tiles_w()) % d.tiles_h()) * d.tile_h;
+    const int64_t ox0 = (t % d.tiles_w()) * d.tile_w;
+    bool any = false;
+    for (int64_t oy = oy0; oy < min(d.out_h, oy0 + d.tile_h) && !any; ++oy) {
+      for (int64_t ox = ox0; ox < min(d.out_w, ox0 + d.tile_w) && !any; ++ox) {
+        any = Live(output_factors[(n * d.out_h + oy) * d.out_w + ox]);
+      }
+    }
+    active[t] = any ? 1 : 0;
+  }
+}
+
+// The output pixel that input pixel (iy, ix) meets at tap (ky, kx), or -1.
+__device__ inline int64_t OutputPixelAt(const ConvDims& d, int64_t n, int64_t iy, int64_t ix, int64_t ky,
+                                        int64_t kx) {
+  const int64_t sy = iy + d.pad_top - ky * d.dilation_h;
+  const int64_t sx = ix + d.pad_left - kx * d.dilation_w;
+  if (sy < 0 || sx < 0 || sy % d.stride_h != 0 || sx % d.stride_w != 0) return -1;
+  const int64_t oy = sy / d.stride_h;
+  const int64_t ox = sx / d.stride_w;
+  if (oy >= d.out_h || ox >= d.out_w) return -1;
+  return (n * d.out_h + oy) * d.out_w + ox;
+}
+
+__device__ inline float OutputScaled(const float* output_factors, int64_t pixel, float value) {
+  if (output_factors == nullptr) return value;
+  const float factor = output_factors[pixel];
+  return Live(factor) ? value * factor : 0.0f;
+}
+
+// blockIdx.x: output tile (n, tile row, tile column) and a chunk of 64 of its
+// pixels; blockIdx.y: output block; blockIdx.z: 64 of its channels.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ConvForward(const T* x, const T* filters, const float* factors, const float* output_factors,
+                const uint8_t* active, ConvDims d, const int32_t* lists, const int32_t* counts, T* y) {
+  __shared__ float a_tile[kDepthStep][kTile + 1];
+  __shared__ float b_tile[kDepthStep][kTile + 1];
+  const int64_t chunks = (d.tile_h * d.tile_w + kTile - 1) / kTile;
+  const int64_t tile = blockIdx.x / chunks;
+  const int64_t chunk = blockIdx.x % chunks;
+  const int64_t n = tile / (d.tiles_h() * d.tiles_w());
+  const int64_t oy0 = ((tile / d.tiles_w()) % d.tiles_h()) * d.tile_h;
+  const int64_t ox0 = (tile % d.tiles_w()) * d.tile_w;
+  const int64_t tile_w = min(d.tile_w, d.out_w - ox0);
+  const int64_t tile_pixels = min(d.tile_h, d.out_h - oy0) * tile_w;
+  const int64_t j = blockIdx.y;
+  const int64_t col0 = j * d.out_block + int64_t(blockIdx.z) * kTile;
+  const int64_t col_end = min(d.out_channels, (j + 1) * d.out_block);
+  const int64_t q0 = chunk * kTile;
+  if (q0 >= tile_pixels || col0 >= col_end) return;
+  auto pixel_of = [&](int64_t q) { return (n * d.out_h + oy0 + q / tile_w) * d.out_w + ox0 + q % tile_w; };
+  const int tx = threadIdx.x % 16;
+  const int ty = threadIdx.x / 16;
+  float acc[kPerThread][kPerThread] = {};
+  const bool tile_active = active[tile] != 0;
+  if (tile_active) {
+    const int64_t capacity = d.taps() * d.in_blocks();
+    for (int p = 0; p < counts[j]; ++p) {
+      const int64_t entry = lists[j * capacity + p];
+      const int64_t tap = entry / d.in_blocks();
+      const int64_t i = entry % d.in_blocks();
+      const int64_t ky = tap / d.filter_w;
+      const int64_t kx = tap % d.filter_w;
+      const int64_t ci_end = min(d.in_channels, (i + 1) * d.in_block);
+      for (int64_t c0 = i * d.in_block; c0 < ci_end; c0 += kDepthStep) {
+        for (int e = threadIdx.x; e < kDepthStep * kTile; e += kThreads) {
+          const int dd = e / kTile;
+          const int rr = e % kTile;
+          const int64_t ci = c0 + dd;
+          const int64_t q = q0 + rr;
+          float a = 0.0f;
+          if (ci < ci_end && q < tile_pixels) {
+            const int64_t iy = (oy0 + q / tile_w) * d.stride_h - d.pad_top + ky * d.dilation_h;
+            const int64_t ix = (ox0 + q % tile_w) * d.stride_w - d.pad_left + kx * d.dilation_w;
+            if (iy >= 0 && iy < d.in_h && ix >= 0 && ix < d.in_w) {
+              a = ToFloat(x[((n * d.in_h + iy) * d.in_w + ix) * d.in_channels + ci]);
+            }
+          }
+          a_tile[dd][rr] = a;
+          const int64_t co = col0 + rr;
+          b_tile[dd][rr] = (ci < ci_end && co < col_end)
+                               ? Masked(ToFloat(filters[(tap * d.in_channels + ci) * d.out_channels + co]),
+                                        d.factor(factors, tap, ci, co))
+                               : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int dd = 0; dd < kDepthStep; ++dd) {
+#pragma unroll
+          for (int r = 0; r < kPerThread; ++r) {
+            const float a = a_tile[dd][ty + 16 * r];
+#pragma unroll
+            for (int c = 0; c < kPerThread; ++c) acc[r][c] += a * b_tile[dd][tx + 16 * c];
+          }
+        }
+        __syncthreads();
+      }
+    }
+  }
+  for (int r = 0; r < kPerThread; ++r) {
+    const int64_t q = q0 + ty + 16 * r;
+    if (q >= tile_pixels) continue;
+    const int64_t pixel = pixel_of(q);
+    for (int c = 0; c < kPerThread; ++c) {
+      const int64_t co = col0 + tx + 16 * c;
+      if (co >= col_end) continue;
+      y[pixel * d.out_channels + co] =
+          FromFloat<T>(tile_active ? OutputScaled(output_factors, pixel, acc[r][c]) : 0.0f);
+    }
+  }
+}
+
+// blockIdx.x: 64 input pixels in raster order; blockIdx.y: input block;
+// blockIdx.z: 64 of its channels.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ConvGradInput(const T* dy, const T* filters, const float* factors, const float* output_factors, ConvDims d,
+                  const int32_t* lists, const int32_t* counts, T* dx) {
+  __shared__ float a_tile[kDepthStep][kTile + 1];
+  __shared__ float b_tile[kDepthStep][kTile + 1];
+  const int64_t pixels = d.batch * d.in_h * d.in_w;
+  const int64_t p0 = int64_t(blockIdx.x) * kTile;
+  const int64_t i = blockIdx.y;
+  const int64_t col0 = i * d.in_block + int64_t(blockIdx.z) * kTile;
+  const int64_t col_end = min(d.in_channels, (i + 1) * d.in_block);
+  if (col0 >= col_end) return;
+  const int tx = threadIdx.x % 16;
+  const int ty = threadIdx.x / 16;
+  float acc[kPerThread][kPerThread] = {};
+  const int64_t capacity = d.taps() * d.out_blocks();
+  for (int p = 0; p < counts[i]; ++p) {
+    const int64_t entry = lists[i * capacity + p];
+    const int64_t tap = entry / d.out_blocks();
+    const int64_t j = entry % d.out_blocks();
+    const int64_t ky = tap / d.filter_w;
+    const int64_t kx = tap % d.filter_w;
+    const int64_t co_end = min(d.out_channels, (j + 1) * d.out_block);
+    for (int64_t c0 = j * d.out_block; c0 < co_end; c0 += kDepthStep) {
+      for (int e = threadIdx.x; e < kDepthStep * kTile; e += kThreads) {
+        const int dd = e / kTile;
+        const int rr = e % kTile;
+        const int64_t co = c0 + dd;
+        const int64_t pixel = p0 + rr;
+        float a = 0.0f;
+        if (co < co_end && pixel < pixels) {
+          const int64_t n = pixel / (d.in_h * d.in_w);
+          const int64_t at = OutputPixelAt(d, n, (pixel / d.in_w) % d.in_h, pixel % d.in_w, ky, kx);
+          if (at >= 0) a = OutputScaled(output_factors, at, ToFloat(dy[at * d.out_channels + co]));
+        }
+        a_tile[dd][rr] = a;
+        const int64_t ci = col0 + rr;
+        b_tile[dd][rr] = (co < co_end && ci < col_end)
+                             ? Masked(ToFloat(filters[(tap * d.in_channels + ci) * d.out_channels + co]),
+                                      d.factor(factors, tap, ci, co))
+                             : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int dd = 0; dd < kDepthStep; ++dd) {
+#pragma unroll
+        for (int r = 0; r < kPerThread; ++r) {
+          const float a = a_tile[dd][ty + 16 * r];
+#pragma unroll
+          for (int c = 0; c < kPerThread; ++c) acc[r][c] += a * b_tile[dd][tx + 16 * c];
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int r = 0; r < kPerThread; ++r) {
+    const int64_t pixel = p0 + ty + 16 * r;
+    if (pixel >= pixels) continue;
+    for (int c = 0; c < kPerThread; ++c) {
+      const int64_t ci = col0 + tx + 16 * c;
+      if (ci < col_end) dx[pixel * d.in_channels + ci] = FromFloat<T>(acc[r][c]);
+    }
+  }
+}
+
+// blockIdx.x: filter block (tap, i, j) (x allows far more blocks than y);
+// blockIdx.y: 64 x 64 of it. A dead block is written as zeros, unread.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ConvGradFilter(const T* x, const T* dy, const float* factors, const float* output_factors,
+                   const uint8_t* live, ConvDims d, T* dfilters) {
+  __shared__ float x_tile[kDepthStep][kTile + 1];
+  __shared__ float dy_tile[kDepthStep][kTile + 1];
+  const int64_t block = blockIdx.x;
+  const int64_t j = block % d.out_blocks();
+  const int64_t i = (block / d.out_blocks()) % d.in_blocks();
+  const int64_t tap = block / (d.out_blocks() * d.in_blocks());
+  const int64_t ky = tap / d.filter_w;
+  const int64_t kx = tap % d.filter_w;
+  const int64_t across = (min(d.out_block, d.out_channels) + kTile - 1) / kTile;
+  const int64_t ci0 = i * d.in_block + int64_t(blockIdx.y / across) * kTile;
+  const int64_t co0 = j * d.out_block + int64_t(blockIdx.y % across) * kTile;
+  const int64_t ci_end = min(d.in_channels, (i + 1) * d.in_block);
+  const int64_t co_end = min(d.out_channels, (j + 1) * d.out_block);
+  if (ci0 >= ci_end || co0 >= co_end) return;
+  const int tx = threadIdx.x % 16;
+  const int ty = threadIdx.x / 16;
+  float acc[kPerThread][kPerThread] = {};
+  const bool block_live = live[block] != 0;
+  const int64_t pixels = d.batch * d.out_h * d.out_w;
+  if (block_live) {
+    for (int64_t p0 = 0; p0 < pixels; p0 += kDepthStep) {
+      for (int e = threadIdx.x; e < kDepthStep * kTile; e += kThreads) {
+        const int dd = e / kTile;
+        const int rr = e % kTile;
+        const int64_t pixel = p0 + dd;
+        float xv = 0.0f;
+        float dv = 0.0f;
+        if (pixel < pixels) {
+          const int64_t n = pixel / (d.out_h * d.out_w);
+          const int64_t iy = ((pixel / d.out_w) % d.out_h) * d.stride_h - d.pad_top + ky * d.dilation_h;
+          const int64_t ix = (pixel % d.out_w) * d.stride_w - d.pad_left + kx * d.dilation_w;
+          if (ci0 + rr < ci_end && iy >= 0 && iy < d.in_h && ix >= 0 && ix < d.in_w) {
+            xv = ToFloat(x[((n * d.in_h + iy) * d.in_w + ix) * d.in_channels + ci0 + rr]);
+          }
+          if (co0 + rr < co_end) {
+            dv = OutputScaled(output_factors, pixel, ToFloat(dy[pixel * d.out_channels + co0 + rr]));
+          }
+        }
+        x_tile[dd][rr] = xv;
+        dy_tile[dd][rr] = dv;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int dd = 0; dd < kDepthStep; ++dd) {
+#pragma unroll
+        for (int r = 0; r < kPerThread; ++r) {
+          const float a = x_tile[dd][ty + 16 * r];
+#pragma unroll
+          for (int c = 0; c < kPerThread; ++c) acc[r][c] += a * dy_tile[dd][tx + 16 * c];
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int r = 0; r < kPerThread; ++r) {
+    const int64_t ci = ci0 + ty + 16 * r;
+    if (ci >= ci_end) continue;
+    for (int c = 0; c < kPerThread; ++c) {
+      const int64_t co = co0 + tx + 16 * c;
+      if (co >= co_end) continue;
+      const float value = block_live ? Masked(acc[r][c], d.factor(factors, tap, ci, co)) : 0.0f;
+      dfilters[(tap * d.in_channels + ci) * d.out_channels + co] = FromFloat<T>(value);
+    }
+  }
+}
+
+struct Workspace {
+  float* factors;
+  uint8_t* live;
+  int32_t* lists;
+  int32_t* counts;
+  uint8_t* active;
+};
+
+int64_t AlignUp(int64_t bytes) { return (bytes + 255) / 256 * 256; }
+
+int64_t FactorCount(const ConvDims& d) {
+  return d.element_level ? d.taps() * d.in_channels * d.out_channels : d.in_blocks() * d.out_blocks();
+}
+
+int64_t FilterBlocks(const ConvDims& d) { return d.taps() * d.in_blocks() * d.out_blocks(); }
+
+int64_t Tiles(const ConvDims& d) { return d.batch * d.tiles_h() * d.tiles_w(); }
+
+Workspace Carve(void* base, const ConvDims& d) {
+  char* p = static_cast<char*>(base);
+  Workspace ws;
+  ws.factors = reinterpret_cast<float*>(p);
+  p += AlignUp(FactorCount(d) * int64_t(sizeof(float)));
+  ws.live = reinterpret_cast<uint8_t*>(p);
+  p += AlignUp(FilterBlocks(d));
+  ws.lists = reinterpret_cast<int32_t*>(p);
+  p += AlignUp(FilterBlocks(d) * int64_t(sizeof(int32_t)));
+  ws.counts = reinterpret_cast<int32_t*>(p);
+  p += AlignUp(std::max(d.in_blocks(), d.out_blocks()) * int64_t(sizeof(int32_t)));
+  ws.active = reinterpret_cast<uint8_t*>(p);
+  return ws;
+}
+
+unsigned BlocksFor(int64_t items) {
+  return static_cast<unsigned>(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, 65535));
+}
+
+template <typename TMask>
+Workspace IndexFilters(const ConvDims& d, MaskView<TMask> mask, void* workspace, cudaStream_t s) {
+  const Workspace ws = Carve(workspace, d);
+  CanonicalFactors<<<BlocksFor(FactorCount(d)), kThreads, 0, s>>>(mask.data, FactorCount(d), ws.factors);
+  FilterLiveness<<<BlocksFor(FilterBlocks(d)), kThreads, 0, s>>>(ws.factors, d, ws.live);
+  return ws;
+}
+
+template <typename T>
+using D = typename Device<T>::type;
+
+template <typename T>
+const D<T>* Dev(const T* p) {
+  return reinterpret_cast<const D<T>*>(p);
+}
+template <typename T>
+D<T>* Dev(T* p) {
+  return reinterpret_cast<D<T>*>(p);
+}
+
+}  // namespace
+
+template <typename TOut>
+int CanonicalOutputFactors(const TOut* output_mask, int64_t pixels, float* factors, Stream stream) {
+  if (pixels == 0) return 0;
+  OutputFactorsKernel<<<BlocksFor(pixels), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+      output_mask, pixels, factors);
+  return static_cast<int>(cudaGetLastError());
+}
+
+size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level) {
+  const ConvDims d = DimsOf(g, level);
+  return static_cast<size_t>(AlignUp(FactorCount(d) * int64_t(sizeof(float))) + AlignUp(FilterBlocks(d)) +
+                             AlignUp(FilterBlocks(d) * int64_t(sizeof(int32_t))) +
+                             AlignUp(std::max(d.in_blocks(), d.out_blocks()) * int64_t(sizeof(int32_t))) +
+                             AlignUp(Tiles(d)));
+}
+
+template <typename T, typename TMask>
+int MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskView<TMask> mask,
+                 const float* output_factors, T* y, void* workspace, Stream stream) {
+  if (g.out_pixels() == 0 || g.out_channels == 0) return 0;
+  const ConvDims d = DimsOf(g, mask.level);
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const Workspace ws = IndexFilters(d, mask, workspace, s);
+  FilterLists<<<BlocksFor(d.out_blocks()), kThreads, 0, s>>>(ws.live, d, /*by_output=*/true, ws.lists, ws.counts);
+  TileActivity<<<BlocksFor(Tiles(d)), kThreads, 0, s>>>(output_factors, d, ws.active);
+  const int64_t chunks = (d.tile_h * d.tile_w + kTile - 1) / kTile;
+  if (d.out_blocks() > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const dim3 blocks(static_cast<unsigned>(Tiles(d) * chunks), static_cast<unsigned>(d.out_blocks()),
+                    static_cast<unsigned>((std::min(d.out_block, d.out_channels) + kTile - 1) / kTile));
+  ConvForward<<<blocks, kThreads, 0, s>>>(Dev(x), Dev(filters), ws.factors, output_factors, ws.active, d,
+                                          ws.lists, ws.counts, Dev(y));
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T, typename TMask>
+int MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filters, MaskView<TMask> mask,
+                          const float* output_factors, T* dx, void* workspace, Stream stream) {
+  if (g.in_pixels() == 0 || g.in_channels == 0) return 0;
+  const ConvDims d = DimsOf(g, mask.level);
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const Workspace ws = IndexFilters(d, mask, workspace, s);
+  FilterLists<<<BlocksFor(d.in_blocks()), kThreads, 0, s>>>(ws.live, d, /*by_output=*/false, ws.lists, ws.counts);
+  if (d.in_blocks() > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const dim3 blocks(static_cast<unsigned>((g.in_pixels() + kTile - 1) / kTile), static_cast<unsigned>(d.in_blocks()),
+                    static_cast<unsigned>((std::min(d.in_block, d.in_channels) + kTile - 1) / kTile));
+  ConvGradInput<<<blocks, kThreads, 0, s>>>(Dev(dy), Dev(filters), ws.factors, output_factors, d, ws.lists,
+                                            ws.counts, Dev(dx));
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T, typename TMask>
+int MaskedConv2DGradFilter(const Conv2DGeometry& g, const T* x, const T* dy, MaskView<TMask> mask,
+                           const float* output_factors, T* dfilters, void* workspace, Stream stream) {
+  const ConvDims d = DimsOf(g, mask.level);
+  if (FilterBlocks(d) == 0 || g.out_channels == 0) return 0;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const Workspace ws = IndexFilters(d, mask, workspace, s);
+  const int64_t tiles = ((std::min(d.in_block, d.in_channels) + kTile - 1) / kTile) *
+                        ((std::min(d.out_block, d.out_channels) + kTile - 1) / kTile);
+  const dim3 blocks(static_cast<unsigned>(FilterBlocks(d)), static_cast<unsigned>(tiles));
+  ConvGradFilter<<<blocks, kThreads, 0, s>>>(Dev(x), Dev(dy), ws.factors, output_factors, ws.live, d,
+                                             Dev(dfilters));
+  return static_cast<int>(cudaGetLastError());
+}
+
+#define MASKED_OPS_INSTANTIATE(T, TMask)                                                             \
+  template int MaskedConv2D<T, TMask>(const Conv2DGeometry&, const T*, const T*, MaskView<TMask>,     \
+                                      const float*, T*, void*, Stream);                               \
+  template int MaskedConv2DGradInput<T, TMask>(const Conv2DGeometry&, const T*, const T*,             \
+                                               MaskView<TMask>, const float*, T*, void*, Stream);     \
+  template int MaskedConv2DGradFilter<T, TMask>(const Conv2DGeometry&, const T*, const T*,            \
+                                                MaskView<TMask>, const float*, T*, void*, Stream);
+
+MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MASKED_OPS_INSTANTIATE)
+
+#undef MASKED_OPS_INSTANTIATE
+
+template int CanonicalOutputFactors<bool>(const bool*, int64_t, float*, Stream);
+template int CanonicalOutputFactors<int8_t>(const int8_t*, int64_t, float*, Stream);
+template int CanonicalOutputFactors<uint8_t>(const uint8_t*, int64_t, float*, Stream);
+template int CanonicalOutputFactors<int16_t>(const int16_t*, int64_t, float*, Stream);
+template int CanonicalOutputFactors<int32_t>(const int32_t*, int64_t, float*, Stream);
+template int CanonicalOutputFactors<int64_t>(const int64_t*, int64_t, float*, Stream);
+template int CanonicalOutputFactors<Float16Bits>(const Float16Bits*, int64_t, float*, Stream);
+template int CanonicalOutputFactors<BFloat16Bits>(const BFloat16Bits*, int64_t, float*, Stream);
+template int CanonicalOutputFactors<float>(const float*, int64_t, float*, Stream);
+template int CanonicalOutputFactors<double>(const double*, int64_t, float*, Stream);
+
+}  // namespace gpu
+}  // namespace masked_ops

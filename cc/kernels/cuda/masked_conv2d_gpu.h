@@ -1,0 +1,43 @@
+// masked_conv2d on NVIDIA GPUs: the three products of masked_conv2d.h (NHWC),
+// with the same semantics, launched on a caller's stream. T is float or the
+// storage types Float16Bits / BFloat16Bits (computed in float). The output
+// mask comes as canonical float factors (CanonicalOutputFactors), or null for
+// none. Every launcher needs a device workspace of Conv2DWorkspaceBytes(...)
+// bytes, returns its launches' cudaError_t as an int (0 on success) and does
+// not synchronize. Framework-free and CUDA-header-free.
+#ifndef MASKED_OPS_CC_KERNELS_CUDA_MASKED_CONV2D_GPU_H_
+#define MASKED_OPS_CC_KERNELS_CUDA_MASKED_CONV2D_GPU_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cc/kernels/block_mask.h"
+#include "cc/kernels/cuda/masked_matmul_gpu.h"
+#include "cc/kernels/masked_conv2d.h"
+
+namespace masked_ops {
+namespace gpu {
+
+// factors[p] = +0 where output_mask[p] is 0 (-0 included), else its value in
+// float (-0 for a live value that is zero in float), for `pixels` entries.
+template <typename TOut>
+int CanonicalOutputFactors(const TOut* output_mask, int64_t pixels, float* factors, Stream stream);
+
+size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level);
+
+template <typename T, typename TMask>
+int MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskView<TMask> mask,
+                 const float* output_factors, T* y, void* workspace, Stream stream);
+
+template <typename T, typename TMask>
+int MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filters, MaskView<TMask> mask,
+                          const float* output_factors, T* dx, void* workspace, Stream stream);
+
+template <typename T, typename TMask>
+int MaskedConv2DGradFilter(const Conv2DGeometry& g, const T* x, const T* dy, MaskView<TMask> mask,
+                           const float* output_factors, T* dfilters, void* workspace, Stream stream);
+
+}  // namespace gpu
+}  // namespace masked_ops
+
+#endif  // MASKED_OPS_CC_KERNELS_CUDA_MASKED_CONV2D_GPU_H_

@@ -1,0 +1,101 @@
+"""The CUDA masked_conv2d kernels through the TF-free harness, against
+PyTorch's float64 convolution on the CPU. Skipped without a GPU, PyTorch or
+the harness library."""
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the GPU tests drive the kernels with PyTorch CUDA tensors")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU", allow_module_level=True)
+
+from harness import Harness, library_path  # noqa: E402
+
+if not library_path().exists():
+    pytest.skip(f"no CUDA harness at {library_path()} (run `make gpu-test`)", allow_module_level=True)
+
+HARNESS = Harness(torch)
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+# (n, h, w, cin, cout, (kh, kw), stride, dilation, (top, bottom, left, right))
+GEOMETRIES = [
+    (1, 7, 7, 3, 17, (3, 3), 1, 1, (1, 1, 1, 1)),
+    (2, 13, 11, 17, 64, (3, 3), 2, 1, (1, 1, 1, 1)),
+    (1, 12, 12, 32, 16, (1, 1), 1, 1, (0, 0, 0, 0)),
+    (2, 13, 13, 16, 24, (5, 5), 1, 2, (0, 0, 0, 0)),
+    (1, 13, 9, 40, 33, (1, 7), 1, 1, (0, 0, 3, 3)),
+    (1, 9, 10, 8, 8, (3, 3), 1, 1, (4, 1, 0, 3)),
+]
+BLOCK = (16, 8)
+TILE = (4, 8)
+
+
+def out_size(size, k, stride, dilation, before, after):
+    return (size + before + after - (k - 1) * dilation - 1) // stride + 1
+
+
+def reference(x, filters, element, output_mask, stride, dilation, pads, dy):
+    """y, dx, dfilters of where(o != 0, conv2d(x, where(m != 0, f * m, 0)) * o, 0) in float64."""
+    x = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    f = torch.tensor(filters, dtype=torch.float64, requires_grad=True)
+    m = torch.tensor(element, dtype=torch.float64)
+    masked = torch.where(m != 0, f * m, torch.zeros_like(f))
+    top, bottom, left, right = pads
+    padded = torch.nn.functional.pad(x.permute(0, 3, 1, 2), (left, right, top, bottom))
+    y = torch.nn.functional.conv2d(padded, masked.permute(3, 2, 0, 1), stride=stride, dilation=dilation)
+    y = y.permute(0, 2, 3, 1)
+    if output_mask is not None:
+        o = torch.tensor(output_mask, dtype=torch.float64)[..., None]
+        y = torch.where(o != 0, y * o, torch.zeros_like(y))
+    y.backward(torch.tensor(dy, dtype=torch.float64))
+    return y.detach().numpy(), x.grad.numpy(), f.grad.numpy()
+
+
+def check(actual, expected, dtype, terms):
+    actual = actual.float().cpu().numpy().astype(np.float64)
+    assert np.isfinite(actual).all(), "an output element was left unwritten or took a masked NaN"
+    scale = math.sqrt(terms) * max(1.0, np.abs(expected).max())
+    np.testing.assert_allclose(actual, expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}x{g[1]}x{g[2]}x{g[3]}-{g[5][0]}x{g[5][1]}x{g[4]}-s{g[6]}-d{g[7]}")
+@pytest.mark.parametrize("level", ["block", "element"])
+@pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_conv_products_match_reference(geometry, level, with_output_mask, dtype):
+    n, h, w, cin, cout, (kh, kw), stride, dilation, pads = geometry
+    rng = np.random.default_rng([n, h, w, cin, cout, kh])
+    out_h = out_size(h, kh, stride, dilation, pads[0], pads[1])
+    out_w = out_size(w, kw, stride, dilation, pads[2], pads[3])
+    grid = (math.ceil(cin / BLOCK[0]), math.ceil(cout / BLOCK[1]))
+    blocks = (rng.random(grid) < 0.6) * rng.choice([1.0, 2.0], grid)
+    per_tap = np.repeat(np.repeat(blocks, BLOCK[0], 0), BLOCK[1], 1)[:cin, :cout]
+    element = np.broadcast_to(per_tap, (kh, kw, cin, cout)).copy()
+    if level == "element":
+        element = element * (rng.random((kh, kw, cin, cout)) < 0.8)
+    mask = element if level == "element" else blocks
+    tiles = rng.random((n, math.ceil(out_h / TILE[0]), math.ceil(out_w / TILE[1]))) < 0.5
+    output_mask = (np.repeat(np.repeat(tiles, TILE[0], 1), TILE[1], 2)[:, :out_h, :out_w]
+                   * rng.choice([1.0, 2.5], (n, out_h, out_w))) if with_output_mask else None
+    on_gpu = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=dtype, device="cuda")  # noqa: E731
+    x_t = on_gpu(rng.standard_normal((n, h, w, cin)))
+    filters = rng.standard_normal((kh, kw, cin, cout))
+    f_t = on_gpu(np.where(element == 0, np.nan, filters))  # masked-out filters never leak
+    dy_t = on_gpu(rng.standard_normal((n, out_h, out_w, cout)))
+    x, dy = (t.float().cpu().numpy().astype(np.float64) for t in (x_t, dy_t))
+    filters = on_gpu(filters).float().cpu().numpy().astype(np.float64)
+    expected = reference(x, filters, element, output_mask, stride, dilation, pads, dy)
+    geometry_fields = (n, h, w, cin, kh, kw, cout, stride, stride, dilation, dilation, pads[0], pads[2],
+                       out_h, out_w, *BLOCK, *TILE)
+    mask_t = torch.tensor(mask, dtype=torch.float32, device="cuda")
+    o_t = None if output_mask is None else torch.tensor(output_mask, dtype=torch.float32, device="cuda")
+    nan = lambda *shape: torch.full(shape, float("nan"), dtype=dtype, device="cuda")  # noqa: E731
+    y = HARNESS.conv2d("forward", x_t, f_t, mask_t, level, geometry_fields, nan(n, out_h, out_w, cout), o_t)
+    dx = HARNESS.conv2d("grad_input", dy_t, f_t, mask_t, level, geometry_fields, nan(n, h, w, cin), o_t)
+    df = HARNESS.conv2d("grad_weight", x_t, dy_t, mask_t, level, geometry_fields, nan(kh, kw, cin, cout), o_t)
+    torch.cuda.synchronize()
+    check(y, expected[0], dtype, kh * kw * cin)
+    check(dx, expected[1], dtype, kh * kw * cout)
+    check(df, expected[2], dtype, n * out_h * out_w)
+    assert (df.float().cpu().numpy()[element == 0] == 0).all()
