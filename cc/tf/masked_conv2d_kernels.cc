@@ -1,198 +1,72 @@
-// CPU OpKernels for masked_conv2d and its gradients: validate every input,
-// allocate outputs, dispatch to the framework-free kernels.
+// CPU OpKernels for masked_conv2d and its gradients: the device-generic
+// OpKernels of masked_conv2d_kernels.h over the CPU kernels.
+#include "cc/tf/masked_conv2d_kernels.h"
+
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
 #include "cc/kernels/masked_conv2d.h"
 #include "cc/kernels/masked_matmul.h"
-#include "cc/tf/conv_validation.h"
 #include "cc/tf/kernel_support.h"
 #include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/framework/types.h"
 
 namespace masked_ops {
 namespace {
 
-void Dims4(const Tensor& t, int64_t dims[4]) {
-  for (int d = 0; d < 4; ++d) dims[d] = t.dim_size(d);
-}
+struct CpuBackend {
+  template <typename T>
+  using Factor = T;
 
-// Output-mask factors (see OutputMaskFactors) from a mask of any supported
-// dtype: the op leaves Toutput_mask open, so it is dispatched here.
-template <typename T>
-absl::Status ConvertOutputMask(const Tensor& output_mask, T* factors) {
-  const int64_t pixels = output_mask.NumElements();
-  switch (output_mask.dtype()) {
+  // Output-mask factors (see OutputMaskFactors) from a mask of any supported
+  // dtype: the op leaves Toutput_mask open, so it is dispatched here.
+  template <typename T>
+  static absl::Status ConvertOutputMask(OpKernelContext* ctx, const Tensor& output_mask, Tensor* storage,
+                                        const T** factors) {
+    const int64_t pixels = output_mask.NumElements();
+    TF_RETURN_IF_ERROR(
+        ctx->allocate_temp(::tensorflow::DataTypeToEnum<T>::value, TensorShape({pixels}), storage));
+    T* out = storage->template flat<T>().data();
+    *factors = out;
+    switch (output_mask.dtype()) {
 #define MASKED_OPS_CONVERT(Value, Mask)                                                           \
-  case ::tensorflow::DataTypeToEnum<TfMaskType<Mask>::type>::value:                         \
-    OutputMaskFactors<Value>(reinterpret_cast<const Mask*>(output_mask.flat<TfMaskType<Mask>::type>().data()), \
-                         pixels, factors);                                                  \
+  case ::tensorflow::DataTypeToEnum<TfMaskType<Mask>::type>::value:                               \
+    OutputMaskFactors<Value>(                                                                     \
+        reinterpret_cast<const Mask*>(output_mask.flat<TfMaskType<Mask>::type>().data()), pixels, out); \
     return absl::OkStatus();
-    MASKED_OPS_FOR_EACH_MASK_TYPE(MASKED_OPS_CONVERT, T)
+      MASKED_OPS_FOR_EACH_MASK_TYPE(MASKED_OPS_CONVERT, T)
 #undef MASKED_OPS_CONVERT
-    default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          "output_mask has unsupported dtype ", ::tensorflow::DataTypeString(output_mask.dtype())));
-  }
-}
-
-// Shared by the three ops: attributes, and x, filters and both masks checked
-// against each other. Inputs: x 0, filters 1, mask 2, output_mask 3 (dy 4).
-template <typename T, typename Mask>
-class MaskedConv2DKernelBase : public OpKernel {
- protected:
-  using TfMask = typename TfMaskType<Mask>::type;
-
-  explicit MaskedConv2DKernelBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ReadConv2DOptions(ctx, &options_));
-  }
-
-  // Everything a kernel call needs, valid once Prepare returns OK.
-  struct Prepared {
-    Conv2DGeometry geometry;
-    MaskView<Mask> mask;
-    Tensor output_factors_tensor;
-    const T* output_factors = nullptr;  // see OutputMaskFactors; null without an output mask
-  };
-
-  absl::Status Prepare(OpKernelContext* ctx, Prepared* prepared) const {
-    const Tensor& x = ctx->input(0);
-    const Tensor& filters = ctx->input(1);
-    const Tensor& mask = ctx->input(2);
-    const Tensor& output_mask = ctx->input(3);
-    TF_RETURN_IF_ERROR(RequireRank(x, "x", "[batch, height, width, channels]", 4, false));
-    TF_RETURN_IF_ERROR(RequireRank(filters, "filters",
-                                   "[height, width, in_channels, out_channels]", 4, false));
-    int64_t x_dims[4];
-    int64_t filter_dims[4];
-    Dims4(x, x_dims);
-    Dims4(filters, filter_dims);
-    Conv2DGeometry& g = prepared->geometry;
-    TF_RETURN_IF_ERROR(MakeConv2DGeometry(options_, x_dims, filter_dims, x.shape().DebugString(),
-                                          filters.shape().DebugString(), &g));
-    MaskLevel level;
-    const std::vector<int64_t> mask_dims(mask.shape().dim_sizes().begin(),
-                                         mask.shape().dim_sizes().end());
-    TF_RETURN_IF_ERROR(ResolveConvMaskLevel(mask.shape().DebugString(), mask.dims(),
-                                            mask_dims.data(), g, &level));
-    prepared->mask = MaskView<Mask>{reinterpret_cast<const Mask*>(mask.flat<TfMask>().data()), level};
-    const std::vector<int64_t> output_mask_dims(output_mask.shape().dim_sizes().begin(),
-                                                output_mask.shape().dim_sizes().end());
-    TF_RETURN_IF_ERROR(CheckOutputMaskShape(output_mask.shape().DebugString(), output_mask.dims(),
-                                            output_mask_dims.data(), output_mask.NumElements(),
-                                            g, options_.use_output_mask));
-    if (options_.use_output_mask) {
-      TF_RETURN_IF_ERROR(ctx->allocate_temp(::tensorflow::DataTypeToEnum<T>::value,
-                                            TensorShape({output_mask.NumElements()}),
-                                            &prepared->output_factors_tensor));
-      T* factors = prepared->output_factors_tensor.template flat<T>().data();
-      TF_RETURN_IF_ERROR(ConvertOutputMask(output_mask, factors));
-      prepared->output_factors = factors;
+      default:
+        return absl::InvalidArgumentError(absl::StrCat(
+            "output_mask has unsupported dtype ", ::tensorflow::DataTypeString(output_mask.dtype())));
     }
-    return absl::OkStatus();
   }
 
-  // dy (input 4) must have the forward output's shape.
-  static absl::Status CheckDy(const Tensor& dy, const Conv2DGeometry& g) {
-    const bool matches = dy.dims() == 4 && dy.dim_size(0) == g.batch && dy.dim_size(1) == g.out_h &&
-                         dy.dim_size(2) == g.out_w && dy.dim_size(3) == g.out_channels;
-    if (matches) return absl::OkStatus();
-    return absl::InvalidArgumentError(absl::StrCat(
-        "dy must have the output's shape [", g.batch, ", ", g.out_h, ", ", g.out_w, ", ",
-        g.out_channels, "], but has shape ", dy.shape().DebugString()));
+  template <typename T, typename Mask>
+  static void Forward(OpKernelContext* ctx, const Conv2DGeometry& g, const T* x, const T* filters,
+                      MaskView<Mask> mask, const T* factors, T* y) {
+    RunKernel(ctx, [&] { MaskedConv2D<T>(g, x, filters, mask, factors, y, IntraOpParallelFor(ctx)); });
   }
-
- private:
-  Conv2DOptions options_;
-};
-
-template <typename T, typename Mask>
-class MaskedConv2DOp : public MaskedConv2DKernelBase<T, Mask> {
- public:
-  using Base = MaskedConv2DKernelBase<T, Mask>;
-  explicit MaskedConv2DOp(OpKernelConstruction* ctx) : Base(ctx) {}
-
-  void Compute(OpKernelContext* ctx) override {
-    typename Base::Prepared prepared;
-    OP_REQUIRES_OK(ctx, this->Prepare(ctx, &prepared));
-    const Conv2DGeometry& g = prepared.geometry;
-    Tensor* y = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({g.batch, g.out_h, g.out_w, g.out_channels}), &y));
-    RunKernel(ctx, [&] {
-      MaskedConv2D<T>(g, ctx->input(0).flat<T>().data(), ctx->input(1).flat<T>().data(),
-                      prepared.mask, prepared.output_factors,
-                      y->flat<T>().data(), IntraOpParallelFor(ctx));
-    });
+  template <typename T, typename Mask>
+  static void GradInput(OpKernelContext* ctx, const Conv2DGeometry& g, const T* dy, const T* filters,
+                        MaskView<Mask> mask, const T* factors, T* dx) {
+    RunKernel(ctx, [&] { MaskedConv2DGradInput<T>(g, dy, filters, mask, factors, dx, IntraOpParallelFor(ctx)); });
   }
-};
-
-template <typename T, typename Mask>
-class MaskedConv2DGradInputOp : public MaskedConv2DKernelBase<T, Mask> {
- public:
-  using Base = MaskedConv2DKernelBase<T, Mask>;
-  explicit MaskedConv2DGradInputOp(OpKernelConstruction* ctx) : Base(ctx) {}
-
-  void Compute(OpKernelContext* ctx) override {
-    typename Base::Prepared prepared;
-    OP_REQUIRES_OK(ctx, this->Prepare(ctx, &prepared));
-    const Tensor& dy = ctx->input(4);
-    OP_REQUIRES_OK(ctx, Base::CheckDy(dy, prepared.geometry));
-    Tensor* dx = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &dx));
-    RunKernel(ctx, [&] {
-      MaskedConv2DGradInput<T>(prepared.geometry, dy.flat<T>().data(),
-                               ctx->input(1).flat<T>().data(), prepared.mask,
-                               prepared.output_factors,
-                               dx->flat<T>().data(), IntraOpParallelFor(ctx));
-    });
-  }
-};
-
-template <typename T, typename Mask>
-class MaskedConv2DGradFilterOp : public MaskedConv2DKernelBase<T, Mask> {
- public:
-  using Base = MaskedConv2DKernelBase<T, Mask>;
-  explicit MaskedConv2DGradFilterOp(OpKernelConstruction* ctx) : Base(ctx) {}
-
-  void Compute(OpKernelContext* ctx) override {
-    typename Base::Prepared prepared;
-    OP_REQUIRES_OK(ctx, this->Prepare(ctx, &prepared));
-    const Tensor& dy = ctx->input(4);
-    OP_REQUIRES_OK(ctx, Base::CheckDy(dy, prepared.geometry));
-    Tensor* dfilters = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(1).shape(), &dfilters));
-    RunKernel(ctx, [&] {
-      MaskedConv2DGradFilter<T>(prepared.geometry, ctx->input(0).flat<T>().data(),
-                                dy.flat<T>().data(), prepared.mask,
-                                prepared.output_factors,
-                                dfilters->flat<T>().data(), IntraOpParallelFor(ctx));
-    });
+  template <typename T, typename Mask>
+  static void GradFilter(OpKernelContext* ctx, const Conv2DGeometry& g, const T* x, const T* dy,
+                         MaskView<Mask> mask, const T* factors, T* dfilters) {
+    RunKernel(ctx, [&] { MaskedConv2DGradFilter<T>(g, x, dy, mask, factors, dfilters, IntraOpParallelFor(ctx)); });
   }
 };
 
 }  // namespace
 
-// REGISTER_KERNEL_BUILDER needs the builder spelled exactly `Name(...)`.
 using ::tensorflow::register_kernel::Name;
 
-// Toutput_mask is left unconstrained: ConvertOutputMask dispatches on it.
-#define MASKED_OPS_REGISTER(OP_NAME, KERNEL, T, Mask)                                  \
-  REGISTER_KERNEL_BUILDER(Name(OP_NAME)                                                \
-                              .Device(::tensorflow::DEVICE_CPU)                        \
-                              .TypeConstraint<T>("T")                                  \
-                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),        \
-                          KERNEL<T, Mask>);
+#define MASKED_OPS_REGISTER_CPU(T, Mask) MASKED_OPS_REGISTER_CONV2D(::tensorflow::DEVICE_CPU, CpuBackend, T, Mask)
 
-#define MASKED_OPS_REGISTER_ALL(T, Mask)                                                        \
-  MASKED_OPS_REGISTER("MaskedOps>MaskedConv2D", MaskedConv2DOp, T, Mask)                        \
-  MASKED_OPS_REGISTER("MaskedOps>MaskedConv2DGradInput", MaskedConv2DGradInputOp, T, Mask)      \
-  MASKED_OPS_REGISTER("MaskedOps>MaskedConv2DGradFilter", MaskedConv2DGradFilterOp, T, Mask)
+MASKED_OPS_FOR_EACH_TYPE_PAIR(MASKED_OPS_REGISTER_CPU)
 
-MASKED_OPS_FOR_EACH_TYPE_PAIR(MASKED_OPS_REGISTER_ALL)
-
-#undef MASKED_OPS_REGISTER_ALL
-#undef MASKED_OPS_REGISTER
+#undef MASKED_OPS_REGISTER_CPU
 
 }  // namespace masked_ops

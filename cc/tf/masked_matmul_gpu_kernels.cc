@@ -1,15 +1,13 @@
 // GPU OpKernels for masked_matmul and its gradients: the device-generic
-// OpKernels of masked_matmul_kernels.h over the CUDA kernels, launched on the
-// op's stream with a workspace from TensorFlow's allocator. Compiled with
-// GOOGLE_CUDA=1 and TensorFlow's CUDA headers (see CMakeLists.txt).
+// OpKernels of masked_matmul_kernels.h over the CUDA kernels (gpu_support.h).
+// Compiled with GOOGLE_CUDA=1 and TensorFlow's CUDA headers (CMakeLists.txt).
 #include <cstdint>
 
-#include "absl/strings/str_cat.h"
 #include "cc/kernels/cuda/masked_matmul_gpu.h"
+#include "cc/tf/gpu_support.h"
 #include "cc/tf/masked_matmul_kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
-#include "unsupported/Eigen/CXX11/Tensor"
 
 namespace masked_ops {
 namespace {
@@ -39,14 +37,7 @@ struct GpuBackend {
 
   template <typename Run>
   static void Launch(OpKernelContext* ctx, const MatmulShape& shape, MaskLevel level, const Run& run) {
-    Tensor workspace;
-    const int64_t bytes = static_cast<int64_t>(gpu::GpuWorkspaceBytes(shape.weight_grid(), level));
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_UINT8, TensorShape({bytes}), &workspace));
-    const auto stream = ctx->eigen_device<Eigen::GpuDevice>().stream();
-    const int status = run(workspace.data(), reinterpret_cast<gpu::Stream>(stream));
-    OP_REQUIRES(ctx, status == 0,
-                absl::InternalError(absl::StrCat(ctx->op_kernel().type_string(),
-                                                 ": CUDA launch failed with cudaError_t ", status)));
+    LaunchWithWorkspace(ctx, static_cast<int64_t>(gpu::GpuWorkspaceBytes(shape.weight_grid(), level)), run);
   }
 };
 

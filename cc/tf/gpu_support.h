@@ -1,0 +1,38 @@
+// What the GPU OpKernels share: a launch on the op's stream with a device
+// workspace from TensorFlow's allocator. Only for files compiled with
+// GOOGLE_CUDA=1 and TensorFlow's CUDA headers.
+#ifndef MASKED_OPS_CC_TF_GPU_SUPPORT_H_
+#define MASKED_OPS_CC_TF_GPU_SUPPORT_H_
+
+#include <cstdint>
+
+#include "absl/strings/str_cat.h"
+#include "cc/kernels/cuda/masked_matmul_gpu.h"
+#include "cc/tf/kernel_support.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "unsupported/Eigen/CXX11/Tensor"
+
+namespace masked_ops {
+
+inline gpu::Stream OpStream(OpKernelContext* ctx) {
+  return reinterpret_cast<gpu::Stream>(ctx->eigen_device<Eigen::GpuDevice>().stream());
+}
+
+inline absl::Status LaunchStatus(OpKernelContext* ctx, int status) {
+  if (status == 0) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat(ctx->op_kernel().type_string(), ": CUDA launch failed with cudaError_t ", status));
+}
+
+// run(workspace, stream) with `bytes` of device workspace; its status becomes
+// the op's.
+template <typename Run>
+void LaunchWithWorkspace(OpKernelContext* ctx, int64_t bytes, const Run& run) {
+  Tensor workspace;
+  OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_UINT8, TensorShape({bytes}), &workspace));
+  OP_REQUIRES_OK(ctx, LaunchStatus(ctx, run(workspace.data(), OpStream(ctx))));
+}
+
+}  // namespace masked_ops
+
+#endif  // MASKED_OPS_CC_TF_GPU_SUPPORT_H_

@@ -1,0 +1,81 @@
+// GPU OpKernels for masked_conv2d and its gradients: the device-generic
+// OpKernels of masked_conv2d_kernels.h over the CUDA kernels (gpu_support.h).
+// Compiled with GOOGLE_CUDA=1 and TensorFlow's CUDA headers (CMakeLists.txt).
+#include <cstdint>
+
+#include "absl/strings/str_cat.h"
+#include "cc/kernels/cuda/masked_conv2d_gpu.h"
+#include "cc/tf/gpu_support.h"
+#include "cc/tf/masked_conv2d_kernels.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/register_types.h"
+#include "tensorflow/core/framework/types.h"
+
+namespace masked_ops {
+namespace {
+
+struct GpuBackend {
+  // The CUDA kernels take canonical float factors whatever T is.
+  template <typename T>
+  using Factor = float;
+
+  template <typename T>
+  static absl::Status ConvertOutputMask(OpKernelContext* ctx, const Tensor& output_mask, Tensor* storage,
+                                        const float** factors) {
+    const int64_t pixels = output_mask.NumElements();
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({pixels}), storage));
+    float* out = storage->flat<float>().data();
+    *factors = out;
+    switch (output_mask.dtype()) {
+#define MASKED_OPS_CONVERT(unused, Mask)                                                            \
+  case ::tensorflow::DataTypeToEnum<TfMaskType<Mask>::type>::value:                                 \
+    return LaunchStatus(ctx, gpu::CanonicalOutputFactors<Mask>(                                     \
+                                 reinterpret_cast<const Mask*>(                                     \
+                                     output_mask.flat<TfMaskType<Mask>::type>().data()),            \
+                                 pixels, out, OpStream(ctx)));
+      MASKED_OPS_FOR_EACH_MASK_TYPE(MASKED_OPS_CONVERT, float)
+#undef MASKED_OPS_CONVERT
+      default:
+        return absl::InvalidArgumentError(absl::StrCat(
+            "output_mask has unsupported dtype ", ::tensorflow::DataTypeString(output_mask.dtype())));
+    }
+  }
+
+  template <typename T, typename Mask>
+  static void Forward(OpKernelContext* ctx, const Conv2DGeometry& g, const T* x, const T* filters,
+                      MaskView<Mask> mask, const float* factors, T* y) {
+    LaunchWithWorkspace(ctx, WorkspaceBytes(g, mask.level), [&](void* workspace, gpu::Stream stream) {
+      return gpu::MaskedConv2D<T, Mask>(g, x, filters, mask, factors, y, workspace, stream);
+    });
+  }
+  template <typename T, typename Mask>
+  static void GradInput(OpKernelContext* ctx, const Conv2DGeometry& g, const T* dy, const T* filters,
+                        MaskView<Mask> mask, const float* factors, T* dx) {
+    LaunchWithWorkspace(ctx, WorkspaceBytes(g, mask.level), [&](void* workspace, gpu::Stream stream) {
+      return gpu::MaskedConv2DGradInput<T, Mask>(g, dy, filters, mask, factors, dx, workspace, stream);
+    });
+  }
+  template <typename T, typename Mask>
+  static void GradFilter(OpKernelContext* ctx, const Conv2DGeometry& g, const T* x, const T* dy,
+                         MaskView<Mask> mask, const float* factors, T* dfilters) {
+    LaunchWithWorkspace(ctx, WorkspaceBytes(g, mask.level), [&](void* workspace, gpu::Stream stream) {
+      return gpu::MaskedConv2DGradFilter<T, Mask>(g, x, dy, mask, factors, dfilters, workspace, stream);
+    });
+  }
+
+  static int64_t WorkspaceBytes(const Conv2DGeometry& g, MaskLevel level) {
+    return static_cast<int64_t>(gpu::Conv2DWorkspaceBytes(g, level));
+  }
+};
+
+}  // namespace
+
+using ::tensorflow::register_kernel::Name;
+
+#define MASKED_OPS_REGISTER_GPU(T, Mask) MASKED_OPS_REGISTER_CONV2D(::tensorflow::DEVICE_GPU, GpuBackend, T, Mask)
+
+MASKED_OPS_FOR_EACH_MASK_TYPE(MASKED_OPS_REGISTER_GPU, float)
+
+#undef MASKED_OPS_REGISTER_GPU
+
+}  // namespace masked_ops
