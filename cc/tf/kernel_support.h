@@ -8,9 +8,11 @@
 #include <functional>
 #include <new>
 #include <stdexcept>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "cc/kernels/block_mask.h"
+#include "cc/kernels/masked_matmul.h"
 #include "cc/tf/validation.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -65,6 +67,84 @@ void RunKernel(OpKernelContext* ctx, Kernel&& kernel) {
         absl::StrCat(ctx->op_kernel().type_string(), ": packed operands too large")));
   }
 }
+
+// The CPU kernels compute in float or double; float16 and bfloat16 tensors
+// go through them as float copies (no gain in speed, the same numbers as
+// computing in float and rounding the result).
+template <typename T>
+struct CpuCompute {
+  using type = T;
+};
+template <>
+struct CpuCompute<Eigen::half> {
+  using type = float;
+};
+template <>
+struct CpuCompute<tensorflow::bfloat16> {
+  using type = float;
+};
+template <typename T>
+using ComputeT = typename CpuCompute<T>::type;
+
+// `count` values as ComputeT<T>: the values themselves, or a converted copy
+// held by `storage`.
+template <typename T>
+absl::Status AsCompute(OpKernelContext* ctx, const T* values, int64_t count, Tensor* storage,
+                       const ComputeT<T>** out) {
+  if constexpr (std::is_same_v<T, ComputeT<T>>) {
+    *out = values;
+  } else {
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({count}), storage));
+    float* copy = storage->flat<float>().data();
+    for (int64_t i = 0; i < count; ++i) copy[i] = static_cast<float>(values[i]);
+    *out = copy;
+  }
+  return absl::OkStatus();
+}
+
+// Where a kernel writes an output of `count` values: the output itself, or a
+// float buffer held by `storage` for StoreOutput to round into it.
+template <typename T>
+absl::Status OutputBuffer(OpKernelContext* ctx, T* output, int64_t count, Tensor* storage,
+                          ComputeT<T>** out) {
+  if constexpr (std::is_same_v<T, ComputeT<T>>) {
+    *out = output;
+  } else {
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({count}), storage));
+    *out = storage->flat<float>().data();
+  }
+  return absl::OkStatus();
+}
+
+template <typename T>
+void StoreOutput(const ComputeT<T>* buffer, T* output, int64_t count) {
+  if constexpr (!std::is_same_v<T, ComputeT<T>>) {
+    for (int64_t i = 0; i < count; ++i) output[i] = static_cast<T>(buffer[i]);
+  }
+}
+
+// kernel(a, b, out) run on ComputeT<T> views of two inputs (a_count and
+// b_count values) and an output (out_count values).
+template <typename T, typename Kernel>
+void RunOnComputeTypes(OpKernelContext* ctx, const T* a, int64_t a_count, const T* b, int64_t b_count, T* out,
+                       int64_t out_count, const Kernel& kernel) {
+  Tensor a_storage, b_storage, out_storage;
+  const ComputeT<T>* a_values = nullptr;
+  const ComputeT<T>* b_values = nullptr;
+  ComputeT<T>* out_values = nullptr;
+  OP_REQUIRES_OK(ctx, AsCompute(ctx, a, a_count, &a_storage, &a_values));
+  OP_REQUIRES_OK(ctx, AsCompute(ctx, b, b_count, &b_storage, &b_values));
+  OP_REQUIRES_OK(ctx, OutputBuffer(ctx, out, out_count, &out_storage, &out_values));
+  RunKernel(ctx, [&] { kernel(a_values, b_values, out_values); });
+  StoreOutput(out_values, out, out_count);
+}
+
+// Every (T, Mask) pair the OpKernels are registered for: the kernels' own
+// types and the 16-bit floats computed through them.
+#define MASKED_OPS_FOR_EACH_TF_TYPE_PAIR(MACRO)              \
+  MASKED_OPS_FOR_EACH_TYPE_PAIR(MACRO)                       \
+  MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, ::Eigen::half)        \
+  MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, ::tensorflow::bfloat16)
 
 inline absl::Status RequireRank(const Tensor& t, absl::string_view name, absl::string_view expected,
                          int rank, bool at_least) {

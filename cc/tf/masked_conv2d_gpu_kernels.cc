@@ -45,21 +45,21 @@ struct GpuBackend {
   static void Forward(OpKernelContext* ctx, const Conv2DGeometry& g, const T* x, const T* filters,
                       MaskView<Mask> mask, const float* factors, T* y) {
     LaunchWithWorkspace(ctx, WorkspaceBytes(g, mask.level), [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedConv2D<T, Mask>(g, x, filters, mask, factors, y, workspace, stream);
+      return gpu::MaskedConv2D(g, Storage(x), Storage(filters), mask, factors, Storage(y), workspace, stream);
     });
   }
   template <typename T, typename Mask>
   static void GradInput(OpKernelContext* ctx, const Conv2DGeometry& g, const T* dy, const T* filters,
                         MaskView<Mask> mask, const float* factors, T* dx) {
     LaunchWithWorkspace(ctx, WorkspaceBytes(g, mask.level), [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedConv2DGradInput<T, Mask>(g, dy, filters, mask, factors, dx, workspace, stream);
+      return gpu::MaskedConv2DGradInput(g, Storage(dy), Storage(filters), mask, factors, Storage(dx), workspace, stream);
     });
   }
   template <typename T, typename Mask>
   static void GradFilter(OpKernelContext* ctx, const Conv2DGeometry& g, const T* x, const T* dy,
                          MaskView<Mask> mask, const float* factors, T* dfilters) {
     LaunchWithWorkspace(ctx, WorkspaceBytes(g, mask.level), [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedConv2DGradFilter<T, Mask>(g, x, dy, mask, factors, dfilters, workspace, stream);
+      return gpu::MaskedConv2DGradFilter(g, Storage(x), Storage(dy), mask, factors, Storage(dfilters), workspace, stream);
     });
   }
 
@@ -74,7 +74,7 @@ using ::tensorflow::register_kernel::Name;
 
 #define MASKED_OPS_REGISTER_GPU(T, Mask) MASKED_OPS_REGISTER_CONV2D(::tensorflow::DEVICE_GPU, GpuBackend, T, Mask)
 
-MASKED_OPS_FOR_EACH_MASK_TYPE(MASKED_OPS_REGISTER_GPU, float)
+MASKED_OPS_FOR_EACH_GPU_TF_TYPE_PAIR(MASKED_OPS_REGISTER_GPU)
 
 #undef MASKED_OPS_REGISTER_GPU
 

@@ -103,7 +103,7 @@ absl::Status ConvGradShape(InferenceContext* c, int like) {
 }  // namespace
 
 #define MASKED_OPS_CONV_ATTRS                                     \
-  Attr("T: {float, double}")                                      \
+  Attr("T: {float, double, half, bfloat16}")                                      \
       .Attr(kMaskTypes)                                           \
       .Attr(kOutputMaskTypes)                                     \
       .Attr("strides: list(int) = [1, 1]")                        \

@@ -17,21 +17,21 @@ struct GpuBackend {
   static void Forward(OpKernelContext* ctx, const MatmulShape& shape, const T* x, const T* w,
                       MaskView<Mask> mask, T* y) {
     Launch(ctx, shape, mask.level, [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedMatmul<T, Mask>(shape, x, w, mask, y, workspace, stream);
+      return gpu::MaskedMatmul(shape, Storage(x), Storage(w), mask, Storage(y), workspace, stream);
     });
   }
   template <typename T, typename Mask>
   static void GradInput(OpKernelContext* ctx, const MatmulShape& shape, const T* dy, const T* w,
                         MaskView<Mask> mask, T* dx) {
     Launch(ctx, shape, mask.level, [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedMatmulGradInput<T, Mask>(shape, dy, w, mask, dx, workspace, stream);
+      return gpu::MaskedMatmulGradInput(shape, Storage(dy), Storage(w), mask, Storage(dx), workspace, stream);
     });
   }
   template <typename T, typename Mask>
   static void GradWeight(OpKernelContext* ctx, const MatmulShape& shape, const T* x, const T* dy,
                          MaskView<Mask> mask, T* dw) {
     Launch(ctx, shape, mask.level, [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedMatmulGradWeight<T, Mask>(shape, x, dy, mask, dw, workspace, stream);
+      return gpu::MaskedMatmulGradWeight(shape, Storage(x), Storage(dy), mask, Storage(dw), workspace, stream);
     });
   }
 
@@ -48,7 +48,7 @@ using ::tensorflow::register_kernel::Name;
 #define MASKED_OPS_REGISTER_GPU(T, Mask) \
   MASKED_OPS_REGISTER_MATMUL(::tensorflow::DEVICE_GPU, GpuBackend, T, Mask)
 
-MASKED_OPS_FOR_EACH_MASK_TYPE(MASKED_OPS_REGISTER_GPU, float)
+MASKED_OPS_FOR_EACH_GPU_TF_TYPE_PAIR(MASKED_OPS_REGISTER_GPU)
 
 #undef MASKED_OPS_REGISTER_GPU
 

@@ -10,22 +10,32 @@
 namespace masked_ops {
 namespace {
 
-// Runs the products on TensorFlow's intra-op thread pool.
+// Runs the products on TensorFlow's intra-op thread pool, 16-bit floats
+// through float copies.
 struct CpuBackend {
   template <typename T, typename Mask>
   static void Forward(OpKernelContext* ctx, const MatmulShape& shape, const T* x, const T* w,
                       MaskView<Mask> mask, T* y) {
-    RunKernel(ctx, [&] { MaskedMatmul<T>(shape, x, w, mask, y, IntraOpParallelFor(ctx)); });
+    RunOnComputeTypes(ctx, x, shape.m * shape.k, w, shape.k * shape.n, y, shape.m * shape.n,
+        [&](const auto* a, const auto* b, auto* out) {
+          MaskedMatmul(shape, a, b, mask, out, IntraOpParallelFor(ctx));
+        });
   }
   template <typename T, typename Mask>
   static void GradInput(OpKernelContext* ctx, const MatmulShape& shape, const T* dy, const T* w,
                         MaskView<Mask> mask, T* dx) {
-    RunKernel(ctx, [&] { MaskedMatmulGradInput<T>(shape, dy, w, mask, dx, IntraOpParallelFor(ctx)); });
+    RunOnComputeTypes(ctx, dy, shape.m * shape.n, w, shape.k * shape.n, dx, shape.m * shape.k,
+        [&](const auto* a, const auto* b, auto* out) {
+          MaskedMatmulGradInput(shape, a, b, mask, out, IntraOpParallelFor(ctx));
+        });
   }
   template <typename T, typename Mask>
   static void GradWeight(OpKernelContext* ctx, const MatmulShape& shape, const T* x, const T* dy,
                          MaskView<Mask> mask, T* dw) {
-    RunKernel(ctx, [&] { MaskedMatmulGradWeight<T>(shape, x, dy, mask, dw, IntraOpParallelFor(ctx)); });
+    RunOnComputeTypes(ctx, x, shape.m * shape.k, dy, shape.m * shape.n, dw, shape.k * shape.n,
+        [&](const auto* a, const auto* b, auto* out) {
+          MaskedMatmulGradWeight(shape, a, b, mask, out, IntraOpParallelFor(ctx));
+        });
   }
 };
 
@@ -35,7 +45,7 @@ using ::tensorflow::register_kernel::Name;
 
 #define MASKED_OPS_REGISTER_CPU(T, Mask) MASKED_OPS_REGISTER_MATMUL(::tensorflow::DEVICE_CPU, CpuBackend, T, Mask)
 
-MASKED_OPS_FOR_EACH_TYPE_PAIR(MASKED_OPS_REGISTER_CPU)
+MASKED_OPS_FOR_EACH_TF_TYPE_PAIR(MASKED_OPS_REGISTER_CPU)
 
 #undef MASKED_OPS_REGISTER_CPU
 

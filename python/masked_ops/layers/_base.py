@@ -8,7 +8,7 @@ GRANULARITIES = ("block", "element")
 # Set on a masked layer's kernel variable that has a grad_mask: (grad_mask
 # weight, block size), which BlockFreeze reads to freeze the kernel.
 GRAD_MASK_TAG = "_masked_ops_grad_mask"
-SUPPORTED_COMPUTE_DTYPES = ("float32", "float64")
+SUPPORTED_COMPUTE_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 class _MaskSlot:
@@ -93,7 +93,7 @@ class MaskedKernelLayer(keras.layers.Layer):
         if self.compute_dtype not in SUPPORTED_COMPUTE_DTYPES:
             raise TypeError(
                 f"{type(self).__name__} computes in {SUPPORTED_COMPUTE_DTYPES}, not {self.compute_dtype}; "
-                "use a float32 or float64 dtype policy"
+                "use a policy that computes in one of those"
             )
         self.kernel = self.add_weight(
             name="kernel",
