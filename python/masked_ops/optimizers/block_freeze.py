@@ -77,9 +77,9 @@ class BlockFreeze(keras.optimizers.Optimizer):
     trainable entries and skips frozen blocks. For any other optimizer, the
     wrapped optimizer computes its update as it always does, and every write
     it makes to a frozen variable, or to state of that variable's shape
-    (AMSGrad's maximum, RMSprop's averages), goes through a masked in-place
-    update that leaves frozen entries exactly as they were and skips frozen
-    blocks. Decoupled weight decay and variable constraints are applied to
+    (Adagrad's accumulators, Adafactor's second moments of vectors), goes
+    through a masked in-place update that leaves frozen entries exactly as
+    they were and skips frozen blocks. Decoupled weight decay and variable constraints are applied to
     trainable entries only, the same way. So frozen entries stay bit-exact for
     any number of steps, even with moments built up before the freeze, and
     trainable entries move exactly as the wrapped optimizer moves them. State
