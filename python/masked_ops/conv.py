@@ -66,7 +66,7 @@ def masked_conv2d(
     with `o = output_mask[..., None]`, like `tf.nn.conv2d` on the masked filters.
 
     Args:
-      x: `[batch, height, width, in_channels]`, float32 or float64.
+      x: `[batch, height, width, in_channels]`, float32, float64, float16 or bfloat16.
       filters: `[filter_height, filter_width, in_channels, out_channels]`.
       mask: element-level (the filters' shape) or channel-block-level
         `[ceil(in_channels / bi), ceil(out_channels / bo)]` with `(bi, bo) =

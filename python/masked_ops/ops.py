@@ -51,7 +51,8 @@ def masked_matmul(x, w, mask=None, *, block_size=(32, 32), grad_mask=None, name=
     """`x @ where(mask != 0, w * mask, 0)`, skipping all-zero blocks of `mask`.
 
     Args:
-      x: `[..., k]` float32 or float64; any number of leading dims.
+      x: `[..., k]` float32, float64, float16 or bfloat16 (the 16-bit types
+        computed in float32 on the CPU); any number of leading dims.
       w: `[k, n]`, same dtype as `x`.
       mask: element-level `[k, n]` or block-level
         `[ceil(k / block_rows), ceil(n / block_cols)]`, any real or bool dtype.
