@@ -181,7 +181,7 @@ def test_masked_update_rejects_bad_shapes(graph):
         update = lambda: masked_update(variable, tf.zeros(value_shape), tf.ones(mask_shape), block_size=4)
         return tf.function(update)() if graph else update()
 
-    with pytest.raises(tf.errors.InvalidArgumentError, match="value must have the variable's shape"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="the variable must have value's dtype and shape"):
         call((6, 4), (1, 2))
     with pytest.raises(tf.errors.InvalidArgumentError, match="mask must be element-level"):
         call((4, 6), (2, 2))

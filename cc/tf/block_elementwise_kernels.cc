@@ -1,370 +1,83 @@
-// CPU OpKernels for the block-masked elementwise ops: validate, dispatch to
-// the framework-free kernels.
-#include <algorithm>
+// CPU OpKernels for the block-masked elementwise ops: the device-generic
+// OpKernels of block_elementwise_kernels.h over the CPU kernels.
+#include "cc/tf/block_elementwise_kernels.h"
+
 #include <cstdint>
 #include <cstring>
-#include <string>
-#include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "cc/kernels/block_elementwise.h"
-#include "cc/kernels/block_mask.h"
 #include "cc/kernels/masked_matmul.h"
 #include "cc/tf/kernel_support.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
-#include "tensorflow/core/framework/resource_mgr.h"
-#include "tensorflow/core/framework/resource_var.h"
-#include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/framework/tensor_shape.h"
 
 namespace masked_ops {
 namespace {
 
-// A tensor as stacked k x n matrices with its mask checked against it.
-template <typename Mask>
-struct MatrixStack {
-  int64_t outer = 0;
-  BlockGrid grid{0, 0, 1, 1};
-  MaskView<Mask> mask{nullptr, MaskLevel::kElement};
-};
+using elementwise_kernels::MatrixStack;
 
-template <typename Mask>
-absl::Status ViewMaskedStack(const Tensor& mask, const TensorShape& target, absl::string_view target_name,
-                             int64_t block_rows, int64_t block_cols, MatrixStack<Mask>* stack) {
-  using TfMask = typename TfMaskType<Mask>::type;
-  const int dims = target.dims();
-  if (dims < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(target_name, " must have rank >= 1, got shape ", target.DebugString()));
-  }
-  const int64_t n = target.dim_size(dims - 1);
-  const int64_t k = dims >= 2 ? target.dim_size(dims - 2) : 1;
-  stack->grid = BlockGrid{k, n, block_rows, block_cols};
-  MaskLevel level;
-  if (mask.shape() == target) {
-    level = MaskLevel::kElement;
-  } else if (mask.dims() == 2 && mask.dim_size(0) == stack->grid.grid_rows() &&
-             mask.dim_size(1) == stack->grid.grid_cols()) {
-    level = MaskLevel::kBlock;
-  } else {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "mask must be element-level (", target_name, "'s shape ", target.DebugString(),
-        ") or block-level [ceil(", k, "/", block_rows, "), ceil(", n, "/", block_cols, ")] = [",
-        stack->grid.grid_rows(), ", ", stack->grid.grid_cols(), "], but mask has shape ",
-        mask.shape().DebugString()));
-  }
-  stack->outer = k * n == 0 ? 0 : target.num_elements() / (k * n);
-  stack->mask = MaskView<Mask>{reinterpret_cast<const Mask*>(mask.flat<TfMask>().data()), level};
-  return absl::OkStatus();
-}
+struct CpuBackend {
+  static void CopyBytes(OpKernelContext*, const void* from, void* to, size_t bytes) { std::memcpy(to, from, bytes); }
 
-template <typename T, typename Mask>
-class MaskGradientOp : public OpKernel {
- public:
-  explicit MaskGradientOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_rows", &block_rows_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_cols", &block_cols_));
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& grad = ctx->input(0);
-    MatrixStack<Mask> stack;
-    OP_REQUIRES_OK(ctx, ViewMaskedStack(ctx->input(1), grad.shape(), "grad", block_rows_, block_cols_, &stack));
-    Tensor* masked = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, grad.shape(), &masked));
+  template <typename T, typename Mask>
+  static void MaskGradient(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad, T* out) {
     RunKernel(ctx, [&] {
-      MaskGradient<T>(stack.outer, stack.grid, grad.flat<T>().data(), stack.mask,
-                      masked->flat<T>().data(), IntraOpParallelFor(ctx));
+      masked_ops::MaskGradient<T>(stack.outer, stack.grid, grad, stack.mask, out, IntraOpParallelFor(ctx));
     });
   }
-
- private:
-  int64_t block_rows_ = 0;
-  int64_t block_cols_ = 0;
-};
-
-template <typename T, typename Mask>
-class MaskedUpdateVariableOp : public OpKernel {
- public:
-  explicit MaskedUpdateVariableOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_rows", &block_rows_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_cols", &block_cols_));
-    std::string mode;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("mode", &mode));
-    mode_ = mode == "assign" ? UpdateMode::kAssign : mode == "add" ? UpdateMode::kAdd : UpdateMode::kSub;
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& value = ctx->input(1);
-    tensorflow::core::RefCountPtr<tensorflow::Var> variable;
-    OP_REQUIRES_OK(ctx, tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, 0), &variable));
-    tensorflow::mutex_lock lock(*variable->mu());
-    Tensor* current = variable->tensor();
-    OP_REQUIRES(ctx, current->IsInitialized(),
-                absl::FailedPreconditionError("the variable is not initialized"));
-    OP_REQUIRES(ctx, current->dtype() == value.dtype(),
-                absl::InvalidArgumentError(absl::StrCat(
-                    "value's dtype ", tensorflow::DataTypeString(value.dtype()),
-                    " differs from the variable's ", tensorflow::DataTypeString(current->dtype()))));
-    OP_REQUIRES(ctx, current->shape() == value.shape(),
-                absl::InvalidArgumentError(absl::StrCat(
-                    "value must have the variable's shape ", current->shape().DebugString(),
-                    ", got ", value.shape().DebugString())));
-    MatrixStack<Mask> stack;
-    OP_REQUIRES_OK(ctx, ViewMaskedStack(ctx->input(2), current->shape(), "the variable", block_rows_,
-                                        block_cols_, &stack));
-    // A buffer that a read still shares is copied first, as TensorFlow's own
-    // in-place updates do, so the update never shows through an earlier read.
-    if (variable->copy_on_read_mode.load() || !current->RefCountIsOne()) {
-      Tensor copy;
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(current->dtype(), current->shape(), &copy));
-      if (current->TotalBytes() > 0) {
-        std::memcpy(copy.data(), current->data(), current->TotalBytes());
-      }
-      *current = copy;
-    }
+  template <typename T, typename Mask>
+  static void MaskedUpdate(OpKernelContext* ctx, const MatrixStack<Mask>& stack, UpdateMode mode, const T* value,
+                           T* var) {
     RunKernel(ctx, [&] {
-      MaskedUpdate<T>(stack.outer, stack.grid, stack.mask, mode_, value.flat<T>().data(),
-                      current->flat<T>().data(), IntraOpParallelFor(ctx));
+      masked_ops::MaskedUpdate<T>(stack.outer, stack.grid, stack.mask, mode, value, var, IntraOpParallelFor(ctx));
     });
   }
-
- private:
-  int64_t block_rows_ = 0;
-  int64_t block_cols_ = 0;
-  UpdateMode mode_ = UpdateMode::kAssign;
-};
-
-// Resource variables updated in place by one op: looked up, locked (each
-// mutex once, in address order, so two ops never wait on each other), checked
-// against the gradient, and given buffers no earlier read still shares.
-class LockedVariables {
- public:
-  // inputs[i] is the op input of the variable called names[i].
-  absl::Status Lock(OpKernelContext* ctx, const std::vector<int>& inputs,
-                    const std::vector<absl::string_view>& names, const Tensor& grad) {
-    for (const int input : inputs) {
-      tensorflow::core::RefCountPtr<tensorflow::Var> variable;
-      TF_RETURN_IF_ERROR(tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, input), &variable));
-      variables_.push_back(std::move(variable));
-    }
-    std::vector<tensorflow::mutex*> mutexes;
-    for (const auto& variable : variables_) mutexes.push_back(variable->mu());
-    std::sort(mutexes.begin(), mutexes.end());
-    mutexes.erase(std::unique(mutexes.begin(), mutexes.end()), mutexes.end());
-    for (tensorflow::mutex* mu : mutexes) locks_.emplace_back(*mu);
-    for (size_t index = 0; index < variables_.size(); ++index) {
-      Tensor* tensor = variables_[index]->tensor();
-      const absl::string_view name = names[index];
-      if (!tensor->IsInitialized()) {
-        return absl::FailedPreconditionError(absl::StrCat(name, " is not initialized"));
-      }
-      if (tensor->dtype() != grad.dtype() || tensor->shape() != grad.shape()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            name, " must have grad's dtype and shape ", tensorflow::DataTypeString(grad.dtype()), " ",
-            grad.shape().DebugString(), ", got ", tensorflow::DataTypeString(tensor->dtype()), " ",
-            tensor->shape().DebugString()));
-      }
-      TF_RETURN_IF_ERROR(Unshare(ctx, variables_[index].get()));
-    }
-    return absl::OkStatus();
-  }
-
-  template <typename T>
-  T* data(size_t index) const {
-    return variables_[index]->tensor()->template flat<T>().data();
-  }
-
- private:
-  static absl::Status Unshare(OpKernelContext* ctx, tensorflow::Var* variable) {
-    Tensor* tensor = variable->tensor();
-    if (!variable->copy_on_read_mode.load() && tensor->RefCountIsOne()) return absl::OkStatus();
-    Tensor copy;
-    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensor->dtype(), tensor->shape(), &copy));
-    if (tensor->TotalBytes() > 0) std::memcpy(copy.data(), tensor->data(), tensor->TotalBytes());
-    *tensor = copy;
-    return absl::OkStatus();
-  }
-
-  std::vector<tensorflow::core::RefCountPtr<tensorflow::Var>> variables_;
-  std::vector<tensorflow::mutex_lock> locks_;
-};
-
-template <typename T>
-absl::Status ReadScalar(OpKernelContext* ctx, int input, absl::string_view name, T* value) {
-  const Tensor& tensor = ctx->input(input);
-  if (!tensorflow::TensorShapeUtils::IsScalar(tensor.shape())) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(name, " must be a scalar, got shape ", tensor.shape().DebugString()));
-  }
-  *value = tensor.scalar<T>()();
-  return absl::OkStatus();
-}
-
-// Shared by the optimizer steps: the block attrs, and the mask checked
-// against the gradient.
-template <typename Mask>
-class MaskedStepKernel : public OpKernel {
- protected:
-  explicit MaskedStepKernel(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_rows", &block_rows_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_cols", &block_cols_));
-  }
-
-  absl::Status ViewGrad(OpKernelContext* ctx, int grad_input, MatrixStack<Mask>* stack) const {
-    return ViewMaskedStack(ctx->input(grad_input + 1), ctx->input(grad_input).shape(), "grad", block_rows_,
-                           block_cols_, stack);
-  }
-
- private:
-  int64_t block_rows_ = 0;
-  int64_t block_cols_ = 0;
-};
-
-template <typename T, typename Mask>
-class MaskedAdamStepOp : public MaskedStepKernel<Mask> {
- public:
-  explicit MaskedAdamStepOp(OpKernelConstruction* ctx) : MaskedStepKernel<Mask>(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("amsgrad", &amsgrad_));
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& grad = ctx->input(4);
-    MatrixStack<Mask> stack;
-    OP_REQUIRES_OK(ctx, this->ViewGrad(ctx, 4, &stack));
-    AdamStep<T> step;
-    step.amsgrad = amsgrad_;
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 6, "alpha", &step.alpha));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 7, "one_minus_beta_1", &step.one_minus_beta_1));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 8, "one_minus_beta_2", &step.one_minus_beta_2));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 9, "epsilon", &step.epsilon));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 10, "learning_rate", &step.learning_rate));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 11, "weight_decay", &step.weight_decay));
-    LockedVariables variables;
-    OP_REQUIRES_OK(ctx, amsgrad_ ? variables.Lock(ctx, {0, 1, 2, 3}, {"variable", "m", "v", "v_hat"}, grad)
-                                 : variables.Lock(ctx, {0, 1, 2}, {"variable", "m", "v"}, grad));
+  template <typename T, typename Mask>
+  static void AdamStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
+                       const masked_ops::AdamStep<T>& step, T* var, T* m, T* v, T* v_hat) {
     RunKernel(ctx, [&] {
-      MaskedAdamStep<T>(stack.outer, stack.grid, stack.mask, grad.flat<T>().data(), step,
-                        variables.data<T>(0), variables.data<T>(1), variables.data<T>(2),
-                        amsgrad_ ? variables.data<T>(3) : nullptr, IntraOpParallelFor(ctx));
+      MaskedAdamStep<T>(stack.outer, stack.grid, stack.mask, grad, step, var, m, v, v_hat, IntraOpParallelFor(ctx));
     });
   }
-
- private:
-  bool amsgrad_ = false;
-};
-
-template <typename T, typename Mask>
-class MaskedSgdStepOp : public MaskedStepKernel<Mask> {
- public:
-  explicit MaskedSgdStepOp(OpKernelConstruction* ctx) : MaskedStepKernel<Mask>(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_momentum", &use_momentum_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("nesterov", &nesterov_));
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& grad = ctx->input(2);
-    MatrixStack<Mask> stack;
-    OP_REQUIRES_OK(ctx, this->ViewGrad(ctx, 2, &stack));
-    SgdStep<T> step;
-    step.nesterov = nesterov_;
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 4, "learning_rate", &step.learning_rate));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 5, "momentum_factor", &step.momentum));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 6, "weight_decay", &step.weight_decay));
-    LockedVariables variables;
-    OP_REQUIRES_OK(ctx, use_momentum_ ? variables.Lock(ctx, {0, 1}, {"variable", "momentum"}, grad)
-                                      : variables.Lock(ctx, {0}, {"variable"}, grad));
+  template <typename T, typename Mask>
+  static void SgdStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
+                      const masked_ops::SgdStep<T>& step, T* var, T* momentum) {
     RunKernel(ctx, [&] {
-      MaskedSgdStep<T>(stack.outer, stack.grid, stack.mask, grad.flat<T>().data(), step, variables.data<T>(0),
-                       use_momentum_ ? variables.data<T>(1) : nullptr, IntraOpParallelFor(ctx));
+      MaskedSgdStep<T>(stack.outer, stack.grid, stack.mask, grad, step, var, momentum, IntraOpParallelFor(ctx));
     });
   }
-
- private:
-  bool use_momentum_ = false;
-  bool nesterov_ = false;
-};
-
-template <typename T, typename Mask>
-class MaskedRmspropStepOp : public MaskedStepKernel<Mask> {
- public:
-  explicit MaskedRmspropStepOp(OpKernelConstruction* ctx) : MaskedStepKernel<Mask>(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_momentum", &use_momentum_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("centered", &centered_));
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& grad = ctx->input(4);
-    MatrixStack<Mask> stack;
-    OP_REQUIRES_OK(ctx, this->ViewGrad(ctx, 4, &stack));
-    RmspropStep<T> step;
-    step.centered = centered_;
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 6, "learning_rate", &step.learning_rate));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 7, "rho", &step.rho));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 8, "one_minus_rho", &step.one_minus_rho));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 9, "momentum_factor", &step.momentum));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 10, "epsilon", &step.epsilon));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 11, "weight_decay", &step.weight_decay));
-    std::vector<int> inputs = {0, 1};
-    std::vector<absl::string_view> names = {"variable", "velocity"};
-    if (use_momentum_) {
-      inputs.push_back(2);
-      names.push_back("momentum");
-    }
-    if (centered_) {
-      inputs.push_back(3);
-      names.push_back("average_grad");
-    }
-    LockedVariables variables;
-    OP_REQUIRES_OK(ctx, variables.Lock(ctx, inputs, names, grad));
-    T* momentum = use_momentum_ ? variables.data<T>(2) : nullptr;
-    T* average_grad = centered_ ? variables.data<T>(use_momentum_ ? 3 : 2) : nullptr;
+  template <typename T, typename Mask>
+  static void RmspropStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
+                          const masked_ops::RmspropStep<T>& step, T* var, T* velocity, T* momentum,
+                          T* average_grad) {
     RunKernel(ctx, [&] {
-      MaskedRmspropStep<T>(stack.outer, stack.grid, stack.mask, grad.flat<T>().data(), step,
-                           variables.data<T>(0), variables.data<T>(1), momentum, average_grad,
+      MaskedRmspropStep<T>(stack.outer, stack.grid, stack.mask, grad, step, var, velocity, momentum, average_grad,
                            IntraOpParallelFor(ctx));
     });
   }
-
- private:
-  bool use_momentum_ = false;
-  bool centered_ = false;
 };
 
 }  // namespace
 
 using ::tensorflow::register_kernel::Name;
 
-#define MASKED_OPS_REGISTER(T, Mask)                                                     \
-  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskGradient")                                 \
-                              .Device(::tensorflow::DEVICE_CPU)                          \
-                              .TypeConstraint<T>("T")                                    \
-                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),          \
-                          MaskGradientOp<T, Mask>);                                      \
-  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedUpdateVariable")                         \
-                              .Device(::tensorflow::DEVICE_CPU)                          \
-                              .TypeConstraint<T>("T")                                    \
-                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),          \
-                          MaskedUpdateVariableOp<T, Mask>);                              \
-  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedAdamStep")                               \
-                              .Device(::tensorflow::DEVICE_CPU)                          \
-                              .TypeConstraint<T>("T")                                    \
-                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),          \
-                          MaskedAdamStepOp<T, Mask>);                                    \
-  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedSgdStep")                                \
-                              .Device(::tensorflow::DEVICE_CPU)                          \
-                              .TypeConstraint<T>("T")                                    \
-                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),          \
-                          MaskedSgdStepOp<T, Mask>);                                     \
-  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedRmspropStep")                            \
-                              .Device(::tensorflow::DEVICE_CPU)                          \
-                              .TypeConstraint<T>("T")                                    \
-                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),          \
-                          MaskedRmspropStepOp<T, Mask>);
+#define MASKED_OPS_REGISTER_ONE(OP, KERNEL, T, Mask)                                           \
+  REGISTER_KERNEL_BUILDER(Name(OP)                                                             \
+                              .Device(::tensorflow::DEVICE_CPU)                                \
+                              .TypeConstraint<T>("T")                                          \
+                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),                \
+                          elementwise_kernels::KERNEL<CpuBackend, T, Mask>);
+
+#define MASKED_OPS_REGISTER(T, Mask)                                                            \
+  MASKED_OPS_REGISTER_ONE("MaskedOps>MaskGradient", MaskGradientOp, T, Mask)                    \
+  MASKED_OPS_REGISTER_ONE("MaskedOps>MaskedUpdateVariable", MaskedUpdateVariableOp, T, Mask)    \
+  MASKED_OPS_REGISTER_ONE("MaskedOps>MaskedAdamStep", MaskedAdamStepOp, T, Mask)                \
+  MASKED_OPS_REGISTER_ONE("MaskedOps>MaskedSgdStep", MaskedSgdStepOp, T, Mask)                  \
+  MASKED_OPS_REGISTER_ONE("MaskedOps>MaskedRmspropStep", MaskedRmspropStepOp, T, Mask)
 
 MASKED_OPS_FOR_EACH_TYPE_PAIR(MASKED_OPS_REGISTER)
 
 #undef MASKED_OPS_REGISTER
+#undef MASKED_OPS_REGISTER_ONE
 
 }  // namespace masked_ops

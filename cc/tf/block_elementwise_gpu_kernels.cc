@@ -1,0 +1,124 @@
+// GPU OpKernels for the block-masked elementwise ops: the device-generic
+// OpKernels of block_elementwise_kernels.h over the CUDA kernels
+// (gpu_support.h). The optimizer steps' scalars stay in host memory, where
+// the OpKernels read them. Compiled with GOOGLE_CUDA=1 and TensorFlow's CUDA
+// headers (CMakeLists.txt).
+#include <cstdint>
+
+#include "cc/kernels/block_elementwise.h"
+#include "cc/kernels/cuda/block_elementwise_gpu.h"
+#include "cc/tf/block_elementwise_kernels.h"
+#include "cc/tf/gpu_support.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/register_types.h"
+
+namespace masked_ops {
+namespace {
+
+using elementwise_kernels::MatrixStack;
+
+struct GpuBackend {
+  static void CopyBytes(OpKernelContext* ctx, const void* from, void* to, size_t bytes) {
+    ctx->eigen_device<Eigen::GpuDevice>().memcpy(to, from, bytes);
+  }
+
+  template <typename T, typename Mask>
+  static void MaskGradient(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad, T* out) {
+    Launch(ctx, stack, [&](void* workspace, gpu::Stream stream) {
+      return gpu::MaskGradient(stack.outer, stack.grid, Storage(grad), stack.mask, Storage(out), workspace, stream);
+    });
+  }
+  template <typename T, typename Mask>
+  static void MaskedUpdate(OpKernelContext* ctx, const MatrixStack<Mask>& stack, UpdateMode mode, const T* value,
+                           T* var) {
+    Launch(ctx, stack, [&](void* workspace, gpu::Stream stream) {
+      return gpu::MaskedUpdate(stack.outer, stack.grid, stack.mask, mode, Storage(value), Storage(var), workspace,
+                               stream);
+    });
+  }
+  template <typename T, typename Mask>
+  static void AdamStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
+                       const masked_ops::AdamStep<T>& step, T* var, T* m, T* v, T* v_hat) {
+    Launch(ctx, stack, [&](void* workspace, gpu::Stream stream) {
+      return gpu::MaskedAdamStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var), Storage(m),
+                                 Storage(v), Storage(v_hat), workspace, stream);
+    });
+  }
+  template <typename T, typename Mask>
+  static void SgdStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
+                      const masked_ops::SgdStep<T>& step, T* var, T* momentum) {
+    Launch(ctx, stack, [&](void* workspace, gpu::Stream stream) {
+      return gpu::MaskedSgdStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var),
+                                Storage(momentum), workspace, stream);
+    });
+  }
+  template <typename T, typename Mask>
+  static void RmspropStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
+                          const masked_ops::RmspropStep<T>& step, T* var, T* velocity, T* momentum,
+                          T* average_grad) {
+    Launch(ctx, stack, [&](void* workspace, gpu::Stream stream) {
+      return gpu::MaskedRmspropStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var),
+                                    Storage(velocity), Storage(momentum), Storage(average_grad), workspace, stream);
+    });
+  }
+
+  template <typename Mask, typename Run>
+  static void Launch(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const Run& run) {
+    LaunchWithWorkspace(
+        ctx, static_cast<int64_t>(gpu::ElementwiseWorkspaceBytes(stack.outer, stack.grid, stack.mask.level)), run);
+  }
+};
+
+}  // namespace
+
+using ::tensorflow::register_kernel::Name;
+
+// The optimizer steps are float32 on the GPU (optimizer variables stay
+// float32 under mixed precision).
+#define MASKED_OPS_REGISTER_GPU(T, Mask)                                                                      \
+  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskGradient")                                                      \
+                              .Device(::tensorflow::DEVICE_GPU)                                               \
+                              .TypeConstraint<T>("T")                                                         \
+                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),                               \
+                          elementwise_kernels::MaskGradientOp<GpuBackend, T, Mask>);                          \
+  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedUpdateVariable")                                              \
+                              .Device(::tensorflow::DEVICE_GPU)                                               \
+                              .TypeConstraint<T>("T")                                                         \
+                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),                               \
+                          elementwise_kernels::MaskedUpdateVariableOp<GpuBackend, T, Mask>);                  \
+  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedAdamStep")                                                    \
+                              .Device(::tensorflow::DEVICE_GPU)                                               \
+                              .TypeConstraint<T>("T")                                                         \
+                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask")                                \
+                              .HostMemory("alpha")                                                            \
+                              .HostMemory("one_minus_beta_1")                                                 \
+                              .HostMemory("one_minus_beta_2")                                                 \
+                              .HostMemory("epsilon")                                                          \
+                              .HostMemory("learning_rate")                                                    \
+                              .HostMemory("weight_decay"),                                                    \
+                          elementwise_kernels::MaskedAdamStepOp<GpuBackend, T, Mask>);                        \
+  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedSgdStep")                                                     \
+                              .Device(::tensorflow::DEVICE_GPU)                                               \
+                              .TypeConstraint<T>("T")                                                         \
+                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask")                                \
+                              .HostMemory("learning_rate")                                                    \
+                              .HostMemory("momentum_factor")                                                  \
+                              .HostMemory("weight_decay"),                                                    \
+                          elementwise_kernels::MaskedSgdStepOp<GpuBackend, T, Mask>);                         \
+  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedRmspropStep")                                                 \
+                              .Device(::tensorflow::DEVICE_GPU)                                               \
+                              .TypeConstraint<T>("T")                                                         \
+                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask")                                \
+                              .HostMemory("learning_rate")                                                    \
+                              .HostMemory("rho")                                                              \
+                              .HostMemory("one_minus_rho")                                                    \
+                              .HostMemory("momentum_factor")                                                  \
+                              .HostMemory("epsilon")                                                          \
+                              .HostMemory("weight_decay"),                                                    \
+                          elementwise_kernels::MaskedRmspropStepOp<GpuBackend, T, Mask>);
+
+MASKED_OPS_FOR_EACH_MASK_TYPE(MASKED_OPS_REGISTER_GPU, float)
+
+#undef MASKED_OPS_REGISTER_GPU
+
+}  // namespace masked_ops
