@@ -1,14 +1,17 @@
-"""masked_matmul's CUDA kernels against cuBLAS, on a machine with a GPU.
+"""The CUDA kernels against cuBLAS and cuDNN, on a machine with a GPU.
 
 Runs through the TensorFlow-free harness (tests/gpu/harness.py) with PyTorch
-CUDA tensors: fused = the harness's block-sparse product with a random block
-mask of the given density; dense = torch.matmul(x, w * m), cuBLAS on the
-masked weight, the baseline the issue names. Forward alone, and forward plus
-both gradients ("train"). Each pair is timed interleaved with CUDA events
-after warm-up; the median of --reps repetitions is reported.
+CUDA tensors. matmul: fused = the harness's block-sparse product with a
+random block mask of the given density; dense = torch.matmul(x, w * m),
+cuBLAS on the masked weight, the baseline the issue names. conv (--conv):
+x = [8, 56, 56, 256], 3x3 filters 256 -> 256, SAME, against
+torch.nn.functional.conv2d (cuDNN) on the masked filters, with channel-block
+densities and output-tile fractions. Forward alone, and forward plus both
+gradients ("train"). Each pair is timed interleaved with CUDA events after
+warm-up; the median of --reps repetitions is reported.
 
   make gpu-test                       # builds build/gpu/libmasked_ops_cuda_harness.so
-  python3 bench/gpu.py --json bench/results/gpu.json
+  python3 bench/gpu.py --conv --json bench/results/gpu.json
 """
 
 import argparse
@@ -75,6 +78,47 @@ def case(harness, shape, block, density, dtype, mode, reps, warmup):
             "target": (0.7 if block <= 32 else 0.8) / density}
 
 
+def conv_case(harness, density, active, dtype, mode, reps, warmup):
+    n, size, channels, block, tile = 8, 56, 256, 32, 8
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    grid = channels // block
+    live = torch.randperm(grid * grid, generator=generator) < round(density * grid * grid)
+    block_mask = live.reshape(grid, grid).float().cuda()
+    per_tap = block_mask.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    tiles = (torch.rand(n, size // tile, size // tile, generator=generator) < active).float()
+    output_mask = tiles.repeat_interleave(tile, 1).repeat_interleave(tile, 2).cuda()
+    x = torch.randn(n, size, size, channels, device="cuda", dtype=dtype)
+    f = torch.randn(3, 3, channels, channels, device="cuda", dtype=dtype) / 48
+    dy = torch.randn(n, size, size, channels, device="cuda", dtype=dtype)
+    y, dx, df = torch.empty_like(dy), torch.empty_like(x), torch.empty_like(f)
+    geometry = (n, size, size, channels, 3, 3, channels, 1, 1, 1, 1, 1, 1, size, size, block, block, tile, tile)
+    o = output_mask if active < 1 else None
+
+    def fused():
+        harness.conv2d("forward", x, f, block_mask, "block", geometry, y, o)
+        if mode == "train":
+            harness.conv2d("grad_input", dy, f, block_mask, "block", geometry, dx, o)
+            harness.conv2d("grad_weight", x, dy, block_mask, "block", geometry, df, o)
+
+    x_nchw = x.permute(0, 3, 1, 2).contiguous().requires_grad_(mode == "train")
+
+    def dense():
+        w = (f * per_tap.to(dtype)).permute(3, 2, 0, 1).contiguous().requires_grad_(mode == "train")
+        out = torch.nn.functional.conv2d(x_nchw, w, padding=1)
+        if o is not None:
+            out = out * o[:, None]
+        if mode == "train":
+            out.backward(dy.permute(0, 3, 1, 2))
+
+    times = {"fused": [], "dense": []}
+    for _ in range(reps):
+        for name, function in (("fused", fused), ("dense", dense)):
+            times[name] += timed(function, 1, warmup if not times[name] else 0)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {"case": "conv", "density": density, "active": active, "dtype": str(dtype), "mode": mode,
+            "median_ms": medians, "speedup": medians["dense"] / medians["fused"], "target": 0.6 / (density * active)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="4096x4096x4096")
@@ -84,6 +128,7 @@ def main():
     parser.add_argument("--modes", default="forward,train")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--conv", action="store_true", help="also time masked_conv2d against cuDNN")
     parser.add_argument("--json")
     args = parser.parse_args()
     harness = Harness(torch)
@@ -93,15 +138,28 @@ def main():
         for dtype in args.dtypes.split(",") for block in args.blocks.split(",")
         for density in args.densities.split(",") for mode in args.modes.split(",")
     ]
+    conv_rows = [
+        conv_case(harness, density, active, DTYPES[dtype], mode, args.reps, args.warmup)
+        for dtype in args.dtypes.split(",") for density, active in ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.1, 1.0),
+                                                                    (1.0, 0.25), (1.0, 0.1), (0.5, 0.25))
+        for mode in args.modes.split(",")
+    ] if args.conv else []
     device = torch.cuda.get_device_name()
     print(f"| dtype | block | density | mode | fused ms | cuBLAS ms | speedup | target |  # {device}")
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['dtype']} | {row['block']} | {row['density']:g} | {row['mode']} | {row['median_ms']['fused']:.3f} "
               f"| {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x | {row['target']:.2f}x |")
+    if conv_rows:
+        print(f"\n| dtype | density | active tiles | mode | fused ms | cuDNN ms | speedup | target |  # {device}")
+        print("|---|---:|---:|---|---:|---:|---:|---:|")
+        for row in conv_rows:
+            print(f"| {row['dtype']} | {row['density']:g} | {row['active']:g} | {row['mode']} "
+                  f"| {row['median_ms']['fused']:.3f} | {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x "
+                  f"| {row['target']:.2f}x |")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__,
-                                                       "rows": rows}, indent=2) + "\n")
+                                                       "rows": rows, "conv_rows": conv_rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
