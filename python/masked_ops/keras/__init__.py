@@ -1,0 +1,7 @@
+"""The Keras workflow: swap masked layers into an existing model and back,
+and make masks for them."""
+
+from masked_ops.keras.masks import densities, magnitude_masks, n_m_mask, random_masks
+from masked_ops.keras.sparsify import sparsify, strip
+
+__all__ = ["densities", "magnitude_masks", "n_m_mask", "random_masks", "sparsify", "strip"]
