@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 
 import masked_ops
 from masked_ops.freeze import block_norms
@@ -86,3 +87,33 @@ def test_n_m_mask():
     assert np.all(mask[..., 8:, :].sum(axis=2) == 1)  # a last group of 2 keeps round(2 * 2 / 4) = 1
     kept = np.abs(kernel[..., :4, :])[mask[..., :4, :] == 1].min()
     assert kept >= np.abs(kernel[..., :4, :])[mask[..., :4, :] == 0].min()
+
+
+def test_polynomial_density_schedule():
+    schedule = lambda step: masked_ops.keras.polynomial_density(  # noqa: E731
+        step, target_density=0.2, begin_step=10, end_step=30, power=3)
+    assert schedule(0) == 1.0 and schedule(10) == 1.0
+    assert schedule(30) == pytest.approx(0.2) and schedule(100) == pytest.approx(0.2)
+    values = [schedule(step) for step in range(10, 31)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_pruning_callback_empties_masks_during_fit():
+    rng = np.random.default_rng(5)
+    model = masked_ops.keras.sparsify(keras.Sequential([
+        keras.Input((64,)), keras.layers.Dense(64, activation="relu", name="a"), keras.layers.Dense(4, name="b")]),
+        block_size=16)
+    model.compile(optimizer="adam", loss="mse")
+    x, y = rng.standard_normal((160, 64)).astype(np.float32), rng.standard_normal((160, 4)).astype(np.float32)
+    history = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            history.append(self.model.get_layer("a").mask.numpy().copy())
+
+    pruning = masked_ops.keras.PruningCallback(0.25, begin_step=2, end_step=14, frequency=4)
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[pruning, Record()])
+    assert masked_ops.keras.densities(model) == {"a": 0.25, "b": 0.25}
+    for before, after in zip(history, history[1:]):
+        assert np.all(after <= before)  # pruned blocks stay pruned
+    assert np.count_nonzero(history[0]) > np.count_nonzero(history[-1])

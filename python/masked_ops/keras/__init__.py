@@ -2,6 +2,10 @@
 and make masks for them."""
 
 from masked_ops.keras.masks import densities, magnitude_masks, n_m_mask, random_masks
+from masked_ops.keras.pruning import PruningCallback, polynomial_density
 from masked_ops.keras.sparsify import sparsify, strip
 
-__all__ = ["densities", "magnitude_masks", "n_m_mask", "random_masks", "sparsify", "strip"]
+__all__ = [
+    "PruningCallback", "densities", "magnitude_masks", "n_m_mask", "polynomial_density", "random_masks",
+    "sparsify", "strip",
+]
