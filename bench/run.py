@@ -19,6 +19,7 @@ override them:
           block 32, forward and train
   conv    masked_conv2d's cases: see bench/conv_suite.py
   freeze  freezing weight blocks (grad_mask, BlockFreeze): see bench/freeze_suite.py
+  gated   conditional execution (Gated, GatedRows): see bench/gated_suite.py
   matmul  the full sweep: 512x2048x2048, 8x4096x4096 and 4096x1024x4096,
           densities 1, 0.5, 0.25, 0.1, 0.05, blocks 16, 32 and 64, forward and
           train, plus the peak-memory table
@@ -111,9 +112,9 @@ def parse_args(argv):
             for name, suite in SUITES.items()
         ),
     )
-    # "conv" and "freeze" are dispatched to conv_suite.py and freeze_suite.py
-    # before this parser runs; listed for --help.
-    parser.add_argument("--suite", choices=[*SUITES, "conv", "freeze"], default="quick", help="default: %(default)s")
+    # "conv", "freeze" and "gated" are dispatched to their *_suite.py before
+    # this parser runs; listed for --help.
+    parser.add_argument("--suite", choices=[*SUITES, "conv", "freeze", "gated"], default="quick", help="default: %(default)s")
     parser.add_argument("--shapes", help="comma-separated MxKxN list")
     parser.add_argument("--densities", help="comma-separated fractions of live blocks")
     parser.add_argument("--block-sizes", "--block-size", dest="block_sizes",
@@ -580,5 +581,9 @@ if __name__ == "__main__":
         import freeze_suite
 
         freeze_suite.main(sys.argv[1:], sys.modules[__name__])
+    elif requested_suite(sys.argv[1:]) == "gated":
+        import gated_suite
+
+        gated_suite.main(sys.argv[1:], sys.modules[__name__])
     else:
         main(sys.argv[1:])
