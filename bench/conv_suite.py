@@ -12,9 +12,7 @@ Cases, all NHWC float32 with x = [8, 56, 56, 256], stride 1, SAME:
 those of the matmul suites (see run.py); target = 0.8 / (d * a).
 """
 
-import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -73,17 +71,10 @@ def products(case, kind):
 
 
 def main(argv, run):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["conv"], required=True)
+    parser = run.case_suite_parser(__doc__.splitlines()[0], "conv")
     parser.add_argument("--modes", default="forward,train")
     parser.add_argument("--kernels", default="3,1", help="filter sizes to run, of 3 and 1")
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--json", metavar="PATH")
-    args = parser.parse_args(argv)
-    if args.reps < run.MIN_REPS:
-        parser.error(f"--reps must be at least {run.MIN_REPS}, got {args.reps}")
-    command = shlex.join(["python", "bench/run.py", *argv])
+    args, command = run.parse_case_suite_args(parser, argv)
     kernels = {int(size) for size in args.kernels.split(",")}
     runs = [(case, mode) for case in CASES if case[1] in kernels for mode in args.modes.split(",")]
     rows = []

@@ -20,9 +20,7 @@ Timing interleaves fused and baseline as the other suites do; target = 0.8 / f
 for the dw phase; the step's speedup is reported, without a target.
 """
 
-import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -163,16 +161,9 @@ CASES = {"dense": dense_case, "conv": conv_case}
 
 
 def main(argv, run):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["freeze"], required=True)
+    parser = run.case_suite_parser(__doc__.splitlines()[0], "freeze")
     parser.add_argument("--cases", default="dense,conv")
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--json", metavar="PATH")
-    args = parser.parse_args(argv)
-    if args.reps < run.MIN_REPS:
-        parser.error(f"--reps must be at least {run.MIN_REPS}, got {args.reps}")
-    command = shlex.join(["python", "bench/run.py", *argv])
+    args, command = run.parse_case_suite_args(parser, argv)
     rows = []
     for name in args.cases.split(","):
         for fraction in FRACTIONS:

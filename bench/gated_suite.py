@@ -8,9 +8,7 @@ plain block on every row. Interleaved, warmed up, medians, as the other
 suites.
 """
 
-import argparse
 import json
-import shlex
 import statistics
 import sys
 
@@ -47,15 +45,8 @@ def step(function, x, variables):
 
 
 def main(argv, run):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["gated"], required=True)
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--json", metavar="PATH")
-    args = parser.parse_args(argv)
-    if args.reps < run.MIN_REPS:
-        parser.error(f"--reps must be at least {run.MIN_REPS}, got {args.reps}")
-    command = shlex.join(["python", "bench/run.py", *argv])
+    parser = run.case_suite_parser(__doc__.splitlines()[0], "gated")
+    args, command = run.parse_case_suite_args(parser, argv)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.standard_normal((ROWS, WIDTH)).astype(np.float32))
     block = Residual()

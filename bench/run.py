@@ -149,6 +149,25 @@ def parse_args(argv):
     return args
 
 
+def case_suite_parser(description, suite):
+    """The arguments every case suite (conv, freeze, gated) takes; the suite
+    adds its own, then calls parse_case_suite_args."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--suite", choices=[suite], required=True)
+    parser.add_argument("--reps", type=int, default=10, help=f"timed calls per variant, at least {MIN_REPS}")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first")
+    parser.add_argument("--json", metavar="PATH", help="also write every timing here")
+    return parser
+
+
+def parse_case_suite_args(parser, argv):
+    """(args, the command line to print beside the table)."""
+    args = parser.parse_args(argv)
+    if args.reps < MIN_REPS:
+        parser.error(f"--reps must be at least {MIN_REPS}, got {args.reps}")
+    return args, shlex.join(["python", "bench/run.py", *argv])
+
+
 def requested_suite(argv):
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--suite")
