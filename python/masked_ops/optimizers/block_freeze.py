@@ -62,10 +62,10 @@ class _Freeze:
         self.shape = tuple(shape)
 
 
-# The inner optimizer's methods are swapped for masked ones while it applies
-# a step; one step at a time, so that concurrent steps never see each
-# other's swaps.
-_PATCH_LOCK = threading.RLock()
+# Guards installing and removing the masked methods on an inner optimizer.
+# It is never held while a step runs: under tf.distribute the replicas of one
+# step run in threads of their own and meet in merge calls.
+_PATCH_LOCK = threading.Lock()
 
 
 @keras.saving.register_keras_serializable(package="masked_ops")
@@ -187,7 +187,7 @@ class BlockFreeze(keras.optimizers.Optimizer):
             if not self.built:
                 self.build(variables)
                 self.built = True
-        with _PATCH_LOCK, self._masked_writes(), self._masked_constraints(variables):
+        with self._masked_writes(), self._masked_constraints(variables):
             self.inner_optimizer.apply(grads, trainable_variables)
 
     def apply_gradients(self, grads_and_vars):
@@ -221,27 +221,52 @@ class BlockFreeze(keras.optimizers.Optimizer):
     @contextlib.contextmanager
     def _masked_writes(self):
         """Routes the inner optimizer's writes through masked updates while it
-        updates a frozen variable (and while it applies weight decay)."""
+        updates a frozen variable (and while it applies weight decay). The
+        masked methods stay installed while any step of this optimizer runs
+        (replicas of a distributed step, concurrent steps), each thread keeping
+        its own record of which variable it is updating."""
         inner = self.inner_optimizer
-        updating = []
+        with _PATCH_LOCK:
+            if self.__dict__.get("_patch_users", 0) == 0:
+                self.__dict__["_patches"] = self._masked_methods()
+                inner.__dict__.update(self._patches)
+            self.__dict__["_patch_users"] = self.__dict__.get("_patch_users", 0) + 1
+        try:
+            yield
+        finally:
+            with _PATCH_LOCK:
+                self.__dict__["_patch_users"] -= 1
+                if self._patch_users == 0:
+                    for method in self._patches:
+                        inner.__dict__.pop(method, None)
+
+    def _masked_methods(self):
+        inner = self.inner_optimizer
+        local = threading.local()
         original_update_step = inner.update_step
         original_weight_decay = inner._apply_weight_decay
+
+        def updating():
+            if not hasattr(local, "stack"):
+                local.stack = []
+            return local.stack
 
         def update_step(gradient, variable, learning_rate):
             freeze = self._freeze_of(variable)
             if freeze is not None and _fused_step(inner, freeze, gradient, variable, learning_rate):
                 return None
-            updating.append(freeze)
+            updating().append(freeze)
             try:
                 return original_update_step(gradient, variable, learning_rate)
             finally:
-                updating.pop()
+                updating().pop()
 
         def writer(method):
             original = getattr(inner, method)
 
             def write(variable, value):
-                freeze = updating[-1] if updating else None
+                stack = updating()
+                freeze = stack[-1] if stack else None
                 if freeze is None or tuple(variable.shape) != freeze.shape:
                     return original(variable, value)
                 masked_update(variable, value, freeze.mask, block_size=freeze.block_size, mode=_MODES[method])
@@ -267,12 +292,7 @@ class BlockFreeze(keras.optimizers.Optimizer):
         patches = {method: writer(method) for method in _MODES}
         patches["update_step"] = update_step
         patches["_apply_weight_decay"] = apply_weight_decay
-        inner.__dict__.update(patches)
-        try:
-            yield
-        finally:
-            for method in patches:
-                inner.__dict__.pop(method, None)
+        return patches
 
     @property
     def learning_rate(self):
