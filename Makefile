@@ -18,7 +18,7 @@ $(VENV_PY):
 # Built without isolation, against the venv's TensorFlow, so the library and
 # the TensorFlow that loads it are the same build.
 $(STAMP): $(VENV_PY) $(SOURCES)
-	$(PIP) install $(TF_REQUIREMENT) $(BUILD_DEPS) pytest matplotlib
+	$(PIP) install $(TF_REQUIREMENT) $(BUILD_DEPS) pytest matplotlib scikit-learn
 	$(PIP) install --no-build-isolation --no-deps .
 	touch $@
 
