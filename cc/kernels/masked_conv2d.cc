@@ -516,6 +516,37 @@ void StorePaddedRows(const PaddedRows& layout, int64_t channels, const T* out,
   }
 }
 
+// The product of an in-place row layout: `source` ([batch, source_h,
+// source_w, channels]) copied into zero-bordered images of out_h x out_w
+// rows plus the filter's reach, source pixel (0, 0) landing at (top, left);
+// segment_offset(minor, padded_w) is the offset, in values, of a live block's
+// depth segment from the row it multiplies. Rows are stored to `out` as
+// [pixels, out_channels].
+template <typename T, typename SegmentOffset>
+void RunPaddedProduct(const GemmBackend<T>& backend, const Conv2DGeometry& g, const FilterPanels<T>& panels,
+                      const LiveBlockList& list, const T* source, int64_t source_h, int64_t source_w,
+                      int64_t channels, int64_t top, int64_t left, int64_t out_h, int64_t out_w,
+                      int64_t out_channels, int64_t segment_len, int64_t width,
+                      const SegmentOffset& segment_offset, T* out, const ParallelFor& parallel_for) {
+  const GemmTiling& tiling = panels.tiling;
+  const PaddedRows layout = PaddedRowsFor(out_h, out_w, ReachH(g), ReachW(g), tiling.a_tile);
+  const ScratchBuffer padded(BytesOf<T>((g.batch * layout.image_pixels() + layout.slack_pixels) * channels));
+  PadImages(source, g.batch, source_h, source_w, channels, top, left, layout, padded.as<T>(), parallel_for);
+  std::vector<int64_t> segment_begin(list.minor.size());
+  for (size_t p = 0; p < segment_begin.size(); ++p) {
+    segment_begin[p] = segment_offset(list.minor[p], layout.padded_w);
+  }
+  const GatheredProduct<T> product{g.batch * layout.rows_per_image, layout.rows_per_image, 0, segment_len,
+                                   &list, &segment_begin, panels.data(), tiling, panels.padded_width, width,
+                                   out_channels, padded.as<T>(), layout.image_pixels() * channels, channels};
+  RunGatheredProduct(
+      backend, product, [](T*, int64_t, int64_t) {}, static_cast<T*>(nullptr),
+      [&](const T* rows, int64_t first_row, int64_t count, int64_t col_begin, int64_t col_end) {
+        StorePaddedRows(layout, out_channels, rows, first_row, count, col_begin, col_end, out);
+      },
+      parallel_for);
+}
+
 // A 1x1 convolution with stride 1, no padding and no output mask is the
 // matrix product of the pixels [pixels, in_channels] with the filter
 // [in_channels, out_channels], in the same memory layout (an element mask
@@ -560,29 +591,16 @@ void MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskVie
                                segment_len, FilterBlockRows(g), parallel_for);
   const GemmTiling& tiling = panels.tiling;
   if (ReadsRowsInPlace(g, output_factors, tiling, g.in_channels, segment_len, list.size())) {
-    const PaddedRows layout = PaddedRowsFor(g.out_h, g.out_w, ReachH(g), ReachW(g), tiling.a_tile);
-    const ScratchBuffer padded(
-        BytesOf<T>((g.batch * layout.image_pixels() + layout.slack_pixels) * g.in_channels));
-    PadImages(x, g.batch, g.in_h, g.in_w, g.in_channels, g.pad_top, g.pad_left, layout,
-              padded.as<T>(), parallel_for);
-    std::vector<int64_t> segment_begin(list.minor.size());
-    for (size_t p = 0; p < segment_begin.size(); ++p) {
-      const int64_t tap = list.minor[p] / g.in_blocks();
-      const int64_t first_in = (list.minor[p] % g.in_blocks()) * g.in_block;
-      segment_begin[p] = ((tap / g.filter_w) * g.dilation_h * layout.padded_w +
-                          (tap % g.filter_w) * g.dilation_w) * g.in_channels + first_in;
-    }
-    const GatheredProduct<T> product{g.batch * layout.rows_per_image, layout.rows_per_image,
-                                     0, segment_len, &list, &segment_begin, panels.data(),
-                                     tiling, panels.padded_width, width, g.out_channels,
-                                     padded.as<T>(), layout.image_pixels() * g.in_channels,
-                                     g.in_channels};
-    RunGatheredProduct(
-        backend, product, [](T*, int64_t, int64_t) {}, static_cast<T*>(nullptr),
-        [&](const T* out, int64_t first_row, int64_t count, int64_t col_begin, int64_t col_end) {
-          StorePaddedRows(layout, g.out_channels, out, first_row, count, col_begin, col_end, y);
+    RunPaddedProduct(
+        backend, g, panels, list, x, g.in_h, g.in_w, g.in_channels, g.pad_top, g.pad_left, g.out_h, g.out_w,
+        g.out_channels, segment_len, width,
+        [&](int64_t minor, int64_t padded_w) {
+          const int64_t tap = minor / g.in_blocks();
+          return ((tap / g.filter_w) * g.dilation_h * padded_w + (tap % g.filter_w) * g.dilation_w) *
+                     g.in_channels +
+                 (minor % g.in_blocks()) * g.in_block;
         },
-        parallel_for);
+        y, parallel_for);
     return;
   }
   const DepthSlots& depth = panels.depth;
@@ -667,30 +685,17 @@ void MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filter
     // pixel at padded pixel (iy + reach_h - ky * dh, ix + reach_w - kx * dw).
     const int64_t reach_h = ReachH(g);
     const int64_t reach_w = ReachW(g);
-    const PaddedRows layout = PaddedRowsFor(g.in_h, g.in_w, reach_h, reach_w, tiling.a_tile);
-    const ScratchBuffer padded(
-        BytesOf<T>((g.batch * layout.image_pixels() + layout.slack_pixels) * g.out_channels));
-    PadImages(dy, g.batch, g.out_h, g.out_w, g.out_channels, reach_h - g.pad_top,
-              reach_w - g.pad_left, layout, padded.as<T>(), parallel_for);
-    std::vector<int64_t> segment_begin(list.minor.size());
-    for (size_t p = 0; p < segment_begin.size(); ++p) {
-      const int64_t tap = list.minor[p] / out_blocks;
-      const int64_t first_out = (list.minor[p] % out_blocks) * g.out_block;
-      segment_begin[p] = ((reach_h - (tap / g.filter_w) * g.dilation_h) * layout.padded_w +
-                          reach_w - (tap % g.filter_w) * g.dilation_w) * g.out_channels +
-                         first_out;
-    }
-    const GatheredProduct<T> product{g.batch * layout.rows_per_image, layout.rows_per_image,
-                                     0, segment_len, &list, &segment_begin, panels.data(),
-                                     tiling, panels.padded_width, width, g.in_channels,
-                                     padded.as<T>(), layout.image_pixels() * g.out_channels,
-                                     g.out_channels};
-    RunGatheredProduct(
-        backend, product, [](T*, int64_t, int64_t) {}, static_cast<T*>(nullptr),
-        [&](const T* out, int64_t first_row, int64_t count, int64_t col_begin, int64_t col_end) {
-          StorePaddedRows(layout, g.in_channels, out, first_row, count, col_begin, col_end, dx);
+    RunPaddedProduct(
+        backend, g, panels, list, dy, g.out_h, g.out_w, g.out_channels, reach_h - g.pad_top, reach_w - g.pad_left,
+        g.in_h, g.in_w, g.in_channels, segment_len, width,
+        [&](int64_t minor, int64_t padded_w) {
+          const int64_t tap = minor / out_blocks;
+          return ((reach_h - (tap / g.filter_w) * g.dilation_h) * padded_w + reach_w -
+                  (tap % g.filter_w) * g.dilation_w) *
+                     g.out_channels +
+                 (minor % out_blocks) * g.out_block;
         },
-        parallel_for);
+        dx, parallel_for);
     return;
   }
   const DepthSlots& depth = panels.depth;
