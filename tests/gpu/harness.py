@@ -15,6 +15,19 @@ PRODUCTS = {"forward": 0, "grad_input": 1, "grad_weight": 2}
 ELEMENTWISE = {"mask_gradient": 0, "assign": 1, "add": 2, "sub": 3, "adam": 4, "sgd": 5, "rmsprop": 6}
 
 
+def for_tests():
+    """(torch, Harness) for a test module, or the module skipped cleanly when
+    PyTorch, a CUDA GPU or the harness library is missing."""
+    import pytest
+
+    torch = pytest.importorskip("torch", reason="the GPU tests drive the kernels with PyTorch CUDA tensors")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU", allow_module_level=True)
+    if not library_path().exists():
+        pytest.skip(f"no CUDA harness at {library_path()} (run `make gpu-test`)", allow_module_level=True)
+    return torch, Harness(torch)
+
+
 def library_path():
     return pathlib.Path(os.environ.get("MASKED_OPS_CUDA_HARNESS", ROOT / "build" / "gpu" / "libmasked_ops_cuda_harness.so"))
 

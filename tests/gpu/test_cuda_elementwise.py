@@ -8,16 +8,9 @@ import math
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the GPU tests drive the kernels with PyTorch CUDA tensors")
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA GPU", allow_module_level=True)
+from harness import for_tests
 
-from harness import Harness, library_path  # noqa: E402
-
-if not library_path().exists():
-    pytest.skip(f"no CUDA harness at {library_path()} (run `make gpu-test`)", allow_module_level=True)
-
-HARNESS = Harness(torch)
+torch, HARNESS = for_tests()
 BLOCK = (16, 8)
 SHAPES = [(40, 24), (3, 3, 17, 9), (37,)]
 
