@@ -15,8 +15,6 @@ namespace masked_ops {
 namespace gpu {
 namespace {
 
-constexpr int kThreads = 256;
-
 struct StackDims {
   int64_t outer, rows, cols, block_rows, block_cols, grid_rows, grid_cols;
   bool element_level;

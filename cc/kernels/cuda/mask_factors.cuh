@@ -1,7 +1,8 @@
 // Device helpers shared by the CUDA kernels: storage types, conversions to
-// and from float, and masks turned into canonical float factors (dead: +0;
-// live: the value, with -0 for a live value that is zero in float), so that
-// every kernel tells live from dead by "any bit set", whatever the mask dtype.
+// and from float, masks turned into canonical float factors (dead: +0; live:
+// the value, with -0 for a live value that is zero in float), so that every
+// kernel tells live from dead by "any bit set", whatever the mask dtype, and
+// the shared-memory GEMM tile the products are built from.
 #ifndef MASKED_OPS_CC_KERNELS_CUDA_MASK_FACTORS_CUH_
 #define MASKED_OPS_CC_KERNELS_CUDA_MASK_FACTORS_CUH_
 
@@ -66,6 +67,39 @@ __device__ inline bool Live(float factor) { return __float_as_uint(factor) != 0u
 
 // where(factor is live, w * factor, 0): a dead entry never touches w's value.
 __device__ inline float Masked(float w, float factor) { return Live(factor) ? w * factor : 0.0f; }
+
+// The GEMM tile: a thread block of kThreads (16 x 16) threads computes a
+// kTile x kTile output tile, kPerThread x kPerThread outputs per thread,
+// staging kDepthStep of depth at a time in shared memory.
+constexpr int kTile = 64;
+constexpr int kDepthStep = 16;
+constexpr int kThreads = 256;
+constexpr int kPerThread = kTile / 16;
+
+// One shared-memory stage, [depth][kTile + 1] each (the pad keeps the column
+// reads of a stage off one bank).
+using StageTile = float[kDepthStep][kTile + 1];
+
+// acc[i][j] += sum over the stage's depth of a[d][ty + 16 i] * b[d][tx + 16 j]:
+// this thread's outputs of the tile, for thread (tx, ty) of the 16 x 16.
+__device__ inline void AccumulateStage(const StageTile& a, const StageTile& b, float (&acc)[kPerThread][kPerThread],
+                                       int tx, int ty) {
+#pragma unroll
+  for (int d = 0; d < kDepthStep; ++d) {
+    float a_values[kPerThread];
+    float b_values[kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      a_values[i] = a[d][ty + 16 * i];
+      b_values[i] = b[d][tx + 16 * i];
+    }
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) acc[i][j] += a_values[i] * b_values[j];
+    }
+  }
+}
 
 template <typename TMask>
 __global__ void CanonicalFactors(const TMask* mask, int64_t count, float* factors) {

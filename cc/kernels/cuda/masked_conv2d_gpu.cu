@@ -18,10 +18,6 @@ namespace masked_ops {
 namespace gpu {
 namespace {
 
-constexpr int kTile = 64;
-constexpr int kDepthStep = 16;
-constexpr int kThreads = 256;
-constexpr int kPerThread = kTile / 16;
 
 // Conv2DGeometry as the device reads it.
 struct ConvDims {
@@ -198,15 +194,7 @@ __global__ void __launch_bounds__(kThreads)
                                : 0.0f;
         }
         __syncthreads();
-#pragma unroll
-        for (int dd = 0; dd < kDepthStep; ++dd) {
-#pragma unroll
-          for (int r = 0; r < kPerThread; ++r) {
-            const float a = a_tile[dd][ty + 16 * r];
-#pragma unroll
-            for (int c = 0; c < kPerThread; ++c) acc[r][c] += a * b_tile[dd][tx + 16 * c];
-          }
-        }
+        AccumulateStage(a_tile, b_tile, acc, tx, ty);
         __syncthreads();
       }
     }
@@ -269,15 +257,7 @@ __global__ void __launch_bounds__(kThreads)
                              : 0.0f;
       }
       __syncthreads();
-#pragma unroll
-      for (int dd = 0; dd < kDepthStep; ++dd) {
-#pragma unroll
-        for (int r = 0; r < kPerThread; ++r) {
-          const float a = a_tile[dd][ty + 16 * r];
-#pragma unroll
-          for (int c = 0; c < kPerThread; ++c) acc[r][c] += a * b_tile[dd][tx + 16 * c];
-        }
-      }
+      AccumulateStage(a_tile, b_tile, acc, tx, ty);
       __syncthreads();
     }
   }
@@ -339,15 +319,7 @@ __global__ void __launch_bounds__(kThreads)
         dy_tile[dd][rr] = dv;
       }
       __syncthreads();
-#pragma unroll
-      for (int dd = 0; dd < kDepthStep; ++dd) {
-#pragma unroll
-        for (int r = 0; r < kPerThread; ++r) {
-          const float a = x_tile[dd][ty + 16 * r];
-#pragma unroll
-          for (int c = 0; c < kPerThread; ++c) acc[r][c] += a * dy_tile[dd][tx + 16 * c];
-        }
-      }
+      AccumulateStage(x_tile, dy_tile, acc, tx, ty);
       __syncthreads();
     }
   }

@@ -20,10 +20,6 @@ namespace masked_ops {
 namespace gpu {
 namespace {
 
-constexpr int kTile = 64;        // output tile edge per thread block
-constexpr int kDepthStep = 16;   // depth per shared-memory stage
-constexpr int kThreads = 256;    // 16 x 16 threads, 4 x 4 outputs each
-constexpr int kPerThread = kTile / 16;
 
 struct GridDims {
   int64_t rows, cols, block_rows, block_cols, grid_rows, grid_cols;
@@ -127,21 +123,7 @@ __global__ void __launch_bounds__(kThreads)
         b_tile[dd][rr] = b;
       }
       __syncthreads();
-#pragma unroll
-      for (int dd = 0; dd < kDepthStep; ++dd) {
-        float av[kPerThread];
-        float bv[kPerThread];
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) {
-          av[i] = a_tile[dd][ty + 16 * i];
-          bv[i] = b_tile[dd][tx + 16 * i];
-        }
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) {
-#pragma unroll
-          for (int j = 0; j < kPerThread; ++j) acc[i][j] += av[i] * bv[j];
-        }
-      }
+      AccumulateStage(a_tile, b_tile, acc, tx, ty);
       __syncthreads();
     }
   }
@@ -191,21 +173,7 @@ __global__ void __launch_bounds__(kThreads)
         dy_tile[dd][rr] = (row < m && c0 + rr < c_end) ? ToFloat(dy[row * g.cols + c0 + rr]) : 0.0f;
       }
       __syncthreads();
-#pragma unroll
-      for (int dd = 0; dd < kDepthStep; ++dd) {
-        float xv[kPerThread];
-        float dv[kPerThread];
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) {
-          xv[i] = x_tile[dd][ty + 16 * i];
-          dv[i] = dy_tile[dd][tx + 16 * i];
-        }
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) {
-#pragma unroll
-          for (int j = 0; j < kPerThread; ++j) acc[i][j] += xv[i] * dv[j];
-        }
-      }
+      AccumulateStage(x_tile, dy_tile, acc, tx, ty);
       __syncthreads();
     }
   }
