@@ -16,7 +16,16 @@ namespace masked_ops {
 using ParallelFor = std::function<void(int64_t units, int64_t cost_per_unit,
                                        const std::function<void(int64_t, int64_t)>& work)>;
 
-inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// The CUDA kernels share the block geometry below.
+#if defined(__CUDACC__)
+#define MASKED_OPS_HOST_DEVICE __host__ __device__
+#else
+#define MASKED_OPS_HOST_DEVICE
+#endif
+
+// ceil(a / b) for a >= 0 and b >= 1, for any b: (a + b - 1) / b would
+// overflow for the block sizes near 2^63 that a raw op call may pass.
+MASKED_OPS_HOST_DEVICE inline int64_t CeilDiv(int64_t a, int64_t b) { return a == 0 ? 0 : (a - 1) / b + 1; }
 inline int64_t RoundUp(int64_t value, int64_t multiple) { return CeilDiv(value, multiple) * multiple; }
 
 // Bit patterns of the 16-bit float mask dtypes. The kernels only need "is it

@@ -566,6 +566,11 @@ template <typename T, typename TMask>
 void MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskView<TMask> mask,
                   const T* output_factors, T* y, const ParallelFor& parallel_for) {
   if (g.out_pixels() == 0 || g.out_channels == 0) return;
+  if (g.in_channels == 0) {
+    // Nothing to sum over (and no channel blocks to index by).
+    std::fill_n(y, g.out_pixels() * g.out_channels, T(0));
+    return;
+  }
   if (IsPlainPointwise(g, output_factors)) {
     MaskedMatmul(PointwiseShape(g), x, filters, mask, y, parallel_for);
     return;
@@ -643,6 +648,10 @@ void MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filter
                            MaskView<TMask> mask, const T* output_factors, T* dx,
                            const ParallelFor& parallel_for) {
   if (g.in_pixels() == 0 || g.in_channels == 0) return;
+  if (g.out_channels == 0) {
+    std::fill_n(dx, g.in_pixels() * g.in_channels, T(0));
+    return;
+  }
   if (IsPlainPointwise(g, output_factors)) {
     MaskedMatmulGradInput(PointwiseShape(g), dy, filters, mask, dx, parallel_for);
     return;

@@ -11,6 +11,8 @@
 #include <type_traits>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/types/span.h"
 #include "cc/kernels/block_mask.h"
 #include "cc/kernels/masked_matmul.h"
 #include "cc/tf/validation.h"
@@ -145,6 +147,16 @@ void RunOnComputeTypes(OpKernelContext* ctx, const T* a, int64_t a_count, const 
   MASKED_OPS_FOR_EACH_TYPE_PAIR(MACRO)                       \
   MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, ::Eigen::half)        \
   MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, ::tensorflow::bfloat16)
+
+// An output's shape from its dimensions, or an InvalidArgumentError naming
+// the output when its size does not fit in int64: empty inputs can have huge
+// dimensions (x [0, 2^40] and dy [0, 2^40] ask for dw [2^40, 2^40]), and
+// TensorShape's constructor would abort the process on them.
+inline absl::Status OutputShape(absl::string_view name, absl::Span<const int64_t> dims, TensorShape* shape) {
+  if (TensorShape::BuildTensorShape(dims, shape).ok()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(name, " would have shape [", absl::StrJoin(dims, ", "),
+                                                 "], more elements than a tensor can hold (2^63 - 1)"));
+}
 
 inline absl::Status RequireRank(const Tensor& t, absl::string_view name, absl::string_view expected,
                          int rank, bool at_least) {

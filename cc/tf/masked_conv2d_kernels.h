@@ -65,13 +65,12 @@ class MaskedConv2DKernelBase : public OpKernel {
     TF_RETURN_IF_ERROR(MakeConv2DGeometry(options_, x_dims, filter_dims, x.shape().DebugString(),
                                           filters.shape().DebugString(), &g));
     MaskLevel level;
-    const std::vector<int64_t> mask_dims(mask.shape().dim_sizes().begin(),
-                                         mask.shape().dim_sizes().end());
+    // dim_sizes() is a copy: begin and end must come from the same one.
+    const auto mask_dims = mask.shape().dim_sizes();
     TF_RETURN_IF_ERROR(ResolveConvMaskLevel(mask.shape().DebugString(), mask.dims(),
                                             mask_dims.data(), g, &level));
     prepared->mask = MaskView<Mask>{reinterpret_cast<const Mask*>(mask.flat<TfMask>().data()), level};
-    const std::vector<int64_t> output_mask_dims(output_mask.shape().dim_sizes().begin(),
-                                                output_mask.shape().dim_sizes().end());
+    const auto output_mask_dims = output_mask.shape().dim_sizes();
     TF_RETURN_IF_ERROR(CheckOutputMaskShape(output_mask.shape().DebugString(), output_mask.dims(),
                                             output_mask_dims.data(), output_mask.NumElements(),
                                             g, options_.use_output_mask));
@@ -106,8 +105,10 @@ class MaskedConv2DOp : public MaskedConv2DKernelBase<Backend, T, Mask> {
     typename Base::Prepared prepared;
     OP_REQUIRES_OK(ctx, this->Prepare(ctx, &prepared));
     const Conv2DGeometry& g = prepared.geometry;
+    TensorShape y_shape;
+    OP_REQUIRES_OK(ctx, OutputShape("y", {g.batch, g.out_h, g.out_w, g.out_channels}, &y_shape));
     Tensor* y = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({g.batch, g.out_h, g.out_w, g.out_channels}), &y));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_shape, &y));
     Backend::template Forward<T, Mask>(ctx, g, ctx->input(0).flat<T>().data(), ctx->input(1).flat<T>().data(),
                                        prepared.mask, prepared.output_factors, y->flat<T>().data());
   }

@@ -66,8 +66,11 @@ absl::Status CheckConvInputs(InferenceContext* c, ShapeHandle* y) {
   int64_t output_mask_dims[4];
   if (c->RankKnown(output_mask) && c->Rank(output_mask) <= 4 &&
       KnownDims(c, output_mask, output_mask_dims)) {
+    // Static dimensions need not describe a tensor that can exist: saturate.
     int64_t elements = 1;
-    for (int d = 0; d < c->Rank(output_mask); ++d) elements *= output_mask_dims[d];
+    for (int d = 0; d < c->Rank(output_mask); ++d) {
+      if (__builtin_mul_overflow(elements, output_mask_dims[d], &elements)) elements = INT64_MAX;
+    }
     TF_RETURN_IF_ERROR(CheckOutputMaskShape(c->DebugString(output_mask), c->Rank(output_mask),
                                             output_mask_dims, elements, g,
                                             options.use_output_mask));

@@ -5,6 +5,7 @@
 #define MASKED_OPS_CC_TF_MASKED_MATMUL_KERNELS_H_
 
 #include <cstdint>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "cc/kernels/block_mask.h"
@@ -29,11 +30,12 @@ inline int64_t LeadingRows(const TensorShape& shape) {
   return rows;
 }
 
-// `shape` with its last dimension replaced; fails instead of overflowing.
-inline absl::Status WithLastDim(const TensorShape& shape, int64_t last, TensorShape* out) {
-  *out = TensorShape();
-  for (int d = 0; d + 1 < shape.dims(); ++d) TF_RETURN_IF_ERROR(out->AddDimWithStatus(shape.dim_size(d)));
-  return out->AddDimWithStatus(last);
+// `shape` with its last dimension replaced: the output called `name`.
+inline absl::Status WithLastDim(absl::string_view name, const TensorShape& shape, int64_t last, TensorShape* out) {
+  const auto sizes = shape.dim_sizes();
+  std::vector<int64_t> dims(sizes.begin(), sizes.end());
+  dims.back() = last;
+  return OutputShape(name, dims, out);
 }
 
 // Shared by the three ops: the block attrs, and the mask checked against the
@@ -88,7 +90,7 @@ class MaskedMatmulOp : public MaskedMatmulKernelBase<Backend, T, Mask> {
     MaskView<Mask> mask_view;
     OP_REQUIRES_OK(ctx, this->ViewMask(mask, k, n, &mask_view));
     TensorShape y_shape;
-    OP_REQUIRES_OK(ctx, WithLastDim(x.shape(), n, &y_shape));
+    OP_REQUIRES_OK(ctx, WithLastDim("y", x.shape(), n, &y_shape));
     Tensor* y = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_shape, &y));
     Backend::template Forward<T, Mask>(ctx, this->Shape(LeadingRows(x.shape()), k, n), x.flat<T>().data(),
@@ -115,7 +117,7 @@ class MaskedMatmulGradInputOp : public MaskedMatmulKernelBase<Backend, T, Mask> 
     MaskView<Mask> mask_view;
     OP_REQUIRES_OK(ctx, this->ViewMask(mask, k, n, &mask_view));
     TensorShape dx_shape;
-    OP_REQUIRES_OK(ctx, WithLastDim(dy.shape(), k, &dx_shape));
+    OP_REQUIRES_OK(ctx, WithLastDim("dx", dy.shape(), k, &dx_shape));
     Tensor* dx = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, dx_shape, &dx));
     Backend::template GradInput<T, Mask>(ctx, this->Shape(LeadingRows(dy.shape()), k, n),
@@ -148,8 +150,10 @@ class MaskedMatmulGradWeightOp : public MaskedMatmulKernelBase<Backend, T, Mask>
     const int64_t n = LastDim(dy);
     MaskView<Mask> mask_view;
     OP_REQUIRES_OK(ctx, this->ViewMask(mask, k, n, &mask_view));
+    TensorShape dw_shape;
+    OP_REQUIRES_OK(ctx, OutputShape("dw", {k, n}, &dw_shape));
     Tensor* dw = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({k, n}), &dw));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, dw_shape, &dw));
     Backend::template GradWeight<T, Mask>(ctx, this->Shape(LeadingRows(x.shape()), k, n),
                                           x.flat<T>().data(), dy.flat<T>().data(), mask_view,
                                           dw->flat<T>().data());

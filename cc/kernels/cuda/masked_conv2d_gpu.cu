@@ -26,10 +26,10 @@ struct ConvDims {
   int64_t in_block, out_block, tile_h, tile_w;
   bool element_level;
   __host__ __device__ int64_t taps() const { return filter_h * filter_w; }
-  __host__ __device__ int64_t in_blocks() const { return (in_channels + in_block - 1) / in_block; }
-  __host__ __device__ int64_t out_blocks() const { return (out_channels + out_block - 1) / out_block; }
-  __host__ __device__ int64_t tiles_h() const { return (out_h + tile_h - 1) / tile_h; }
-  __host__ __device__ int64_t tiles_w() const { return (out_w + tile_w - 1) / tile_w; }
+  __host__ __device__ int64_t in_blocks() const { return CeilDiv(in_channels, in_block); }
+  __host__ __device__ int64_t out_blocks() const { return CeilDiv(out_channels, out_block); }
+  __host__ __device__ int64_t tiles_h() const { return CeilDiv(out_h, tile_h); }
+  __host__ __device__ int64_t tiles_w() const { return CeilDiv(out_w, tile_w); }
   // The filter factor of (tap, ci, co).
   __device__ float factor(const float* factors, int64_t tap, int64_t ci, int64_t co) const {
     return element_level ? factors[(tap * in_channels + ci) * out_channels + co]
