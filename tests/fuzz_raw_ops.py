@@ -30,6 +30,7 @@ import time
 import traceback
 
 import numpy as np
+from fuzz_references import conv_output_size
 
 # Tensors a case builds stay below this many elements; larger shapes are made
 # empty by a zero dimension.
@@ -84,15 +85,6 @@ def _matmul_case(rng, op):
     }[op]
     inputs = {first[0]: _tensor(first[1], t), second[0]: _tensor(second[1], t), "mask": mask}
     return inputs, {"block_rows": block_rows, "block_cols": block_cols}
-
-
-def conv_output_size(size, filter_size, stride, dilation, padding, pad_before, pad_after):
-    """tf.nn.conv2d's output size along one dimension, or None when empty."""
-    reach = (filter_size - 1) * dilation + 1
-    if padding == "SAME":
-        return _ceil_div(size, stride)
-    span = size + pad_before + pad_after if padding == "EXPLICIT" else size
-    return (span - reach) // stride + 1 if span >= reach else None
 
 
 def _conv_case(rng, op):
@@ -352,8 +344,11 @@ def _child(seed, start, count, journal):
     """Runs cases start..start+count-1, writing each to the journal first."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # An allocation the machine cannot back fails inside the process (an
-    # error to check) instead of calling in the kernel's OOM killer.
-    resource.setrlimit(resource.RLIMIT_AS, (CHILD_ADDRESS_SPACE, CHILD_ADDRESS_SPACE))
+    # error to check) instead of calling in the kernel's OOM killer. Under
+    # AddressSanitizer, whose shadow memory needs terabytes of address space,
+    # its own allocation limit does this (make sanitize sets it).
+    if "ASAN_OPTIONS" not in os.environ:
+        resource.setrlimit(resource.RLIMIT_AS, (CHILD_ADDRESS_SPACE, CHILD_ADDRESS_SPACE))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import tensorflow as tf
 

@@ -26,6 +26,11 @@ using ParallelFor = std::function<void(int64_t units, int64_t cost_per_unit,
 // ceil(a / b) for a >= 0 and b >= 1, for any b: (a + b - 1) / b would
 // overflow for the block sizes near 2^63 that a raw op call may pass.
 MASKED_OPS_HOST_DEVICE inline int64_t CeilDiv(int64_t a, int64_t b) { return a == 0 ? 0 : (a - 1) / b + 1; }
+// A block (or tile) size no larger than the extent it cuts, at least 1: a
+// block larger than the matrix covers all of it, so the grid and its mask are
+// unchanged, and products such as block_rows * cols stay in range for any
+// size a raw op call passes (up to 2^63 - 1).
+inline int64_t ClampBlock(int64_t block, int64_t extent) { return block < extent ? block : (extent > 1 ? extent : 1); }
 inline int64_t RoundUp(int64_t value, int64_t multiple) { return CeilDiv(value, multiple) * multiple; }
 
 // Bit patterns of the 16-bit float mask dtypes. The kernels only need "is it
@@ -89,6 +94,10 @@ struct BlockGrid {
   int64_t block_rows;
   int64_t block_cols;
 
+  // The same grid with ClampBlock'ed block sizes.
+  BlockGrid Clamped() const {
+    return BlockGrid{rows, cols, ClampBlock(block_rows, rows), ClampBlock(block_cols, cols)};
+  }
   int64_t grid_rows() const { return CeilDiv(rows, block_rows); }
   int64_t grid_cols() const { return CeilDiv(cols, block_cols); }
   int64_t row_begin(int64_t block_row) const { return block_row * block_rows; }

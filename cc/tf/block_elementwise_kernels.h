@@ -59,7 +59,9 @@ inline absl::Status ViewMaskedStack(const Tensor& mask, const TensorShape& targe
         stack->grid.grid_rows(), ", ", stack->grid.grid_cols(), "], but mask has shape ",
         mask.shape().DebugString()));
   }
-  stack->outer = k * n == 0 ? 0 : target.num_elements() / (k * n);
+  stack->grid = stack->grid.Clamped();
+  // An empty target may have dimensions whose product overflows ([0, 2^40, 2^40]).
+  stack->outer = target.num_elements() == 0 ? 0 : target.num_elements() / (k * n);
   stack->mask = MaskView<Mask>{reinterpret_cast<const Mask*>(mask.flat<TfMask>().data()), level};
   return absl::OkStatus();
 }

@@ -74,6 +74,10 @@ class MaskedConv2DKernelBase : public OpKernel {
     TF_RETURN_IF_ERROR(CheckOutputMaskShape(output_mask.shape().DebugString(), output_mask.dims(),
                                             output_mask_dims.data(), output_mask.NumElements(),
                                             g, options_.use_output_mask));
+    g.in_block = ClampBlock(g.in_block, g.in_channels);
+    g.out_block = ClampBlock(g.out_block, g.out_channels);
+    g.tile_h = ClampBlock(g.tile_h, g.out_h);
+    g.tile_w = ClampBlock(g.tile_w, g.out_w);
     if (options_.use_output_mask) {
       TF_RETURN_IF_ERROR(Backend::template ConvertOutputMask<T>(ctx, output_mask, &prepared->output_factors_tensor,
                                                                 &prepared->output_factors));

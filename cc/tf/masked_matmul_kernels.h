@@ -63,7 +63,8 @@ class MaskedMatmulKernelBase : public OpKernel {
   }
 
   MatmulShape Shape(int64_t m, int64_t k, int64_t n) const {
-    return MatmulShape{m, k, n, block_rows_, block_cols_};
+    const BlockGrid grid = BlockGrid{k, n, block_rows_, block_cols_}.Clamped();
+    return MatmulShape{m, k, n, grid.block_rows, grid.block_cols};
   }
 
  private:
