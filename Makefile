@@ -51,14 +51,14 @@ clean:
 # so that its exception interceptors find the real __cxa_throw. Leak detection is off
 # (TensorFlow keeps allocations alive at exit); container-overflow checks are
 # off because TensorFlow's uninstrumented code shares std::vector with ours.
-# Allocations over 16 GiB fail (as the fuzzer's address-space limit makes
+# Allocations over 4 GiB fail (as the fuzzer's address-space limit makes
 # them fail without sanitizers), so that refusing them is what gets tested.
 SANITIZE_BUILD := $(CURDIR)/build/sanitize
 SANITIZE_TESTS ?= tests/test_masked_matmul.py tests/test_masked_conv2d.py tests/test_grad_mask.py \
 	tests/test_mask_gradients.py tests/test_half_types.py tests/test_raw_op_fuzz.py tests/test_properties.py
 SANITIZE_ENV := PYTHONPATH=$(SANITIZE_BUILD)/site \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
-	ASAN_OPTIONS=detect_leaks=0:detect_container_overflow=0:halt_on_error=1:allocator_may_return_null=1:max_allocation_size_mb=16384 \
+	ASAN_OPTIONS=detect_leaks=0:detect_container_overflow=0:halt_on_error=1:allocator_may_return_null=1:max_allocation_size_mb=4096 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 sanitize: $(STAMP)

@@ -35,7 +35,7 @@ from fuzz_references import conv_output_size
 # Tensors a case builds stay below this many elements; larger shapes are made
 # empty by a zero dimension.
 MAX_ELEMENTS = 1 << 14
-CHILD_ADDRESS_SPACE = 16 << 30
+CHILD_ADDRESS_SPACE = 8 << 30
 HUGE_DIMS = [2**31 - 1, 2**31, 2**32 + 1, 2**40, 2**62]
 ODD_INTS = [-(2**63), -(2**31), -1, 0, 1, 2, 3, 2**31 - 1, 2**31, 2**40, 2**62, 2**63 - 1]
 FLOAT_TYPES = ["float32", "float64", "float16", "bfloat16"]

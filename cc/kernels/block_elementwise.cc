@@ -145,7 +145,9 @@ void MaskedAdamStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, 
       const T decayed = decay != T(0) ? w[c] - w[c] * decay * step.learning_rate : w[c];
       const T m_new = m_row[c] + (g[c] - m_row[c]) * step.one_minus_beta_1;
       const T v_new = v_row[c] + (g[c] * g[c] - v_row[c]) * step.one_minus_beta_2;
-      const T v_hat_new = step.amsgrad ? std::max(v_hat_row[c], v_new) : v_new;
+      // The maximum that keeps a NaN of either side, as Keras's ops.maximum
+      // does (std::max would drop a NaN v_new).
+      const T v_hat_new = step.amsgrad && (v_new < v_hat_row[c] || v_hat_row[c] != v_hat_row[c]) ? v_hat_row[c] : v_new;
       const T w_new = decayed - (m_new * step.alpha) / (std::sqrt(v_hat_new) + step.epsilon);
       m_row[c] = KeepFrozen(element, c, m_new, m_row[c]);
       v_row[c] = KeepFrozen(element, c, v_new, v_row[c]);

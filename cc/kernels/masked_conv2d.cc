@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <new>
 #include <vector>
 
@@ -643,6 +644,66 @@ void MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskVie
                      store, parallel_for);
 }
 
+// The factor of filter entry (tap, ci, co) under the mask, 0 where it is dead.
+template <typename T, typename TMask>
+T FilterFactor(const Conv2DGeometry& g, MaskView<TMask> mask, int64_t tap, int64_t ci, int64_t co) {
+  const TMask entry = mask.level == MaskLevel::kElement
+                          ? mask.data[(tap * g.in_channels + ci) * g.out_channels + co]
+                          : mask.data[(ci / g.in_block) * g.out_blocks() + co / g.out_block];
+  return IsLive(entry) ? MaskFactor<T>(entry) : T(0);
+}
+
+// Whether a live filter entry is NaN or Inf. The GEMM paths of dx multiply
+// every live filter entry by the zero border of dy, which is no term of the
+// gradient but gives NaN for 0 * Inf; such filters take DirectGradInput.
+template <typename T, typename TMask>
+bool HasNonFiniteLiveFilter(const Conv2DGeometry& g, const T* filters, MaskView<TMask> mask) {
+  for (int64_t tap = 0; tap < g.taps(); ++tap) {
+    for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+      for (int64_t co = 0; co < g.out_channels; ++co) {
+        const T value = filters[(tap * g.in_channels + ci) * g.out_channels + co];
+        if (!std::isfinite(value) && FilterFactor<T>(g, mask, tap, ci, co) != T(0)) return true;
+      }
+    }
+  }
+  return false;
+}
+
+// dx summed over the terms that exist only, one image per unit: slow, and
+// only for filters that HasNonFiniteLiveFilter (a diverged training step).
+template <typename T, typename TMask>
+void DirectGradInput(const Conv2DGeometry& g, const T* dy, const T* filters, MaskView<TMask> mask,
+                     const T* output_factors, T* dx, const ParallelFor& parallel_for) {
+  const int64_t image = g.in_h * g.in_w * g.in_channels;
+  const int64_t cost = g.out_h * g.out_w * g.taps() * g.in_channels * g.out_channels;
+  parallel_for(g.batch, cost, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      std::fill_n(dx + n * image, image, T(0));
+      for (int64_t oy = 0; oy < g.out_h; ++oy) {
+        for (int64_t ox = 0; ox < g.out_w; ++ox) {
+          const int64_t pixel = (n * g.out_h + oy) * g.out_w + ox;
+          const T factor = output_factors == nullptr ? T(1) : output_factors[pixel];
+          if (factor == T(0)) continue;
+          for (int64_t tap = 0; tap < g.taps(); ++tap) {
+            const int64_t iy = oy * g.stride_h - g.pad_top + (tap / g.filter_w) * g.dilation_h;
+            const int64_t ix = ox * g.stride_w - g.pad_left + (tap % g.filter_w) * g.dilation_w;
+            if (iy < 0 || iy >= g.in_h || ix < 0 || ix >= g.in_w) continue;
+            T* to = dx + ((n * g.in_h + iy) * g.in_w + ix) * g.in_channels;
+            for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+              for (int64_t co = 0; co < g.out_channels; ++co) {
+                const T scale = FilterFactor<T>(g, mask, tap, ci, co);
+                if (scale == T(0)) continue;
+                to[ci] += dy[pixel * g.out_channels + co] * factor *
+                          (filters[(tap * g.in_channels + ci) * g.out_channels + co] * scale);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 template <typename T, typename TMask>
 void MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filters,
                            MaskView<TMask> mask, const T* output_factors, T* dx,
@@ -654,6 +715,10 @@ void MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filter
   }
   if (IsPlainPointwise(g, output_factors)) {
     MaskedMatmulGradInput(PointwiseShape(g), dy, filters, mask, dx, parallel_for);
+    return;
+  }
+  if (HasNonFiniteLiveFilter(g, filters, mask)) {
+    DirectGradInput(g, dy, filters, mask, output_factors, dx, parallel_for);
     return;
   }
   const PixelRows rows = ActiveInputPixels(g, output_factors);

@@ -101,7 +101,9 @@ __global__ void AdamKernel(const float* factors, const uint8_t* live, StackDims 
     const float v_new = ToFloat(v[i]) + (g * g - ToFloat(v[i])) * step.one_minus_beta_2;
     float second = v_new;
     if (step.amsgrad) {
-      second = fmaxf(ToFloat(v_hat[i]), v_new);
+      // Keeps a NaN of either side, as Keras's ops.maximum does (fmaxf drops it).
+      const float previous = ToFloat(v_hat[i]);
+      second = v_new < previous || isnan(previous) ? previous : v_new;
       v_hat[i] = FromFloat<T>(second);
     }
     m[i] = FromFloat<T>(m_new);
