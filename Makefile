@@ -55,7 +55,8 @@ clean:
 # them fail without sanitizers), so that refusing them is what gets tested.
 SANITIZE_BUILD := $(CURDIR)/build/sanitize
 SANITIZE_TESTS ?= tests/test_masked_matmul.py tests/test_masked_conv2d.py tests/test_grad_mask.py \
-	tests/test_mask_gradients.py tests/test_half_types.py tests/test_raw_op_fuzz.py tests/test_properties.py
+	tests/test_mask_gradients.py tests/test_half_types.py tests/test_raw_op_fuzz.py tests/test_properties.py \
+	tests/test_non_finite.py tests/test_concurrency.py
 SANITIZE_ENV := PYTHONPATH=$(SANITIZE_BUILD)/site \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0:detect_container_overflow=0:halt_on_error=1:allocator_may_return_null=1:max_allocation_size_mb=4096 \

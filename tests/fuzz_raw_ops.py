@@ -20,6 +20,7 @@ Cases are numbered (seed, index) and regenerated from that pair alone.
 """
 
 import argparse
+import faulthandler
 import json
 import os
 import random
@@ -36,6 +37,10 @@ from fuzz_references import conv_output_size
 # empty by a zero dimension.
 MAX_ELEMENTS = 1 << 14
 CHILD_ADDRESS_SPACE = 8 << 30
+# A child's address space grows with every case (tf.function caches, thread
+# stacks), and once it nears the cap any allocation can fail: TensorFlow and
+# Python then dereference the null it returns. Children are replaced this often.
+CASES_PER_CHILD = 1000
 HUGE_DIMS = [2**31 - 1, 2**31, 2**32 + 1, 2**40, 2**62]
 ODD_INTS = [-(2**63), -(2**31), -1, 0, 1, 2, 3, 2**31 - 1, 2**31, 2**40, 2**62, 2**63 - 1]
 FLOAT_TYPES = ["float32", "float64", "float16", "bfloat16"]
@@ -343,6 +348,10 @@ def run_case(case):
 def _child(seed, start, count, journal):
     """Runs cases start..start+count-1, writing each to the journal first."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # A crash then reports the Python stack too, in the stderr the campaign keeps.
+    faulthandler.enable()
+    # NaN and Inf are what many cases are made of: keep them out of that stderr.
+    np.seterr(all="ignore")
     # An allocation the machine cannot back fails inside the process (an
     # error to check) instead of calling in the kernel's OOM killer. Under
     # AddressSanitizer, whose shadow memory needs terabytes of address space,
@@ -369,15 +378,15 @@ def _child(seed, start, count, journal):
 
 
 def campaign(cases, seed, journal_dir, case_timeout=60.0, python=sys.executable, env=None):
-    """Runs cases 0..cases-1 of `seed` in child processes; a child that dies or
-    hangs is a finding (its last journal line is the case) and the campaign
-    goes on from the next case. Returns {"outcomes": {...}, "findings": [...]}."""
+    """Runs cases 0..cases-1 of `seed` in child processes of CASES_PER_CHILD
+    cases each; a child that dies or hangs is a finding (its last journal
+    line is the case) and the campaign goes on from the next case. Returns {"outcomes": {...}, "findings": [...]}."""
     outcomes, findings = {}, []
     start = 0
     os.makedirs(journal_dir, exist_ok=True)
     journal = os.path.join(journal_dir, f"fuzz-{seed}.jsonl")
     while start < cases:
-        batch = cases - start
+        batch = min(cases - start, CASES_PER_CHILD)
         command = [python, os.path.abspath(__file__), "--child", f"{seed}:{start}:{batch}", "--journal", journal]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=case_timeout * batch / 20 + 120,
@@ -392,7 +401,8 @@ def campaign(cases, seed, journal_dir, case_timeout=60.0, python=sys.executable,
             for outcome, count in summary["outcomes"].items():
                 outcomes[outcome] = outcomes.get(outcome, 0) + count
             findings.extend(summary["findings"])
-            break
+            start += batch
+            continue
         with open(journal) as log:
             lines = log.read().splitlines()
         last = json.loads(lines[-1])

@@ -675,8 +675,9 @@ template <typename T, typename TMask>
 void DirectGradInput(const Conv2DGeometry& g, const T* dy, const T* filters, MaskView<TMask> mask,
                      const T* output_factors, T* dx, const ParallelFor& parallel_for) {
   const int64_t image = g.in_h * g.in_w * g.in_channels;
-  const int64_t cost = g.out_h * g.out_w * g.taps() * g.in_channels * g.out_channels;
-  parallel_for(g.batch, cost, [&](int64_t begin, int64_t end) {
+  // A scheduling hint, computed in double: the product may exceed int64.
+  const double cost = static_cast<double>(g.out_h) * g.out_w * g.taps() * g.in_channels * g.out_channels;
+  parallel_for(g.batch, static_cast<int64_t>(std::min(cost, 1e15)), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       std::fill_n(dx + n * image, image, T(0));
       for (int64_t oy = 0; oy < g.out_h; ++oy) {
