@@ -31,7 +31,7 @@ import time
 import traceback
 
 import numpy as np
-from fuzz_references import conv_output_size
+from fuzz_references import ceil_div, conv_output_size
 
 # Tensors a case builds stay below this many elements; larger shapes are made
 # empty by a zero dimension.
@@ -73,16 +73,12 @@ def _mask_input(rng, element_shape, grid_shape, dtype):
     return _tensor(element_shape if rng.random() < 0.5 else grid_shape, dtype, "mask")
 
 
-def _ceil_div(a, b):
-    return -(-a // b)
-
-
 def _matmul_case(rng, op):
     t = rng.choice(FLOAT_TYPES)
     leading = _small_shape(rng, rng.randint(0, 3))
     k, n = rng.randint(0, 40), rng.randint(0, 40)
     block_rows, block_cols = rng.randint(1, 9), rng.randint(1, 9)
-    mask = _mask_input(rng, [k, n], [_ceil_div(k, block_rows), _ceil_div(n, block_cols)], rng.choice(MASK_TYPES))
+    mask = _mask_input(rng, [k, n], [ceil_div(k, block_rows), ceil_div(n, block_cols)], rng.choice(MASK_TYPES))
     first, second = {
         "MaskedMatmul": (("x", leading + [k]), ("w", [k, n])),
         "MaskedMatmulGradInput": (("dy", leading + [n]), ("w", [k, n])),
@@ -109,7 +105,7 @@ def _conv_case(rng, op):
     inputs = {
         "x": _tensor([batch, height, width, cin], t),
         "filters": _tensor([kh, kw, cin, cout], t),
-        "mask": _mask_input(rng, [kh, kw, cin, cout], [_ceil_div(cin, in_block), _ceil_div(cout, out_block)],
+        "mask": _mask_input(rng, [kh, kw, cin, cout], [ceil_div(cin, in_block), ceil_div(cout, out_block)],
                             rng.choice(MASK_TYPES)),
         "output_mask": _tensor(output_mask_shape, rng.choice(MASK_TYPES), "mask"),
     }
@@ -145,7 +141,7 @@ def _elementwise_case(rng, op):
     shape = _small_shape(rng, rng.randint(1, 4), high=9)
     block_rows, block_cols = rng.randint(1, 5), rng.randint(1, 5)
     k, n = (shape[-2] if len(shape) >= 2 else 1), shape[-1]
-    mask = _mask_input(rng, shape, [_ceil_div(k, block_rows), _ceil_div(n, block_cols)], rng.choice(MASK_TYPES))
+    mask = _mask_input(rng, shape, [ceil_div(k, block_rows), ceil_div(n, block_cols)], rng.choice(MASK_TYPES))
     attrs = {"block_rows": block_rows, "block_cols": block_cols}
     if op == "MaskGradient":
         return {"grad": _tensor(shape, t), "mask": mask}, attrs
@@ -419,7 +415,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100000)
-    parser.add_argument("--journal-dir", default="build/fuzz")
+    # Under the repository's build/ (ignored by git), wherever it is run from.
+    parser.add_argument("--journal-dir", default=os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "build", "fuzz"))
     parser.add_argument("--replay", help="SEED:INDEX: print the case and run it in this process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--journal", help=argparse.SUPPRESS)

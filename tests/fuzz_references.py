@@ -19,7 +19,7 @@ class Refused(Exception):
     """The reference finds the inputs invalid."""
 
 
-def _ceil_div(a, b):
+def ceil_div(a, b):
     return -(-a // b)
 
 
@@ -27,7 +27,7 @@ def conv_output_size(size, filter_size, stride, dilation, padding, pad_before, p
     """tf.nn.conv2d's output size along one dimension, or None when empty."""
     reach = (filter_size - 1) * dilation + 1
     if padding == "SAME":
-        return _ceil_div(size, stride)
+        return ceil_div(size, stride)
     span = size + pad_before + pad_after if padding == "EXPLICIT" else size
     return (span - reach) // stride + 1 if span >= reach else None
 
@@ -50,7 +50,7 @@ def _weight_mask(mask, k, n, rows, cols):
     """(factors, live) at element level of a [k, n] weight, as the ops resolve the level."""
     if mask.shape == (k, n):
         return _factors(mask), _live(mask)
-    if mask.ndim == 2 and mask.shape == (_ceil_div(k, rows), _ceil_div(n, cols)):
+    if mask.ndim == 2 and mask.shape == (ceil_div(k, rows), ceil_div(n, cols)):
         return _expand(_factors(mask), rows, cols, k, n), _expand(_live(mask), rows, cols, k, n)
     raise Refused(f"mask of shape {mask.shape} for a [{k}, {n}] weight with {rows}x{cols} blocks")
 
@@ -89,26 +89,24 @@ def _conv_geometry(x_shape, f_shape, attrs):
     pads = attrs["explicit_paddings"]
     if len(strides) != 2 or len(dilations) != 2 or min(strides + dilations) < 1:
         raise Refused("strides / dilations")
-    if padding not in ("SAME", "VALID", "EXPLICIT") or (padding == "EXPLICIT") != bool(pads):
-        if not (padding == "EXPLICIT" and len(pads) == 4):
-            raise Refused("padding")
-    if padding == "EXPLICIT" and (len(pads) != 4 or min(pads) < 0):
+    if padding not in ("SAME", "VALID", "EXPLICIT"):
+        raise Refused("padding")
+    if (len(pads) != 4 or min(pads) < 0) if padding == "EXPLICIT" else pads:
         raise Refused("explicit_paddings")
     if len(x_shape) != 4 or len(f_shape) != 4 or x_shape[3] != f_shape[2] or min(f_shape[:2]) < 1:
         raise Refused("x / filters")
     out, before = [], []
     for d in range(2):
-        size, reach = x_shape[1 + d], (f_shape[d] - 1) * dilations[d] + 1
+        pad_before, pad_after = pads[2 * d:2 * d + 2] if padding == "EXPLICIT" else (0, 0)
+        size = x_shape[1 + d]
+        length = conv_output_size(size, f_shape[d], strides[d], dilations[d], padding, pad_before, pad_after)
+        if length is None:
+            raise Refused("empty output")
         if padding == "SAME":
-            length = _ceil_div(size, strides[d])
-            before.append(max(0, (length - 1) * strides[d] + reach - size) // 2)
-        else:
-            span = size + (pads[2 * d] + pads[2 * d + 1] if padding == "EXPLICIT" else 0)
-            if span < reach:
-                raise Refused("empty output")
-            length = (span - reach) // strides[d] + 1
-            before.append(pads[2 * d] if padding == "EXPLICIT" else 0)
+            reach = (f_shape[d] - 1) * dilations[d] + 1
+            pad_before = max(0, (length - 1) * strides[d] + reach - size) // 2
         out.append(length)
+        before.append(pad_before)
     return out, before
 
 
@@ -116,8 +114,8 @@ def _conv_masks(mask, output_mask, x_shape, f_shape, out, attrs):
     kh, kw, cin, cout = f_shape
     if mask.shape == tuple(f_shape):
         factors, live = _factors(mask), _live(mask)
-    elif mask.ndim == 2 and mask.shape == (_ceil_div(cin, attrs["in_channel_block"]),
-                                           _ceil_div(cout, attrs["out_channel_block"])):
+    elif mask.ndim == 2 and mask.shape == (ceil_div(cin, attrs["in_channel_block"]),
+                                           ceil_div(cout, attrs["out_channel_block"])):
         rows, cols = attrs["in_channel_block"], attrs["out_channel_block"]
         factors = np.broadcast_to(_expand(_factors(mask), rows, cols, cin, cout), f_shape)
         live = np.broadcast_to(_expand(_live(mask), rows, cols, cin, cout), f_shape)
@@ -194,18 +192,24 @@ def _conv(op, x, filters, mask, output_mask, dy, attrs):
     return results[0], results[1], x.shape[0] * out[0] * out[1]
 
 
+def stacked_mask(mask, shape, rows, cols):
+    """(factors, live) of a mask over a tensor of `shape` viewed as stacked
+    [k, n] matrices ([1, n] for rank 1), broadcastable to `shape`."""
+    mask = np.asarray(mask)
+    if mask.shape == tuple(shape):
+        return _factors(mask), _live(mask)
+    k, n = (shape[-2] if len(shape) >= 2 else 1), shape[-1]
+    if mask.ndim != 2 or mask.shape != (ceil_div(k, rows), ceil_div(n, cols)):
+        raise Refused("mask")
+    matrix = tuple(shape[-2:]) if len(shape) >= 2 else (n,)
+    return (_expand(_factors(mask), rows, cols, k, n).reshape(matrix),
+            _expand(_live(mask), rows, cols, k, n).reshape(matrix))
+
+
 def _mask_gradient(grad, mask, attrs):
     if grad.ndim < 1:
         raise Refused("grad rank")
-    k, n = (grad.shape[-2] if grad.ndim >= 2 else 1), grad.shape[-1]
-    if mask.shape == grad.shape:
-        factors, live = _factors(mask), _live(mask)
-    elif mask.ndim == 2 and mask.shape == (_ceil_div(k, attrs["block_rows"]), _ceil_div(n, attrs["block_cols"])):
-        factors = _expand(_factors(mask), attrs["block_rows"], attrs["block_cols"], k, n).reshape(
-            (k, n) if grad.ndim >= 2 else (n,))
-        live = _expand(_live(mask), attrs["block_rows"], attrs["block_cols"], k, n).reshape(factors.shape)
-    else:
-        raise Refused("mask")
+    factors, live = stacked_mask(mask, grad.shape, attrs["block_rows"], attrs["block_cols"])
     expected = _masked(grad, factors, live)
     return expected, np.abs(expected), 1
 

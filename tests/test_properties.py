@@ -8,6 +8,7 @@ campaign: MASKED_OPS_HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest tests/te
 import os
 
 import fuzz_references
+from fuzz_references import ceil_div
 import numpy as np
 import tensorflow as tf
 from hypothesis import HealthCheck, assume, given, settings
@@ -30,10 +31,6 @@ MASK_VALUES = [1.0, 0.5, -2.0, 3.0]
 
 def ops():
     return _loader.op_library()
-
-
-def ceil_div(a, b):
-    return -(-a // b)
 
 
 @st.composite
@@ -155,13 +152,8 @@ def test_mask_gradient(case):
 
 def live_entries(mask, shape, attrs):
     """The mask's live entries at the shape of the tensor it masks."""
-    mask = mask.numpy() != 0
-    if list(mask.shape) == list(shape):
-        return mask
-    k, n = (shape[-2] if len(shape) >= 2 else 1), shape[-1]
-    rows, cols = min(attrs["block_rows"], max(k, 1)), min(attrs["block_cols"], max(n, 1))
-    per_matrix = np.repeat(np.repeat(mask, rows, axis=0), cols, axis=1)[:k, :n]
-    return np.broadcast_to(per_matrix.reshape(shape[-2:] if len(shape) >= 2 else [n]), shape)
+    _, live = fuzz_references.stacked_mask(mask.numpy(), shape, attrs["block_rows"], attrs["block_cols"])
+    return np.broadcast_to(live, shape)
 
 
 @given(stacked_cases([tf.float32, tf.float64]), st.sampled_from(["assign", "add", "sub"]))
