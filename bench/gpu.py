@@ -10,6 +10,12 @@ densities and output-tile fractions. Forward alone, and forward plus both
 gradients ("train"). Each pair is timed interleaved with CUDA events after
 warm-up; the median of --reps repetitions is reported.
 
+Precisions: fp32 (CUDA cores on both sides: PyTorch's TF32 switches off),
+tf32 (float32 tensors, TF32 tensor cores on both sides: what TensorFlow does
+by default on Ampere and later) and bf16 (tensor cores, float accumulators).
+The conv kernels have no tensor-core path yet, so their tf32 rows compare
+CUDA cores with cuDNN's TF32.
+
   make gpu-test                       # builds build/gpu/libmasked_ops_cuda_harness.so
   python3 bench/gpu.py --conv --json bench/results/gpu.json
 """
@@ -26,7 +32,13 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "gpu"))
 from harness import Harness  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# name: (tensor dtype, tensor cores on both sides)
+PRECISIONS = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, True)}
+
+
+def set_baseline_tf32(allowed):
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
 
 
 def timed(function, reps, warmup):
@@ -43,7 +55,9 @@ def timed(function, reps, warmup):
     return times
 
 
-def case(harness, shape, block, density, dtype, mode, reps, warmup):
+def case(harness, shape, block, density, precision, mode, reps, warmup):
+    dtype, tensor_cores = PRECISIONS[precision]
+    set_baseline_tf32(tensor_cores)
     m, k, n = shape
     generator = torch.Generator(device="cpu").manual_seed(0)
     grid = (math.ceil(k / block), math.ceil(n / block))
@@ -56,10 +70,10 @@ def case(harness, shape, block, density, dtype, mode, reps, warmup):
     y, dx, dw = (torch.empty(s, device="cuda", dtype=dtype) for s in ((m, n), (m, k), (k, n)))
 
     def fused():
-        harness.run("forward", x, w, block_mask, "block", (block, block), shape, y)
+        harness.run("forward", x, w, block_mask, "block", (block, block), shape, y, tensor_cores)
         if mode == "train":
-            harness.run("grad_input", dy, w, block_mask, "block", (block, block), shape, dx)
-            harness.run("grad_weight", x, dy, block_mask, "block", (block, block), shape, dw)
+            harness.run("grad_input", dy, w, block_mask, "block", (block, block), shape, dx, tensor_cores)
+            harness.run("grad_weight", x, dy, block_mask, "block", (block, block), shape, dw, tensor_cores)
 
     def dense():
         w_masked = w * element
@@ -73,12 +87,14 @@ def case(harness, shape, block, density, dtype, mode, reps, warmup):
         for name, function in (("fused", fused), ("dense", dense)):
             times[name] += timed(function, 1, warmup if not times[name] else 0)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    return {"shape": list(shape), "block": block, "density": density, "dtype": str(dtype), "mode": mode,
+    return {"shape": list(shape), "block": block, "density": density, "precision": precision, "mode": mode,
             "median_ms": medians, "speedup": medians["dense"] / medians["fused"],
             "target": (0.7 if block <= 32 else 0.8) / density}
 
 
-def conv_case(harness, density, active, dtype, mode, reps, warmup):
+def conv_case(harness, density, active, precision, mode, reps, warmup):
+    dtype, tensor_cores = PRECISIONS[precision]
+    set_baseline_tf32(tensor_cores)
     n, size, channels, block, tile = 8, 56, 256, 32, 8
     generator = torch.Generator(device="cpu").manual_seed(0)
     grid = channels // block
@@ -115,7 +131,7 @@ def conv_case(harness, density, active, dtype, mode, reps, warmup):
         for name, function in (("fused", fused), ("dense", dense)):
             times[name] += timed(function, 1, warmup if not times[name] else 0)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    return {"case": "conv", "density": density, "active": active, "dtype": str(dtype), "mode": mode,
+    return {"case": "conv", "density": density, "active": active, "precision": precision, "mode": mode,
             "median_ms": medians, "speedup": medians["dense"] / medians["fused"], "target": 0.6 / (density * active)}
 
 
@@ -124,7 +140,7 @@ def main():
     parser.add_argument("--shape", default="4096x4096x4096")
     parser.add_argument("--densities", default="1.0,0.5,0.25,0.1,0.05")
     parser.add_argument("--blocks", default="16,32,64")
-    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--precisions", default="fp32,tf32,bf16")
     parser.add_argument("--modes", default="forward,train")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -134,27 +150,27 @@ def main():
     harness = Harness(torch)
     shape = tuple(int(v) for v in args.shape.split("x"))
     rows = [
-        case(harness, shape, int(block), float(density), DTYPES[dtype], mode, args.reps, args.warmup)
-        for dtype in args.dtypes.split(",") for block in args.blocks.split(",")
+        case(harness, shape, int(block), float(density), precision, mode, args.reps, args.warmup)
+        for precision in args.precisions.split(",") for block in args.blocks.split(",")
         for density in args.densities.split(",") for mode in args.modes.split(",")
     ]
     conv_rows = [
-        conv_case(harness, density, active, DTYPES[dtype], mode, args.reps, args.warmup)
-        for dtype in args.dtypes.split(",") for density, active in ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.1, 1.0),
+        conv_case(harness, density, active, precision, mode, args.reps, args.warmup)
+        for precision in args.precisions.split(",") for density, active in ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.1, 1.0),
                                                                     (1.0, 0.25), (1.0, 0.1), (0.5, 0.25))
         for mode in args.modes.split(",")
     ] if args.conv else []
     device = torch.cuda.get_device_name()
-    print(f"| dtype | block | density | mode | fused ms | cuBLAS ms | speedup | target |  # {device}")
+    print(f"| precision | block | density | mode | fused ms | cuBLAS ms | speedup | target |  # {device}")
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['dtype']} | {row['block']} | {row['density']:g} | {row['mode']} | {row['median_ms']['fused']:.3f} "
+        print(f"| {row['precision']} | {row['block']} | {row['density']:g} | {row['mode']} | {row['median_ms']['fused']:.3f} "
               f"| {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x | {row['target']:.2f}x |")
     if conv_rows:
-        print(f"\n| dtype | density | active tiles | mode | fused ms | cuDNN ms | speedup | target |  # {device}")
+        print(f"\n| precision | density | active tiles | mode | fused ms | cuDNN ms | speedup | target |  # {device}")
         print("|---|---:|---:|---|---:|---:|---:|---:|")
         for row in conv_rows:
-            print(f"| {row['dtype']} | {row['density']:g} | {row['active']:g} | {row['mode']} "
+            print(f"| {row['precision']} | {row['density']:g} | {row['active']:g} | {row['mode']} "
                   f"| {row['median_ms']['fused']:.3f} | {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x "
                   f"| {row['target']:.2f}x |")
     if args.json:

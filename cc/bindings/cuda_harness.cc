@@ -83,12 +83,14 @@ size_t masked_ops_gpu_workspace_bytes(int64_t k, int64_t n, int64_t block_rows, 
 }
 
 // product 0: out = a @ W (a = x [m, k]); 1: out = a @ W^T (a = dy [m, n]);
-// 2: out = dW from a = x, b = dy. b is w for products 0 and 1. Every entry
-// point returns the cudaError_t of its launches, or -1000 for an unknown type
-// or product.
+// 2: out = dW from a = x, b = dy. b is w for products 0 and 1. tensor_cores:
+// 1 for GpuMath::kTensorCores (TF32 for float32), 0 for the CUDA cores. Every
+// entry point returns the cudaError_t of its launches, or -1000 for an
+// unknown type or product.
 int masked_ops_gpu_matmul(int product, const char* dtype, const char* mask_dtype, int64_t m, int64_t k,
                           int64_t n, int64_t block_rows, int64_t block_cols, uintptr_t a, uintptr_t b,
-                          uintptr_t mask, int level, uintptr_t out, uintptr_t workspace, uintptr_t stream) {
+                          uintptr_t mask, int level, uintptr_t out, uintptr_t workspace, int tensor_cores,
+                          uintptr_t stream) {
   using namespace masked_ops;
   using namespace masked_ops::gpu;
   const MatmulShape shape{m, k, n, block_rows, block_cols};
@@ -98,15 +100,16 @@ int masked_ops_gpu_matmul(int product, const char* dtype, const char* mask_dtype
     const MaskView<TMask> view{Ptr<const TMask>(mask), LevelOf(level)};
     void* space = Ptr<void>(workspace);
     Stream s = Ptr<CUstream_st>(stream);
+    const GpuMath math = tensor_cores != 0 ? GpuMath::kTensorCores : GpuMath::kCudaCores;
     switch (product) {
       case kForward:
-        return MaskedMatmul<T, TMask>(shape, Ptr<const T>(a), Ptr<const T>(b), view, Ptr<T>(out), space, s);
+        return MaskedMatmul<T, TMask>(shape, Ptr<const T>(a), Ptr<const T>(b), view, Ptr<T>(out), space, math, s);
       case kGradInput:
         return MaskedMatmulGradInput<T, TMask>(shape, Ptr<const T>(a), Ptr<const T>(b), view, Ptr<T>(out),
-                                               space, s);
+                                               space, math, s);
       case kGradWeight:
         return MaskedMatmulGradWeight<T, TMask>(shape, Ptr<const T>(a), Ptr<const T>(b), view, Ptr<T>(out),
-                                                space, s);
+                                                space, math, s);
       default:
         return kUnknownType;
     }

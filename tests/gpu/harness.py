@@ -54,7 +54,7 @@ def load():
     library.masked_ops_gpu_matmul.restype = ctypes.c_int
     library.masked_ops_gpu_matmul.argtypes = (
         [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p] + [ctypes.c_int64] * 5
-        + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3
+        + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_void_p]
     )
     return library
 
@@ -68,8 +68,9 @@ class Harness:
         self.torch = torch
         self.library = load()
 
-    def run(self, product, a, b, mask, level, block_size, shape, out):
-        """out <- the product (see cc/bindings/cuda_harness.cc) on the current stream."""
+    def run(self, product, a, b, mask, level, block_size, shape, out, tensor_cores=True):
+        """out <- the product (see cc/bindings/cuda_harness.cc) on the current
+        stream; tensor_cores=False keeps it on the CUDA cores (exact float32)."""
         m, k, n = shape
         rows, cols = block_size
         level_code = 0 if level == "element" else 1
@@ -79,7 +80,7 @@ class Harness:
         status = self.library.masked_ops_gpu_matmul(
             PRODUCTS[product], dtype_name(a).encode(), dtype_name(mask).encode(), m, k, n, rows, cols,
             a.data_ptr(), b.data_ptr(), mask.data_ptr(), level_code, out.data_ptr(), workspace.data_ptr(),
-            self.torch.cuda.current_stream().cuda_stream)
+            int(tensor_cores), self.torch.cuda.current_stream().cuda_stream)
         if status != 0:
             raise RuntimeError(f"masked_ops_gpu_matmul({product}) failed with status {status}")
         return out

@@ -10,7 +10,12 @@ import pytest
 from harness import for_tests
 
 torch, HARNESS = for_tests()
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+# float32 on tensor cores is TF32 (10-bit mantissa); on CUDA cores, float FMAs.
+TOLERANCE = {(torch.float32, False): 1e-4, (torch.float32, True): 2e-3, (torch.float16, False): 2e-2,
+             (torch.float16, True): 2e-2, (torch.bfloat16, False): 6e-2, (torch.bfloat16, True): 6e-2}
+# Blocks whose edges fall on multiples of 16 take the tensor-core products
+# when asked; the others (and tensor_cores=False) the CUDA-core ones. Shapes
+# cut the 128 x 64 tensor-core tiles and 32-deep stages unevenly.
 SHAPES = [  # (m, k, n, block_size)
     (1, 1, 1, (32, 32)),
     (37, 29, 53, (16, 8)),
@@ -18,6 +23,10 @@ SHAPES = [  # (m, k, n, block_size)
     (130, 70, 90, (32, 64)),
     (5, 20, 10, (64, 64)),
     (257, 96, 160, (16, 16)),
+    (300, 100, 200, (48, 80)),
+    (129, 200, 65, (128, 128)),
+    (64, 48, 300, (16, 96)),
+    (1, 16, 16, (16, 16)),
 ]
 MASK_DTYPES = [torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16,
                torch.bfloat16, torch.float32, torch.float64]
@@ -40,18 +49,20 @@ def reference(x, w, dy, element):
     return x @ w_masked, dy @ w_masked.T, dw
 
 
-def check(actual, expected, dtype, depth):
+def check(actual, expected, dtype, depth, tensor_cores=False):
     actual = actual.float().cpu().numpy().astype(np.float64)
     assert np.isfinite(actual).all(), "an output element was left unwritten or took a masked NaN"
+    tolerance = TOLERANCE[dtype, tensor_cores]
     scale = np.sqrt(depth) * max(1.0, np.abs(expected).max())
-    np.testing.assert_allclose(actual, expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale)
+    np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance * scale)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-b{s[3][0]}x{s[3][1]}")
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("level", ["block", "element"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_products_match_reference(shape, density, level, dtype):
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "cuda-cores"])
+def test_products_match_reference(shape, density, level, dtype, tensor_cores):
     m, k, n, block_size = shape
     rng = np.random.default_rng([m, k, n, int(density * 10)])
     mask, element = make_masks(rng, k, n, block_size, density, level)
@@ -66,16 +77,46 @@ def test_products_match_reference(shape, density, level, dtype):
     expected = reference(x, w, dy, element)
     # Outputs start as NaN, so an element the kernel never writes shows.
     y = HARNESS.run("forward", x_t, w_t, mask_t, level, block_size, (m, k, n),
-                    torch.full((m, n), float("nan"), dtype=dtype, device="cuda"))
+                    torch.full((m, n), float("nan"), dtype=dtype, device="cuda"), tensor_cores)
     dx = HARNESS.run("grad_input", dy_t, w_t, mask_t, level, block_size, (m, k, n),
-                     torch.full((m, k), float("nan"), dtype=dtype, device="cuda"))
+                     torch.full((m, k), float("nan"), dtype=dtype, device="cuda"), tensor_cores)
     dw = HARNESS.run("grad_weight", x_t, dy_t, mask_t, level, block_size, (m, k, n),
-                     torch.full((k, n), float("nan"), dtype=dtype, device="cuda"))
+                     torch.full((k, n), float("nan"), dtype=dtype, device="cuda"), tensor_cores)
     torch.cuda.synchronize()
-    check(y, expected[0], dtype, k)
-    check(dx, expected[1], dtype, n)
-    check(dw, expected[2], dtype, m)
+    check(y, expected[0], dtype, k, tensor_cores)
+    check(dx, expected[1], dtype, n, tensor_cores)
+    check(dw, expected[2], dtype, m, tensor_cores)
     assert (dw.float().cpu().numpy()[element == 0] == 0).all()
+
+
+@pytest.mark.parametrize("block_size", [(32, 32), (16, 48), (8, 8)], ids=lambda b: f"b{b[0]}x{b[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "cuda-cores"])
+def test_nan_in_inputs_reaches_live_blocks_only(block_size, dtype, tensor_cores):
+    """A NaN in x (dy for dx) spreads through the live blocks it meets, the
+    zeros of a live block included, and never through a dead block, whose
+    stage is skipped, on either kind of core."""
+    rng = np.random.default_rng(11)
+    m, k, n = 70, 96, 144
+    mask, _ = make_masks(rng, k, n, block_size, 0.5, "block")
+    on_gpu = lambda a: torch.tensor(a, dtype=dtype, device="cuda")  # noqa: E731
+    w_t, mask_t = on_gpu(rng.standard_normal((k, n))), torch.tensor(mask, dtype=torch.float32, device="cuda")
+    x = rng.standard_normal((m, k))
+    x[3, 40] = np.nan
+    dy = rng.standard_normal((m, n))
+    dy[5, 100] = np.inf
+    y = HARNESS.run("forward", on_gpu(x), w_t, mask_t, "block", block_size, (m, k, n),
+                    torch.zeros((m, n), dtype=dtype, device="cuda"), tensor_cores)
+    dx = HARNESS.run("grad_input", on_gpu(dy), w_t, mask_t, "block", block_size, (m, k, n),
+                     torch.zeros((m, k), dtype=dtype, device="cuda"), tensor_cores)
+    torch.cuda.synchronize()
+    y, dx = y.float().cpu().numpy(), dx.float().cpu().numpy()
+    # Row 3 of y is NaN exactly where W's entry (40, j) lies in a live block.
+    block_live = np.repeat(np.repeat(mask != 0, block_size[0], 0), block_size[1], 1)[:k, :n]
+    np.testing.assert_array_equal(np.isnan(y[3]), block_live[40])
+    assert np.isfinite(np.delete(y, 3, axis=0)).all()
+    np.testing.assert_array_equal(~np.isfinite(dx[5]), block_live[:, 100])
+    assert np.isfinite(np.delete(dx, 5, axis=0)).all()
 
 
 @pytest.mark.parametrize("mask_dtype", MASK_DTYPES, ids=str)

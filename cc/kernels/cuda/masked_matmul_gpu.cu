@@ -4,8 +4,10 @@
 // live: its value, -0 for a live value that rounds to zero, so that liveness
 // is "any bit set"), marks the live blocks, and lists, per output block
 // column (forward) or block row (dx), the live blocks to multiply. The
-// products then run over those lists only: a dead block is never read. The
-// GEMM tiles are plain shared-memory tiles with float accumulators.
+// products then run over those lists only: a dead block is never read. Two
+// kinds of product: on tensor cores (tensor_core_tile.cuh; the half types,
+// and float32 as TF32 when allowed) for blocks whose edges fall on multiples
+// of 16, else plain shared-memory tiles of float FMAs (mask_factors.cuh).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -15,6 +17,7 @@
 
 #include "cc/kernels/cuda/mask_factors.cuh"
 #include "cc/kernels/cuda/masked_matmul_gpu.h"
+#include "cc/kernels/cuda/tensor_core_tile.cuh"
 
 namespace masked_ops {
 namespace gpu {
@@ -28,6 +31,13 @@ struct GridDims {
   }
   __host__ __device__ int64_t cols_in(int64_t j) const {
     return cols - j * block_cols < block_cols ? cols - j * block_cols : block_cols;
+  }
+  // The canonical factor of W's entry (r, c).
+  __device__ float factor(const float* factors, bool element_level, int64_t r, int64_t c) const {
+    return element_level ? factors[r * cols + c] : factors[(r / block_rows) * grid_cols + c / block_cols];
+  }
+  __device__ bool block_live(const uint8_t* live, int64_t r, int64_t c) const {
+    return live[(r / block_rows) * grid_cols + c / block_cols] != 0;
   }
 };
 
@@ -115,10 +125,7 @@ __global__ void __launch_bounds__(kThreads)
           // W's entry (wr, wc) and its factor.
           const int64_t wr = kTransposed ? col : d;
           const int64_t wc = kTransposed ? d : col;
-          const float factor = element_level
-                                   ? factors[wr * g.cols + wc]
-                                   : factors[(wr / g.block_rows) * g.grid_cols + wc / g.block_cols];
-          b = Masked(ToFloat(w[wr * g.cols + wc]), factor);
+          b = Masked(ToFloat(w[wr * g.cols + wc]), g.factor(factors, element_level, wr, wc));
         }
         b_tile[dd][rr] = b;
       }
@@ -185,10 +192,165 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < kPerThread; ++j) {
       const int64_t col = c0 + tx + 16 * j;
       if (col >= c_end) continue;
-      const float factor = element_level ? factors[row * g.cols + col] : factors[block];
-      dw[row * g.cols + col] = FromFloat<T>(block_live ? Masked(acc[i][j], factor) : 0.0f);
+      dw[row * g.cols + col] =
+          FromFloat<T>(block_live ? Masked(acc[i][j], g.factor(factors, element_level, row, col)) : 0.0f);
     }
   }
+}
+
+namespace tc = tensor_core;
+
+// Writes a tile staged by tc::StoreAccumulators to out[rows, cols] at
+// (row0, col0), each value through finish(row, col, value).
+template <typename T, typename Finish>
+__device__ inline void WriteTile(const float* staged, int64_t row0, int64_t col0, int64_t rows, int64_t cols,
+                                 T* out, const Finish& finish) {
+  for (int e = threadIdx.x; e < tc::kTileRows * tc::kTileCols; e += tc::kThreads) {
+    const int64_t row = row0 + e / tc::kTileCols;
+    const int64_t col = col0 + e % tc::kTileCols;
+    if (row < rows && col < cols) {
+      out[row * cols + col] = FromFloat<T>(finish(row, col, staged[(e / tc::kTileCols) * tc::kOutputStride + e % tc::kTileCols]));
+    }
+  }
+}
+
+// The forward product (out = a @ masked W) and dx (out = a @ masked W^T) on
+// tensor cores. blockIdx.x walks the output's kTileRows x kTileCols tiles,
+// columns fastest. The depth runs one block row of W at a time (forward;
+// block columns for dx): a block row is staged only when one of the tile's
+// 16-column strips lies in a live block of it, its dead blocks are staged as
+// zeros unread, and each warp multiplies only its strips in live blocks. So
+// a dead block is neither read nor multiplied, and a NaN in `a` reaches
+// outputs through live blocks only, as on the CUDA cores.
+template <typename T, bool kTransposed>
+__global__ void __launch_bounds__(tc::kThreads)
+    TensorCoreProduct(const T* a, int64_t m, const T* w, const float* factors, bool element_level, GridDims g,
+                      const uint8_t* live, T* out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  using Smem = typename tc::Traits<T>::Smem;
+  __shared__ __align__(128) unsigned char shared[tc::kSharedBytes<T>];
+  Smem* a_tile = reinterpret_cast<Smem*>(shared);
+  Smem* b_tile = reinterpret_cast<Smem*>(shared + tc::kABytes<T>);
+  constexpr int kAStride = tc::kRowMajorAStride<T>;
+  const int64_t depth_total = kTransposed ? g.cols : g.rows;
+  const int64_t out_cols = kTransposed ? g.rows : g.cols;
+  const int64_t depth_block = kTransposed ? g.block_cols : g.block_rows;
+  const int64_t out_block = kTransposed ? g.block_rows : g.block_cols;
+  const int64_t segments = kTransposed ? g.grid_cols : g.grid_rows;
+  const int64_t col_tiles = CeilDiv(out_cols, tc::kTileCols);
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * tc::kTileRows;
+  const int64_t col0 = int64_t(blockIdx.x) % col_tiles * tc::kTileCols;
+  tc::Accumulator<T> acc[2][2];
+  tc::ZeroAccumulators<T>(acc);
+  for (int64_t segment = 0; segment < segments; ++segment) {
+    // Bit f: the tile's columns 16 f .. lie in a live block of the segment.
+    unsigned live_columns = 0;
+    for (int f = 0; f < tc::kFragmentColumns && col0 + f * tc::kFragment < out_cols; ++f) {
+      const int64_t group = (col0 + f * tc::kFragment) / out_block;
+      if (live[kTransposed ? group * g.grid_cols + segment : segment * g.grid_cols + group]) live_columns |= 1u << f;
+    }
+    if (live_columns == 0) continue;
+    const int64_t d_end = min(depth_total, (segment + 1) * depth_block);
+    for (int64_t d0 = segment * depth_block; d0 < d_end; d0 += tc::kStageDepth) {
+      for (int e = threadIdx.x; e < tc::kTileRows * tc::kStageDepth; e += tc::kThreads) {
+        const int64_t row = row0 + e / tc::kStageDepth;
+        const int64_t d = d0 + e % tc::kStageDepth;
+        a_tile[(e / tc::kStageDepth) * kAStride + e % tc::kStageDepth] =
+            (row < m && d < d_end) ? a[row * depth_total + d] : tc::ToSmem<T>(0.0f);
+      }
+      for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
+        // Consecutive threads read consecutive entries of W.
+        const int dd = kTransposed ? e % tc::kStageDepth : e / tc::kTileCols;
+        const int c = kTransposed ? e / tc::kStageDepth : e % tc::kTileCols;
+        const int64_t d = d0 + dd;
+        const int64_t col = col0 + c;
+        float b = 0.0f;
+        if (d < d_end && col < out_cols && ((live_columns >> (c / tc::kFragment)) & 1u) != 0) {
+          const int64_t wr = kTransposed ? col : d;
+          const int64_t wc = kTransposed ? d : col;
+          b = Masked(ToFloat(w[wr * g.cols + wc]), g.factor(factors, element_level, wr, wc));
+        }
+        b_tile[dd * tc::kBStride<T> + c] = tc::ToSmem<T>(b);
+      }
+      __syncthreads();
+      tc::MultiplyStage<T, tc::wmma::row_major>(a_tile, kAStride, b_tile,
+                                                static_cast<int>(min(int64_t{tc::kStageDepth}, d_end - d0)),
+                                                tc::WarpFragments(live_columns), acc);
+      __syncthreads();
+    }
+  }
+  float* staged = reinterpret_cast<float*>(shared);
+  tc::StoreAccumulators<T>(acc, staged);
+  __syncthreads();
+  WriteTile(staged, row0, col0, m, out_cols, out, [](int64_t, int64_t, float v) { return v; });
+#endif
+}
+
+// dW = mask(x^T dy) on tensor cores: blockIdx.x walks dW's kTileRows x
+// kTileCols tiles, columns fastest; the depth is the m rows of x and dy. A
+// warp multiplies only its fragments in live blocks, a tile without any is
+// written as zeros without reading x or dy.
+template <typename T>
+__global__ void __launch_bounds__(tc::kThreads)
+    TensorCoreOuterProducts(const T* x, const T* dy, int64_t m, const float* factors, bool element_level,
+                            GridDims g, const uint8_t* live, T* dw) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  using Smem = typename tc::Traits<T>::Smem;
+  __shared__ __align__(128) unsigned char shared[tc::kSharedBytes<T>];
+  Smem* a_tile = reinterpret_cast<Smem*>(shared);
+  Smem* b_tile = reinterpret_cast<Smem*>(shared + tc::kABytes<T>);
+  constexpr int kAStride = tc::kColMajorAStride<T>;
+  const int64_t col_tiles = CeilDiv(g.cols, tc::kTileCols);
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * tc::kTileRows;
+  const int64_t col0 = int64_t(blockIdx.x) % col_tiles * tc::kTileCols;
+  const auto fragment_live = [&](int fragment_row, int fragment_col) {
+    const int64_t row = row0 + fragment_row * tc::kFragment;
+    const int64_t col = col0 + fragment_col * tc::kFragment;
+    return row < g.rows && col < g.cols && g.block_live(live, row, col);
+  };
+  bool tile_live = false;
+  for (int f = 0; f < tc::kFragmentRows * tc::kFragmentColumns && !tile_live; ++f) {
+    tile_live = fragment_live(f / tc::kFragmentColumns, f % tc::kFragmentColumns);
+  }
+  const tc::WarpPlace warp = tc::ThisWarp();
+  unsigned fragments = 0;
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      if (fragment_live(warp.row * 2 + i, warp.col * 2 + j)) fragments |= 1u << (i * 2 + j);
+    }
+  }
+  tc::Accumulator<T> acc[2][2];
+  tc::ZeroAccumulators<T>(acc);
+  for (int64_t m0 = 0; tile_live && m0 < m; m0 += tc::kStageDepth) {
+    // A = x^T, staged column-major: consecutive threads read along x's rows.
+    for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileRows; e += tc::kThreads) {
+      const int64_t d = m0 + e / tc::kTileRows;
+      const int64_t row = row0 + e % tc::kTileRows;
+      a_tile[(e / tc::kTileRows) * kAStride + e % tc::kTileRows] =
+          (d < m && row < g.rows) ? x[d * g.rows + row] : tc::ToSmem<T>(0.0f);
+    }
+    for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
+      const int64_t d = m0 + e / tc::kTileCols;
+      const int64_t col = col0 + e % tc::kTileCols;
+      b_tile[(e / tc::kTileCols) * tc::kBStride<T> + e % tc::kTileCols] =
+          (d < m && col < g.cols) ? dy[d * g.cols + col] : tc::ToSmem<T>(0.0f);
+    }
+    __syncthreads();
+    tc::MultiplyStage<T, tc::wmma::col_major>(a_tile, kAStride, b_tile,
+                                              static_cast<int>(min(int64_t{tc::kStageDepth}, m - m0)), fragments, acc);
+    __syncthreads();
+  }
+  float* staged = reinterpret_cast<float*>(shared);
+  tc::StoreAccumulators<T>(acc, staged);
+  __syncthreads();
+  WriteTile(staged, row0, col0, g.rows, g.cols, dw, [&](int64_t row, int64_t col, float v) {
+    return Masked(v, g.factor(factors, element_level, row, col));
+  });
+#endif
 }
 
 // The workspace: canonical factors, block liveness, lists and counts.
@@ -223,8 +385,12 @@ unsigned BlocksFor(int64_t items) {
   return static_cast<unsigned>(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, 65535));
 }
 
+// Which live-block lists a product walks: none (the tensor-core products and
+// dW read the liveness flags), per block column (forward) or per block row (dx).
+enum class Lists { kNone, kByColumn, kByRow };
+
 template <typename TMask>
-Workspace IndexMask(const BlockGrid& grid, MaskView<TMask> mask, void* workspace, bool by_column,
+Workspace IndexMask(const BlockGrid& grid, MaskView<TMask> mask, void* workspace, Lists lists,
                     cudaStream_t stream) {
   const Workspace ws = Carve(workspace, grid, mask.level);
   const int64_t count = FactorCount(grid, mask.level);
@@ -232,35 +398,67 @@ Workspace IndexMask(const BlockGrid& grid, MaskView<TMask> mask, void* workspace
   CanonicalFactors<<<BlocksFor(count), kThreads, 0, stream>>>(mask.data, count, ws.factors);
   BlockLiveness<<<BlocksFor(dims.grid_rows * dims.grid_cols), kThreads, 0, stream>>>(
       ws.factors, mask.level == MaskLevel::kElement, dims, ws.live);
-  const int64_t groups = by_column ? dims.grid_cols : dims.grid_rows;
-  LiveLists<<<BlocksFor(groups), kThreads, 0, stream>>>(ws.live, dims, by_column, ws.lists,
-                                                        ws.counts);
+  if (lists != Lists::kNone) {
+    const bool by_column = lists == Lists::kByColumn;
+    LiveLists<<<BlocksFor(by_column ? dims.grid_cols : dims.grid_rows), kThreads, 0, stream>>>(
+        ws.live, dims, by_column, ws.lists, ws.counts);
+  }
   return ws;
 }
 
+bool UseTensorCores(GpuMath math, const BlockGrid& grid) {
+  return math == GpuMath::kTensorCores && tc::FragmentAlignedBlocks(grid) && tc::DeviceSupportsTensorCores();
+}
+
+// One thread block per kTileRows x kTileCols tile of a rows x cols output.
+int64_t TensorCoreTiles(int64_t rows, int64_t cols) {
+  return CeilDiv(rows, tc::kTileRows) * CeilDiv(cols, tc::kTileCols);
+}
+
+constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
+
 template <typename T, bool kTransposed, typename TMask>
 int RunProduct(const MatmulShape& shape, const T* a, const T* w, MaskView<TMask> mask, T* out,
-               void* workspace, Stream stream) {
+               void* workspace, GpuMath math, Stream stream) {
   using D = typename Device<T>::type;
   const BlockGrid grid = shape.weight_grid();
   const int64_t out_cols = kTransposed ? shape.k : shape.n;
   if (shape.m == 0 || out_cols == 0) return 0;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const Workspace ws = IndexMask(grid, mask, workspace, /*by_column=*/!kTransposed, s);
   const GridDims dims = DimsOf(grid);
+  const bool element_level = mask.level == MaskLevel::kElement;
+  if (UseTensorCores(math, grid)) {
+    const int64_t tiles = TensorCoreTiles(shape.m, out_cols);
+    if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+    const Workspace ws = IndexMask(grid, mask, workspace, Lists::kNone, s);
+    TensorCoreProduct<D, kTransposed><<<static_cast<unsigned>(tiles), tc::kThreads, 0, s>>>(
+        reinterpret_cast<const D*>(a), shape.m, reinterpret_cast<const D*>(w), ws.factors, element_level, dims,
+        ws.live, reinterpret_cast<D*>(out));
+    return static_cast<int>(cudaGetLastError());
+  }
   const int64_t groups = kTransposed ? dims.grid_rows : dims.grid_cols;
   const int64_t group_width = kTransposed ? grid.block_rows : grid.block_cols;
   // Output block columns (rows for dx) run along the grid's y, at most 65535.
   if (groups > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const Workspace ws = IndexMask(grid, mask, workspace, kTransposed ? Lists::kByRow : Lists::kByColumn, s);
   const dim3 blocks(static_cast<unsigned>((shape.m + kTile - 1) / kTile), static_cast<unsigned>(groups),
                     static_cast<unsigned>((std::min(group_width, out_cols) + kTile - 1) / kTile));
   BlockSparseProduct<D, kTransposed><<<blocks, kThreads, 0, s>>>(
-      reinterpret_cast<const D*>(a), shape.m, reinterpret_cast<const D*>(w), ws.factors,
-      mask.level == MaskLevel::kElement, dims, ws.lists, ws.counts, reinterpret_cast<D*>(out));
+      reinterpret_cast<const D*>(a), shape.m, reinterpret_cast<const D*>(w), ws.factors, element_level, dims,
+      ws.lists, ws.counts, reinterpret_cast<D*>(out));
   return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace
+
+namespace tensor_core {
+bool DeviceSupportsTensorCores() {
+  int device = 0;
+  int major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 8;
+}
+}  // namespace tensor_core
 
 size_t GpuWorkspaceBytes(const BlockGrid& grid, MaskLevel level) {
   const int64_t blocks = grid.grid_rows() * grid.grid_cols();
@@ -271,25 +469,33 @@ size_t GpuWorkspaceBytes(const BlockGrid& grid, MaskLevel level) {
 
 template <typename T, typename TMask>
 int MaskedMatmul(const MatmulShape& shape, const T* x, const T* w, MaskView<TMask> mask, T* y,
-                 void* workspace, Stream stream) {
-  return RunProduct<T, false>(shape, x, w, mask, y, workspace, stream);
+                 void* workspace, GpuMath math, Stream stream) {
+  return RunProduct<T, false>(shape, x, w, mask, y, workspace, math, stream);
 }
 
 template <typename T, typename TMask>
 int MaskedMatmulGradInput(const MatmulShape& shape, const T* dy, const T* w, MaskView<TMask> mask,
-                          T* dx, void* workspace, Stream stream) {
-  return RunProduct<T, true>(shape, dy, w, mask, dx, workspace, stream);
+                          T* dx, void* workspace, GpuMath math, Stream stream) {
+  return RunProduct<T, true>(shape, dy, w, mask, dx, workspace, math, stream);
 }
 
 template <typename T, typename TMask>
 int MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy, MaskView<TMask> mask,
-                           T* dw, void* workspace, Stream stream) {
+                           T* dw, void* workspace, GpuMath math, Stream stream) {
   using D = typename Device<T>::type;
   const BlockGrid grid = shape.weight_grid();
   if (shape.k == 0 || shape.n == 0) return 0;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const Workspace ws = IndexMask(grid, mask, workspace, /*by_column=*/true, s);
+  const Workspace ws = IndexMask(grid, mask, workspace, Lists::kNone, s);
   const GridDims dims = DimsOf(grid);
+  if (UseTensorCores(math, grid)) {
+    const int64_t tiles = TensorCoreTiles(shape.k, shape.n);
+    if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+    TensorCoreOuterProducts<D><<<static_cast<unsigned>(tiles), tc::kThreads, 0, s>>>(
+        reinterpret_cast<const D*>(x), reinterpret_cast<const D*>(dy), shape.m, ws.factors,
+        mask.level == MaskLevel::kElement, dims, ws.live, reinterpret_cast<D*>(dw));
+    return static_cast<int>(cudaGetLastError());
+  }
   const int64_t tiles = ((grid.packed_rows() + kTile - 1) / kTile) * ((grid.packed_cols() + kTile - 1) / kTile);
   const dim3 blocks(static_cast<unsigned>(dims.grid_rows * dims.grid_cols), static_cast<unsigned>(tiles));
   BlockOuterProducts<D><<<blocks, kThreads, 0, s>>>(
@@ -300,11 +506,11 @@ int MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy, Ma
 
 #define MASKED_OPS_INSTANTIATE(T, TMask)                                                        \
   template int MaskedMatmul<T, TMask>(const MatmulShape&, const T*, const T*, MaskView<TMask>,   \
-                                      T*, void*, Stream);                                        \
+                                      T*, void*, GpuMath, Stream);                               \
   template int MaskedMatmulGradInput<T, TMask>(const MatmulShape&, const T*, const T*,           \
-                                               MaskView<TMask>, T*, void*, Stream);              \
+                                               MaskView<TMask>, T*, void*, GpuMath, Stream);     \
   template int MaskedMatmulGradWeight<T, TMask>(const MatmulShape&, const T*, const T*,          \
-                                                MaskView<TMask>, T*, void*, Stream);
+                                                MaskView<TMask>, T*, void*, GpuMath, Stream);
 
 MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MASKED_OPS_INSTANTIATE)
 

@@ -25,21 +25,31 @@ namespace gpu {
 
 using Stream = CUstream_st*;
 
+// Which units multiply. kTensorCores: float16 / bfloat16 operands on tensor
+// cores with float accumulators (a masked weight rounded to T first, as the
+// reference's w * m is) and float32 operands rounded to TF32, a 10-bit
+// mantissa: what TensorFlow's own float32 matmul does on Ampere and later
+// unless tf.config.experimental.enable_tensor_float_32_execution(False).
+// Taken where the device has them (compute capability 8.0+) and the mask's
+// block edges fall on multiples of 16; elsewhere, and for kCudaCores, float
+// FMAs on the CUDA cores (float32: exact up to summation order).
+enum class GpuMath { kCudaCores, kTensorCores };
+
 // Device bytes of the live-block index for a weight of `grid` with a mask of
 // `level`.
 size_t GpuWorkspaceBytes(const BlockGrid& grid, MaskLevel level);
 
 template <typename T, typename TMask>
 int MaskedMatmul(const MatmulShape& shape, const T* x, const T* w, MaskView<TMask> mask, T* y,
-                 void* workspace, Stream stream);
+                 void* workspace, GpuMath math, Stream stream);
 
 template <typename T, typename TMask>
 int MaskedMatmulGradInput(const MatmulShape& shape, const T* dy, const T* w, MaskView<TMask> mask,
-                          T* dx, void* workspace, Stream stream);
+                          T* dx, void* workspace, GpuMath math, Stream stream);
 
 template <typename T, typename TMask>
 int MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy, MaskView<TMask> mask,
-                           T* dw, void* workspace, Stream stream);
+                           T* dw, void* workspace, GpuMath math, Stream stream);
 
 // Every (T, TMask) pair the GPU kernels are compiled for.
 #define MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MACRO)                 \
