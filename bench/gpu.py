@@ -13,8 +13,6 @@ warm-up; the median of --reps repetitions is reported.
 Precisions: fp32 (CUDA cores on both sides: PyTorch's TF32 switches off),
 tf32 (float32 tensors, TF32 tensor cores on both sides: what TensorFlow does
 by default on Ampere and later) and bf16 (tensor cores, float accumulators).
-The conv kernels have no tensor-core path yet, so their tf32 rows compare
-CUDA cores with cuDNN's TF32.
 
   make gpu-test                       # builds build/gpu/libmasked_ops_cuda_harness.so
   python3 bench/gpu.py --conv --json bench/results/gpu.json
@@ -111,10 +109,10 @@ def conv_case(harness, density, active, precision, mode, reps, warmup):
     o = output_mask if active < 1 else None
 
     def fused():
-        harness.conv2d("forward", x, f, block_mask, "block", geometry, y, o)
+        harness.conv2d("forward", x, f, block_mask, "block", geometry, y, o, tensor_cores)
         if mode == "train":
-            harness.conv2d("grad_input", dy, f, block_mask, "block", geometry, dx, o)
-            harness.conv2d("grad_weight", x, dy, block_mask, "block", geometry, df, o)
+            harness.conv2d("grad_input", dy, f, block_mask, "block", geometry, dx, o, tensor_cores)
+            harness.conv2d("grad_weight", x, dy, block_mask, "block", geometry, df, o, tensor_cores)
 
     x_nchw = x.permute(0, 3, 1, 2).contiguous().requires_grad_(mode == "train")
 

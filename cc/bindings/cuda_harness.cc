@@ -59,6 +59,8 @@ T* Ptr(uintptr_t address) {
 
 MaskLevel LevelOf(int level) { return level == 0 ? MaskLevel::kElement : MaskLevel::kBlock; }
 
+GpuMath MathOf(int tensor_cores) { return tensor_cores != 0 ? GpuMath::kTensorCores : GpuMath::kCudaCores; }
+
 // A Conv2DGeometry from its 19 fields, in declaration order.
 Conv2DGeometry GeometryOf(const int64_t* f) {
   return Conv2DGeometry{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9],
@@ -100,7 +102,7 @@ int masked_ops_gpu_matmul(int product, const char* dtype, const char* mask_dtype
     const MaskView<TMask> view{Ptr<const TMask>(mask), LevelOf(level)};
     void* space = Ptr<void>(workspace);
     Stream s = Ptr<CUstream_st>(stream);
-    const GpuMath math = tensor_cores != 0 ? GpuMath::kTensorCores : GpuMath::kCudaCores;
+    const GpuMath math = MathOf(tensor_cores);
     switch (product) {
       case kForward:
         return MaskedMatmul<T, TMask>(shape, Ptr<const T>(a), Ptr<const T>(b), view, Ptr<T>(out), space, math, s);
@@ -187,10 +189,12 @@ size_t masked_ops_gpu_conv2d_workspace_bytes(const int64_t* geometry, int level)
 
 // product 0: out = y from a = x, b = filters; 1: out = dx from a = dy,
 // b = filters; 2: out = dfilters from a = x, b = dy. output_mask_dtype null
-// (or output_mask 0) for no output mask; geometry: Conv2DGeometry's 19 fields.
+// (or output_mask 0) for no output mask; geometry: Conv2DGeometry's 19 fields;
+// tensor_cores as for masked_ops_gpu_matmul.
 int masked_ops_gpu_conv2d(int product, const char* dtype, const char* mask_dtype, const char* output_mask_dtype,
                           const int64_t* geometry, uintptr_t a, uintptr_t b, uintptr_t mask, int level,
-                          uintptr_t output_mask, uintptr_t out, uintptr_t workspace, uintptr_t stream) {
+                          uintptr_t output_mask, uintptr_t out, uintptr_t workspace, int tensor_cores,
+                          uintptr_t stream) {
   using namespace masked_ops;
   using namespace masked_ops::gpu;
   const Conv2DGeometry g = GeometryOf(geometry);
@@ -210,15 +214,17 @@ int masked_ops_gpu_conv2d(int product, const char* dtype, const char* mask_dtype
     using T = typename decltype(element)::type;
     using TMask = typename decltype(mask_tag)::type;
     const MaskView<TMask> view{Ptr<const TMask>(mask), LevelOf(level)};
+    const GpuMath math = MathOf(tensor_cores);
     switch (product) {
       case kForward:
-        return MaskedConv2D<T, TMask>(g, Ptr<const T>(a), Ptr<const T>(b), view, factors, Ptr<T>(out), space, s);
+        return MaskedConv2D<T, TMask>(g, Ptr<const T>(a), Ptr<const T>(b), view, factors, Ptr<T>(out), space, math,
+                                      s);
       case kGradInput:
         return MaskedConv2DGradInput<T, TMask>(g, Ptr<const T>(a), Ptr<const T>(b), view, factors, Ptr<T>(out),
-                                               space, s);
+                                               space, math, s);
       case kGradWeight:
         return MaskedConv2DGradFilter<T, TMask>(g, Ptr<const T>(a), Ptr<const T>(b), view, factors, Ptr<T>(out),
-                                                space, s);
+                                                space, math, s);
       default:
         return kUnknownType;
     }

@@ -5,11 +5,13 @@
 #define MASKED_OPS_CC_TF_GPU_SUPPORT_H_
 
 #include <cstdint>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "cc/kernels/cuda/masked_matmul_gpu.h"
 #include "cc/tf/kernel_support.h"
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tsl/platform/tensor_float_32_utils.h"
 #include "unsupported/Eigen/CXX11/Tensor"
 
 namespace masked_ops {
@@ -42,6 +44,15 @@ typename GpuStorage<T>::type* Storage(T* p) {
   MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, float)          \
   MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, ::Eigen::half)  \
   MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, ::tensorflow::bfloat16)
+
+// Tensor cores for the half types, and for float32 as TF32 when TensorFlow's
+// own matmuls and convolutions may
+// (tf.config.experimental.enable_tensor_float_32_execution, on by default).
+template <typename T>
+gpu::GpuMath GpuMathFor() {
+  if (std::is_same_v<T, float> && !tsl::tensor_float_32_execution_enabled()) return gpu::GpuMath::kCudaCores;
+  return gpu::GpuMath::kTensorCores;
+}
 
 inline gpu::Stream OpStream(OpKernelContext* ctx) {
   return reinterpret_cast<gpu::Stream>(ctx->eigen_device<Eigen::GpuDevice>().stream());

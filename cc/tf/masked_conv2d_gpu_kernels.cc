@@ -45,21 +45,22 @@ struct GpuBackend {
   static void Forward(OpKernelContext* ctx, const Conv2DGeometry& g, const T* x, const T* filters,
                       MaskView<Mask> mask, const float* factors, T* y) {
     LaunchWithWorkspace(ctx, WorkspaceBytes(g, mask.level), [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedConv2D(g, Storage(x), Storage(filters), mask, factors, Storage(y), workspace, stream);
+      return gpu::MaskedConv2D(g, Storage(x), Storage(filters), mask, factors, Storage(y), workspace, GpuMathFor<T>(), stream);
     });
   }
   template <typename T, typename Mask>
   static void GradInput(OpKernelContext* ctx, const Conv2DGeometry& g, const T* dy, const T* filters,
                         MaskView<Mask> mask, const float* factors, T* dx) {
     LaunchWithWorkspace(ctx, WorkspaceBytes(g, mask.level), [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedConv2DGradInput(g, Storage(dy), Storage(filters), mask, factors, Storage(dx), workspace, stream);
+      return gpu::MaskedConv2DGradInput(g, Storage(dy), Storage(filters), mask, factors, Storage(dx), workspace, GpuMathFor<T>(), stream);
     });
   }
   template <typename T, typename Mask>
   static void GradFilter(OpKernelContext* ctx, const Conv2DGeometry& g, const T* x, const T* dy,
                          MaskView<Mask> mask, const float* factors, T* dfilters) {
     LaunchWithWorkspace(ctx, WorkspaceBytes(g, mask.level), [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedConv2DGradFilter(g, Storage(x), Storage(dy), mask, factors, Storage(dfilters), workspace, stream);
+      return gpu::MaskedConv2DGradFilter(g, Storage(x), Storage(dy), mask, factors, Storage(dfilters), workspace, GpuMathFor<T>(),
+                                         stream);
     });
   }
 

@@ -2,46 +2,36 @@
 // OpKernels of masked_matmul_kernels.h over the CUDA kernels (gpu_support.h).
 // Compiled with GOOGLE_CUDA=1 and TensorFlow's CUDA headers (CMakeLists.txt).
 #include <cstdint>
-#include <type_traits>
 
 #include "cc/kernels/cuda/masked_matmul_gpu.h"
 #include "cc/tf/gpu_support.h"
 #include "cc/tf/masked_matmul_kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
-#include "tsl/platform/tensor_float_32_utils.h"
 
 namespace masked_ops {
 namespace {
-
-// Tensor cores for the half types; for float32 as TF32 when TensorFlow's own
-// matmuls may (tf.config.experimental.enable_tensor_float_32_execution).
-template <typename T>
-gpu::GpuMath Math() {
-  if (std::is_same_v<T, float> && !tsl::tensor_float_32_execution_enabled()) return gpu::GpuMath::kCudaCores;
-  return gpu::GpuMath::kTensorCores;
-}
 
 struct GpuBackend {
   template <typename T, typename Mask>
   static void Forward(OpKernelContext* ctx, const MatmulShape& shape, const T* x, const T* w,
                       MaskView<Mask> mask, T* y) {
     Launch(ctx, shape, mask.level, [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedMatmul(shape, Storage(x), Storage(w), mask, Storage(y), workspace, Math<T>(), stream);
+      return gpu::MaskedMatmul(shape, Storage(x), Storage(w), mask, Storage(y), workspace, GpuMathFor<T>(), stream);
     });
   }
   template <typename T, typename Mask>
   static void GradInput(OpKernelContext* ctx, const MatmulShape& shape, const T* dy, const T* w,
                         MaskView<Mask> mask, T* dx) {
     Launch(ctx, shape, mask.level, [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedMatmulGradInput(shape, Storage(dy), Storage(w), mask, Storage(dx), workspace, Math<T>(), stream);
+      return gpu::MaskedMatmulGradInput(shape, Storage(dy), Storage(w), mask, Storage(dx), workspace, GpuMathFor<T>(), stream);
     });
   }
   template <typename T, typename Mask>
   static void GradWeight(OpKernelContext* ctx, const MatmulShape& shape, const T* x, const T* dy,
                          MaskView<Mask> mask, T* dw) {
     Launch(ctx, shape, mask.level, [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedMatmulGradWeight(shape, Storage(x), Storage(dy), mask, Storage(dw), workspace, Math<T>(), stream);
+      return gpu::MaskedMatmulGradWeight(shape, Storage(x), Storage(dy), mask, Storage(dw), workspace, GpuMathFor<T>(), stream);
     });
   }
 

@@ -49,7 +49,7 @@ def load():
     library.masked_ops_gpu_conv2d.restype = ctypes.c_int
     library.masked_ops_gpu_conv2d.argtypes = (
         [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int64)]
-        + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 4
+        + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p]
     )
     library.masked_ops_gpu_matmul.restype = ctypes.c_int
     library.masked_ops_gpu_matmul.argtypes = (
@@ -106,7 +106,7 @@ class Harness:
             raise RuntimeError(f"masked_ops_gpu_elementwise({op}) failed with status {status}")
         return out
 
-    def conv2d(self, product, a, b, mask, level, geometry, out, output_mask=None):
+    def conv2d(self, product, a, b, mask, level, geometry, out, output_mask=None, tensor_cores=True):
         """A masked_conv2d product (see cc/bindings/cuda_harness.cc); geometry
         holds Conv2DGeometry's 19 fields in order."""
         fields = (ctypes.c_int64 * 19)(*geometry)
@@ -117,7 +117,7 @@ class Harness:
             PRODUCTS[product], dtype_name(a).encode(), dtype_name(mask).encode(),
             None if output_mask is None else dtype_name(output_mask).encode(), fields, a.data_ptr(), b.data_ptr(),
             mask.data_ptr(), level_code, 0 if output_mask is None else output_mask.data_ptr(), out.data_ptr(),
-            workspace.data_ptr(), self.torch.cuda.current_stream().cuda_stream)
+            workspace.data_ptr(), int(tensor_cores), self.torch.cuda.current_stream().cuda_stream)
         if status != 0:
             raise RuntimeError(f"masked_ops_gpu_conv2d({product}) failed with status {status}")
         return out

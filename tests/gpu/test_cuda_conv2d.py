@@ -10,7 +10,9 @@ import pytest
 from harness import for_tests
 
 torch, HARNESS = for_tests()
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+# float32 on tensor cores is TF32 (10-bit mantissa).
+TOLERANCE = {(torch.float32, False): 1e-4, (torch.float32, True): 2e-3, (torch.bfloat16, False): 6e-2,
+             (torch.bfloat16, True): 6e-2}
 # (n, h, w, cin, cout, (kh, kw), stride, dilation, (top, bottom, left, right))
 GEOMETRIES = [
     (1, 7, 7, 3, 17, (3, 3), 1, 1, (1, 1, 1, 1)),
@@ -20,8 +22,10 @@ GEOMETRIES = [
     (1, 13, 9, 40, 33, (1, 7), 1, 1, (0, 0, 3, 3)),
     (1, 9, 10, 8, 8, (3, 3), 1, 1, (4, 1, 0, 3)),
 ]
-BLOCK = (16, 8)
-TILE = (4, 8)
+# (filter block (in, out), output tile (h, w)): channel blocks cutting the
+# channels on multiples of 16 take the tensor-core products when asked (16 x 8
+# only where cout <= 8); tiles of 15 pixels make 16-row strips straddle tiles.
+BLOCKS_AND_TILES = [((16, 8), (4, 8)), ((16, 16), (3, 5)), ((32, 48), (8, 8))]
 
 
 def out_size(size, k, stride, dilation, before, after):
@@ -45,31 +49,35 @@ def reference(x, filters, element, output_mask, stride, dilation, pads, dy):
     return y.detach().numpy(), x.grad.numpy(), f.grad.numpy()
 
 
-def check(actual, expected, dtype, terms):
+def check(actual, expected, dtype, terms, tensor_cores):
     actual = actual.float().cpu().numpy().astype(np.float64)
     assert np.isfinite(actual).all(), "an output element was left unwritten or took a masked NaN"
+    tolerance = TOLERANCE[dtype, tensor_cores]
     scale = math.sqrt(terms) * max(1.0, np.abs(expected).max())
-    np.testing.assert_allclose(actual, expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale)
+    np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance * scale)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}x{g[1]}x{g[2]}x{g[3]}-{g[5][0]}x{g[5][1]}x{g[4]}-s{g[6]}-d{g[7]}")
 @pytest.mark.parametrize("level", ["block", "element"])
 @pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_conv_products_match_reference(geometry, level, with_output_mask, dtype):
+@pytest.mark.parametrize("block_and_tile", BLOCKS_AND_TILES, ids=lambda b: f"b{b[0][0]}x{b[0][1]}-t{b[1][0]}x{b[1][1]}")
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "cuda-cores"])
+def test_conv_products_match_reference(geometry, level, with_output_mask, dtype, block_and_tile, tensor_cores):
     n, h, w, cin, cout, (kh, kw), stride, dilation, pads = geometry
+    block, tile = block_and_tile
     rng = np.random.default_rng([n, h, w, cin, cout, kh])
     out_h = out_size(h, kh, stride, dilation, pads[0], pads[1])
     out_w = out_size(w, kw, stride, dilation, pads[2], pads[3])
-    grid = (math.ceil(cin / BLOCK[0]), math.ceil(cout / BLOCK[1]))
+    grid = (math.ceil(cin / block[0]), math.ceil(cout / block[1]))
     blocks = (rng.random(grid) < 0.6) * rng.choice([1.0, 2.0], grid)
-    per_tap = np.repeat(np.repeat(blocks, BLOCK[0], 0), BLOCK[1], 1)[:cin, :cout]
+    per_tap = np.repeat(np.repeat(blocks, block[0], 0), block[1], 1)[:cin, :cout]
     element = np.broadcast_to(per_tap, (kh, kw, cin, cout)).copy()
     if level == "element":
         element = element * (rng.random((kh, kw, cin, cout)) < 0.8)
     mask = element if level == "element" else blocks
-    tiles = rng.random((n, math.ceil(out_h / TILE[0]), math.ceil(out_w / TILE[1]))) < 0.5
-    output_mask = (np.repeat(np.repeat(tiles, TILE[0], 1), TILE[1], 2)[:, :out_h, :out_w]
+    tiles = rng.random((n, math.ceil(out_h / tile[0]), math.ceil(out_w / tile[1]))) < 0.5
+    output_mask = (np.repeat(np.repeat(tiles, tile[0], 1), tile[1], 2)[:, :out_h, :out_w]
                    * rng.choice([1.0, 2.5], (n, out_h, out_w))) if with_output_mask else None
     on_gpu = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=dtype, device="cuda")  # noqa: E731
     x_t = on_gpu(rng.standard_normal((n, h, w, cin)))
@@ -80,15 +88,18 @@ def test_conv_products_match_reference(geometry, level, with_output_mask, dtype)
     filters = on_gpu(filters).float().cpu().numpy().astype(np.float64)
     expected = reference(x, filters, element, output_mask, stride, dilation, pads, dy)
     geometry_fields = (n, h, w, cin, kh, kw, cout, stride, stride, dilation, dilation, pads[0], pads[2],
-                       out_h, out_w, *BLOCK, *TILE)
+                       out_h, out_w, *block, *tile)
     mask_t = torch.tensor(mask, dtype=torch.float32, device="cuda")
     o_t = None if output_mask is None else torch.tensor(output_mask, dtype=torch.float32, device="cuda")
     nan = lambda *shape: torch.full(shape, float("nan"), dtype=dtype, device="cuda")  # noqa: E731
-    y = HARNESS.conv2d("forward", x_t, f_t, mask_t, level, geometry_fields, nan(n, out_h, out_w, cout), o_t)
-    dx = HARNESS.conv2d("grad_input", dy_t, f_t, mask_t, level, geometry_fields, nan(n, h, w, cin), o_t)
-    df = HARNESS.conv2d("grad_weight", x_t, dy_t, mask_t, level, geometry_fields, nan(kh, kw, cin, cout), o_t)
+    y = HARNESS.conv2d("forward", x_t, f_t, mask_t, level, geometry_fields, nan(n, out_h, out_w, cout), o_t,
+                       tensor_cores)
+    dx = HARNESS.conv2d("grad_input", dy_t, f_t, mask_t, level, geometry_fields, nan(n, h, w, cin), o_t,
+                        tensor_cores)
+    df = HARNESS.conv2d("grad_weight", x_t, dy_t, mask_t, level, geometry_fields, nan(kh, kw, cin, cout), o_t,
+                        tensor_cores)
     torch.cuda.synchronize()
-    check(y, expected[0], dtype, kh * kw * cin)
-    check(dx, expected[1], dtype, kh * kw * cout)
-    check(df, expected[2], dtype, n * out_h * out_w)
+    check(y, expected[0], dtype, kh * kw * cin, tensor_cores)
+    check(dx, expected[1], dtype, kh * kw * cout, tensor_cores)
+    check(df, expected[2], dtype, n * out_h * out_w, tensor_cores)
     assert (df.float().cpu().numpy()[element == 0] == 0).all()

@@ -5,7 +5,9 @@
 // slices, dx lists per input block the live (tap, output block) slices, and
 // dfilters computes live blocks only. The forward product works tile by
 // output tile: a tile whose output mask is zero throughout is written as
-// zeros and never computed.
+// zeros and never computed. Where the filter blocks' channel edges fall on
+// multiples of 16 and tensor cores are asked for, the three products run on
+// them (tensor_core_tile.cuh), with the same skipping; else on CUDA cores.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -13,6 +15,7 @@
 
 #include "cc/kernels/cuda/mask_factors.cuh"
 #include "cc/kernels/cuda/masked_conv2d_gpu.h"
+#include "cc/kernels/cuda/tensor_core_tile.cuh"
 
 namespace masked_ops {
 namespace gpu {
@@ -335,6 +338,295 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+namespace tc = tensor_core;
+
+// The input pixel (as an offset into x, in pixels) that output pixel
+// `pixel` reads at tap (ky, kx), or -1 in the padding.
+__device__ inline int64_t InputPixelAt(const ConvDims& d, int64_t pixel, int64_t ky, int64_t kx) {
+  const int64_t n = pixel / (d.out_h * d.out_w);
+  const int64_t iy = ((pixel / d.out_w) % d.out_h) * d.stride_h - d.pad_top + ky * d.dilation_h;
+  const int64_t ix = (pixel % d.out_w) * d.stride_w - d.pad_left + kx * d.dilation_w;
+  if (iy < 0 || iy >= d.in_h || ix < 0 || ix >= d.in_w) return -1;
+  return (n * d.in_h + iy) * d.in_w + ix;
+}
+
+// The fragments of this warp whose 16-row strips hold a row for which
+// row_on(row) is true (rows are the tile's, 0 .. kTileRows - 1).
+template <typename RowOn>
+__device__ inline unsigned WarpRowFragments(const RowOn& row_on) {
+  const int warp_row = tc::ThisWarp().row;
+  unsigned fragments = 0;
+  for (int i = 0; i < 2; ++i) {
+    bool any = false;
+    for (int r = 0; r < tc::kFragment && !any; ++r) any = row_on((warp_row * 2 + i) * tc::kFragment + r);
+    if (any) fragments |= 3u << (i * 2);
+  }
+  return fragments;
+}
+
+// The forward conv on tensor cores, an implicit GEMM: rows are output pixels
+// grouped by output tile (row t * P + q is pixel q, in raster order, of tile
+// t, P = tile_h * tile_w; rows past a partial tile's pixels are empty),
+// columns output channels, and the depth runs over the (tap, input block)
+// segments. blockIdx.x walks the kTileRows x kTileCols tiles, columns
+// fastest. A segment is staged only when one of the tile's 16-channel strips
+// lies in a live filter block of it, and a warp multiplies only its strips in
+// live blocks and its 16-row strips holding a pixel of an active output tile.
+template <typename T>
+__global__ void __launch_bounds__(tc::kThreads)
+    TensorCoreConvForward(const T* x, const T* filters, const float* factors, const float* output_factors,
+                          const uint8_t* live, const uint8_t* active, ConvDims d, T* y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  using Smem = typename tc::Traits<T>::Smem;
+  __shared__ __align__(128) unsigned char shared[tc::kSharedBytes<T>];
+  __shared__ int64_t row_pixel[tc::kTileRows];  // output pixel of each row, or -1
+  Smem* a_tile = reinterpret_cast<Smem*>(shared);
+  Smem* b_tile = reinterpret_cast<Smem*>(shared + tc::kABytes<T>);
+  constexpr int kAStride = tc::kRowMajorAStride<T>;
+  const int64_t per_tile = d.tile_h * d.tile_w;
+  const int64_t tiles = d.batch * d.tiles_h() * d.tiles_w();
+  const int64_t col_tiles = CeilDiv(d.out_channels, tc::kTileCols);
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * tc::kTileRows;
+  const int64_t col0 = int64_t(blockIdx.x) % col_tiles * tc::kTileCols;
+  for (int r = threadIdx.x; r < tc::kTileRows; r += tc::kThreads) {
+    const int64_t tile = (row0 + r) / per_tile;
+    const int64_t q = (row0 + r) % per_tile;
+    int64_t pixel = -1;
+    if (tile < tiles && active[tile]) {
+      const int64_t oy = ((tile / d.tiles_w()) % d.tiles_h()) * d.tile_h + q / d.tile_w;
+      const int64_t ox = (tile % d.tiles_w()) * d.tile_w + q % d.tile_w;
+      if (oy < d.out_h && ox < d.out_w) pixel = (tile / (d.tiles_h() * d.tiles_w()) * d.out_h + oy) * d.out_w + ox;
+    }
+    row_pixel[r] = pixel;
+  }
+  __syncthreads();
+  const unsigned active_rows = WarpRowFragments([&](int r) { return row_pixel[r] >= 0; });
+  bool any_row = false;
+  for (int r = 0; r < tc::kTileRows && !any_row; ++r) any_row = row_pixel[r] >= 0;
+  tc::Accumulator<T> acc[2][2];
+  tc::ZeroAccumulators<T>(acc);
+  for (int64_t segment = 0; any_row && segment < d.taps() * d.in_blocks(); ++segment) {
+    const int64_t tap = segment / d.in_blocks();
+    const int64_t i = segment % d.in_blocks();
+    unsigned live_columns = 0;
+    for (int f = 0; f < tc::kFragmentColumns && col0 + f * tc::kFragment < d.out_channels; ++f) {
+      const int64_t j = (col0 + f * tc::kFragment) / d.out_block;
+      if (live[(tap * d.in_blocks() + i) * d.out_blocks() + j]) live_columns |= 1u << f;
+    }
+    if (live_columns == 0) continue;
+    const int64_t ky = tap / d.filter_w;
+    const int64_t kx = tap % d.filter_w;
+    const int64_t ci_end = min(d.in_channels, (i + 1) * d.in_block);
+    for (int64_t c0 = i * d.in_block; c0 < ci_end; c0 += tc::kStageDepth) {
+      for (int e = threadIdx.x; e < tc::kTileRows * tc::kStageDepth; e += tc::kThreads) {
+        const int r = e / tc::kStageDepth;
+        const int64_t ci = c0 + e % tc::kStageDepth;
+        const int64_t in_pixel = row_pixel[r] >= 0 && ci < ci_end ? InputPixelAt(d, row_pixel[r], ky, kx) : -1;
+        a_tile[r * kAStride + e % tc::kStageDepth] =
+            in_pixel >= 0 ? x[in_pixel * d.in_channels + ci] : tc::ToSmem<T>(0.0f);
+      }
+      for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
+        const int c = e % tc::kTileCols;
+        const int64_t ci = c0 + e / tc::kTileCols;
+        const int64_t co = col0 + c;
+        float b = 0.0f;
+        if (ci < ci_end && co < d.out_channels && ((live_columns >> (c / tc::kFragment)) & 1u) != 0) {
+          b = Masked(ToFloat(filters[(tap * d.in_channels + ci) * d.out_channels + co]), d.factor(factors, tap, ci, co));
+        }
+        b_tile[(e / tc::kTileCols) * tc::kBStride<T> + c] = tc::ToSmem<T>(b);
+      }
+      __syncthreads();
+      tc::MultiplyStage<T, tc::wmma::row_major>(a_tile, kAStride, b_tile,
+                                                static_cast<int>(min(int64_t{tc::kStageDepth}, ci_end - c0)),
+                                                tc::WarpFragments(live_columns) & active_rows, acc);
+      __syncthreads();
+    }
+  }
+  float* staged = reinterpret_cast<float*>(shared);
+  tc::StoreAccumulators<T>(acc, staged);
+  __syncthreads();
+  // Every pixel of the tile's rows is written: inactive ones as zeros.
+  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+    const int64_t tile = (row0 + r) / per_tile;
+    const int64_t q = (row0 + r) % per_tile;
+    const int64_t co = col0 + c;
+    if (tile >= tiles || co >= d.out_channels) return;
+    const int64_t oy = ((tile / d.tiles_w()) % d.tiles_h()) * d.tile_h + q / d.tile_w;
+    const int64_t ox = (tile % d.tiles_w()) * d.tile_w + q % d.tile_w;
+    if (oy >= d.out_h || ox >= d.out_w) return;
+    const int64_t pixel = (tile / (d.tiles_h() * d.tiles_w()) * d.out_h + oy) * d.out_w + ox;
+    y[pixel * d.out_channels + co] = FromFloat<T>(row_pixel[r] >= 0 ? OutputScaled(output_factors, pixel, v) : 0.0f);
+  });
+#endif
+}
+
+// dx on tensor cores: rows are input pixels in raster order, columns input
+// channels, and the depth runs over the (tap, output block) segments; dy is
+// read through the output mask. Dead filter blocks are skipped as in the
+// forward product.
+template <typename T>
+__global__ void __launch_bounds__(tc::kThreads)
+    TensorCoreConvGradInput(const T* dy, const T* filters, const float* factors, const float* output_factors,
+                            const uint8_t* live, ConvDims d, T* dx) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  using Smem = typename tc::Traits<T>::Smem;
+  __shared__ __align__(128) unsigned char shared[tc::kSharedBytes<T>];
+  __shared__ int64_t row_output[tc::kTileRows];  // output pixel each row meets at the segment's tap, or -1
+  Smem* a_tile = reinterpret_cast<Smem*>(shared);
+  Smem* b_tile = reinterpret_cast<Smem*>(shared + tc::kABytes<T>);
+  constexpr int kAStride = tc::kRowMajorAStride<T>;
+  const int64_t pixels = d.batch * d.in_h * d.in_w;
+  const int64_t col_tiles = CeilDiv(d.in_channels, tc::kTileCols);
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * tc::kTileRows;
+  const int64_t col0 = int64_t(blockIdx.x) % col_tiles * tc::kTileCols;
+  tc::Accumulator<T> acc[2][2];
+  tc::ZeroAccumulators<T>(acc);
+  int64_t staged_tap = -1;
+  for (int64_t segment = 0; segment < d.taps() * d.out_blocks(); ++segment) {
+    const int64_t tap = segment / d.out_blocks();
+    const int64_t j = segment % d.out_blocks();
+    unsigned live_columns = 0;
+    for (int f = 0; f < tc::kFragmentColumns && col0 + f * tc::kFragment < d.in_channels; ++f) {
+      const int64_t i = (col0 + f * tc::kFragment) / d.in_block;
+      if (live[(tap * d.in_blocks() + i) * d.out_blocks() + j]) live_columns |= 1u << f;
+    }
+    if (live_columns == 0) continue;
+    if (tap != staged_tap) {  // the previous stage's __syncthreads has retired every reader
+      for (int r = threadIdx.x; r < tc::kTileRows; r += tc::kThreads) {
+        const int64_t pixel = row0 + r;
+        row_output[r] = pixel < pixels ? OutputPixelAt(d, pixel / (d.in_h * d.in_w), (pixel / d.in_w) % d.in_h,
+                                                       pixel % d.in_w, tap / d.filter_w, tap % d.filter_w)
+                                       : -1;
+      }
+      staged_tap = tap;
+      __syncthreads();
+    }
+    const int64_t co_end = min(d.out_channels, (j + 1) * d.out_block);
+    for (int64_t c0 = j * d.out_block; c0 < co_end; c0 += tc::kStageDepth) {
+      for (int e = threadIdx.x; e < tc::kTileRows * tc::kStageDepth; e += tc::kThreads) {
+        const int r = e / tc::kStageDepth;
+        const int64_t co = c0 + e % tc::kStageDepth;
+        const int64_t at = row_output[r];
+        const float a = at >= 0 && co < co_end ? OutputScaled(output_factors, at, ToFloat(dy[at * d.out_channels + co])) : 0.0f;
+        a_tile[r * kAStride + e % tc::kStageDepth] = tc::ToSmem<T>(a);
+      }
+      for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
+        // Consecutive threads read consecutive output channels of a filter row.
+        const int dd = e % tc::kStageDepth;
+        const int c = e / tc::kStageDepth;
+        const int64_t co = c0 + dd;
+        const int64_t ci = col0 + c;
+        float b = 0.0f;
+        if (co < co_end && ci < d.in_channels && ((live_columns >> (c / tc::kFragment)) & 1u) != 0) {
+          b = Masked(ToFloat(filters[(tap * d.in_channels + ci) * d.out_channels + co]), d.factor(factors, tap, ci, co));
+        }
+        b_tile[dd * tc::kBStride<T> + c] = tc::ToSmem<T>(b);
+      }
+      __syncthreads();
+      tc::MultiplyStage<T, tc::wmma::row_major>(a_tile, kAStride, b_tile,
+                                                static_cast<int>(min(int64_t{tc::kStageDepth}, co_end - c0)),
+                                                tc::WarpFragments(live_columns), acc);
+      __syncthreads();
+    }
+  }
+  float* staged = reinterpret_cast<float*>(shared);
+  tc::StoreAccumulators<T>(acc, staged);
+  __syncthreads();
+  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+    if (row0 + r < pixels && col0 + c < d.in_channels) dx[(row0 + r) * d.in_channels + col0 + c] = FromFloat<T>(v);
+  });
+#endif
+}
+
+// dfilters on tensor cores: blockIdx.x walks, tap by tap, the kTileRows x
+// kTileCols tiles of the tap's in_channels x out_channels filter (columns
+// fastest); the depth is the output pixels (x at the tap's input pixel, dy
+// through the output mask). A warp multiplies only its fragments in live
+// blocks; a tile without any is written as zeros without reading x or dy.
+template <typename T>
+__global__ void __launch_bounds__(tc::kThreads)
+    TensorCoreConvGradFilter(const T* x, const T* dy, const float* factors, const float* output_factors,
+                             const uint8_t* live, ConvDims d, T* dfilters) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  using Smem = typename tc::Traits<T>::Smem;
+  __shared__ __align__(128) unsigned char shared[tc::kSharedBytes<T>];
+  __shared__ int64_t stage_input[tc::kStageDepth];  // input pixel of each staged output pixel, or -1
+  Smem* a_tile = reinterpret_cast<Smem*>(shared);
+  Smem* b_tile = reinterpret_cast<Smem*>(shared + tc::kABytes<T>);
+  constexpr int kAStride = tc::kColMajorAStride<T>;
+  const int64_t row_tiles = CeilDiv(d.in_channels, tc::kTileRows);
+  const int64_t col_tiles = CeilDiv(d.out_channels, tc::kTileCols);
+  const int64_t tap = int64_t(blockIdx.x) / (row_tiles * col_tiles);
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles % row_tiles * tc::kTileRows;
+  const int64_t col0 = int64_t(blockIdx.x) % col_tiles * tc::kTileCols;
+  const int64_t ky = tap / d.filter_w;
+  const int64_t kx = tap % d.filter_w;
+  const auto fragment_live = [&](int fragment_row, int fragment_col) {
+    const int64_t ci = row0 + fragment_row * tc::kFragment;
+    const int64_t co = col0 + fragment_col * tc::kFragment;
+    return ci < d.in_channels && co < d.out_channels &&
+           live[(tap * d.in_blocks() + ci / d.in_block) * d.out_blocks() + co / d.out_block] != 0;
+  };
+  bool tile_live = false;
+  for (int f = 0; f < tc::kFragmentRows * tc::kFragmentColumns && !tile_live; ++f) {
+    tile_live = fragment_live(f / tc::kFragmentColumns, f % tc::kFragmentColumns);
+  }
+  const tc::WarpPlace warp = tc::ThisWarp();
+  unsigned fragments = 0;
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      if (fragment_live(warp.row * 2 + i, warp.col * 2 + j)) fragments |= 1u << (i * 2 + j);
+    }
+  }
+  tc::Accumulator<T> acc[2][2];
+  tc::ZeroAccumulators<T>(acc);
+  const int64_t pixels = d.batch * d.out_h * d.out_w;
+  for (int64_t p0 = 0; tile_live && p0 < pixels; p0 += tc::kStageDepth) {
+    for (int dd = threadIdx.x; dd < tc::kStageDepth; dd += tc::kThreads) {
+      stage_input[dd] = p0 + dd < pixels ? InputPixelAt(d, p0 + dd, ky, kx) : -1;
+    }
+    __syncthreads();
+    // A = x^T at the tap, staged column-major: consecutive threads read consecutive channels.
+    for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileRows; e += tc::kThreads) {
+      const int dd = e / tc::kTileRows;
+      const int64_t ci = row0 + e % tc::kTileRows;
+      const int64_t in_pixel = stage_input[dd];
+      a_tile[dd * kAStride + e % tc::kTileRows] =
+          in_pixel >= 0 && ci < d.in_channels ? x[in_pixel * d.in_channels + ci] : tc::ToSmem<T>(0.0f);
+    }
+    for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
+      const int64_t pixel = p0 + e / tc::kTileCols;
+      const int64_t co = col0 + e % tc::kTileCols;
+      const float v = pixel < pixels && co < d.out_channels
+                          ? OutputScaled(output_factors, pixel, ToFloat(dy[pixel * d.out_channels + co]))
+                          : 0.0f;
+      b_tile[(e / tc::kTileCols) * tc::kBStride<T> + e % tc::kTileCols] = tc::ToSmem<T>(v);
+    }
+    __syncthreads();
+    tc::MultiplyStage<T, tc::wmma::col_major>(a_tile, kAStride, b_tile,
+                                              static_cast<int>(min(int64_t{tc::kStageDepth}, pixels - p0)), fragments,
+                                              acc);
+    __syncthreads();
+  }
+  float* staged = reinterpret_cast<float*>(shared);
+  tc::StoreAccumulators<T>(acc, staged);
+  __syncthreads();
+  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+    const int64_t ci = row0 + r;
+    const int64_t co = col0 + c;
+    if (ci < d.in_channels && co < d.out_channels) {
+      dfilters[(tap * d.in_channels + ci) * d.out_channels + co] = FromFloat<T>(Masked(v, d.factor(factors, tap, ci, co)));
+    }
+  });
+#endif
+}
+
 struct Workspace {
   float* factors;
   uint8_t* live;
@@ -392,6 +684,13 @@ D<T>* Dev(T* p) {
   return reinterpret_cast<D<T>*>(p);
 }
 
+bool UseTensorCores(GpuMath math, const ConvDims& d) {
+  return math == GpuMath::kTensorCores && tc::FragmentAligned(d.in_block, d.in_channels) &&
+         tc::FragmentAligned(d.out_block, d.out_channels) && tc::DeviceSupportsTensorCores();
+}
+
+constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
+
 }  // namespace
 
 template <typename TOut>
@@ -412,11 +711,20 @@ size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level) {
 
 template <typename T, typename TMask>
 int MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskView<TMask> mask,
-                 const float* output_factors, T* y, void* workspace, Stream stream) {
+                 const float* output_factors, T* y, void* workspace, GpuMath math, Stream stream) {
   if (g.out_pixels() == 0 || g.out_channels == 0) return 0;
   const ConvDims d = DimsOf(g, mask.level);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const Workspace ws = IndexFilters(d, mask, workspace, s);
+  if (UseTensorCores(math, d)) {
+    const int64_t blocks =
+        CeilDiv(Tiles(d) * d.tile_h * d.tile_w, tc::kTileRows) * CeilDiv(d.out_channels, tc::kTileCols);
+    if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+    TileActivity<<<BlocksFor(Tiles(d)), kThreads, 0, s>>>(output_factors, d, ws.active);
+    TensorCoreConvForward<<<static_cast<unsigned>(blocks), tc::kThreads, 0, s>>>(
+        Dev(x), Dev(filters), ws.factors, output_factors, ws.live, ws.active, d, Dev(y));
+    return static_cast<int>(cudaGetLastError());
+  }
   FilterLists<<<BlocksFor(d.out_blocks()), kThreads, 0, s>>>(ws.live, d, /*by_output=*/true, ws.lists, ws.counts);
   TileActivity<<<BlocksFor(Tiles(d)), kThreads, 0, s>>>(output_factors, d, ws.active);
   const int64_t chunks = (d.tile_h * d.tile_w + kTile - 1) / kTile;
@@ -430,11 +738,18 @@ int MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskView
 
 template <typename T, typename TMask>
 int MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filters, MaskView<TMask> mask,
-                          const float* output_factors, T* dx, void* workspace, Stream stream) {
+                          const float* output_factors, T* dx, void* workspace, GpuMath math, Stream stream) {
   if (g.in_pixels() == 0 || g.in_channels == 0) return 0;
   const ConvDims d = DimsOf(g, mask.level);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const Workspace ws = IndexFilters(d, mask, workspace, s);
+  if (UseTensorCores(math, d)) {
+    const int64_t blocks = CeilDiv(g.in_pixels(), tc::kTileRows) * CeilDiv(d.in_channels, tc::kTileCols);
+    if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+    TensorCoreConvGradInput<<<static_cast<unsigned>(blocks), tc::kThreads, 0, s>>>(
+        Dev(dy), Dev(filters), ws.factors, output_factors, ws.live, d, Dev(dx));
+    return static_cast<int>(cudaGetLastError());
+  }
   FilterLists<<<BlocksFor(d.in_blocks()), kThreads, 0, s>>>(ws.live, d, /*by_output=*/false, ws.lists, ws.counts);
   if (d.in_blocks() > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
   const dim3 blocks(static_cast<unsigned>((g.in_pixels() + kTile - 1) / kTile), static_cast<unsigned>(d.in_blocks()),
@@ -446,11 +761,20 @@ int MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filters
 
 template <typename T, typename TMask>
 int MaskedConv2DGradFilter(const Conv2DGeometry& g, const T* x, const T* dy, MaskView<TMask> mask,
-                           const float* output_factors, T* dfilters, void* workspace, Stream stream) {
+                           const float* output_factors, T* dfilters, void* workspace, GpuMath math,
+                           Stream stream) {
   const ConvDims d = DimsOf(g, mask.level);
   if (FilterBlocks(d) == 0 || g.out_channels == 0) return 0;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const Workspace ws = IndexFilters(d, mask, workspace, s);
+  if (UseTensorCores(math, d)) {
+    const int64_t blocks =
+        d.taps() * CeilDiv(d.in_channels, tc::kTileRows) * CeilDiv(d.out_channels, tc::kTileCols);
+    if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+    TensorCoreConvGradFilter<<<static_cast<unsigned>(blocks), tc::kThreads, 0, s>>>(
+        Dev(x), Dev(dy), ws.factors, output_factors, ws.live, d, Dev(dfilters));
+    return static_cast<int>(cudaGetLastError());
+  }
   const int64_t tiles = ((std::min(d.in_block, d.in_channels) + kTile - 1) / kTile) *
                         ((std::min(d.out_block, d.out_channels) + kTile - 1) / kTile);
   const dim3 blocks(static_cast<unsigned>(FilterBlocks(d)), static_cast<unsigned>(tiles));
@@ -461,11 +785,13 @@ int MaskedConv2DGradFilter(const Conv2DGeometry& g, const T* x, const T* dy, Mas
 
 #define MASKED_OPS_INSTANTIATE(T, TMask)                                                             \
   template int MaskedConv2D<T, TMask>(const Conv2DGeometry&, const T*, const T*, MaskView<TMask>,     \
-                                      const float*, T*, void*, Stream);                               \
+                                      const float*, T*, void*, GpuMath, Stream);                      \
   template int MaskedConv2DGradInput<T, TMask>(const Conv2DGeometry&, const T*, const T*,             \
-                                               MaskView<TMask>, const float*, T*, void*, Stream);     \
+                                               MaskView<TMask>, const float*, T*, void*, GpuMath,     \
+                                               Stream);                                               \
   template int MaskedConv2DGradFilter<T, TMask>(const Conv2DGeometry&, const T*, const T*,            \
-                                                MaskView<TMask>, const float*, T*, void*, Stream);
+                                                MaskView<TMask>, const float*, T*, void*, GpuMath,    \
+                                                Stream);
 
 MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MASKED_OPS_INSTANTIATE)
 

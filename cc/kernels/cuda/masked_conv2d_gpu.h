@@ -1,6 +1,8 @@
 // masked_conv2d on NVIDIA GPUs: the three products of masked_conv2d.h (NHWC),
 // with the same semantics, launched on a caller's stream. T is float or the
-// storage types Float16Bits / BFloat16Bits (computed in float). The output
+// storage types Float16Bits / BFloat16Bits (float accumulators); GpuMath as
+// for masked_matmul (tensor cores where both channel block sizes cut the
+// channels on multiples of 16). The output
 // mask comes as canonical float factors (CanonicalOutputFactors), or null for
 // none. Every launcher needs a device workspace of Conv2DWorkspaceBytes(...)
 // bytes, returns its launches' cudaError_t as an int (0 on success) and does
@@ -27,15 +29,16 @@ size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level);
 
 template <typename T, typename TMask>
 int MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskView<TMask> mask,
-                 const float* output_factors, T* y, void* workspace, Stream stream);
+                 const float* output_factors, T* y, void* workspace, GpuMath math, Stream stream);
 
 template <typename T, typename TMask>
 int MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filters, MaskView<TMask> mask,
-                          const float* output_factors, T* dx, void* workspace, Stream stream);
+                          const float* output_factors, T* dx, void* workspace, GpuMath math, Stream stream);
 
 template <typename T, typename TMask>
 int MaskedConv2DGradFilter(const Conv2DGeometry& g, const T* x, const T* dy, MaskView<TMask> mask,
-                           const float* output_factors, T* dfilters, void* workspace, Stream stream);
+                           const float* output_factors, T* dfilters, void* workspace, GpuMath math,
+                           Stream stream);
 
 }  // namespace gpu
 }  // namespace masked_ops

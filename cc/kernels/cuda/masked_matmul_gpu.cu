@@ -200,20 +200,6 @@ __global__ void __launch_bounds__(kThreads)
 
 namespace tc = tensor_core;
 
-// Writes a tile staged by tc::StoreAccumulators to out[rows, cols] at
-// (row0, col0), each value through finish(row, col, value).
-template <typename T, typename Finish>
-__device__ inline void WriteTile(const float* staged, int64_t row0, int64_t col0, int64_t rows, int64_t cols,
-                                 T* out, const Finish& finish) {
-  for (int e = threadIdx.x; e < tc::kTileRows * tc::kTileCols; e += tc::kThreads) {
-    const int64_t row = row0 + e / tc::kTileCols;
-    const int64_t col = col0 + e % tc::kTileCols;
-    if (row < rows && col < cols) {
-      out[row * cols + col] = FromFloat<T>(finish(row, col, staged[(e / tc::kTileCols) * tc::kOutputStride + e % tc::kTileCols]));
-    }
-  }
-}
-
 // The forward product (out = a @ masked W) and dx (out = a @ masked W^T) on
 // tensor cores. blockIdx.x walks the output's kTileRows x kTileCols tiles,
 // columns fastest. The depth runs one block row of W at a time (forward;
@@ -284,7 +270,9 @@ __global__ void __launch_bounds__(tc::kThreads)
   float* staged = reinterpret_cast<float*>(shared);
   tc::StoreAccumulators<T>(acc, staged);
   __syncthreads();
-  WriteTile(staged, row0, col0, m, out_cols, out, [](int64_t, int64_t, float v) { return v; });
+  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+    if (row0 + r < m && col0 + c < out_cols) out[(row0 + r) * out_cols + col0 + c] = FromFloat<T>(v);
+  });
 #endif
 }
 
@@ -347,8 +335,10 @@ __global__ void __launch_bounds__(tc::kThreads)
   float* staged = reinterpret_cast<float*>(shared);
   tc::StoreAccumulators<T>(acc, staged);
   __syncthreads();
-  WriteTile(staged, row0, col0, g.rows, g.cols, dw, [&](int64_t row, int64_t col, float v) {
-    return Masked(v, g.factor(factors, element_level, row, col));
+  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+    const int64_t row = row0 + r;
+    const int64_t col = col0 + c;
+    if (row < g.rows && col < g.cols) dw[row * g.cols + col] = FromFloat<T>(Masked(v, g.factor(factors, element_level, row, col)));
   });
 #endif
 }

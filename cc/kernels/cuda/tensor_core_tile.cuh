@@ -186,12 +186,26 @@ __device__ inline void StoreAccumulators(Accumulator<T> (&acc)[2][2], float* out
   }
 }
 
+// write(r, c, value) for every entry of a tile staged by StoreAccumulators
+// (r, c: the entry's row and column within the tile), spread over the block.
+template <typename Write>
+__device__ inline void ForEachStaged(const float* staged, const Write& write) {
+  for (int e = threadIdx.x; e < kTileRows * kTileCols; e += kThreads) {
+    write(e / kTileCols, e % kTileCols, staged[(e / kTileCols) * kOutputStride + e % kTileCols]);
+  }
+}
+
+// Whether a block size cuts an extent on multiples of a fragment, or not at
+// all: what the tensor-core products need to skip dead blocks exactly.
+__host__ __device__ inline bool FragmentAligned(int64_t block, int64_t extent) {
+  return block % kFragment == 0 || block >= extent;
+}
+
 // Whether a grid's block edges fall on multiples of a fragment (or a
 // dimension is one block): what the tensor-core products need to skip dead
 // blocks exactly.
 inline bool FragmentAlignedBlocks(const BlockGrid& grid) {
-  const auto aligned = [](int64_t block, int64_t extent) { return block % kFragment == 0 || block >= extent; };
-  return aligned(grid.block_rows, grid.rows) && aligned(grid.block_cols, grid.cols);
+  return FragmentAligned(grid.block_rows, grid.rows) && FragmentAligned(grid.block_cols, grid.cols);
 }
 
 // Whether the current device has the tensor cores these kernels use
