@@ -14,7 +14,6 @@ namespace masked_ops {
 namespace gpu {
 namespace {
 
-enum Product { kForward = 0, kGradInput = 1, kGradWeight = 2 };
 constexpr int kUnknownType = -1000;
 
 template <typename T>
@@ -58,6 +57,11 @@ T* Ptr(uintptr_t address) {
 }
 
 MaskLevel LevelOf(int level) { return level == 0 ? MaskLevel::kElement : MaskLevel::kBlock; }
+
+// The harness's product codes are Product's values, 0 to 2 (an enum class
+// holds any int, so a switch over an unknown code takes its default).
+bool KnownProduct(int product) { return product >= 0 && product <= 2; }
+Product ProductOf(int product) { return static_cast<Product>(product); }
 
 GpuMath MathOf(int tensor_cores) { return tensor_cores != 0 ? GpuMath::kTensorCores : GpuMath::kCudaCores; }
 
@@ -103,19 +107,31 @@ int masked_ops_gpu_matmul(int product, const char* dtype, const char* mask_dtype
     void* space = Ptr<void>(workspace);
     Stream s = Ptr<CUstream_st>(stream);
     const GpuMath math = MathOf(tensor_cores);
-    switch (product) {
-      case kForward:
+    switch (ProductOf(product)) {
+      case Product::kForward:
         return MaskedMatmul<T, TMask>(shape, Ptr<const T>(a), Ptr<const T>(b), view, Ptr<T>(out), space, math, s);
-      case kGradInput:
+      case Product::kGradInput:
         return MaskedMatmulGradInput<T, TMask>(shape, Ptr<const T>(a), Ptr<const T>(b), view, Ptr<T>(out),
                                                space, math, s);
-      case kGradWeight:
+      case Product::kGradWeight:
         return MaskedMatmulGradWeight<T, TMask>(shape, Ptr<const T>(a), Ptr<const T>(b), view, Ptr<T>(out),
                                                 space, math, s);
       default:
         return kUnknownType;
     }
   });
+}
+
+// 1 when product (0, 1, 2 as above) over a k x n weight runs on tensor cores
+// on the current device with tensor_cores set, else 0 (-1000: unknown product).
+int masked_ops_gpu_matmul_uses_tensor_cores(int product, int64_t k, int64_t n, int64_t block_rows,
+                                            int64_t block_cols, int tensor_cores) {
+  using namespace masked_ops::gpu;
+  if (!KnownProduct(product)) return kUnknownType;
+  return MatmulUsesTensorCores(masked_ops::BlockGrid{k, n, block_rows, block_cols}, ProductOf(product),
+                               MathOf(tensor_cores))
+             ? 1
+             : 0;
 }
 
 // The elementwise ops over `outer` stacked k x n matrices (see
@@ -215,20 +231,28 @@ int masked_ops_gpu_conv2d(int product, const char* dtype, const char* mask_dtype
     using TMask = typename decltype(mask_tag)::type;
     const MaskView<TMask> view{Ptr<const TMask>(mask), LevelOf(level)};
     const GpuMath math = MathOf(tensor_cores);
-    switch (product) {
-      case kForward:
+    switch (ProductOf(product)) {
+      case Product::kForward:
         return MaskedConv2D<T, TMask>(g, Ptr<const T>(a), Ptr<const T>(b), view, factors, Ptr<T>(out), space, math,
                                       s);
-      case kGradInput:
+      case Product::kGradInput:
         return MaskedConv2DGradInput<T, TMask>(g, Ptr<const T>(a), Ptr<const T>(b), view, factors, Ptr<T>(out),
                                                space, math, s);
-      case kGradWeight:
+      case Product::kGradWeight:
         return MaskedConv2DGradFilter<T, TMask>(g, Ptr<const T>(a), Ptr<const T>(b), view, factors, Ptr<T>(out),
                                                 space, math, s);
       default:
         return kUnknownType;
     }
   });
+}
+
+// 1 when conv product (0, 1, 2 as above) runs on tensor cores on the current
+// device with tensor_cores set, else 0 (-1000: unknown product).
+int masked_ops_gpu_conv2d_uses_tensor_cores(int product, const int64_t* geometry, int tensor_cores) {
+  using namespace masked_ops::gpu;
+  if (!KnownProduct(product)) return kUnknownType;
+  return Conv2DUsesTensorCores(GeometryOf(geometry), ProductOf(product), MathOf(tensor_cores)) ? 1 : 0;
 }
 
 }  // extern "C"

@@ -51,6 +51,11 @@ def load():
         [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int64)]
         + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p]
     )
+    library.masked_ops_gpu_matmul_uses_tensor_cores.restype = ctypes.c_int
+    library.masked_ops_gpu_matmul_uses_tensor_cores.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    library.masked_ops_gpu_conv2d_uses_tensor_cores.restype = ctypes.c_int
+    library.masked_ops_gpu_conv2d_uses_tensor_cores.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
+                                                                ctypes.c_int]
     library.masked_ops_gpu_matmul.restype = ctypes.c_int
     library.masked_ops_gpu_matmul.argtypes = (
         [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p] + [ctypes.c_int64] * 5
@@ -84,6 +89,17 @@ class Harness:
         if status != 0:
             raise RuntimeError(f"masked_ops_gpu_matmul({product}) failed with status {status}")
         return out
+
+    def uses_tensor_cores(self, product, shape, block_size, tensor_cores=True):
+        """Whether run(product, ...) over this shape takes the tensor-core kernels."""
+        _, k, n = shape
+        return self.library.masked_ops_gpu_matmul_uses_tensor_cores(PRODUCTS[product], k, n, *block_size,
+                                                                    int(tensor_cores)) == 1
+
+    def conv2d_uses_tensor_cores(self, product, geometry, tensor_cores=True):
+        """Whether conv2d(product, ...) with this geometry takes the tensor-core kernels."""
+        fields = (ctypes.c_int64 * 19)(*geometry)
+        return self.library.masked_ops_gpu_conv2d_uses_tensor_cores(PRODUCTS[product], fields, int(tensor_cores)) == 1
 
     def elementwise(self, op, a, mask, level, block_size, out, state=(), scalars=(), flag=False):
         """An elementwise op over a as [outer, k, n] (see cc/bindings/cuda_harness.cc);

@@ -99,6 +99,12 @@ def test_conv_products_match_reference(geometry, level, with_output_mask, dtype,
     df = HARNESS.conv2d("grad_weight", x_t, dy_t, mask_t, level, geometry_fields, nan(kh, kw, cin, cout), o_t,
                         tensor_cores)
     torch.cuda.synchronize()
+    aligned = lambda block_size, channels: block_size % 16 == 0 or block_size >= channels  # noqa: E731
+    rule = {"forward": aligned(block[1], cout), "grad_input": aligned(block[0], cin),
+            "grad_weight": aligned(block[0], cin) and aligned(block[1], cout)}
+    for product, needed in rule.items():
+        assert HARNESS.conv2d_uses_tensor_cores(product, geometry_fields, tensor_cores) == (
+            tensor_cores and needed and torch.cuda.get_device_capability()[0] >= 8)
     check(y, expected[0], dtype, kh * kw * cin, tensor_cores)
     check(dx, expected[1], dtype, kh * kw * cout, tensor_cores)
     check(df, expected[2], dtype, n * out_h * out_w, tensor_cores)

@@ -32,6 +32,18 @@ MASK_DTYPES = [torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, to
                torch.bfloat16, torch.float32, torch.float64]
 
 
+def takes_tensor_cores(product, k, n, block_size, tensor_cores):
+    """The kernels' rule, restated: tensor cores where the product's output
+    columns (and dW's rows) are cut by the blocks on multiples of 16, or not
+    at all, on a device of compute capability 8.0 or later."""
+    def aligned(block, extent):
+        return block % 16 == 0 or block >= extent
+
+    rows, cols = aligned(block_size[0], k), aligned(block_size[1], n)
+    needed = {"forward": cols, "grad_input": rows, "grad_weight": rows and cols}[product]
+    return tensor_cores and needed and torch.cuda.get_device_capability()[0] >= 8
+
+
 def make_masks(rng, k, n, block_size, density, level):
     grid = (math.ceil(k / block_size[0]), math.ceil(n / block_size[1]))
     blocks = (rng.random(grid) < density) * rng.choice([1.0, 2.0, -0.5], grid)
@@ -83,6 +95,9 @@ def test_products_match_reference(shape, density, level, dtype, tensor_cores):
     dw = HARNESS.run("grad_weight", x_t, dy_t, mask_t, level, block_size, (m, k, n),
                      torch.full((k, n), float("nan"), dtype=dtype, device="cuda"), tensor_cores)
     torch.cuda.synchronize()
+    for product in ("forward", "grad_input", "grad_weight"):
+        assert HARNESS.uses_tensor_cores(product, (m, k, n), block_size, tensor_cores) == takes_tensor_cores(
+            product, k, n, block_size, tensor_cores)
     check(y, expected[0], dtype, k, tensor_cores)
     check(dx, expected[1], dtype, n, tensor_cores)
     check(dw, expected[2], dtype, m, tensor_cores)
@@ -131,6 +146,6 @@ def test_every_mask_dtype(mask_dtype):
     y = HARNESS.run("forward", torch.tensor(x, dtype=torch.float32, device="cuda"),
                     torch.tensor(w, dtype=torch.float32, device="cuda"),
                     torch.tensor(mask, device="cuda").to(mask_dtype), "block", block_size, (m, k, n),
-                    torch.full((m, n), float("nan"), device="cuda"))
+                    torch.full((m, n), float("nan"), device="cuda"), tensor_cores=False)
     torch.cuda.synchronize()
     check(y, x @ np.where(element != 0, w * element, 0), torch.float32, k)

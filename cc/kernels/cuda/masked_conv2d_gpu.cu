@@ -684,12 +684,8 @@ D<T>* Dev(T* p) {
   return reinterpret_cast<D<T>*>(p);
 }
 
-bool UseTensorCores(GpuMath math, const ConvDims& d) {
-  return math == GpuMath::kTensorCores && tc::FragmentAligned(d.in_block, d.in_channels) &&
-         tc::FragmentAligned(d.out_block, d.out_channels) && tc::DeviceSupportsTensorCores();
-}
-
 constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
+constexpr int64_t kMaxGridYZ = 65535;
 
 }  // namespace
 
@@ -699,6 +695,13 @@ int CanonicalOutputFactors(const TOut* output_mask, int64_t pixels, float* facto
   OutputFactorsKernel<<<BlocksFor(pixels), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       output_mask, pixels, factors);
   return static_cast<int>(cudaGetLastError());
+}
+
+bool Conv2DUsesTensorCores(const Conv2DGeometry& g, Product product, GpuMath math) {
+  const bool in = tc::FragmentAligned(g.in_block, g.in_channels);
+  const bool out = tc::FragmentAligned(g.out_block, g.out_channels);
+  const bool aligned = product == Product::kForward ? out : product == Product::kGradInput ? in : in && out;
+  return math == GpuMath::kTensorCores && aligned && tc::DeviceSupportsTensorCores();
 }
 
 size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level) {
@@ -716,7 +719,7 @@ int MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskView
   const ConvDims d = DimsOf(g, mask.level);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const Workspace ws = IndexFilters(d, mask, workspace, s);
-  if (UseTensorCores(math, d)) {
+  if (Conv2DUsesTensorCores(g, Product::kForward, math)) {
     const int64_t blocks =
         CeilDiv(Tiles(d) * d.tile_h * d.tile_w, tc::kTileRows) * CeilDiv(d.out_channels, tc::kTileCols);
     if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
@@ -728,9 +731,12 @@ int MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskView
   FilterLists<<<BlocksFor(d.out_blocks()), kThreads, 0, s>>>(ws.live, d, /*by_output=*/true, ws.lists, ws.counts);
   TileActivity<<<BlocksFor(Tiles(d)), kThreads, 0, s>>>(output_factors, d, ws.active);
   const int64_t chunks = (d.tile_h * d.tile_w + kTile - 1) / kTile;
-  if (d.out_blocks() > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const int64_t across = CeilDiv(std::min(d.out_block, d.out_channels), kTile);
+  if (Tiles(d) * chunks > kMaxGridX || d.out_blocks() > kMaxGridYZ || across > kMaxGridYZ) {
+    return static_cast<int>(cudaErrorInvalidConfiguration);
+  }
   const dim3 blocks(static_cast<unsigned>(Tiles(d) * chunks), static_cast<unsigned>(d.out_blocks()),
-                    static_cast<unsigned>((std::min(d.out_block, d.out_channels) + kTile - 1) / kTile));
+                    static_cast<unsigned>(across));
   ConvForward<<<blocks, kThreads, 0, s>>>(Dev(x), Dev(filters), ws.factors, output_factors, ws.active, d,
                                           ws.lists, ws.counts, Dev(y));
   return static_cast<int>(cudaGetLastError());
@@ -743,7 +749,7 @@ int MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filters
   const ConvDims d = DimsOf(g, mask.level);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const Workspace ws = IndexFilters(d, mask, workspace, s);
-  if (UseTensorCores(math, d)) {
+  if (Conv2DUsesTensorCores(g, Product::kGradInput, math)) {
     const int64_t blocks = CeilDiv(g.in_pixels(), tc::kTileRows) * CeilDiv(d.in_channels, tc::kTileCols);
     if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
     TensorCoreConvGradInput<<<static_cast<unsigned>(blocks), tc::kThreads, 0, s>>>(
@@ -751,9 +757,12 @@ int MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filters
     return static_cast<int>(cudaGetLastError());
   }
   FilterLists<<<BlocksFor(d.in_blocks()), kThreads, 0, s>>>(ws.live, d, /*by_output=*/false, ws.lists, ws.counts);
-  if (d.in_blocks() > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
-  const dim3 blocks(static_cast<unsigned>((g.in_pixels() + kTile - 1) / kTile), static_cast<unsigned>(d.in_blocks()),
-                    static_cast<unsigned>((std::min(d.in_block, d.in_channels) + kTile - 1) / kTile));
+  const int64_t across = CeilDiv(std::min(d.in_block, d.in_channels), kTile);
+  if (CeilDiv(g.in_pixels(), kTile) > kMaxGridX || d.in_blocks() > kMaxGridYZ || across > kMaxGridYZ) {
+    return static_cast<int>(cudaErrorInvalidConfiguration);
+  }
+  const dim3 blocks(static_cast<unsigned>(CeilDiv(g.in_pixels(), kTile)), static_cast<unsigned>(d.in_blocks()),
+                    static_cast<unsigned>(across));
   ConvGradInput<<<blocks, kThreads, 0, s>>>(Dev(dy), Dev(filters), ws.factors, output_factors, d, ws.lists,
                                             ws.counts, Dev(dx));
   return static_cast<int>(cudaGetLastError());
@@ -767,7 +776,7 @@ int MaskedConv2DGradFilter(const Conv2DGeometry& g, const T* x, const T* dy, Mas
   if (FilterBlocks(d) == 0 || g.out_channels == 0) return 0;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const Workspace ws = IndexFilters(d, mask, workspace, s);
-  if (UseTensorCores(math, d)) {
+  if (Conv2DUsesTensorCores(g, Product::kGradWeight, math)) {
     const int64_t blocks =
         d.taps() * CeilDiv(d.in_channels, tc::kTileRows) * CeilDiv(d.out_channels, tc::kTileCols);
     if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
@@ -777,6 +786,7 @@ int MaskedConv2DGradFilter(const Conv2DGeometry& g, const T* x, const T* dy, Mas
   }
   const int64_t tiles = ((std::min(d.in_block, d.in_channels) + kTile - 1) / kTile) *
                         ((std::min(d.out_block, d.out_channels) + kTile - 1) / kTile);
+  if (FilterBlocks(d) > kMaxGridX || tiles > kMaxGridYZ) return static_cast<int>(cudaErrorInvalidConfiguration);
   const dim3 blocks(static_cast<unsigned>(FilterBlocks(d)), static_cast<unsigned>(tiles));
   ConvGradFilter<<<blocks, kThreads, 0, s>>>(Dev(x), Dev(dy), ws.factors, output_factors, ws.live, d,
                                              Dev(dfilters));

@@ -1,8 +1,7 @@
 // masked_conv2d on NVIDIA GPUs: the three products of masked_conv2d.h (NHWC),
 // with the same semantics, launched on a caller's stream. T is float or the
 // storage types Float16Bits / BFloat16Bits (float accumulators); GpuMath as
-// for masked_matmul (tensor cores where both channel block sizes cut the
-// channels on multiples of 16). The output
+// for masked_matmul (Conv2DUsesTensorCores). The output
 // mask comes as canonical float factors (CanonicalOutputFactors), or null for
 // none. Every launcher needs a device workspace of Conv2DWorkspaceBytes(...)
 // bytes, returns its launches' cudaError_t as an int (0 on success) and does
@@ -26,6 +25,11 @@ template <typename TOut>
 int CanonicalOutputFactors(const TOut* output_mask, int64_t pixels, float* factors, Stream stream);
 
 size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level);
+
+// Whether `product` runs on tensor cores under `math` on the current device:
+// the forward product needs the output-channel blocks cut on multiples of 16
+// (or not at all), dx the input-channel blocks, dfilters both.
+bool Conv2DUsesTensorCores(const Conv2DGeometry& g, Product product, GpuMath math);
 
 template <typename T, typename TMask>
 int MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskView<TMask> mask,

@@ -6,8 +6,9 @@
 // column (forward) or block row (dx), the live blocks to multiply. The
 // products then run over those lists only: a dead block is never read. Two
 // kinds of product: on tensor cores (tensor_core_tile.cuh; the half types,
-// and float32 as TF32 when allowed) for blocks whose edges fall on multiples
-// of 16, else plain shared-memory tiles of float FMAs (mask_factors.cuh).
+// and float32 as TF32 when allowed) where the output's block edges fall on
+// multiples of 16 (MatmulUsesTensorCores), else plain shared-memory tiles of
+// float FMAs (mask_factors.cuh).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -83,25 +84,28 @@ __global__ void LiveLists(const uint8_t* live, GridDims g, bool by_column, int32
   }
 }
 
-// out[m, out_cols] = a[m, depth] @ B for output group `blockIdx.y`, whose
+// out[m, out_cols] = a[m, depth] @ B for one output group, whose
 // columns are one block column of W (forward: B = masked W) or one block row
 // (transposed, dx: B = masked W^T), summing only over the group's live
-// blocks. blockIdx.x picks 64 rows, blockIdx.z 64 of the group's columns.
+// blocks. blockIdx.x walks (64 rows, group, 64 of the group's columns), the
+// last fastest, over `chunks` 64-column chunks per group.
 template <typename T, bool kTransposed>
 __global__ void __launch_bounds__(kThreads)
     BlockSparseProduct(const T* a, int64_t m, const T* w, const float* factors, bool element_level,
-                       GridDims g, const int32_t* lists, const int32_t* counts, T* out) {
+                       GridDims g, const int32_t* lists, const int32_t* counts, int64_t chunks, T* out) {
   __shared__ float a_tile[kDepthStep][kTile + 1];
   __shared__ float b_tile[kDepthStep][kTile + 1];
-  const int64_t group = blockIdx.y;
+  const int64_t groups = kTransposed ? g.grid_rows : g.grid_cols;
+  const int64_t chunk = int64_t(blockIdx.x) % chunks;
+  const int64_t group = int64_t(blockIdx.x) / chunks % groups;
   // Forward: depth runs down W's rows, output columns along W's columns.
   const int64_t depth_total = kTransposed ? g.cols : g.rows;
   const int64_t out_cols = kTransposed ? g.rows : g.cols;
   const int64_t depth_block = kTransposed ? g.block_cols : g.block_rows;
   const int64_t group_width = kTransposed ? g.block_rows : g.block_cols;
-  const int64_t col0 = group * group_width + int64_t(blockIdx.z) * kTile;
+  const int64_t col0 = group * group_width + chunk * kTile;
   const int64_t group_end = min(out_cols, (group + 1) * group_width);
-  const int64_t row0 = int64_t(blockIdx.x) * kTile;
+  const int64_t row0 = int64_t(blockIdx.x) / (chunks * groups) * kTile;
   if (col0 >= group_end) return;
   const int capacity = static_cast<int>(kTransposed ? g.grid_cols : g.grid_rows);
   const int tx = threadIdx.x % 16;
@@ -146,23 +150,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dw for block (blockIdx.x / grid_cols, blockIdx.x % grid_cols) (x allows
-// far more blocks than y), 64 x 64 of it per thread block (blockIdx.y walks
-// the block's tiles): x^T dy over all m rows, masked entry by entry; a dead
+// dw for block (b / grid_cols, b % grid_cols), 64 x 64 of it per thread
+// block: blockIdx.x walks (block b, tile of it), the tile fastest, over
+// `tiles` tiles per block: x^T dy over all m rows, masked entry by entry; a dead
 // block is written as zeros unread.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     BlockOuterProducts(const T* x, const T* dy, int64_t m, const float* factors, bool element_level,
-                       GridDims g, const uint8_t* live, T* dw) {
+                       GridDims g, const uint8_t* live, int64_t tiles, T* dw) {
   __shared__ float x_tile[kDepthStep][kTile + 1];
   __shared__ float dy_tile[kDepthStep][kTile + 1];
-  const int64_t block = blockIdx.x;
+  const int64_t block = int64_t(blockIdx.x) / tiles;
+  const int64_t tile = int64_t(blockIdx.x) % tiles;
   const int64_t bi = block / g.grid_cols;
   const int64_t bj = block % g.grid_cols;
   // Tiles of the block as launched: a block never extends past the matrix.
   const int64_t tiles_across = (min(g.cols, g.block_cols) + kTile - 1) / kTile;
-  const int64_t r0 = bi * g.block_rows + int64_t(blockIdx.y / tiles_across) * kTile;
-  const int64_t c0 = bj * g.block_cols + int64_t(blockIdx.y % tiles_across) * kTile;
+  const int64_t r0 = bi * g.block_rows + tile / tiles_across * kTile;
+  const int64_t c0 = bj * g.block_cols + tile % tiles_across * kTile;
   const int64_t r_end = min(g.rows, bi * g.block_rows + g.rows_in(bi));
   const int64_t c_end = min(g.cols, bj * g.block_cols + g.cols_in(bj));
   if (r0 >= r_end || c0 >= c_end) return;
@@ -396,10 +401,6 @@ Workspace IndexMask(const BlockGrid& grid, MaskView<TMask> mask, void* workspace
   return ws;
 }
 
-bool UseTensorCores(GpuMath math, const BlockGrid& grid) {
-  return math == GpuMath::kTensorCores && tc::FragmentAlignedBlocks(grid) && tc::DeviceSupportsTensorCores();
-}
-
 // One thread block per kTileRows x kTileCols tile of a rows x cols output.
 int64_t TensorCoreTiles(int64_t rows, int64_t cols) {
   return CeilDiv(rows, tc::kTileRows) * CeilDiv(cols, tc::kTileCols);
@@ -417,7 +418,7 @@ int RunProduct(const MatmulShape& shape, const T* a, const T* w, MaskView<TMask>
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const GridDims dims = DimsOf(grid);
   const bool element_level = mask.level == MaskLevel::kElement;
-  if (UseTensorCores(math, grid)) {
+  if (MatmulUsesTensorCores(grid, kTransposed ? Product::kGradInput : Product::kForward, math)) {
     const int64_t tiles = TensorCoreTiles(shape.m, out_cols);
     if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
     const Workspace ws = IndexMask(grid, mask, workspace, Lists::kNone, s);
@@ -428,14 +429,13 @@ int RunProduct(const MatmulShape& shape, const T* a, const T* w, MaskView<TMask>
   }
   const int64_t groups = kTransposed ? dims.grid_rows : dims.grid_cols;
   const int64_t group_width = kTransposed ? grid.block_rows : grid.block_cols;
-  // Output block columns (rows for dx) run along the grid's y, at most 65535.
-  if (groups > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const int64_t chunks = CeilDiv(std::min(group_width, out_cols), kTile);
+  const int64_t blocks = CeilDiv(shape.m, kTile) * groups * chunks;
+  if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
   const Workspace ws = IndexMask(grid, mask, workspace, kTransposed ? Lists::kByRow : Lists::kByColumn, s);
-  const dim3 blocks(static_cast<unsigned>((shape.m + kTile - 1) / kTile), static_cast<unsigned>(groups),
-                    static_cast<unsigned>((std::min(group_width, out_cols) + kTile - 1) / kTile));
-  BlockSparseProduct<D, kTransposed><<<blocks, kThreads, 0, s>>>(
+  BlockSparseProduct<D, kTransposed><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
       reinterpret_cast<const D*>(a), shape.m, reinterpret_cast<const D*>(w), ws.factors, element_level, dims,
-      ws.lists, ws.counts, reinterpret_cast<D*>(out));
+      ws.lists, ws.counts, chunks, reinterpret_cast<D*>(out));
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -449,6 +449,13 @@ bool DeviceSupportsTensorCores() {
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 8;
 }
 }  // namespace tensor_core
+
+bool MatmulUsesTensorCores(const BlockGrid& grid, Product product, GpuMath math) {
+  const bool rows = tc::FragmentAligned(grid.block_rows, grid.rows);
+  const bool cols = tc::FragmentAligned(grid.block_cols, grid.cols);
+  const bool aligned = product == Product::kForward ? cols : product == Product::kGradInput ? rows : rows && cols;
+  return math == GpuMath::kTensorCores && aligned && tc::DeviceSupportsTensorCores();
+}
 
 size_t GpuWorkspaceBytes(const BlockGrid& grid, MaskLevel level) {
   const int64_t blocks = grid.grid_rows() * grid.grid_cols();
@@ -478,7 +485,7 @@ int MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy, Ma
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const Workspace ws = IndexMask(grid, mask, workspace, Lists::kNone, s);
   const GridDims dims = DimsOf(grid);
-  if (UseTensorCores(math, grid)) {
+  if (MatmulUsesTensorCores(grid, Product::kGradWeight, math)) {
     const int64_t tiles = TensorCoreTiles(shape.k, shape.n);
     if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
     TensorCoreOuterProducts<D><<<static_cast<unsigned>(tiles), tc::kThreads, 0, s>>>(
@@ -486,11 +493,12 @@ int MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy, Ma
         mask.level == MaskLevel::kElement, dims, ws.live, reinterpret_cast<D*>(dw));
     return static_cast<int>(cudaGetLastError());
   }
-  const int64_t tiles = ((grid.packed_rows() + kTile - 1) / kTile) * ((grid.packed_cols() + kTile - 1) / kTile);
-  const dim3 blocks(static_cast<unsigned>(dims.grid_rows * dims.grid_cols), static_cast<unsigned>(tiles));
-  BlockOuterProducts<D><<<blocks, kThreads, 0, s>>>(
+  const int64_t tiles = CeilDiv(grid.packed_rows(), kTile) * CeilDiv(grid.packed_cols(), kTile);
+  const int64_t blocks = dims.grid_rows * dims.grid_cols * tiles;
+  if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+  BlockOuterProducts<D><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
       reinterpret_cast<const D*>(x), reinterpret_cast<const D*>(dy), shape.m, ws.factors,
-      mask.level == MaskLevel::kElement, dims, ws.live, reinterpret_cast<D*>(dw));
+      mask.level == MaskLevel::kElement, dims, ws.live, tiles, reinterpret_cast<D*>(dw));
   return static_cast<int>(cudaGetLastError());
 }
 

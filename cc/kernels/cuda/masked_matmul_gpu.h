@@ -35,6 +35,14 @@ using Stream = CUstream_st*;
 // FMAs on the CUDA cores (float32: exact up to summation order).
 enum class GpuMath { kCudaCores, kTensorCores };
 
+// The three products of an op: y, dx and the weight's (filters') gradient.
+enum class Product { kForward, kGradInput, kGradWeight };
+
+// Whether `product` over a weight of `grid` runs on tensor cores under
+// `math` on the current device: the forward product needs the block columns
+// cut on multiples of 16 (or not at all), dx the block rows, dW both.
+bool MatmulUsesTensorCores(const BlockGrid& grid, Product product, GpuMath math);
+
 // Device bytes of the live-block index for a weight of `grid` with a mask of
 // `level`.
 size_t GpuWorkspaceBytes(const BlockGrid& grid, MaskLevel level);

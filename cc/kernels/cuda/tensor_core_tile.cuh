@@ -7,8 +7,9 @@
 //
 // Fragments are 16 x 16 outputs, and a warp skips the fragments a stage
 // leaves dead: the products use that to skip dead blocks exactly, which is
-// why they take this path only for blocks whose edges fall on multiples of
-// 16 (FragmentAlignedBlocks).
+// why they take this path only where the blocks cut the output's columns
+// (and, for the weight gradients, its rows) on multiples of 16
+// (FragmentAligned).
 #ifndef MASKED_OPS_CC_KERNELS_CUDA_TENSOR_CORE_TILE_CUH_
 #define MASKED_OPS_CC_KERNELS_CUDA_TENSOR_CORE_TILE_CUH_
 
@@ -55,7 +56,7 @@ struct Traits<float> {
   using Smem = float;
   using Element = wmma::precision::tf32;
   static constexpr int kDepth = 8;
-  static constexpr int kPad = 4;
+  static constexpr int kPad = 8;  // 8 words: a row starts 8 banks on, so fragment rows do not collide
 };
 
 template <typename T, typename Layout>
@@ -97,8 +98,9 @@ constexpr int kOutputStride = kTileCols + 4;
 // Bytes of the A stage, either layout (the row-major one is the larger).
 template <typename T>
 constexpr int kABytes = kTileRows * kRowMajorAStride<T> * int(sizeof(typename Traits<T>::Smem));
-static_assert(kStageDepth * (kTileRows + 8) <= kTileRows * (kStageDepth + 8) &&
-                  kStageDepth * (kTileRows + 4) <= kTileRows * (kStageDepth + 4),
+template <typename T>
+constexpr bool kColumnMajorAFits = kStageDepth * kColMajorAStride<T> <= kTileRows * kRowMajorAStride<T>;
+static_assert(kColumnMajorAFits<float> && kColumnMajorAFits<__half> && kColumnMajorAFits<__nv_bfloat16>,
               "the column-major A stage must fit the row-major one's bytes");
 template <typename T>
 constexpr int kBBytes = kStageDepth * kBStride<T> * int(sizeof(typename Traits<T>::Smem));
@@ -199,13 +201,6 @@ __device__ inline void ForEachStaged(const float* staged, const Write& write) {
 // all: what the tensor-core products need to skip dead blocks exactly.
 __host__ __device__ inline bool FragmentAligned(int64_t block, int64_t extent) {
   return block % kFragment == 0 || block >= extent;
-}
-
-// Whether a grid's block edges fall on multiples of a fragment (or a
-// dimension is one block): what the tensor-core products need to skip dead
-// blocks exactly.
-inline bool FragmentAlignedBlocks(const BlockGrid& grid) {
-  return FragmentAligned(grid.block_rows, grid.rows) && FragmentAligned(grid.block_cols, grid.cols);
 }
 
 // Whether the current device has the tensor cores these kernels use
