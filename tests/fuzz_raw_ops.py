@@ -137,7 +137,7 @@ STEP_FLAGS = {
 
 
 def _elementwise_case(rng, op):
-    t = rng.choice(["float32", "float64"])
+    t = rng.choice(FLOAT_TYPES)
     shape = _small_shape(rng, rng.randint(1, 4), high=9)
     block_rows, block_cols = rng.randint(1, 5), rng.randint(1, 5)
     k, n = (shape[-2] if len(shape) >= 2 else 1), shape[-1]

@@ -359,3 +359,14 @@ def test_masked_update_with_row_slices_touches_only_their_rows(mode):
 def test_apply_without_variables_needs_a_built_optimizer():
     with pytest.raises(ValueError, match="needs a built optimizer"):
         BlockFreeze(keras.optimizers.SGD(0.1)).apply([tf.zeros((2, 2))])
+
+
+def test_array_masks_survive_a_step_traced_after_the_one_that_built_the_optimizer():
+    """BlockFreeze built inside the first traced step: a later trace (a new
+    input signature, a second tf.function) must not reach for a mask tensor
+    of the first trace's graph."""
+    w = keras.Variable(np.ones((40, 24), np.float32))
+    optimizer = BlockFreeze(keras.optimizers.SGD(0.1, momentum=0.9), [(w, GRAD_MASK)], block_size=BLOCK)
+    tf.function(lambda grad: optimizer.apply([grad], [w]))(tf.ones((40, 24)))
+    tf.function(lambda grad: optimizer.apply([grad], [w]))(tf.ones((40, 24)))
+    assert (w.numpy()[FROZEN] == 1).all() and (w.numpy()[~FROZEN] < 1).all()

@@ -142,7 +142,7 @@ def stacked_cases(draw, dtypes):
     return shape, attrs, draw(st.sampled_from(dtypes)), mask, draw(st.integers(0, 2**31 - 1))
 
 
-@given(stacked_cases([tf.float32, tf.float64]))
+@given(stacked_cases(FLOAT_TYPES))
 def test_mask_gradient(case):
     shape, attrs, dtype, mask, seed = case
     grad = normal(seed, shape, dtype)
@@ -156,7 +156,7 @@ def live_entries(mask, shape, attrs):
     return np.broadcast_to(live, shape)
 
 
-@given(stacked_cases([tf.float32, tf.float64]), st.sampled_from(["assign", "add", "sub"]))
+@given(stacked_cases(FLOAT_TYPES), st.sampled_from(["assign", "add", "sub"]))
 def test_masked_update_variable(case, mode):
     shape, attrs, dtype, mask, seed = case
     old, value = normal(seed, shape, dtype), normal(seed + 1, shape, dtype)

@@ -5,7 +5,9 @@
 // A tensor is `outer` stacked k x n matrices (a Dense kernel: outer = 1; a
 // conv kernel [kh, kw, k, n]: outer = kh * kw; a vector: k = 1). Its mask is
 // element-level (the tensor's shape) or block-level [ceil(k / block_rows),
-// ceil(n / block_cols)], the same for every matrix.
+// ceil(n / block_cols)], the same for every matrix. T is float, double or the
+// 16-bit storage types Float16Bits / BFloat16Bits, which are computed in float
+// (ComputeOf<T>) and rounded once per stored value.
 #ifndef MASKED_OPS_CC_KERNELS_BLOCK_ELEMENTWISE_H_
 #define MASKED_OPS_CC_KERNELS_BLOCK_ELEMENTWISE_H_
 
@@ -51,7 +53,7 @@ struct AdamStep {
 
 template <typename T, typename TMask>
 void MaskedAdamStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                    const AdamStep<T>& step, T* var, T* m, T* v, T* v_hat,
+                    const AdamStep<ComputeOf<T>>& step, T* var, T* m, T* v, T* v_hat,
                     const ParallelFor& parallel_for);
 
 template <typename T>
@@ -64,7 +66,7 @@ struct SgdStep {
 
 template <typename T, typename TMask>
 void MaskedSgdStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                   const SgdStep<T>& step, T* var, T* momentum, const ParallelFor& parallel_for);
+                   const SgdStep<ComputeOf<T>>& step, T* var, T* momentum, const ParallelFor& parallel_for);
 
 template <typename T>
 struct RmspropStep {
@@ -79,7 +81,7 @@ struct RmspropStep {
 
 template <typename T, typename TMask>
 void MaskedRmspropStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                       const RmspropStep<T>& step, T* var, T* velocity, T* momentum,
+                       const RmspropStep<ComputeOf<T>>& step, T* var, T* velocity, T* momentum,
                        T* average_grad, const ParallelFor& parallel_for);
 
 }  // namespace masked_ops

@@ -2,9 +2,11 @@
 #ifndef MASKED_OPS_CC_KERNELS_BLOCK_MASK_H_
 #define MASKED_OPS_CC_KERNELS_BLOCK_MASK_H_
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 namespace masked_ops {
@@ -62,6 +64,74 @@ inline float ToFloat(Float16Bits h) {
 }
 
 inline float ToFloat(BFloat16Bits b) { return BitsToFloat(static_cast<uint32_t>(b.bits) << 16); }
+
+inline uint32_t FloatToBits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// float -> float16, rounded to nearest even (as Eigen::half and NumPy round);
+// NaN stays NaN (quiet), overflow gives Inf.
+inline Float16Bits ToFloat16(float value) {
+  const uint32_t bits = FloatToBits(value);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t magnitude = bits & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return Float16Bits{static_cast<uint16_t>(sign | 0x7e00u | ((magnitude >> 13) & 0x3ffu))};
+  if (magnitude >= 0x477ff000u) return Float16Bits{static_cast<uint16_t>(sign | 0x7c00u)};  // >= 65520: Inf
+  if (magnitude < 0x38800000u) {
+    // Below 2^-14, float16 counts in units of 2^-24: the scaling is exact and
+    // nearbyint rounds half to even (the default rounding mode).
+    const float units = std::nearbyint(BitsToFloat(magnitude) * 16777216.0f);
+    return Float16Bits{static_cast<uint16_t>(sign | static_cast<uint16_t>(units))};
+  }
+  // Rebias the exponent (127 -> 15) and round the 23-bit mantissa to 10 bits;
+  // a carry out of the mantissa correctly bumps the exponent.
+  const uint32_t rounded = magnitude - 0x38000000u + 0xfffu + ((magnitude >> 13) & 1u);
+  return Float16Bits{static_cast<uint16_t>(sign | (rounded >> 13))};
+}
+
+// float -> bfloat16, rounded to nearest even; NaN stays NaN (quiet).
+inline BFloat16Bits ToBFloat16(float value) {
+  const uint32_t bits = FloatToBits(value);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return BFloat16Bits{static_cast<uint16_t>((bits >> 16) | 0x40u)};
+  return BFloat16Bits{static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16)};
+}
+
+// The type the CPU kernels compute a storage type in (float for the 16-bit
+// floats, the type itself otherwise), and the conversions between them.
+template <typename T>
+struct ComputeType {
+  using type = T;
+};
+template <>
+struct ComputeType<Float16Bits> {
+  using type = float;
+};
+template <>
+struct ComputeType<BFloat16Bits> {
+  using type = float;
+};
+template <typename T>
+using ComputeOf = typename ComputeType<T>::type;
+
+template <typename T>
+inline T Widen(T value) {
+  return value;
+}
+inline float Widen(Float16Bits value) { return ToFloat(value); }
+inline float Widen(BFloat16Bits value) { return ToFloat(value); }
+
+template <typename T>
+inline T Narrow(ComputeOf<T> value) {
+  if constexpr (std::is_same_v<T, Float16Bits>) {
+    return ToFloat16(value);
+  } else if constexpr (std::is_same_v<T, BFloat16Bits>) {
+    return ToBFloat16(value);
+  } else {
+    return value;
+  }
+}
 
 // A mask entry is live when it compares unequal to zero: NaN is live, -0 is not.
 template <typename TMask>

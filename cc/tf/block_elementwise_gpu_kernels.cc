@@ -38,7 +38,7 @@ struct GpuBackend {
   }
   template <typename T, typename Mask>
   static void AdamStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
-                       const masked_ops::AdamStep<T>& step, T* var, T* m, T* v, T* v_hat) {
+                       const masked_ops::AdamStep<ComputeT<T>>& step, T* var, T* m, T* v, T* v_hat) {
     Launch(ctx, stack, [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedAdamStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var), Storage(m),
                                  Storage(v), Storage(v_hat), workspace, stream);
@@ -46,7 +46,7 @@ struct GpuBackend {
   }
   template <typename T, typename Mask>
   static void SgdStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
-                      const masked_ops::SgdStep<T>& step, T* var, T* momentum) {
+                      const masked_ops::SgdStep<ComputeT<T>>& step, T* var, T* momentum) {
     Launch(ctx, stack, [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedSgdStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var),
                                 Storage(momentum), workspace, stream);
@@ -54,7 +54,7 @@ struct GpuBackend {
   }
   template <typename T, typename Mask>
   static void RmspropStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
-                          const masked_ops::RmspropStep<T>& step, T* var, T* velocity, T* momentum,
+                          const masked_ops::RmspropStep<ComputeT<T>>& step, T* var, T* velocity, T* momentum,
                           T* average_grad) {
     Launch(ctx, stack, [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedRmspropStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var),
@@ -73,8 +73,8 @@ struct GpuBackend {
 
 using ::tensorflow::register_kernel::Name;
 
-// The optimizer steps are float32 on the GPU (optimizer variables stay
-// float32 under mixed precision).
+// float64 has no GPU kernels (see README, Known limits): TensorFlow places a
+// float64 op on the CPU.
 #define MASKED_OPS_REGISTER_GPU(T, Mask)                                                                      \
   REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskGradient")                                                      \
                               .Device(::tensorflow::DEVICE_GPU)                                               \
@@ -117,7 +117,7 @@ using ::tensorflow::register_kernel::Name;
                               .HostMemory("weight_decay"),                                                    \
                           elementwise_kernels::MaskedRmspropStepOp<GpuBackend, T, Mask>);
 
-MASKED_OPS_FOR_EACH_MASK_TYPE(MASKED_OPS_REGISTER_GPU, float)
+MASKED_OPS_FOR_EACH_GPU_TF_TYPE_PAIR(MASKED_OPS_REGISTER_GPU)
 
 #undef MASKED_OPS_REGISTER_GPU
 

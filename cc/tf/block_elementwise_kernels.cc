@@ -22,37 +22,41 @@ struct CpuBackend {
   template <typename T, typename Mask>
   static void MaskGradient(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad, T* out) {
     RunKernel(ctx, [&] {
-      masked_ops::MaskGradient<T>(stack.outer, stack.grid, grad, stack.mask, out, IntraOpParallelFor(ctx));
+      masked_ops::MaskGradient(stack.outer, stack.grid, Storage(grad), stack.mask, Storage(out),
+                               IntraOpParallelFor(ctx));
     });
   }
   template <typename T, typename Mask>
   static void MaskedUpdate(OpKernelContext* ctx, const MatrixStack<Mask>& stack, UpdateMode mode, const T* value,
                            T* var) {
     RunKernel(ctx, [&] {
-      masked_ops::MaskedUpdate<T>(stack.outer, stack.grid, stack.mask, mode, value, var, IntraOpParallelFor(ctx));
+      masked_ops::MaskedUpdate(stack.outer, stack.grid, stack.mask, mode, Storage(value), Storage(var),
+                               IntraOpParallelFor(ctx));
     });
   }
   template <typename T, typename Mask>
   static void AdamStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
-                       const masked_ops::AdamStep<T>& step, T* var, T* m, T* v, T* v_hat) {
+                       const masked_ops::AdamStep<ComputeT<T>>& step, T* var, T* m, T* v, T* v_hat) {
     RunKernel(ctx, [&] {
-      MaskedAdamStep<T>(stack.outer, stack.grid, stack.mask, grad, step, var, m, v, v_hat, IntraOpParallelFor(ctx));
+      MaskedAdamStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var), Storage(m), Storage(v),
+                     Storage(v_hat), IntraOpParallelFor(ctx));
     });
   }
   template <typename T, typename Mask>
   static void SgdStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
-                      const masked_ops::SgdStep<T>& step, T* var, T* momentum) {
+                      const masked_ops::SgdStep<ComputeT<T>>& step, T* var, T* momentum) {
     RunKernel(ctx, [&] {
-      MaskedSgdStep<T>(stack.outer, stack.grid, stack.mask, grad, step, var, momentum, IntraOpParallelFor(ctx));
+      MaskedSgdStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var), Storage(momentum),
+                    IntraOpParallelFor(ctx));
     });
   }
   template <typename T, typename Mask>
   static void RmspropStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
-                          const masked_ops::RmspropStep<T>& step, T* var, T* velocity, T* momentum,
+                          const masked_ops::RmspropStep<ComputeT<T>>& step, T* var, T* velocity, T* momentum,
                           T* average_grad) {
     RunKernel(ctx, [&] {
-      MaskedRmspropStep<T>(stack.outer, stack.grid, stack.mask, grad, step, var, velocity, momentum, average_grad,
-                           IntraOpParallelFor(ctx));
+      MaskedRmspropStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var), Storage(velocity),
+                        Storage(momentum), Storage(average_grad), IntraOpParallelFor(ctx));
     });
   }
 };
@@ -75,7 +79,7 @@ using ::tensorflow::register_kernel::Name;
   MASKED_OPS_REGISTER_ONE("MaskedOps>MaskedSgdStep", MaskedSgdStepOp, T, Mask)                  \
   MASKED_OPS_REGISTER_ONE("MaskedOps>MaskedRmspropStep", MaskedRmspropStepOp, T, Mask)
 
-MASKED_OPS_FOR_EACH_TYPE_PAIR(MASKED_OPS_REGISTER)
+MASKED_OPS_FOR_EACH_TF_TYPE_PAIR(MASKED_OPS_REGISTER)
 
 #undef MASKED_OPS_REGISTER
 #undef MASKED_OPS_REGISTER_ONE

@@ -175,14 +175,15 @@ class MaskedUpdateVariableOp : public OpKernel {
   UpdateMode mode_ = UpdateMode::kAssign;
 };
 
+// The scalar input `input`, of the op's type T, as the kernels compute it.
 template <typename T>
-inline absl::Status ReadScalar(OpKernelContext* ctx, int input, absl::string_view name, T* value) {
+inline absl::Status ReadScalar(OpKernelContext* ctx, int input, absl::string_view name, ComputeT<T>* value) {
   const Tensor& tensor = ctx->input(input);
   if (!tensorflow::TensorShapeUtils::IsScalar(tensor.shape())) {
     return absl::InvalidArgumentError(
         absl::StrCat(name, " must be a scalar, got shape ", tensor.shape().DebugString()));
   }
-  *value = tensor.scalar<T>()();
+  *value = static_cast<ComputeT<T>>(tensor.scalar<T>()());
   return absl::OkStatus();
 }
 
@@ -217,14 +218,14 @@ class MaskedAdamStepOp : public MaskedStepKernel<Mask> {
     const Tensor& grad = ctx->input(4);
     MatrixStack<Mask> stack;
     OP_REQUIRES_OK(ctx, this->ViewGrad(ctx, 4, &stack));
-    AdamStep<T> step;
+    AdamStep<ComputeT<T>> step;
     step.amsgrad = amsgrad_;
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 6, "alpha", &step.alpha));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 7, "one_minus_beta_1", &step.one_minus_beta_1));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 8, "one_minus_beta_2", &step.one_minus_beta_2));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 9, "epsilon", &step.epsilon));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 10, "learning_rate", &step.learning_rate));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 11, "weight_decay", &step.weight_decay));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 6, "alpha", &step.alpha));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 7, "one_minus_beta_1", &step.one_minus_beta_1));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 8, "one_minus_beta_2", &step.one_minus_beta_2));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 9, "epsilon", &step.epsilon));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 10, "learning_rate", &step.learning_rate));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 11, "weight_decay", &step.weight_decay));
     LockedVariables<Backend> variables;
     OP_REQUIRES_OK(ctx, amsgrad_ ? variables.Lock(ctx, {0, 1, 2, 3}, {"variable", "m", "v", "v_hat"}, grad)
                                  : variables.Lock(ctx, {0, 1, 2}, {"variable", "m", "v"}, grad));
@@ -249,11 +250,11 @@ class MaskedSgdStepOp : public MaskedStepKernel<Mask> {
     const Tensor& grad = ctx->input(2);
     MatrixStack<Mask> stack;
     OP_REQUIRES_OK(ctx, this->ViewGrad(ctx, 2, &stack));
-    SgdStep<T> step;
+    SgdStep<ComputeT<T>> step;
     step.nesterov = nesterov_;
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 4, "learning_rate", &step.learning_rate));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 5, "momentum_factor", &step.momentum));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 6, "weight_decay", &step.weight_decay));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 4, "learning_rate", &step.learning_rate));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 5, "momentum_factor", &step.momentum));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 6, "weight_decay", &step.weight_decay));
     LockedVariables<Backend> variables;
     OP_REQUIRES_OK(ctx, use_momentum_ ? variables.Lock(ctx, {0, 1}, {"variable", "momentum"}, grad)
                                       : variables.Lock(ctx, {0}, {"variable"}, grad));
@@ -278,14 +279,14 @@ class MaskedRmspropStepOp : public MaskedStepKernel<Mask> {
     const Tensor& grad = ctx->input(4);
     MatrixStack<Mask> stack;
     OP_REQUIRES_OK(ctx, this->ViewGrad(ctx, 4, &stack));
-    RmspropStep<T> step;
+    RmspropStep<ComputeT<T>> step;
     step.centered = centered_;
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 6, "learning_rate", &step.learning_rate));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 7, "rho", &step.rho));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 8, "one_minus_rho", &step.one_minus_rho));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 9, "momentum_factor", &step.momentum));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 10, "epsilon", &step.epsilon));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx, 11, "weight_decay", &step.weight_decay));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 6, "learning_rate", &step.learning_rate));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 7, "rho", &step.rho));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 8, "one_minus_rho", &step.one_minus_rho));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 9, "momentum_factor", &step.momentum));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 10, "epsilon", &step.epsilon));
+    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 11, "weight_decay", &step.weight_decay));
     std::vector<int> inputs = {0, 1};
     std::vector<absl::string_view> names = {"variable", "velocity"};
     if (use_momentum_) {

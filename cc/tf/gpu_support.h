@@ -16,29 +16,6 @@
 
 namespace masked_ops {
 
-// TensorFlow's element types as the CUDA kernels take them.
-template <typename T>
-struct GpuStorage {
-  using type = T;
-};
-template <>
-struct GpuStorage<Eigen::half> {
-  using type = Float16Bits;
-};
-template <>
-struct GpuStorage<tensorflow::bfloat16> {
-  using type = BFloat16Bits;
-};
-
-template <typename T>
-const typename GpuStorage<T>::type* Storage(const T* p) {
-  return reinterpret_cast<const typename GpuStorage<T>::type*>(p);
-}
-template <typename T>
-typename GpuStorage<T>::type* Storage(T* p) {
-  return reinterpret_cast<typename GpuStorage<T>::type*>(p);
-}
-
 // The element types the GPU OpKernels are registered for.
 #define MASKED_OPS_FOR_EACH_GPU_TF_TYPE_PAIR(MACRO)    \
   MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, float)          \

@@ -45,6 +45,30 @@ struct TfMaskType<BFloat16Bits> {
 static_assert(sizeof(Eigen::half) == sizeof(Float16Bits), "half is 16 bits");
 static_assert(sizeof(tensorflow::bfloat16) == sizeof(BFloat16Bits), "bfloat16 is 16 bits");
 
+// TensorFlow's element types as the framework-free kernels take them (the
+// 16-bit floats as their bits), and pointers cast to them.
+template <typename T>
+struct KernelStorage {
+  using type = T;
+};
+template <>
+struct KernelStorage<Eigen::half> {
+  using type = Float16Bits;
+};
+template <>
+struct KernelStorage<tensorflow::bfloat16> {
+  using type = BFloat16Bits;
+};
+
+template <typename T>
+const typename KernelStorage<T>::type* Storage(const T* p) {
+  return reinterpret_cast<const typename KernelStorage<T>::type*>(p);
+}
+template <typename T>
+typename KernelStorage<T>::type* Storage(T* p) {
+  return reinterpret_cast<typename KernelStorage<T>::type*>(p);
+}
+
 inline ParallelFor IntraOpParallelFor(OpKernelContext* ctx) {
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
   return [workers](int64_t units, int64_t cost_per_unit,

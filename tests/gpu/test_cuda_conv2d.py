@@ -11,8 +11,8 @@ from harness import for_tests
 
 torch, HARNESS = for_tests()
 # float32 on tensor cores is TF32 (10-bit mantissa).
-TOLERANCE = {(torch.float32, False): 1e-4, (torch.float32, True): 2e-3, (torch.bfloat16, False): 6e-2,
-             (torch.bfloat16, True): 6e-2}
+TOLERANCE = {(torch.float32, False): 1e-4, (torch.float32, True): 2e-3, (torch.float16, False): 2e-2,
+             (torch.float16, True): 2e-2, (torch.bfloat16, False): 6e-2, (torch.bfloat16, True): 6e-2}
 # (n, h, w, cin, cout, (kh, kw), stride, dilation, (top, bottom, left, right))
 GEOMETRIES = [
     (1, 7, 7, 3, 17, (3, 3), 1, 1, (1, 1, 1, 1)),
@@ -60,7 +60,7 @@ def check(actual, expected, dtype, terms, tensor_cores):
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}x{g[1]}x{g[2]}x{g[3]}-{g[5][0]}x{g[5][1]}x{g[4]}-s{g[6]}-d{g[7]}")
 @pytest.mark.parametrize("level", ["block", "element"])
 @pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("block_and_tile", BLOCKS_AND_TILES, ids=lambda b: f"b{b[0][0]}x{b[0][1]}-t{b[1][0]}x{b[1][1]}")
 @pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "cuda-cores"])
 def test_conv_products_match_reference(geometry, level, with_output_mask, dtype, block_and_tile, tensor_cores):

@@ -64,6 +64,27 @@ def test_masked_update_leaves_frozen_bits(mode, level):
     np.testing.assert_array_equal(var.cpu().numpy(), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16_bit_types_match_the_product_and_sum_in_the_type(dtype):
+    """grad * cast(mask, T) and var + value in T, bit for bit: the kernels
+    compute in float and round once, which is what T's own product and sum
+    do (the factor is rounded to T first, as tf.cast rounds it)."""
+    rng = np.random.default_rng(4)
+    shape = (40, 24)
+    element = rng.choice([0.0, 1.5, -0.3, 1.1, 1e-9], shape)
+    mask = gpu(element)
+    grad = gpu(rng.standard_normal(shape) * 100, dtype)
+    out = HARNESS.elementwise("mask_gradient", grad, mask, "element", BLOCK,
+                              torch.full(shape, float("nan"), dtype=dtype, device="cuda"))
+    start, value = gpu(rng.standard_normal(shape), dtype), gpu(rng.standard_normal(shape), dtype)
+    var = start.clone()
+    HARNESS.elementwise("add", value, mask, "element", BLOCK, var)
+    torch.cuda.synchronize()
+    live = mask != 0
+    assert torch.equal(out, torch.where(live, grad * mask.to(dtype), torch.zeros_like(grad)))
+    assert torch.equal(var, torch.where(live, start + value, start))
+
+
 def adam_reference(w, m, v, v_hat, g, alpha, beta_1, beta_2, eps, lr, wd, amsgrad):
     w = w - w * wd * lr
     m = m + (g - m) * (1 - beta_1)

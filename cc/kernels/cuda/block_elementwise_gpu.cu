@@ -75,8 +75,9 @@ template <typename T>
 __global__ void MaskGradientKernel(const float* factors, const uint8_t* live, StackDims d, const T* grad,
                                    T* out) {
   ForBlock(factors, live, d, /*live_only=*/false, [&](int64_t i, float factor) {
-    // A dead entry is written without its gradient being read.
-    out[i] = FromFloat<T>(Live(factor) ? ToFloat(grad[i]) * factor : 0.0f);
+    // A dead entry is written without its gradient being read; a live one is
+    // scaled by its factor rounded to T, as tf.cast(mask, T) rounds it.
+    out[i] = FromFloat<T>(Live(factor) ? ToFloat(grad[i]) * ToFloat(FromFloat<T>(factor)) : 0.0f);
   });
 }
 

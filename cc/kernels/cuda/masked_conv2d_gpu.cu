@@ -40,10 +40,14 @@ struct ConvDims {
   }
 };
 
+// Block and tile sizes clamped to the extents they cut (the same blocks and
+// tiles), so that tile counts and row numbers stay in range for a raw
+// caller's sizes near 2^63.
 ConvDims DimsOf(const Conv2DGeometry& g, MaskLevel level) {
   return ConvDims{g.batch, g.in_h, g.in_w, g.in_channels, g.filter_h, g.filter_w, g.out_channels,
                   g.stride_h, g.stride_w, g.dilation_h, g.dilation_w, g.pad_top, g.pad_left, g.out_h,
-                  g.out_w, g.in_block, g.out_block, g.tile_h, g.tile_w, level == MaskLevel::kElement};
+                  g.out_w, ClampBlock(g.in_block, g.in_channels), ClampBlock(g.out_block, g.out_channels),
+                  ClampBlock(g.tile_h, g.out_h), ClampBlock(g.tile_w, g.out_w), level == MaskLevel::kElement};
 }
 
 template <typename TOut>

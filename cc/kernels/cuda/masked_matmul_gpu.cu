@@ -42,7 +42,10 @@ struct GridDims {
   }
 };
 
-GridDims DimsOf(const BlockGrid& grid) {
+// Block sizes clamped to the extents they cut (the same grid), so that no
+// index arithmetic meets a raw caller's block size near 2^63.
+GridDims DimsOf(const BlockGrid& unclamped) {
+  const BlockGrid grid = unclamped.Clamped();
   return GridDims{grid.rows, grid.cols, grid.block_rows, grid.block_cols, grid.grid_rows(),
                   grid.grid_cols()};
 }

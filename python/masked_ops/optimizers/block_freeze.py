@@ -4,6 +4,7 @@ import contextlib
 import threading
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from masked_ops.layers._base import GRAD_MASK_TAG, MaskedKernelLayer
@@ -132,7 +133,9 @@ class BlockFreeze(keras.optimizers.Optimizer):
 
         def freeze(variable, mask, block_size):
             if mask is not None:
-                mask = mask if isinstance(mask, keras.Variable) else tf.convert_to_tensor(mask)
+                # Arrays stay arrays: build() may run inside the first traced
+                # step, and a tensor made there belongs to that graph alone.
+                mask = mask if isinstance(mask, (keras.Variable, tf.Tensor)) else np.array(mask)
                 freezes[self.inner_optimizer._var_key(variable)] = _Freeze(mask, block_size, variable.shape)
 
         if isinstance(masks, dict):
