@@ -40,15 +40,21 @@ int WithMaskType(const char* mask_type, const Run& run) {
   return kUnknownType;
 }
 
+// Calls run(Tag<T>{}) for the named element type; `unknown` otherwise.
+template <typename Result, typename Run>
+Result WithElementType(const char* dtype, Result unknown, const Run& run) {
+  if (std::strcmp(dtype, "float32") == 0) return run(Tag<float>{});
+  if (std::strcmp(dtype, "float64") == 0) return run(Tag<double>{});
+  if (std::strcmp(dtype, "float16") == 0) return run(Tag<Float16Bits>{});
+  if (std::strcmp(dtype, "bfloat16") == 0) return run(Tag<BFloat16Bits>{});
+  return unknown;
+}
+
 template <typename Run>
 int WithTypes(const char* dtype, const char* mask_type, const Run& run) {
-  auto with = [&](auto element) {
+  return WithElementType(dtype, kUnknownType, [&](auto element) {
     return WithMaskType(mask_type, [&](auto mask) { return run(element, mask); });
-  };
-  if (std::strcmp(dtype, "float32") == 0) return with(Tag<float>{});
-  if (std::strcmp(dtype, "float16") == 0) return with(Tag<Float16Bits>{});
-  if (std::strcmp(dtype, "bfloat16") == 0) return with(Tag<BFloat16Bits>{});
-  return kUnknownType;
+  });
 }
 
 template <typename T>
@@ -73,19 +79,29 @@ Conv2DGeometry GeometryOf(const int64_t* f) {
 
 int64_t AlignUp(int64_t bytes) { return (bytes + 255) / 256 * 256; }
 
+// The conv kernels' own workspace, rounded up to where the output mask's
+// factors start.
+template <typename T>
+int64_t KernelsWorkspace(const Conv2DGeometry& g, int level) {
+  return AlignUp(static_cast<int64_t>(Conv2DWorkspaceBytes<T>(g, LevelOf(level))));
+}
+
 }  // namespace
 }  // namespace gpu
 }  // namespace masked_ops
 
 extern "C" {
 
-// Bytes of device workspace a product over a k x n weight needs; level 0 is
-// an element mask, 1 a block mask.
-size_t masked_ops_gpu_workspace_bytes(int64_t k, int64_t n, int64_t block_rows, int64_t block_cols,
-                                      int level) {
-  return masked_ops::gpu::GpuWorkspaceBytes(masked_ops::BlockGrid{k, n, block_rows, block_cols},
-                                            level == 0 ? masked_ops::MaskLevel::kElement
-                                                       : masked_ops::MaskLevel::kBlock);
+// Bytes of device workspace a product over a k x n weight of dtype needs;
+// level 0 is an element mask, 1 a block mask. Every workspace query returns 0
+// for an unknown dtype.
+size_t masked_ops_gpu_workspace_bytes(const char* dtype, int64_t k, int64_t n, int64_t block_rows,
+                                      int64_t block_cols, int level) {
+  using namespace masked_ops::gpu;
+  return WithElementType(dtype, size_t{0}, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return GpuWorkspaceBytes<T>(masked_ops::BlockGrid{k, n, block_rows, block_cols}, LevelOf(level));
+  });
 }
 
 // product 0: out = a @ W (a = x [m, k]); 1: out = a @ W^T (a = dy [m, n]);
@@ -122,24 +138,31 @@ int masked_ops_gpu_matmul(int product, const char* dtype, const char* mask_dtype
   });
 }
 
-// 1 when product (0, 1, 2 as above) over a k x n weight runs on tensor cores
-// on the current device with tensor_cores set, else 0 (-1000: unknown product).
-int masked_ops_gpu_matmul_uses_tensor_cores(int product, int64_t k, int64_t n, int64_t block_rows,
-                                            int64_t block_cols, int tensor_cores) {
+// 1 when product (0, 1, 2 as above) over a k x n weight of dtype runs on
+// tensor cores on the current device with tensor_cores set, else 0 (-1000:
+// unknown product or dtype).
+int masked_ops_gpu_matmul_uses_tensor_cores(int product, const char* dtype, int64_t k, int64_t n,
+                                            int64_t block_rows, int64_t block_cols, int tensor_cores) {
   using namespace masked_ops::gpu;
   if (!KnownProduct(product)) return kUnknownType;
-  return MatmulUsesTensorCores(masked_ops::BlockGrid{k, n, block_rows, block_cols}, ProductOf(product),
-                               MathOf(tensor_cores))
-             ? 1
-             : 0;
+  return WithElementType(dtype, kUnknownType, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return MatmulUsesTensorCores<T>(masked_ops::BlockGrid{k, n, block_rows, block_cols}, ProductOf(product),
+                                    MathOf(tensor_cores))
+               ? 1
+               : 0;
+  });
 }
 
 // The elementwise ops over `outer` stacked k x n matrices (see
 // block_elementwise_gpu.h).
-size_t masked_ops_gpu_elementwise_workspace_bytes(int64_t outer, int64_t k, int64_t n, int64_t block_rows,
-                                                  int64_t block_cols, int level) {
-  return masked_ops::gpu::ElementwiseWorkspaceBytes(
-      outer, masked_ops::BlockGrid{k, n, block_rows, block_cols}, masked_ops::gpu::LevelOf(level));
+size_t masked_ops_gpu_elementwise_workspace_bytes(const char* dtype, int64_t outer, int64_t k, int64_t n,
+                                                  int64_t block_rows, int64_t block_cols, int level) {
+  using namespace masked_ops::gpu;
+  return WithElementType(dtype, size_t{0}, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return ElementwiseWorkspaceBytes<T>(outer, masked_ops::BlockGrid{k, n, block_rows, block_cols}, LevelOf(level));
+  });
 }
 
 // op: 0 mask_gradient(a = grad, out); 1/2/3 masked_update assign/add/sub
@@ -148,8 +171,8 @@ size_t masked_ops_gpu_elementwise_workspace_bytes(int64_t outer, int64_t k, int6
 // flag = amsgrad); 5 sgd (state = momentum or 0; scalars = learning_rate,
 // momentum, weight_decay; flag = nesterov); 6 rmsprop (state = velocity,
 // momentum or 0, average_grad or 0; scalars = learning_rate, rho, 1 - rho,
-// momentum, epsilon, weight_decay; flag = centered). out is the variable for
-// ops 1-6.
+// momentum, epsilon, weight_decay; flag = centered). Scalars come as float
+// (widened to double for float64). out is the variable for ops 1-6.
 int masked_ops_gpu_elementwise(int op, const char* dtype, const char* mask_dtype, int64_t outer, int64_t k,
                                int64_t n, int64_t block_rows, int64_t block_cols, uintptr_t a, uintptr_t mask,
                                int level, uintptr_t out, const uintptr_t* state, const float* scalars,
@@ -160,6 +183,7 @@ int masked_ops_gpu_elementwise(int op, const char* dtype, const char* mask_dtype
   return WithTypes(dtype, mask_dtype, [&](auto element, auto mask_tag) {
     using T = typename decltype(element)::type;
     using TMask = typename decltype(mask_tag)::type;
+    using C = ComputeOf<T>;
     const MaskView<TMask> view{Ptr<const TMask>(mask), LevelOf(level)};
     void* space = Ptr<void>(workspace);
     Stream s = Ptr<CUstream_st>(stream);
@@ -173,18 +197,19 @@ int masked_ops_gpu_elementwise(int op, const char* dtype, const char* mask_dtype
         return MaskedUpdate<T, TMask>(outer, grid, view, mode, Ptr<const T>(a), Ptr<T>(out), space, s);
       }
       case 4: {
-        const AdamStep<float> step{scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5], flag != 0};
+        const AdamStep<C> step{C(scalars[0]), C(scalars[1]), C(scalars[2]), C(scalars[3]), C(scalars[4]),
+                               C(scalars[5]), flag != 0};
         return MaskedAdamStep<T, TMask>(outer, grid, view, Ptr<const T>(a), step, Ptr<T>(out), Ptr<T>(state[0]),
                                         Ptr<T>(state[1]), Ptr<T>(state[2]), space, s);
       }
       case 5: {
-        const SgdStep<float> step{scalars[0], scalars[1], flag != 0, scalars[2]};
+        const SgdStep<C> step{C(scalars[0]), C(scalars[1]), flag != 0, C(scalars[2])};
         return MaskedSgdStep<T, TMask>(outer, grid, view, Ptr<const T>(a), step, Ptr<T>(out), Ptr<T>(state[0]),
                                        space, s);
       }
       case 6: {
-        const RmspropStep<float> step{scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], flag != 0,
-                                      scalars[5]};
+        const RmspropStep<C> step{C(scalars[0]), C(scalars[1]), C(scalars[2]), C(scalars[3]), C(scalars[4]),
+                                  flag != 0, C(scalars[5])};
         return MaskedRmspropStep<T, TMask>(outer, grid, view, Ptr<const T>(a), step, Ptr<T>(out),
                                            Ptr<T>(state[0]), Ptr<T>(state[1]), Ptr<T>(state[2]), space, s);
       }
@@ -194,13 +219,16 @@ int masked_ops_gpu_elementwise(int op, const char* dtype, const char* mask_dtype
   });
 }
 
-// Device workspace of a conv product: the kernels' own, then room for the
-// output mask's canonical factors.
-size_t masked_ops_gpu_conv2d_workspace_bytes(const int64_t* geometry, int level) {
+// Device workspace of a conv product of dtype: the kernels' own, then room
+// for the output mask's canonical factors.
+size_t masked_ops_gpu_conv2d_workspace_bytes(const char* dtype, const int64_t* geometry, int level) {
   using namespace masked_ops::gpu;
   const masked_ops::Conv2DGeometry g = GeometryOf(geometry);
-  return static_cast<size_t>(AlignUp(static_cast<int64_t>(Conv2DWorkspaceBytes(g, LevelOf(level)))) +
-                             AlignUp(g.out_pixels() * int64_t(sizeof(float))));
+  return WithElementType(dtype, size_t{0}, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return static_cast<size_t>(KernelsWorkspace<T>(g, level) +
+                               AlignUp(g.out_pixels() * int64_t(sizeof(masked_ops::ComputeOf<T>))));
+  });
 }
 
 // product 0: out = y from a = x, b = filters; 1: out = dx from a = dy,
@@ -216,19 +244,19 @@ int masked_ops_gpu_conv2d(int product, const char* dtype, const char* mask_dtype
   const Conv2DGeometry g = GeometryOf(geometry);
   Stream s = Ptr<CUstream_st>(stream);
   void* space = Ptr<void>(workspace);
-  float* factors = nullptr;
-  if (output_mask != 0 && output_mask_dtype != nullptr) {
-    factors = reinterpret_cast<float*>(static_cast<char*>(space) +
-                                       AlignUp(static_cast<int64_t>(Conv2DWorkspaceBytes(g, LevelOf(level)))));
-    const int status = WithMaskType(output_mask_dtype, [&](auto tag) {
-      using TOut = typename decltype(tag)::type;
-      return CanonicalOutputFactors<TOut>(Ptr<const TOut>(output_mask), g.out_pixels(), factors, s);
-    });
-    if (status != 0) return status;
-  }
   return WithTypes(dtype, mask_dtype, [&](auto element, auto mask_tag) {
     using T = typename decltype(element)::type;
     using TMask = typename decltype(mask_tag)::type;
+    using F = ComputeOf<T>;
+    F* factors = nullptr;
+    if (output_mask != 0 && output_mask_dtype != nullptr) {
+      factors = reinterpret_cast<F*>(static_cast<char*>(space) + KernelsWorkspace<T>(g, level));
+      const int status = WithMaskType(output_mask_dtype, [&](auto tag) {
+        using TOut = typename decltype(tag)::type;
+        return CanonicalOutputFactors<TOut, F>(Ptr<const TOut>(output_mask), g.out_pixels(), factors, s);
+      });
+      if (status != 0) return status;
+    }
     const MaskView<TMask> view{Ptr<const TMask>(mask), LevelOf(level)};
     const GpuMath math = MathOf(tensor_cores);
     switch (ProductOf(product)) {
@@ -249,10 +277,14 @@ int masked_ops_gpu_conv2d(int product, const char* dtype, const char* mask_dtype
 
 // 1 when conv product (0, 1, 2 as above) runs on tensor cores on the current
 // device with tensor_cores set, else 0 (-1000: unknown product).
-int masked_ops_gpu_conv2d_uses_tensor_cores(int product, const int64_t* geometry, int tensor_cores) {
+int masked_ops_gpu_conv2d_uses_tensor_cores(int product, const char* dtype, const int64_t* geometry,
+                                            int tensor_cores) {
   using namespace masked_ops::gpu;
   if (!KnownProduct(product)) return kUnknownType;
-  return Conv2DUsesTensorCores(GeometryOf(geometry), ProductOf(product), MathOf(tensor_cores)) ? 1 : 0;
+  return WithElementType(dtype, kUnknownType, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return Conv2DUsesTensorCores<T>(GeometryOf(geometry), ProductOf(product), MathOf(tensor_cores)) ? 1 : 0;
+  });
 }
 
 }  // extern "C"

@@ -24,14 +24,14 @@ struct GpuBackend {
 
   template <typename T, typename Mask>
   static void MaskGradient(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad, T* out) {
-    Launch(ctx, stack, [&](void* workspace, gpu::Stream stream) {
+    Launch<T>(ctx, stack, [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskGradient(stack.outer, stack.grid, Storage(grad), stack.mask, Storage(out), workspace, stream);
     });
   }
   template <typename T, typename Mask>
   static void MaskedUpdate(OpKernelContext* ctx, const MatrixStack<Mask>& stack, UpdateMode mode, const T* value,
                            T* var) {
-    Launch(ctx, stack, [&](void* workspace, gpu::Stream stream) {
+    Launch<T>(ctx, stack, [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedUpdate(stack.outer, stack.grid, stack.mask, mode, Storage(value), Storage(var), workspace,
                                stream);
     });
@@ -39,7 +39,7 @@ struct GpuBackend {
   template <typename T, typename Mask>
   static void AdamStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
                        const masked_ops::AdamStep<ComputeT<T>>& step, T* var, T* m, T* v, T* v_hat) {
-    Launch(ctx, stack, [&](void* workspace, gpu::Stream stream) {
+    Launch<T>(ctx, stack, [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedAdamStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var), Storage(m),
                                  Storage(v), Storage(v_hat), workspace, stream);
     });
@@ -47,7 +47,7 @@ struct GpuBackend {
   template <typename T, typename Mask>
   static void SgdStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
                       const masked_ops::SgdStep<ComputeT<T>>& step, T* var, T* momentum) {
-    Launch(ctx, stack, [&](void* workspace, gpu::Stream stream) {
+    Launch<T>(ctx, stack, [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedSgdStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var),
                                 Storage(momentum), workspace, stream);
     });
@@ -56,16 +56,18 @@ struct GpuBackend {
   static void RmspropStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
                           const masked_ops::RmspropStep<ComputeT<T>>& step, T* var, T* velocity, T* momentum,
                           T* average_grad) {
-    Launch(ctx, stack, [&](void* workspace, gpu::Stream stream) {
+    Launch<T>(ctx, stack, [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedRmspropStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var),
                                     Storage(velocity), Storage(momentum), Storage(average_grad), workspace, stream);
     });
   }
 
-  template <typename Mask, typename Run>
+  template <typename T, typename Mask, typename Run>
   static void Launch(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const Run& run) {
-    LaunchWithWorkspace(
-        ctx, static_cast<int64_t>(gpu::ElementwiseWorkspaceBytes(stack.outer, stack.grid, stack.mask.level)), run);
+    LaunchWithWorkspace(ctx,
+                        static_cast<int64_t>(gpu::ElementwiseWorkspaceBytes<typename KernelStorage<T>::type>(
+                            stack.outer, stack.grid, stack.mask.level)),
+                        run);
   }
 };
 
@@ -73,8 +75,6 @@ struct GpuBackend {
 
 using ::tensorflow::register_kernel::Name;
 
-// float64 has no GPU kernels (see README, Known limits): TensorFlow places a
-// float64 op on the CPU.
 #define MASKED_OPS_REGISTER_GPU(T, Mask)                                                                      \
   REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskGradient")                                                      \
                               .Device(::tensorflow::DEVICE_GPU)                                               \

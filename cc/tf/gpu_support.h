@@ -19,14 +19,17 @@ namespace masked_ops {
 // The element types the GPU OpKernels are registered for.
 #define MASKED_OPS_FOR_EACH_GPU_TF_TYPE_PAIR(MACRO)    \
   MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, float)          \
+  MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, double)         \
   MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, ::Eigen::half)  \
   MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, ::tensorflow::bfloat16)
 
 // Tensor cores for the half types, and for float32 as TF32 when TensorFlow's
 // own matmuls and convolutions may
-// (tf.config.experimental.enable_tensor_float_32_execution, on by default).
+// (tf.config.experimental.enable_tensor_float_32_execution, on by default);
+// double always on CUDA cores.
 template <typename T>
 gpu::GpuMath GpuMathFor() {
+  if (std::is_same_v<T, double>) return gpu::GpuMath::kCudaCores;
   if (std::is_same_v<T, float> && !tsl::tensor_float_32_execution_enabled()) return gpu::GpuMath::kCudaCores;
   return gpu::GpuMath::kTensorCores;
 }

@@ -15,21 +15,23 @@ namespace masked_ops {
 namespace {
 
 struct GpuBackend {
-  // The CUDA kernels take canonical float factors whatever T is.
+  // The CUDA kernels take canonical factors in T's compute type (float, or
+  // double for double).
   template <typename T>
-  using Factor = float;
+  using Factor = ComputeT<T>;
 
   template <typename T>
   static absl::Status ConvertOutputMask(OpKernelContext* ctx, const Tensor& output_mask, Tensor* storage,
-                                        const float** factors) {
+                                        const Factor<T>** factors) {
     const int64_t pixels = output_mask.NumElements();
-    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({pixels}), storage));
-    float* out = storage->flat<float>().data();
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DataTypeToEnum<Factor<T>>::value, TensorShape({pixels}),
+                                          storage));
+    Factor<T>* out = storage->flat<Factor<T>>().data();
     *factors = out;
     switch (output_mask.dtype()) {
 #define MASKED_OPS_CONVERT(unused, Mask)                                                            \
   case ::tensorflow::DataTypeToEnum<TfMaskType<Mask>::type>::value:                                 \
-    return LaunchStatus(ctx, gpu::CanonicalOutputFactors<Mask>(                                     \
+    return LaunchStatus(ctx, gpu::CanonicalOutputFactors<Mask, Factor<T>>(                          \
                                  reinterpret_cast<const Mask*>(                                     \
                                      output_mask.flat<TfMaskType<Mask>::type>().data()),            \
                                  pixels, out, OpStream(ctx)));
@@ -43,29 +45,30 @@ struct GpuBackend {
 
   template <typename T, typename Mask>
   static void Forward(OpKernelContext* ctx, const Conv2DGeometry& g, const T* x, const T* filters,
-                      MaskView<Mask> mask, const float* factors, T* y) {
-    LaunchWithWorkspace(ctx, WorkspaceBytes(g, mask.level), [&](void* workspace, gpu::Stream stream) {
+                      MaskView<Mask> mask, const Factor<T>* factors, T* y) {
+    LaunchWithWorkspace(ctx, WorkspaceBytes<T>(g, mask.level), [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedConv2D(g, Storage(x), Storage(filters), mask, factors, Storage(y), workspace, GpuMathFor<T>(), stream);
     });
   }
   template <typename T, typename Mask>
   static void GradInput(OpKernelContext* ctx, const Conv2DGeometry& g, const T* dy, const T* filters,
-                        MaskView<Mask> mask, const float* factors, T* dx) {
-    LaunchWithWorkspace(ctx, WorkspaceBytes(g, mask.level), [&](void* workspace, gpu::Stream stream) {
+                        MaskView<Mask> mask, const Factor<T>* factors, T* dx) {
+    LaunchWithWorkspace(ctx, WorkspaceBytes<T>(g, mask.level), [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedConv2DGradInput(g, Storage(dy), Storage(filters), mask, factors, Storage(dx), workspace, GpuMathFor<T>(), stream);
     });
   }
   template <typename T, typename Mask>
   static void GradFilter(OpKernelContext* ctx, const Conv2DGeometry& g, const T* x, const T* dy,
-                         MaskView<Mask> mask, const float* factors, T* dfilters) {
-    LaunchWithWorkspace(ctx, WorkspaceBytes(g, mask.level), [&](void* workspace, gpu::Stream stream) {
+                         MaskView<Mask> mask, const Factor<T>* factors, T* dfilters) {
+    LaunchWithWorkspace(ctx, WorkspaceBytes<T>(g, mask.level), [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedConv2DGradFilter(g, Storage(x), Storage(dy), mask, factors, Storage(dfilters), workspace, GpuMathFor<T>(),
                                          stream);
     });
   }
 
+  template <typename T>
   static int64_t WorkspaceBytes(const Conv2DGeometry& g, MaskLevel level) {
-    return static_cast<int64_t>(gpu::Conv2DWorkspaceBytes(g, level));
+    return static_cast<int64_t>(gpu::Conv2DWorkspaceBytes<typename KernelStorage<T>::type>(g, level));
   }
 };
 

@@ -35,9 +35,9 @@ def library_path():
 def load():
     library = ctypes.CDLL(str(library_path()))
     library.masked_ops_gpu_workspace_bytes.restype = ctypes.c_size_t
-    library.masked_ops_gpu_workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int]
+    library.masked_ops_gpu_workspace_bytes.argtypes = [ctypes.c_char_p] + [ctypes.c_int64] * 4 + [ctypes.c_int]
     library.masked_ops_gpu_elementwise_workspace_bytes.restype = ctypes.c_size_t
-    library.masked_ops_gpu_elementwise_workspace_bytes.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_int]
+    library.masked_ops_gpu_elementwise_workspace_bytes.argtypes = [ctypes.c_char_p] + [ctypes.c_int64] * 5 + [ctypes.c_int]
     library.masked_ops_gpu_elementwise.restype = ctypes.c_int
     library.masked_ops_gpu_elementwise.argtypes = (
         [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p] + [ctypes.c_int64] * 5
@@ -45,17 +45,19 @@ def load():
                                    ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     )
     library.masked_ops_gpu_conv2d_workspace_bytes.restype = ctypes.c_size_t
-    library.masked_ops_gpu_conv2d_workspace_bytes.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+    library.masked_ops_gpu_conv2d_workspace_bytes.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int64),
+                                                              ctypes.c_int]
     library.masked_ops_gpu_conv2d.restype = ctypes.c_int
     library.masked_ops_gpu_conv2d.argtypes = (
         [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int64)]
         + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p]
     )
     library.masked_ops_gpu_matmul_uses_tensor_cores.restype = ctypes.c_int
-    library.masked_ops_gpu_matmul_uses_tensor_cores.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    library.masked_ops_gpu_matmul_uses_tensor_cores.argtypes = ([ctypes.c_int, ctypes.c_char_p] + [ctypes.c_int64] * 4
+                                                                + [ctypes.c_int])
     library.masked_ops_gpu_conv2d_uses_tensor_cores.restype = ctypes.c_int
-    library.masked_ops_gpu_conv2d_uses_tensor_cores.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
-                                                                ctypes.c_int]
+    library.masked_ops_gpu_conv2d_uses_tensor_cores.argtypes = [ctypes.c_int, ctypes.c_char_p,
+                                                                ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
     library.masked_ops_gpu_matmul.restype = ctypes.c_int
     library.masked_ops_gpu_matmul.argtypes = (
         [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p] + [ctypes.c_int64] * 5
@@ -80,7 +82,7 @@ class Harness:
         rows, cols = block_size
         level_code = 0 if level == "element" else 1
         workspace = self.torch.empty(
-            self.library.masked_ops_gpu_workspace_bytes(k, n, rows, cols, level_code),
+            self.library.masked_ops_gpu_workspace_bytes(dtype_name(a).encode(), k, n, rows, cols, level_code),
             dtype=self.torch.uint8, device=a.device)
         status = self.library.masked_ops_gpu_matmul(
             PRODUCTS[product], dtype_name(a).encode(), dtype_name(mask).encode(), m, k, n, rows, cols,
@@ -90,16 +92,17 @@ class Harness:
             raise RuntimeError(f"masked_ops_gpu_matmul({product}) failed with status {status}")
         return out
 
-    def uses_tensor_cores(self, product, shape, block_size, tensor_cores=True):
-        """Whether run(product, ...) over this shape takes the tensor-core kernels."""
+    def uses_tensor_cores(self, product, dtype, shape, block_size, tensor_cores=True):
+        """Whether run(product, ...) on dtype tensors of this shape takes the tensor-core kernels."""
         _, k, n = shape
-        return self.library.masked_ops_gpu_matmul_uses_tensor_cores(PRODUCTS[product], k, n, *block_size,
-                                                                    int(tensor_cores)) == 1
+        return self.library.masked_ops_gpu_matmul_uses_tensor_cores(
+            PRODUCTS[product], str(dtype).replace("torch.", "").encode(), k, n, *block_size, int(tensor_cores)) == 1
 
-    def conv2d_uses_tensor_cores(self, product, geometry, tensor_cores=True):
-        """Whether conv2d(product, ...) with this geometry takes the tensor-core kernels."""
+    def conv2d_uses_tensor_cores(self, product, dtype, geometry, tensor_cores=True):
+        """Whether conv2d(product, ...) on dtype tensors with this geometry takes the tensor-core kernels."""
         fields = (ctypes.c_int64 * 19)(*geometry)
-        return self.library.masked_ops_gpu_conv2d_uses_tensor_cores(PRODUCTS[product], fields, int(tensor_cores)) == 1
+        return self.library.masked_ops_gpu_conv2d_uses_tensor_cores(
+            PRODUCTS[product], str(dtype).replace("torch.", "").encode(), fields, int(tensor_cores)) == 1
 
     def elementwise(self, op, a, mask, level, block_size, out, state=(), scalars=(), flag=False):
         """An elementwise op over a as [outer, k, n] (see cc/bindings/cuda_harness.cc);
@@ -109,7 +112,8 @@ class Harness:
         rows, cols = block_size
         level_code = 0 if level == "element" else 1
         workspace = self.torch.empty(
-            self.library.masked_ops_gpu_elementwise_workspace_bytes(outer, k, n, rows, cols, level_code),
+            self.library.masked_ops_gpu_elementwise_workspace_bytes(dtype_name(a).encode(), outer, k, n, rows, cols,
+                                                                    level_code),
             dtype=self.torch.uint8, device=a.device)
         pointers = [0 if t is None else t.data_ptr() for t in state] + [0] * (3 - len(state))
         state_array = (ctypes.c_void_p * 3)(*pointers)
@@ -127,7 +131,8 @@ class Harness:
         holds Conv2DGeometry's 19 fields in order."""
         fields = (ctypes.c_int64 * 19)(*geometry)
         level_code = 0 if level == "element" else 1
-        workspace = self.torch.empty(self.library.masked_ops_gpu_conv2d_workspace_bytes(fields, level_code),
+        workspace = self.torch.empty(self.library.masked_ops_gpu_conv2d_workspace_bytes(dtype_name(a).encode(), fields,
+                                                                                        level_code),
                                      dtype=self.torch.uint8, device=a.device)
         status = self.library.masked_ops_gpu_conv2d(
             PRODUCTS[product], dtype_name(a).encode(), dtype_name(mask).encode(),

@@ -11,7 +11,7 @@ from harness import for_tests
 
 torch, HARNESS = for_tests()
 # float32 on tensor cores is TF32 (10-bit mantissa).
-TOLERANCE = {(torch.float32, False): 1e-4, (torch.float32, True): 2e-3, (torch.float16, False): 2e-2,
+TOLERANCE = {(torch.float64, False): 1e-12, (torch.float64, True): 1e-12, (torch.float32, False): 1e-4, (torch.float32, True): 2e-3, (torch.float16, False): 2e-2,
              (torch.float16, True): 2e-2, (torch.bfloat16, False): 6e-2, (torch.bfloat16, True): 6e-2}
 # (n, h, w, cin, cout, (kh, kw), stride, dilation, (top, bottom, left, right))
 GEOMETRIES = [
@@ -50,7 +50,7 @@ def reference(x, filters, element, output_mask, stride, dilation, pads, dy):
 
 
 def check(actual, expected, dtype, terms, tensor_cores):
-    actual = actual.float().cpu().numpy().astype(np.float64)
+    actual = actual.double().cpu().numpy()
     assert np.isfinite(actual).all(), "an output element was left unwritten or took a masked NaN"
     tolerance = TOLERANCE[dtype, tensor_cores]
     scale = math.sqrt(terms) * max(1.0, np.abs(expected).max())
@@ -60,7 +60,7 @@ def check(actual, expected, dtype, terms, tensor_cores):
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}x{g[1]}x{g[2]}x{g[3]}-{g[5][0]}x{g[5][1]}x{g[4]}-s{g[6]}-d{g[7]}")
 @pytest.mark.parametrize("level", ["block", "element"])
 @pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("block_and_tile", BLOCKS_AND_TILES, ids=lambda b: f"b{b[0][0]}x{b[0][1]}-t{b[1][0]}x{b[1][1]}")
 @pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "cuda-cores"])
 def test_conv_products_match_reference(geometry, level, with_output_mask, dtype, block_and_tile, tensor_cores):
@@ -84,8 +84,8 @@ def test_conv_products_match_reference(geometry, level, with_output_mask, dtype,
     filters = rng.standard_normal((kh, kw, cin, cout))
     f_t = on_gpu(np.where(element == 0, np.nan, filters))  # masked-out filters never leak
     dy_t = on_gpu(rng.standard_normal((n, out_h, out_w, cout)))
-    x, dy = (t.float().cpu().numpy().astype(np.float64) for t in (x_t, dy_t))
-    filters = on_gpu(filters).float().cpu().numpy().astype(np.float64)
+    x, dy = (t.double().cpu().numpy() for t in (x_t, dy_t))
+    filters = on_gpu(filters).double().cpu().numpy()
     expected = reference(x, filters, element, output_mask, stride, dilation, pads, dy)
     geometry_fields = (n, h, w, cin, kh, kw, cout, stride, stride, dilation, dilation, pads[0], pads[2],
                        out_h, out_w, *block, *tile)
@@ -103,9 +103,9 @@ def test_conv_products_match_reference(geometry, level, with_output_mask, dtype,
     rule = {"forward": aligned(block[1], cout), "grad_input": aligned(block[0], cin),
             "grad_weight": aligned(block[0], cin) and aligned(block[1], cout)}
     for product, needed in rule.items():
-        assert HARNESS.conv2d_uses_tensor_cores(product, geometry_fields, tensor_cores) == (
-            tensor_cores and needed and torch.cuda.get_device_capability()[0] >= 8)
+        assert HARNESS.conv2d_uses_tensor_cores(product, dtype, geometry_fields, tensor_cores) == (
+            tensor_cores and needed and dtype != torch.float64 and torch.cuda.get_device_capability()[0] >= 8)
     check(y, expected[0], dtype, kh * kw * cin, tensor_cores)
     check(dx, expected[1], dtype, kh * kw * cout, tensor_cores)
     check(df, expected[2], dtype, n * out_h * out_w, tensor_cores)
-    assert (df.float().cpu().numpy()[element == 0] == 0).all()
+    assert (df.double().cpu().numpy()[element == 0] == 0).all()

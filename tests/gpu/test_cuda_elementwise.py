@@ -64,11 +64,12 @@ def test_masked_update_leaves_frozen_bits(mode, level):
     np.testing.assert_array_equal(var.cpu().numpy(), expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_16_bit_types_match_the_product_and_sum_in_the_type(dtype):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_types_match_the_product_and_sum_in_the_type(dtype):
     """grad * cast(mask, T) and var + value in T, bit for bit: the kernels
-    compute in float and round once, which is what T's own product and sum
-    do (the factor is rounded to T first, as tf.cast rounds it)."""
+    compute in double for float64 and in float, rounded once, for the 16-bit
+    types, which is what T's own product and sum do (the factor is rounded
+    to T first, as tf.cast rounds it)."""
     rng = np.random.default_rng(4)
     shape = (40, 24)
     element = rng.choice([0.0, 1.5, -0.3, 1.1, 1e-9], shape)

@@ -11,7 +11,7 @@ from harness import for_tests
 
 torch, HARNESS = for_tests()
 # float32 on tensor cores is TF32 (10-bit mantissa); on CUDA cores, float FMAs.
-TOLERANCE = {(torch.float32, False): 1e-4, (torch.float32, True): 2e-3, (torch.float16, False): 2e-2,
+TOLERANCE = {(torch.float64, False): 1e-12, (torch.float64, True): 1e-12, (torch.float32, False): 1e-4, (torch.float32, True): 2e-3, (torch.float16, False): 2e-2,
              (torch.float16, True): 2e-2, (torch.bfloat16, False): 6e-2, (torch.bfloat16, True): 6e-2}
 # Blocks whose edges fall on multiples of 16 take the tensor-core products
 # when asked; the others (and tensor_cores=False) the CUDA-core ones. Shapes
@@ -32,16 +32,17 @@ MASK_DTYPES = [torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, to
                torch.bfloat16, torch.float32, torch.float64]
 
 
-def takes_tensor_cores(product, k, n, block_size, tensor_cores):
-    """The kernels' rule, restated: tensor cores where the product's output
-    columns (and dW's rows) are cut by the blocks on multiples of 16, or not
-    at all, on a device of compute capability 8.0 or later."""
+def takes_tensor_cores(product, dtype, k, n, block_size, tensor_cores):
+    """The kernels' rule, restated: tensor cores (never for float64) where the
+    product's output columns (and dW's rows) are cut by the blocks on
+    multiples of 16, or not at all, on a device of compute capability 8.0 or
+    later."""
     def aligned(block, extent):
         return block % 16 == 0 or block >= extent
 
     rows, cols = aligned(block_size[0], k), aligned(block_size[1], n)
     needed = {"forward": cols, "grad_input": rows, "grad_weight": rows and cols}[product]
-    return tensor_cores and needed and torch.cuda.get_device_capability()[0] >= 8
+    return tensor_cores and needed and dtype != torch.float64 and torch.cuda.get_device_capability()[0] >= 8
 
 
 def make_masks(rng, k, n, block_size, density, level):
@@ -62,7 +63,7 @@ def reference(x, w, dy, element):
 
 
 def check(actual, expected, dtype, depth, tensor_cores=False):
-    actual = actual.float().cpu().numpy().astype(np.float64)
+    actual = actual.double().cpu().numpy()
     assert np.isfinite(actual).all(), "an output element was left unwritten or took a masked NaN"
     tolerance = TOLERANCE[dtype, tensor_cores]
     scale = np.sqrt(depth) * max(1.0, np.abs(expected).max())
@@ -72,7 +73,7 @@ def check(actual, expected, dtype, depth, tensor_cores=False):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-b{s[3][0]}x{s[3][1]}")
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("level", ["block", "element"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "cuda-cores"])
 def test_products_match_reference(shape, density, level, dtype, tensor_cores):
     m, k, n, block_size = shape
@@ -84,7 +85,7 @@ def test_products_match_reference(shape, density, level, dtype, tensor_cores):
     w_with_nan = np.where(element == 0, np.nan, w)  # masked-out weights never leak
     on_gpu = lambda a: torch.tensor(a, dtype=dtype, device="cuda")  # noqa: E731
     x_t, w_t, dy_t = on_gpu(x), on_gpu(w_with_nan), on_gpu(dy)
-    x, w, dy = (t.float().cpu().numpy().astype(np.float64) for t in (x_t, on_gpu(w), dy_t))
+    x, w, dy = (t.double().cpu().numpy() for t in (x_t, on_gpu(w), dy_t))
     mask_t = torch.tensor(mask, dtype=torch.float32, device="cuda")
     expected = reference(x, w, dy, element)
     # Outputs start as NaN, so an element the kernel never writes shows.
@@ -96,12 +97,12 @@ def test_products_match_reference(shape, density, level, dtype, tensor_cores):
                      torch.full((k, n), float("nan"), dtype=dtype, device="cuda"), tensor_cores)
     torch.cuda.synchronize()
     for product in ("forward", "grad_input", "grad_weight"):
-        assert HARNESS.uses_tensor_cores(product, (m, k, n), block_size, tensor_cores) == takes_tensor_cores(
-            product, k, n, block_size, tensor_cores)
+        assert HARNESS.uses_tensor_cores(product, dtype, (m, k, n), block_size, tensor_cores) == takes_tensor_cores(
+            product, dtype, k, n, block_size, tensor_cores)
     check(y, expected[0], dtype, k, tensor_cores)
     check(dx, expected[1], dtype, n, tensor_cores)
     check(dw, expected[2], dtype, m, tensor_cores)
-    assert (dw.float().cpu().numpy()[element == 0] == 0).all()
+    assert (dw.double().cpu().numpy()[element == 0] == 0).all()
 
 
 @pytest.mark.parametrize("block_size", [(32, 32), (16, 48), (8, 8)], ids=lambda b: f"b{b[0]}x{b[1]}")

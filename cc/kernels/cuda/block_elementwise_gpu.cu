@@ -23,7 +23,8 @@ struct StackDims {
 
 // live[(o * grid_rows + i) * grid_cols + j] for element masks (each matrix
 // has its own), live[i * grid_cols + j] for block masks (shared).
-__global__ void StackLiveness(const float* factors, StackDims d, uint8_t* live) {
+template <typename F>
+__global__ void StackLiveness(const F* factors, StackDims d, uint8_t* live) {
   const int64_t count = d.element_level ? d.outer * d.blocks_per_matrix() : d.blocks_per_matrix();
   for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < count;
        b += int64_t(gridDim.x) * blockDim.x) {
@@ -37,7 +38,7 @@ __global__ void StackLiveness(const float* factors, StackDims d, uint8_t* live) 
       const int64_t r_end = min(d.rows, (i + 1) * d.block_rows);
       const int64_t c_end = min(d.cols, (j + 1) * d.block_cols);
       for (int64_t r = i * d.block_rows; r < r_end && !any; ++r) {
-        const float* row = factors + (o * d.rows + r) * d.cols;
+        const F* row = factors + (o * d.rows + r) * d.cols;
         for (int64_t c = j * d.block_cols; c < c_end && !any; ++c) any = Live(row[c]);
       }
     }
@@ -49,8 +50,8 @@ __global__ void StackLiveness(const float* factors, StackDims d, uint8_t* live) 
 // block owns (blockIdx.x = (o * grid_rows + i) * grid_cols + j): where the
 // mask is live when `live_only` (a dead block then does nothing), else
 // everywhere, dead entries with factor +0.
-template <typename Op>
-__device__ void ForBlock(const float* factors, const uint8_t* live, StackDims d, bool live_only,
+template <typename F, typename Op>
+__device__ void ForBlock(const F* factors, const uint8_t* live, StackDims d, bool live_only,
                          const Op& op) {
   const int64_t b = blockIdx.x;
   const int64_t o = b / d.blocks_per_matrix();
@@ -65,94 +66,94 @@ __device__ void ForBlock(const float* factors, const uint8_t* live, StackDims d,
   const int64_t cols = min(d.cols - c0, d.block_cols);
   for (int64_t e = threadIdx.x; e < rows * cols; e += blockDim.x) {
     const int64_t offset = (o * d.rows + r0 + e / cols) * d.cols + c0 + e % cols;
-    const float factor = !block_live ? 0.0f : d.element_level ? factors[offset] : factors[block];
+    const F factor = !block_live ? F(0) : d.element_level ? factors[offset] : factors[block];
     if (live_only && !Live(factor)) continue;
     op(offset, factor);
   }
 }
 
 template <typename T>
-__global__ void MaskGradientKernel(const float* factors, const uint8_t* live, StackDims d, const T* grad,
+__global__ void MaskGradientKernel(const Compute<T>* factors, const uint8_t* live, StackDims d, const T* grad,
                                    T* out) {
-  ForBlock(factors, live, d, /*live_only=*/false, [&](int64_t i, float factor) {
+  ForBlock(factors, live, d, /*live_only=*/false, [&](int64_t i, Compute<T> factor) {
     // A dead entry is written without its gradient being read; a live one is
     // scaled by its factor rounded to T, as tf.cast(mask, T) rounds it.
-    out[i] = FromFloat<T>(Live(factor) ? ToFloat(grad[i]) * ToFloat(FromFloat<T>(factor)) : 0.0f);
+    out[i] = FromCompute<T>(Live(factor) ? ToCompute(grad[i]) * ToCompute(FromCompute<T>(factor)) : Compute<T>(0));
   });
 }
 
 template <typename T>
-__global__ void MaskedUpdateKernel(const float* factors, const uint8_t* live, StackDims d,
+__global__ void MaskedUpdateKernel(const Compute<T>* factors, const uint8_t* live, StackDims d,
                                    UpdateMode mode, const T* value, T* var) {
-  ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, float) {
-    const float v = ToFloat(value[i]);
-    const float w = ToFloat(var[i]);
-    var[i] = FromFloat<T>(mode == UpdateMode::kAssign ? v : mode == UpdateMode::kAdd ? w + v : w - v);
+  ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, Compute<T>) {
+    const Compute<T> v = ToCompute(value[i]);
+    const Compute<T> w = ToCompute(var[i]);
+    var[i] = FromCompute<T>(mode == UpdateMode::kAssign ? v : mode == UpdateMode::kAdd ? w + v : w - v);
   });
 }
 
 template <typename T>
-__global__ void AdamKernel(const float* factors, const uint8_t* live, StackDims d, const T* grad,
-                           AdamStep<float> step, T* var, T* m, T* v, T* v_hat) {
-  ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, float) {
-    float w = ToFloat(var[i]);
-    if (step.weight_decay != 0.0f) w -= w * step.weight_decay * step.learning_rate;
-    const float g = ToFloat(grad[i]);
-    const float m_new = ToFloat(m[i]) + (g - ToFloat(m[i])) * step.one_minus_beta_1;
-    const float v_new = ToFloat(v[i]) + (g * g - ToFloat(v[i])) * step.one_minus_beta_2;
-    float second = v_new;
+__global__ void AdamKernel(const Compute<T>* factors, const uint8_t* live, StackDims d, const T* grad,
+                           AdamStep<Compute<T>> step, T* var, T* m, T* v, T* v_hat) {
+  ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, Compute<T>) {
+    Compute<T> w = ToCompute(var[i]);
+    if (step.weight_decay != Compute<T>(0)) w -= w * step.weight_decay * step.learning_rate;
+    const Compute<T> g = ToCompute(grad[i]);
+    const Compute<T> m_new = ToCompute(m[i]) + (g - ToCompute(m[i])) * step.one_minus_beta_1;
+    const Compute<T> v_new = ToCompute(v[i]) + (g * g - ToCompute(v[i])) * step.one_minus_beta_2;
+    Compute<T> second = v_new;
     if (step.amsgrad) {
       // Keeps a NaN of either side, as Keras's ops.maximum does (fmaxf drops it).
-      const float previous = ToFloat(v_hat[i]);
+      const Compute<T> previous = ToCompute(v_hat[i]);
       second = v_new < previous || isnan(previous) ? previous : v_new;
-      v_hat[i] = FromFloat<T>(second);
+      v_hat[i] = FromCompute<T>(second);
     }
-    m[i] = FromFloat<T>(m_new);
-    v[i] = FromFloat<T>(v_new);
-    var[i] = FromFloat<T>(w - (m_new * step.alpha) / (sqrtf(second) + step.epsilon));
+    m[i] = FromCompute<T>(m_new);
+    v[i] = FromCompute<T>(v_new);
+    var[i] = FromCompute<T>(w - (m_new * step.alpha) / (sqrt(second) + step.epsilon));
   });
 }
 
 template <typename T>
-__global__ void SgdKernel(const float* factors, const uint8_t* live, StackDims d, const T* grad,
-                          SgdStep<float> step, T* var, T* momentum) {
-  ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, float) {
-    float w = ToFloat(var[i]);
-    if (step.weight_decay != 0.0f) w -= w * step.weight_decay * step.learning_rate;
-    const float scaled = ToFloat(grad[i]) * step.learning_rate;
+__global__ void SgdKernel(const Compute<T>* factors, const uint8_t* live, StackDims d, const T* grad,
+                          SgdStep<Compute<T>> step, T* var, T* momentum) {
+  ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, Compute<T>) {
+    Compute<T> w = ToCompute(var[i]);
+    if (step.weight_decay != Compute<T>(0)) w -= w * step.weight_decay * step.learning_rate;
+    const Compute<T> scaled = ToCompute(grad[i]) * step.learning_rate;
     if (momentum == nullptr) {
-      var[i] = FromFloat<T>(w - scaled);
+      var[i] = FromCompute<T>(w - scaled);
       return;
     }
-    const float m_new = ToFloat(momentum[i]) * step.momentum - scaled;
-    momentum[i] = FromFloat<T>(m_new);
-    var[i] = FromFloat<T>(w + (step.nesterov ? m_new * step.momentum - scaled : m_new));
+    const Compute<T> m_new = ToCompute(momentum[i]) * step.momentum - scaled;
+    momentum[i] = FromCompute<T>(m_new);
+    var[i] = FromCompute<T>(w + (step.nesterov ? m_new * step.momentum - scaled : m_new));
   });
 }
 
 template <typename T>
-__global__ void RmspropKernel(const float* factors, const uint8_t* live, StackDims d, const T* grad,
-                              RmspropStep<float> step, T* var, T* velocity, T* momentum, T* average_grad) {
-  ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, float) {
-    float w = ToFloat(var[i]);
-    if (step.weight_decay != 0.0f) w -= w * step.weight_decay * step.learning_rate;
-    const float g = ToFloat(grad[i]);
-    const float velocity_new = step.rho * ToFloat(velocity[i]) + step.one_minus_rho * (g * g);
-    float denominator = velocity_new + step.epsilon;
+__global__ void RmspropKernel(const Compute<T>* factors, const uint8_t* live, StackDims d, const T* grad,
+                              RmspropStep<Compute<T>> step, T* var, T* velocity, T* momentum, T* average_grad) {
+  ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, Compute<T>) {
+    Compute<T> w = ToCompute(var[i]);
+    if (step.weight_decay != Compute<T>(0)) w -= w * step.weight_decay * step.learning_rate;
+    const Compute<T> g = ToCompute(grad[i]);
+    const Compute<T> velocity_new = step.rho * ToCompute(velocity[i]) + step.one_minus_rho * (g * g);
+    Compute<T> denominator = velocity_new + step.epsilon;
     if (step.centered) {
-      const float average_new = step.rho * ToFloat(average_grad[i]) + step.one_minus_rho * g;
+      const Compute<T> average_new = step.rho * ToCompute(average_grad[i]) + step.one_minus_rho * g;
       denominator = velocity_new - average_new * average_new + step.epsilon;
-      average_grad[i] = FromFloat<T>(average_new);
+      average_grad[i] = FromCompute<T>(average_new);
     }
-    velocity[i] = FromFloat<T>(velocity_new);
-    const float increment = (step.learning_rate * g) / sqrtf(denominator);
+    velocity[i] = FromCompute<T>(velocity_new);
+    const Compute<T> increment = (step.learning_rate * g) / sqrt(denominator);
     if (momentum == nullptr) {
-      var[i] = FromFloat<T>(w - increment);
+      var[i] = FromCompute<T>(w - increment);
       return;
     }
-    const float momentum_new = step.momentum * ToFloat(momentum[i]) + increment;
-    momentum[i] = FromFloat<T>(momentum_new);
-    var[i] = FromFloat<T>(w - momentum_new);
+    const Compute<T> momentum_new = step.momentum * ToCompute(momentum[i]) + increment;
+    momentum[i] = FromCompute<T>(momentum_new);
+    var[i] = FromCompute<T>(w - momentum_new);
   });
 }
 
@@ -175,17 +176,17 @@ unsigned BlocksFor(int64_t items) {
   return static_cast<unsigned>(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, 65535));
 }
 
-// Indexes the mask into the workspace, then runs launch(factors, live, dims,
-// grid of one thread block per weight block).
-template <typename TMask, typename Launch>
+// Indexes the mask into the workspace as factors in F, then runs
+// launch(factors, live, dims, grid of one thread block per weight block).
+template <typename F, typename TMask, typename Launch>
 int Run(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, void* workspace, Stream stream,
         const Launch& launch) {
   const StackDims d = DimsOf(outer, grid, mask.level);
   const int64_t blocks = outer * d.blocks_per_matrix();
   if (blocks == 0) return 0;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  float* factors = static_cast<float*>(workspace);
-  uint8_t* live = static_cast<uint8_t*>(workspace) + AlignUp(FactorCount(d) * int64_t(sizeof(float)));
+  F* factors = static_cast<F*>(workspace);
+  uint8_t* live = static_cast<uint8_t*>(workspace) + AlignUp(FactorCount(d) * int64_t(sizeof(F)));
   CanonicalFactors<<<BlocksFor(FactorCount(d)), kThreads, 0, s>>>(mask.data, FactorCount(d), factors);
   StackLiveness<<<BlocksFor(LiveCount(d)), kThreads, 0, s>>>(factors, d, live);
   launch(factors, live, d, dim3(static_cast<unsigned>(blocks)), s);
@@ -206,16 +207,17 @@ const D<T>* Dev(const T* p) {
 
 }  // namespace
 
+template <typename T>
 size_t ElementwiseWorkspaceBytes(int64_t outer, const BlockGrid& grid, MaskLevel level) {
   const StackDims d = DimsOf(outer, grid, level);
-  return static_cast<size_t>(AlignUp(FactorCount(d) * int64_t(sizeof(float))) + AlignUp(LiveCount(d)));
+  return static_cast<size_t>(AlignUp(FactorCount(d) * int64_t(sizeof(ComputeOf<T>))) + AlignUp(LiveCount(d)));
 }
 
 template <typename T, typename TMask>
 int MaskGradient(int64_t outer, const BlockGrid& grid, const T* grad, MaskView<TMask> mask, T* out,
                  void* workspace, Stream stream) {
-  return Run(outer, grid, mask, workspace, stream,
-             [&](const float* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
+  return Run<ComputeOf<T>>(outer, grid, mask, workspace, stream,
+             [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
                MaskGradientKernel<<<blocks, kThreads, 0, s>>>(f, l, d, Dev(grad), Dev(out));
              });
 }
@@ -223,18 +225,18 @@ int MaskGradient(int64_t outer, const BlockGrid& grid, const T* grad, MaskView<T
 template <typename T, typename TMask>
 int MaskedUpdate(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, UpdateMode mode,
                  const T* value, T* var, void* workspace, Stream stream) {
-  return Run(outer, grid, mask, workspace, stream,
-             [&](const float* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
+  return Run<ComputeOf<T>>(outer, grid, mask, workspace, stream,
+             [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
                MaskedUpdateKernel<<<blocks, kThreads, 0, s>>>(f, l, d, mode, Dev(value), Dev(var));
              });
 }
 
 template <typename T, typename TMask>
 int MaskedAdamStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                   const AdamStep<float>& step, T* var, T* m, T* v, T* v_hat, void* workspace,
+                   const AdamStep<ComputeOf<T>>& step, T* var, T* m, T* v, T* v_hat, void* workspace,
                    Stream stream) {
-  return Run(outer, grid, mask, workspace, stream,
-             [&](const float* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
+  return Run<ComputeOf<T>>(outer, grid, mask, workspace, stream,
+             [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
                AdamKernel<<<blocks, kThreads, 0, s>>>(f, l, d, Dev(grad), step, Dev(var), Dev(m), Dev(v),
                                                       Dev(v_hat));
              });
@@ -242,19 +244,19 @@ int MaskedAdamStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, c
 
 template <typename T, typename TMask>
 int MaskedSgdStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                  const SgdStep<float>& step, T* var, T* momentum, void* workspace, Stream stream) {
-  return Run(outer, grid, mask, workspace, stream,
-             [&](const float* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
+                  const SgdStep<ComputeOf<T>>& step, T* var, T* momentum, void* workspace, Stream stream) {
+  return Run<ComputeOf<T>>(outer, grid, mask, workspace, stream,
+             [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
                SgdKernel<<<blocks, kThreads, 0, s>>>(f, l, d, Dev(grad), step, Dev(var), Dev(momentum));
              });
 }
 
 template <typename T, typename TMask>
 int MaskedRmspropStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                      const RmspropStep<float>& step, T* var, T* velocity, T* momentum,
+                      const RmspropStep<ComputeOf<T>>& step, T* var, T* velocity, T* momentum,
                       T* average_grad, void* workspace, Stream stream) {
-  return Run(outer, grid, mask, workspace, stream,
-             [&](const float* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
+  return Run<ComputeOf<T>>(outer, grid, mask, workspace, stream,
+             [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
                RmspropKernel<<<blocks, kThreads, 0, s>>>(f, l, d, Dev(grad), step, Dev(var), Dev(velocity),
                                                          Dev(momentum), Dev(average_grad));
              });
@@ -266,15 +268,20 @@ int MaskedRmspropStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask
   template int MaskedUpdate<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, UpdateMode,        \
                                       const T*, T*, void*, Stream);                                  \
   template int MaskedAdamStep<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, const T*,        \
-                                        const AdamStep<float>&, T*, T*, T*, T*, void*, Stream);      \
+                                        const AdamStep<ComputeOf<T>>&, T*, T*, T*, T*, void*, Stream);      \
   template int MaskedSgdStep<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, const T*,         \
-                                       const SgdStep<float>&, T*, T*, void*, Stream);                \
+                                       const SgdStep<ComputeOf<T>>&, T*, T*, void*, Stream);                \
   template int MaskedRmspropStep<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, const T*,     \
-                                           const RmspropStep<float>&, T*, T*, T*, T*, void*, Stream);
+                                           const RmspropStep<ComputeOf<T>>&, T*, T*, T*, T*, void*, Stream);
 
 MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MASKED_OPS_INSTANTIATE)
 
 #undef MASKED_OPS_INSTANTIATE
+
+template size_t ElementwiseWorkspaceBytes<float>(int64_t, const BlockGrid&, MaskLevel);
+template size_t ElementwiseWorkspaceBytes<double>(int64_t, const BlockGrid&, MaskLevel);
+template size_t ElementwiseWorkspaceBytes<Float16Bits>(int64_t, const BlockGrid&, MaskLevel);
+template size_t ElementwiseWorkspaceBytes<BFloat16Bits>(int64_t, const BlockGrid&, MaskLevel);
 
 }  // namespace gpu
 }  // namespace masked_ops

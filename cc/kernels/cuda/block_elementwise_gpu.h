@@ -1,9 +1,9 @@
 // The block-masked elementwise ops of block_elementwise.h on NVIDIA GPUs:
 // gradient masking, masked variable updates and the fused optimizer steps,
-// with the same semantics, over `outer` stacked k x n matrices. T is float or
-// the storage types Float16Bits / BFloat16Bits (computed in float). Every
-// launcher needs a device workspace of ElementwiseWorkspaceBytes(...) bytes,
-// returns its launches' cudaError_t as an int (0 on success) and does not
+// with the same semantics, over `outer` stacked k x n matrices. T is float,
+// double or the storage types Float16Bits / BFloat16Bits (computed in
+// ComputeOf<T>: float, double for double). Every launcher needs a device
+// workspace of ElementwiseWorkspaceBytes<T>(...) bytes, returns its launches' cudaError_t as an int (0 on success) and does not
 // synchronize. Framework-free and CUDA-header-free, like masked_matmul_gpu.h.
 #ifndef MASKED_OPS_CC_KERNELS_CUDA_BLOCK_ELEMENTWISE_GPU_H_
 #define MASKED_OPS_CC_KERNELS_CUDA_BLOCK_ELEMENTWISE_GPU_H_
@@ -18,6 +18,7 @@
 namespace masked_ops {
 namespace gpu {
 
+template <typename T>
 size_t ElementwiseWorkspaceBytes(int64_t outer, const BlockGrid& grid, MaskLevel level);
 
 template <typename T, typename TMask>
@@ -30,16 +31,16 @@ int MaskedUpdate(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, Upd
 
 template <typename T, typename TMask>
 int MaskedAdamStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                   const AdamStep<float>& step, T* var, T* m, T* v, T* v_hat, void* workspace,
+                   const AdamStep<ComputeOf<T>>& step, T* var, T* m, T* v, T* v_hat, void* workspace,
                    Stream stream);
 
 template <typename T, typename TMask>
 int MaskedSgdStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                  const SgdStep<float>& step, T* var, T* momentum, void* workspace, Stream stream);
+                  const SgdStep<ComputeOf<T>>& step, T* var, T* momentum, void* workspace, Stream stream);
 
 template <typename T, typename TMask>
 int MaskedRmspropStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                      const RmspropStep<float>& step, T* var, T* velocity, T* momentum,
+                      const RmspropStep<ComputeOf<T>>& step, T* var, T* velocity, T* momentum,
                       T* average_grad, void* workspace, Stream stream);
 
 }  // namespace gpu

@@ -1,8 +1,9 @@
-// Device helpers shared by the CUDA kernels: storage types, conversions to
-// and from float, masks turned into canonical float factors (dead: +0; live:
-// the value, with -0 for a live value that is zero in float), so that every
-// kernel tells live from dead by "any bit set", whatever the mask dtype, and
-// the shared-memory GEMM tile the products are built from.
+// Device helpers shared by the CUDA kernels: storage types, the type each is
+// computed in (float, double for double) and conversions to and from it,
+// masks turned into canonical factors of that type (dead: +0; live: the
+// value, with -0 for a live value that is zero in it), so that every kernel
+// tells live from dead by "any bit set", whatever the mask dtype, and the
+// shared-memory GEMM tile the CUDA-core products are built from.
 #ifndef MASKED_OPS_CC_KERNELS_CUDA_MASK_FACTORS_CUH_
 #define MASKED_OPS_CC_KERNELS_CUDA_MASK_FACTORS_CUH_
 
@@ -11,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cc/kernels/block_mask.h"
 
@@ -31,42 +33,57 @@ struct Device<BFloat16Bits> {
   using type = __nv_bfloat16;
 };
 
-__device__ inline float ToFloat(float v) { return v; }
-__device__ inline float ToFloat(__half v) { return __half2float(v); }
-__device__ inline float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+// The type a device type is computed (and its mask factors held) in.
+template <typename D>
+using Compute = std::conditional_t<std::is_same_v<D, double>, double, float>;
 
-template <typename T>
-__device__ inline T FromFloat(float v);
-template <>
-__device__ inline float FromFloat<float>(float v) { return v; }
-template <>
-__device__ inline __half FromFloat<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ inline __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ inline float ToCompute(float v) { return v; }
+__device__ inline double ToCompute(double v) { return v; }
+__device__ inline float ToCompute(__half v) { return __half2float(v); }
+__device__ inline float ToCompute(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// A mask entry's canonical factor: +0 when dead (0 or -0), else its value in
-// float, with a live value that is zero in float kept live as -0.
-template <typename TMask>
-__device__ inline float CanonicalFactor(TMask v) {
-  if (!(v != TMask(0))) return 0.0f;
-  const float f = static_cast<float>(v);
-  return f == 0.0f ? -0.0f : f;
+template <typename D>
+__device__ inline D FromCompute(Compute<D> v);
+template <>
+__device__ inline float FromCompute<float>(float v) { return v; }
+template <>
+__device__ inline double FromCompute<double>(double v) { return v; }
+template <>
+__device__ inline __half FromCompute<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ inline __nv_bfloat16 FromCompute<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// A mask entry's canonical factor in F (float or double): +0 when dead (0 or
+// -0), else its value, with a live value that is zero in F kept live as -0.
+template <typename F, typename TMask>
+__device__ inline F CanonicalFactor(TMask v) {
+  if (!(v != TMask(0))) return F(0);
+  const F f = static_cast<F>(v);
+  return f == F(0) ? -F(0) : f;
 }
-__device__ inline float CanonicalFactor(bool v) { return v ? 1.0f : 0.0f; }
-__device__ inline float CanonicalFactor(Float16Bits v) {
-  if ((v.bits & 0x7fffu) == 0) return 0.0f;
-  const float f = __half2float(__ushort_as_half(v.bits));
-  return f == 0.0f ? -0.0f : f;
+template <typename F>
+__device__ inline F CanonicalFactor(bool v) {
+  return v ? F(1) : F(0);
 }
-__device__ inline float CanonicalFactor(BFloat16Bits v) {
-  if ((v.bits & 0x7fffu) == 0) return 0.0f;
-  return __uint_as_float(static_cast<uint32_t>(v.bits) << 16);
+template <typename F>
+__device__ inline F CanonicalFactor(Float16Bits v) {
+  if ((v.bits & 0x7fffu) == 0) return F(0);
+  return static_cast<F>(__half2float(__ushort_as_half(v.bits)));  // a live float16 is not zero in F
+}
+template <typename F>
+__device__ inline F CanonicalFactor(BFloat16Bits v) {
+  if ((v.bits & 0x7fffu) == 0) return F(0);
+  return static_cast<F>(__uint_as_float(static_cast<uint32_t>(v.bits) << 16));
 }
 
 __device__ inline bool Live(float factor) { return __float_as_uint(factor) != 0u; }
+__device__ inline bool Live(double factor) { return __double_as_longlong(factor) != 0; }
 
 // where(factor is live, w * factor, 0): a dead entry never touches w's value.
-__device__ inline float Masked(float w, float factor) { return Live(factor) ? w * factor : 0.0f; }
+template <typename C>
+__device__ inline C Masked(C w, C factor) {
+  return Live(factor) ? w * factor : C(0);
+}
 
 // The GEMM tile: a thread block of kThreads (16 x 16) threads computes a
 // kTile x kTile output tile, kPerThread x kPerThread outputs per thread,
@@ -78,16 +95,18 @@ constexpr int kPerThread = kTile / 16;
 
 // One shared-memory stage, [depth][kTile + 1] each (the pad keeps the column
 // reads of a stage off one bank).
-using StageTile = float[kDepthStep][kTile + 1];
+template <typename C>
+using StageTile = C[kDepthStep][kTile + 1];
 
 // acc[i][j] += sum over the stage's depth of a[d][ty + 16 i] * b[d][tx + 16 j]:
 // this thread's outputs of the tile, for thread (tx, ty) of the 16 x 16.
-__device__ inline void AccumulateStage(const StageTile& a, const StageTile& b, float (&acc)[kPerThread][kPerThread],
-                                       int tx, int ty) {
+template <typename C>
+__device__ inline void AccumulateStage(const StageTile<C>& a, const StageTile<C>& b,
+                                       C (&acc)[kPerThread][kPerThread], int tx, int ty) {
 #pragma unroll
   for (int d = 0; d < kDepthStep; ++d) {
-    float a_values[kPerThread];
-    float b_values[kPerThread];
+    C a_values[kPerThread];
+    C b_values[kPerThread];
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       a_values[i] = a[d][ty + 16 * i];
@@ -101,11 +120,11 @@ __device__ inline void AccumulateStage(const StageTile& a, const StageTile& b, f
   }
 }
 
-template <typename TMask>
-__global__ void CanonicalFactors(const TMask* mask, int64_t count, float* factors) {
+template <typename TMask, typename F>
+__global__ void CanonicalFactors(const TMask* mask, int64_t count, F* factors) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
        i += int64_t(gridDim.x) * blockDim.x) {
-    factors[i] = CanonicalFactor(mask[i]);
+    factors[i] = CanonicalFactor<F>(mask[i]);
   }
 }
 

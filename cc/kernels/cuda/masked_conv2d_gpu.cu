@@ -34,7 +34,8 @@ struct ConvDims {
   __host__ __device__ int64_t tiles_h() const { return CeilDiv(out_h, tile_h); }
   __host__ __device__ int64_t tiles_w() const { return CeilDiv(out_w, tile_w); }
   // The filter factor of (tap, ci, co).
-  __device__ float factor(const float* factors, int64_t tap, int64_t ci, int64_t co) const {
+  template <typename F>
+  __device__ F factor(const F* factors, int64_t tap, int64_t ci, int64_t co) const {
     return element_level ? factors[(tap * in_channels + ci) * out_channels + co]
                          : factors[(ci / in_block) * out_blocks() + co / out_block];
   }
@@ -50,17 +51,10 @@ ConvDims DimsOf(const Conv2DGeometry& g, MaskLevel level) {
                   ClampBlock(g.tile_h, g.out_h), ClampBlock(g.tile_w, g.out_w), level == MaskLevel::kElement};
 }
 
-template <typename TOut>
-__global__ void OutputFactorsKernel(const TOut* mask, int64_t count, float* factors) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    factors[i] = CanonicalFactor(mask[i]);
-  }
-}
-
 // live[(tap * in_blocks + i) * out_blocks + j]: block (i, j) at the tap holds
 // a live factor.
-__global__ void FilterLiveness(const float* factors, ConvDims d, uint8_t* live) {
+template <typename F>
+__global__ void FilterLiveness(const F* factors, ConvDims d, uint8_t* live) {
   const int64_t count = d.taps() * d.in_blocks() * d.out_blocks();
   for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < count;
        b += int64_t(gridDim.x) * blockDim.x) {
@@ -105,7 +99,8 @@ __global__ void FilterLists(const uint8_t* live, ConvDims d, bool by_output, int
 
 // active[t] for output tile t (n, tile row, tile column): some output factor
 // in it is live; all tiles without an output mask.
-__global__ void TileActivity(const float* output_factors, ConvDims d, uint8_t* active) {
+template <typename F>
+__global__ void TileActivity(const F* output_factors, ConvDims d, uint8_t* active) {
   const int64_t tiles = d.batch * d.tiles_h() * d.tiles_w();
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < tiles;
        t += int64_t(gridDim.x) * blockDim.x) {
@@ -138,20 +133,21 @@ __device__ inline int64_t OutputPixelAt(const ConvDims& d, int64_t n, int64_t iy
   return (n * d.out_h + oy) * d.out_w + ox;
 }
 
-__device__ inline float OutputScaled(const float* output_factors, int64_t pixel, float value) {
+template <typename C>
+__device__ inline C OutputScaled(const C* output_factors, int64_t pixel, C value) {
   if (output_factors == nullptr) return value;
-  const float factor = output_factors[pixel];
-  return Live(factor) ? value * factor : 0.0f;
+  const C factor = output_factors[pixel];
+  return Live(factor) ? value * factor : C(0);
 }
 
 // blockIdx.x: output tile (n, tile row, tile column) and a chunk of 64 of its
 // pixels; blockIdx.y: output block; blockIdx.z: 64 of its channels.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    ConvForward(const T* x, const T* filters, const float* factors, const float* output_factors,
+    ConvForward(const T* x, const T* filters, const Compute<T>* factors, const Compute<T>* output_factors,
                 const uint8_t* active, ConvDims d, const int32_t* lists, const int32_t* counts, T* y) {
-  __shared__ float a_tile[kDepthStep][kTile + 1];
-  __shared__ float b_tile[kDepthStep][kTile + 1];
+  __shared__ Compute<T> a_tile[kDepthStep][kTile + 1];
+  __shared__ Compute<T> b_tile[kDepthStep][kTile + 1];
   const int64_t chunks = (d.tile_h * d.tile_w + kTile - 1) / kTile;
   const int64_t tile = blockIdx.x / chunks;
   const int64_t chunk = blockIdx.x % chunks;
@@ -168,7 +164,7 @@ __global__ void __launch_bounds__(kThreads)
   auto pixel_of = [&](int64_t q) { return (n * d.out_h + oy0 + q / tile_w) * d.out_w + ox0 + q % tile_w; };
   const int tx = threadIdx.x % 16;
   const int ty = threadIdx.x / 16;
-  float acc[kPerThread][kPerThread] = {};
+  Compute<T> acc[kPerThread][kPerThread] = {};
   const bool tile_active = active[tile] != 0;
   if (tile_active) {
     const int64_t capacity = d.taps() * d.in_blocks();
@@ -185,18 +181,18 @@ __global__ void __launch_bounds__(kThreads)
           const int rr = e % kTile;
           const int64_t ci = c0 + dd;
           const int64_t q = q0 + rr;
-          float a = 0.0f;
+          Compute<T> a = 0;
           if (ci < ci_end && q < tile_pixels) {
             const int64_t iy = (oy0 + q / tile_w) * d.stride_h - d.pad_top + ky * d.dilation_h;
             const int64_t ix = (ox0 + q % tile_w) * d.stride_w - d.pad_left + kx * d.dilation_w;
             if (iy >= 0 && iy < d.in_h && ix >= 0 && ix < d.in_w) {
-              a = ToFloat(x[((n * d.in_h + iy) * d.in_w + ix) * d.in_channels + ci]);
+              a = ToCompute(x[((n * d.in_h + iy) * d.in_w + ix) * d.in_channels + ci]);
             }
           }
           a_tile[dd][rr] = a;
           const int64_t co = col0 + rr;
           b_tile[dd][rr] = (ci < ci_end && co < col_end)
-                               ? Masked(ToFloat(filters[(tap * d.in_channels + ci) * d.out_channels + co]),
+                               ? Masked(ToCompute(filters[(tap * d.in_channels + ci) * d.out_channels + co]),
                                         d.factor(factors, tap, ci, co))
                                : 0.0f;
         }
@@ -214,7 +210,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t co = col0 + tx + 16 * c;
       if (co >= col_end) continue;
       y[pixel * d.out_channels + co] =
-          FromFloat<T>(tile_active ? OutputScaled(output_factors, pixel, acc[r][c]) : 0.0f);
+          FromCompute<T>(tile_active ? OutputScaled(output_factors, pixel, acc[r][c]) : 0.0f);
     }
   }
 }
@@ -223,10 +219,10 @@ __global__ void __launch_bounds__(kThreads)
 // blockIdx.z: 64 of its channels.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    ConvGradInput(const T* dy, const T* filters, const float* factors, const float* output_factors, ConvDims d,
+    ConvGradInput(const T* dy, const T* filters, const Compute<T>* factors, const Compute<T>* output_factors, ConvDims d,
                   const int32_t* lists, const int32_t* counts, T* dx) {
-  __shared__ float a_tile[kDepthStep][kTile + 1];
-  __shared__ float b_tile[kDepthStep][kTile + 1];
+  __shared__ Compute<T> a_tile[kDepthStep][kTile + 1];
+  __shared__ Compute<T> b_tile[kDepthStep][kTile + 1];
   const int64_t pixels = d.batch * d.in_h * d.in_w;
   const int64_t p0 = int64_t(blockIdx.x) * kTile;
   const int64_t i = blockIdx.y;
@@ -235,7 +231,7 @@ __global__ void __launch_bounds__(kThreads)
   if (col0 >= col_end) return;
   const int tx = threadIdx.x % 16;
   const int ty = threadIdx.x / 16;
-  float acc[kPerThread][kPerThread] = {};
+  Compute<T> acc[kPerThread][kPerThread] = {};
   const int64_t capacity = d.taps() * d.out_blocks();
   for (int p = 0; p < counts[i]; ++p) {
     const int64_t entry = lists[i * capacity + p];
@@ -250,16 +246,16 @@ __global__ void __launch_bounds__(kThreads)
         const int rr = e % kTile;
         const int64_t co = c0 + dd;
         const int64_t pixel = p0 + rr;
-        float a = 0.0f;
+        Compute<T> a = 0;
         if (co < co_end && pixel < pixels) {
           const int64_t n = pixel / (d.in_h * d.in_w);
           const int64_t at = OutputPixelAt(d, n, (pixel / d.in_w) % d.in_h, pixel % d.in_w, ky, kx);
-          if (at >= 0) a = OutputScaled(output_factors, at, ToFloat(dy[at * d.out_channels + co]));
+          if (at >= 0) a = OutputScaled(output_factors, at, ToCompute(dy[at * d.out_channels + co]));
         }
         a_tile[dd][rr] = a;
         const int64_t ci = col0 + rr;
         b_tile[dd][rr] = (co < co_end && ci < col_end)
-                             ? Masked(ToFloat(filters[(tap * d.in_channels + ci) * d.out_channels + co]),
+                             ? Masked(ToCompute(filters[(tap * d.in_channels + ci) * d.out_channels + co]),
                                       d.factor(factors, tap, ci, co))
                              : 0.0f;
       }
@@ -273,7 +269,7 @@ __global__ void __launch_bounds__(kThreads)
     if (pixel >= pixels) continue;
     for (int c = 0; c < kPerThread; ++c) {
       const int64_t ci = col0 + tx + 16 * c;
-      if (ci < col_end) dx[pixel * d.in_channels + ci] = FromFloat<T>(acc[r][c]);
+      if (ci < col_end) dx[pixel * d.in_channels + ci] = FromCompute<T>(acc[r][c]);
     }
   }
 }
@@ -282,10 +278,10 @@ __global__ void __launch_bounds__(kThreads)
 // blockIdx.y: 64 x 64 of it. A dead block is written as zeros, unread.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    ConvGradFilter(const T* x, const T* dy, const float* factors, const float* output_factors,
+    ConvGradFilter(const T* x, const T* dy, const Compute<T>* factors, const Compute<T>* output_factors,
                    const uint8_t* live, ConvDims d, T* dfilters) {
-  __shared__ float x_tile[kDepthStep][kTile + 1];
-  __shared__ float dy_tile[kDepthStep][kTile + 1];
+  __shared__ Compute<T> x_tile[kDepthStep][kTile + 1];
+  __shared__ Compute<T> dy_tile[kDepthStep][kTile + 1];
   const int64_t block = blockIdx.x;
   const int64_t j = block % d.out_blocks();
   const int64_t i = (block / d.out_blocks()) % d.in_blocks();
@@ -300,7 +296,7 @@ __global__ void __launch_bounds__(kThreads)
   if (ci0 >= ci_end || co0 >= co_end) return;
   const int tx = threadIdx.x % 16;
   const int ty = threadIdx.x / 16;
-  float acc[kPerThread][kPerThread] = {};
+  Compute<T> acc[kPerThread][kPerThread] = {};
   const bool block_live = live[block] != 0;
   const int64_t pixels = d.batch * d.out_h * d.out_w;
   if (block_live) {
@@ -309,17 +305,17 @@ __global__ void __launch_bounds__(kThreads)
         const int dd = e / kTile;
         const int rr = e % kTile;
         const int64_t pixel = p0 + dd;
-        float xv = 0.0f;
-        float dv = 0.0f;
+        Compute<T> xv = 0;
+        Compute<T> dv = 0;
         if (pixel < pixels) {
           const int64_t n = pixel / (d.out_h * d.out_w);
           const int64_t iy = ((pixel / d.out_w) % d.out_h) * d.stride_h - d.pad_top + ky * d.dilation_h;
           const int64_t ix = (pixel % d.out_w) * d.stride_w - d.pad_left + kx * d.dilation_w;
           if (ci0 + rr < ci_end && iy >= 0 && iy < d.in_h && ix >= 0 && ix < d.in_w) {
-            xv = ToFloat(x[((n * d.in_h + iy) * d.in_w + ix) * d.in_channels + ci0 + rr]);
+            xv = ToCompute(x[((n * d.in_h + iy) * d.in_w + ix) * d.in_channels + ci0 + rr]);
           }
           if (co0 + rr < co_end) {
-            dv = OutputScaled(output_factors, pixel, ToFloat(dy[pixel * d.out_channels + co0 + rr]));
+            dv = OutputScaled(output_factors, pixel, ToCompute(dy[pixel * d.out_channels + co0 + rr]));
           }
         }
         x_tile[dd][rr] = xv;
@@ -336,8 +332,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int c = 0; c < kPerThread; ++c) {
       const int64_t co = co0 + tx + 16 * c;
       if (co >= co_end) continue;
-      const float value = block_live ? Masked(acc[r][c], d.factor(factors, tap, ci, co)) : 0.0f;
-      dfilters[(tap * d.in_channels + ci) * d.out_channels + co] = FromFloat<T>(value);
+      const Compute<T> value = block_live ? Masked(acc[r][c], d.factor(factors, tap, ci, co)) : Compute<T>(0);
+      dfilters[(tap * d.in_channels + ci) * d.out_channels + co] = FromCompute<T>(value);
     }
   }
 }
@@ -378,7 +374,7 @@ __device__ inline unsigned WarpRowFragments(const RowOn& row_on) {
 // live blocks and its 16-row strips holding a pixel of an active output tile.
 template <typename T>
 __global__ void __launch_bounds__(tc::kThreads)
-    TensorCoreConvForward(const T* x, const T* filters, const float* factors, const float* output_factors,
+    TensorCoreConvForward(const T* x, const T* filters, const Compute<T>* factors, const Compute<T>* output_factors,
                           const uint8_t* live, const uint8_t* active, ConvDims d, T* y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // launched only where DeviceSupportsTensorCores()
@@ -437,7 +433,7 @@ __global__ void __launch_bounds__(tc::kThreads)
         const int64_t co = col0 + c;
         float b = 0.0f;
         if (ci < ci_end && co < d.out_channels && ((live_columns >> (c / tc::kFragment)) & 1u) != 0) {
-          b = Masked(ToFloat(filters[(tap * d.in_channels + ci) * d.out_channels + co]), d.factor(factors, tap, ci, co));
+          b = Masked(ToCompute(filters[(tap * d.in_channels + ci) * d.out_channels + co]), d.factor(factors, tap, ci, co));
         }
         b_tile[(e / tc::kTileCols) * tc::kBStride<T> + c] = tc::ToSmem<T>(b);
       }
@@ -461,7 +457,7 @@ __global__ void __launch_bounds__(tc::kThreads)
     const int64_t ox = (tile % d.tiles_w()) * d.tile_w + q % d.tile_w;
     if (oy >= d.out_h || ox >= d.out_w) return;
     const int64_t pixel = (tile / (d.tiles_h() * d.tiles_w()) * d.out_h + oy) * d.out_w + ox;
-    y[pixel * d.out_channels + co] = FromFloat<T>(row_pixel[r] >= 0 ? OutputScaled(output_factors, pixel, v) : 0.0f);
+    y[pixel * d.out_channels + co] = FromCompute<T>(row_pixel[r] >= 0 ? OutputScaled(output_factors, pixel, v) : 0.0f);
   });
 #endif
 }
@@ -472,7 +468,7 @@ __global__ void __launch_bounds__(tc::kThreads)
 // forward product.
 template <typename T>
 __global__ void __launch_bounds__(tc::kThreads)
-    TensorCoreConvGradInput(const T* dy, const T* filters, const float* factors, const float* output_factors,
+    TensorCoreConvGradInput(const T* dy, const T* filters, const Compute<T>* factors, const Compute<T>* output_factors,
                             const uint8_t* live, ConvDims d, T* dx) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // launched only where DeviceSupportsTensorCores()
@@ -515,7 +511,7 @@ __global__ void __launch_bounds__(tc::kThreads)
         const int r = e / tc::kStageDepth;
         const int64_t co = c0 + e % tc::kStageDepth;
         const int64_t at = row_output[r];
-        const float a = at >= 0 && co < co_end ? OutputScaled(output_factors, at, ToFloat(dy[at * d.out_channels + co])) : 0.0f;
+        const float a = at >= 0 && co < co_end ? OutputScaled(output_factors, at, ToCompute(dy[at * d.out_channels + co])) : 0.0f;
         a_tile[r * kAStride + e % tc::kStageDepth] = tc::ToSmem<T>(a);
       }
       for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
@@ -526,7 +522,7 @@ __global__ void __launch_bounds__(tc::kThreads)
         const int64_t ci = col0 + c;
         float b = 0.0f;
         if (co < co_end && ci < d.in_channels && ((live_columns >> (c / tc::kFragment)) & 1u) != 0) {
-          b = Masked(ToFloat(filters[(tap * d.in_channels + ci) * d.out_channels + co]), d.factor(factors, tap, ci, co));
+          b = Masked(ToCompute(filters[(tap * d.in_channels + ci) * d.out_channels + co]), d.factor(factors, tap, ci, co));
         }
         b_tile[dd * tc::kBStride<T> + c] = tc::ToSmem<T>(b);
       }
@@ -541,7 +537,7 @@ __global__ void __launch_bounds__(tc::kThreads)
   tc::StoreAccumulators<T>(acc, staged);
   __syncthreads();
   tc::ForEachStaged(staged, [&](int r, int c, float v) {
-    if (row0 + r < pixels && col0 + c < d.in_channels) dx[(row0 + r) * d.in_channels + col0 + c] = FromFloat<T>(v);
+    if (row0 + r < pixels && col0 + c < d.in_channels) dx[(row0 + r) * d.in_channels + col0 + c] = FromCompute<T>(v);
   });
 #endif
 }
@@ -553,7 +549,7 @@ __global__ void __launch_bounds__(tc::kThreads)
 // blocks; a tile without any is written as zeros without reading x or dy.
 template <typename T>
 __global__ void __launch_bounds__(tc::kThreads)
-    TensorCoreConvGradFilter(const T* x, const T* dy, const float* factors, const float* output_factors,
+    TensorCoreConvGradFilter(const T* x, const T* dy, const Compute<T>* factors, const Compute<T>* output_factors,
                              const uint8_t* live, ConvDims d, T* dfilters) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // launched only where DeviceSupportsTensorCores()
@@ -608,7 +604,7 @@ __global__ void __launch_bounds__(tc::kThreads)
       const int64_t pixel = p0 + e / tc::kTileCols;
       const int64_t co = col0 + e % tc::kTileCols;
       const float v = pixel < pixels && co < d.out_channels
-                          ? OutputScaled(output_factors, pixel, ToFloat(dy[pixel * d.out_channels + co]))
+                          ? OutputScaled(output_factors, pixel, ToCompute(dy[pixel * d.out_channels + co]))
                           : 0.0f;
       b_tile[(e / tc::kTileCols) * tc::kBStride<T> + e % tc::kTileCols] = tc::ToSmem<T>(v);
     }
@@ -625,14 +621,15 @@ __global__ void __launch_bounds__(tc::kThreads)
     const int64_t ci = row0 + r;
     const int64_t co = col0 + c;
     if (ci < d.in_channels && co < d.out_channels) {
-      dfilters[(tap * d.in_channels + ci) * d.out_channels + co] = FromFloat<T>(Masked(v, d.factor(factors, tap, ci, co)));
+      dfilters[(tap * d.in_channels + ci) * d.out_channels + co] = FromCompute<T>(Masked(v, d.factor(factors, tap, ci, co)));
     }
   });
 #endif
 }
 
+template <typename F>
 struct Workspace {
-  float* factors;
+  F* factors;
   uint8_t* live;
   int32_t* lists;
   int32_t* counts;
@@ -649,11 +646,12 @@ int64_t FilterBlocks(const ConvDims& d) { return d.taps() * d.in_blocks() * d.ou
 
 int64_t Tiles(const ConvDims& d) { return d.batch * d.tiles_h() * d.tiles_w(); }
 
-Workspace Carve(void* base, const ConvDims& d) {
+template <typename F>
+Workspace<F> Carve(void* base, const ConvDims& d) {
   char* p = static_cast<char*>(base);
-  Workspace ws;
-  ws.factors = reinterpret_cast<float*>(p);
-  p += AlignUp(FactorCount(d) * int64_t(sizeof(float)));
+  Workspace<F> ws;
+  ws.factors = reinterpret_cast<F*>(p);
+  p += AlignUp(FactorCount(d) * int64_t(sizeof(F)));
   ws.live = reinterpret_cast<uint8_t*>(p);
   p += AlignUp(FilterBlocks(d));
   ws.lists = reinterpret_cast<int32_t*>(p);
@@ -668,9 +666,9 @@ unsigned BlocksFor(int64_t items) {
   return static_cast<unsigned>(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, 65535));
 }
 
-template <typename TMask>
-Workspace IndexFilters(const ConvDims& d, MaskView<TMask> mask, void* workspace, cudaStream_t s) {
-  const Workspace ws = Carve(workspace, d);
+template <typename F, typename TMask>
+Workspace<F> IndexFilters(const ConvDims& d, MaskView<TMask> mask, void* workspace, cudaStream_t s) {
+  const Workspace<F> ws = Carve<F>(workspace, d);
   CanonicalFactors<<<BlocksFor(FactorCount(d)), kThreads, 0, s>>>(mask.data, FactorCount(d), ws.factors);
   FilterLiveness<<<BlocksFor(FilterBlocks(d)), kThreads, 0, s>>>(ws.factors, d, ws.live);
   return ws;
@@ -693,24 +691,26 @@ constexpr int64_t kMaxGridYZ = 65535;
 
 }  // namespace
 
-template <typename TOut>
-int CanonicalOutputFactors(const TOut* output_mask, int64_t pixels, float* factors, Stream stream) {
+template <typename TOut, typename F>
+int CanonicalOutputFactors(const TOut* output_mask, int64_t pixels, F* factors, Stream stream) {
   if (pixels == 0) return 0;
-  OutputFactorsKernel<<<BlocksFor(pixels), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  CanonicalFactors<<<BlocksFor(pixels), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       output_mask, pixels, factors);
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename T>
 bool Conv2DUsesTensorCores(const Conv2DGeometry& g, Product product, GpuMath math) {
   const bool in = tc::FragmentAligned(g.in_block, g.in_channels);
   const bool out = tc::FragmentAligned(g.out_block, g.out_channels);
   const bool aligned = product == Product::kForward ? out : product == Product::kGradInput ? in : in && out;
-  return math == GpuMath::kTensorCores && aligned && tc::DeviceSupportsTensorCores();
+  return tc::kHasTensorCorePath<D<T>> && math == GpuMath::kTensorCores && aligned && tc::DeviceSupportsTensorCores();
 }
 
+template <typename T>
 size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level) {
   const ConvDims d = DimsOf(g, level);
-  return static_cast<size_t>(AlignUp(FactorCount(d) * int64_t(sizeof(float))) + AlignUp(FilterBlocks(d)) +
+  return static_cast<size_t>(AlignUp(FactorCount(d) * int64_t(sizeof(ComputeOf<T>))) + AlignUp(FilterBlocks(d)) +
                              AlignUp(FilterBlocks(d) * int64_t(sizeof(int32_t))) +
                              AlignUp(std::max(d.in_blocks(), d.out_blocks()) * int64_t(sizeof(int32_t))) +
                              AlignUp(Tiles(d)));
@@ -718,19 +718,21 @@ size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level) {
 
 template <typename T, typename TMask>
 int MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskView<TMask> mask,
-                 const float* output_factors, T* y, void* workspace, GpuMath math, Stream stream) {
+                 const ComputeOf<T>* output_factors, T* y, void* workspace, GpuMath math, Stream stream) {
   if (g.out_pixels() == 0 || g.out_channels == 0) return 0;
   const ConvDims d = DimsOf(g, mask.level);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const Workspace ws = IndexFilters(d, mask, workspace, s);
-  if (Conv2DUsesTensorCores(g, Product::kForward, math)) {
-    const int64_t blocks =
-        CeilDiv(Tiles(d) * d.tile_h * d.tile_w, tc::kTileRows) * CeilDiv(d.out_channels, tc::kTileCols);
-    if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
-    TileActivity<<<BlocksFor(Tiles(d)), kThreads, 0, s>>>(output_factors, d, ws.active);
-    TensorCoreConvForward<<<static_cast<unsigned>(blocks), tc::kThreads, 0, s>>>(
-        Dev(x), Dev(filters), ws.factors, output_factors, ws.live, ws.active, d, Dev(y));
-    return static_cast<int>(cudaGetLastError());
+  const auto ws = IndexFilters<ComputeOf<T>>(d, mask, workspace, s);
+  if constexpr (tc::kHasTensorCorePath<D<T>>) {
+    if (Conv2DUsesTensorCores<T>(g, Product::kForward, math)) {
+      const int64_t blocks =
+          CeilDiv(Tiles(d) * d.tile_h * d.tile_w, tc::kTileRows) * CeilDiv(d.out_channels, tc::kTileCols);
+      if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      TileActivity<<<BlocksFor(Tiles(d)), kThreads, 0, s>>>(output_factors, d, ws.active);
+      TensorCoreConvForward<<<static_cast<unsigned>(blocks), tc::kThreads, 0, s>>>(
+          Dev(x), Dev(filters), ws.factors, output_factors, ws.live, ws.active, d, Dev(y));
+      return static_cast<int>(cudaGetLastError());
+    }
   }
   FilterLists<<<BlocksFor(d.out_blocks()), kThreads, 0, s>>>(ws.live, d, /*by_output=*/true, ws.lists, ws.counts);
   TileActivity<<<BlocksFor(Tiles(d)), kThreads, 0, s>>>(output_factors, d, ws.active);
@@ -748,17 +750,19 @@ int MaskedConv2D(const Conv2DGeometry& g, const T* x, const T* filters, MaskView
 
 template <typename T, typename TMask>
 int MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filters, MaskView<TMask> mask,
-                          const float* output_factors, T* dx, void* workspace, GpuMath math, Stream stream) {
+                          const ComputeOf<T>* output_factors, T* dx, void* workspace, GpuMath math, Stream stream) {
   if (g.in_pixels() == 0 || g.in_channels == 0) return 0;
   const ConvDims d = DimsOf(g, mask.level);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const Workspace ws = IndexFilters(d, mask, workspace, s);
-  if (Conv2DUsesTensorCores(g, Product::kGradInput, math)) {
-    const int64_t blocks = CeilDiv(g.in_pixels(), tc::kTileRows) * CeilDiv(d.in_channels, tc::kTileCols);
-    if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
-    TensorCoreConvGradInput<<<static_cast<unsigned>(blocks), tc::kThreads, 0, s>>>(
-        Dev(dy), Dev(filters), ws.factors, output_factors, ws.live, d, Dev(dx));
-    return static_cast<int>(cudaGetLastError());
+  const auto ws = IndexFilters<ComputeOf<T>>(d, mask, workspace, s);
+  if constexpr (tc::kHasTensorCorePath<D<T>>) {
+    if (Conv2DUsesTensorCores<T>(g, Product::kGradInput, math)) {
+      const int64_t blocks = CeilDiv(g.in_pixels(), tc::kTileRows) * CeilDiv(d.in_channels, tc::kTileCols);
+      if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      TensorCoreConvGradInput<<<static_cast<unsigned>(blocks), tc::kThreads, 0, s>>>(
+          Dev(dy), Dev(filters), ws.factors, output_factors, ws.live, d, Dev(dx));
+      return static_cast<int>(cudaGetLastError());
+    }
   }
   FilterLists<<<BlocksFor(d.in_blocks()), kThreads, 0, s>>>(ws.live, d, /*by_output=*/false, ws.lists, ws.counts);
   const int64_t across = CeilDiv(std::min(d.in_block, d.in_channels), kTile);
@@ -774,19 +778,21 @@ int MaskedConv2DGradInput(const Conv2DGeometry& g, const T* dy, const T* filters
 
 template <typename T, typename TMask>
 int MaskedConv2DGradFilter(const Conv2DGeometry& g, const T* x, const T* dy, MaskView<TMask> mask,
-                           const float* output_factors, T* dfilters, void* workspace, GpuMath math,
+                           const ComputeOf<T>* output_factors, T* dfilters, void* workspace, GpuMath math,
                            Stream stream) {
   const ConvDims d = DimsOf(g, mask.level);
   if (FilterBlocks(d) == 0 || g.out_channels == 0) return 0;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const Workspace ws = IndexFilters(d, mask, workspace, s);
-  if (Conv2DUsesTensorCores(g, Product::kGradWeight, math)) {
-    const int64_t blocks =
-        d.taps() * CeilDiv(d.in_channels, tc::kTileRows) * CeilDiv(d.out_channels, tc::kTileCols);
-    if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
-    TensorCoreConvGradFilter<<<static_cast<unsigned>(blocks), tc::kThreads, 0, s>>>(
-        Dev(x), Dev(dy), ws.factors, output_factors, ws.live, d, Dev(dfilters));
-    return static_cast<int>(cudaGetLastError());
+  const auto ws = IndexFilters<ComputeOf<T>>(d, mask, workspace, s);
+  if constexpr (tc::kHasTensorCorePath<D<T>>) {
+    if (Conv2DUsesTensorCores<T>(g, Product::kGradWeight, math)) {
+      const int64_t blocks =
+          d.taps() * CeilDiv(d.in_channels, tc::kTileRows) * CeilDiv(d.out_channels, tc::kTileCols);
+      if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      TensorCoreConvGradFilter<<<static_cast<unsigned>(blocks), tc::kThreads, 0, s>>>(
+          Dev(x), Dev(dy), ws.factors, output_factors, ws.live, d, Dev(dfilters));
+      return static_cast<int>(cudaGetLastError());
+    }
   }
   const int64_t tiles = ((std::min(d.in_block, d.in_channels) + kTile - 1) / kTile) *
                         ((std::min(d.out_block, d.out_channels) + kTile - 1) / kTile);
@@ -799,28 +805,36 @@ int MaskedConv2DGradFilter(const Conv2DGeometry& g, const T* x, const T* dy, Mas
 
 #define MASKED_OPS_INSTANTIATE(T, TMask)                                                             \
   template int MaskedConv2D<T, TMask>(const Conv2DGeometry&, const T*, const T*, MaskView<TMask>,     \
-                                      const float*, T*, void*, GpuMath, Stream);                      \
+                                      const ComputeOf<T>*, T*, void*, GpuMath, Stream);                      \
   template int MaskedConv2DGradInput<T, TMask>(const Conv2DGeometry&, const T*, const T*,             \
-                                               MaskView<TMask>, const float*, T*, void*, GpuMath,     \
+                                               MaskView<TMask>, const ComputeOf<T>*, T*, void*, GpuMath,     \
                                                Stream);                                               \
   template int MaskedConv2DGradFilter<T, TMask>(const Conv2DGeometry&, const T*, const T*,            \
-                                                MaskView<TMask>, const float*, T*, void*, GpuMath,    \
+                                                MaskView<TMask>, const ComputeOf<T>*, T*, void*, GpuMath,    \
                                                 Stream);
 
 MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MASKED_OPS_INSTANTIATE)
 
 #undef MASKED_OPS_INSTANTIATE
 
-template int CanonicalOutputFactors<bool>(const bool*, int64_t, float*, Stream);
-template int CanonicalOutputFactors<int8_t>(const int8_t*, int64_t, float*, Stream);
-template int CanonicalOutputFactors<uint8_t>(const uint8_t*, int64_t, float*, Stream);
-template int CanonicalOutputFactors<int16_t>(const int16_t*, int64_t, float*, Stream);
-template int CanonicalOutputFactors<int32_t>(const int32_t*, int64_t, float*, Stream);
-template int CanonicalOutputFactors<int64_t>(const int64_t*, int64_t, float*, Stream);
-template int CanonicalOutputFactors<Float16Bits>(const Float16Bits*, int64_t, float*, Stream);
-template int CanonicalOutputFactors<BFloat16Bits>(const BFloat16Bits*, int64_t, float*, Stream);
-template int CanonicalOutputFactors<float>(const float*, int64_t, float*, Stream);
-template int CanonicalOutputFactors<double>(const double*, int64_t, float*, Stream);
+#define MASKED_OPS_INSTANTIATE(Unused, TOut)                                             \
+  template int CanonicalOutputFactors<TOut, float>(const TOut*, int64_t, float*, Stream);  \
+  template int CanonicalOutputFactors<TOut, double>(const TOut*, int64_t, double*, Stream);
+
+MASKED_OPS_FOR_EACH_MASK_TYPE(MASKED_OPS_INSTANTIATE, void)
+
+#undef MASKED_OPS_INSTANTIATE
+
+#define MASKED_OPS_INSTANTIATE(T)                                                             \
+  template size_t Conv2DWorkspaceBytes<T>(const Conv2DGeometry&, MaskLevel);                  \
+  template bool Conv2DUsesTensorCores<T>(const Conv2DGeometry&, Product, GpuMath);
+
+MASKED_OPS_INSTANTIATE(float)
+MASKED_OPS_INSTANTIATE(double)
+MASKED_OPS_INSTANTIATE(Float16Bits)
+MASKED_OPS_INSTANTIATE(BFloat16Bits)
+
+#undef MASKED_OPS_INSTANTIATE
 
 }  // namespace gpu
 }  // namespace masked_ops

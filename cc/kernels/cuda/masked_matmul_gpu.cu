@@ -1,6 +1,6 @@
 // CUDA kernels for masked_matmul (see masked_matmul_gpu.h).
 //
-// Each call first turns the mask into canonical float factors (dead: +0;
+// Each call first turns the mask into canonical factors (dead: +0;
 // live: its value, -0 for a live value that rounds to zero, so that liveness
 // is "any bit set"), marks the live blocks, and lists, per output block
 // column (forward) or block row (dx), the live blocks to multiply. The
@@ -34,7 +34,8 @@ struct GridDims {
     return cols - j * block_cols < block_cols ? cols - j * block_cols : block_cols;
   }
   // The canonical factor of W's entry (r, c).
-  __device__ float factor(const float* factors, bool element_level, int64_t r, int64_t c) const {
+  template <typename F>
+  __device__ F factor(const F* factors, bool element_level, int64_t r, int64_t c) const {
     return element_level ? factors[r * cols + c] : factors[(r / block_rows) * grid_cols + c / block_cols];
   }
   __device__ bool block_live(const uint8_t* live, int64_t r, int64_t c) const {
@@ -51,7 +52,8 @@ GridDims DimsOf(const BlockGrid& unclamped) {
 }
 
 // live[b] = 1 when block b holds a live factor.
-__global__ void BlockLiveness(const float* factors, bool element_level, GridDims g, uint8_t* live) {
+template <typename F>
+__global__ void BlockLiveness(const F* factors, bool element_level, GridDims g, uint8_t* live) {
   const int64_t blocks = g.grid_rows * g.grid_cols;
   for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < blocks;
        b += int64_t(gridDim.x) * blockDim.x) {
@@ -62,7 +64,7 @@ __global__ void BlockLiveness(const float* factors, bool element_level, GridDims
       any = Live(factors[b]);
     } else {
       for (int64_t r = 0; r < g.rows_in(i) && !any; ++r) {
-        const float* row = factors + (i * g.block_rows + r) * g.cols + j * g.block_cols;
+        const F* row = factors + (i * g.block_rows + r) * g.cols + j * g.block_cols;
         for (int64_t c = 0; c < g.cols_in(j) && !any; ++c) any = Live(row[c]);
       }
     }
@@ -94,10 +96,11 @@ __global__ void LiveLists(const uint8_t* live, GridDims g, bool by_column, int32
 // last fastest, over `chunks` 64-column chunks per group.
 template <typename T, bool kTransposed>
 __global__ void __launch_bounds__(kThreads)
-    BlockSparseProduct(const T* a, int64_t m, const T* w, const float* factors, bool element_level,
+    BlockSparseProduct(const T* a, int64_t m, const T* w, const Compute<T>* factors, bool element_level,
                        GridDims g, const int32_t* lists, const int32_t* counts, int64_t chunks, T* out) {
-  __shared__ float a_tile[kDepthStep][kTile + 1];
-  __shared__ float b_tile[kDepthStep][kTile + 1];
+  using C = Compute<T>;
+  __shared__ C a_tile[kDepthStep][kTile + 1];
+  __shared__ C b_tile[kDepthStep][kTile + 1];
   const int64_t groups = kTransposed ? g.grid_rows : g.grid_cols;
   const int64_t chunk = int64_t(blockIdx.x) % chunks;
   const int64_t group = int64_t(blockIdx.x) / chunks % groups;
@@ -113,7 +116,7 @@ __global__ void __launch_bounds__(kThreads)
   const int capacity = static_cast<int>(kTransposed ? g.grid_cols : g.grid_rows);
   const int tx = threadIdx.x % 16;
   const int ty = threadIdx.x / 16;
-  float acc[kPerThread][kPerThread] = {};
+  C acc[kPerThread][kPerThread] = {};
 
   for (int p = 0; p < counts[group]; ++p) {
     const int64_t segment = lists[group * capacity + p];
@@ -125,14 +128,14 @@ __global__ void __launch_bounds__(kThreads)
         const int rr = e % kTile;
         const int64_t d = d0 + dd;
         const int64_t row = row0 + rr;
-        a_tile[dd][rr] = (d < d_end && row < m) ? ToFloat(a[row * depth_total + d]) : 0.0f;
+        a_tile[dd][rr] = (d < d_end && row < m) ? ToCompute(a[row * depth_total + d]) : C(0);
         const int64_t col = col0 + rr;
-        float b = 0.0f;
+        C b = 0;
         if (d < d_end && col < group_end) {
           // W's entry (wr, wc) and its factor.
           const int64_t wr = kTransposed ? col : d;
           const int64_t wc = kTransposed ? d : col;
-          b = Masked(ToFloat(w[wr * g.cols + wc]), g.factor(factors, element_level, wr, wc));
+          b = Masked(ToCompute(w[wr * g.cols + wc]), g.factor(factors, element_level, wr, wc));
         }
         b_tile[dd][rr] = b;
       }
@@ -148,7 +151,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
       const int64_t col = col0 + tx + 16 * j;
-      if (col < group_end) out[row * out_cols + col] = FromFloat<T>(acc[i][j]);
+      if (col < group_end) out[row * out_cols + col] = FromCompute<T>(acc[i][j]);
     }
   }
 }
@@ -159,10 +162,11 @@ __global__ void __launch_bounds__(kThreads)
 // block is written as zeros unread.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    BlockOuterProducts(const T* x, const T* dy, int64_t m, const float* factors, bool element_level,
+    BlockOuterProducts(const T* x, const T* dy, int64_t m, const Compute<T>* factors, bool element_level,
                        GridDims g, const uint8_t* live, int64_t tiles, T* dw) {
-  __shared__ float x_tile[kDepthStep][kTile + 1];
-  __shared__ float dy_tile[kDepthStep][kTile + 1];
+  using C = Compute<T>;
+  __shared__ C x_tile[kDepthStep][kTile + 1];
+  __shared__ C dy_tile[kDepthStep][kTile + 1];
   const int64_t block = int64_t(blockIdx.x) / tiles;
   const int64_t tile = int64_t(blockIdx.x) % tiles;
   const int64_t bi = block / g.grid_cols;
@@ -176,7 +180,7 @@ __global__ void __launch_bounds__(kThreads)
   if (r0 >= r_end || c0 >= c_end) return;
   const int tx = threadIdx.x % 16;
   const int ty = threadIdx.x / 16;
-  float acc[kPerThread][kPerThread] = {};
+  C acc[kPerThread][kPerThread] = {};
   const bool block_live = live[block] != 0;
   if (block_live) {
     for (int64_t m0 = 0; m0 < m; m0 += kDepthStep) {
@@ -184,8 +188,8 @@ __global__ void __launch_bounds__(kThreads)
         const int dd = e / kTile;
         const int rr = e % kTile;
         const int64_t row = m0 + dd;
-        x_tile[dd][rr] = (row < m && r0 + rr < r_end) ? ToFloat(x[row * g.rows + r0 + rr]) : 0.0f;
-        dy_tile[dd][rr] = (row < m && c0 + rr < c_end) ? ToFloat(dy[row * g.cols + c0 + rr]) : 0.0f;
+        x_tile[dd][rr] = (row < m && r0 + rr < r_end) ? ToCompute(x[row * g.rows + r0 + rr]) : 0.0f;
+        dy_tile[dd][rr] = (row < m && c0 + rr < c_end) ? ToCompute(dy[row * g.cols + c0 + rr]) : 0.0f;
       }
       __syncthreads();
       AccumulateStage(x_tile, dy_tile, acc, tx, ty);
@@ -201,7 +205,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t col = c0 + tx + 16 * j;
       if (col >= c_end) continue;
       dw[row * g.cols + col] =
-          FromFloat<T>(block_live ? Masked(acc[i][j], g.factor(factors, element_level, row, col)) : 0.0f);
+          FromCompute<T>(block_live ? Masked(acc[i][j], g.factor(factors, element_level, row, col)) : 0.0f);
     }
   }
 }
@@ -218,7 +222,7 @@ namespace tc = tensor_core;
 // outputs through live blocks only, as on the CUDA cores.
 template <typename T, bool kTransposed>
 __global__ void __launch_bounds__(tc::kThreads)
-    TensorCoreProduct(const T* a, int64_t m, const T* w, const float* factors, bool element_level, GridDims g,
+    TensorCoreProduct(const T* a, int64_t m, const T* w, const Compute<T>* factors, bool element_level, GridDims g,
                       const uint8_t* live, T* out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // launched only where DeviceSupportsTensorCores()
@@ -264,7 +268,7 @@ __global__ void __launch_bounds__(tc::kThreads)
         if (d < d_end && col < out_cols && ((live_columns >> (c / tc::kFragment)) & 1u) != 0) {
           const int64_t wr = kTransposed ? col : d;
           const int64_t wc = kTransposed ? d : col;
-          b = Masked(ToFloat(w[wr * g.cols + wc]), g.factor(factors, element_level, wr, wc));
+          b = Masked(ToCompute(w[wr * g.cols + wc]), g.factor(factors, element_level, wr, wc));
         }
         b_tile[dd * tc::kBStride<T> + c] = tc::ToSmem<T>(b);
       }
@@ -279,7 +283,7 @@ __global__ void __launch_bounds__(tc::kThreads)
   tc::StoreAccumulators<T>(acc, staged);
   __syncthreads();
   tc::ForEachStaged(staged, [&](int r, int c, float v) {
-    if (row0 + r < m && col0 + c < out_cols) out[(row0 + r) * out_cols + col0 + c] = FromFloat<T>(v);
+    if (row0 + r < m && col0 + c < out_cols) out[(row0 + r) * out_cols + col0 + c] = FromCompute<T>(v);
   });
 #endif
 }
@@ -290,7 +294,7 @@ __global__ void __launch_bounds__(tc::kThreads)
 // written as zeros without reading x or dy.
 template <typename T>
 __global__ void __launch_bounds__(tc::kThreads)
-    TensorCoreOuterProducts(const T* x, const T* dy, int64_t m, const float* factors, bool element_level,
+    TensorCoreOuterProducts(const T* x, const T* dy, int64_t m, const Compute<T>* factors, bool element_level,
                             GridDims g, const uint8_t* live, T* dw) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // launched only where DeviceSupportsTensorCores()
@@ -346,14 +350,15 @@ __global__ void __launch_bounds__(tc::kThreads)
   tc::ForEachStaged(staged, [&](int r, int c, float v) {
     const int64_t row = row0 + r;
     const int64_t col = col0 + c;
-    if (row < g.rows && col < g.cols) dw[row * g.cols + col] = FromFloat<T>(Masked(v, g.factor(factors, element_level, row, col)));
+    if (row < g.rows && col < g.cols) dw[row * g.cols + col] = FromCompute<T>(Masked(v, g.factor(factors, element_level, row, col)));
   });
 #endif
 }
 
-// The workspace: canonical factors, block liveness, lists and counts.
+// The workspace: canonical factors (in F), block liveness, lists and counts.
+template <typename F>
 struct Workspace {
-  float* factors;
+  F* factors;
   uint8_t* live;
   int32_t* lists;
   int32_t* counts;
@@ -365,12 +370,13 @@ int64_t FactorCount(const BlockGrid& grid, MaskLevel level) {
   return level == MaskLevel::kElement ? grid.rows * grid.cols : grid.grid_rows() * grid.grid_cols();
 }
 
-Workspace Carve(void* base, const BlockGrid& grid, MaskLevel level) {
+template <typename F>
+Workspace<F> Carve(void* base, const BlockGrid& grid, MaskLevel level) {
   char* p = static_cast<char*>(base);
   const int64_t blocks = grid.grid_rows() * grid.grid_cols();
-  Workspace ws;
-  ws.factors = reinterpret_cast<float*>(p);
-  p += AlignUp(FactorCount(grid, level) * int64_t(sizeof(float)));
+  Workspace<F> ws;
+  ws.factors = reinterpret_cast<F*>(p);
+  p += AlignUp(FactorCount(grid, level) * int64_t(sizeof(F)));
   ws.live = reinterpret_cast<uint8_t*>(p);
   p += AlignUp(blocks);
   ws.lists = reinterpret_cast<int32_t*>(p);
@@ -387,10 +393,10 @@ unsigned BlocksFor(int64_t items) {
 // dW read the liveness flags), per block column (forward) or per block row (dx).
 enum class Lists { kNone, kByColumn, kByRow };
 
-template <typename TMask>
-Workspace IndexMask(const BlockGrid& grid, MaskView<TMask> mask, void* workspace, Lists lists,
-                    cudaStream_t stream) {
-  const Workspace ws = Carve(workspace, grid, mask.level);
+template <typename F, typename TMask>
+Workspace<F> IndexMask(const BlockGrid& grid, MaskView<TMask> mask, void* workspace, Lists lists,
+                       cudaStream_t stream) {
+  const Workspace<F> ws = Carve<F>(workspace, grid, mask.level);
   const int64_t count = FactorCount(grid, mask.level);
   const GridDims dims = DimsOf(grid);
   CanonicalFactors<<<BlocksFor(count), kThreads, 0, stream>>>(mask.data, count, ws.factors);
@@ -421,21 +427,23 @@ int RunProduct(const MatmulShape& shape, const T* a, const T* w, MaskView<TMask>
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const GridDims dims = DimsOf(grid);
   const bool element_level = mask.level == MaskLevel::kElement;
-  if (MatmulUsesTensorCores(grid, kTransposed ? Product::kGradInput : Product::kForward, math)) {
-    const int64_t tiles = TensorCoreTiles(shape.m, out_cols);
-    if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
-    const Workspace ws = IndexMask(grid, mask, workspace, Lists::kNone, s);
-    TensorCoreProduct<D, kTransposed><<<static_cast<unsigned>(tiles), tc::kThreads, 0, s>>>(
-        reinterpret_cast<const D*>(a), shape.m, reinterpret_cast<const D*>(w), ws.factors, element_level, dims,
-        ws.live, reinterpret_cast<D*>(out));
-    return static_cast<int>(cudaGetLastError());
+  if constexpr (tc::kHasTensorCorePath<D>) {
+    if (MatmulUsesTensorCores<T>(grid, kTransposed ? Product::kGradInput : Product::kForward, math)) {
+      const int64_t tiles = TensorCoreTiles(shape.m, out_cols);
+      if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      const auto ws = IndexMask<Compute<D>>(grid, mask, workspace, Lists::kNone, s);
+      TensorCoreProduct<D, kTransposed><<<static_cast<unsigned>(tiles), tc::kThreads, 0, s>>>(
+          reinterpret_cast<const D*>(a), shape.m, reinterpret_cast<const D*>(w), ws.factors, element_level, dims,
+          ws.live, reinterpret_cast<D*>(out));
+      return static_cast<int>(cudaGetLastError());
+    }
   }
   const int64_t groups = kTransposed ? dims.grid_rows : dims.grid_cols;
   const int64_t group_width = kTransposed ? grid.block_rows : grid.block_cols;
   const int64_t chunks = CeilDiv(std::min(group_width, out_cols), kTile);
   const int64_t blocks = CeilDiv(shape.m, kTile) * groups * chunks;
   if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
-  const Workspace ws = IndexMask(grid, mask, workspace, kTransposed ? Lists::kByRow : Lists::kByColumn, s);
+  const auto ws = IndexMask<Compute<D>>(grid, mask, workspace, kTransposed ? Lists::kByRow : Lists::kByColumn, s);
   BlockSparseProduct<D, kTransposed><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
       reinterpret_cast<const D*>(a), shape.m, reinterpret_cast<const D*>(w), ws.factors, element_level, dims,
       ws.lists, ws.counts, chunks, reinterpret_cast<D*>(out));
@@ -453,16 +461,19 @@ bool DeviceSupportsTensorCores() {
 }
 }  // namespace tensor_core
 
+template <typename T>
 bool MatmulUsesTensorCores(const BlockGrid& grid, Product product, GpuMath math) {
   const bool rows = tc::FragmentAligned(grid.block_rows, grid.rows);
   const bool cols = tc::FragmentAligned(grid.block_cols, grid.cols);
   const bool aligned = product == Product::kForward ? cols : product == Product::kGradInput ? rows : rows && cols;
-  return math == GpuMath::kTensorCores && aligned && tc::DeviceSupportsTensorCores();
+  return tc::kHasTensorCorePath<typename Device<T>::type> && math == GpuMath::kTensorCores && aligned &&
+         tc::DeviceSupportsTensorCores();
 }
 
+template <typename T>
 size_t GpuWorkspaceBytes(const BlockGrid& grid, MaskLevel level) {
   const int64_t blocks = grid.grid_rows() * grid.grid_cols();
-  return static_cast<size_t>(AlignUp(FactorCount(grid, level) * int64_t(sizeof(float))) + AlignUp(blocks) +
+  return static_cast<size_t>(AlignUp(FactorCount(grid, level) * int64_t(sizeof(ComputeOf<T>))) + AlignUp(blocks) +
                              AlignUp(blocks * int64_t(sizeof(int32_t))) +
                              AlignUp(std::max(grid.grid_rows(), grid.grid_cols()) * int64_t(sizeof(int32_t))));
 }
@@ -486,15 +497,17 @@ int MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy, Ma
   const BlockGrid grid = shape.weight_grid();
   if (shape.k == 0 || shape.n == 0) return 0;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const Workspace ws = IndexMask(grid, mask, workspace, Lists::kNone, s);
+  const auto ws = IndexMask<Compute<D>>(grid, mask, workspace, Lists::kNone, s);
   const GridDims dims = DimsOf(grid);
-  if (MatmulUsesTensorCores(grid, Product::kGradWeight, math)) {
-    const int64_t tiles = TensorCoreTiles(shape.k, shape.n);
-    if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
-    TensorCoreOuterProducts<D><<<static_cast<unsigned>(tiles), tc::kThreads, 0, s>>>(
-        reinterpret_cast<const D*>(x), reinterpret_cast<const D*>(dy), shape.m, ws.factors,
-        mask.level == MaskLevel::kElement, dims, ws.live, reinterpret_cast<D*>(dw));
-    return static_cast<int>(cudaGetLastError());
+  if constexpr (tc::kHasTensorCorePath<D>) {
+    if (MatmulUsesTensorCores<T>(grid, Product::kGradWeight, math)) {
+      const int64_t tiles = TensorCoreTiles(shape.k, shape.n);
+      if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      TensorCoreOuterProducts<D><<<static_cast<unsigned>(tiles), tc::kThreads, 0, s>>>(
+          reinterpret_cast<const D*>(x), reinterpret_cast<const D*>(dy), shape.m, ws.factors,
+          mask.level == MaskLevel::kElement, dims, ws.live, reinterpret_cast<D*>(dw));
+      return static_cast<int>(cudaGetLastError());
+    }
   }
   const int64_t tiles = CeilDiv(grid.packed_rows(), kTile) * CeilDiv(grid.packed_cols(), kTile);
   const int64_t blocks = dims.grid_rows * dims.grid_cols * tiles;
@@ -514,6 +527,17 @@ int MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy, Ma
                                                 MaskView<TMask>, T*, void*, GpuMath, Stream);
 
 MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MASKED_OPS_INSTANTIATE)
+
+#undef MASKED_OPS_INSTANTIATE
+
+#define MASKED_OPS_INSTANTIATE(T)                                                         \
+  template size_t GpuWorkspaceBytes<T>(const BlockGrid&, MaskLevel);                       \
+  template bool MatmulUsesTensorCores<T>(const BlockGrid&, Product, GpuMath);
+
+MASKED_OPS_INSTANTIATE(float)
+MASKED_OPS_INSTANTIATE(double)
+MASKED_OPS_INSTANTIATE(Float16Bits)
+MASKED_OPS_INSTANTIATE(BFloat16Bits)
 
 #undef MASKED_OPS_INSTANTIATE
 

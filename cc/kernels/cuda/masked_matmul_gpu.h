@@ -3,10 +3,10 @@
 // header needs no CUDA headers, so the TensorFlow glue and the TF-free
 // harness include it with a plain C++ compiler.
 //
-// T is float or the storage types Float16Bits / BFloat16Bits (half and
-// bfloat16, accumulated in float). The mask is any of the CPU kernels' mask
+// T is float, double or the storage types Float16Bits / BFloat16Bits (half
+// and bfloat16, accumulated in float; double in double). The mask is any of the CPU kernels' mask
 // types, element-level or block-level. Every launcher needs a device
-// workspace of GpuWorkspaceBytes(...) bytes (the live-block index), returns
+// workspace of GpuWorkspaceBytes<T>(...) bytes (the live-block index), returns
 // the cudaError_t of its launches as an int (0 on success) and does not
 // synchronize.
 #ifndef MASKED_OPS_CC_KERNELS_CUDA_MASKED_MATMUL_GPU_H_
@@ -38,13 +38,16 @@ enum class GpuMath { kCudaCores, kTensorCores };
 // The three products of an op: y, dx and the weight's (filters') gradient.
 enum class Product { kForward, kGradInput, kGradWeight };
 
-// Whether `product` over a weight of `grid` runs on tensor cores under
-// `math` on the current device: the forward product needs the block columns
-// cut on multiples of 16 (or not at all), dx the block rows, dW both.
+// Whether `product` over a T weight of `grid` runs on tensor cores under
+// `math` on the current device: never for double; the forward product needs
+// the block columns cut on multiples of 16 (or not at all), dx the block
+// rows, dW both.
+template <typename T>
 bool MatmulUsesTensorCores(const BlockGrid& grid, Product product, GpuMath math);
 
-// Device bytes of the live-block index for a weight of `grid` with a mask of
-// `level`.
+// Device bytes of the live-block index for a T weight of `grid` with a mask
+// of `level`.
+template <typename T>
 size_t GpuWorkspaceBytes(const BlockGrid& grid, MaskLevel level);
 
 template <typename T, typename TMask>
@@ -62,6 +65,7 @@ int MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy, Ma
 // Every (T, TMask) pair the GPU kernels are compiled for.
 #define MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MACRO)                 \
   MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, float)                    \
+  MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, double)                   \
   MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, ::masked_ops::Float16Bits) \
   MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, ::masked_ops::BFloat16Bits)
 

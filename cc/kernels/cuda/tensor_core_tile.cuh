@@ -30,6 +30,10 @@ namespace tensor_core {
 
 namespace wmma = nvcuda::wmma;
 
+// float64 has no tensor-core path (its products run on CUDA cores).
+template <typename D>
+constexpr bool kHasTensorCorePath = !std::is_same_v<D, double>;
+
 constexpr int kTileRows = 128;
 constexpr int kTileCols = 64;
 constexpr int kStageDepth = 32;
@@ -80,7 +84,7 @@ __device__ inline void PrepareOperands(Fragment& fragment) {
 
 template <typename T>
 __device__ inline typename Traits<T>::Smem ToSmem(float v) {
-  return FromFloat<T>(v);
+  return FromCompute<T>(v);
 }
 
 // Leading dimensions (in elements) of the staged operands: A as
