@@ -278,10 +278,11 @@ MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MASKED_OPS_INSTANTIATE)
 
 #undef MASKED_OPS_INSTANTIATE
 
-template size_t ElementwiseWorkspaceBytes<float>(int64_t, const BlockGrid&, MaskLevel);
-template size_t ElementwiseWorkspaceBytes<double>(int64_t, const BlockGrid&, MaskLevel);
-template size_t ElementwiseWorkspaceBytes<Float16Bits>(int64_t, const BlockGrid&, MaskLevel);
-template size_t ElementwiseWorkspaceBytes<BFloat16Bits>(int64_t, const BlockGrid&, MaskLevel);
+#define MASKED_OPS_INSTANTIATE(T) template size_t ElementwiseWorkspaceBytes<T>(int64_t, const BlockGrid&, MaskLevel);
+
+MASKED_OPS_FOR_EACH_GPU_TYPE(MASKED_OPS_INSTANTIATE)
+
+#undef MASKED_OPS_INSTANTIATE
 
 }  // namespace gpu
 }  // namespace masked_ops

@@ -829,10 +829,7 @@ MASKED_OPS_FOR_EACH_MASK_TYPE(MASKED_OPS_INSTANTIATE, void)
   template size_t Conv2DWorkspaceBytes<T>(const Conv2DGeometry&, MaskLevel);                  \
   template bool Conv2DUsesTensorCores<T>(const Conv2DGeometry&, Product, GpuMath);
 
-MASKED_OPS_INSTANTIATE(float)
-MASKED_OPS_INSTANTIATE(double)
-MASKED_OPS_INSTANTIATE(Float16Bits)
-MASKED_OPS_INSTANTIATE(BFloat16Bits)
+MASKED_OPS_FOR_EACH_GPU_TYPE(MASKED_OPS_INSTANTIATE)
 
 #undef MASKED_OPS_INSTANTIATE
 

@@ -534,10 +534,7 @@ MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MASKED_OPS_INSTANTIATE)
   template size_t GpuWorkspaceBytes<T>(const BlockGrid&, MaskLevel);                       \
   template bool MatmulUsesTensorCores<T>(const BlockGrid&, Product, GpuMath);
 
-MASKED_OPS_INSTANTIATE(float)
-MASKED_OPS_INSTANTIATE(double)
-MASKED_OPS_INSTANTIATE(Float16Bits)
-MASKED_OPS_INSTANTIATE(BFloat16Bits)
+MASKED_OPS_FOR_EACH_GPU_TYPE(MASKED_OPS_INSTANTIATE)
 
 #undef MASKED_OPS_INSTANTIATE
 

@@ -62,6 +62,13 @@ template <typename T, typename TMask>
 int MaskedMatmulGradWeight(const MatmulShape& shape, const T* x, const T* dy, MaskView<TMask> mask,
                            T* dw, void* workspace, GpuMath math, Stream stream);
 
+// Every element type the GPU kernels are compiled for.
+#define MASKED_OPS_FOR_EACH_GPU_TYPE(MACRO) \
+  MACRO(float)                              \
+  MACRO(double)                             \
+  MACRO(::masked_ops::Float16Bits)          \
+  MACRO(::masked_ops::BFloat16Bits)
+
 // Every (T, TMask) pair the GPU kernels are compiled for.
 #define MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MACRO)                 \
   MASKED_OPS_FOR_EACH_MASK_TYPE(MACRO, float)                    \
