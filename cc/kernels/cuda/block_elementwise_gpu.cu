@@ -3,263 +3,49 @@
 // flag per block of each matrix; then one thread block per weight block does
 // the block's work, or, for a dead block, nothing at all (gradient masking
 // writes its zeros without reading the gradient).
+//
+// The kernels are in block_elementwise_kernels.cuh and their launch sequences
+// in block_elementwise_launch.cuh; this file launches them on a stream.
 #include <cuda_runtime.h>
 
-#include <algorithm>
-#include <cstdint>
-
 #include "cc/kernels/cuda/block_elementwise_gpu.h"
-#include "cc/kernels/cuda/mask_factors.cuh"
+#include "cc/kernels/cuda/block_elementwise_launch.cuh"
+#include "cc/kernels/cuda/cuda_launch.cuh"
 
 namespace masked_ops {
 namespace gpu {
-namespace {
-
-struct StackDims {
-  int64_t outer, rows, cols, block_rows, block_cols, grid_rows, grid_cols;
-  bool element_level;
-  __host__ __device__ int64_t blocks_per_matrix() const { return grid_rows * grid_cols; }
-};
-
-// live[(o * grid_rows + i) * grid_cols + j] for element masks (each matrix
-// has its own), live[i * grid_cols + j] for block masks (shared).
-template <typename F>
-__global__ void StackLiveness(const F* factors, StackDims d, uint8_t* live) {
-  const int64_t count = d.element_level ? d.outer * d.blocks_per_matrix() : d.blocks_per_matrix();
-  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < count;
-       b += int64_t(gridDim.x) * blockDim.x) {
-    bool any = false;
-    if (!d.element_level) {
-      any = Live(factors[b]);
-    } else {
-      const int64_t o = b / d.blocks_per_matrix();
-      const int64_t i = (b % d.blocks_per_matrix()) / d.grid_cols;
-      const int64_t j = b % d.grid_cols;
-      const int64_t r_end = min(d.rows, (i + 1) * d.block_rows);
-      const int64_t c_end = min(d.cols, (j + 1) * d.block_cols);
-      for (int64_t r = i * d.block_rows; r < r_end && !any; ++r) {
-        const F* row = factors + (o * d.rows + r) * d.cols;
-        for (int64_t c = j * d.block_cols; c < c_end && !any; ++c) any = Live(row[c]);
-      }
-    }
-    live[b] = any ? 1 : 0;
-  }
-}
-
-// Calls op(offset, factor) for every entry of the weight block this thread
-// block owns (blockIdx.x = (o * grid_rows + i) * grid_cols + j): where the
-// mask is live when `live_only` (a dead block then does nothing), else
-// everywhere, dead entries with factor +0.
-template <typename F, typename Op>
-__device__ void ForBlock(const F* factors, const uint8_t* live, StackDims d, bool live_only,
-                         const Op& op) {
-  const int64_t b = blockIdx.x;
-  const int64_t o = b / d.blocks_per_matrix();
-  const int64_t block = b % d.blocks_per_matrix();
-  const int64_t i = block / d.grid_cols;
-  const int64_t j = block % d.grid_cols;
-  const bool block_live = live[d.element_level ? b : block] != 0;
-  if (live_only && !block_live) return;
-  const int64_t r0 = i * d.block_rows;
-  const int64_t c0 = j * d.block_cols;
-  const int64_t rows = min(d.rows - r0, d.block_rows);
-  const int64_t cols = min(d.cols - c0, d.block_cols);
-  for (int64_t e = threadIdx.x; e < rows * cols; e += blockDim.x) {
-    const int64_t offset = (o * d.rows + r0 + e / cols) * d.cols + c0 + e % cols;
-    const F factor = !block_live ? F(0) : d.element_level ? factors[offset] : factors[block];
-    if (live_only && !Live(factor)) continue;
-    op(offset, factor);
-  }
-}
-
-template <typename T>
-__global__ void MaskGradientKernel(const Compute<T>* factors, const uint8_t* live, StackDims d, const T* grad,
-                                   T* out) {
-  ForBlock(factors, live, d, /*live_only=*/false, [&](int64_t i, Compute<T> factor) {
-    // A dead entry is written without its gradient being read; a live one is
-    // scaled by its factor rounded to T, as tf.cast(mask, T) rounds it.
-    out[i] = FromCompute<T>(Live(factor) ? ToCompute(grad[i]) * ToCompute(FromCompute<T>(factor)) : Compute<T>(0));
-  });
-}
-
-template <typename T>
-__global__ void MaskedUpdateKernel(const Compute<T>* factors, const uint8_t* live, StackDims d,
-                                   UpdateMode mode, const T* value, T* var) {
-  ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, Compute<T>) {
-    const Compute<T> v = ToCompute(value[i]);
-    const Compute<T> w = ToCompute(var[i]);
-    var[i] = FromCompute<T>(mode == UpdateMode::kAssign ? v : mode == UpdateMode::kAdd ? w + v : w - v);
-  });
-}
-
-template <typename T>
-__global__ void AdamKernel(const Compute<T>* factors, const uint8_t* live, StackDims d, const T* grad,
-                           AdamStep<Compute<T>> step, T* var, T* m, T* v, T* v_hat) {
-  ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, Compute<T>) {
-    Compute<T> w = ToCompute(var[i]);
-    if (step.weight_decay != Compute<T>(0)) w -= w * step.weight_decay * step.learning_rate;
-    const Compute<T> g = ToCompute(grad[i]);
-    const Compute<T> m_new = ToCompute(m[i]) + (g - ToCompute(m[i])) * step.one_minus_beta_1;
-    const Compute<T> v_new = ToCompute(v[i]) + (g * g - ToCompute(v[i])) * step.one_minus_beta_2;
-    Compute<T> second = v_new;
-    if (step.amsgrad) {
-      // Keeps a NaN of either side, as Keras's ops.maximum does (fmaxf drops it).
-      const Compute<T> previous = ToCompute(v_hat[i]);
-      second = v_new < previous || isnan(previous) ? previous : v_new;
-      v_hat[i] = FromCompute<T>(second);
-    }
-    m[i] = FromCompute<T>(m_new);
-    v[i] = FromCompute<T>(v_new);
-    var[i] = FromCompute<T>(w - (m_new * step.alpha) / (sqrt(second) + step.epsilon));
-  });
-}
-
-template <typename T>
-__global__ void SgdKernel(const Compute<T>* factors, const uint8_t* live, StackDims d, const T* grad,
-                          SgdStep<Compute<T>> step, T* var, T* momentum) {
-  ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, Compute<T>) {
-    Compute<T> w = ToCompute(var[i]);
-    if (step.weight_decay != Compute<T>(0)) w -= w * step.weight_decay * step.learning_rate;
-    const Compute<T> scaled = ToCompute(grad[i]) * step.learning_rate;
-    if (momentum == nullptr) {
-      var[i] = FromCompute<T>(w - scaled);
-      return;
-    }
-    const Compute<T> m_new = ToCompute(momentum[i]) * step.momentum - scaled;
-    momentum[i] = FromCompute<T>(m_new);
-    var[i] = FromCompute<T>(w + (step.nesterov ? m_new * step.momentum - scaled : m_new));
-  });
-}
-
-template <typename T>
-__global__ void RmspropKernel(const Compute<T>* factors, const uint8_t* live, StackDims d, const T* grad,
-                              RmspropStep<Compute<T>> step, T* var, T* velocity, T* momentum, T* average_grad) {
-  ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, Compute<T>) {
-    Compute<T> w = ToCompute(var[i]);
-    if (step.weight_decay != Compute<T>(0)) w -= w * step.weight_decay * step.learning_rate;
-    const Compute<T> g = ToCompute(grad[i]);
-    const Compute<T> velocity_new = step.rho * ToCompute(velocity[i]) + step.one_minus_rho * (g * g);
-    Compute<T> denominator = velocity_new + step.epsilon;
-    if (step.centered) {
-      const Compute<T> average_new = step.rho * ToCompute(average_grad[i]) + step.one_minus_rho * g;
-      denominator = velocity_new - average_new * average_new + step.epsilon;
-      average_grad[i] = FromCompute<T>(average_new);
-    }
-    velocity[i] = FromCompute<T>(velocity_new);
-    const Compute<T> increment = (step.learning_rate * g) / sqrt(denominator);
-    if (momentum == nullptr) {
-      var[i] = FromCompute<T>(w - increment);
-      return;
-    }
-    const Compute<T> momentum_new = step.momentum * ToCompute(momentum[i]) + increment;
-    momentum[i] = FromCompute<T>(momentum_new);
-    var[i] = FromCompute<T>(w - momentum_new);
-  });
-}
-
-int64_t AlignUp(int64_t bytes) { return (bytes + 255) / 256 * 256; }
-
-StackDims DimsOf(int64_t outer, const BlockGrid& grid, MaskLevel level) {
-  return StackDims{outer, grid.rows, grid.cols, grid.block_rows, grid.block_cols, grid.grid_rows(),
-                   grid.grid_cols(), level == MaskLevel::kElement};
-}
-
-int64_t FactorCount(const StackDims& d) {
-  return d.element_level ? d.outer * d.rows * d.cols : d.blocks_per_matrix();
-}
-
-int64_t LiveCount(const StackDims& d) {
-  return d.element_level ? d.outer * d.blocks_per_matrix() : d.blocks_per_matrix();
-}
-
-unsigned BlocksFor(int64_t items) {
-  return static_cast<unsigned>(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, 65535));
-}
-
-// Indexes the mask into the workspace as factors in F, then runs
-// launch(factors, live, dims, grid of one thread block per weight block).
-template <typename F, typename TMask, typename Launch>
-int Run(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, void* workspace, Stream stream,
-        const Launch& launch) {
-  const StackDims d = DimsOf(outer, grid, mask.level);
-  const int64_t blocks = outer * d.blocks_per_matrix();
-  if (blocks == 0) return 0;
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  F* factors = static_cast<F*>(workspace);
-  uint8_t* live = static_cast<uint8_t*>(workspace) + AlignUp(FactorCount(d) * int64_t(sizeof(F)));
-  CanonicalFactors<<<BlocksFor(FactorCount(d)), kThreads, 0, s>>>(mask.data, FactorCount(d), factors);
-  StackLiveness<<<BlocksFor(LiveCount(d)), kThreads, 0, s>>>(factors, d, live);
-  launch(factors, live, d, dim3(static_cast<unsigned>(blocks)), s);
-  return static_cast<int>(cudaGetLastError());
-}
-
-template <typename T>
-using D = typename Device<T>::type;
-
-template <typename T>
-D<T>* Dev(T* p) {
-  return reinterpret_cast<D<T>*>(p);
-}
-template <typename T>
-const D<T>* Dev(const T* p) {
-  return reinterpret_cast<const D<T>*>(p);
-}
-
-}  // namespace
-
-template <typename T>
-size_t ElementwiseWorkspaceBytes(int64_t outer, const BlockGrid& grid, MaskLevel level) {
-  const StackDims d = DimsOf(outer, grid, level);
-  return static_cast<size_t>(AlignUp(FactorCount(d) * int64_t(sizeof(ComputeOf<T>))) + AlignUp(LiveCount(d)));
-}
 
 template <typename T, typename TMask>
 int MaskGradient(int64_t outer, const BlockGrid& grid, const T* grad, MaskView<TMask> mask, T* out,
                  void* workspace, Stream stream) {
-  return Run<ComputeOf<T>>(outer, grid, mask, workspace, stream,
-             [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
-               MaskGradientKernel<<<blocks, kThreads, 0, s>>>(f, l, d, Dev(grad), Dev(out));
-             });
+  return RunMaskGradient(OnStream(stream), outer, grid, grad, mask, out, workspace);
 }
 
 template <typename T, typename TMask>
 int MaskedUpdate(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, UpdateMode mode,
                  const T* value, T* var, void* workspace, Stream stream) {
-  return Run<ComputeOf<T>>(outer, grid, mask, workspace, stream,
-             [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
-               MaskedUpdateKernel<<<blocks, kThreads, 0, s>>>(f, l, d, mode, Dev(value), Dev(var));
-             });
+  return RunMaskedUpdate(OnStream(stream), outer, grid, mask, mode, value, var, workspace);
 }
 
 template <typename T, typename TMask>
 int MaskedAdamStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
                    const AdamStep<ComputeOf<T>>& step, T* var, T* m, T* v, T* v_hat, void* workspace,
                    Stream stream) {
-  return Run<ComputeOf<T>>(outer, grid, mask, workspace, stream,
-             [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
-               AdamKernel<<<blocks, kThreads, 0, s>>>(f, l, d, Dev(grad), step, Dev(var), Dev(m), Dev(v),
-                                                      Dev(v_hat));
-             });
+  return RunAdamStep(OnStream(stream), outer, grid, mask, grad, step, var, m, v, v_hat, workspace);
 }
 
 template <typename T, typename TMask>
 int MaskedSgdStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
                   const SgdStep<ComputeOf<T>>& step, T* var, T* momentum, void* workspace, Stream stream) {
-  return Run<ComputeOf<T>>(outer, grid, mask, workspace, stream,
-             [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
-               SgdKernel<<<blocks, kThreads, 0, s>>>(f, l, d, Dev(grad), step, Dev(var), Dev(momentum));
-             });
+  return RunSgdStep(OnStream(stream), outer, grid, mask, grad, step, var, momentum, workspace);
 }
 
 template <typename T, typename TMask>
 int MaskedRmspropStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
                       const RmspropStep<ComputeOf<T>>& step, T* var, T* velocity, T* momentum,
                       T* average_grad, void* workspace, Stream stream) {
-  return Run<ComputeOf<T>>(outer, grid, mask, workspace, stream,
-             [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks, cudaStream_t s) {
-               RmspropKernel<<<blocks, kThreads, 0, s>>>(f, l, d, Dev(grad), step, Dev(var), Dev(velocity),
-                                                         Dev(momentum), Dev(average_grad));
-             });
+  return RunRmspropStep(OnStream(stream), outer, grid, mask, grad, step, var, velocity, momentum, average_grad,
+                        workspace);
 }
 
 #define MASKED_OPS_INSTANTIATE(T, TMask)                                                            \

@@ -1,0 +1,38 @@
+// The launch policy the *_launch.cuh launch sequences run with on a GPU:
+// launch(kernel, grid, block, args...) is kernel<<<grid, block, 0,
+// stream>>>(args...), and Status() is cudaGetLastError() as an int. (The
+// CUDA emulation of tests/cuda_emulation runs the same sequences with its own
+// policy.) nvcc only.
+#ifndef MASKED_OPS_CC_KERNELS_CUDA_CUDA_LAUNCH_CUH_
+#define MASKED_OPS_CC_KERNELS_CUDA_CUDA_LAUNCH_CUH_
+
+#include <cuda_runtime.h>
+
+namespace masked_ops {
+namespace gpu {
+namespace {
+
+struct CudaLaunch {
+  cudaStream_t stream;
+
+  // The arguments convert to the kernel's parameter types as in a direct
+  // kernel<<<...>>>(args...) launch.
+  template <typename... Params, typename... Args>
+  void operator()(void (*kernel)(Params...), dim3 grid, dim3 block, const Args&... args) const {
+    static_assert(sizeof...(Params) == sizeof...(Args), "a kernel launch with the wrong number of arguments");
+    kernel<<<grid, block, 0, stream>>>(args...);
+  }
+
+  int Status() const { return static_cast<int>(cudaGetLastError()); }
+};
+
+template <typename StreamHandle>
+CudaLaunch OnStream(StreamHandle stream) {
+  return CudaLaunch{reinterpret_cast<cudaStream_t>(stream)};
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace masked_ops
+
+#endif  // MASKED_OPS_CC_KERNELS_CUDA_CUDA_LAUNCH_CUH_

@@ -1,0 +1,623 @@
+// Device code of the masked_conv2d kernels (see masked_conv2d_gpu.cu for the
+// launchers and masked_conv2d_launch.cuh for the launch sequences): the
+// kernels and the device view of the geometry, in an anonymous namespace.
+// Device code only, so that a host compiler with the CUDA emulation of
+// tests/cuda_emulation compiles it too. Include it from one translation unit
+// of a program.
+#ifndef MASKED_OPS_CC_KERNELS_CUDA_MASKED_CONV2D_KERNELS_CUH_
+#define MASKED_OPS_CC_KERNELS_CUDA_MASKED_CONV2D_KERNELS_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cc/kernels/block_mask.h"
+#include "cc/kernels/cuda/mask_factors.cuh"
+#include "cc/kernels/cuda/tensor_core_tile.cuh"
+
+namespace masked_ops {
+namespace gpu {
+namespace {
+
+// Conv2DGeometry as the device reads it.
+struct ConvDims {
+  int64_t batch, in_h, in_w, in_channels, filter_h, filter_w, out_channels;
+  int64_t stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, out_h, out_w;
+  int64_t in_block, out_block, tile_h, tile_w;
+  bool element_level;
+  __host__ __device__ int64_t taps() const { return filter_h * filter_w; }
+  __host__ __device__ int64_t in_blocks() const { return CeilDiv(in_channels, in_block); }
+  __host__ __device__ int64_t out_blocks() const { return CeilDiv(out_channels, out_block); }
+  __host__ __device__ int64_t tiles_h() const { return CeilDiv(out_h, tile_h); }
+  __host__ __device__ int64_t tiles_w() const { return CeilDiv(out_w, tile_w); }
+  // The filter factor of (tap, ci, co).
+  template <typename F>
+  __device__ F factor(const F* factors, int64_t tap, int64_t ci, int64_t co) const {
+    return element_level ? factors[(tap * in_channels + ci) * out_channels + co]
+                         : factors[(ci / in_block) * out_blocks() + co / out_block];
+  }
+};
+
+// live[(tap * in_blocks + i) * out_blocks + j]: block (i, j) at the tap holds
+// a live factor.
+template <typename F>
+__global__ void FilterLiveness(const F* factors, ConvDims d, uint8_t* live) {
+  const int64_t count = d.taps() * d.in_blocks() * d.out_blocks();
+  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < count;
+       b += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = b % d.out_blocks();
+    const int64_t i = (b / d.out_blocks()) % d.in_blocks();
+    const int64_t tap = b / (d.out_blocks() * d.in_blocks());
+    bool any = false;
+    if (!d.element_level) {
+      any = Live(factors[i * d.out_blocks() + j]);
+    } else {
+      const int64_t ci_end = min(d.in_channels, (i + 1) * d.in_block);
+      const int64_t co_end = min(d.out_channels, (j + 1) * d.out_block);
+      for (int64_t ci = i * d.in_block; ci < ci_end && !any; ++ci) {
+        for (int64_t co = j * d.out_block; co < co_end && !any; ++co) any = Live(d.factor(factors, tap, ci, co));
+      }
+    }
+    live[b] = any ? 1 : 0;
+  }
+}
+
+// by_output: per output block j, the live (tap * in_blocks + i); else per
+// input block i, the live (tap * out_blocks + j).
+__global__ void FilterLists(const uint8_t* live, ConvDims d, bool by_output, int32_t* lists, int32_t* counts) {
+  const int64_t groups = by_output ? d.out_blocks() : d.in_blocks();
+  const int64_t capacity = d.taps() * (by_output ? d.in_blocks() : d.out_blocks());
+  for (int64_t group = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; group < groups;
+       group += int64_t(gridDim.x) * blockDim.x) {
+    int32_t count = 0;
+    for (int64_t tap = 0; tap < d.taps(); ++tap) {
+      const int64_t others = by_output ? d.in_blocks() : d.out_blocks();
+      for (int64_t o = 0; o < others; ++o) {
+        const int64_t i = by_output ? o : group;
+        const int64_t j = by_output ? group : o;
+        if (live[(tap * d.in_blocks() + i) * d.out_blocks() + j]) {
+          lists[group * capacity + count++] = static_cast<int32_t>(tap * others + o);
+        }
+      }
+    }
+    counts[group] = count;
+  }
+}
+
+// active[t] for output tile t (n, tile row, tile column): some output factor
+// in it is live; all tiles without an output mask.
+template <typename F>
+__global__ void TileActivity(const F* output_factors, ConvDims d, uint8_t* active) {
+  const int64_t tiles = d.batch * d.tiles_h() * d.tiles_w();
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < tiles;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    if (output_factors == nullptr) {
+      active[t] = 1;
+      continue;
+    }
+    const int64_t n = t / (d.tiles_h() * d.tiles_w());
+    const int64_t oy0 = ((t / d.tiles_w()) % d.tiles_h()) * d.tile_h;
+    const int64_t ox0 = (t % d.tiles_w()) * d.tile_w;
+    bool any = false;
+    for (int64_t oy = oy0; oy < min(d.out_h, oy0 + d.tile_h) && !any; ++oy) {
+      for (int64_t ox = ox0; ox < min(d.out_w, ox0 + d.tile_w) && !any; ++ox) {
+        any = Live(output_factors[(n * d.out_h + oy) * d.out_w + ox]);
+      }
+    }
+    active[t] = any ? 1 : 0;
+  }
+}
+
+// The output pixel that input pixel (iy, ix) meets at tap (ky, kx), or -1.
+__device__ inline int64_t OutputPixelAt(const ConvDims& d, int64_t n, int64_t iy, int64_t ix, int64_t ky,
+                                        int64_t kx) {
+  const int64_t sy = iy + d.pad_top - ky * d.dilation_h;
+  const int64_t sx = ix + d.pad_left - kx * d.dilation_w;
+  if (sy < 0 || sx < 0 || sy % d.stride_h != 0 || sx % d.stride_w != 0) return -1;
+  const int64_t oy = sy / d.stride_h;
+  const int64_t ox = sx / d.stride_w;
+  if (oy >= d.out_h || ox >= d.out_w) return -1;
+  return (n * d.out_h + oy) * d.out_w + ox;
+}
+
+template <typename C>
+__device__ inline C OutputScaled(const C* output_factors, int64_t pixel, C value) {
+  if (output_factors == nullptr) return value;
+  const C factor = output_factors[pixel];
+  return Live(factor) ? value * factor : C(0);
+}
+
+// blockIdx.x: output tile (n, tile row, tile column) and a chunk of 64 of its
+// pixels; blockIdx.y: output block; blockIdx.z: 64 of its channels.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ConvForward(const T* x, const T* filters, const Compute<T>* factors, const Compute<T>* output_factors,
+                const uint8_t* active, ConvDims d, const int32_t* lists, const int32_t* counts, T* y) {
+  __shared__ Compute<T> a_tile[kDepthStep][kTile + 1];
+  __shared__ Compute<T> b_tile[kDepthStep][kTile + 1];
+  const int64_t chunks = (d.tile_h * d.tile_w + kTile - 1) / kTile;
+  const int64_t tile = blockIdx.x / chunks;
+  const int64_t chunk = blockIdx.x % chunks;
+  const int64_t n = tile / (d.tiles_h() * d.tiles_w());
+  const int64_t oy0 = ((tile / d.tiles_w()) % d.tiles_h()) * d.tile_h;
+  const int64_t ox0 = (tile % d.tiles_w()) * d.tile_w;
+  const int64_t tile_w = min(d.tile_w, d.out_w - ox0);
+  const int64_t tile_pixels = min(d.tile_h, d.out_h - oy0) * tile_w;
+  const int64_t j = blockIdx.y;
+  const int64_t col0 = j * d.out_block + int64_t(blockIdx.z) * kTile;
+  const int64_t col_end = min(d.out_channels, (j + 1) * d.out_block);
+  const int64_t q0 = chunk * kTile;
+  if (q0 >= tile_pixels || col0 >= col_end) return;
+  auto pixel_of = [&](int64_t q) { return (n * d.out_h + oy0 + q / tile_w) * d.out_w + ox0 + q % tile_w; };
+  const int tx = threadIdx.x % 16;
+  const int ty = threadIdx.x / 16;
+  Compute<T> acc[kPerThread][kPerThread] = {};
+  const bool tile_active = active[tile] != 0;
+  if (tile_active) {
+    const int64_t capacity = d.taps() * d.in_blocks();
+    for (int p = 0; p < counts[j]; ++p) {
+      const int64_t entry = lists[j * capacity + p];
+      const int64_t tap = entry / d.in_blocks();
+      const int64_t i = entry % d.in_blocks();
+      const int64_t ky = tap / d.filter_w;
+      const int64_t kx = tap % d.filter_w;
+      const int64_t ci_end = min(d.in_channels, (i + 1) * d.in_block);
+      for (int64_t c0 = i * d.in_block; c0 < ci_end; c0 += kDepthStep) {
+        for (int e = threadIdx.x; e < kDepthStep * kTile; e += kThreads) {
+          const int dd = e / kTile;
+          const int rr = e % kTile;
+          const int64_t ci = c0 + dd;
+          const int64_t q = q0 + rr;
+          Compute<T> a = 0;
+          if (ci < ci_end && q < tile_pixels) {
+            const int64_t iy = (oy0 + q / tile_w) * d.stride_h - d.pad_top + ky * d.dilation_h;
+            const int64_t ix = (ox0 + q % tile_w) * d.stride_w - d.pad_left + kx * d.dilation_w;
+            if (iy >= 0 && iy < d.in_h && ix >= 0 && ix < d.in_w) {
+              a = ToCompute(x[((n * d.in_h + iy) * d.in_w + ix) * d.in_channels + ci]);
+            }
+          }
+          a_tile[dd][rr] = a;
+          const int64_t co = col0 + rr;
+          b_tile[dd][rr] = (ci < ci_end && co < col_end)
+                               ? Masked(ToCompute(filters[(tap * d.in_channels + ci) * d.out_channels + co]),
+                                        d.factor(factors, tap, ci, co))
+                               : 0.0f;
+        }
+        __syncthreads();
+        AccumulateStage(a_tile, b_tile, acc, tx, ty);
+        __syncthreads();
+      }
+    }
+  }
+  for (int r = 0; r < kPerThread; ++r) {
+    const int64_t q = q0 + ty + 16 * r;
+    if (q >= tile_pixels) continue;
+    const int64_t pixel = pixel_of(q);
+    for (int c = 0; c < kPerThread; ++c) {
+      const int64_t co = col0 + tx + 16 * c;
+      if (co >= col_end) continue;
+      y[pixel * d.out_channels + co] =
+          FromCompute<T>(tile_active ? OutputScaled(output_factors, pixel, acc[r][c]) : 0.0f);
+    }
+  }
+}
+
+// blockIdx.x: 64 input pixels in raster order; blockIdx.y: input block;
+// blockIdx.z: 64 of its channels.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ConvGradInput(const T* dy, const T* filters, const Compute<T>* factors, const Compute<T>* output_factors, ConvDims d,
+                  const int32_t* lists, const int32_t* counts, T* dx) {
+  __shared__ Compute<T> a_tile[kDepthStep][kTile + 1];
+  __shared__ Compute<T> b_tile[kDepthStep][kTile + 1];
+  const int64_t pixels = d.batch * d.in_h * d.in_w;
+  const int64_t p0 = int64_t(blockIdx.x) * kTile;
+  const int64_t i = blockIdx.y;
+  const int64_t col0 = i * d.in_block + int64_t(blockIdx.z) * kTile;
+  const int64_t col_end = min(d.in_channels, (i + 1) * d.in_block);
+  if (col0 >= col_end) return;
+  const int tx = threadIdx.x % 16;
+  const int ty = threadIdx.x / 16;
+  Compute<T> acc[kPerThread][kPerThread] = {};
+  const int64_t capacity = d.taps() * d.out_blocks();
+  for (int p = 0; p < counts[i]; ++p) {
+    const int64_t entry = lists[i * capacity + p];
+    const int64_t tap = entry / d.out_blocks();
+    const int64_t j = entry % d.out_blocks();
+    const int64_t ky = tap / d.filter_w;
+    const int64_t kx = tap % d.filter_w;
+    const int64_t co_end = min(d.out_channels, (j + 1) * d.out_block);
+    for (int64_t c0 = j * d.out_block; c0 < co_end; c0 += kDepthStep) {
+      for (int e = threadIdx.x; e < kDepthStep * kTile; e += kThreads) {
+        const int dd = e / kTile;
+        const int rr = e % kTile;
+        const int64_t co = c0 + dd;
+        const int64_t pixel = p0 + rr;
+        Compute<T> a = 0;
+        if (co < co_end && pixel < pixels) {
+          const int64_t n = pixel / (d.in_h * d.in_w);
+          const int64_t at = OutputPixelAt(d, n, (pixel / d.in_w) % d.in_h, pixel % d.in_w, ky, kx);
+          if (at >= 0) a = OutputScaled(output_factors, at, ToCompute(dy[at * d.out_channels + co]));
+        }
+        a_tile[dd][rr] = a;
+        const int64_t ci = col0 + rr;
+        b_tile[dd][rr] = (co < co_end && ci < col_end)
+                             ? Masked(ToCompute(filters[(tap * d.in_channels + ci) * d.out_channels + co]),
+                                      d.factor(factors, tap, ci, co))
+                             : 0.0f;
+      }
+      __syncthreads();
+      AccumulateStage(a_tile, b_tile, acc, tx, ty);
+      __syncthreads();
+    }
+  }
+  for (int r = 0; r < kPerThread; ++r) {
+    const int64_t pixel = p0 + ty + 16 * r;
+    if (pixel >= pixels) continue;
+    for (int c = 0; c < kPerThread; ++c) {
+      const int64_t ci = col0 + tx + 16 * c;
+      if (ci < col_end) dx[pixel * d.in_channels + ci] = FromCompute<T>(acc[r][c]);
+    }
+  }
+}
+
+// blockIdx.x: filter block (tap, i, j) (x allows far more blocks than y);
+// blockIdx.y: 64 x 64 of it. A dead block is written as zeros, unread.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ConvGradFilter(const T* x, const T* dy, const Compute<T>* factors, const Compute<T>* output_factors,
+                   const uint8_t* live, ConvDims d, T* dfilters) {
+  __shared__ Compute<T> x_tile[kDepthStep][kTile + 1];
+  __shared__ Compute<T> dy_tile[kDepthStep][kTile + 1];
+  const int64_t block = blockIdx.x;
+  const int64_t j = block % d.out_blocks();
+  const int64_t i = (block / d.out_blocks()) % d.in_blocks();
+  const int64_t tap = block / (d.out_blocks() * d.in_blocks());
+  const int64_t ky = tap / d.filter_w;
+  const int64_t kx = tap % d.filter_w;
+  const int64_t across = (min(d.out_block, d.out_channels) + kTile - 1) / kTile;
+  const int64_t ci0 = i * d.in_block + int64_t(blockIdx.y / across) * kTile;
+  const int64_t co0 = j * d.out_block + int64_t(blockIdx.y % across) * kTile;
+  const int64_t ci_end = min(d.in_channels, (i + 1) * d.in_block);
+  const int64_t co_end = min(d.out_channels, (j + 1) * d.out_block);
+  if (ci0 >= ci_end || co0 >= co_end) return;
+  const int tx = threadIdx.x % 16;
+  const int ty = threadIdx.x / 16;
+  Compute<T> acc[kPerThread][kPerThread] = {};
+  const bool block_live = live[block] != 0;
+  const int64_t pixels = d.batch * d.out_h * d.out_w;
+  if (block_live) {
+    for (int64_t p0 = 0; p0 < pixels; p0 += kDepthStep) {
+      for (int e = threadIdx.x; e < kDepthStep * kTile; e += kThreads) {
+        const int dd = e / kTile;
+        const int rr = e % kTile;
+        const int64_t pixel = p0 + dd;
+        Compute<T> xv = 0;
+        Compute<T> dv = 0;
+        if (pixel < pixels) {
+          const int64_t n = pixel / (d.out_h * d.out_w);
+          const int64_t iy = ((pixel / d.out_w) % d.out_h) * d.stride_h - d.pad_top + ky * d.dilation_h;
+          const int64_t ix = (pixel % d.out_w) * d.stride_w - d.pad_left + kx * d.dilation_w;
+          if (ci0 + rr < ci_end && iy >= 0 && iy < d.in_h && ix >= 0 && ix < d.in_w) {
+            xv = ToCompute(x[((n * d.in_h + iy) * d.in_w + ix) * d.in_channels + ci0 + rr]);
+          }
+          if (co0 + rr < co_end) {
+            dv = OutputScaled(output_factors, pixel, ToCompute(dy[pixel * d.out_channels + co0 + rr]));
+          }
+        }
+        x_tile[dd][rr] = xv;
+        dy_tile[dd][rr] = dv;
+      }
+      __syncthreads();
+      AccumulateStage(x_tile, dy_tile, acc, tx, ty);
+      __syncthreads();
+    }
+  }
+  for (int r = 0; r < kPerThread; ++r) {
+    const int64_t ci = ci0 + ty + 16 * r;
+    if (ci >= ci_end) continue;
+    for (int c = 0; c < kPerThread; ++c) {
+      const int64_t co = co0 + tx + 16 * c;
+      if (co >= co_end) continue;
+      const Compute<T> value = block_live ? Masked(acc[r][c], d.factor(factors, tap, ci, co)) : Compute<T>(0);
+      dfilters[(tap * d.in_channels + ci) * d.out_channels + co] = FromCompute<T>(value);
+    }
+  }
+}
+
+namespace tc = tensor_core;
+
+// The input pixel (as an offset into x, in pixels) that output pixel
+// `pixel` reads at tap (ky, kx), or -1 in the padding.
+__device__ inline int64_t InputPixelAt(const ConvDims& d, int64_t pixel, int64_t ky, int64_t kx) {
+  const int64_t n = pixel / (d.out_h * d.out_w);
+  const int64_t iy = ((pixel / d.out_w) % d.out_h) * d.stride_h - d.pad_top + ky * d.dilation_h;
+  const int64_t ix = (pixel % d.out_w) * d.stride_w - d.pad_left + kx * d.dilation_w;
+  if (iy < 0 || iy >= d.in_h || ix < 0 || ix >= d.in_w) return -1;
+  return (n * d.in_h + iy) * d.in_w + ix;
+}
+
+// The fragments of this warp whose 16-row strips hold a row for which
+// row_on(row) is true (rows are the tile's, 0 .. kTileRows - 1).
+template <typename RowOn>
+__device__ inline unsigned WarpRowFragments(const RowOn& row_on) {
+  const int warp_row = tc::ThisWarp().row;
+  unsigned fragments = 0;
+  for (int i = 0; i < 2; ++i) {
+    bool any = false;
+    for (int r = 0; r < tc::kFragment && !any; ++r) any = row_on((warp_row * 2 + i) * tc::kFragment + r);
+    if (any) fragments |= 3u << (i * 2);
+  }
+  return fragments;
+}
+
+// The forward conv on tensor cores, an implicit GEMM: rows are output pixels
+// grouped by output tile (row t * P + q is pixel q, in raster order, of tile
+// t, P = tile_h * tile_w; rows past a partial tile's pixels are empty),
+// columns output channels, and the depth runs over the (tap, input block)
+// segments. blockIdx.x walks the kTileRows x kTileCols tiles, columns
+// fastest. A segment is staged only when one of the tile's 16-channel strips
+// lies in a live filter block of it, and a warp multiplies only its strips in
+// live blocks and its 16-row strips holding a pixel of an active output tile.
+template <typename T>
+__global__ void __launch_bounds__(tc::kThreads)
+    TensorCoreConvForward(const T* x, const T* filters, const Compute<T>* factors, const Compute<T>* output_factors,
+                          const uint8_t* live, const uint8_t* active, ConvDims d, T* y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  using Smem = typename tc::Traits<T>::Smem;
+  __shared__ __align__(128) unsigned char shared[tc::kSharedBytes<T>];
+  __shared__ int64_t row_pixel[tc::kTileRows];  // output pixel of each row, or -1
+  Smem* a_tile = reinterpret_cast<Smem*>(shared);
+  Smem* b_tile = reinterpret_cast<Smem*>(shared + tc::kABytes<T>);
+  constexpr int kAStride = tc::kRowMajorAStride<T>;
+  const int64_t per_tile = d.tile_h * d.tile_w;
+  const int64_t tiles = d.batch * d.tiles_h() * d.tiles_w();
+  const int64_t col_tiles = CeilDiv(d.out_channels, tc::kTileCols);
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * tc::kTileRows;
+  const int64_t col0 = int64_t(blockIdx.x) % col_tiles * tc::kTileCols;
+  for (int r = threadIdx.x; r < tc::kTileRows; r += tc::kThreads) {
+    const int64_t tile = (row0 + r) / per_tile;
+    const int64_t q = (row0 + r) % per_tile;
+    int64_t pixel = -1;
+    if (tile < tiles && active[tile]) {
+      const int64_t oy = ((tile / d.tiles_w()) % d.tiles_h()) * d.tile_h + q / d.tile_w;
+      const int64_t ox = (tile % d.tiles_w()) * d.tile_w + q % d.tile_w;
+      if (oy < d.out_h && ox < d.out_w) pixel = (tile / (d.tiles_h() * d.tiles_w()) * d.out_h + oy) * d.out_w + ox;
+    }
+    row_pixel[r] = pixel;
+  }
+  __syncthreads();
+  const unsigned active_rows = WarpRowFragments([&](int r) { return row_pixel[r] >= 0; });
+  bool any_row = false;
+  for (int r = 0; r < tc::kTileRows && !any_row; ++r) any_row = row_pixel[r] >= 0;
+  tc::Accumulator<T> acc[2][2];
+  tc::ZeroAccumulators<T>(acc);
+  for (int64_t segment = 0; any_row && segment < d.taps() * d.in_blocks(); ++segment) {
+    const int64_t tap = segment / d.in_blocks();
+    const int64_t i = segment % d.in_blocks();
+    unsigned live_columns = 0;
+    for (int f = 0; f < tc::kFragmentColumns && col0 + f * tc::kFragment < d.out_channels; ++f) {
+      const int64_t j = (col0 + f * tc::kFragment) / d.out_block;
+      if (live[(tap * d.in_blocks() + i) * d.out_blocks() + j]) live_columns |= 1u << f;
+    }
+    if (live_columns == 0) continue;
+    const int64_t ky = tap / d.filter_w;
+    const int64_t kx = tap % d.filter_w;
+    const int64_t ci_end = min(d.in_channels, (i + 1) * d.in_block);
+    for (int64_t c0 = i * d.in_block; c0 < ci_end; c0 += tc::kStageDepth) {
+      for (int e = threadIdx.x; e < tc::kTileRows * tc::kStageDepth; e += tc::kThreads) {
+        const int r = e / tc::kStageDepth;
+        const int64_t ci = c0 + e % tc::kStageDepth;
+        const int64_t in_pixel = row_pixel[r] >= 0 && ci < ci_end ? InputPixelAt(d, row_pixel[r], ky, kx) : -1;
+        a_tile[r * kAStride + e % tc::kStageDepth] =
+            in_pixel >= 0 ? x[in_pixel * d.in_channels + ci] : tc::ToSmem<T>(0.0f);
+      }
+      for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
+        const int c = e % tc::kTileCols;
+        const int64_t ci = c0 + e / tc::kTileCols;
+        const int64_t co = col0 + c;
+        float b = 0.0f;
+        if (ci < ci_end && co < d.out_channels && ((live_columns >> (c / tc::kFragment)) & 1u) != 0) {
+          b = Masked(ToCompute(filters[(tap * d.in_channels + ci) * d.out_channels + co]), d.factor(factors, tap, ci, co));
+        }
+        b_tile[(e / tc::kTileCols) * tc::kBStride<T> + c] = tc::ToSmem<T>(b);
+      }
+      __syncthreads();
+      tc::MultiplyStage<T, tc::wmma::row_major>(a_tile, kAStride, b_tile,
+                                                static_cast<int>(min(int64_t{tc::kStageDepth}, ci_end - c0)),
+                                                tc::WarpFragments(live_columns) & active_rows, acc);
+      __syncthreads();
+    }
+  }
+  float* staged = reinterpret_cast<float*>(shared);
+  tc::StoreAccumulators<T>(acc, staged);
+  __syncthreads();
+  // Every pixel of the tile's rows is written: inactive ones as zeros.
+  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+    const int64_t tile = (row0 + r) / per_tile;
+    const int64_t q = (row0 + r) % per_tile;
+    const int64_t co = col0 + c;
+    if (tile >= tiles || co >= d.out_channels) return;
+    const int64_t oy = ((tile / d.tiles_w()) % d.tiles_h()) * d.tile_h + q / d.tile_w;
+    const int64_t ox = (tile % d.tiles_w()) * d.tile_w + q % d.tile_w;
+    if (oy >= d.out_h || ox >= d.out_w) return;
+    const int64_t pixel = (tile / (d.tiles_h() * d.tiles_w()) * d.out_h + oy) * d.out_w + ox;
+    y[pixel * d.out_channels + co] = FromCompute<T>(row_pixel[r] >= 0 ? OutputScaled(output_factors, pixel, v) : 0.0f);
+  });
+#endif
+}
+
+// dx on tensor cores: rows are input pixels in raster order, columns input
+// channels, and the depth runs over the (tap, output block) segments; dy is
+// read through the output mask. Dead filter blocks are skipped as in the
+// forward product.
+template <typename T>
+__global__ void __launch_bounds__(tc::kThreads)
+    TensorCoreConvGradInput(const T* dy, const T* filters, const Compute<T>* factors, const Compute<T>* output_factors,
+                            const uint8_t* live, ConvDims d, T* dx) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  using Smem = typename tc::Traits<T>::Smem;
+  __shared__ __align__(128) unsigned char shared[tc::kSharedBytes<T>];
+  __shared__ int64_t row_output[tc::kTileRows];  // output pixel each row meets at the segment's tap, or -1
+  Smem* a_tile = reinterpret_cast<Smem*>(shared);
+  Smem* b_tile = reinterpret_cast<Smem*>(shared + tc::kABytes<T>);
+  constexpr int kAStride = tc::kRowMajorAStride<T>;
+  const int64_t pixels = d.batch * d.in_h * d.in_w;
+  const int64_t col_tiles = CeilDiv(d.in_channels, tc::kTileCols);
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * tc::kTileRows;
+  const int64_t col0 = int64_t(blockIdx.x) % col_tiles * tc::kTileCols;
+  tc::Accumulator<T> acc[2][2];
+  tc::ZeroAccumulators<T>(acc);
+  int64_t staged_tap = -1;
+  for (int64_t segment = 0; segment < d.taps() * d.out_blocks(); ++segment) {
+    const int64_t tap = segment / d.out_blocks();
+    const int64_t j = segment % d.out_blocks();
+    unsigned live_columns = 0;
+    for (int f = 0; f < tc::kFragmentColumns && col0 + f * tc::kFragment < d.in_channels; ++f) {
+      const int64_t i = (col0 + f * tc::kFragment) / d.in_block;
+      if (live[(tap * d.in_blocks() + i) * d.out_blocks() + j]) live_columns |= 1u << f;
+    }
+    if (live_columns == 0) continue;
+    if (tap != staged_tap) {  // the previous stage's __syncthreads has retired every reader
+      for (int r = threadIdx.x; r < tc::kTileRows; r += tc::kThreads) {
+        const int64_t pixel = row0 + r;
+        row_output[r] = pixel < pixels ? OutputPixelAt(d, pixel / (d.in_h * d.in_w), (pixel / d.in_w) % d.in_h,
+                                                       pixel % d.in_w, tap / d.filter_w, tap % d.filter_w)
+                                       : -1;
+      }
+      staged_tap = tap;
+      __syncthreads();
+    }
+    const int64_t co_end = min(d.out_channels, (j + 1) * d.out_block);
+    for (int64_t c0 = j * d.out_block; c0 < co_end; c0 += tc::kStageDepth) {
+      for (int e = threadIdx.x; e < tc::kTileRows * tc::kStageDepth; e += tc::kThreads) {
+        const int r = e / tc::kStageDepth;
+        const int64_t co = c0 + e % tc::kStageDepth;
+        const int64_t at = row_output[r];
+        const float a = at >= 0 && co < co_end ? OutputScaled(output_factors, at, ToCompute(dy[at * d.out_channels + co])) : 0.0f;
+        a_tile[r * kAStride + e % tc::kStageDepth] = tc::ToSmem<T>(a);
+      }
+      for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
+        // Consecutive threads read consecutive output channels of a filter row.
+        const int dd = e % tc::kStageDepth;
+        const int c = e / tc::kStageDepth;
+        const int64_t co = c0 + dd;
+        const int64_t ci = col0 + c;
+        float b = 0.0f;
+        if (co < co_end && ci < d.in_channels && ((live_columns >> (c / tc::kFragment)) & 1u) != 0) {
+          b = Masked(ToCompute(filters[(tap * d.in_channels + ci) * d.out_channels + co]), d.factor(factors, tap, ci, co));
+        }
+        b_tile[dd * tc::kBStride<T> + c] = tc::ToSmem<T>(b);
+      }
+      __syncthreads();
+      tc::MultiplyStage<T, tc::wmma::row_major>(a_tile, kAStride, b_tile,
+                                                static_cast<int>(min(int64_t{tc::kStageDepth}, co_end - c0)),
+                                                tc::WarpFragments(live_columns), acc);
+      __syncthreads();
+    }
+  }
+  float* staged = reinterpret_cast<float*>(shared);
+  tc::StoreAccumulators<T>(acc, staged);
+  __syncthreads();
+  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+    if (row0 + r < pixels && col0 + c < d.in_channels) dx[(row0 + r) * d.in_channels + col0 + c] = FromCompute<T>(v);
+  });
+#endif
+}
+
+// dfilters on tensor cores: blockIdx.x walks, tap by tap, the kTileRows x
+// kTileCols tiles of the tap's in_channels x out_channels filter (columns
+// fastest); the depth is the output pixels (x at the tap's input pixel, dy
+// through the output mask). A warp multiplies only its fragments in live
+// blocks; a tile without any is written as zeros without reading x or dy.
+template <typename T>
+__global__ void __launch_bounds__(tc::kThreads)
+    TensorCoreConvGradFilter(const T* x, const T* dy, const Compute<T>* factors, const Compute<T>* output_factors,
+                             const uint8_t* live, ConvDims d, T* dfilters) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  using Smem = typename tc::Traits<T>::Smem;
+  __shared__ __align__(128) unsigned char shared[tc::kSharedBytes<T>];
+  __shared__ int64_t stage_input[tc::kStageDepth];  // input pixel of each staged output pixel, or -1
+  Smem* a_tile = reinterpret_cast<Smem*>(shared);
+  Smem* b_tile = reinterpret_cast<Smem*>(shared + tc::kABytes<T>);
+  constexpr int kAStride = tc::kColMajorAStride<T>;
+  const int64_t row_tiles = CeilDiv(d.in_channels, tc::kTileRows);
+  const int64_t col_tiles = CeilDiv(d.out_channels, tc::kTileCols);
+  const int64_t tap = int64_t(blockIdx.x) / (row_tiles * col_tiles);
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles % row_tiles * tc::kTileRows;
+  const int64_t col0 = int64_t(blockIdx.x) % col_tiles * tc::kTileCols;
+  const int64_t ky = tap / d.filter_w;
+  const int64_t kx = tap % d.filter_w;
+  const auto fragment_live = [&](int fragment_row, int fragment_col) {
+    const int64_t ci = row0 + fragment_row * tc::kFragment;
+    const int64_t co = col0 + fragment_col * tc::kFragment;
+    return ci < d.in_channels && co < d.out_channels &&
+           live[(tap * d.in_blocks() + ci / d.in_block) * d.out_blocks() + co / d.out_block] != 0;
+  };
+  bool tile_live = false;
+  for (int f = 0; f < tc::kFragmentRows * tc::kFragmentColumns && !tile_live; ++f) {
+    tile_live = fragment_live(f / tc::kFragmentColumns, f % tc::kFragmentColumns);
+  }
+  const tc::WarpPlace warp = tc::ThisWarp();
+  unsigned fragments = 0;
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      if (fragment_live(warp.row * 2 + i, warp.col * 2 + j)) fragments |= 1u << (i * 2 + j);
+    }
+  }
+  tc::Accumulator<T> acc[2][2];
+  tc::ZeroAccumulators<T>(acc);
+  const int64_t pixels = d.batch * d.out_h * d.out_w;
+  for (int64_t p0 = 0; tile_live && p0 < pixels; p0 += tc::kStageDepth) {
+    for (int dd = threadIdx.x; dd < tc::kStageDepth; dd += tc::kThreads) {
+      stage_input[dd] = p0 + dd < pixels ? InputPixelAt(d, p0 + dd, ky, kx) : -1;
+    }
+    __syncthreads();
+    // A = x^T at the tap, staged column-major: consecutive threads read consecutive channels.
+    for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileRows; e += tc::kThreads) {
+      const int dd = e / tc::kTileRows;
+      const int64_t ci = row0 + e % tc::kTileRows;
+      const int64_t in_pixel = stage_input[dd];
+      a_tile[dd * kAStride + e % tc::kTileRows] =
+          in_pixel >= 0 && ci < d.in_channels ? x[in_pixel * d.in_channels + ci] : tc::ToSmem<T>(0.0f);
+    }
+    for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
+      const int64_t pixel = p0 + e / tc::kTileCols;
+      const int64_t co = col0 + e % tc::kTileCols;
+      const float v = pixel < pixels && co < d.out_channels
+                          ? OutputScaled(output_factors, pixel, ToCompute(dy[pixel * d.out_channels + co]))
+                          : 0.0f;
+      b_tile[(e / tc::kTileCols) * tc::kBStride<T> + e % tc::kTileCols] = tc::ToSmem<T>(v);
+    }
+    __syncthreads();
+    tc::MultiplyStage<T, tc::wmma::col_major>(a_tile, kAStride, b_tile,
+                                              static_cast<int>(min(int64_t{tc::kStageDepth}, pixels - p0)), fragments,
+                                              acc);
+    __syncthreads();
+  }
+  float* staged = reinterpret_cast<float*>(shared);
+  tc::StoreAccumulators<T>(acc, staged);
+  __syncthreads();
+  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+    const int64_t ci = row0 + r;
+    const int64_t co = col0 + c;
+    if (ci < d.in_channels && co < d.out_channels) {
+      dfilters[(tap * d.in_channels + ci) * d.out_channels + co] = FromCompute<T>(Masked(v, d.factor(factors, tap, ci, co)));
+    }
+  });
+#endif
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace masked_ops
+
+#endif  // MASKED_OPS_CC_KERNELS_CUDA_MASKED_CONV2D_KERNELS_CUH_

@@ -1,0 +1,219 @@
+// The host side of the masked_conv2d kernels: the workspace layout, the
+// tensor-core rule, and each product's launch sequence (grid sizes, the
+// kernels in order), written against a launch policy as in
+// masked_matmul_launch.cuh (launch(kernel, grid, block, args...) per kernel,
+// launch.Status() for the status returned), so that the same sequences run on
+// a GPU (masked_conv2d_gpu.cu) and under the CUDA emulation of
+// tests/cuda_emulation.
+//
+// Host code only; it includes the device code (masked_conv2d_kernels.cuh),
+// whose anonymous namespace it shares: include it from one translation unit
+// of a program.
+#ifndef MASKED_OPS_CC_KERNELS_CUDA_MASKED_CONV2D_LAUNCH_CUH_
+#define MASKED_OPS_CC_KERNELS_CUDA_MASKED_CONV2D_LAUNCH_CUH_
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include "cc/kernels/block_mask.h"
+#include "cc/kernels/cuda/mask_factors.cuh"
+#include "cc/kernels/cuda/masked_conv2d_gpu.h"
+#include "cc/kernels/cuda/masked_conv2d_kernels.cuh"
+#include "cc/kernels/cuda/tensor_core_tile.cuh"
+
+namespace masked_ops {
+namespace gpu {
+namespace {
+
+// Block and tile sizes clamped to the extents they cut (the same blocks and
+// tiles), so that tile counts and row numbers stay in range for a raw
+// caller's sizes near 2^63.
+ConvDims DimsOf(const Conv2DGeometry& g, MaskLevel level) {
+  return ConvDims{g.batch, g.in_h, g.in_w, g.in_channels, g.filter_h, g.filter_w, g.out_channels,
+                  g.stride_h, g.stride_w, g.dilation_h, g.dilation_w, g.pad_top, g.pad_left, g.out_h,
+                  g.out_w, ClampBlock(g.in_block, g.in_channels), ClampBlock(g.out_block, g.out_channels),
+                  ClampBlock(g.tile_h, g.out_h), ClampBlock(g.tile_w, g.out_w), level == MaskLevel::kElement};
+}
+
+template <typename F>
+struct Workspace {
+  F* factors;
+  uint8_t* live;
+  int32_t* lists;
+  int32_t* counts;
+  uint8_t* active;
+};
+
+int64_t AlignUp(int64_t bytes) { return (bytes + 255) / 256 * 256; }
+
+int64_t FactorCount(const ConvDims& d) {
+  return d.element_level ? d.taps() * d.in_channels * d.out_channels : d.in_blocks() * d.out_blocks();
+}
+
+int64_t FilterBlocks(const ConvDims& d) { return d.taps() * d.in_blocks() * d.out_blocks(); }
+
+int64_t Tiles(const ConvDims& d) { return d.batch * d.tiles_h() * d.tiles_w(); }
+
+template <typename F>
+Workspace<F> Carve(void* base, const ConvDims& d) {
+  char* p = static_cast<char*>(base);
+  Workspace<F> ws;
+  ws.factors = reinterpret_cast<F*>(p);
+  p += AlignUp(FactorCount(d) * int64_t(sizeof(F)));
+  ws.live = reinterpret_cast<uint8_t*>(p);
+  p += AlignUp(FilterBlocks(d));
+  ws.lists = reinterpret_cast<int32_t*>(p);
+  p += AlignUp(FilterBlocks(d) * int64_t(sizeof(int32_t)));
+  ws.counts = reinterpret_cast<int32_t*>(p);
+  p += AlignUp(std::max(d.in_blocks(), d.out_blocks()) * int64_t(sizeof(int32_t)));
+  ws.active = reinterpret_cast<uint8_t*>(p);
+  return ws;
+}
+
+unsigned BlocksFor(int64_t items) {
+  return static_cast<unsigned>(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, 65535));
+}
+
+template <typename F, typename TMask, typename Launch>
+Workspace<F> IndexFilters(const Launch& launch, const ConvDims& d, MaskView<TMask> mask, void* workspace) {
+  const Workspace<F> ws = Carve<F>(workspace, d);
+  launch(CanonicalFactors<TMask, F>, BlocksFor(FactorCount(d)), kThreads, mask.data, FactorCount(d), ws.factors);
+  launch(FilterLiveness<F>, BlocksFor(FilterBlocks(d)), kThreads, ws.factors, d, ws.live);
+  return ws;
+}
+
+template <typename T>
+using D = typename Device<T>::type;
+
+template <typename T>
+const D<T>* Dev(const T* p) {
+  return reinterpret_cast<const D<T>*>(p);
+}
+template <typename T>
+D<T>* Dev(T* p) {
+  return reinterpret_cast<D<T>*>(p);
+}
+
+constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
+constexpr int64_t kMaxGridYZ = 65535;
+
+}  // namespace
+
+template <typename T>
+bool Conv2DUsesTensorCores(const Conv2DGeometry& g, Product product, GpuMath math) {
+  const bool in = tc::FragmentAligned(g.in_block, g.in_channels);
+  const bool out = tc::FragmentAligned(g.out_block, g.out_channels);
+  const bool aligned = product == Product::kForward ? out : product == Product::kGradInput ? in : in && out;
+  return tc::kHasTensorCorePath<D<T>> && math == GpuMath::kTensorCores && aligned && tc::DeviceSupportsTensorCores();
+}
+
+template <typename T>
+size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level) {
+  const ConvDims d = DimsOf(g, level);
+  return static_cast<size_t>(AlignUp(FactorCount(d) * int64_t(sizeof(ComputeOf<T>))) + AlignUp(FilterBlocks(d)) +
+                             AlignUp(FilterBlocks(d) * int64_t(sizeof(int32_t))) +
+                             AlignUp(std::max(d.in_blocks(), d.out_blocks()) * int64_t(sizeof(int32_t))) +
+                             AlignUp(Tiles(d)));
+}
+
+namespace {
+
+// factors = the output mask's canonical factors (see masked_conv2d_gpu.h).
+template <typename TOut, typename F, typename Launch>
+int RunCanonicalOutputFactors(const Launch& launch, const TOut* output_mask, int64_t pixels, F* factors) {
+  if (pixels == 0) return 0;
+  launch(CanonicalFactors<TOut, F>, BlocksFor(pixels), kThreads, output_mask, pixels, factors);
+  return launch.Status();
+}
+
+template <typename T, typename TMask, typename Launch>
+int RunForward(const Launch& launch, const Conv2DGeometry& g, const T* x, const T* filters, MaskView<TMask> mask,
+               const ComputeOf<T>* output_factors, T* y, void* workspace, GpuMath math) {
+  if (g.out_pixels() == 0 || g.out_channels == 0) return 0;
+  const ConvDims d = DimsOf(g, mask.level);
+  const auto ws = IndexFilters<ComputeOf<T>>(launch, d, mask, workspace);
+  if constexpr (tc::kHasTensorCorePath<D<T>>) {
+    if (Conv2DUsesTensorCores<T>(g, Product::kForward, math)) {
+      const int64_t blocks =
+          CeilDiv(Tiles(d) * d.tile_h * d.tile_w, tc::kTileRows) * CeilDiv(d.out_channels, tc::kTileCols);
+      if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      launch(TileActivity<ComputeOf<T>>, BlocksFor(Tiles(d)), kThreads, output_factors, d, ws.active);
+      launch(TensorCoreConvForward<D<T>>, static_cast<unsigned>(blocks), tc::kThreads, Dev(x), Dev(filters),
+             ws.factors, output_factors, ws.live, ws.active, d, Dev(y));
+      return launch.Status();
+    }
+  }
+  launch(FilterLists, BlocksFor(d.out_blocks()), kThreads, ws.live, d, /*by_output=*/true, ws.lists, ws.counts);
+  launch(TileActivity<ComputeOf<T>>, BlocksFor(Tiles(d)), kThreads, output_factors, d, ws.active);
+  const int64_t chunks = (d.tile_h * d.tile_w + kTile - 1) / kTile;
+  const int64_t across = CeilDiv(std::min(d.out_block, d.out_channels), kTile);
+  if (Tiles(d) * chunks > kMaxGridX || d.out_blocks() > kMaxGridYZ || across > kMaxGridYZ) {
+    return static_cast<int>(cudaErrorInvalidConfiguration);
+  }
+  const dim3 blocks(static_cast<unsigned>(Tiles(d) * chunks), static_cast<unsigned>(d.out_blocks()),
+                    static_cast<unsigned>(across));
+  launch(ConvForward<D<T>>, blocks, kThreads, Dev(x), Dev(filters), ws.factors, output_factors, ws.active, d,
+         ws.lists, ws.counts, Dev(y));
+  return launch.Status();
+}
+
+template <typename T, typename TMask, typename Launch>
+int RunGradInput(const Launch& launch, const Conv2DGeometry& g, const T* dy, const T* filters, MaskView<TMask> mask,
+                 const ComputeOf<T>* output_factors, T* dx, void* workspace, GpuMath math) {
+  if (g.in_pixels() == 0 || g.in_channels == 0) return 0;
+  const ConvDims d = DimsOf(g, mask.level);
+  const auto ws = IndexFilters<ComputeOf<T>>(launch, d, mask, workspace);
+  if constexpr (tc::kHasTensorCorePath<D<T>>) {
+    if (Conv2DUsesTensorCores<T>(g, Product::kGradInput, math)) {
+      const int64_t blocks = CeilDiv(g.in_pixels(), tc::kTileRows) * CeilDiv(d.in_channels, tc::kTileCols);
+      if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      launch(TensorCoreConvGradInput<D<T>>, static_cast<unsigned>(blocks), tc::kThreads, Dev(dy), Dev(filters),
+             ws.factors, output_factors, ws.live, d, Dev(dx));
+      return launch.Status();
+    }
+  }
+  launch(FilterLists, BlocksFor(d.in_blocks()), kThreads, ws.live, d, /*by_output=*/false, ws.lists, ws.counts);
+  const int64_t across = CeilDiv(std::min(d.in_block, d.in_channels), kTile);
+  if (CeilDiv(g.in_pixels(), kTile) > kMaxGridX || d.in_blocks() > kMaxGridYZ || across > kMaxGridYZ) {
+    return static_cast<int>(cudaErrorInvalidConfiguration);
+  }
+  const dim3 blocks(static_cast<unsigned>(CeilDiv(g.in_pixels(), kTile)), static_cast<unsigned>(d.in_blocks()),
+                    static_cast<unsigned>(across));
+  launch(ConvGradInput<D<T>>, blocks, kThreads, Dev(dy), Dev(filters), ws.factors, output_factors, d, ws.lists,
+         ws.counts, Dev(dx));
+  return launch.Status();
+}
+
+template <typename T, typename TMask, typename Launch>
+int RunGradFilter(const Launch& launch, const Conv2DGeometry& g, const T* x, const T* dy, MaskView<TMask> mask,
+                  const ComputeOf<T>* output_factors, T* dfilters, void* workspace, GpuMath math) {
+  const ConvDims d = DimsOf(g, mask.level);
+  if (FilterBlocks(d) == 0 || g.out_channels == 0) return 0;
+  const auto ws = IndexFilters<ComputeOf<T>>(launch, d, mask, workspace);
+  if constexpr (tc::kHasTensorCorePath<D<T>>) {
+    if (Conv2DUsesTensorCores<T>(g, Product::kGradWeight, math)) {
+      const int64_t blocks =
+          d.taps() * CeilDiv(d.in_channels, tc::kTileRows) * CeilDiv(d.out_channels, tc::kTileCols);
+      if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      launch(TensorCoreConvGradFilter<D<T>>, static_cast<unsigned>(blocks), tc::kThreads, Dev(x), Dev(dy),
+             ws.factors, output_factors, ws.live, d, Dev(dfilters));
+      return launch.Status();
+    }
+  }
+  const int64_t tiles = ((std::min(d.in_block, d.in_channels) + kTile - 1) / kTile) *
+                        ((std::min(d.out_block, d.out_channels) + kTile - 1) / kTile);
+  if (FilterBlocks(d) > kMaxGridX || tiles > kMaxGridYZ) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const dim3 blocks(static_cast<unsigned>(FilterBlocks(d)), static_cast<unsigned>(tiles));
+  launch(ConvGradFilter<D<T>>, blocks, kThreads, Dev(x), Dev(dy), ws.factors, output_factors, ws.live, d,
+         Dev(dfilters));
+  return launch.Status();
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace masked_ops
+
+#endif  // MASKED_OPS_CC_KERNELS_CUDA_MASKED_CONV2D_LAUNCH_CUH_

@@ -1,0 +1,350 @@
+// Device code of the masked_matmul kernels (see masked_matmul_gpu.cu for the
+// launchers and masked_matmul_launch.cuh for the launch sequences): the
+// kernels and the device view of the block grid, in an anonymous namespace.
+// Device code only, so that a host compiler with the CUDA emulation of
+// tests/cuda_emulation compiles it too. Include it from one translation unit
+// of a program.
+#ifndef MASKED_OPS_CC_KERNELS_CUDA_MASKED_MATMUL_KERNELS_CUH_
+#define MASKED_OPS_CC_KERNELS_CUDA_MASKED_MATMUL_KERNELS_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cc/kernels/block_mask.h"
+#include "cc/kernels/cuda/mask_factors.cuh"
+#include "cc/kernels/cuda/tensor_core_tile.cuh"
+
+namespace masked_ops {
+namespace gpu {
+namespace {
+
+struct GridDims {
+  int64_t rows, cols, block_rows, block_cols, grid_rows, grid_cols;
+  __host__ __device__ int64_t rows_in(int64_t i) const {
+    return rows - i * block_rows < block_rows ? rows - i * block_rows : block_rows;
+  }
+  __host__ __device__ int64_t cols_in(int64_t j) const {
+    return cols - j * block_cols < block_cols ? cols - j * block_cols : block_cols;
+  }
+  // The canonical factor of W's entry (r, c).
+  template <typename F>
+  __device__ F factor(const F* factors, bool element_level, int64_t r, int64_t c) const {
+    return element_level ? factors[r * cols + c] : factors[(r / block_rows) * grid_cols + c / block_cols];
+  }
+  __device__ bool block_live(const uint8_t* live, int64_t r, int64_t c) const {
+    return live[(r / block_rows) * grid_cols + c / block_cols] != 0;
+  }
+};
+
+// live[b] = 1 when block b holds a live factor.
+template <typename F>
+__global__ void BlockLiveness(const F* factors, bool element_level, GridDims g, uint8_t* live) {
+  const int64_t blocks = g.grid_rows * g.grid_cols;
+  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < blocks;
+       b += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = b / g.grid_cols;
+    const int64_t j = b % g.grid_cols;
+    bool any = false;
+    if (!element_level) {
+      any = Live(factors[b]);
+    } else {
+      for (int64_t r = 0; r < g.rows_in(i) && !any; ++r) {
+        const F* row = factors + (i * g.block_rows + r) * g.cols + j * g.block_cols;
+        for (int64_t c = 0; c < g.cols_in(j) && !any; ++c) any = Live(row[c]);
+      }
+    }
+    live[b] = any ? 1 : 0;
+  }
+}
+
+// lists[group * capacity + n] for n < counts[group]: the live blocks of each
+// block column (by_column: their block rows) or block row (their columns).
+__global__ void LiveLists(const uint8_t* live, GridDims g, bool by_column, int32_t* lists,
+                          int32_t* counts) {
+  const int64_t groups = by_column ? g.grid_cols : g.grid_rows;
+  const int64_t capacity = by_column ? g.grid_rows : g.grid_cols;
+  for (int64_t group = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; group < groups;
+       group += int64_t(gridDim.x) * blockDim.x) {
+    int32_t count = 0;
+    for (int64_t n = 0; n < capacity; ++n) {
+      const int64_t block = by_column ? n * g.grid_cols + group : group * g.grid_cols + n;
+      if (live[block]) lists[group * capacity + count++] = static_cast<int32_t>(n);
+    }
+    counts[group] = count;
+  }
+}
+
+// out[m, out_cols] = a[m, depth] @ B for one output group, whose
+// columns are one block column of W (forward: B = masked W) or one block row
+// (transposed, dx: B = masked W^T), summing only over the group's live
+// blocks. blockIdx.x walks (64 rows, group, 64 of the group's columns), the
+// last fastest, over `chunks` 64-column chunks per group.
+template <typename T, bool kTransposed>
+__global__ void __launch_bounds__(kThreads)
+    BlockSparseProduct(const T* a, int64_t m, const T* w, const Compute<T>* factors, bool element_level,
+                       GridDims g, const int32_t* lists, const int32_t* counts, int64_t chunks, T* out) {
+  using C = Compute<T>;
+  __shared__ C a_tile[kDepthStep][kTile + 1];
+  __shared__ C b_tile[kDepthStep][kTile + 1];
+  const int64_t groups = kTransposed ? g.grid_rows : g.grid_cols;
+  const int64_t chunk = int64_t(blockIdx.x) % chunks;
+  const int64_t group = int64_t(blockIdx.x) / chunks % groups;
+  // Forward: depth runs down W's rows, output columns along W's columns.
+  const int64_t depth_total = kTransposed ? g.cols : g.rows;
+  const int64_t out_cols = kTransposed ? g.rows : g.cols;
+  const int64_t depth_block = kTransposed ? g.block_cols : g.block_rows;
+  const int64_t group_width = kTransposed ? g.block_rows : g.block_cols;
+  const int64_t col0 = group * group_width + chunk * kTile;
+  const int64_t group_end = min(out_cols, (group + 1) * group_width);
+  const int64_t row0 = int64_t(blockIdx.x) / (chunks * groups) * kTile;
+  if (col0 >= group_end) return;
+  const int capacity = static_cast<int>(kTransposed ? g.grid_cols : g.grid_rows);
+  const int tx = threadIdx.x % 16;
+  const int ty = threadIdx.x / 16;
+  C acc[kPerThread][kPerThread] = {};
+
+  for (int p = 0; p < counts[group]; ++p) {
+    const int64_t segment = lists[group * capacity + p];
+    const int64_t d_begin = segment * depth_block;
+    const int64_t d_end = min(depth_total, d_begin + depth_block);
+    for (int64_t d0 = d_begin; d0 < d_end; d0 += kDepthStep) {
+      for (int e = threadIdx.x; e < kDepthStep * kTile; e += kThreads) {
+        const int dd = e / kTile;
+        const int rr = e % kTile;
+        const int64_t d = d0 + dd;
+        const int64_t row = row0 + rr;
+        a_tile[dd][rr] = (d < d_end && row < m) ? ToCompute(a[row * depth_total + d]) : C(0);
+        const int64_t col = col0 + rr;
+        C b = 0;
+        if (d < d_end && col < group_end) {
+          // W's entry (wr, wc) and its factor.
+          const int64_t wr = kTransposed ? col : d;
+          const int64_t wc = kTransposed ? d : col;
+          b = Masked(ToCompute(w[wr * g.cols + wc]), g.factor(factors, element_level, wr, wc));
+        }
+        b_tile[dd][rr] = b;
+      }
+      __syncthreads();
+      AccumulateStage(a_tile, b_tile, acc, tx, ty);
+      __syncthreads();
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int64_t row = row0 + ty + 16 * i;
+    if (row >= m) continue;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t col = col0 + tx + 16 * j;
+      if (col < group_end) out[row * out_cols + col] = FromCompute<T>(acc[i][j]);
+    }
+  }
+}
+
+// dw for block (b / grid_cols, b % grid_cols), 64 x 64 of it per thread
+// block: blockIdx.x walks (block b, tile of it), the tile fastest, over
+// `tiles` tiles per block: x^T dy over all m rows, masked entry by entry; a dead
+// block is written as zeros unread.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    BlockOuterProducts(const T* x, const T* dy, int64_t m, const Compute<T>* factors, bool element_level,
+                       GridDims g, const uint8_t* live, int64_t tiles, T* dw) {
+  using C = Compute<T>;
+  __shared__ C x_tile[kDepthStep][kTile + 1];
+  __shared__ C dy_tile[kDepthStep][kTile + 1];
+  const int64_t block = int64_t(blockIdx.x) / tiles;
+  const int64_t tile = int64_t(blockIdx.x) % tiles;
+  const int64_t bi = block / g.grid_cols;
+  const int64_t bj = block % g.grid_cols;
+  // Tiles of the block as launched: a block never extends past the matrix.
+  const int64_t tiles_across = (min(g.cols, g.block_cols) + kTile - 1) / kTile;
+  const int64_t r0 = bi * g.block_rows + tile / tiles_across * kTile;
+  const int64_t c0 = bj * g.block_cols + tile % tiles_across * kTile;
+  const int64_t r_end = min(g.rows, bi * g.block_rows + g.rows_in(bi));
+  const int64_t c_end = min(g.cols, bj * g.block_cols + g.cols_in(bj));
+  if (r0 >= r_end || c0 >= c_end) return;
+  const int tx = threadIdx.x % 16;
+  const int ty = threadIdx.x / 16;
+  C acc[kPerThread][kPerThread] = {};
+  const bool block_live = live[block] != 0;
+  if (block_live) {
+    for (int64_t m0 = 0; m0 < m; m0 += kDepthStep) {
+      for (int e = threadIdx.x; e < kDepthStep * kTile; e += kThreads) {
+        const int dd = e / kTile;
+        const int rr = e % kTile;
+        const int64_t row = m0 + dd;
+        x_tile[dd][rr] = (row < m && r0 + rr < r_end) ? ToCompute(x[row * g.rows + r0 + rr]) : 0.0f;
+        dy_tile[dd][rr] = (row < m && c0 + rr < c_end) ? ToCompute(dy[row * g.cols + c0 + rr]) : 0.0f;
+      }
+      __syncthreads();
+      AccumulateStage(x_tile, dy_tile, acc, tx, ty);
+      __syncthreads();
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int64_t row = r0 + ty + 16 * i;
+    if (row >= r_end) continue;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t col = c0 + tx + 16 * j;
+      if (col >= c_end) continue;
+      dw[row * g.cols + col] =
+          FromCompute<T>(block_live ? Masked(acc[i][j], g.factor(factors, element_level, row, col)) : 0.0f);
+    }
+  }
+}
+
+namespace tc = tensor_core;
+
+// The forward product (out = a @ masked W) and dx (out = a @ masked W^T) on
+// tensor cores. blockIdx.x walks the output's kTileRows x kTileCols tiles,
+// columns fastest. The depth runs one block row of W at a time (forward;
+// block columns for dx): a block row is staged only when one of the tile's
+// 16-column strips lies in a live block of it, its dead blocks are staged as
+// zeros unread, and each warp multiplies only its strips in live blocks. So
+// a dead block is neither read nor multiplied, and a NaN in `a` reaches
+// outputs through live blocks only, as on the CUDA cores.
+template <typename T, bool kTransposed>
+__global__ void __launch_bounds__(tc::kThreads)
+    TensorCoreProduct(const T* a, int64_t m, const T* w, const Compute<T>* factors, bool element_level, GridDims g,
+                      const uint8_t* live, T* out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  using Smem = typename tc::Traits<T>::Smem;
+  __shared__ __align__(128) unsigned char shared[tc::kSharedBytes<T>];
+  Smem* a_tile = reinterpret_cast<Smem*>(shared);
+  Smem* b_tile = reinterpret_cast<Smem*>(shared + tc::kABytes<T>);
+  constexpr int kAStride = tc::kRowMajorAStride<T>;
+  const int64_t depth_total = kTransposed ? g.cols : g.rows;
+  const int64_t out_cols = kTransposed ? g.rows : g.cols;
+  const int64_t depth_block = kTransposed ? g.block_cols : g.block_rows;
+  const int64_t out_block = kTransposed ? g.block_rows : g.block_cols;
+  const int64_t segments = kTransposed ? g.grid_cols : g.grid_rows;
+  const int64_t col_tiles = CeilDiv(out_cols, tc::kTileCols);
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * tc::kTileRows;
+  const int64_t col0 = int64_t(blockIdx.x) % col_tiles * tc::kTileCols;
+  tc::Accumulator<T> acc[2][2];
+  tc::ZeroAccumulators<T>(acc);
+  for (int64_t segment = 0; segment < segments; ++segment) {
+    // Bit f: the tile's columns 16 f .. lie in a live block of the segment.
+    unsigned live_columns = 0;
+    for (int f = 0; f < tc::kFragmentColumns && col0 + f * tc::kFragment < out_cols; ++f) {
+      const int64_t group = (col0 + f * tc::kFragment) / out_block;
+      if (live[kTransposed ? group * g.grid_cols + segment : segment * g.grid_cols + group]) live_columns |= 1u << f;
+    }
+    if (live_columns == 0) continue;
+    const int64_t d_end = min(depth_total, (segment + 1) * depth_block);
+    for (int64_t d0 = segment * depth_block; d0 < d_end; d0 += tc::kStageDepth) {
+      for (int e = threadIdx.x; e < tc::kTileRows * tc::kStageDepth; e += tc::kThreads) {
+        const int64_t row = row0 + e / tc::kStageDepth;
+        const int64_t d = d0 + e % tc::kStageDepth;
+        a_tile[(e / tc::kStageDepth) * kAStride + e % tc::kStageDepth] =
+            (row < m && d < d_end) ? a[row * depth_total + d] : tc::ToSmem<T>(0.0f);
+      }
+      for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
+        // Consecutive threads read consecutive entries of W.
+        const int dd = kTransposed ? e % tc::kStageDepth : e / tc::kTileCols;
+        const int c = kTransposed ? e / tc::kStageDepth : e % tc::kTileCols;
+        const int64_t d = d0 + dd;
+        const int64_t col = col0 + c;
+        float b = 0.0f;
+        if (d < d_end && col < out_cols && ((live_columns >> (c / tc::kFragment)) & 1u) != 0) {
+          const int64_t wr = kTransposed ? col : d;
+          const int64_t wc = kTransposed ? d : col;
+          b = Masked(ToCompute(w[wr * g.cols + wc]), g.factor(factors, element_level, wr, wc));
+        }
+        b_tile[dd * tc::kBStride<T> + c] = tc::ToSmem<T>(b);
+      }
+      __syncthreads();
+      tc::MultiplyStage<T, tc::wmma::row_major>(a_tile, kAStride, b_tile,
+                                                static_cast<int>(min(int64_t{tc::kStageDepth}, d_end - d0)),
+                                                tc::WarpFragments(live_columns), acc);
+      __syncthreads();
+    }
+  }
+  float* staged = reinterpret_cast<float*>(shared);
+  tc::StoreAccumulators<T>(acc, staged);
+  __syncthreads();
+  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+    if (row0 + r < m && col0 + c < out_cols) out[(row0 + r) * out_cols + col0 + c] = FromCompute<T>(v);
+  });
+#endif
+}
+
+// dW = mask(x^T dy) on tensor cores: blockIdx.x walks dW's kTileRows x
+// kTileCols tiles, columns fastest; the depth is the m rows of x and dy. A
+// warp multiplies only its fragments in live blocks, a tile without any is
+// written as zeros without reading x or dy.
+template <typename T>
+__global__ void __launch_bounds__(tc::kThreads)
+    TensorCoreOuterProducts(const T* x, const T* dy, int64_t m, const Compute<T>* factors, bool element_level,
+                            GridDims g, const uint8_t* live, T* dw) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  using Smem = typename tc::Traits<T>::Smem;
+  __shared__ __align__(128) unsigned char shared[tc::kSharedBytes<T>];
+  Smem* a_tile = reinterpret_cast<Smem*>(shared);
+  Smem* b_tile = reinterpret_cast<Smem*>(shared + tc::kABytes<T>);
+  constexpr int kAStride = tc::kColMajorAStride<T>;
+  const int64_t col_tiles = CeilDiv(g.cols, tc::kTileCols);
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * tc::kTileRows;
+  const int64_t col0 = int64_t(blockIdx.x) % col_tiles * tc::kTileCols;
+  const auto fragment_live = [&](int fragment_row, int fragment_col) {
+    const int64_t row = row0 + fragment_row * tc::kFragment;
+    const int64_t col = col0 + fragment_col * tc::kFragment;
+    return row < g.rows && col < g.cols && g.block_live(live, row, col);
+  };
+  bool tile_live = false;
+  for (int f = 0; f < tc::kFragmentRows * tc::kFragmentColumns && !tile_live; ++f) {
+    tile_live = fragment_live(f / tc::kFragmentColumns, f % tc::kFragmentColumns);
+  }
+  const tc::WarpPlace warp = tc::ThisWarp();
+  unsigned fragments = 0;
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      if (fragment_live(warp.row * 2 + i, warp.col * 2 + j)) fragments |= 1u << (i * 2 + j);
+    }
+  }
+  tc::Accumulator<T> acc[2][2];
+  tc::ZeroAccumulators<T>(acc);
+  for (int64_t m0 = 0; tile_live && m0 < m; m0 += tc::kStageDepth) {
+    // A = x^T, staged column-major: consecutive threads read along x's rows.
+    for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileRows; e += tc::kThreads) {
+      const int64_t d = m0 + e / tc::kTileRows;
+      const int64_t row = row0 + e % tc::kTileRows;
+      a_tile[(e / tc::kTileRows) * kAStride + e % tc::kTileRows] =
+          (d < m && row < g.rows) ? x[d * g.rows + row] : tc::ToSmem<T>(0.0f);
+    }
+    for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
+      const int64_t d = m0 + e / tc::kTileCols;
+      const int64_t col = col0 + e % tc::kTileCols;
+      b_tile[(e / tc::kTileCols) * tc::kBStride<T> + e % tc::kTileCols] =
+          (d < m && col < g.cols) ? dy[d * g.cols + col] : tc::ToSmem<T>(0.0f);
+    }
+    __syncthreads();
+    tc::MultiplyStage<T, tc::wmma::col_major>(a_tile, kAStride, b_tile,
+                                              static_cast<int>(min(int64_t{tc::kStageDepth}, m - m0)), fragments, acc);
+    __syncthreads();
+  }
+  float* staged = reinterpret_cast<float*>(shared);
+  tc::StoreAccumulators<T>(acc, staged);
+  __syncthreads();
+  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+    const int64_t row = row0 + r;
+    const int64_t col = col0 + c;
+    if (row < g.rows && col < g.cols) dw[row * g.cols + col] = FromCompute<T>(Masked(v, g.factor(factors, element_level, row, col)));
+  });
+#endif
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace masked_ops
+
+#endif  // MASKED_OPS_CC_KERNELS_CUDA_MASKED_MATMUL_KERNELS_CUH_

@@ -1,0 +1,191 @@
+// The host side of the masked_matmul kernels: the workspace layout, the
+// tensor-core rule, and each product's launch sequence (grid sizes, the
+// kernels in order), written against a launch policy so that the same
+// sequence runs on a GPU (CudaLaunch, cuda_launch.cuh, from
+// masked_matmul_gpu.cu) and under the CUDA emulation of tests/cuda_emulation.
+//
+// A policy `launch` is called as launch(kernel, grid, block, args...) for
+// each kernel, in stream order, and launch.Status() gives the int status the
+// launchers return (cudaGetLastError's on a GPU).
+//
+// Host code only; it includes the device code (masked_matmul_kernels.cuh),
+// whose anonymous namespace it shares: include it from one translation unit
+// of a program.
+#ifndef MASKED_OPS_CC_KERNELS_CUDA_MASKED_MATMUL_LAUNCH_CUH_
+#define MASKED_OPS_CC_KERNELS_CUDA_MASKED_MATMUL_LAUNCH_CUH_
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include "cc/kernels/block_mask.h"
+#include "cc/kernels/cuda/mask_factors.cuh"
+#include "cc/kernels/cuda/masked_matmul_gpu.h"
+#include "cc/kernels/cuda/masked_matmul_kernels.cuh"
+#include "cc/kernels/cuda/tensor_core_tile.cuh"
+
+namespace masked_ops {
+namespace gpu {
+namespace {
+
+// Block sizes clamped to the extents they cut (the same grid), so that no
+// index arithmetic meets a raw caller's block size near 2^63.
+GridDims DimsOf(const BlockGrid& unclamped) {
+  const BlockGrid grid = unclamped.Clamped();
+  return GridDims{grid.rows, grid.cols, grid.block_rows, grid.block_cols, grid.grid_rows(),
+                  grid.grid_cols()};
+}
+
+// The workspace: canonical factors (in F), block liveness, lists and counts.
+template <typename F>
+struct Workspace {
+  F* factors;
+  uint8_t* live;
+  int32_t* lists;
+  int32_t* counts;
+};
+
+int64_t AlignUp(int64_t bytes) { return (bytes + 255) / 256 * 256; }
+
+int64_t FactorCount(const BlockGrid& grid, MaskLevel level) {
+  return level == MaskLevel::kElement ? grid.rows * grid.cols : grid.grid_rows() * grid.grid_cols();
+}
+
+template <typename F>
+Workspace<F> Carve(void* base, const BlockGrid& grid, MaskLevel level) {
+  char* p = static_cast<char*>(base);
+  const int64_t blocks = grid.grid_rows() * grid.grid_cols();
+  Workspace<F> ws;
+  ws.factors = reinterpret_cast<F*>(p);
+  p += AlignUp(FactorCount(grid, level) * int64_t(sizeof(F)));
+  ws.live = reinterpret_cast<uint8_t*>(p);
+  p += AlignUp(blocks);
+  ws.lists = reinterpret_cast<int32_t*>(p);
+  p += AlignUp(blocks * int64_t(sizeof(int32_t)));
+  ws.counts = reinterpret_cast<int32_t*>(p);
+  return ws;
+}
+
+unsigned BlocksFor(int64_t items) {
+  return static_cast<unsigned>(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, 65535));
+}
+
+// Which live-block lists a product walks: none (the tensor-core products and
+// dW read the liveness flags), per block column (forward) or per block row (dx).
+enum class Lists { kNone, kByColumn, kByRow };
+
+template <typename F, typename TMask, typename Launch>
+Workspace<F> IndexMask(const Launch& launch, const BlockGrid& grid, MaskView<TMask> mask, void* workspace,
+                       Lists lists) {
+  const Workspace<F> ws = Carve<F>(workspace, grid, mask.level);
+  const int64_t count = FactorCount(grid, mask.level);
+  const GridDims dims = DimsOf(grid);
+  launch(CanonicalFactors<TMask, F>, BlocksFor(count), kThreads, mask.data, count, ws.factors);
+  launch(BlockLiveness<F>, BlocksFor(dims.grid_rows * dims.grid_cols), kThreads, ws.factors,
+         mask.level == MaskLevel::kElement, dims, ws.live);
+  if (lists != Lists::kNone) {
+    const bool by_column = lists == Lists::kByColumn;
+    launch(LiveLists, BlocksFor(by_column ? dims.grid_cols : dims.grid_rows), kThreads, ws.live, dims, by_column,
+           ws.lists, ws.counts);
+  }
+  return ws;
+}
+
+// One thread block per kTileRows x kTileCols tile of a rows x cols output.
+int64_t TensorCoreTiles(int64_t rows, int64_t cols) {
+  return CeilDiv(rows, tc::kTileRows) * CeilDiv(cols, tc::kTileCols);
+}
+
+constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
+
+}  // namespace
+
+template <typename T>
+bool MatmulUsesTensorCores(const BlockGrid& grid, Product product, GpuMath math) {
+  const bool rows = tc::FragmentAligned(grid.block_rows, grid.rows);
+  const bool cols = tc::FragmentAligned(grid.block_cols, grid.cols);
+  const bool aligned = product == Product::kForward ? cols : product == Product::kGradInput ? rows : rows && cols;
+  return tc::kHasTensorCorePath<typename Device<T>::type> && math == GpuMath::kTensorCores && aligned &&
+         tc::DeviceSupportsTensorCores();
+}
+
+template <typename T>
+size_t GpuWorkspaceBytes(const BlockGrid& grid, MaskLevel level) {
+  const int64_t blocks = grid.grid_rows() * grid.grid_cols();
+  return static_cast<size_t>(AlignUp(FactorCount(grid, level) * int64_t(sizeof(ComputeOf<T>))) + AlignUp(blocks) +
+                             AlignUp(blocks * int64_t(sizeof(int32_t))) +
+                             AlignUp(std::max(grid.grid_rows(), grid.grid_cols()) * int64_t(sizeof(int32_t))));
+}
+
+namespace {
+
+// The forward product (kTransposed false: out = a @ masked W) or dx (true:
+// out = a @ masked W^T).
+template <typename T, bool kTransposed, typename TMask, typename Launch>
+int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const T* w, MaskView<TMask> mask, T* out,
+               void* workspace, GpuMath math) {
+  using D = typename Device<T>::type;
+  const BlockGrid grid = shape.weight_grid();
+  const int64_t out_cols = kTransposed ? shape.k : shape.n;
+  if (shape.m == 0 || out_cols == 0) return 0;
+  const GridDims dims = DimsOf(grid);
+  const bool element_level = mask.level == MaskLevel::kElement;
+  if constexpr (tc::kHasTensorCorePath<D>) {
+    if (MatmulUsesTensorCores<T>(grid, kTransposed ? Product::kGradInput : Product::kForward, math)) {
+      const int64_t tiles = TensorCoreTiles(shape.m, out_cols);
+      if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      const auto ws = IndexMask<Compute<D>>(launch, grid, mask, workspace, Lists::kNone);
+      launch(TensorCoreProduct<D, kTransposed>, static_cast<unsigned>(tiles), tc::kThreads,
+             reinterpret_cast<const D*>(a), shape.m, reinterpret_cast<const D*>(w), ws.factors, element_level, dims,
+             ws.live, reinterpret_cast<D*>(out));
+      return launch.Status();
+    }
+  }
+  const int64_t groups = kTransposed ? dims.grid_rows : dims.grid_cols;
+  const int64_t group_width = kTransposed ? grid.block_rows : grid.block_cols;
+  const int64_t chunks = CeilDiv(std::min(group_width, out_cols), kTile);
+  const int64_t blocks = CeilDiv(shape.m, kTile) * groups * chunks;
+  if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const auto ws =
+      IndexMask<Compute<D>>(launch, grid, mask, workspace, kTransposed ? Lists::kByRow : Lists::kByColumn);
+  launch(BlockSparseProduct<D, kTransposed>, static_cast<unsigned>(blocks), kThreads, reinterpret_cast<const D*>(a),
+         shape.m, reinterpret_cast<const D*>(w), ws.factors, element_level, dims, ws.lists, ws.counts, chunks,
+         reinterpret_cast<D*>(out));
+  return launch.Status();
+}
+
+// dW = mask(x^T dy).
+template <typename T, typename TMask, typename Launch>
+int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, const T* dy, MaskView<TMask> mask,
+                  T* dw, void* workspace, GpuMath math) {
+  using D = typename Device<T>::type;
+  const BlockGrid grid = shape.weight_grid();
+  if (shape.k == 0 || shape.n == 0) return 0;
+  const auto ws = IndexMask<Compute<D>>(launch, grid, mask, workspace, Lists::kNone);
+  const GridDims dims = DimsOf(grid);
+  if constexpr (tc::kHasTensorCorePath<D>) {
+    if (MatmulUsesTensorCores<T>(grid, Product::kGradWeight, math)) {
+      const int64_t tiles = TensorCoreTiles(shape.k, shape.n);
+      if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      launch(TensorCoreOuterProducts<D>, static_cast<unsigned>(tiles), tc::kThreads, reinterpret_cast<const D*>(x),
+             reinterpret_cast<const D*>(dy), shape.m, ws.factors, mask.level == MaskLevel::kElement, dims, ws.live,
+             reinterpret_cast<D*>(dw));
+      return launch.Status();
+    }
+  }
+  const int64_t tiles = CeilDiv(grid.packed_rows(), kTile) * CeilDiv(grid.packed_cols(), kTile);
+  const int64_t blocks = dims.grid_rows * dims.grid_cols * tiles;
+  if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+  launch(BlockOuterProducts<D>, static_cast<unsigned>(blocks), kThreads, reinterpret_cast<const D*>(x),
+         reinterpret_cast<const D*>(dy), shape.m, ws.factors, mask.level == MaskLevel::kElement, dims, ws.live, tiles,
+         reinterpret_cast<D*>(dw));
+  return launch.Status();
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace masked_ops
+
+#endif  // MASKED_OPS_CC_KERNELS_CUDA_MASKED_MATMUL_LAUNCH_CUH_

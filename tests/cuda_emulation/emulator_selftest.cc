@@ -1,0 +1,190 @@
+// Small kernels that check the CUDA emulation itself: that barriers order
+// shared memory, that the schedules expose a missing barrier, that the
+// emulation reports what it promises to report, and that WMMA computes the
+// product of its fragments in every layout.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "tests/cuda_emulation/emulator.h"
+
+namespace {
+
+using masked_ops::emulation::Arena;
+using masked_ops::emulation::EmulatedLaunch;
+namespace wmma = nvcuda::wmma;
+
+constexpr int kThreads = 256;
+
+// out[b] = the sum of block b's 256 inputs, staged in shared memory.
+template <bool kBarrier>
+__global__ void BlockSums(const float* in, float* out) {
+  __shared__ float values[kThreads];
+  values[threadIdx.x] = in[blockIdx.x * kThreads + threadIdx.x];
+  if (kBarrier) __syncthreads();
+  if (threadIdx.x == 0) {
+    float sum = 0.0f;
+    for (int i = 0; i < kThreads; ++i) sum += values[i];
+    out[blockIdx.x] = sum;
+  }
+}
+
+__global__ void BarrierAfterExit(float* out) {
+  if (threadIdx.x < 128) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+
+__global__ void BarriersAtTwoSites(float* out) {
+  // Different code around the two calls, so that the compiler keeps them apart.
+  if (threadIdx.x % 2 == 0) {
+    out[threadIdx.x] = 1.0f;
+    __syncthreads();
+    out[threadIdx.x + 256] = 3.0f;
+  } else {
+    out[threadIdx.x] = 2.0f;
+    __syncthreads();
+    out[threadIdx.x + 256] = 4.0f;
+  }
+}
+
+__global__ void Traps(float* out) {
+  if (blockIdx.x == 1 && threadIdx.x == 5) __trap();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = 1.0f;
+}
+
+__global__ void WritesOnePast(float* out, int64_t n) {
+  if (threadIdx.x == 0) out[n] = 1.0f;
+}
+
+__global__ void MisalignedLoad(const float* in, float* out) {
+  __shared__ __align__(128) float tile[16 * 20];
+  for (int e = threadIdx.x; e < 16 * 20; e += blockDim.x) tile[e] = in[e % 256];
+  __syncthreads();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+  const __half* base = reinterpret_cast<const __half*>(tile);
+  wmma::load_matrix_sync(a, base + 4, 20);  // 8 bytes past an aligned pointer; 40-byte rows
+  out[threadIdx.x] = 0.0f;
+}
+
+// d = a b + c for 16 x 16 float matrices (row-major in memory), on one warp:
+// A staged column-major (kColA) or row-major, B the other way, operands
+// as T (__half, __nv_bfloat16) or TF32 (T = float).
+template <typename T, bool kColA>
+__global__ void WarpProduct(const float* a, const float* b, const float* c, float* d) {
+  constexpr int kK = std::is_same_v<T, float> ? 8 : 16;
+  using Element = std::conditional_t<std::is_same_v<T, float>, wmma::precision::tf32, T>;
+  using LayoutA = std::conditional_t<kColA, wmma::col_major, wmma::row_major>;
+  using LayoutB = std::conditional_t<kColA, wmma::row_major, wmma::col_major>;
+  __shared__ __align__(128) T a_tile[16 * 16];
+  __shared__ __align__(128) T b_tile[16 * 16];
+  __shared__ __align__(128) float out[16 * 16];
+  for (int e = threadIdx.x; e < 256; e += blockDim.x) {
+    const int r = e / 16;
+    const int k = e % 16;
+    T av, bv;
+    if constexpr (std::is_same_v<T, __half>) {
+      av = __float2half_rn(a[e]);
+      bv = __float2half_rn(b[e]);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      av = __float2bfloat16_rn(a[e]);
+      bv = __float2bfloat16_rn(b[e]);
+    } else {
+      av = a[e];
+      bv = b[e];
+    }
+    a_tile[kColA ? k * 16 + r : r * 16 + k] = av;  // A(r, k)
+    b_tile[kColA ? r * 16 + k : k * 16 + r] = bv;  // B(r, k) at (row r, col k): row-major r * 16 + k
+  }
+  __syncthreads();
+  wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc;
+  wmma::load_matrix_sync(acc, c, 16, wmma::mem_row_major);
+  for (int k0 = 0; k0 < 16; k0 += kK) {
+    wmma::fragment<wmma::matrix_a, 16, 16, kK, Element, LayoutA> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, kK, Element, LayoutB> fb;
+    wmma::load_matrix_sync(fa, a_tile + (kColA ? k0 * 16 : k0), 16);
+    wmma::load_matrix_sync(fb, b_tile + (kColA ? k0 * 16 : k0), 16);
+    if constexpr (std::is_same_v<T, float>) {
+      for (int t = 0; t < fa.num_elements; ++t) fa.x[t] = wmma::__float_to_tf32(fa.x[t]);
+      for (int t = 0; t < fb.num_elements; ++t) fb.x[t] = wmma::__float_to_tf32(fb.x[t]);
+    }
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  wmma::store_matrix_sync(out, acc, 16, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = threadIdx.x; e < 256; e += blockDim.x) d[e] = out[e];
+}
+
+}  // namespace
+
+extern "C" {
+
+// Runs self-test kernel `which` on data (its layout per case below); returns
+// the launch status, or -1001 for a write out of bounds.
+//   0 / 1: data[0:512] inputs, data[512:514] = the sums of its two halves,
+//          with / without the barrier;
+//   2: a barrier after some threads exited; 3: barriers at two sites;
+//   4: a misaligned WMMA load; 5: a trap; 6: a block of 2048 threads;
+//   7: a write one past data[0:n];
+//   8..13: data[768:1024] = A B + C from A = data[0:256], B = data[256:512],
+//          C = data[512:768] (16 x 16, row-major): __half, __nv_bfloat16,
+//          TF32, each with A column-major and B row-major (8, 10, 12) or
+//          the other way (9, 11, 13).
+int emu_self_test(int which, float* data, int64_t n) {
+  const EmulatedLaunch launch;
+  Arena arena;
+  float* d = arena.InOut(data, n, "data");
+  switch (which) {
+    case 0:
+      launch(BlockSums<true>, 2, kThreads, d, d + 512);
+      break;
+    case 1:
+      launch(BlockSums<false>, 2, kThreads, d, d + 512);
+      break;
+    case 2:
+      launch(BarrierAfterExit, 1, kThreads, d);
+      break;
+    case 3:
+      launch(BarriersAtTwoSites, 1, kThreads, d);
+      break;
+    case 4:
+      launch(MisalignedLoad, 1, 32, d, d + 256);
+      break;
+    case 5:
+      launch(Traps, 3, 64, d);
+      break;
+    case 6:
+      launch(Traps, 1, 2048, d);
+      break;
+    case 7:
+      launch(WritesOnePast, 1, 32, d, n);
+      break;
+    case 8:
+      launch(WarpProduct<__half, true>, 1, 32, d, d + 256, d + 512, d + 768);
+      break;
+    case 9:
+      launch(WarpProduct<__half, false>, 1, 32, d, d + 256, d + 512, d + 768);
+      break;
+    case 10:
+      launch(WarpProduct<__nv_bfloat16, true>, 1, 32, d, d + 256, d + 512, d + 768);
+      break;
+    case 11:
+      launch(WarpProduct<__nv_bfloat16, false>, 1, 32, d, d + 256, d + 512, d + 768);
+      break;
+    case 12:
+      launch(WarpProduct<float, true>, 1, 32, d, d + 256, d + 512, d + 768);
+      break;
+    case 13:
+      launch(WarpProduct<float, false>, 1, 32, d, d + 256, d + 512, d + 768);
+      break;
+    default:
+      return masked_ops::emulation::kUnknownType;
+  }
+  return arena.Finish(launch.Status());
+}
+
+}  // extern "C"

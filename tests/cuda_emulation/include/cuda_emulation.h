@@ -1,0 +1,425 @@
+// A CUDA emulation for host C++ (g++ -std=c++17, Linux x86-64), enough to
+// compile and run this project's CUDA kernels on the CPU: the execution-space
+// keywords, the built-in index variables, __syncthreads, the math the kernels
+// call, and an engine that runs a launch's thread blocks one at a time.
+//
+// Execution model. Each CUDA thread of a block is a fiber (ucontext) with its
+// own stack, all on the calling OS thread: the engine runs every fiber of the
+// block until it exits or reaches __syncthreads, then releases the barrier
+// and runs them all again, and so on. Between two barriers the threads run
+// one after the other, in an order the schedule picks (forward, reverse or
+// shuffled): a kernel that reads shared memory another thread writes without
+// a barrier in between gives different results under different orders.
+// (Fibers rather than an OS thread per CUDA thread: a 256-thread block then
+// costs microseconds per barrier instead of hundreds of context switches, and
+// runs are deterministic for a given schedule.)
+// __shared__ is `static`: one copy per kernel instantiation, shared by the
+// block's threads (blocks run one at a time, so one copy is enough; like
+// real shared memory it keeps whatever the previous block left in it).
+// threadIdx / blockIdx / blockDim / gridDim are thread_local globals the
+// engine sets before it resumes a fiber. Launches are synchronous; one engine
+// runs per OS thread, and since __shared__ variables are process-wide, two OS
+// threads must not run the same kernel at once.
+//
+// Checks that real hardware would not report but that mark a kernel bug: a
+// __syncthreads some threads skip (they exited, or wait at another
+// __syncthreads), a WMMA pointer or leading dimension off the alignment the
+// PTX ISA requires, __trap(). Each is recorded as a diagnostic
+// (TakeDiagnostics()) and a trap also fails the launch
+// (cudaErrorLaunchFailure). Not emulated: warp-level primitives beyond WMMA
+// (shuffles, votes, __syncwarp), atomics, the memory model, and anything about
+// timing; not detected: reads of shared memory no thread wrote, and a WMMA
+// operation only part of a warp executes.
+//
+// __CUDA_ARCH__ and __CUDACC__ stay undefined: code guarded by
+// `#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800` takes its sm_80+ path.
+#ifndef MASKED_OPS_TESTS_CUDA_EMULATION_CUDA_EMULATION_H_
+#define MASKED_OPS_TESTS_CUDA_EMULATION_CUDA_EMULATION_H_
+
+#if defined(__CUDA_ARCH__) || defined(__CUDACC__)
+#error "the CUDA emulation is for a host compiler"
+#endif
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <math.h>  // the float overloads of sqrt, isnan ... in the global namespace, as CUDA has them
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+// ---------------------------------------------------------------------------
+// Keywords.
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static
+#define __constant__ static
+#define __restrict__ __restrict
+
+// ---------------------------------------------------------------------------
+// Vector types and the built-in variables.
+struct uint3 {
+  unsigned int x, y, z;
+};
+
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1) : x(vx), y(vy), z(vz) {}
+  constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
+  constexpr operator uint3() const { return uint3{x, y, z}; }
+};
+
+inline thread_local uint3 threadIdx{0, 0, 0};
+inline thread_local uint3 blockIdx{0, 0, 0};
+inline thread_local dim3 blockDim{1, 1, 1};
+inline thread_local dim3 gridDim{1, 1, 1};
+constexpr int warpSize = 32;
+
+// ---------------------------------------------------------------------------
+// Runtime API subset.
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchFailure = 719,
+};
+struct CUstream_st;
+typedef CUstream_st* cudaStream_t;
+
+// ---------------------------------------------------------------------------
+// Device math the kernels use (CUDA's overloads, global namespace).
+#define MASKED_OPS_EMULATION_MIN_MAX(T)                          \
+  __device__ inline T min(T a, T b) { return b < a ? b : a; }   \
+  __device__ inline T max(T a, T b) { return a < b ? b : a; }
+MASKED_OPS_EMULATION_MIN_MAX(int)
+MASKED_OPS_EMULATION_MIN_MAX(unsigned int)
+MASKED_OPS_EMULATION_MIN_MAX(long)
+MASKED_OPS_EMULATION_MIN_MAX(unsigned long)
+MASKED_OPS_EMULATION_MIN_MAX(long long)
+MASKED_OPS_EMULATION_MIN_MAX(unsigned long long)
+#undef MASKED_OPS_EMULATION_MIN_MAX
+// fminf / fmin semantics for floating point, as CUDA's min(float, float).
+__device__ inline float min(float a, float b) { return fminf(a, b); }
+__device__ inline float max(float a, float b) { return fmaxf(a, b); }
+__device__ inline double min(double a, double b) { return fmin(a, b); }
+__device__ inline double max(double a, double b) { return fmax(a, b); }
+
+__device__ inline unsigned int __float_as_uint(float v) {
+  unsigned int bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+}
+__device__ inline int __float_as_int(float v) {
+  int bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+}
+__device__ inline float __uint_as_float(unsigned int bits) {
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+__device__ inline float __int_as_float(int bits) {
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+__device__ inline long long __double_as_longlong(double v) {
+  long long bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+}
+__device__ inline double __longlong_as_double(long long bits) {
+  double v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// ---------------------------------------------------------------------------
+// The engine.
+namespace cuda_emulation {
+
+// The order in which the threads of a block run between two barriers.
+enum class Schedule { kForward = 0, kReverse = 1, kShuffled = 2 };
+
+struct Stats {
+  int64_t launches = 0;
+  int64_t blocks = 0;
+  int64_t threads = 0;
+  int64_t barriers = 0;   // block-wide barrier releases
+  int64_t mma_syncs = 0;  // warp-level wmma::mma_sync calls (counted once per warp)
+};
+
+class Engine {
+ public:
+  static Engine& Get() {
+    static thread_local Engine engine;
+    return engine;
+  }
+
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+  ~Engine() {
+    for (char* stack : stacks_) munmap(stack - kGuardBytes, kGuardBytes + kStackBytes);
+  }
+
+  void SetSchedule(Schedule schedule, uint64_t seed) {
+    schedule_ = schedule;
+    seed_ = seed;
+  }
+
+  // Runs body() as every thread of every block of a grid x block launch.
+  void Launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+    ++stats_.launches;
+    if (!ValidConfiguration(grid, block)) {
+      Fail(cudaErrorInvalidConfiguration, "invalid launch configuration");
+      return;
+    }
+    if (running_) {
+      Report("a kernel launched from inside a kernel");
+      Fail(cudaErrorLaunchFailure, nullptr);
+      return;
+    }
+    running_ = true;
+    body_ = &body;
+    const unsigned threads = block.x * block.y * block.z;
+    EnsureStacks(threads);
+    fibers_.resize(threads);
+    gridDim = grid;
+    blockDim = block;
+    bool trapped = false;
+    for (unsigned z = 0; z < grid.z && !trapped; ++z) {
+      for (unsigned y = 0; y < grid.y && !trapped; ++y) {
+        for (unsigned x = 0; x < grid.x && !trapped; ++x) {
+          blockIdx = uint3{x, y, z};
+          trapped = !RunBlock(block, threads);
+        }
+      }
+    }
+    threadIdx = uint3{0, 0, 0};
+    blockIdx = uint3{0, 0, 0};
+    body_ = nullptr;
+    running_ = false;
+  }
+
+  // __syncthreads() in the current thread; site: the call's return address.
+  void Barrier(const void* site) {
+    Fiber& fiber = fibers_[current_];
+    fiber.state = State::kAtBarrier;
+    fiber.site = site;
+    swapcontext(&fiber.context, &scheduler_);
+  }
+
+  [[noreturn]] void Trap() {
+    if (!running_) {
+      std::fprintf(stderr, "cuda_emulation: __trap() outside a kernel\n");
+      std::abort();
+    }
+    Fiber& fiber = fibers_[current_];
+    fiber.state = State::kTrapped;
+    swapcontext(&fiber.context, &scheduler_);
+    std::abort();  // never resumed
+  }
+
+  // The current thread's lane within its warp (threads numbered x fastest).
+  static unsigned Lane() {
+    return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % warpSize;
+  }
+
+  // Records a diagnostic of the current thread (repeats of a message are
+  // counted, with the first thread's place).
+  void Report(const std::string& message) {
+    for (Diagnostic& diagnostic : diagnostics_) {
+      if (diagnostic.message == message) {
+        ++diagnostic.count;
+        return;
+      }
+    }
+    char where[96] = "host";
+    if (running_) {
+      std::snprintf(where, sizeof(where), "block (%u, %u, %u), thread (%u, %u, %u)", blockIdx.x, blockIdx.y,
+                    blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+    }
+    diagnostics_.push_back(Diagnostic{message, where, 1});
+  }
+
+  // The diagnostics since the last call, one a line (empty when none), then
+  // cleared.
+  std::string TakeDiagnostics() {
+    std::string out;
+    for (const Diagnostic& diagnostic : diagnostics_) {
+      out += diagnostic.message + " [" + diagnostic.where +
+             (diagnostic.count > 1 ? ", and " + std::to_string(diagnostic.count - 1) + " more times" : "") + "]\n";
+    }
+    diagnostics_.clear();
+    return out;
+  }
+
+  // cudaPeekAtLastError: the first error since the last TakeError().
+  cudaError_t PeekError() const { return error_; }
+
+  // cudaGetLastError: the first error since the last call, then cleared.
+  cudaError_t TakeError() {
+    const cudaError_t error = error_;
+    error_ = cudaSuccess;
+    return error;
+  }
+
+  Stats& stats() { return stats_; }
+
+ private:
+  enum class State { kRunnable, kAtBarrier, kExited, kTrapped };
+  struct Diagnostic {
+    std::string message;
+    std::string where;
+    int64_t count;
+  };
+  struct Fiber {
+    ucontext_t context;
+    State state;
+    const void* site;
+    uint3 thread;
+  };
+
+  static constexpr size_t kStackBytes = 256 * 1024;
+  static constexpr size_t kGuardBytes = 64 * 1024;  // PROT_NONE below each stack: an overflow faults
+
+  Engine() = default;
+
+  static bool ValidConfiguration(dim3 grid, dim3 block) {
+    const uint64_t threads = uint64_t{block.x} * block.y * block.z;
+    return grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.x <= 0x7fffffffu && grid.y <= 65535 &&
+           grid.z <= 65535 && block.x >= 1 && block.y >= 1 && block.z >= 1 && block.x <= 1024 &&
+           block.y <= 1024 && block.z <= 64 && threads <= 1024;
+  }
+
+  void Fail(cudaError_t error, const char* message) {
+    if (message != nullptr) Report(message);
+    if (error_ == cudaSuccess) error_ = error;
+  }
+
+  void EnsureStacks(unsigned threads) {
+    while (stacks_.size() < threads) {
+      void* memory = mmap(nullptr, kGuardBytes + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                          -1, 0);
+      if (memory == MAP_FAILED) {
+        std::perror("cuda_emulation: mmap");
+        std::abort();
+      }
+      mprotect(memory, kGuardBytes, PROT_NONE);
+      stacks_.push_back(static_cast<char*>(memory) + kGuardBytes);
+    }
+  }
+
+  static void FiberMain() {
+    Engine& engine = Get();
+    (*engine.body_)();
+    engine.fibers_[engine.current_].state = State::kExited;
+    // Returning resumes uc_link: the scheduler.
+  }
+
+  void Order(unsigned threads, std::vector<unsigned>& order) {
+    order.resize(threads);
+    for (unsigned i = 0; i < threads; ++i) order[i] = i;
+    if (schedule_ == Schedule::kReverse) {
+      std::reverse(order.begin(), order.end());
+    } else if (schedule_ == Schedule::kShuffled) {
+      for (unsigned i = threads; i > 1; --i) {
+        seed_ = seed_ * 6364136223846793005ull + 1442695040888963407ull;
+        std::swap(order[i - 1], order[(seed_ >> 33) % i]);
+      }
+    }
+  }
+
+  // Runs the current block; false when a thread trapped.
+  bool RunBlock(dim3 block, unsigned threads) {
+    ++stats_.blocks;
+    stats_.threads += threads;
+    for (unsigned i = 0; i < threads; ++i) {
+      Fiber& fiber = fibers_[i];
+      getcontext(&fiber.context);
+      fiber.context.uc_stack.ss_sp = stacks_[i];
+      fiber.context.uc_stack.ss_size = kStackBytes;
+      fiber.context.uc_link = &scheduler_;
+      makecontext(&fiber.context, &Engine::FiberMain, 0);
+      fiber.state = State::kRunnable;
+      fiber.site = nullptr;
+      fiber.thread = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+    }
+    std::vector<unsigned> order;
+    for (;;) {
+      Order(threads, order);
+      for (unsigned i : order) {
+        Fiber& fiber = fibers_[i];
+        if (fiber.state != State::kRunnable) continue;
+        current_ = i;
+        threadIdx = fiber.thread;
+        swapcontext(&scheduler_, &fiber.context);
+        if (fiber.state == State::kTrapped) {
+          Report("__trap()");
+          Fail(cudaErrorLaunchFailure, nullptr);
+          return false;
+        }
+      }
+      unsigned waiting = 0;
+      unsigned exited = 0;
+      const void* site = nullptr;
+      bool same_site = true;
+      for (unsigned i = 0; i < threads; ++i) {
+        if (fibers_[i].state == State::kExited) {
+          ++exited;
+        } else if (fibers_[i].state == State::kAtBarrier) {
+          if (waiting++ == 0) site = fibers_[i].site;
+          same_site = same_site && fibers_[i].site == site;
+        }
+      }
+      if (waiting == 0) return true;
+      if (exited != 0) {
+        Report("__syncthreads() reached by " + std::to_string(waiting) + " threads after " + std::to_string(exited) +
+               " others of the block exited");
+      }
+      if (!same_site) Report("threads of a block wait at different __syncthreads()");
+      ++stats_.barriers;
+      for (unsigned i = 0; i < threads; ++i) {
+        if (fibers_[i].state == State::kAtBarrier) fibers_[i].state = State::kRunnable;
+      }
+    }
+  }
+
+  Schedule schedule_ = Schedule::kForward;
+  uint64_t seed_ = 0;
+  bool running_ = false;
+  const std::function<void()>* body_ = nullptr;
+  ucontext_t scheduler_;
+  std::vector<Fiber> fibers_;
+  std::vector<char*> stacks_;
+  unsigned current_ = 0;
+  cudaError_t error_ = cudaSuccess;
+  std::vector<Diagnostic> diagnostics_;
+  Stats stats_;
+};
+
+}  // namespace cuda_emulation
+
+__device__ __attribute__((noinline)) inline void __syncthreads() {
+  cuda_emulation::Engine::Get().Barrier(__builtin_return_address(0));
+}
+
+[[noreturn]] __device__ inline void __trap() { cuda_emulation::Engine::Get().Trap(); }
+
+inline cudaError_t cudaGetLastError() { return cuda_emulation::Engine::Get().TakeError(); }
+inline cudaError_t cudaPeekAtLastError() { return cuda_emulation::Engine::Get().PeekError(); }
+
+#endif  // MASKED_OPS_TESTS_CUDA_EMULATION_CUDA_EMULATION_H_

@@ -1,0 +1,684 @@
+"""The CUDA kernels of cc/kernels/cuda, run on the CPU under the CUDA emulation
+of tests/cuda_emulation, against float64 NumPy references.
+
+The kernels (*_kernels.cuh) and their launch sequences (*_launch.cuh: grid
+sizes, which kernels in which order, when the tensor-core kernels are taken)
+are the GPU build's own; the emulation compiles them with g++ and runs every
+CUDA thread of a block as a fiber (see tests/cuda_emulation/include/
+cuda_emulation.h). So these tests check the kernels' indexing, masking,
+skipping of dead blocks and tensor-core tiling everywhere g++ runs; what they
+cannot check is the hardware (timing, real WMMA layouts, memory model): the
+GPU tests of tests/gpu do that where there is a GPU.
+
+Every call runs on copies of its arrays between red zones; a write out of
+bounds, a write to an input, a barrier some threads skip, a misaligned WMMA
+access or a trap fails the test (the emulation's diagnostics). Outputs start
+as NaN, so that an element the kernels never write shows, and masked-out
+weights are NaN, so that a masked weight that leaks shows.
+"""
+
+import ctypes
+import math
+import pathlib
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from fuzz_references import _conv, _matmul
+
+try:
+    import ml_dtypes
+except ImportError:  # bfloat16 cases are skipped
+    ml_dtypes = None
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EMULATION = ROOT / "tests" / "cuda_emulation"
+SOURCES = ["emulator.cc", "emulator_matmul.cc", "emulator_conv2d.cc", "emulator_elementwise.cc",
+           "emulator_selftest.cc"]
+
+DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
+MASK_CODES = {"float32": 0, "bool": 1}
+PRODUCTS = {"forward": 0, "grad_input": 1, "grad_weight": 2}
+MATMUL_OPS = {"forward": "MaskedMatmul", "grad_input": "MaskedMatmulGradInput", "grad_weight": "MaskedMatmulGradWeight"}
+CONV_OPS = {"forward": "MaskedConv2D", "grad_input": "MaskedConv2DGradInput", "grad_weight": "MaskedConv2DGradFilter"}
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+SUBNORMAL_STEP = {"float64": 2.0**-1074, "float32": 2.0**-149, "float16": 2.0**-24, "bfloat16": 2.0**-133}
+
+
+def np_dtype(name):
+    if name == "bfloat16":
+        if ml_dtypes is None:
+            pytest.skip("bfloat16 needs ml_dtypes")
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+class Emulator:
+    """The emulated launchers (tests/cuda_emulation/emulator*.cc) through ctypes."""
+
+    def __init__(self, path):
+        lib = ctypes.CDLL(str(path))
+        p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.emu_matmul.argtypes = [i, i, i] + [i64] * 5 + [p, p, p, i, p, i]
+        lib.emu_matmul_uses_tensor_cores.argtypes = [i, i] + [i64] * 4 + [i]
+        lib.emu_conv2d.argtypes = [i, i, i, i, ctypes.POINTER(i64), p, p, p, i, p, p, i]
+        lib.emu_conv2d_uses_tensor_cores.argtypes = [i, i, ctypes.POINTER(i64), i]
+        lib.emu_elementwise.argtypes = [i, i, i] + [i64] * 5 + [p, p, i, p, ctypes.POINTER(p),
+                                                                ctypes.POINTER(ctypes.c_double), i]
+        lib.emu_set_schedule.argtypes = [i, ctypes.c_uint64]
+        lib.emu_set_device_tensor_cores.argtypes = [i]
+        lib.emu_take_diagnostics.argtypes = [ctypes.c_char_p, i64]
+        lib.emu_take_diagnostics.restype = i64
+        lib.emu_stats.argtypes = [ctypes.POINTER(i64)]
+        lib.emu_self_test.argtypes = [i, p, i64]
+        for name in ("float_to_half", "half_to_float", "float_to_bfloat16", "bfloat16_to_float", "float_to_tf32"):
+            getattr(lib, f"emu_{name}").argtypes = [p, p, i64]
+        self.lib = lib
+
+    def diagnostics(self):
+        """The emulation's diagnostics since the last call ('' when none)."""
+        buffer = ctypes.create_string_buffer(1 << 16)
+        self.lib.emu_take_diagnostics(buffer, len(buffer))
+        return buffer.value.decode()
+
+    def stats(self):
+        values = (ctypes.c_int64 * 5)()
+        self.lib.emu_stats(values)
+        return dict(zip(("launches", "blocks", "threads", "barriers", "mma_syncs"), values))
+
+    def reset(self):
+        self.lib.emu_reset_stats()
+        self.lib.emu_set_schedule(0, 0)
+        self.lib.emu_set_device_tensor_cores(1)
+        self.diagnostics()
+
+    def checked(self, what, status):
+        diagnostics = self.diagnostics()
+        assert status == 0 and not diagnostics, f"{what}: status {status}\n{diagnostics}"
+
+    def matmul(self, product, a, b, mask, level, block, shape, out, tensor_cores):
+        m, k, n = shape
+        self.checked(f"matmul {product}", self.lib.emu_matmul(
+            PRODUCTS[product], DTYPE_CODES[a.dtype.name], MASK_CODES[mask.dtype.name], m, k, n, *block,
+            a.ctypes.data, b.ctypes.data, mask.ctypes.data, 0 if level == "element" else 1, out.ctypes.data,
+            int(tensor_cores)))
+        return out
+
+    def matmul_uses_tensor_cores(self, product, dtype, shape, block, tensor_cores=True):
+        return self.lib.emu_matmul_uses_tensor_cores(PRODUCTS[product], DTYPE_CODES[dtype], shape[1], shape[2],
+                                                     *block, int(tensor_cores)) == 1
+
+    def conv2d(self, product, a, b, mask, level, geometry, out, output_mask, tensor_cores):
+        fields = (ctypes.c_int64 * 19)(*geometry)
+        self.checked(f"conv2d {product}", self.lib.emu_conv2d(
+            PRODUCTS[product], DTYPE_CODES[a.dtype.name], MASK_CODES[mask.dtype.name],
+            -1 if output_mask is None else MASK_CODES[output_mask.dtype.name], fields, a.ctypes.data,
+            b.ctypes.data, mask.ctypes.data, 0 if level == "element" else 1,
+            None if output_mask is None else output_mask.ctypes.data, out.ctypes.data, int(tensor_cores)))
+        return out
+
+    def conv2d_uses_tensor_cores(self, product, dtype, geometry, tensor_cores=True):
+        fields = (ctypes.c_int64 * 19)(*geometry)
+        return self.lib.emu_conv2d_uses_tensor_cores(PRODUCTS[product], DTYPE_CODES[dtype], fields,
+                                                     int(tensor_cores)) == 1
+
+    def elementwise(self, op, a, mask, level, block, out, state=(), scalars=(), flag=False):
+        """op as in emulator_elementwise.cc over a as [outer, k, n]; updates out and state in place."""
+        outer, k, n = a.shape
+        pointers = (ctypes.c_void_p * 3)(*([None if s is None else s.ctypes.data for s in state]
+                                           + [None] * (3 - len(state))))
+        values = (ctypes.c_double * 6)(*(list(scalars) + [0.0] * (6 - len(scalars))))
+        self.checked(f"elementwise {op}", self.lib.emu_elementwise(
+            op, DTYPE_CODES[a.dtype.name], MASK_CODES[mask.dtype.name], outer, k, n, *block, a.ctypes.data,
+            mask.ctypes.data, 0 if level == "element" else 1, out.ctypes.data, pointers, values, int(flag)))
+
+    def convert(self, name, values, out_dtype):
+        values = np.ascontiguousarray(values)
+        out = np.empty(values.shape, out_dtype)
+        getattr(self.lib, f"emu_{name}")(values.ctypes.data, out.ctypes.data, values.size)
+        return out
+
+
+@pytest.fixture(scope="session")
+def emulator_library(tmp_path_factory):
+    """Builds the emulated launchers once per session (g++, the sources in parallel)."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("the CUDA emulation tests need g++ to build the emulated kernels")
+    build = tmp_path_factory.mktemp("cuda_emulation")
+    flags = ["-O2", "-std=c++17", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+             "-I", str(EMULATION / "include"), "-I", str(ROOT)]
+    jobs = [(source, subprocess.Popen([compiler, *flags, "-c", str(EMULATION / source), "-o",
+                                       str(build / (source + ".o"))],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            for source in SOURCES]
+    failures = []
+    for source, job in jobs:
+        output, _ = job.communicate()
+        if job.returncode != 0:
+            failures.append(f"{source}:\n{output}")
+    assert not failures, "building the CUDA emulation failed:\n" + "\n".join(failures)
+    library = build / "libmasked_ops_cuda_emulated.so"
+    subprocess.run([compiler, "-shared", "-pthread", "-o", str(library), *(str(build / (s + ".o")) for s in SOURCES)],
+                   check=True)
+    return Emulator(library)
+
+
+@pytest.fixture
+def emulator(emulator_library):
+    emulator_library.reset()
+    yield emulator_library
+    emulator_library.reset()
+
+
+def check(actual, expected, bound, depth, dtype, tensor_cores, what):
+    """actual against the float64 reference: tests/gpu's tolerances, then a
+    rounding-error bound (bound: the sum of the terms' magnitudes)."""
+    actual = actual.astype(np.float64)
+    unwritten = np.argwhere(np.isnan(actual))
+    assert unwritten.size == 0, f"{what}: NaN (unwritten, or a masked NaN leaked) at {unwritten[:5].tolist()}"
+    tolerance = {"float64": 1e-12, "float32": 2e-3 if tensor_cores else 1e-5, "float16": 2e-2,
+                 "bfloat16": 6e-2}[dtype]
+    scale = math.sqrt(max(depth, 1)) * max(1.0, np.abs(expected).max(initial=0.0))
+    np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance * scale, err_msg=what)
+    # Output rounding; operands rounded to TF32 or to the half type (a masked
+    # weight, an output-masked dy) before the tensor cores; the sum in the
+    # compute type.
+    u = UNIT_ROUNDOFF[dtype]
+    if dtype in ("float16", "bfloat16"):
+        operands = 2 * u
+    else:
+        operands = 2 * 2.0**-11 if tensor_cores and dtype == "float32" else 0.0
+    accumulate = (depth + 2) * (2.0**-53 if dtype == "float64" else 2.0**-24)
+    limit = u * np.abs(expected) + (operands + accumulate) * bound + SUBNORMAL_STEP[dtype] + 1e-300
+    excess = np.abs(actual - expected) - limit
+    worst = np.unravel_index(np.argmax(excess), excess.shape) if excess.size else None
+    assert excess.size == 0 or excess[worst] <= 0, (
+        f"{what}: {actual[worst]} vs reference {expected[worst]} at {worst} (bound {bound[worst]})")
+
+
+# -- the emulation itself -------------------------------------------------------------------------------
+
+
+def test_conversions_match_numpy(emulator):
+    """__half2float / __float2half_rn / __bfloat162float / __float2bfloat16_rn
+    against NumPy and ml_dtypes (round to nearest even, NaN kept)."""
+    every = np.arange(65536, dtype=np.uint16)
+    np.testing.assert_array_equal(emulator.convert("half_to_float", every, np.float32),
+                                  every.view(np.float16).astype(np.float32))
+    rng = np.random.default_rng(0)
+    bits = np.concatenate([rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32),
+                           # float16 and bfloat16 values, and the ties halfway between neighbours
+                           (every.view(np.float16).astype(np.float32).view(np.uint32) + np.uint32(0x1000)),
+                           (every.astype(np.uint32) << 16) + np.uint32(0x8000),
+                           np.array([0x7f800000, 0xff800000, 0x7fc00000, 0x7f800001, 0, 0x80000000, 0x477ff000,
+                                     0x477fefff, 0x33000000, 0x33000001, 0x387fe000], dtype=np.uint32)])
+    values = bits.view(np.float32)
+    with np.errstate(over="ignore"):
+        expected_half = values.astype(np.float16)
+    half = emulator.convert("float_to_half", values, np.uint16).view(np.float16)
+    np.testing.assert_array_equal(np.isnan(half), np.isnan(expected_half))
+    finite = ~np.isnan(expected_half)
+    np.testing.assert_array_equal(half[finite].view(np.uint16), expected_half[finite].view(np.uint16))
+    if ml_dtypes is not None:
+        bf16 = np.dtype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(emulator.convert("bfloat16_to_float", every, np.float32),
+                                      every.view(bf16).astype(np.float32))
+        with np.errstate(invalid="ignore"):
+            expected = values.astype(bf16)
+        actual = emulator.convert("float_to_bfloat16", values, np.uint16).view(bf16)
+        np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
+        finite = ~np.isnan(expected)
+        np.testing.assert_array_equal(actual[finite].view(np.uint16), expected[finite].view(np.uint16))
+
+
+def test_tf32_rounds_to_nearest_ties_away(emulator):
+    """__float_to_tf32 as cvt.rna.tf32.f32: a 10-bit mantissa, to nearest, ties away from zero."""
+    rng = np.random.default_rng(1)
+    special = np.float32([1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 1 + 2**-11 - 2**-23, 2**-130, np.inf, -np.inf,
+                          np.nan])
+    values = np.concatenate([rng.standard_normal(50_000).astype(np.float32) * np.float32(1e3), special])
+    actual = emulator.convert("float_to_tf32", values, np.float32)
+    assert (actual.view(np.uint32) & 0x1FFF == 0).all()
+    finite = np.isfinite(values) & (np.abs(values) >= 2.0**-126) & (np.abs(values) < 3e38)
+    v = values[finite].astype(np.float64)
+    unit = 2.0 ** (np.floor(np.log2(np.abs(v))) - 10)
+    expected = np.sign(v) * np.floor(np.abs(v) / unit + 0.5) * unit
+    np.testing.assert_array_equal(actual[finite].astype(np.float64), expected)
+    # Ties away from zero (1 + 2^-11 is halfway between 1 and 1 + 2^-10); a
+    # subnormal with no low bits stays; Inf stays; NaN stays NaN.
+    np.testing.assert_array_equal(actual[-8:-1], np.float32([1 + 2**-10, 1 + 2**-9, -(1 + 2**-10), 1, 2**-130, np.inf,
+                                                              -np.inf]))
+    assert np.isnan(actual[-1])
+
+
+def self_test(emulator, which, data):
+    data = np.array(data, dtype=np.float32)  # a copy: the kernels write into it
+    status = emulator.lib.emu_self_test(which, data.ctypes.data, data.size)
+    return status, data, emulator.diagnostics()
+
+
+def test_barriers_order_shared_memory_under_every_schedule(emulator):
+    data = np.random.default_rng(2).standard_normal(1024).astype(np.float32)
+    expected = data[:512].astype(np.float64).reshape(2, 256).sum(1)
+    results = {}
+    for schedule in (0, 1, 2):
+        emulator.lib.emu_set_schedule(schedule, 7)
+        status, out, diagnostics = self_test(emulator, 0, data)
+        assert status == 0 and not diagnostics
+        np.testing.assert_allclose(out[512:514], expected, rtol=1e-5)
+        status, out, diagnostics = self_test(emulator, 1, data)  # the same kernel without its barrier
+        assert status == 0 and not diagnostics
+        results[schedule] = out[512:514]
+    # Without the barrier, thread 0 sums before the others store (forward
+    # order) or after (reverse): the schedules tell a missing barrier.
+    assert not np.allclose(results[0], expected, rtol=1e-5)
+    np.testing.assert_allclose(results[1], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which, status, message", [
+    (2, 0, "__syncthreads() reached by 128 threads after 128 others of the block exited"),
+    (3, 0, "threads of a block wait at different __syncthreads()"),
+    (4, 0, "wmma::load_matrix_sync: pointer not 256-bit aligned"),
+    (5, 719, "__trap()"),
+    (6, 9, "invalid launch configuration"),
+    (7, -1001, "write out of the bounds of data"),
+], ids=["exited-threads-barrier", "two-barriers", "misaligned-wmma", "trap", "2048-threads", "out-of-bounds"])
+def test_emulation_reports(emulator, which, status, message):
+    actual_status, _, diagnostics = self_test(emulator, which, np.zeros(1024))
+    assert actual_status == status
+    assert message in diagnostics, diagnostics
+
+
+@pytest.mark.parametrize("which", range(8, 14), ids=[f"{t}-{a}" for t in ("half", "bfloat16", "tf32")
+                                                     for a in ("a-col-major", "a-row-major")])
+def test_wmma_products(emulator, which):
+    """mma_sync of loaded fragments: exact products of the operands (rounded
+    to the half type, or to TF32 by __float_to_tf32), summed in float."""
+    rng = np.random.default_rng(which)
+    data = rng.standard_normal(1024).astype(np.float32)
+    status, out, diagnostics = self_test(emulator, which, data)
+    assert status == 0 and not diagnostics
+    a, b, c = (data[i * 256:(i + 1) * 256].reshape(16, 16) for i in range(3))
+    if which < 10:
+        a, b = a.astype(np.float16), b.astype(np.float16)
+    elif which < 12:
+        if ml_dtypes is None:
+            pytest.skip("bfloat16 needs ml_dtypes")
+        a, b = a.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16)
+    else:
+        a, b = (emulator.convert("float_to_tf32", v, np.float32) for v in (a, b))
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    expected = a @ b + c
+    bound = np.abs(a) @ np.abs(b) + np.abs(c)
+    assert (np.abs(out[768:].reshape(16, 16) - expected) <= 18 * 2.0**-24 * bound).all()
+
+
+# -- masked_matmul --------------------------------------------------------------------------------------
+
+# (dtype, tensor_cores): float64 never takes tensor cores (asking falls back).
+NUMERICS = [("float64", False), ("float64", True), ("float32", False), ("float32", True), ("float16", False),
+            ("float16", True), ("bfloat16", False), ("bfloat16", True)]
+MATMUL_SHAPES = [  # (m, k, n, block)
+    (37, 29, 53, (16, 8)),     # forward and dW on CUDA cores (8 columns), dx on tensor cores
+    (130, 100, 90, (32, 48)),  # everything on tensor cores; 48-wide blocks straddle the 64-wide tiles
+    (1, 16, 16, (16, 16)),     # one row
+    (40, 70, 50, (48, 80)),    # blocks wider than the weight
+    (20, 24, 33, (64, 64)),    # one block larger than the whole weight
+    (257, 96, 160, (16, 16)),  # several tensor-core tiles each way, a last row tile of one row
+    (33, 40, 36, (8, 24)),     # nothing on 16s: CUDA cores for all three
+    (9, 7, 5, (1, 1)),         # one entry per block
+]
+
+
+def matmul_rule(product, dtype, k, n, block, tensor_cores):
+    """The launchers' rule, restated: tensor cores (never float64) where the
+    product's output columns (dW: and rows) are cut on multiples of 16, or
+    not at all."""
+    def aligned(size, extent):
+        return size % 16 == 0 or size >= extent
+    rows, cols = aligned(block[0], k), aligned(block[1], n)
+    needed = {"forward": cols, "grad_input": rows, "grad_weight": rows and cols}[product]
+    return tensor_cores and needed and dtype != "float64"
+
+
+def make_masks(rng, k, n, block, density, level, values=(1.0, 2.0, -0.5)):
+    """(mask as passed, its element-level expansion): block factors from
+    `values`, live with probability `density` (at least one block dead and one
+    live when there are several and 0 < density < 1); element masks also drop
+    a fifth of the entries, some as -0 (dead too), and make some live ones
+    tiny (1e-30: live, though zero in float16)."""
+    grid = (math.ceil(k / block[0]), math.ceil(n / block[1]))
+    live = rng.random(grid) < density
+    if 0 < density < 1 and live.size > 1:
+        live.flat[0], live.flat[-1] = False, True
+    blocks = live * rng.choice(values, grid)
+    element = np.repeat(np.repeat(blocks, min(block[0], k), 0), min(block[1], n), 1)[:k, :n]
+    if level == "element":
+        element = element * (rng.random((k, n)) < 0.8)
+        special = rng.random((k, n)) < 0.1
+        element = np.where(special & (element == 0), -0.0, element)
+        element = np.where(special & (element != 0), 1e-30 * np.sign(element), element)
+        return element, element
+    return blocks, element
+
+
+def matmul_case(shape, block, dtype, level, density=0.6, mask_dtype="float32", seed=0):
+    """(mask, its element-level factors, [(product, a, b, out shape, depth)]) of one case."""
+    m, k, n = shape
+    rng = np.random.default_rng([m, k, n, *block, seed, len(level), DTYPE_CODES[dtype]])
+    t = np_dtype(dtype)
+    mask, element = make_masks(rng, k, n, block, density, level)
+    if mask_dtype == "bool":
+        mask, element = mask != 0, (element != 0).astype(np.float64)
+    mask = np.ascontiguousarray(mask, dtype=mask_dtype)
+    x, w, dy = (rng.standard_normal(s).astype(t) for s in ((m, k), (k, n), (m, n)))
+    w_nan = np.where(element == 0, np.nan, w.astype(np.float64)).astype(t)  # masked-out weights never leak
+    return mask, element, [("forward", x, w_nan, (m, n), k), ("grad_input", dy, w_nan, (m, k), n),
+                           ("grad_weight", x, dy, (k, n), m)]
+
+
+def run_matmul(emulator, shape, block, dtype, tensor_cores, level, density=0.6, mask_dtype="float32", seed=0):
+    """The three products of one case, checked against the reference."""
+    k, n = shape[1:]
+    t = np_dtype(dtype)
+    mask, element, products = matmul_case(shape, block, dtype, level, density, mask_dtype, seed)
+    attrs = {"block_rows": block[0], "block_cols": block[1]}
+    outputs = {}
+    for product, a, b, out_shape, depth in products:
+        emulator.lib.emu_reset_stats()
+        out = emulator.matmul(product, a, b, mask, level, block, shape, np.full(out_shape, np.nan, t), tensor_cores)
+        tensor_path = matmul_rule(product, dtype, k, n, block, tensor_cores)
+        assert emulator.matmul_uses_tensor_cores(product, dtype, shape, block, tensor_cores) == tensor_path
+        if not tensor_path:
+            assert emulator.stats()["mma_syncs"] == 0, f"{product}: a tensor-core kernel ran"
+        elif element.any() and min(out_shape) > 0 and depth > 0:
+            assert emulator.stats()["mma_syncs"] > 0, f"{product}: no tensor-core kernel ran"
+        expected, bound, _ = _matmul(MATMUL_OPS[product], a.astype(np.float64), b.astype(np.float64),
+                                     mask.astype(np.float64), attrs)
+        check(out, expected, bound, depth, dtype, tensor_path, f"{product} {dtype}")
+        outputs[product] = out
+    assert (outputs["grad_weight"][element == 0] == 0).all(), "dW not zero where the mask is"
+    return outputs
+
+
+@pytest.mark.parametrize("shape_and_block", MATMUL_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-b{s[3][0]}x{s[3][1]}")
+@pytest.mark.parametrize("dtype, tensor_cores", NUMERICS, ids=[f"{d}-{'tc' if t else 'cc'}" for d, t in NUMERICS])
+@pytest.mark.parametrize("level", ["block", "element"])
+def test_matmul_products(emulator, shape_and_block, dtype, tensor_cores, level):
+    *shape, block = shape_and_block
+    run_matmul(emulator, tuple(shape), block, dtype, tensor_cores, level)
+
+
+@pytest.mark.parametrize("density", [0.0, 1.0], ids=["all-dead", "all-live"])
+@pytest.mark.parametrize("dtype, tensor_cores", [("float32", True), ("float16", True), ("float64", False)])
+def test_matmul_dead_and_live_masks(emulator, density, dtype, tensor_cores):
+    run_matmul(emulator, (70, 48, 80), (16, 16), dtype, tensor_cores, "block", density=density)
+
+
+@pytest.mark.parametrize("dtype, tensor_cores", [("float32", True), ("bfloat16", True), ("float32", False)])
+@pytest.mark.parametrize("level", ["block", "element"])
+def test_matmul_bool_masks(emulator, dtype, tensor_cores, level):
+    run_matmul(emulator, (45, 64, 48), (32, 16), dtype, tensor_cores, level, mask_dtype="bool")
+
+
+@pytest.mark.parametrize("shape", [(0, 32, 48), (5, 0, 48), (5, 32, 0)], ids=["m0", "k0", "n0"])
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tc", "cc"])
+def test_matmul_empty_extents(emulator, shape, tensor_cores):
+    """An empty extent: the products of it are zeros (x @ W over no depth) or empty."""
+    run_matmul(emulator, shape, (16, 16), "float32", tensor_cores, "block")
+
+
+@pytest.mark.parametrize("block", [(32, 32), (16, 48), (8, 8)], ids=lambda b: f"b{b[0]}x{b[1]}")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tc", "cc"])
+def test_matmul_nan_reaches_live_blocks_only(emulator, block, dtype, tensor_cores):
+    """A NaN in x (Inf in dy for dx) spreads through the live blocks it meets,
+    the zeros of a live block included, and never through a dead block."""
+    rng = np.random.default_rng(11)
+    m, k, n = 40, 96, 144
+    t = np_dtype(dtype)
+    mask, _ = make_masks(rng, k, n, block, 0.5, "block")
+    mask = mask.astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(t)
+    x = rng.standard_normal((m, k))
+    x[3, 40] = np.nan
+    dy = rng.standard_normal((m, n))
+    dy[5, 100] = np.inf
+    y = emulator.matmul("forward", x.astype(t), w, mask, "block", block, (m, k, n), np.zeros((m, n), t), tensor_cores)
+    dx = emulator.matmul("grad_input", dy.astype(t), w, mask, "block", block, (m, k, n), np.zeros((m, k), t),
+                         tensor_cores)
+    y, dx = y.astype(np.float64), dx.astype(np.float64)
+    block_live = np.repeat(np.repeat(mask != 0, block[0], 0), block[1], 1)[:k, :n]
+    np.testing.assert_array_equal(np.isnan(y[3]), block_live[40])
+    assert np.isfinite(np.delete(y, 3, axis=0)).all()
+    np.testing.assert_array_equal(~np.isfinite(dx[5]), block_live[:, 100])
+    assert np.isfinite(np.delete(dx, 5, axis=0)).all()
+
+
+def test_matmul_without_tensor_cores_on_the_device(emulator):
+    """On a device below compute capability 8.0 every product runs on CUDA cores."""
+    emulator.lib.emu_set_device_tensor_cores(0)
+    assert not emulator.matmul_uses_tensor_cores("forward", "float16", (8, 64, 64), (16, 16))
+    m, k, n = 50, 64, 64
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((m, k)).astype(np.float16), rng.standard_normal((k, n)).astype(np.float16)
+    mask = np.ones((4, 4), np.float32)
+    y = emulator.matmul("forward", x, w, mask, "block", (16, 16), (m, k, n), np.full((m, n), np.nan, np.float16), True)
+    assert emulator.stats()["mma_syncs"] == 0
+    expected = x.astype(np.float64) @ w.astype(np.float64)
+    check(y, expected, np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)), k, "float16", False, "forward")
+
+
+# -- masked_conv2d --------------------------------------------------------------------------------------
+
+# (batch, h, w, cin, cout, (kh, kw), stride, dilation, (top, bottom, left, right))
+CONV_GEOMETRIES = [
+    (1, 7, 7, 3, 17, (3, 3), 1, 1, (1, 1, 1, 1)),
+    (2, 9, 8, 17, 32, (3, 3), 2, 1, (1, 1, 1, 1)),
+    (1, 10, 9, 16, 24, (3, 2), 1, 2, (0, 0, 0, 0)),
+    (1, 8, 9, 20, 33, (1, 5), 1, 1, (0, 0, 2, 2)),
+    (1, 6, 7, 8, 8, (3, 3), 2, 1, (2, 0, 0, 3)),
+]
+# (filter block (in, out), output tile (h, w)): channel blocks on multiples of
+# 16 take the tensor cores; 15-pixel tiles make 16-row strips straddle tiles.
+CONV_BLOCKS = [((16, 8), (4, 8)), ((16, 16), (3, 5)), ((32, 48), (8, 8))]
+CONV_NUMERICS = [("float64", False), ("float32", False), ("float32", True), ("float16", True), ("bfloat16", True),
+                 ("bfloat16", False)]
+
+
+def conv_out_size(size, k, stride, dilation, before, after):
+    return (size + before + after - (k - 1) * dilation - 1) // stride + 1
+
+
+def conv_case(geometry, block, tile, dtype, level, with_output_mask, seed=0):
+    """(mask, element-level filter factors, output mask or None, Conv2DGeometry fields, reference attrs,
+    [(product, a, b, out shape, depth)]) of one case."""
+    batch, h, w, cin, cout, (kh, kw), stride, dilation, pads = geometry
+    rng = np.random.default_rng([batch, h, w, cin, cout, kh, *block, *tile, seed, DTYPE_CODES[dtype]])
+    t = np_dtype(dtype)
+    out_h = conv_out_size(h, kh, stride, dilation, pads[0], pads[1])
+    out_w = conv_out_size(w, kw, stride, dilation, pads[2], pads[3])
+    blocks, per_tap = make_masks(rng, cin, cout, block, 0.6, "block", values=(1.0, 2.0))
+    element = np.broadcast_to(per_tap, (kh, kw, cin, cout)).copy()
+    if level == "element":
+        element = element * (rng.random(element.shape) < 0.8)
+    mask = np.ascontiguousarray(element if level == "element" else blocks, dtype=np.float32)
+    output_mask = None
+    if with_output_mask:
+        tiles = rng.random((batch, math.ceil(out_h / tile[0]), math.ceil(out_w / tile[1]))) < 0.5
+        output_mask = np.ascontiguousarray(np.repeat(np.repeat(tiles, tile[0], 1), tile[1], 2)[:, :out_h, :out_w]
+                                           * rng.choice([1.0, 2.5], (batch, out_h, out_w)), dtype=np.float32)
+    x = rng.standard_normal((batch, h, w, cin)).astype(t)
+    filters = rng.standard_normal((kh, kw, cin, cout))
+    f_nan = np.where(element == 0, np.nan, filters).astype(t)  # masked-out filters never leak
+    dy = rng.standard_normal((batch, out_h, out_w, cout))
+    if output_mask is not None:  # nor does dy where the output mask is zero
+        dy = np.where(output_mask[..., None] == 0, np.nan, dy)
+    dy = dy.astype(t)
+    fields = (batch, h, w, cin, kh, kw, cout, stride, stride, dilation, dilation, pads[0], pads[2], out_h, out_w,
+              *block, *tile)
+    attrs = {"strides": [stride, stride], "dilations": [dilation, dilation], "padding": "EXPLICIT",
+             "explicit_paddings": list(pads), "in_channel_block": block[0], "out_channel_block": block[1],
+             "use_output_mask": with_output_mask}
+    return mask, element, output_mask, fields, attrs, [
+        ("forward", x, f_nan, dy.shape, kh * kw * cin), ("grad_input", dy, f_nan, x.shape, kh * kw * cout),
+        ("grad_weight", x, dy, f_nan.shape, batch * out_h * out_w)]
+
+
+def run_conv(emulator, geometry, block, tile, dtype, tensor_cores, level, with_output_mask, seed=0):
+    """The three products of one case, checked against the reference."""
+    cin, cout = geometry[3], geometry[4]
+    t = np_dtype(dtype)
+    mask, element, output_mask, fields, attrs, products = conv_case(geometry, block, tile, dtype, level,
+                                                                    with_output_mask, seed)
+    aligned = lambda size, channels: size % 16 == 0 or size >= channels  # noqa: E731
+    rule = {"forward": aligned(block[1], cout), "grad_input": aligned(block[0], cin),
+            "grad_weight": aligned(block[0], cin) and aligned(block[1], cout)}
+    x, f_nan, dy = products[0][1], products[0][2], products[1][1]
+    x64, f64, dy64 = x.astype(np.float64), f_nan.astype(np.float64), dy.astype(np.float64)
+    om64 = np.zeros((0,)) if output_mask is None else output_mask.astype(np.float64)
+    outputs = {}
+    for product, a, b, out_shape, depth in products:
+        emulator.lib.emu_reset_stats()
+        out = emulator.conv2d(product, a, b, mask, level, fields, np.full(out_shape, np.nan, t), output_mask,
+                              tensor_cores)
+        tensor_path = tensor_cores and rule[product] and dtype != "float64"
+        assert emulator.conv2d_uses_tensor_cores(product, dtype, fields, tensor_cores) == tensor_path
+        if not tensor_path:
+            assert emulator.stats()["mma_syncs"] == 0, f"{product}: a tensor-core kernel ran"
+        expected, bound, _ = _conv(CONV_OPS[product], x64, f64, mask.astype(np.float64), om64, dy64, attrs)
+        check(out, expected, bound, depth, dtype, tensor_path, f"{product} {dtype}")
+        outputs[product] = out
+    assert (outputs["grad_weight"][element == 0] == 0).all(), "dfilters not zero where the mask is"
+    return outputs
+
+
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES,
+                         ids=lambda g: f"{g[0]}x{g[1]}x{g[2]}x{g[3]}-{g[5][0]}x{g[5][1]}x{g[4]}-s{g[6]}-d{g[7]}")
+@pytest.mark.parametrize("block_and_tile", CONV_BLOCKS, ids=lambda b: f"b{b[0][0]}x{b[0][1]}-t{b[1][0]}x{b[1][1]}")
+@pytest.mark.parametrize("dtype, tensor_cores", CONV_NUMERICS,
+                         ids=[f"{d}-{'tc' if t else 'cc'}" for d, t in CONV_NUMERICS])
+@pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
+def test_conv_products(emulator, geometry, block_and_tile, dtype, tensor_cores, with_output_mask):
+    level = "element" if (CONV_GEOMETRIES.index(geometry) + CONV_BLOCKS.index(block_and_tile)) % 2 else "block"
+    run_conv(emulator, geometry, *block_and_tile, dtype, tensor_cores, level, with_output_mask)
+
+
+# -- schedules: the kernels' barriers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", [1, 2], ids=["reverse", "shuffled"])
+def test_results_do_not_depend_on_the_thread_order(emulator, schedule):
+    """Every kernel gives the same bits whatever order its threads run in
+    between barriers: no thread reads shared memory another writes without a
+    __syncthreads between them."""
+    cases = [lambda: run_matmul(emulator, (130, 100, 90), (32, 48), "float32", True, "element"),
+             lambda: run_matmul(emulator, (70, 40, 53), (16, 8), "float32", False, "block"),
+             lambda: run_matmul(emulator, (70, 48, 40), (16, 16), "float16", True, "block"),
+             lambda: run_conv(emulator, CONV_GEOMETRIES[1], (16, 16), (3, 5), "float32", True, "element", True),
+             lambda: run_conv(emulator, CONV_GEOMETRIES[0], (16, 8), (4, 8), "float32", False, "block", True)]
+    for case in cases:
+        emulator.lib.emu_set_schedule(0, 0)
+        forward = case()
+        emulator.lib.emu_set_schedule(schedule, 12345)
+        other = case()
+        for product in forward:
+            np.testing.assert_array_equal(other[product].view(np.uint8), forward[product].view(np.uint8),
+                                          err_msg=product)
+
+
+# -- elementwise ops ------------------------------------------------------------------------------------
+
+ELEMENTWISE_SHAPES = [((3, 37, 29), (16, 8)), ((2, 40, 48), (64, 64)), ((1, 1, 33), (1, 16))]
+
+
+def elementwise_masks(rng, shape, block, level, values=(1.0, 0.5, 2.0)):
+    """(mask, live [outer, k, n], factors [outer, k, n]) for stacked matrices."""
+    outer, k, n = shape
+    blocks, element = make_masks(rng, k, n, block, 0.6, "block", values)
+    if level == "block":
+        live = np.broadcast_to(element != 0, shape)
+        return blocks.astype(np.float32), live, np.broadcast_to(element, shape)
+    element = np.stack([make_masks(rng, k, n, block, 0.6, "element", values)[1] for _ in range(outer)])
+    return element.astype(np.float32), element != 0, element
+
+
+@pytest.mark.parametrize("shape_and_block", ELEMENTWISE_SHAPES, ids=lambda s: "x".join(map(str, s[0])))
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("level", ["block", "element"])
+def test_mask_gradient(emulator, shape_and_block, dtype, level):
+    """out = grad * mask (the mask rounded to T) where live, 0 elsewhere,
+    rounded once: bit for bit. A NaN gradient under a dead entry never shows."""
+    shape, block = shape_and_block
+    rng = np.random.default_rng([*shape, *block, DTYPE_CODES[dtype]])
+    t = np_dtype(dtype)
+    mask, live, factors = elementwise_masks(rng, shape, block, level, values=(1.0, 0.3, -2.0))
+    grad = np.where(live, rng.standard_normal(shape), np.nan).astype(t)
+    out = np.full(shape, np.nan, t)
+    emulator.elementwise(0, grad, mask, level, block, out)
+    rounded = factors.astype(np.float32).astype(t).astype(np.float64)
+    expected = np.where(live, grad.astype(np.float64) * rounded, 0.0).astype(t)
+    np.testing.assert_array_equal(out.view(np.uint8), expected.view(np.uint8))
+
+
+def adam_reference(var, m, v, v_hat, grad, scalars, amsgrad):
+    alpha, one_minus_beta_1, one_minus_beta_2, epsilon, learning_rate, weight_decay = scalars
+    w = var - var * weight_decay * learning_rate
+    m_new = m + (grad - m) * one_minus_beta_1
+    v_new = v + (grad * grad - v) * one_minus_beta_2
+    second = np.maximum(v_hat, v_new) if amsgrad else v_new
+    return w - (m_new * alpha) / (np.sqrt(second) + epsilon), m_new, v_new, second
+
+
+@pytest.mark.parametrize("shape_and_block", ELEMENTWISE_SHAPES[:2], ids=lambda s: "x".join(map(str, s[0])))
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("level", ["block", "element"])
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+def test_adam_step(emulator, shape_and_block, dtype, level, amsgrad):
+    """One fused Adam step on the live entries; frozen entries (variable and
+    state) keep their exact bits, whatever their gradient."""
+    shape, block = shape_and_block
+    rng = np.random.default_rng([*shape, DTYPE_CODES[dtype], int(amsgrad)])
+    mask, live, _ = elementwise_masks(rng, shape, block, level)
+    var, m = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    v, v_hat = (rng.random(shape).astype(dtype) for _ in range(2))
+    grad = np.where(live, rng.standard_normal(shape), np.nan).astype(dtype)
+    scalars = (1e-3 * math.sqrt(1 - 0.999**3) / (1 - 0.9**3), 0.1, 0.001, 1e-7, 1e-3, 0.04)
+    before = [a.copy() for a in (var, m, v, v_hat)]
+    emulator.elementwise(4, grad, mask, level, block, var, state=(m, v, v_hat), scalars=scalars, flag=amsgrad)
+    expected = adam_reference(*(a.astype(np.float64) for a in before), grad.astype(np.float64),
+                              np.asarray(scalars, dtype).astype(np.float64), amsgrad)
+    tolerance = 1e-12 if dtype == "float64" else 1e-6
+    for name, actual, old, reference in zip(("var", "m", "v", "v_hat"), (var, m, v, v_hat), before, expected):
+        np.testing.assert_array_equal(actual[~live].view(np.uint8), old[~live].view(np.uint8), err_msg=name)
+        if name == "v_hat" and not amsgrad:
+            np.testing.assert_array_equal(actual.view(np.uint8), old.view(np.uint8), err_msg=name)
+        else:
+            np.testing.assert_allclose(actual[live], reference[live], rtol=tolerance, atol=tolerance, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_momentum_step(emulator, dtype, nesterov):
+    shape, block = (2, 24, 40), (8, 16)
+    rng = np.random.default_rng([3, int(nesterov), DTYPE_CODES[dtype]])
+    t = np_dtype(dtype)
+    mask, live, _ = elementwise_masks(rng, shape, block, "element")
+    var, momentum = (rng.standard_normal(shape).astype(t) for _ in range(2))
+    grad = np.where(live, rng.standard_normal(shape), np.nan).astype(t)
+    learning_rate, mu = np.float32(0.1), np.float32(0.9)
+    before_var, before_momentum = var.copy(), momentum.copy()
+    emulator.elementwise(5, grad, mask, "element", block, var, state=(momentum,),
+                         scalars=(float(learning_rate), float(mu), 0.0), flag=nesterov)
+    g, w0, m0 = (a.astype(np.float32) for a in (grad, before_var, before_momentum))
+    scaled = g * learning_rate
+    m_new = m0 * mu - scaled  # in float; the variable's update takes it unrounded
+    var_new = (w0 + (m_new * mu - scaled if nesterov else m_new)).astype(t)
+    for actual, old, reference in ((var, before_var, var_new), (momentum, before_momentum, m_new.astype(t))):
+        np.testing.assert_array_equal(actual[~live].view(np.uint16 if dtype == "float16" else np.uint32),
+                                      old[~live].view(np.uint16 if dtype == "float16" else np.uint32))
+        np.testing.assert_allclose(actual[live].astype(np.float64), reference[live].astype(np.float64),
+                                   rtol=2e-3 if dtype == "float16" else 1e-6)
