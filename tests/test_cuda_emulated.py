@@ -148,7 +148,8 @@ def emulator_library(tmp_path_factory):
     if compiler is None:
         pytest.skip("the CUDA emulation tests need g++ to build the emulated kernels")
     build = tmp_path_factory.mktemp("cuda_emulation")
-    flags = ["-O2", "-std=c++17", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+    # -fno-strict-aliasing: the kernels read 16-byte chunks through reinterpret_cast, as CUDA code does.
+    flags = ["-O2", "-std=c++17", "-fno-strict-aliasing", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas",
              "-I", str(EMULATION / "include"), "-I", str(ROOT)]
     jobs = [(source, subprocess.Popen([compiler, *flags, "-c", str(EMULATION / source), "-o",
                                        str(build / (source + ".o"))],
@@ -328,6 +329,7 @@ MATMUL_SHAPES = [  # (m, k, n, block)
     (40, 70, 50, (48, 80)),    # blocks wider than the weight
     (20, 24, 33, (64, 64)),    # one block larger than the whole weight
     (257, 96, 160, (16, 16)),  # several tensor-core tiles each way, a last row tile of one row
+    (130, 128, 192, (32, 64)),  # 16-byte chunks staged in every product (full stages, aligned rows)
     (33, 40, 36, (8, 24)),     # nothing on 16s: CUDA cores for all three
     (9, 7, 5, (1, 1)),         # one entry per block
 ]

@@ -228,6 +228,14 @@ __global__ void __launch_bounds__(tc::kThreads)
   const int64_t col_tiles = CeilDiv(out_cols, tc::kTileCols);
   const int64_t row0 = int64_t(blockIdx.x) / col_tiles * tc::kTileRows;
   const int64_t col0 = int64_t(blockIdx.x) % col_tiles * tc::kTileCols;
+  constexpr int kPerChunk = tc::kPerChunk<T>;
+  // Whole chunks where a's rows, W's rows and the depth blocks fall on 16
+  // bytes (the chunks of a stage then never straddle a segment's end).
+  const bool chunked = tc::ChunkAligned(a) && tc::ChunkAligned(w) && depth_total % kPerChunk == 0 &&
+                       g.cols % kPerChunk == 0 && depth_block % kPerChunk == 0;
+  // A block mask's factor for each of the tile's columns in the current
+  // segment (a block mask has one factor per block: no per-entry lookup).
+  __shared__ Compute<T> column_factor[tc::kTileCols];
   tc::Accumulator<T> acc[2][2];
   tc::ZeroAccumulators<T>(acc);
   for (int64_t segment = 0; segment < segments; ++segment) {
@@ -238,27 +246,89 @@ __global__ void __launch_bounds__(tc::kThreads)
       if (live[kTransposed ? group * g.grid_cols + segment : segment * g.grid_cols + group]) live_columns |= 1u << f;
     }
     if (live_columns == 0) continue;
+    if (!element_level) {  // the previous stage's last __syncthreads retired every reader
+      for (int c = threadIdx.x; c < tc::kTileCols; c += tc::kThreads) {
+        const int64_t group = min(col0 + c, out_cols - 1) / out_block;
+        column_factor[c] = factors[kTransposed ? group * g.grid_cols + segment : segment * g.grid_cols + group];
+      }
+      __syncthreads();
+    }
+    // W's entry (wr, wc) masked by its factor; c: its column in the tile.
+    const auto masked_w = [&](int64_t wr, int64_t wc, int c) {
+      return Masked(ToCompute(w[wr * g.cols + wc]), element_level ? factors[wr * g.cols + wc] : column_factor[c]);
+    };
+    const auto strip_live = [&](int c) { return ((live_columns >> (c / tc::kFragment)) & 1u) != 0; };
     const int64_t d_end = min(depth_total, (segment + 1) * depth_block);
     for (int64_t d0 = segment * depth_block; d0 < d_end; d0 += tc::kStageDepth) {
-      for (int e = threadIdx.x; e < tc::kTileRows * tc::kStageDepth; e += tc::kThreads) {
-        const int64_t row = row0 + e / tc::kStageDepth;
-        const int64_t d = d0 + e % tc::kStageDepth;
-        a_tile[(e / tc::kStageDepth) * kAStride + e % tc::kStageDepth] =
-            (row < m && d < d_end) ? a[row * depth_total + d] : tc::ToSmem<T>(0.0f);
-      }
-      for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
-        // Consecutive threads read consecutive entries of W.
-        const int dd = kTransposed ? e % tc::kStageDepth : e / tc::kTileCols;
-        const int c = kTransposed ? e / tc::kStageDepth : e % tc::kTileCols;
-        const int64_t d = d0 + dd;
-        const int64_t col = col0 + c;
-        float b = 0.0f;
-        if (d < d_end && col < out_cols && ((live_columns >> (c / tc::kFragment)) & 1u) != 0) {
-          const int64_t wr = kTransposed ? col : d;
-          const int64_t wc = kTransposed ? d : col;
-          b = Masked(ToCompute(w[wr * g.cols + wc]), g.factor(factors, element_level, wr, wc));
+      const bool full_depth = d0 + tc::kStageDepth <= d_end;
+      if (chunked && full_depth) {
+        constexpr int kChunksPerRow = tc::kStageDepth / kPerChunk;
+        for (int e = threadIdx.x; e < tc::kTileRows * kChunksPerRow; e += tc::kThreads) {
+          const int r = e / kChunksPerRow;
+          const int k = e % kChunksPerRow * kPerChunk;
+          tc::Chunk chunk = {};
+          if (row0 + r < m) chunk = tc::LoadChunk(a + (row0 + r) * depth_total + d0 + k);
+          tc::StoreChunk(a_tile + r * kAStride + k, chunk);
         }
-        b_tile[dd * tc::kBStride<T> + c] = tc::ToSmem<T>(b);
+      } else {
+        for (int e = threadIdx.x; e < tc::kTileRows * tc::kStageDepth; e += tc::kThreads) {
+          const int64_t row = row0 + e / tc::kStageDepth;
+          const int64_t d = d0 + e % tc::kStageDepth;
+          a_tile[(e / tc::kStageDepth) * kAStride + e % tc::kStageDepth] =
+              (row < m && d < d_end) ? a[row * depth_total + d] : tc::ToSmem<T>(0.0f);
+        }
+      }
+      if (chunked && !kTransposed && col0 + tc::kTileCols <= out_cols) {
+        // A chunk of W's row d: kPerChunk columns of one 16-column strip.
+        constexpr int kChunksPerRow = tc::kTileCols / kPerChunk;
+        for (int e = threadIdx.x; e < tc::kStageDepth * kChunksPerRow; e += tc::kThreads) {
+          const int dd = e / kChunksPerRow;
+          const int c = e % kChunksPerRow * kPerChunk;
+          const int64_t d = d0 + dd;
+          alignas(16) Smem staged[kPerChunk] = {};
+          if (d < d_end && strip_live(c)) {
+            const tc::Chunk chunk = tc::LoadChunk(w + d * g.cols + col0 + c);
+            const T* values = reinterpret_cast<const T*>(&chunk);
+#pragma unroll
+            for (int i = 0; i < kPerChunk; ++i) {
+              const Compute<T> factor = element_level ? factors[d * g.cols + col0 + c + i] : column_factor[c + i];
+              staged[i] = tc::ToSmem<T>(Masked(ToCompute(values[i]), factor));
+            }
+          }
+          tc::StoreChunk(b_tile + dd * tc::kBStride<T> + c, *reinterpret_cast<const tc::Chunk*>(staged));
+        }
+      } else if (chunked && kTransposed && full_depth) {
+        // A chunk of W's row col0 + c along the depth: kPerChunk entries of
+        // one B column.
+        constexpr int kChunksPerColumn = tc::kStageDepth / kPerChunk;
+        for (int e = threadIdx.x; e < tc::kTileCols * kChunksPerColumn; e += tc::kThreads) {
+          const int c = e / kChunksPerColumn;
+          const int dd = e % kChunksPerColumn * kPerChunk;
+          const int64_t col = col0 + c;
+          alignas(16) Smem staged[kPerChunk] = {};
+          if (col < out_cols && strip_live(c)) {
+            const tc::Chunk chunk = tc::LoadChunk(w + col * g.cols + d0 + dd);
+            const T* values = reinterpret_cast<const T*>(&chunk);
+#pragma unroll
+            for (int i = 0; i < kPerChunk; ++i) {
+              const Compute<T> factor = element_level ? factors[col * g.cols + d0 + dd + i] : column_factor[c];
+              staged[i] = tc::ToSmem<T>(Masked(ToCompute(values[i]), factor));
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < kPerChunk; ++i) b_tile[(dd + i) * tc::kBStride<T> + c] = staged[i];
+        }
+      } else {
+        for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
+          // Consecutive threads read consecutive entries of W.
+          const int dd = kTransposed ? e % tc::kStageDepth : e / tc::kTileCols;
+          const int c = kTransposed ? e / tc::kStageDepth : e % tc::kTileCols;
+          const int64_t d = d0 + dd;
+          const int64_t col = col0 + c;
+          float b = 0.0f;
+          if (d < d_end && col < out_cols && strip_live(c)) b = kTransposed ? masked_w(col, d, c) : masked_w(d, col, c);
+          b_tile[dd * tc::kBStride<T> + c] = tc::ToSmem<T>(b);
+        }
       }
       __syncthreads();
       tc::MultiplyStage<T, tc::wmma::row_major>(a_tile, kAStride, b_tile,
@@ -313,19 +383,46 @@ __global__ void __launch_bounds__(tc::kThreads)
   }
   tc::Accumulator<T> acc[2][2];
   tc::ZeroAccumulators<T>(acc);
+  constexpr int kPerChunk = tc::kPerChunk<T>;
+  // Whole chunks where x's and dy's rows start 16-byte aligned and the tile
+  // lies inside the matrix.
+  const bool x_chunked = tc::ChunkAligned(x) && g.rows % kPerChunk == 0 && row0 + tc::kTileRows <= g.rows;
+  const bool dy_chunked = tc::ChunkAligned(dy) && g.cols % kPerChunk == 0 && col0 + tc::kTileCols <= g.cols;
   for (int64_t m0 = 0; tile_live && m0 < m; m0 += tc::kStageDepth) {
     // A = x^T, staged column-major: consecutive threads read along x's rows.
-    for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileRows; e += tc::kThreads) {
-      const int64_t d = m0 + e / tc::kTileRows;
-      const int64_t row = row0 + e % tc::kTileRows;
-      a_tile[(e / tc::kTileRows) * kAStride + e % tc::kTileRows] =
-          (d < m && row < g.rows) ? x[d * g.rows + row] : tc::ToSmem<T>(0.0f);
+    if (x_chunked) {
+      constexpr int kChunksPerRow = tc::kTileRows / kPerChunk;
+      for (int e = threadIdx.x; e < tc::kStageDepth * kChunksPerRow; e += tc::kThreads) {
+        const int dd = e / kChunksPerRow;
+        const int r = e % kChunksPerRow * kPerChunk;
+        tc::Chunk chunk = {};
+        if (m0 + dd < m) chunk = tc::LoadChunk(x + (m0 + dd) * g.rows + row0 + r);
+        tc::StoreChunk(a_tile + dd * kAStride + r, chunk);
+      }
+    } else {
+      for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileRows; e += tc::kThreads) {
+        const int64_t d = m0 + e / tc::kTileRows;
+        const int64_t row = row0 + e % tc::kTileRows;
+        a_tile[(e / tc::kTileRows) * kAStride + e % tc::kTileRows] =
+            (d < m && row < g.rows) ? x[d * g.rows + row] : tc::ToSmem<T>(0.0f);
+      }
     }
-    for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
-      const int64_t d = m0 + e / tc::kTileCols;
-      const int64_t col = col0 + e % tc::kTileCols;
-      b_tile[(e / tc::kTileCols) * tc::kBStride<T> + e % tc::kTileCols] =
-          (d < m && col < g.cols) ? dy[d * g.cols + col] : tc::ToSmem<T>(0.0f);
+    if (dy_chunked) {
+      constexpr int kChunksPerRow = tc::kTileCols / kPerChunk;
+      for (int e = threadIdx.x; e < tc::kStageDepth * kChunksPerRow; e += tc::kThreads) {
+        const int dd = e / kChunksPerRow;
+        const int c = e % kChunksPerRow * kPerChunk;
+        tc::Chunk chunk = {};
+        if (m0 + dd < m) chunk = tc::LoadChunk(dy + (m0 + dd) * g.cols + col0 + c);
+        tc::StoreChunk(b_tile + dd * tc::kBStride<T> + c, chunk);
+      }
+    } else {
+      for (int e = threadIdx.x; e < tc::kStageDepth * tc::kTileCols; e += tc::kThreads) {
+        const int64_t d = m0 + e / tc::kTileCols;
+        const int64_t col = col0 + e % tc::kTileCols;
+        b_tile[(e / tc::kTileCols) * tc::kBStride<T> + e % tc::kTileCols] =
+            (d < m && col < g.cols) ? dy[d * g.cols + col] : tc::ToSmem<T>(0.0f);
+      }
     }
     __syncthreads();
     tc::MultiplyStage<T, tc::wmma::col_major>(a_tile, kAStride, b_tile,

@@ -192,6 +192,25 @@ __device__ inline void StoreAccumulators(Accumulator<T> (&acc)[2][2], float* out
   }
 }
 
+// 16 bytes, the widest load and store: a stage moves whole chunks of
+// kPerChunk<T> elements where the rows it reads start 16-byte aligned and its
+// chunks cut no block, and single elements elsewhere.
+struct alignas(16) Chunk {
+  uint32_t words[4];
+};
+template <typename T>
+constexpr int kPerChunk = 16 / int(sizeof(T));
+
+__device__ inline bool ChunkAligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+template <typename T>
+__device__ inline Chunk LoadChunk(const T* p) {
+  return *reinterpret_cast<const Chunk*>(p);
+}
+template <typename T>
+__device__ inline void StoreChunk(T* p, const Chunk& chunk) {
+  *reinterpret_cast<Chunk*>(p) = chunk;
+}
+
 // write(r, c, value) for every entry of a tile staged by StoreAccumulators
 // (r, c: the entry's row and column within the tile), spread over the block.
 template <typename Write>
