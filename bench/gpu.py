@@ -15,7 +15,8 @@ tf32 (float32 tensors, TF32 tensor cores on both sides: what TensorFlow does
 by default on Ampere and later) and bf16 (tensor cores, float accumulators).
 
   make gpu-test                       # builds build/gpu/libmasked_ops_cuda_harness.so
-  python3 bench/gpu.py --conv --json bench/results/gpu.json
+  python3 bench/gpu.py --conv --blocks 32,64 --json bench/results/gpu.json
+  python3 bench/gpu.py --summary bench/results/gpu.json   # the README's tables (no GPU needed)
 """
 
 import argparse
@@ -25,13 +26,15 @@ import pathlib
 import statistics
 import sys
 
-import torch
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "gpu"))
 from harness import Harness  # noqa: E402
 
-# name: (tensor dtype, tensor cores on both sides)
-PRECISIONS = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, True)}
+torch = None  # imported by main(), so that --summary runs without PyTorch
+
+
+def precision(name):
+    """(tensor dtype, tensor cores on both sides) of a precision's name."""
+    return {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, True)}[name]
 
 
 def set_baseline_tf32(allowed):
@@ -53,8 +56,8 @@ def timed(function, reps, warmup):
     return times
 
 
-def case(harness, shape, block, density, precision, mode, reps, warmup):
-    dtype, tensor_cores = PRECISIONS[precision]
+def case(harness, shape, block, density, precision_name, mode, reps, warmup):
+    dtype, tensor_cores = precision(precision_name)
     set_baseline_tf32(tensor_cores)
     m, k, n = shape
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -85,13 +88,13 @@ def case(harness, shape, block, density, precision, mode, reps, warmup):
         for name, function in (("fused", fused), ("dense", dense)):
             times[name] += timed(function, 1, warmup if not times[name] else 0)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    return {"shape": list(shape), "block": block, "density": density, "precision": precision, "mode": mode,
+    return {"shape": list(shape), "block": block, "density": density, "precision": precision_name, "mode": mode,
             "median_ms": medians, "speedup": medians["dense"] / medians["fused"],
             "target": (0.7 if block <= 32 else 0.8) / density}
 
 
-def conv_case(harness, density, active, precision, mode, reps, warmup):
-    dtype, tensor_cores = PRECISIONS[precision]
+def conv_case(harness, density, active, precision_name, mode, reps, warmup):
+    dtype, tensor_cores = precision(precision_name)
     set_baseline_tf32(tensor_cores)
     n, size, channels, block, tile = 8, 56, 256, 32, 8
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -129,8 +132,37 @@ def conv_case(harness, density, active, precision, mode, reps, warmup):
         for name, function in (("fused", fused), ("dense", dense)):
             times[name] += timed(function, 1, warmup if not times[name] else 0)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    return {"case": "conv", "density": density, "active": active, "precision": precision, "mode": mode,
+    return {"case": "conv", "density": density, "active": active, "precision": precision_name, "mode": mode,
             "median_ms": medians, "speedup": medians["dense"] / medians["fused"], "target": 0.6 / (density * active)}
+
+
+def summary(path):
+    """The README's tables from a results file: speedups by density."""
+    results = json.loads(pathlib.Path(path).read_text())
+    densities = sorted({row["density"] for row in results["rows"]}, reverse=True)
+    table = {}
+    for row in results["rows"]:
+        table.setdefault((row["precision"], row["block"], row["mode"]), {})[row["density"]] = row
+    print(f"matmul {'x'.join(map(str, results['rows'][0]['shape']))}, speedup over cuBLAS on w * m "
+          f"({results['device']}; target 0.7/d at block 32, 0.8/d at 64)\n")
+    print("| precision | block | mode | " + " | ".join(f"d={d:g}" for d in densities) + " |")
+    print("|---|---:|---|" + "---:|" * len(densities))
+    for (name, block, mode), by_density in table.items():
+        cells = " | ".join(f"{by_density[d]['speedup']:.2f}x" if d in by_density else "" for d in densities)
+        print(f"| {name} | {block} | {mode} | {cells} |")
+    if results.get("conv_rows"):
+        print(f"\nconv 3x3 256 -> 256 on [8, 56, 56], speedup over cuDNN on f * m ({results['device']}; target 0.6/(d a))\n")
+        print("| precision | mode | " + " | ".join(f"d={row['density']:g} a={row['active']:g}"
+                                                   for row in results["conv_rows"] if row["precision"] == "bf16"
+                                                   and row["mode"] == "forward") + " |")
+        columns = [(row["density"], row["active"]) for row in results["conv_rows"]
+                   if row["precision"] == "bf16" and row["mode"] == "forward"]
+        print("|---|---|" + "---:|" * len(columns))
+        by_key = {(r["precision"], r["mode"], r["density"], r["active"]): r for r in results["conv_rows"]}
+        for precision, mode in dict.fromkeys((r["precision"], r["mode"]) for r in results["conv_rows"]):
+            cells = " | ".join(f"{by_key[(precision, mode, *c)]['speedup']:.2f}x" if (precision, mode, *c) in by_key
+                               else "" for c in columns)
+            print(f"| {precision} | {mode} | {cells} |")
 
 
 def main():
@@ -144,7 +176,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--conv", action="store_true", help="also time masked_conv2d against cuDNN")
     parser.add_argument("--json")
+    parser.add_argument("--summary", metavar="JSON", help="print the README's tables from a results file and exit")
     args = parser.parse_args()
+    if args.summary:
+        summary(args.summary)
+        return
+    global torch
+    import torch
     harness = Harness(torch)
     shape = tuple(int(v) for v in args.shape.split("x"))
     rows = [
