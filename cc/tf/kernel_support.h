@@ -98,19 +98,7 @@ void RunKernel(OpKernelContext* ctx, Kernel&& kernel) {
 // go through them as float copies (no gain in speed, the same numbers as
 // computing in float and rounding the result).
 template <typename T>
-struct CpuCompute {
-  using type = T;
-};
-template <>
-struct CpuCompute<Eigen::half> {
-  using type = float;
-};
-template <>
-struct CpuCompute<tensorflow::bfloat16> {
-  using type = float;
-};
-template <typename T>
-using ComputeT = typename CpuCompute<T>::type;
+using ComputeT = ComputeOf<typename KernelStorage<T>::type>;
 
 // `count` values as ComputeT<T>: the values themselves, or a converted copy
 // held by `storage`.

@@ -33,6 +33,10 @@ struct Device<BFloat16Bits> {
   using type = __nv_bfloat16;
 };
 
+// CUDA's largest grid: 2^31 - 1 thread blocks along x, 65535 along y and z.
+constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
+constexpr int64_t kMaxGridYZ = 65535;
+
 // The type a device type is computed (and its mask factors held) in.
 template <typename D>
 using Compute = std::conditional_t<std::is_same_v<D, double>, double, float>;

@@ -433,11 +433,8 @@ __global__ void __launch_bounds__(tc::kThreads)
       __syncthreads();
     }
   }
-  float* staged = reinterpret_cast<float*>(shared);
-  tc::StoreAccumulators<T>(acc, staged);
-  __syncthreads();
   // Every pixel of the tile's rows is written: inactive ones as zeros.
-  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+  tc::WriteTile<T>(acc, shared, [&](int r, int c, float v) {
     const int64_t tile = (row0 + r) / per_tile;
     const int64_t q = (row0 + r) % per_tile;
     const int64_t co = col0 + c;
@@ -522,10 +519,7 @@ __global__ void __launch_bounds__(tc::kThreads)
       __syncthreads();
     }
   }
-  float* staged = reinterpret_cast<float*>(shared);
-  tc::StoreAccumulators<T>(acc, staged);
-  __syncthreads();
-  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+  tc::WriteTile<T>(acc, shared, [&](int r, int c, float v) {
     if (row0 + r < pixels && col0 + c < d.in_channels) dx[(row0 + r) * d.in_channels + col0 + c] = FromCompute<T>(v);
   });
 #endif
@@ -562,21 +556,11 @@ __global__ void __launch_bounds__(tc::kThreads)
     return ci < d.in_channels && co < d.out_channels &&
            live[(tap * d.in_blocks() + ci / d.in_block) * d.out_blocks() + co / d.out_block] != 0;
   };
-  bool tile_live = false;
-  for (int f = 0; f < tc::kFragmentRows * tc::kFragmentColumns && !tile_live; ++f) {
-    tile_live = fragment_live(f / tc::kFragmentColumns, f % tc::kFragmentColumns);
-  }
-  const tc::WarpPlace warp = tc::ThisWarp();
-  unsigned fragments = 0;
-  for (int i = 0; i < 2; ++i) {
-    for (int j = 0; j < 2; ++j) {
-      if (fragment_live(warp.row * 2 + i, warp.col * 2 + j)) fragments |= 1u << (i * 2 + j);
-    }
-  }
+  const tc::LiveFragments live_fragments = tc::FindLiveFragments(fragment_live);
   tc::Accumulator<T> acc[2][2];
   tc::ZeroAccumulators<T>(acc);
   const int64_t pixels = d.batch * d.out_h * d.out_w;
-  for (int64_t p0 = 0; tile_live && p0 < pixels; p0 += tc::kStageDepth) {
+  for (int64_t p0 = 0; live_fragments.any && p0 < pixels; p0 += tc::kStageDepth) {
     for (int dd = threadIdx.x; dd < tc::kStageDepth; dd += tc::kThreads) {
       stage_input[dd] = p0 + dd < pixels ? InputPixelAt(d, p0 + dd, ky, kx) : -1;
     }
@@ -599,14 +583,11 @@ __global__ void __launch_bounds__(tc::kThreads)
     }
     __syncthreads();
     tc::MultiplyStage<T, tc::wmma::col_major>(a_tile, kAStride, b_tile,
-                                              static_cast<int>(min(int64_t{tc::kStageDepth}, pixels - p0)), fragments,
-                                              acc);
+                                              static_cast<int>(min(int64_t{tc::kStageDepth}, pixels - p0)),
+                                              live_fragments.warp, acc);
     __syncthreads();
   }
-  float* staged = reinterpret_cast<float*>(shared);
-  tc::StoreAccumulators<T>(acc, staged);
-  __syncthreads();
-  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+  tc::WriteTile<T>(acc, shared, [&](int r, int c, float v) {
     const int64_t ci = row0 + r;
     const int64_t co = col0 + c;
     if (ci < d.in_channels && co < d.out_channels) {

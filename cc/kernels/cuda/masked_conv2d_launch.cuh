@@ -97,17 +97,14 @@ D<T>* Dev(T* p) {
   return reinterpret_cast<D<T>*>(p);
 }
 
-constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
-constexpr int64_t kMaxGridYZ = 65535;
 
 }  // namespace
 
 template <typename T>
 bool Conv2DUsesTensorCores(const Conv2DGeometry& g, Product product, GpuMath math) {
-  const bool in = tc::FragmentAligned(g.in_block, g.in_channels);
-  const bool out = tc::FragmentAligned(g.out_block, g.out_channels);
-  const bool aligned = product == Product::kForward ? out : product == Product::kGradInput ? in : in && out;
-  return tc::kHasTensorCorePath<D<T>> && math == GpuMath::kTensorCores && aligned && tc::DeviceSupportsTensorCores();
+  // The filters of a tap are an in_channels x out_channels weight.
+  return tc::UseTensorCores<D<T>>(math, product, tc::FragmentAligned(g.in_block, g.in_channels),
+                                  tc::FragmentAligned(g.out_block, g.out_channels));
 }
 
 template <typename T>
@@ -137,8 +134,7 @@ int RunForward(const Launch& launch, const Conv2DGeometry& g, const T* x, const 
   const auto ws = IndexFilters<ComputeOf<T>>(launch, d, mask, workspace);
   if constexpr (tc::kHasTensorCorePath<D<T>>) {
     if (Conv2DUsesTensorCores<T>(g, Product::kForward, math)) {
-      const int64_t blocks =
-          CeilDiv(Tiles(d) * d.tile_h * d.tile_w, tc::kTileRows) * CeilDiv(d.out_channels, tc::kTileCols);
+      const int64_t blocks = tc::TileCount(Tiles(d) * d.tile_h * d.tile_w, d.out_channels);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       launch(TileActivity<ComputeOf<T>>, BlocksFor(Tiles(d)), kThreads, output_factors, d, ws.active);
       launch(TensorCoreConvForward<D<T>>, static_cast<unsigned>(blocks), tc::kThreads, Dev(x), Dev(filters),
@@ -168,7 +164,7 @@ int RunGradInput(const Launch& launch, const Conv2DGeometry& g, const T* dy, con
   const auto ws = IndexFilters<ComputeOf<T>>(launch, d, mask, workspace);
   if constexpr (tc::kHasTensorCorePath<D<T>>) {
     if (Conv2DUsesTensorCores<T>(g, Product::kGradInput, math)) {
-      const int64_t blocks = CeilDiv(g.in_pixels(), tc::kTileRows) * CeilDiv(d.in_channels, tc::kTileCols);
+      const int64_t blocks = tc::TileCount(g.in_pixels(), d.in_channels);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       launch(TensorCoreConvGradInput<D<T>>, static_cast<unsigned>(blocks), tc::kThreads, Dev(dy), Dev(filters),
              ws.factors, output_factors, ws.live, d, Dev(dx));
@@ -195,8 +191,7 @@ int RunGradFilter(const Launch& launch, const Conv2DGeometry& g, const T* x, con
   const auto ws = IndexFilters<ComputeOf<T>>(launch, d, mask, workspace);
   if constexpr (tc::kHasTensorCorePath<D<T>>) {
     if (Conv2DUsesTensorCores<T>(g, Product::kGradWeight, math)) {
-      const int64_t blocks =
-          d.taps() * CeilDiv(d.in_channels, tc::kTileRows) * CeilDiv(d.out_channels, tc::kTileCols);
+      const int64_t blocks = d.taps() * tc::TileCount(d.in_channels, d.out_channels);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       launch(TensorCoreConvGradFilter<D<T>>, static_cast<unsigned>(blocks), tc::kThreads, Dev(x), Dev(dy),
              ws.factors, output_factors, ws.live, d, Dev(dfilters));

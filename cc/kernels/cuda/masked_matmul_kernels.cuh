@@ -337,10 +337,7 @@ __global__ void __launch_bounds__(tc::kThreads)
       __syncthreads();
     }
   }
-  float* staged = reinterpret_cast<float*>(shared);
-  tc::StoreAccumulators<T>(acc, staged);
-  __syncthreads();
-  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+  tc::WriteTile<T>(acc, shared, [&](int r, int c, float v) {
     if (row0 + r < m && col0 + c < out_cols) out[(row0 + r) * out_cols + col0 + c] = FromCompute<T>(v);
   });
 #endif
@@ -370,17 +367,7 @@ __global__ void __launch_bounds__(tc::kThreads)
     const int64_t col = col0 + fragment_col * tc::kFragment;
     return row < g.rows && col < g.cols && g.block_live(live, row, col);
   };
-  bool tile_live = false;
-  for (int f = 0; f < tc::kFragmentRows * tc::kFragmentColumns && !tile_live; ++f) {
-    tile_live = fragment_live(f / tc::kFragmentColumns, f % tc::kFragmentColumns);
-  }
-  const tc::WarpPlace warp = tc::ThisWarp();
-  unsigned fragments = 0;
-  for (int i = 0; i < 2; ++i) {
-    for (int j = 0; j < 2; ++j) {
-      if (fragment_live(warp.row * 2 + i, warp.col * 2 + j)) fragments |= 1u << (i * 2 + j);
-    }
-  }
+  const tc::LiveFragments live_fragments = tc::FindLiveFragments(fragment_live);
   tc::Accumulator<T> acc[2][2];
   tc::ZeroAccumulators<T>(acc);
   constexpr int kPerChunk = tc::kPerChunk<T>;
@@ -388,7 +375,7 @@ __global__ void __launch_bounds__(tc::kThreads)
   // lies inside the matrix.
   const bool x_chunked = tc::ChunkAligned(x) && g.rows % kPerChunk == 0 && row0 + tc::kTileRows <= g.rows;
   const bool dy_chunked = tc::ChunkAligned(dy) && g.cols % kPerChunk == 0 && col0 + tc::kTileCols <= g.cols;
-  for (int64_t m0 = 0; tile_live && m0 < m; m0 += tc::kStageDepth) {
+  for (int64_t m0 = 0; live_fragments.any && m0 < m; m0 += tc::kStageDepth) {
     // A = x^T, staged column-major: consecutive threads read along x's rows.
     if (x_chunked) {
       constexpr int kChunksPerRow = tc::kTileRows / kPerChunk;
@@ -426,13 +413,10 @@ __global__ void __launch_bounds__(tc::kThreads)
     }
     __syncthreads();
     tc::MultiplyStage<T, tc::wmma::col_major>(a_tile, kAStride, b_tile,
-                                              static_cast<int>(min(int64_t{tc::kStageDepth}, m - m0)), fragments, acc);
+                                              static_cast<int>(min(int64_t{tc::kStageDepth}, m - m0)), live_fragments.warp, acc);
     __syncthreads();
   }
-  float* staged = reinterpret_cast<float*>(shared);
-  tc::StoreAccumulators<T>(acc, staged);
-  __syncthreads();
-  tc::ForEachStaged(staged, [&](int r, int c, float v) {
+  tc::WriteTile<T>(acc, shared, [&](int r, int c, float v) {
     const int64_t row = row0 + r;
     const int64_t col = col0 + c;
     if (row < g.rows && col < g.cols) dw[row * g.cols + col] = FromCompute<T>(Masked(v, g.factor(factors, element_level, row, col)));

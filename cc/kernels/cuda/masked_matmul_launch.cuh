@@ -93,22 +93,13 @@ Workspace<F> IndexMask(const Launch& launch, const BlockGrid& grid, MaskView<TMa
   return ws;
 }
 
-// One thread block per kTileRows x kTileCols tile of a rows x cols output.
-int64_t TensorCoreTiles(int64_t rows, int64_t cols) {
-  return CeilDiv(rows, tc::kTileRows) * CeilDiv(cols, tc::kTileCols);
-}
-
-constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
 
 }  // namespace
 
 template <typename T>
 bool MatmulUsesTensorCores(const BlockGrid& grid, Product product, GpuMath math) {
-  const bool rows = tc::FragmentAligned(grid.block_rows, grid.rows);
-  const bool cols = tc::FragmentAligned(grid.block_cols, grid.cols);
-  const bool aligned = product == Product::kForward ? cols : product == Product::kGradInput ? rows : rows && cols;
-  return tc::kHasTensorCorePath<typename Device<T>::type> && math == GpuMath::kTensorCores && aligned &&
-         tc::DeviceSupportsTensorCores();
+  return tc::UseTensorCores<typename Device<T>::type>(math, product, tc::FragmentAligned(grid.block_rows, grid.rows),
+                                                     tc::FragmentAligned(grid.block_cols, grid.cols));
 }
 
 template <typename T>
@@ -134,7 +125,7 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
   const bool element_level = mask.level == MaskLevel::kElement;
   if constexpr (tc::kHasTensorCorePath<D>) {
     if (MatmulUsesTensorCores<T>(grid, kTransposed ? Product::kGradInput : Product::kForward, math)) {
-      const int64_t tiles = TensorCoreTiles(shape.m, out_cols);
+      const int64_t tiles = tc::TileCount(shape.m, out_cols);
       if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       const auto ws = IndexMask<Compute<D>>(launch, grid, mask, workspace, Lists::kNone);
       launch(TensorCoreProduct<D, kTransposed>, static_cast<unsigned>(tiles), tc::kThreads,
@@ -167,7 +158,7 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
   const GridDims dims = DimsOf(grid);
   if constexpr (tc::kHasTensorCorePath<D>) {
     if (MatmulUsesTensorCores<T>(grid, Product::kGradWeight, math)) {
-      const int64_t tiles = TensorCoreTiles(shape.k, shape.n);
+      const int64_t tiles = tc::TileCount(shape.k, shape.n);
       if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       launch(TensorCoreOuterProducts<D>, static_cast<unsigned>(tiles), tc::kThreads, reinterpret_cast<const D*>(x),
              reinterpret_cast<const D*>(dy), shape.m, ws.factors, mask.level == MaskLevel::kElement, dims, ws.live,

@@ -23,6 +23,7 @@
 
 #include "cc/kernels/block_mask.h"
 #include "cc/kernels/cuda/mask_factors.cuh"
+#include "cc/kernels/cuda/masked_matmul_gpu.h"
 
 namespace masked_ops {
 namespace gpu {
@@ -112,6 +113,9 @@ constexpr int kOutputBytes = kTileRows * kOutputStride * int(sizeof(float));
 // One buffer serves the operand stages and, after the last stage, the output.
 template <typename T>
 constexpr int kSharedBytes = kABytes<T> + kBBytes<T> > kOutputBytes ? kABytes<T> + kBBytes<T> : kOutputBytes;
+
+// Thread blocks of a rows x cols output, one per kTileRows x kTileCols tile.
+inline int64_t TileCount(int64_t rows, int64_t cols) { return CeilDiv(rows, kTileRows) * CeilDiv(cols, kTileCols); }
 
 // The warp's place in the tile: rows warp_row * 32 .., columns warp_col * 32 ..
 struct WarpPlace {
@@ -211,13 +215,40 @@ __device__ inline void StoreChunk(T* p, const Chunk& chunk) {
   *reinterpret_cast<Chunk*>(p) = chunk;
 }
 
-// write(r, c, value) for every entry of a tile staged by StoreAccumulators
-// (r, c: the entry's row and column within the tile), spread over the block.
-template <typename Write>
-__device__ inline void ForEachStaged(const float* staged, const Write& write) {
+// The epilogue: every warp's accumulators staged in `shared` (the operand
+// buffer, free once the last stage's __syncthreads has passed), then
+// write(r, c, value) for every entry of the tile (r, c: its row and column
+// within the tile), spread over the block.
+template <typename T, typename Write>
+__device__ inline void WriteTile(Accumulator<T> (&acc)[2][2], unsigned char* shared, const Write& write) {
+  float* staged = reinterpret_cast<float*>(shared);
+  StoreAccumulators<T>(acc, staged);
+  __syncthreads();
   for (int e = threadIdx.x; e < kTileRows * kTileCols; e += kThreads) {
     write(e / kTileCols, e % kTileCols, staged[(e / kTileCols) * kOutputStride + e % kTileCols]);
   }
+}
+
+// Which of a weight gradient's fragments a thread block multiplies, from
+// fragment_live(fragment_row, fragment_col) over the tile's fragments: any
+// (the tile is computed at all) and this warp's (WarpFragments' bits).
+struct LiveFragments {
+  bool any;
+  unsigned warp;
+};
+template <typename FragmentLive>
+__device__ inline LiveFragments FindLiveFragments(const FragmentLive& fragment_live) {
+  LiveFragments found{false, 0u};
+  for (int f = 0; f < kFragmentRows * kFragmentColumns && !found.any; ++f) {
+    found.any = fragment_live(f / kFragmentColumns, f % kFragmentColumns);
+  }
+  const WarpPlace warp = ThisWarp();
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      if (fragment_live(warp.row * 2 + i, warp.col * 2 + j)) found.warp |= 1u << (i * 2 + j);
+    }
+  }
+  return found;
 }
 
 // Whether a block size cuts an extent on multiples of a fragment, or not at
@@ -229,6 +260,19 @@ __host__ __device__ inline bool FragmentAligned(int64_t block, int64_t extent) {
 // Whether the current device has the tensor cores these kernels use
 // (compute capability 8.0 or later).
 bool DeviceSupportsTensorCores();
+
+// Whether `product` runs on tensor cores for device type D under `math`:
+// D has a tensor-core path, the weight's blocks cut the product's output on
+// fragments (the forward product's columns, dx's rows, the weight
+// gradient's both: rows_aligned / cols_aligned, FragmentAligned of each),
+// and the device has them.
+template <typename D>
+bool UseTensorCores(GpuMath math, Product product, bool rows_aligned, bool cols_aligned) {
+  const bool aligned = product == Product::kForward     ? cols_aligned
+                       : product == Product::kGradInput ? rows_aligned
+                                                        : rows_aligned && cols_aligned;
+  return kHasTensorCorePath<D> && math == GpuMath::kTensorCores && aligned && DeviceSupportsTensorCores();
+}
 
 }  // namespace tensor_core
 }  // namespace gpu
