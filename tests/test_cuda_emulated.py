@@ -41,6 +41,7 @@ SOURCES = ["emulator.cc", "emulator_matmul.cc", "emulator_conv2d.cc", "emulator_
 DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 MASK_CODES = {"float32": 0, "bool": 1}
 PRODUCTS = {"forward": 0, "grad_input": 1, "grad_weight": 2}
+LEVELS = {"element": 0, "block": 1}
 MATMUL_OPS = {"forward": "MaskedMatmul", "grad_input": "MaskedMatmulGradInput", "grad_weight": "MaskedMatmulGradWeight"}
 CONV_OPS = {"forward": "MaskedConv2D", "grad_input": "MaskedConv2DGradInput", "grad_weight": "MaskedConv2DGradFilter"}
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -63,6 +64,7 @@ class Emulator:
         p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.emu_matmul.argtypes = [i, i, i] + [i64] * 5 + [p, p, p, i, p, i]
         lib.emu_matmul_uses_tensor_cores.argtypes = [i, i] + [i64] * 4 + [i]
+        lib.emu_matmul_uses_pipeline.argtypes = [i, i] + [i64] * 4 + [i, i]
         lib.emu_conv2d.argtypes = [i, i, i, i, ctypes.POINTER(i64), p, p, p, i, p, p, i]
         lib.emu_conv2d_uses_tensor_cores.argtypes = [i, i, ctypes.POINTER(i64), i]
         lib.emu_elementwise.argtypes = [i, i, i] + [i64] * 5 + [p, p, i, p, ctypes.POINTER(p),
@@ -109,6 +111,10 @@ class Emulator:
     def matmul_uses_tensor_cores(self, product, dtype, shape, block, tensor_cores=True):
         return self.lib.emu_matmul_uses_tensor_cores(PRODUCTS[product], DTYPE_CODES[dtype], shape[1], shape[2],
                                                      *block, int(tensor_cores)) == 1
+
+    def matmul_uses_pipeline(self, product, dtype, shape, block, level, tensor_cores=True):
+        return self.lib.emu_matmul_uses_pipeline(PRODUCTS[product], DTYPE_CODES[dtype], shape[1], shape[2], *block,
+                                                 LEVELS[level], int(tensor_cores)) == 1
 
     def conv2d(self, product, a, b, mask, level, geometry, out, output_mask, tensor_cores):
         fields = (ctypes.c_int64 * 19)(*geometry)
@@ -286,11 +292,39 @@ def test_barriers_order_shared_memory_under_every_schedule(emulator):
     (5, 719, "__trap()"),
     (6, 9, "invalid launch configuration"),
     (7, -1001, "write out of the bounds of data"),
-], ids=["exited-threads-barrier", "two-barriers", "misaligned-wmma", "trap", "2048-threads", "out-of-bounds"])
+    (14, 719, "a warp-collective operation not reached by every lane of the warp at the same place"),
+], ids=["exited-threads-barrier", "two-barriers", "misaligned-wmma", "trap", "2048-threads", "out-of-bounds",
+        "half-warp-ldmatrix"])
 def test_emulation_reports(emulator, which, status, message):
     actual_status, _, diagnostics = self_test(emulator, which, np.zeros(1024))
     assert actual_status == status
     assert message in diagnostics, diagnostics
+
+
+def test_async_copies_land_when_waited_for(emulator):
+    """cp.async data is there after wait_group and a barrier; before, the
+    destination holds NaN, so a kernel that forgets the wait gets NaN."""
+    data = np.random.default_rng(4).standard_normal(1024).astype(np.float32)
+    status, out, diagnostics = self_test(emulator, 15, data)
+    assert status == 0 and not diagnostics
+    np.testing.assert_array_equal(out[256:512], np.roll(data[:256], -32))
+    status, out, diagnostics = self_test(emulator, 16, data)
+    assert status == 0 and not diagnostics
+    assert np.isnan(out[256:512]).all()
+
+
+@pytest.mark.parametrize("which", [17, 18], ids=["b-depth-outer", "b-depth-inner"])
+def test_ldmatrix_mma_products(emulator, which):
+    """ldmatrix fragments into mma.sync, with the lane addresses of the
+    pipelined kernels: A B + C of the bfloat16 operands, summed in float."""
+    if ml_dtypes is None:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    data = np.random.default_rng(which).standard_normal(1024).astype(np.float32)
+    status, out, diagnostics = self_test(emulator, which, data)
+    assert status == 0 and not diagnostics
+    a, b, c = (data[i * 256:(i + 1) * 256].reshape(16, 16) for i in range(3))
+    a, b = (v.astype(ml_dtypes.bfloat16).astype(np.float64) for v in (a, b))
+    np.testing.assert_allclose(out[768:].reshape(16, 16), a @ b + c, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("which", range(8, 14), ids=[f"{t}-{a}" for t in ("half", "bfloat16", "tf32")
@@ -332,6 +366,9 @@ MATMUL_SHAPES = [  # (m, k, n, block)
     (130, 128, 192, (32, 64)),  # 16-byte chunks staged in every product (full stages, aligned rows)
     (33, 40, 36, (8, 24)),     # nothing on 16s: CUDA cores for all three
     (9, 7, 5, (1, 1)),         # one entry per block
+    (150, 200, 136, (64, 32)),  # pipelined: a short last segment, a second column tile 8 wide, a last row tile
+    (64, 48, 272, (16, 48)),   # pipelined stages of 16 (forward: 16-row blocks; dx: 48-column blocks)
+    (260, 64, 64, (128, 128)),  # pipelined: one block larger than the weight
 ]
 
 
@@ -344,6 +381,16 @@ def matmul_rule(product, dtype, k, n, block, tensor_cores):
     rows, cols = aligned(block[0], k), aligned(block[1], n)
     needed = {"forward": cols, "grad_input": rows, "grad_weight": rows and cols}[product]
     return tensor_cores and needed and dtype != "float64"
+
+
+def pipeline_rule(product, dtype, k, n, block, level, tensor_cores):
+    """The pipelined kernels' rule, restated: the half types on tensor cores,
+    W's dimensions multiples of 8 and its blocks on 16s both ways, and a
+    block mask except for dW."""
+    def aligned(size, extent):
+        return size % 16 == 0 or size >= extent
+    return (tensor_cores and dtype in ("float16", "bfloat16") and k % 8 == 0 and n % 8 == 0
+            and aligned(block[0], k) and aligned(block[1], n) and (product == "grad_weight" or level == "block"))
 
 
 def make_masks(rng, k, n, block, density, level, values=(1.0, 2.0, -0.5)):
@@ -394,6 +441,8 @@ def run_matmul(emulator, shape, block, dtype, tensor_cores, level, density=0.6, 
         out = emulator.matmul(product, a, b, mask, level, block, shape, np.full(out_shape, np.nan, t), tensor_cores)
         tensor_path = matmul_rule(product, dtype, k, n, block, tensor_cores)
         assert emulator.matmul_uses_tensor_cores(product, dtype, shape, block, tensor_cores) == tensor_path
+        assert emulator.matmul_uses_pipeline(product, dtype, shape, block, level, tensor_cores) == pipeline_rule(
+            product, dtype, k, n, block, level, tensor_cores)
         if not tensor_path:
             assert emulator.stats()["mma_syncs"] == 0, f"{product}: a tensor-core kernel ran"
         elif element.any() and min(out_shape) > 0 and depth > 0:
@@ -458,6 +507,60 @@ def test_matmul_nan_reaches_live_blocks_only(emulator, block, dtype, tensor_core
     assert np.isfinite(np.delete(y, 3, axis=0)).all()
     np.testing.assert_array_equal(~np.isfinite(dx[5]), block_live[:, 100])
     assert np.isfinite(np.delete(dx, 5, axis=0)).all()
+
+
+def pipelined_mma_count(product, m, k, n, block, live):
+    """The mma.sync calls (per warp) the pipelined kernels make for a block
+    mask whose block (i, j) is live where live[i, j]: what they must skip,
+    restated. Forward and dx: for every 128-row tile, every 128-column tile
+    and every segment (block row of W; dx: block column) with a live block in
+    the tile's columns, every stage of the segment multiplies each live
+    16-column strip in both warp rows, 4 row strips by 2 halves of 8 columns
+    per 16 of depth. dW: every live 16 x 16 fragment of a tile, 2 halves, over
+    the whole depth in stages of 32."""
+    rows, cols = min(block[0], k), min(block[1], n)
+    if product == "grad_weight":
+        total = 0
+        for row0 in range(0, k, 128):
+            for col0 in range(0, n, 128):
+                fragments = sum(bool(live[r // rows, c // cols]) for r in range(row0, min(k, row0 + 128), 16)
+                                for c in range(col0, min(n, col0 + 128), 16))
+                total += math.ceil(m / 32) * 2 * fragments * 2
+        return total
+    out_cols, out_block, depth, depth_block = (n, cols, k, rows) if product == "forward" else (k, rows, n, cols)
+    segment_live = live if product == "forward" else live.T
+    stage = 32 if depth_block % 32 == 0 or depth_block >= depth else 16
+    per_segment = math.ceil(min(depth_block, depth) / stage) * stage // 16
+    total = 0
+    for col0 in range(0, out_cols, 128):
+        for segment in range(segment_live.shape[0]):
+            strips = sum(bool(segment_live[segment, c // out_block]) for c in range(col0, min(out_cols, col0 + 128), 16))
+            total += per_segment * strips * 2 * 4 * 2
+    return math.ceil(m / 128) * total
+
+
+@pytest.mark.parametrize("shape, block", [((150, 200, 136), (64, 32)), ((64, 48, 272), (16, 48)),
+                                          ((8, 4160, 16), (16, 16))],
+                         ids=["short-last-segment", "stages-of-16", "260-segments"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_pipelined_products_multiply_live_fragments_only(emulator, shape, block, dtype):
+    """The pipelined kernels' tensor-core work is what the live blocks need:
+    their mma.sync count matches the count restated from the mask, and the
+    results match the reference (run_matmul)."""
+    m, k, n = shape
+    rng = np.random.default_rng(5)
+    t = np_dtype(dtype)
+    mask, element = make_masks(rng, k, n, block, 0.4, "block")
+    mask = mask.astype(np.float32)
+    live = mask != 0
+    x, w, dy = (rng.standard_normal(s).astype(t) for s in ((m, k), (k, n), (m, n)))
+    for product, a, b, out_shape in (("forward", x, w, (m, n)), ("grad_input", dy, w, (m, k)),
+                                     ("grad_weight", x, dy, (k, n))):
+        assert emulator.matmul_uses_pipeline(product, dtype, shape, block, "block")
+        emulator.lib.emu_reset_stats()
+        emulator.matmul(product, a, b, mask, "block", block, shape, np.full(out_shape, np.nan, t), True)
+        assert emulator.stats()["mma_syncs"] == pipelined_mma_count(product, m, k, n, block, live), product
+    run_matmul(emulator, shape, block, dtype, True, "block", density=0.4)
 
 
 def test_matmul_without_tensor_cores_on_the_device(emulator):
@@ -580,6 +683,7 @@ def test_results_do_not_depend_on_the_thread_order(emulator, schedule):
     cases = [lambda: run_matmul(emulator, (130, 100, 90), (32, 48), "float32", True, "element"),
              lambda: run_matmul(emulator, (70, 40, 53), (16, 8), "float32", False, "block"),
              lambda: run_matmul(emulator, (70, 48, 40), (16, 16), "float16", True, "block"),
+             lambda: run_matmul(emulator, (150, 200, 136), (64, 32), "bfloat16", True, "block"),
              lambda: run_conv(emulator, CONV_GEOMETRIES[1], (16, 16), (3, 5), "float32", True, "element", True),
              lambda: run_conv(emulator, CONV_GEOMETRIES[0], (16, 8), (4, 8), "float32", False, "block", True)]
     for case in cases:

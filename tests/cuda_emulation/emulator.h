@@ -36,13 +36,18 @@ Param Implicit(const Arg& arg) {
 
 // The launch policy of the *_launch.cuh sequences under emulation: every
 // thread of every block runs kernel(params...) on its own copy of the
-// parameters; the launch is synchronous, in stream order.
+// parameters, with shared_bytes of dynamic shared memory; the launch is
+// synchronous, in stream order.
 struct EmulatedLaunch {
+  size_t shared_bytes = 0;
+
+  EmulatedLaunch WithSharedMemory(size_t bytes) const { return EmulatedLaunch{bytes}; }
+
   template <typename... Params, typename... Args>
   void operator()(void (*kernel)(Params...), dim3 grid, dim3 block, const Args&... args) const {
     static_assert(sizeof...(Params) == sizeof...(Args), "a kernel launch with the wrong number of arguments");
     const std::tuple<std::decay_t<Params>...> bound(Implicit<std::decay_t<Params>>(args)...);
-    cuda_emulation::Engine::Get().Launch(grid, block, [&] { std::apply(kernel, bound); });
+    cuda_emulation::Engine::Get().Launch(grid, block, shared_bytes, [&] { std::apply(kernel, bound); });
   }
 
   int Status() const { return static_cast<int>(cudaGetLastError()); }

@@ -74,4 +74,21 @@ int emu_matmul_uses_tensor_cores(int product, int dtype, int64_t k, int64_t n, i
   });
 }
 
+// 1 when `product` over a k x n weight of dtype takes the pipelined
+// tensor-core kernels (MatmulUsesPipeline) for a mask of `level` (0 element,
+// 1 block), else 0.
+int emu_matmul_uses_pipeline(int product, int dtype, int64_t k, int64_t n, int64_t block_rows, int64_t block_cols,
+                             int level, int tensor_cores) {
+  using namespace masked_ops;
+  using namespace masked_ops::emulation;
+  if (product < 0 || product > 2) return kUnknownType;
+  return WithElementType(dtype, kUnknownType, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return gpu::MatmulUsesPipeline<T>(BlockGrid{k, n, block_rows, block_cols}, static_cast<gpu::Product>(product),
+                                      MathOf(tensor_cores), LevelOf(level))
+               ? 1
+               : 0;
+  });
+}
+
 }  // extern "C"

@@ -1,7 +1,9 @@
 // Small kernels that check the CUDA emulation itself: that barriers order
 // shared memory, that the schedules expose a missing barrier, that the
-// emulation reports what it promises to report, and that WMMA computes the
-// product of its fragments in every layout.
+// emulation reports what it promises to report, that WMMA computes the
+// product of its fragments in every layout, that ldmatrix and mma.sync
+// compose into a product as the PTX ISA lays out their fragments, and that
+// cp.async data lands only when waited for.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -10,6 +12,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cc/kernels/cuda/ptx_primitives.cuh"
 #include "tests/cuda_emulation/emulator.h"
 
 namespace {
@@ -17,6 +20,7 @@ namespace {
 using masked_ops::emulation::Arena;
 using masked_ops::emulation::EmulatedLaunch;
 namespace wmma = nvcuda::wmma;
+namespace ptx = masked_ops::gpu::ptx;
 
 constexpr int kThreads = 256;
 
@@ -119,6 +123,66 @@ __global__ void WarpProduct(const float* a, const float* b, const float* c, floa
   for (int e = threadIdx.x; e < 256; e += blockDim.x) d[e] = out[e];
 }
 
+// ldmatrix on half of a warp: undefined on a GPU.
+__global__ void HalfWarpLoadsMatrices(float* out) {
+  __shared__ __align__(16) __nv_bfloat16 tile[32 * 8];
+  for (int e = threadIdx.x; e < 32 * 8; e += blockDim.x) tile[e] = __float2bfloat16_rn(1.0f);
+  __syncthreads();
+  uint32_t r[4] = {};
+  if (threadIdx.x < 16) ptx::LoadMatrices<false>(r, tile + threadIdx.x * 8);
+  out[threadIdx.x] = static_cast<float>(r[0]);
+}
+
+// out = in (64 x 4 floats), through shared memory by cp.async, waiting for the
+// copies before the barrier (kWait) or not.
+template <bool kWait>
+__global__ void CopiesThroughShared(const float* in, float* out) {
+  __shared__ __align__(16) float staged[256];
+  ptx::CopyAsync16(staged + threadIdx.x * 4, in + threadIdx.x * 4, true);
+  ptx::CommitCopies();
+  if (kWait) ptx::WaitCopies<0>();
+  __syncthreads();
+  for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = staged[(threadIdx.x * 4 + 32 + i) % 256];
+}
+
+// d = a b + c for 16 x 16 float matrices (row-major in memory) on one warp
+// with ldmatrix and mma.sync m16n8k16 (two 8-column halves), the operands as
+// __nv_bfloat16: A staged row-major, B as [k][n] (kBDepthOuter: loaded
+// transposed) or [n][k]; the lane addresses as the pipelined kernels give them.
+template <bool kBDepthOuter>
+__global__ void MmaProduct(const float* a, const float* b, const float* c, float* d) {
+  __shared__ __align__(16) __nv_bfloat16 a_tile[16 * 16];
+  __shared__ __align__(16) __nv_bfloat16 b_tile[16 * 16];
+  for (int e = threadIdx.x; e < 256; e += blockDim.x) {
+    const int r = e / 16;
+    const int k = e % 16;
+    a_tile[e] = __float2bfloat16_rn(a[e]);                                     // A(r, k)
+    b_tile[kBDepthOuter ? e : k * 16 + r] = __float2bfloat16_rn(b[e]);         // B(r, k) as row r of [k][n], or [n][k]
+  }
+  __syncthreads();
+  const int lane = threadIdx.x;
+  const int matrix = lane / 8;
+  uint32_t fa[4];
+  uint32_t fb[4];
+  ptx::LoadMatrices<false>(fa, a_tile + (lane % 16) * 16 + lane / 16 * 8);
+  if (kBDepthOuter) {
+    ptx::LoadMatrices<true>(fb, b_tile + (matrix % 2 * 8 + lane % 8) * 16 + matrix / 2 * 8);
+  } else {
+    ptx::LoadMatrices<false>(fb, b_tile + (matrix / 2 * 8 + lane % 8) * 16 + matrix % 2 * 8);
+  }
+  for (int half = 0; half < 2; ++half) {
+    const int row = lane / 4;
+    const int col = half * 8 + lane % 4 * 2;
+    float acc[4] = {c[row * 16 + col], c[row * 16 + col + 1], c[(row + 8) * 16 + col], c[(row + 8) * 16 + col + 1]};
+    const uint32_t fb_half[2] = {fb[2 * half], fb[2 * half + 1]};
+    ptx::Mma16816<__nv_bfloat16>(acc, fa, fb_half);
+    d[row * 16 + col] = acc[0];
+    d[row * 16 + col + 1] = acc[1];
+    d[(row + 8) * 16 + col] = acc[2];
+    d[(row + 8) * 16 + col + 1] = acc[3];
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -133,7 +197,12 @@ extern "C" {
 //   8..13: data[768:1024] = A B + C from A = data[0:256], B = data[256:512],
 //          C = data[512:768] (16 x 16, row-major): __half, __nv_bfloat16,
 //          TF32, each with A column-major and B row-major (8, 10, 12) or
-//          the other way (9, 11, 13).
+//          the other way (9, 11, 13);
+//   14: ldmatrix on half a warp;
+//   15 / 16: data[256:512] = data[0:256] rotated by 32, through cp.async
+//            with / without waiting for the copies;
+//   17 / 18: data[768:1024] = A B + C as in 8..13 with ldmatrix and mma.sync
+//            (__nv_bfloat16), B staged [k][n] / [n][k].
 int emu_self_test(int which, float* data, int64_t n) {
   const EmulatedLaunch launch;
   Arena arena;
@@ -180,6 +249,21 @@ int emu_self_test(int which, float* data, int64_t n) {
       break;
     case 13:
       launch(WarpProduct<float, false>, 1, 32, d, d + 256, d + 512, d + 768);
+      break;
+    case 14:
+      launch(HalfWarpLoadsMatrices, 1, 32, d);
+      break;
+    case 15:
+      launch(CopiesThroughShared<true>, 1, 64, d, d + 256);
+      break;
+    case 16:
+      launch(CopiesThroughShared<false>, 1, 64, d, d + 256);
+      break;
+    case 17:
+      launch(MmaProduct<true>, 1, 32, d, d + 256, d + 512, d + 768);
+      break;
+    case 18:
+      launch(MmaProduct<false>, 1, 32, d, d + 256, d + 512, d + 768);
       break;
     default:
       return masked_ops::emulation::kUnknownType;

@@ -45,6 +45,15 @@ enum class Product { kForward, kGradInput, kGradWeight };
 template <typename T>
 bool MatmulUsesTensorCores(const BlockGrid& grid, Product product, GpuMath math);
 
+// Whether `product` takes the pipelined tensor-core kernels (cp.async stages,
+// mma.sync; pipelined_gemm.cuh), given 16-byte aligned arrays: float16 /
+// bfloat16 under kTensorCores on a device with tensor cores, W's dimensions
+// multiples of 8, its blocks cutting them on multiples of 16 (or not at
+// all), and for the forward product and dx a block-level mask. Elsewhere
+// MatmulUsesTensorCores decides.
+template <typename T>
+bool MatmulUsesPipeline(const BlockGrid& grid, Product product, GpuMath math, MaskLevel level);
+
 // Device bytes of the live-block index for a T weight of `grid` with a mask
 // of `level`.
 template <typename T>

@@ -15,6 +15,7 @@
 
 #include "cc/kernels/block_mask.h"
 #include "cc/kernels/cuda/mask_factors.cuh"
+#include "cc/kernels/cuda/pipelined_gemm.cuh"
 #include "cc/kernels/cuda/tensor_core_tile.cuh"
 
 namespace masked_ops {
@@ -420,6 +421,198 @@ __global__ void __launch_bounds__(tc::kThreads)
     const int64_t row = row0 + r;
     const int64_t col = col0 + c;
     if (row < g.rows && col < g.cols) dw[row * g.cols + col] = FromCompute<T>(Masked(v, g.factor(factors, element_level, row, col)));
+  });
+#endif
+}
+
+namespace pl = pipelined;
+
+// The output columns, depth and segments (block rows of W for the forward
+// product, block columns for dx) of a product, and the block of W behind
+// (segment, group), group being the block of the output's columns.
+template <bool kTransposed>
+struct ProductDims {
+  GridDims g;
+  __host__ __device__ int64_t out_cols() const { return kTransposed ? g.rows : g.cols; }
+  __host__ __device__ int64_t out_block() const { return kTransposed ? g.block_rows : g.block_cols; }
+  __host__ __device__ int64_t depth() const { return kTransposed ? g.cols : g.rows; }
+  __host__ __device__ int64_t depth_block() const { return kTransposed ? g.block_cols : g.block_rows; }
+  __host__ __device__ int64_t segments() const { return kTransposed ? g.grid_cols : g.grid_rows; }
+  __host__ __device__ int64_t block(int64_t segment, int64_t group) const {
+    return kTransposed ? group * g.grid_cols + segment : segment * g.grid_cols + group;
+  }
+};
+
+// lists[tile * segments + n] for n < counts[tile]: the segments in which some
+// block of output column tile `tile` (pipelined::kTileCols wide) is live, in
+// order. One thread block per tile; the threads flag segments in parallel and
+// compact the flags with a scan.
+template <bool kTransposed>
+__global__ void __launch_bounds__(kThreads) TileSegmentLists(const uint8_t* live, GridDims g, int32_t* lists,
+                                                             int32_t* counts) {
+  __shared__ int32_t scan[kThreads];
+  __shared__ int32_t listed;
+  const ProductDims<kTransposed> p{g};
+  const int64_t tile = blockIdx.x;
+  const int64_t first_group = tile * pl::kTileCols / p.out_block();
+  const int64_t last_group = (min(p.out_cols(), (tile + 1) * pl::kTileCols) - 1) / p.out_block();
+  if (threadIdx.x == 0) listed = 0;
+  for (int64_t segment0 = 0; segment0 < p.segments(); segment0 += kThreads) {
+    const int64_t segment = segment0 + threadIdx.x;
+    bool any = false;
+    for (int64_t group = first_group; segment < p.segments() && group <= last_group && !any; ++group) {
+      any = live[p.block(segment, group)] != 0;
+    }
+    scan[threadIdx.x] = any ? 1 : 0;
+    __syncthreads();
+    for (int stride = 1; stride < kThreads; stride *= 2) {
+      const int32_t below = int(threadIdx.x) >= stride ? scan[threadIdx.x - stride] : 0;
+      __syncthreads();
+      scan[threadIdx.x] += below;
+      __syncthreads();
+    }
+    if (any) lists[tile * p.segments() + listed + scan[threadIdx.x] - 1] = static_cast<int32_t>(segment);
+    __syncthreads();
+    if (threadIdx.x == kThreads - 1) listed += scan[threadIdx.x];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) counts[tile] = listed;
+}
+
+// The forward product (out = a @ masked W) or dx (kTransposed: out = a @
+// masked W^T) for 16-bit D and a block mask on the pipelined tile:
+// blockIdx.x walks the output's 128 x 128 tiles, columns fastest, and the
+// depth runs kDepth at a time over the segments listed for the tile's
+// columns. In a stage, the chunks of W in dead blocks are zero fills that
+// read nothing, and each warp multiplies only its 16-column strips in live
+// blocks, scaled by their factor when it is not 1. Every segment of the
+// depth_block / kDepth steps (the last may run past the depth: those stages
+// are zero fills).
+template <typename D, bool kTransposed, int kDepth>
+__global__ void __launch_bounds__(pl::kThreads)
+    PipelinedProduct(const D* a, int64_t m, const D* w, const float* factors, GridDims g, const uint8_t* live,
+                     const int32_t* lists, const int32_t* counts, D* out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  const ProductDims<kTransposed> p{g};
+  const int64_t col_tiles = CeilDiv(p.out_cols(), pl::kTileCols);
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * pl::kTileRows;
+  const int64_t col_tile = int64_t(blockIdx.x) % col_tiles;
+  const int64_t col0 = col_tile * pl::kTileCols;
+  const int32_t* list = lists + col_tile * p.segments();
+  const int64_t per_segment = CeilDiv(min(p.depth_block(), p.depth()), int64_t{kDepth});
+  const int64_t steps = counts[col_tile] * per_segment;
+  // The issuing side's segment and its live strips (bit f: tile columns 16 f ..).
+  int64_t issued_segment = -1;
+  unsigned issued_strips = 0;
+  const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
+    const int64_t segment = list[step / per_segment];
+    if (segment != issued_segment) {
+      issued_segment = segment;
+      issued_strips = 0;
+      for (int f = 0; f < pl::kTileStrips && col0 + f * pl::kStrip < p.out_cols(); ++f) {
+        if (live[p.block(segment, (col0 + f * pl::kStrip) / p.out_block())]) issued_strips |= 1u << f;
+      }
+    }
+    const int64_t d0 = segment * p.depth_block() + step % per_segment * kDepth;
+    const int64_t d_end = min(p.depth(), (segment + 1) * p.depth_block());
+    const auto strip_live = [&](int64_t c) { return ((issued_strips >> (c / pl::kStrip)) & 1u) != 0; };
+    pl::StageOperand<pl::kTileRows, kDepth>(a_stage, a, p.depth(), row0, d0, [&](int r, int c) {
+      return row0 + r < m && d0 + c < d_end;
+    });
+    if constexpr (kTransposed) {  // B = W^T as [columns][depth]: W's rows col0 .., along the depth
+      pl::StageOperand<pl::kTileCols, kDepth>(b_stage, w, g.cols, col0, d0, [&](int r, int c) {
+        return col0 + r < p.out_cols() && d0 + c < d_end && strip_live(r);
+      });
+    } else {  // B = W as [depth][columns]
+      pl::StageOperand<kDepth, pl::kTileCols>(b_stage, w, g.cols, d0, col0, [&](int r, int c) {
+        return d0 + r < d_end && col0 + c < p.out_cols() && strip_live(c);
+      });
+    }
+  };
+  const pl::WarpPlace warp = pl::ThisWarp();
+  int64_t staged_segment = -1;
+  pl::WarpStage stage{};
+  const auto warp_stage = [&](int64_t step) {
+    const int64_t segment = list[step / per_segment];
+    if (segment != staged_segment) {
+      staged_segment = segment;
+      unsigned columns = 0;
+      stage.scaled = false;
+      for (int s = 0; s < pl::kStrips; ++s) {
+        const int64_t col = col0 + warp.col * pl::kWarpTile + s * pl::kStrip;
+        stage.factor[s] = col < p.out_cols() ? factors[p.block(segment, col / p.out_block())] : 0.0f;
+        if (Live(stage.factor[s])) {
+          columns |= 1u << s;
+          stage.scaled = stage.scaled || stage.factor[s] != 1.0f;
+        }
+      }
+      stage.fragments = pl::ColumnFragments(columns);
+    }
+    return stage;
+  };
+  float acc[pl::kStrips][2 * pl::kStrips][4] = {};
+  pl::RunPipeline<D, kDepth, true, kTransposed>(steps, issue, warp_stage, acc);
+  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
+    const int64_t row = row0 + r;
+    const int64_t col = col0 + c;
+    if (row < m && col < p.out_cols()) pl::StorePair(out + row * p.out_cols() + col, v0, v1);
+  });
+#endif
+}
+
+// dW = mask(x^T dy) for 16-bit D on the pipelined tile: blockIdx.x walks
+// dW's 128 x 128 tiles, columns fastest; the depth is the m rows of x and dy,
+// kDepth at a time. A warp multiplies only its fragments in live blocks, and
+// a tile without any is written as zeros without reading x or dy.
+template <typename D, int kDepth>
+__global__ void __launch_bounds__(pl::kThreads)
+    PipelinedOuterProducts(const D* x, const D* dy, int64_t m, const float* factors, bool element_level, GridDims g,
+                           const uint8_t* live, D* dw) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  const int64_t col_tiles = CeilDiv(g.cols, pl::kTileCols);
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * pl::kTileRows;
+  const int64_t col0 = int64_t(blockIdx.x) % col_tiles * pl::kTileCols;
+  const auto fragment_live = [&](int64_t row, int64_t col) {
+    return row < g.rows && col < g.cols && g.block_live(live, row, col);
+  };
+  bool any = false;
+  for (int f = 0; f < pl::kTileStrips * pl::kTileStrips && !any; ++f) {
+    any = fragment_live(row0 + f / pl::kTileStrips * pl::kStrip, col0 + f % pl::kTileStrips * pl::kStrip);
+  }
+  const pl::WarpPlace warp = pl::ThisWarp();
+  pl::WarpStage stage{};
+  for (int mt = 0; mt < pl::kStrips; ++mt) {
+    for (int s = 0; s < pl::kStrips; ++s) {
+      if (fragment_live(row0 + warp.row * pl::kWarpTile + mt * pl::kStrip,
+                        col0 + warp.col * pl::kWarpTile + s * pl::kStrip)) {
+        stage.fragments |= 1u << (4 * mt + s);
+      }
+    }
+  }
+  const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
+    const int64_t m0 = step * kDepth;
+    // A = x^T as [depth][rows]: x's rows m0 .., along dW's rows.
+    pl::StageOperand<kDepth, pl::kTileRows>(a_stage, x, g.rows, m0, row0, [&](int r, int c) {
+      return m0 + r < m && row0 + c < g.rows;
+    });
+    pl::StageOperand<kDepth, pl::kTileCols>(b_stage, dy, g.cols, m0, col0, [&](int r, int c) {
+      return m0 + r < m && col0 + c < g.cols;
+    });
+  };
+  float acc[pl::kStrips][2 * pl::kStrips][4] = {};
+  pl::RunPipeline<D, kDepth, false, false>(any ? CeilDiv(m, int64_t{kDepth}) : 0, issue,
+                                           [&](int64_t) { return stage; }, acc);
+  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
+    const int64_t row = row0 + r;
+    const int64_t col = col0 + c;
+    if (row < g.rows && col < g.cols) {
+      pl::StorePair(dw + row * g.cols + col, Masked(v0, g.factor(factors, element_level, row, col)),
+                    Masked(v1, g.factor(factors, element_level, row, col + 1)));
+    }
   });
 #endif
 }

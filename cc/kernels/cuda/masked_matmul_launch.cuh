@@ -24,6 +24,7 @@
 #include "cc/kernels/cuda/mask_factors.cuh"
 #include "cc/kernels/cuda/masked_matmul_gpu.h"
 #include "cc/kernels/cuda/masked_matmul_kernels.cuh"
+#include "cc/kernels/cuda/pipelined_gemm.cuh"
 #include "cc/kernels/cuda/tensor_core_tile.cuh"
 
 namespace masked_ops {
@@ -53,6 +54,19 @@ int64_t FactorCount(const BlockGrid& grid, MaskLevel level) {
   return level == MaskLevel::kElement ? grid.rows * grid.cols : grid.grid_rows() * grid.grid_cols();
 }
 
+// Entries of the live lists: per block column or row (the CUDA-core
+// products) or per segment of each pipelined output column tile (forward:
+// tiles of W's columns by block rows; dx: tiles of W's rows by block columns),
+// and of their counts.
+int64_t ListEntries(const BlockGrid& grid) {
+  return std::max({grid.grid_rows() * grid.grid_cols(), CeilDiv(grid.cols, pl::kTileCols) * grid.grid_rows(),
+                   CeilDiv(grid.rows, pl::kTileCols) * grid.grid_cols()});
+}
+int64_t CountEntries(const BlockGrid& grid) {
+  return std::max({grid.grid_rows(), grid.grid_cols(), CeilDiv(grid.cols, pl::kTileCols),
+                   CeilDiv(grid.rows, pl::kTileCols)});
+}
+
 template <typename F>
 Workspace<F> Carve(void* base, const BlockGrid& grid, MaskLevel level) {
   char* p = static_cast<char*>(base);
@@ -63,7 +77,7 @@ Workspace<F> Carve(void* base, const BlockGrid& grid, MaskLevel level) {
   ws.live = reinterpret_cast<uint8_t*>(p);
   p += AlignUp(blocks);
   ws.lists = reinterpret_cast<int32_t*>(p);
-  p += AlignUp(blocks * int64_t(sizeof(int32_t)));
+  p += AlignUp(ListEntries(grid) * int64_t(sizeof(int32_t)));
   ws.counts = reinterpret_cast<int32_t*>(p);
   return ws;
 }
@@ -103,14 +117,45 @@ bool MatmulUsesTensorCores(const BlockGrid& grid, Product product, GpuMath math)
 }
 
 template <typename T>
+bool MatmulUsesPipeline(const BlockGrid& grid, Product product, GpuMath math, MaskLevel level) {
+  return pl::kHasPipeline<typename Device<T>::type> && math == GpuMath::kTensorCores &&
+         (product == Product::kGradWeight || level == MaskLevel::kBlock) && grid.rows % pl::kPerChunk == 0 &&
+         grid.cols % pl::kPerChunk == 0 && pl::StripAligned(grid.block_rows, grid.rows) &&
+         pl::StripAligned(grid.block_cols, grid.cols) && tc::DeviceSupportsTensorCores();
+}
+
+template <typename T>
 size_t GpuWorkspaceBytes(const BlockGrid& grid, MaskLevel level) {
   const int64_t blocks = grid.grid_rows() * grid.grid_cols();
   return static_cast<size_t>(AlignUp(FactorCount(grid, level) * int64_t(sizeof(ComputeOf<T>))) + AlignUp(blocks) +
-                             AlignUp(blocks * int64_t(sizeof(int32_t))) +
-                             AlignUp(std::max(grid.grid_rows(), grid.grid_cols()) * int64_t(sizeof(int32_t))));
+                             AlignUp(ListEntries(grid) * int64_t(sizeof(int32_t))) +
+                             AlignUp(CountEntries(grid) * int64_t(sizeof(int32_t))));
 }
 
 namespace {
+
+// The pipelined kernels' 16-byte copies and 4-byte stores need aligned arrays
+// (TensorFlow's allocations are 64-byte aligned).
+template <typename... Pointers>
+bool Aligned16(const Pointers*... pointers) {
+  return ((reinterpret_cast<uintptr_t>(pointers) % 16 == 0) && ...);
+}
+
+// Stages of 32 where the depth blocks are multiples of 32 (or one block),
+// else of 16.
+constexpr int kWideStage = 32;
+constexpr int kNarrowStage = 16;
+inline bool WideStages(int64_t depth_block, int64_t depth) {
+  return depth_block % kWideStage == 0 || depth_block >= depth;
+}
+
+template <typename D, bool kTransposed, int kDepth, typename Launch>
+void LaunchPipelinedProduct(const Launch& launch, int64_t tiles, const D* a, int64_t m, const D* w,
+                            const Workspace<float>& ws, const GridDims& dims, D* out) {
+  launch.WithSharedMemory(pl::kSharedBytes<kDepth, true, kTransposed>)(
+      PipelinedProduct<D, kTransposed, kDepth>, static_cast<unsigned>(tiles), pl::kThreads, a, m, w, ws.factors,
+      dims, ws.live, ws.lists, ws.counts, out);
+}
 
 // The forward product (kTransposed false: out = a @ masked W) or dx (true:
 // out = a @ masked W^T).
@@ -123,8 +168,27 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
   if (shape.m == 0 || out_cols == 0) return 0;
   const GridDims dims = DimsOf(grid);
   const bool element_level = mask.level == MaskLevel::kElement;
+  const Product product = kTransposed ? Product::kGradInput : Product::kForward;
+  if constexpr (pl::kHasPipeline<D>) {
+    if (MatmulUsesPipeline<T>(grid, product, math, mask.level) && Aligned16(a, w, out)) {
+      const int64_t tiles = pl::TileCount(shape.m, out_cols);
+      if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      const auto ws = IndexMask<float>(launch, grid, mask, workspace, Lists::kNone);
+      launch(TileSegmentLists<kTransposed>, static_cast<unsigned>(CeilDiv(out_cols, pl::kTileCols)), kThreads,
+             ws.live, dims, ws.lists, ws.counts);
+      const auto* da = reinterpret_cast<const D*>(a);
+      const auto* dw = reinterpret_cast<const D*>(w);
+      auto* dout = reinterpret_cast<D*>(out);
+      if (WideStages(kTransposed ? dims.block_cols : dims.block_rows, kTransposed ? shape.n : shape.k)) {
+        LaunchPipelinedProduct<D, kTransposed, kWideStage>(launch, tiles, da, shape.m, dw, ws, dims, dout);
+      } else {
+        LaunchPipelinedProduct<D, kTransposed, kNarrowStage>(launch, tiles, da, shape.m, dw, ws, dims, dout);
+      }
+      return launch.Status();
+    }
+  }
   if constexpr (tc::kHasTensorCorePath<D>) {
-    if (MatmulUsesTensorCores<T>(grid, kTransposed ? Product::kGradInput : Product::kForward, math)) {
+    if (MatmulUsesTensorCores<T>(grid, product, math)) {
       const int64_t tiles = tc::TileCount(shape.m, out_cols);
       if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       const auto ws = IndexMask<Compute<D>>(launch, grid, mask, workspace, Lists::kNone);
@@ -156,6 +220,17 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
   if (shape.k == 0 || shape.n == 0) return 0;
   const auto ws = IndexMask<Compute<D>>(launch, grid, mask, workspace, Lists::kNone);
   const GridDims dims = DimsOf(grid);
+  if constexpr (pl::kHasPipeline<D>) {
+    if (MatmulUsesPipeline<T>(grid, Product::kGradWeight, math, mask.level) && Aligned16(x, dy, dw)) {
+      const int64_t tiles = pl::TileCount(shape.k, shape.n);
+      if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      launch.WithSharedMemory(pl::kSharedBytes<kWideStage, false, false>)(
+          PipelinedOuterProducts<D, kWideStage>, static_cast<unsigned>(tiles), pl::kThreads,
+          reinterpret_cast<const D*>(x), reinterpret_cast<const D*>(dy), shape.m, ws.factors,
+          mask.level == MaskLevel::kElement, dims, ws.live, reinterpret_cast<D*>(dw));
+      return launch.Status();
+    }
+  }
   if constexpr (tc::kHasTensorCorePath<D>) {
     if (MatmulUsesTensorCores<T>(grid, Product::kGradWeight, math)) {
       const int64_t tiles = tc::TileCount(shape.k, shape.n);

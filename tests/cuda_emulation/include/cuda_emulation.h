@@ -26,10 +26,22 @@
 // __syncthreads), a WMMA pointer or leading dimension off the alignment the
 // PTX ISA requires, __trap(). Each is recorded as a diagnostic
 // (TakeDiagnostics()) and a trap also fails the launch
-// (cudaErrorLaunchFailure). Not emulated: warp-level primitives beyond WMMA
-// (shuffles, votes, __syncwarp), atomics, the memory model, and anything about
-// timing; not detected: reads of shared memory no thread wrote, and a WMMA
-// operation only part of a warp executes.
+// (cudaErrorLaunchFailure).
+//
+// Warp-collective instructions (ldmatrix, mma.sync: cuda_emulation_ptx.h)
+// exchange their lanes' operands: each lane deposits its operands
+// (WarpExchange) and waits until every lane of its warp has deposited at the
+// same call site, then reads the others' from the exchange; a collective
+// that some lanes of a warp skip (they exited, or wait at a __syncthreads or
+// another collective) is reported and fails the launch, as it would hang or
+// be undefined on a GPU. Asynchronous copies (cp.async) are queued per
+// thread and land when the thread waits for their group; until then their
+// destination holds 0xff bytes (NaN in every float type), so reading it
+// early, or overwriting a buffer other threads still read, shows in results.
+//
+// Not emulated: shuffles, votes, __syncwarp, atomics, the memory model, and
+// anything about timing; not detected: reads of shared memory no thread
+// wrote, and a WMMA operation only part of a warp executes.
 //
 // __CUDA_ARCH__ and __CUDACC__ stay undefined: code guarded by
 // `#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800` takes its sm_80+ path.
@@ -159,7 +171,14 @@ struct Stats {
   int64_t blocks = 0;
   int64_t threads = 0;
   int64_t barriers = 0;   // block-wide barrier releases
-  int64_t mma_syncs = 0;  // warp-level wmma::mma_sync calls (counted once per warp)
+  int64_t mma_syncs = 0;  // warp-level wmma::mma_sync and mma.sync calls (counted once per warp)
+};
+
+// One 16-byte cp.async: `bytes_read` (16 or 0: zero fill) from src to dst.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  int bytes_read;
 };
 
 class Engine {
@@ -180,8 +199,9 @@ class Engine {
     seed_ = seed;
   }
 
-  // Runs body() as every thread of every block of a grid x block launch.
-  void Launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+  // Runs body() as every thread of every block of a grid x block launch
+  // with `dynamic_shared_bytes` of dynamic shared memory.
+  void Launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body) {
     ++stats_.launches;
     if (!ValidConfiguration(grid, block)) {
       Fail(cudaErrorInvalidConfiguration, "invalid launch configuration");
@@ -194,9 +214,12 @@ class Engine {
     }
     running_ = true;
     body_ = &body;
+    // Like real shared memory, it starts with whatever was there: here 0xa5 bytes.
+    dynamic_shared_.assign(dynamic_shared_bytes + kDynamicSharedAlignment, 0xa5);
     const unsigned threads = block.x * block.y * block.z;
     EnsureStacks(threads);
     fibers_.resize(threads);
+    exchange_.assign(CeilWarps(threads) * 2 * warpSize * kExchangeBytes, 0);
     gridDim = grid;
     blockDim = block;
     bool trapped = false;
@@ -220,6 +243,60 @@ class Engine {
     fiber.state = State::kAtBarrier;
     fiber.site = site;
     swapcontext(&fiber.context, &scheduler_);
+  }
+
+  // The launch's dynamic shared memory (extern __shared__), 128-byte aligned.
+  unsigned char* DynamicShared() {
+    const uintptr_t base = reinterpret_cast<uintptr_t>(dynamic_shared_.data());
+    return reinterpret_cast<unsigned char*>((base + kDynamicSharedAlignment - 1) / kDynamicSharedAlignment *
+                                            kDynamicSharedAlignment);
+  }
+
+  // A warp-collective operation of the current thread: deposits `bytes`
+  // (<= kExchangeBytes) of operands, waits until every lane of the warp has
+  // reached the same site, and returns the exchange: lane i's operands at
+  // [i * kExchangeBytes]. Valid until the thread's next collective.
+  const unsigned char* WarpExchange(const void* operands, size_t bytes, const void* site) {
+    if (bytes > kExchangeBytes) {
+      std::fprintf(stderr, "cuda_emulation: %zu bytes of warp-collective operands\n", bytes);
+      std::abort();
+    }
+    Fiber& fiber = fibers_[current_];
+    const unsigned warp = current_ / warpSize;
+    unsigned char* exchange = exchange_.data() + ((warp * 2 + fiber.exchanges % 2) * warpSize) * kExchangeBytes;
+    std::memcpy(exchange + (current_ % warpSize) * kExchangeBytes, operands, bytes);
+    ++fiber.exchanges;
+    fiber.state = State::kAtCollective;
+    fiber.site = site;
+    swapcontext(&fiber.context, &scheduler_);
+    return exchange;
+  }
+
+  // cp.async of the current thread: dst holds 0xff bytes until the copy
+  // lands (WaitCopies).
+  void CopyAsync(void* dst, const void* src, int bytes_read) {
+    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+      Report("cp.async: an address not 16-byte aligned");
+    }
+    std::memset(dst, 0xff, 16);
+    fibers_[current_].open_copies.push_back(PendingCopy{dst, src, bytes_read});
+  }
+  // cp.async.commit_group: the copies issued since the last commit form a group.
+  void CommitCopies() {
+    Fiber& fiber = fibers_[current_];
+    fiber.committed.push_back(std::move(fiber.open_copies));
+    fiber.open_copies.clear();
+  }
+  // cp.async.wait_group: every committed group but the newest `pending` lands.
+  void WaitCopies(int pending) {
+    Fiber& fiber = fibers_[current_];
+    while (fiber.committed.size() > static_cast<size_t>(pending)) {
+      for (const PendingCopy& copy : fiber.committed.front()) {
+        std::memset(copy.dst, 0, 16);
+        if (copy.bytes_read != 0) std::memcpy(copy.dst, copy.src, static_cast<size_t>(copy.bytes_read));
+      }
+      fiber.committed.erase(fiber.committed.begin());
+    }
   }
 
   [[noreturn]] void Trap() {
@@ -280,7 +357,7 @@ class Engine {
   Stats& stats() { return stats_; }
 
  private:
-  enum class State { kRunnable, kAtBarrier, kExited, kTrapped };
+  enum class State { kRunnable, kAtBarrier, kAtCollective, kExited, kTrapped };
   struct Diagnostic {
     std::string message;
     std::string where;
@@ -291,12 +368,20 @@ class Engine {
     State state;
     const void* site;
     uint3 thread;
+    unsigned exchanges;  // warp collectives so far: which half of the exchange the next one uses
+    std::vector<PendingCopy> open_copies;
+    std::vector<std::vector<PendingCopy>> committed;
   };
+
+  static constexpr size_t kExchangeBytes = 64;
+  static constexpr size_t kDynamicSharedAlignment = 128;
 
   static constexpr size_t kStackBytes = 256 * 1024;
   static constexpr size_t kGuardBytes = 64 * 1024;  // PROT_NONE below each stack: an overflow faults
 
   Engine() = default;
+
+  static unsigned CeilWarps(unsigned threads) { return (threads + warpSize - 1) / warpSize; }
 
   static bool ValidConfiguration(dim3 grid, dim3 block) {
     const uint64_t threads = uint64_t{block.x} * block.y * block.z;
@@ -357,6 +442,9 @@ class Engine {
       fiber.state = State::kRunnable;
       fiber.site = nullptr;
       fiber.thread = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+      fiber.exchanges = 0;
+      fiber.open_copies.clear();
+      fiber.committed.clear();
     }
     std::vector<unsigned> order;
     for (;;) {
@@ -372,6 +460,15 @@ class Engine {
           Fail(cudaErrorLaunchFailure, nullptr);
           return false;
         }
+      }
+      switch (ReleaseCollectives(threads)) {
+        case Collectives::kReleased:
+          continue;
+        case Collectives::kStuck:
+          Fail(cudaErrorLaunchFailure, nullptr);
+          return false;
+        case Collectives::kNone:
+          break;
       }
       unsigned waiting = 0;
       unsigned exited = 0;
@@ -398,6 +495,33 @@ class Engine {
     }
   }
 
+  enum class Collectives { kNone, kReleased, kStuck };
+
+  // After a round: every warp whose lanes all wait at the same collective
+  // goes on; a warp with only some of its lanes there is stuck.
+  Collectives ReleaseCollectives(unsigned threads) {
+    Collectives result = Collectives::kNone;
+    for (unsigned first = 0; first < threads; first += warpSize) {
+      const unsigned last = std::min(threads, first + warpSize);
+      unsigned at_collective = 0;
+      const void* site = nullptr;
+      bool same_site = true;
+      for (unsigned i = first; i < last; ++i) {
+        if (fibers_[i].state != State::kAtCollective) continue;
+        if (at_collective++ == 0) site = fibers_[i].site;
+        same_site = same_site && fibers_[i].site == site;
+      }
+      if (at_collective == 0) continue;
+      if (at_collective != warpSize || !same_site) {
+        Report("a warp-collective operation not reached by every lane of the warp at the same place");
+        return Collectives::kStuck;
+      }
+      for (unsigned i = first; i < last; ++i) fibers_[i].state = State::kRunnable;
+      result = Collectives::kReleased;
+    }
+    return result;
+  }
+
   Schedule schedule_ = Schedule::kForward;
   uint64_t seed_ = 0;
   bool running_ = false;
@@ -405,6 +529,8 @@ class Engine {
   ucontext_t scheduler_;
   std::vector<Fiber> fibers_;
   std::vector<char*> stacks_;
+  std::vector<unsigned char> exchange_;
+  std::vector<unsigned char> dynamic_shared_;
   unsigned current_ = 0;
   cudaError_t error_ = cudaSuccess;
   std::vector<Diagnostic> diagnostics_;

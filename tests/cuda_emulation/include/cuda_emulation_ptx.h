@@ -1,0 +1,107 @@
+// The warp-collective PTX instructions of cc/kernels/cuda/ptx_primitives.cuh
+// under the CUDA emulation (see cuda_emulation.h): ldmatrix .x4 and
+// mma.sync m16n8k16 with float accumulators, computed from the operands every
+// lane of the warp deposits, in the layouts of the PTX ISA. (cp.async is the
+// engine's: Engine::CopyAsync, CommitCopies, WaitCopies.)
+//
+// Precision: products of the 16-bit operands are exact in float and are
+// added in k order onto the accumulator, as in the emulated wmma::mma_sync.
+// Checked: every ldmatrix row address is 16-byte aligned.
+#ifndef MASKED_OPS_TESTS_CUDA_EMULATION_CUDA_EMULATION_PTX_H_
+#define MASKED_OPS_TESTS_CUDA_EMULATION_CUDA_EMULATION_PTX_H_
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cuda_bf16.h"
+#include "cuda_emulation.h"
+#include "cuda_fp16.h"
+
+namespace cuda_emulation {
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l gives the address
+// of row l % 8 of matrix l / 8; register j of lane l receives matrix j's
+// elements (l / 4, 2 (l % 4) + {0, 1}), transposed: (2 (l % 4) + {0, 1}, l / 4),
+// the lower-indexed element in the low 16 bits.
+__attribute__((noinline)) inline void LoadMatrices(uint32_t (&r)[4], const void* row, bool transposed) {
+  Engine& engine = Engine::Get();
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) engine.Report("ldmatrix: a row address not 16-byte aligned");
+  const unsigned char* exchange = engine.WarpExchange(&row, sizeof(row), __builtin_return_address(0));
+  const auto row_of = [&](int lane) {
+    const unsigned char* address;
+    std::memcpy(&address, exchange + lane * 64, sizeof(address));
+    return address;
+  };
+  const auto element = [&](int lane, int column) {
+    uint16_t value;
+    std::memcpy(&value, row_of(lane) + 2 * column, sizeof(value));
+    return static_cast<uint32_t>(value);
+  };
+  const int lane = static_cast<int>(Engine::Lane());
+  for (int j = 0; j < 4; ++j) {
+    if (!transposed) {
+      r[j] = element(j * 8 + lane / 4, 2 * (lane % 4)) | element(j * 8 + lane / 4, 2 * (lane % 4) + 1) << 16;
+    } else {
+      r[j] = element(j * 8 + 2 * (lane % 4), lane / 4) | element(j * 8 + 2 * (lane % 4) + 1, lane / 4) << 16;
+    }
+  }
+}
+
+namespace ptx_detail {
+
+inline float Widen(uint16_t bits, __half) { return __half2float(__ushort_as_half(bits)); }
+inline float Widen(uint16_t bits, __nv_bfloat16) { return __bfloat162float(__ushort_as_bfloat16(bits)); }
+
+// A lane's operands of one mma.sync.
+struct MmaOperands {
+  uint32_t a[4];
+  uint32_t b[2];
+  float c[4];
+};
+
+}  // namespace ptx_detail
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d = A B + d, with (g =
+// lane / 4, t = lane % 4) A's register i holding (g + 8 (i % 2), 2 t + 8 (i /
+// 2) + {0, 1}), B's register i (2 t + 8 i + {0, 1}, g) and d[i] the
+// accumulator (g + 8 (i / 2), 2 t + i % 2).
+template <typename E>
+__attribute__((noinline)) void Mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  static_assert(std::is_same_v<E, __half> || std::is_same_v<E, __nv_bfloat16>, "mma.sync m16n8k16 of 16-bit types");
+  Engine& engine = Engine::Get();
+  const int lane = static_cast<int>(Engine::Lane());
+  if (lane == 0) ++engine.stats().mma_syncs;
+  ptx_detail::MmaOperands mine;
+  std::memcpy(mine.a, a, sizeof(mine.a));
+  std::memcpy(mine.b, b, sizeof(mine.b));
+  std::memcpy(mine.c, d, sizeof(mine.c));
+  const unsigned char* exchange = engine.WarpExchange(&mine, sizeof(mine), __builtin_return_address(0));
+  const auto operands = [&](int from) {
+    ptx_detail::MmaOperands theirs;
+    std::memcpy(&theirs, exchange + from * 64, sizeof(theirs));
+    return theirs;
+  };
+  const auto half_of = [](uint32_t word, int k) { return static_cast<uint16_t>(k % 2 == 0 ? word : word >> 16); };
+  const auto a_at = [&](int row, int k) {
+    const uint32_t word = operands((row % 8) * 4 + (k % 8) / 2).a[(row / 8) + 2 * (k / 8)];
+    return ptx_detail::Widen(half_of(word, k), E{});
+  };
+  const auto b_at = [&](int k, int column) {
+    const uint32_t word = operands(column * 4 + (k % 8) / 2).b[k / 8];
+    return ptx_detail::Widen(half_of(word, k), E{});
+  };
+  const int g = lane / 4;
+  const int t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2);
+    const int column = 2 * t + i % 2;
+    float sum = mine.c[i];
+    for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, column);  // each product exact in float
+    d[i] = sum;
+  }
+}
+
+}  // namespace cuda_emulation
+
+#endif  // MASKED_OPS_TESTS_CUDA_EMULATION_CUDA_EMULATION_PTX_H_
