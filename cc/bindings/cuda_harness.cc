@@ -154,6 +154,23 @@ int masked_ops_gpu_matmul_uses_tensor_cores(int product, const char* dtype, int6
   });
 }
 
+// 1 when product (0, 1, 2 as above) over a k x n weight of dtype with a mask
+// of `level` (0 element, 1 block) takes the pipelined tensor-core kernels on
+// the current device, given 16-byte aligned arrays, else 0 (-1000: unknown
+// product or dtype).
+int masked_ops_gpu_matmul_uses_pipeline(int product, const char* dtype, int64_t k, int64_t n, int64_t block_rows,
+                                        int64_t block_cols, int level, int tensor_cores) {
+  using namespace masked_ops::gpu;
+  if (!KnownProduct(product)) return kUnknownType;
+  return WithElementType(dtype, kUnknownType, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return MatmulUsesPipeline<T>(masked_ops::BlockGrid{k, n, block_rows, block_cols}, ProductOf(product),
+                                 MathOf(tensor_cores), LevelOf(level))
+               ? 1
+               : 0;
+  });
+}
+
 // The elementwise ops over `outer` stacked k x n matrices (see
 // block_elementwise_gpu.h).
 size_t masked_ops_gpu_elementwise_workspace_bytes(const char* dtype, int64_t outer, int64_t k, int64_t n,

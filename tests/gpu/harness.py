@@ -55,6 +55,9 @@ def load():
     library.masked_ops_gpu_matmul_uses_tensor_cores.restype = ctypes.c_int
     library.masked_ops_gpu_matmul_uses_tensor_cores.argtypes = ([ctypes.c_int, ctypes.c_char_p] + [ctypes.c_int64] * 4
                                                                 + [ctypes.c_int])
+    library.masked_ops_gpu_matmul_uses_pipeline.restype = ctypes.c_int
+    library.masked_ops_gpu_matmul_uses_pipeline.argtypes = ([ctypes.c_int, ctypes.c_char_p] + [ctypes.c_int64] * 4
+                                                            + [ctypes.c_int] * 2)
     library.masked_ops_gpu_conv2d_uses_tensor_cores.restype = ctypes.c_int
     library.masked_ops_gpu_conv2d_uses_tensor_cores.argtypes = [ctypes.c_int, ctypes.c_char_p,
                                                                 ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
@@ -97,6 +100,13 @@ class Harness:
         _, k, n = shape
         return self.library.masked_ops_gpu_matmul_uses_tensor_cores(
             PRODUCTS[product], str(dtype).replace("torch.", "").encode(), k, n, *block_size, int(tensor_cores)) == 1
+
+    def uses_pipeline(self, product, dtype, shape, block_size, level, tensor_cores=True):
+        """Whether run(product, ...) on dtype tensors of this shape takes the pipelined tensor-core kernels."""
+        _, k, n = shape
+        return self.library.masked_ops_gpu_matmul_uses_pipeline(
+            PRODUCTS[product], str(dtype).replace("torch.", "").encode(), k, n, *block_size,
+            0 if level == "element" else 1, int(tensor_cores)) == 1
 
     def conv2d_uses_tensor_cores(self, product, dtype, geometry, tensor_cores=True):
         """Whether conv2d(product, ...) on dtype tensors with this geometry takes the tensor-core kernels."""

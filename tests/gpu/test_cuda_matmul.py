@@ -27,6 +27,8 @@ SHAPES = [  # (m, k, n, block_size)
     (129, 200, 65, (128, 128)),
     (64, 48, 300, (16, 96)),
     (1, 16, 16, (16, 16)),
+    (300, 200, 136, (64, 32)),  # pipelined: a short last segment, an 8-wide second column tile
+    (520, 256, 384, (32, 64)),  # pipelined: several 128 x 128 tiles each way
 ]
 MASK_DTYPES = [torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16,
                torch.bfloat16, torch.float32, torch.float64]
@@ -43,6 +45,18 @@ def takes_tensor_cores(product, dtype, k, n, block_size, tensor_cores):
     rows, cols = aligned(block_size[0], k), aligned(block_size[1], n)
     needed = {"forward": cols, "grad_input": rows, "grad_weight": rows and cols}[product]
     return tensor_cores and needed and dtype != torch.float64 and torch.cuda.get_device_capability()[0] >= 8
+
+
+def takes_pipeline(product, dtype, k, n, block_size, level, tensor_cores):
+    """The pipelined kernels' rule, restated: float16 / bfloat16 on tensor
+    cores, W's dimensions multiples of 8, its blocks on 16s (or whole) both
+    ways, a block mask except for dW."""
+    def aligned(block, extent):
+        return block % 16 == 0 or block >= extent
+
+    return (tensor_cores and dtype in (torch.float16, torch.bfloat16) and k % 8 == 0 and n % 8 == 0
+            and aligned(block_size[0], k) and aligned(block_size[1], n)
+            and (product == "grad_weight" or level == "block") and torch.cuda.get_device_capability()[0] >= 8)
 
 
 def make_masks(rng, k, n, block_size, density, level):
@@ -99,6 +113,8 @@ def test_products_match_reference(shape, density, level, dtype, tensor_cores):
     for product in ("forward", "grad_input", "grad_weight"):
         assert HARNESS.uses_tensor_cores(product, dtype, (m, k, n), block_size, tensor_cores) == takes_tensor_cores(
             product, dtype, k, n, block_size, tensor_cores)
+        assert HARNESS.uses_pipeline(product, dtype, (m, k, n), block_size, level, tensor_cores) == takes_pipeline(
+            product, dtype, k, n, block_size, level, tensor_cores)
     check(y, expected[0], dtype, k, tensor_cores)
     check(dx, expected[1], dtype, n, tensor_cores)
     check(dw, expected[2], dtype, m, tensor_cores)
@@ -133,6 +149,30 @@ def test_nan_in_inputs_reaches_live_blocks_only(block_size, dtype, tensor_cores)
     assert np.isfinite(np.delete(y, 3, axis=0)).all()
     np.testing.assert_array_equal(~np.isfinite(dx[5]), block_live[:, 100])
     assert np.isfinite(np.delete(dx, 5, axis=0)).all()
+
+
+@pytest.mark.parametrize("block_size", [(32, 32), (64, 64), (16, 128)], ids=lambda b: f"b{b[0]}x{b[1]}")
+@pytest.mark.parametrize("density", [0.1, 1.0])
+def test_pipelined_products_at_size(block_size, density):
+    """The three products of a 1024 x 1024 bfloat16 weight (many stages and
+    tiles: the benchmark's regime) against the float64 reference."""
+    m, k, n = 768, 1024, 1024
+    rng = np.random.default_rng([k, *block_size, int(density * 10)])
+    mask, element = make_masks(rng, k, n, block_size, density, "block")
+    on_gpu = lambda a: torch.tensor(a, dtype=torch.bfloat16, device="cuda")  # noqa: E731
+    x_t, w_t, dy_t = (on_gpu(rng.standard_normal(s)) for s in ((m, k), (k, n), (m, n)))
+    mask_t = torch.tensor(mask, dtype=torch.float32, device="cuda")
+    x, w, dy = (t.double().cpu().numpy() for t in (x_t, w_t, dy_t))
+    expected = reference(x, w, dy, element)
+    outputs = []
+    for product, a, b, out_shape in (("forward", x_t, w_t, (m, n)), ("grad_input", dy_t, w_t, (m, k)),
+                                     ("grad_weight", x_t, dy_t, (k, n))):
+        assert HARNESS.uses_pipeline(product, torch.bfloat16, (m, k, n), block_size, "block")
+        outputs.append(HARNESS.run(product, a, b, mask_t, "block", block_size, (m, k, n),
+                                   torch.full(out_shape, float("nan"), dtype=torch.bfloat16, device="cuda")))
+    torch.cuda.synchronize()
+    for actual, wanted, depth in zip(outputs, expected, (k, n, m)):
+        check(actual, wanted, torch.bfloat16, depth, True)
 
 
 @pytest.mark.parametrize("mask_dtype", MASK_DTYPES, ids=str)

@@ -443,27 +443,35 @@ struct ProductDims {
   }
 };
 
-// lists[tile * segments + n] for n < counts[tile]: the segments in which some
-// block of output column tile `tile` (pipelined::kTileCols wide) is live, in
-// order. One thread block per tile; the threads flag segments in parallel and
-// compact the flags with a scan.
+// A pipelined tile's list entry: the segment in the low bits, and which of
+// the tile's 16-column strips lie in a live block of it in the top 8 (so no
+// entry is ~0u while segments < kMaxPipelineSegments).
+constexpr int kEntrySegmentBits = 24;
+static_assert(pl::kTileStrips <= 32 - kEntrySegmentBits, "a tile's strips fit an entry's top bits");
+constexpr int64_t kMaxPipelineSegments = (int64_t{1} << kEntrySegmentBits) - 1;
+__host__ __device__ inline uint32_t SegmentOf(uint32_t entry) { return entry & ((1u << kEntrySegmentBits) - 1); }
+__host__ __device__ inline unsigned StripsOf(uint32_t entry) { return entry >> kEntrySegmentBits; }
+
+// lists[tile * segments + n] for n < counts[tile]: the entries of the
+// segments in which some block of output column tile `tile`
+// (pipelined::kTileCols wide) is live, in order. One thread block per tile;
+// the threads look at segments in parallel and compact them with a scan.
 template <bool kTransposed>
-__global__ void __launch_bounds__(kThreads) TileSegmentLists(const uint8_t* live, GridDims g, int32_t* lists,
+__global__ void __launch_bounds__(kThreads) TileSegmentLists(const uint8_t* live, GridDims g, uint32_t* lists,
                                                              int32_t* counts) {
   __shared__ int32_t scan[kThreads];
   __shared__ int32_t listed;
   const ProductDims<kTransposed> p{g};
   const int64_t tile = blockIdx.x;
-  const int64_t first_group = tile * pl::kTileCols / p.out_block();
-  const int64_t last_group = (min(p.out_cols(), (tile + 1) * pl::kTileCols) - 1) / p.out_block();
+  const int64_t col0 = tile * pl::kTileCols;
   if (threadIdx.x == 0) listed = 0;
   for (int64_t segment0 = 0; segment0 < p.segments(); segment0 += kThreads) {
     const int64_t segment = segment0 + threadIdx.x;
-    bool any = false;
-    for (int64_t group = first_group; segment < p.segments() && group <= last_group && !any; ++group) {
-      any = live[p.block(segment, group)] != 0;
+    unsigned strips = 0;
+    for (int f = 0; segment < p.segments() && f < pl::kTileStrips && col0 + f * pl::kStrip < p.out_cols(); ++f) {
+      if (live[p.block(segment, (col0 + f * pl::kStrip) / p.out_block())]) strips |= 1u << f;
     }
-    scan[threadIdx.x] = any ? 1 : 0;
+    scan[threadIdx.x] = strips != 0 ? 1 : 0;
     __syncthreads();
     for (int stride = 1; stride < kThreads; stride *= 2) {
       const int32_t below = int(threadIdx.x) >= stride ? scan[threadIdx.x - stride] : 0;
@@ -471,7 +479,10 @@ __global__ void __launch_bounds__(kThreads) TileSegmentLists(const uint8_t* live
       scan[threadIdx.x] += below;
       __syncthreads();
     }
-    if (any) lists[tile * p.segments() + listed + scan[threadIdx.x] - 1] = static_cast<int32_t>(segment);
+    if (strips != 0) {
+      lists[tile * p.segments() + listed + scan[threadIdx.x] - 1] =
+          static_cast<uint32_t>(segment) | strips << kEntrySegmentBits;
+    }
     __syncthreads();
     if (threadIdx.x == kThreads - 1) listed += scan[threadIdx.x];
     __syncthreads();
@@ -491,7 +502,7 @@ __global__ void __launch_bounds__(kThreads) TileSegmentLists(const uint8_t* live
 template <typename D, bool kTransposed, int kDepth>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedProduct(const D* a, int64_t m, const D* w, const float* factors, GridDims g, const uint8_t* live,
-                     const int32_t* lists, const int32_t* counts, D* out) {
+                     const uint32_t* lists, const int32_t* counts, D* out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // launched only where DeviceSupportsTensorCores()
 #else
@@ -500,60 +511,85 @@ __global__ void __launch_bounds__(pl::kThreads)
   const int64_t row0 = int64_t(blockIdx.x) / col_tiles * pl::kTileRows;
   const int64_t col_tile = int64_t(blockIdx.x) % col_tiles;
   const int64_t col0 = col_tile * pl::kTileCols;
-  const int32_t* list = lists + col_tile * p.segments();
-  const int64_t per_segment = CeilDiv(min(p.depth_block(), p.depth()), int64_t{kDepth});
-  const int64_t steps = counts[col_tile] * per_segment;
-  // The issuing side's segment and its live strips (bit f: tile columns 16 f ..).
-  int64_t issued_segment = -1;
-  unsigned issued_strips = 0;
-  const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
-    const int64_t segment = list[step / per_segment];
-    if (segment != issued_segment) {
-      issued_segment = segment;
-      issued_strips = 0;
-      for (int f = 0; f < pl::kTileStrips && col0 + f * pl::kStrip < p.out_cols(); ++f) {
-        if (live[p.block(segment, (col0 + f * pl::kStrip) / p.out_block())]) issued_strips |= 1u << f;
-      }
+  const int per_segment = static_cast<int>(CeilDiv(min(p.depth_block(), p.depth()), int64_t{kDepth}));
+  const int count = counts[col_tile];
+  const int64_t steps = int64_t{count} * per_segment;
+  // Each step's list entry, written where its operands are issued and read
+  // where they are multiplied, a barrier or more later.
+  __shared__ uint32_t step_entry[pl::kStages];
+  const pl::StageCopier<D, pl::kTileRows, kDepth, false> a_copier(a, p.depth(), row0, m);
+  // B = W as [depth][columns] (forward), W^T as [columns][depth] (dx: W's rows col0 .., along the depth).
+  using BCopier =
+      pl::StageCopier<D, kTransposed ? pl::kTileCols : kDepth, kTransposed ? kDepth : pl::kTileCols, !kTransposed>;
+  const BCopier b_copier(w, g.cols, col0, p.out_cols());
+  // b_chunks[f]: this thread's B chunks in strip f.
+  const auto chunks_in_live_strips = [&](unsigned strips) {
+    unsigned chunks = 0;
+#pragma unroll
+    for (int i = 0; i < BCopier::kChunks; ++i) {
+      const int strip = (kTransposed ? b_copier.Row(i) : b_copier.Col()) / pl::kStrip;
+      chunks |= ((strips >> strip) & 1u) << i;
     }
-    const int64_t d0 = segment * p.depth_block() + step % per_segment * kDepth;
+    return chunks;
+  };
+  pl::SegmentCursor issuing(lists + col_tile * p.segments(), count, per_segment);
+  const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
+    const uint32_t entry = issuing.entry();
+    const int64_t segment = SegmentOf(entry);
+    if (threadIdx.x == 0) step_entry[step & (pl::kStages - 1)] = entry;
+    const int64_t d0 = segment * p.depth_block() + int64_t{issuing.sub()} * kDepth;
     const int64_t d_end = min(p.depth(), (segment + 1) * p.depth_block());
-    const auto strip_live = [&](int64_t c) { return ((issued_strips >> (c / pl::kStrip)) & 1u) != 0; };
-    pl::StageOperand<pl::kTileRows, kDepth>(a_stage, a, p.depth(), row0, d0, [&](int r, int c) {
-      return row0 + r < m && d0 + c < d_end;
-    });
-    if constexpr (kTransposed) {  // B = W^T as [columns][depth]: W's rows col0 .., along the depth
-      pl::StageOperand<pl::kTileCols, kDepth>(b_stage, w, g.cols, col0, d0, [&](int r, int c) {
-        return col0 + r < p.out_cols() && d0 + c < d_end && strip_live(r);
-      });
-    } else {  // B = W as [depth][columns]
-      pl::StageOperand<kDepth, pl::kTileCols>(b_stage, w, g.cols, d0, col0, [&](int r, int c) {
-        return d0 + r < d_end && col0 + c < p.out_cols() && strip_live(c);
-      });
+    issuing.Advance();
+    a_copier.Issue(a_stage, d0, d_end, decltype(a_copier)::kAllChunks);
+    b_copier.Issue(b_stage, d0, d_end, chunks_in_live_strips(StripsOf(entry)));
+  };
+  // The warp's strips' factors for a segment: loaded a step before the
+  // segment's first step where the entries in flight show it coming.
+  const pl::WarpPlace warp = pl::ThisWarp();
+  int64_t strip_group[pl::kStrips];  // the block of the output's columns each of the warp's strips lies in
+#pragma unroll
+  for (int s = 0; s < pl::kStrips; ++s) {
+    strip_group[s] = min(col0 + warp.col * pl::kWarpTile + s * pl::kStrip, p.out_cols() - 1) / p.out_block();
+  }
+  const auto load_factors = [&](uint32_t entry, float (&factor)[pl::kStrips]) {
+#pragma unroll
+    for (int s = 0; s < pl::kStrips; ++s) {
+      const bool live_strip = ((StripsOf(entry) >> (warp.col * pl::kStrips + s)) & 1u) != 0;
+      factor[s] = live_strip ? factors[p.block(SegmentOf(entry), strip_group[s])] : 0.0f;
     }
   };
-  const pl::WarpPlace warp = pl::ThisWarp();
-  int64_t staged_segment = -1;
+  uint32_t staged_entry = ~0u;
+  uint32_t upcoming_entry = ~0u;
+  float upcoming_factor[pl::kStrips] = {};
   pl::WarpStage stage{};
   const auto warp_stage = [&](int64_t step) {
-    const int64_t segment = list[step / per_segment];
-    if (segment != staged_segment) {
-      staged_segment = segment;
-      unsigned columns = 0;
-      stage.scaled = false;
-      for (int s = 0; s < pl::kStrips; ++s) {
-        const int64_t col = col0 + warp.col * pl::kWarpTile + s * pl::kStrip;
-        stage.factor[s] = col < p.out_cols() ? factors[p.block(segment, col / p.out_block())] : 0.0f;
-        if (Live(stage.factor[s])) {
-          columns |= 1u << s;
-          stage.scaled = stage.scaled || stage.factor[s] != 1.0f;
-        }
+    const uint32_t entry = step_entry[step & (pl::kStages - 1)];
+    if (entry != staged_entry) {
+      if (entry == upcoming_entry) {
+#pragma unroll
+        for (int s = 0; s < pl::kStrips; ++s) stage.factor[s] = upcoming_factor[s];
+      } else {
+        load_factors(entry, stage.factor);
       }
+      staged_entry = entry;
+      const unsigned columns = (StripsOf(entry) >> (warp.col * pl::kStrips)) & 0xfu;
       stage.fragments = pl::ColumnFragments(columns);
+      stage.scaled = false;
+#pragma unroll
+      for (int s = 0; s < pl::kStrips; ++s) stage.scaled = stage.scaled || (((columns >> s) & 1u) && stage.factor[s] != 1.0f);
+    }
+    // Step + 1's entry is in shared memory since this step's barrier.
+    if (step + 1 < steps) {
+      const uint32_t next = step_entry[(step + 1) & (pl::kStages - 1)];
+      if (next != staged_entry && next != upcoming_entry) {
+        upcoming_entry = next;
+        load_factors(next, upcoming_factor);
+      }
     }
     return stage;
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
-  pl::RunPipeline<D, kDepth, true, kTransposed>(steps, issue, warp_stage, acc);
+  pl::RunPipeline<D, kDepth, true, kTransposed, true>(steps, issue, warp_stage, acc);
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
     const int64_t row = row0 + r;
     const int64_t col = col0 + c;
@@ -593,18 +629,15 @@ __global__ void __launch_bounds__(pl::kThreads)
       }
     }
   }
+  // A = x^T as [depth][rows]: x's rows m0 .., along dW's rows; B = dy's rows m0 ..
+  const pl::StageCopier<D, kDepth, pl::kTileRows, true> x_copier(x, g.rows, row0, g.rows);
+  const pl::StageCopier<D, kDepth, pl::kTileCols, true> dy_copier(dy, g.cols, col0, g.cols);
   const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
-    const int64_t m0 = step * kDepth;
-    // A = x^T as [depth][rows]: x's rows m0 .., along dW's rows.
-    pl::StageOperand<kDepth, pl::kTileRows>(a_stage, x, g.rows, m0, row0, [&](int r, int c) {
-      return m0 + r < m && row0 + c < g.rows;
-    });
-    pl::StageOperand<kDepth, pl::kTileCols>(b_stage, dy, g.cols, m0, col0, [&](int r, int c) {
-      return m0 + r < m && col0 + c < g.cols;
-    });
+    x_copier.Issue(a_stage, step * kDepth, m, decltype(x_copier)::kAllChunks);
+    dy_copier.Issue(b_stage, step * kDepth, m, decltype(dy_copier)::kAllChunks);
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
-  pl::RunPipeline<D, kDepth, false, false>(any ? CeilDiv(m, int64_t{kDepth}) : 0, issue,
+  pl::RunPipeline<D, kDepth, false, false, false>(any ? CeilDiv(m, int64_t{kDepth}) : 0, issue,
                                            [&](int64_t) { return stage; }, acc);
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
     const int64_t row = row0 + r;

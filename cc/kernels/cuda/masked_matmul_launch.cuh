@@ -121,7 +121,8 @@ bool MatmulUsesPipeline(const BlockGrid& grid, Product product, GpuMath math, Ma
   return pl::kHasPipeline<typename Device<T>::type> && math == GpuMath::kTensorCores &&
          (product == Product::kGradWeight || level == MaskLevel::kBlock) && grid.rows % pl::kPerChunk == 0 &&
          grid.cols % pl::kPerChunk == 0 && pl::StripAligned(grid.block_rows, grid.rows) &&
-         pl::StripAligned(grid.block_cols, grid.cols) && tc::DeviceSupportsTensorCores();
+         pl::StripAligned(grid.block_cols, grid.cols) && grid.grid_rows() < kMaxPipelineSegments &&
+         grid.grid_cols() < kMaxPipelineSegments && tc::DeviceSupportsTensorCores();
 }
 
 template <typename T>
@@ -154,7 +155,7 @@ void LaunchPipelinedProduct(const Launch& launch, int64_t tiles, const D* a, int
                             const Workspace<float>& ws, const GridDims& dims, D* out) {
   launch.WithSharedMemory(pl::kSharedBytes<kDepth, true, kTransposed>)(
       PipelinedProduct<D, kTransposed, kDepth>, static_cast<unsigned>(tiles), pl::kThreads, a, m, w, ws.factors,
-      dims, ws.live, ws.lists, ws.counts, out);
+      dims, ws.live, reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, out);
 }
 
 // The forward product (kTransposed false: out = a @ masked W) or dx (true:
@@ -175,7 +176,7 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
       if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       const auto ws = IndexMask<float>(launch, grid, mask, workspace, Lists::kNone);
       launch(TileSegmentLists<kTransposed>, static_cast<unsigned>(CeilDiv(out_cols, pl::kTileCols)), kThreads,
-             ws.live, dims, ws.lists, ws.counts);
+             ws.live, dims, reinterpret_cast<uint32_t*>(ws.lists), ws.counts);
       const auto* da = reinterpret_cast<const D*>(a);
       const auto* dw = reinterpret_cast<const D*>(w);
       auto* dout = reinterpret_cast<D*>(out);

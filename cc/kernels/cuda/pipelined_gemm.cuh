@@ -43,6 +43,7 @@ constexpr int kStrip = 16;                         // a fragment's rows and colu
 constexpr int kStrips = kWarpTile / kStrip;        // a warp's strips each way
 constexpr int kTileStrips = kTileCols / kStrip;    // the tile's column strips
 constexpr int kStages = 4;
+static_assert((kStages & (kStages - 1)) == 0, "a step's buffers are step & (kStages - 1)");
 constexpr int kPerChunk = 8;  // 16-bit elements in a 16-byte copy
 constexpr int kPad = 8;       // elements added to every shared-memory row
 
@@ -97,22 +98,91 @@ __device__ inline unsigned ColumnFragments(unsigned columns) {
   return fragments;
 }
 
-// Stages rows x (kCols elements) of a row-major global matrix `src` (leading
-// dimension ld) at (row0, col0) into shared [rows][kCols + kPad], 16 bytes
-// per copy: read(r, c) says whether the chunk at tile row r, columns c ..
-// c + 7 is read (else zero-filled). src, ld and col0 keep chunks 16-byte
-// aligned.
-template <int kRows, int kCols, typename D, typename Read>
-__device__ inline void StageOperand(D* shared, const D* src, int64_t ld, int64_t row0, int64_t col0,
-                                    const Read& read) {
-  constexpr int kChunksPerRow = kCols / kPerChunk;
-  for (int e = threadIdx.x; e < kRows * kChunksPerRow; e += kThreads) {
-    const int r = e / kChunksPerRow;
-    const int c = e % kChunksPerRow * kPerChunk;
-    const bool live = read(r, c);
-    ptx::CopyAsync16(shared + r * (kCols + kPad) + c, live ? src + (row0 + r) * ld + col0 + c : src, live);
+// Copies operand tiles of kRows x kCols (16-bit D) from a row-major global
+// matrix into shared [kRows][kCols + kPad], stage after stage, 16 bytes per
+// cp.async. The tile moves along one dimension, the depth: down the rows
+// (kDepthRows: a depth-outer operand) or along the columns; its place in the
+// other dimension is fixed. Each thread copies the same chunks of every stage
+// (chunk i: tile row Row(i), columns Col() .. Col() + 7), so that their
+// addresses and bounds are worked out once.
+template <typename D, int kRows, int kCols, bool kDepthRows>
+class StageCopier {
+ public:
+  static constexpr int kChunksPerRow = kCols / kPerChunk;
+  static_assert(kThreads % kChunksPerRow == 0, "every thread copies chunks of one column");
+  static constexpr int kRowStep = kThreads / kChunksPerRow;
+  static_assert(kRows % kRowStep == 0, "every thread copies as many chunks");
+  static constexpr int kChunks = kRows / kRowStep;
+  static constexpr unsigned kAllChunks = (1u << kChunks) - 1;
+
+  // src: the matrix, ld its leading dimension; fixed0 and fixed_end: the
+  // tile's first column (kDepthRows) or row and the matrix's extent there.
+  __device__ StageCopier(const D* src, int64_t ld, int64_t fixed0, int64_t fixed_end)
+      : matrix_(src), ld_(ld), row_(threadIdx.x / kChunksPerRow), col_(threadIdx.x % kChunksPerRow * kPerChunk) {
+    if constexpr (kDepthRows) {
+      base_ = src + fixed0 + col_ + row_ * ld;
+      fixed_ok_ = fixed0 + col_ < fixed_end ? kAllChunks : 0u;
+    } else {
+      base_ = src + (fixed0 + row_) * ld + col_;
+      fixed_ok_ = 0;
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i) fixed_ok_ |= (fixed0 + Row(i) < fixed_end ? 1u : 0u) << i;
+    }
   }
-}
+
+  __device__ int Row(int i) const { return row_ + i * kRowStep; }
+  __device__ int Col() const { return col_; }
+
+  // Stages the tile whose depth starts at d0 into `stage`. Chunk i is read
+  // where bit i of `chunks` is set and it lies inside the matrix and before
+  // the depth's end d_end; the others are zero fills that read nothing.
+  __device__ void Issue(D* stage, int64_t d0, int64_t d_end, unsigned chunks) const {
+    const D* src = base_ + (kDepthRows ? d0 * ld_ : d0);
+    const int64_t step = kRowStep * ld_;
+    D* dst = stage + row_ * (kCols + kPad) + col_;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const bool in_depth = kDepthRows ? d0 + Row(i) < d_end : d0 + col_ < d_end;
+      const bool read = ((fixed_ok_ & chunks) >> i & 1u) != 0 && in_depth;
+      ptx::CopyAsync16(dst + i * kRowStep * (kCols + kPad), read ? src : matrix_, read);
+      src += step;
+    }
+  }
+
+ private:
+  const D* matrix_;  // what a zero fill names: no byte of it is read
+  const D* base_;    // chunk 0 at depth 0
+  int64_t ld_;
+  int row_, col_;
+  unsigned fixed_ok_;  // bit i: chunk i lies inside the matrix in the fixed dimension
+};
+
+// The listed segments of a product's column tile, walked in step order:
+// stage `sub` of the current one, per_segment stages a segment. Entries are
+// loaded two segments ahead of their use, so that a step never waits for one.
+class SegmentCursor {
+ public:
+  __device__ SegmentCursor(const uint32_t* list, int count, int per_segment)
+      : list_(list), count_(count), per_segment_(per_segment) {
+    now_ = count > 0 ? list[0] : 0u;
+    next_ = count > 1 ? list[1] : 0u;
+  }
+  __device__ uint32_t entry() const { return now_; }
+  __device__ int sub() const { return sub_; }
+  __device__ void Advance() {
+    if (++sub_ < per_segment_) return;
+    sub_ = 0;
+    ++index_;
+    now_ = next_;
+    next_ = index_ + 1 < count_ ? list_[index_ + 1] : 0u;
+  }
+
+ private:
+  const uint32_t* list_;
+  int count_, per_segment_;
+  int index_ = 0, sub_ = 0;
+  uint32_t now_, next_;
+};
 
 // w * factor rounded to D, for the two D of a fragment register.
 template <typename D>
@@ -126,37 +196,49 @@ __device__ inline uint32_t ScalePair(uint32_t pair, float factor) {
   return pair;
 }
 
-// acc += A B over one stage for the warp's live fragments. a_stage and
-// b_stage are the stage's operands in the layouts kADepthInner /
-// kBDepthInner name; B's columns are the tile's.
-template <typename D, int kDepth, bool kADepthInner, bool kBDepthInner>
-__device__ inline void MultiplyStage(const D* a_stage, const D* b_stage, const WarpStage& stage,
+// Where this lane's ldmatrix rows start in a stage's A and B operands (in
+// elements from each operand's start), for fragment (0, 0) at depth 0; the
+// other fragments and depths are compile-time offsets from there.
+template <int kDepth, bool kADepthInner, bool kBDepthInner>
+struct LaneOffsets {
+  int a, b;
+  __device__ LaneOffsets() {
+    constexpr int kAStride = kOperandStride<kDepth, kADepthInner>;
+    constexpr int kBStride = kOperandStride<kDepth, kBDepthInner>;
+    const WarpPlace warp = ThisWarp();
+    const int lane = threadIdx.x % 32;
+    const int matrix = lane / 8;
+    a = kADepthInner ? (warp.row * kWarpTile + lane % 16) * kAStride + lane / 16 * 8
+                     : (matrix / 2 * 8 + lane % 8) * kAStride + warp.row * kWarpTile + matrix % 2 * 8;
+    b = kBDepthInner ? (warp.col * kWarpTile + matrix / 2 * 8 + lane % 8) * kBStride + matrix % 2 * 8
+                     : (matrix % 2 * 8 + lane % 8) * kBStride + warp.col * kWarpTile + matrix / 2 * 8;
+  }
+};
+
+// acc += A B over one stage for the warp's live fragments; a_lane and b_lane
+// are the stage's operands plus LaneOffsets. kWholeColumns: a strip is live
+// in all four row strips or none (the forward product and dx), so that rows
+// need no test.
+template <typename D, int kDepth, bool kADepthInner, bool kBDepthInner, bool kWholeColumns>
+__device__ inline void MultiplyStage(const D* a_lane, const D* b_lane, const WarpStage& stage,
                                      float (&acc)[kStrips][2 * kStrips][4]) {
   constexpr int kAStride = kOperandStride<kDepth, kADepthInner>;
   constexpr int kBStride = kOperandStride<kDepth, kBDepthInner>;
-  const WarpPlace warp = ThisWarp();
-  const int lane = threadIdx.x % 32;
-  const int matrix = lane / 8;
 #pragma unroll
   for (int k0 = 0; k0 < kDepth; k0 += kStrip) {
     uint32_t a[kStrips][4];
 #pragma unroll
     for (int mt = 0; mt < kStrips; ++mt) {
-      if (((stage.fragments >> (4 * mt)) & 0xfu) == 0) continue;
-      const int row = warp.row * kWarpTile + mt * kStrip;
-      const D* at = kADepthInner ? a_stage + (row + lane % 16) * kAStride + k0 + lane / 16 * 8
-                                 : a_stage + (k0 + matrix / 2 * 8 + lane % 8) * kAStride + row + matrix % 2 * 8;
-      ptx::LoadMatrices<!kADepthInner>(a[mt], at);
+      if (!kWholeColumns && ((stage.fragments >> (4 * mt)) & 0xfu) == 0) continue;
+      ptx::LoadMatrices<!kADepthInner>(
+          a[mt], a_lane + (kADepthInner ? mt * kStrip * kAStride + k0 : k0 * kAStride + mt * kStrip));
     }
 #pragma unroll
     for (int s = 0; s < kStrips; ++s) {
-      const unsigned column = 0x1111u << s;
-      if ((stage.fragments & column) == 0) continue;
-      const int col = warp.col * kWarpTile + s * kStrip;
-      const D* bt = kBDepthInner ? b_stage + (col + matrix / 2 * 8 + lane % 8) * kBStride + k0 + matrix % 2 * 8
-                                 : b_stage + (k0 + matrix % 2 * 8 + lane % 8) * kBStride + col + matrix / 2 * 8;
+      if ((stage.fragments & (0x1111u << s)) == 0) continue;
       uint32_t b[4];
-      ptx::LoadMatrices<!kBDepthInner>(b, bt);
+      ptx::LoadMatrices<!kBDepthInner>(
+          b, b_lane + (kBDepthInner ? s * kStrip * kBStride + k0 : k0 * kBStride + s * kStrip));
       if (stage.scaled) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) b[i] = ScalePair<D>(b[i], stage.factor[s]);
@@ -165,7 +247,7 @@ __device__ inline void MultiplyStage(const D* a_stage, const D* b_stage, const W
       const uint32_t right[2] = {b[2], b[3]};
 #pragma unroll
       for (int mt = 0; mt < kStrips; ++mt) {
-        if (((stage.fragments >> (4 * mt + s)) & 1u) == 0) continue;
+        if (!kWholeColumns && ((stage.fragments >> (4 * mt + s)) & 1u) == 0) continue;
         ptx::Mma16816<D>(acc[mt][2 * s], a[mt], left);
         ptx::Mma16816<D>(acc[mt][2 * s + 1], a[mt], right);
       }
@@ -176,16 +258,18 @@ __device__ inline void MultiplyStage(const D* a_stage, const D* b_stage, const W
 // The main loop over `steps` stages. issue(step, a_stage, b_stage) stages
 // step's operands (every thread calls it, for step 0, 1, ... in order, with
 // CopyAsync16 only); warp_stage(step) gives the warp's WarpStage of a step
-// (called for 0, 1, ... in order). While step s is multiplied, steps s + 1
-// .. s + kStages - 1 are in flight.
-template <typename D, int kDepth, bool kADepthInner, bool kBDepthInner, typename Issue, typename Stage>
+// (called for 0, 1, ... in order, after the step's barrier). While step s is
+// multiplied, steps s + 1 .. s + kStages - 1 are in flight.
+template <typename D, int kDepth, bool kADepthInner, bool kBDepthInner, bool kWholeColumns, typename Issue,
+          typename Stage>
 __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Stage& warp_stage,
                                    float (&acc)[kStrips][2 * kStrips][4]) {
   constexpr int kAElements = kOperandElements<kDepth, kADepthInner>;
   constexpr int kStageSize = kStageElements<kDepth, kADepthInner, kBDepthInner>;
   D* shared = reinterpret_cast<D*>(ptx::DynamicShared());
-  const auto a_of = [&](int64_t step) { return shared + step % kStages * kStageSize; };
-  const auto b_of = [&](int64_t step) { return shared + step % kStages * kStageSize + kAElements; };
+  const auto a_of = [&](int64_t step) { return shared + (step & (kStages - 1)) * kStageSize; };
+  const auto b_of = [&](int64_t step) { return a_of(step) + kAElements; };
+  const LaneOffsets<kDepth, kADepthInner, kBDepthInner> lane;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < steps) issue(int64_t{s}, a_of(s), b_of(s));
@@ -200,7 +284,10 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Stag
     if (next < steps) issue(next, a_of(next), b_of(next));
     ptx::CommitCopies();
     const WarpStage stage = warp_stage(step);
-    if (stage.fragments != 0) MultiplyStage<D, kDepth, kADepthInner, kBDepthInner>(a_of(step), b_of(step), stage, acc);
+    if (stage.fragments != 0) {
+      MultiplyStage<D, kDepth, kADepthInner, kBDepthInner, kWholeColumns>(a_of(step) + lane.a, b_of(step) + lane.b,
+                                                                          stage, acc);
+    }
   }
   // The groups still pending here are the empty ones committed past the last step.
 }
