@@ -67,6 +67,7 @@ class Emulator:
         lib.emu_matmul_uses_pipeline.argtypes = [i, i] + [i64] * 4 + [i, i]
         lib.emu_conv2d.argtypes = [i, i, i, i, ctypes.POINTER(i64), p, p, p, i, p, p, i]
         lib.emu_conv2d_uses_tensor_cores.argtypes = [i, i, ctypes.POINTER(i64), i]
+        lib.emu_conv2d_uses_pipeline.argtypes = [i, i, ctypes.POINTER(i64), i, i]
         lib.emu_elementwise.argtypes = [i, i, i] + [i64] * 5 + [p, p, i, p, ctypes.POINTER(p),
                                                                 ctypes.POINTER(ctypes.c_double), i]
         lib.emu_set_schedule.argtypes = [i, ctypes.c_uint64]
@@ -129,6 +130,11 @@ class Emulator:
         fields = (ctypes.c_int64 * 19)(*geometry)
         return self.lib.emu_conv2d_uses_tensor_cores(PRODUCTS[product], DTYPE_CODES[dtype], fields,
                                                      int(tensor_cores)) == 1
+
+    def conv2d_uses_pipeline(self, product, dtype, geometry, level, tensor_cores=True):
+        fields = (ctypes.c_int64 * 19)(*geometry)
+        return self.lib.emu_conv2d_uses_pipeline(PRODUCTS[product], DTYPE_CODES[dtype], fields, LEVELS[level],
+                                                 int(tensor_cores)) == 1
 
     def elementwise(self, op, a, mask, level, block, out, state=(), scalars=(), flag=False):
         """op as in emulator_elementwise.cc over a as [outer, k, n]; updates out and state in place."""
@@ -586,6 +592,8 @@ CONV_GEOMETRIES = [
     (1, 10, 9, 16, 24, (3, 2), 1, 2, (0, 0, 0, 0)),
     (1, 8, 9, 20, 33, (1, 5), 1, 1, (0, 0, 2, 2)),
     (1, 6, 7, 8, 8, (3, 3), 2, 1, (2, 0, 0, 3)),
+    (2, 12, 11, 32, 136, (3, 3), 1, 1, (1, 1, 1, 1)),  # pipelined forward: 3 row tiles, 2 channel tiles
+    (1, 13, 14, 24, 40, (3, 3), 2, 2, (2, 1, 1, 2)),   # pipelined forward: strided, dilated, a short input block
 ]
 # (filter block (in, out), output tile (h, w)): channel blocks on multiples of
 # 16 take the tensor cores; 15-pixel tiles make 16-row strips straddle tiles.
@@ -640,6 +648,8 @@ def run_conv(emulator, geometry, block, tile, dtype, tensor_cores, level, with_o
     mask, element, output_mask, fields, attrs, products = conv_case(geometry, block, tile, dtype, level,
                                                                     with_output_mask, seed)
     aligned = lambda size, channels: size % 16 == 0 or size >= channels  # noqa: E731
+    pipelined = (tensor_cores and dtype in ("float16", "bfloat16") and level == "block" and cin % 8 == 0
+                 and cout % 8 == 0 and aligned(block[0], cin) and aligned(block[1], cout))
     rule = {"forward": aligned(block[1], cout), "grad_input": aligned(block[0], cin),
             "grad_weight": aligned(block[0], cin) and aligned(block[1], cout)}
     x, f_nan, dy = products[0][1], products[0][2], products[1][1]
@@ -652,6 +662,8 @@ def run_conv(emulator, geometry, block, tile, dtype, tensor_cores, level, with_o
                               tensor_cores)
         tensor_path = tensor_cores and rule[product] and dtype != "float64"
         assert emulator.conv2d_uses_tensor_cores(product, dtype, fields, tensor_cores) == tensor_path
+        assert emulator.conv2d_uses_pipeline(product, dtype, fields, level, tensor_cores) == (
+            pipelined and product == "forward")
         if not tensor_path:
             assert emulator.stats()["mma_syncs"] == 0, f"{product}: a tensor-core kernel ran"
         expected, bound, _ = _conv(CONV_OPS[product], x64, f64, mask.astype(np.float64), om64, dy64, attrs)
@@ -670,6 +682,62 @@ def run_conv(emulator, geometry, block, tile, dtype, tensor_cores, level, with_o
 def test_conv_products(emulator, geometry, block_and_tile, dtype, tensor_cores, with_output_mask):
     level = "element" if (CONV_GEOMETRIES.index(geometry) + CONV_BLOCKS.index(block_and_tile)) % 2 else "block"
     run_conv(emulator, geometry, *block_and_tile, dtype, tensor_cores, level, with_output_mask)
+
+
+def pipelined_conv_mma_count(fields, live, output_mask):
+    """The mma.sync calls (per warp) of the pipelined forward conv, restated:
+    rows are output pixels tile by tile (a tile of the output mask with no
+    live pixel is inactive); for every 128-row, 128-channel tile with an
+    active row, every (tap, input block) segment with a live block in the
+    tile's channels multiplies, each stage, every live 16-channel strip in
+    every 16-row strip holding an active row, 2 halves per 16 of depth."""
+    batch, h, w, cin, kh, kw, cout, *_, out_h, out_w, in_block, out_block, tile_h, tile_w = fields
+    in_block, out_block = min(in_block, cin), min(out_block, cout)
+    tile_h, tile_w = min(tile_h, out_h), min(tile_w, out_w)
+    tiles_h, tiles_w = math.ceil(out_h / tile_h), math.ceil(out_w / tile_w)
+    per_tile = tile_h * tile_w
+    active = []
+    for tile in range(batch * tiles_h * tiles_w):
+        n, ty, tx = tile // (tiles_h * tiles_w), tile // tiles_w % tiles_h, tile % tiles_w
+        window = None if output_mask is None else output_mask[n, ty * tile_h:(ty + 1) * tile_h,
+                                                              tx * tile_w:(tx + 1) * tile_w]
+        tile_on = window is None or (window != 0).any()
+        for q in range(per_tile):
+            oy, ox = ty * tile_h + q // tile_w, tx * tile_w + q % tile_w
+            active.append(tile_on and oy < out_h and ox < out_w)
+    active += [False] * (-len(active) % 128)
+    stage = 32 if in_block % 32 == 0 or in_block >= cin else 16
+    per_segment = math.ceil(in_block / stage) * stage // 16
+    total = 0
+    for row0 in range(0, len(active), 128):
+        strips_on = [any(active[row0 + s * 16:row0 + s * 16 + 16]) for s in range(8)]  # 2 warp rows x 4
+        if not any(strips_on):
+            continue
+        for col0 in range(0, cout, 128):
+            for i in range(live.shape[0]):
+                live_strips = [c < cout and bool(live[i, c // out_block]) for c in range(col0, col0 + 128, 16)]
+                if not any(live_strips):
+                    continue
+                for warp_row in range(2):
+                    rows_on = sum(strips_on[warp_row * 4:warp_row * 4 + 4])
+                    total += kh * kw * per_segment * rows_on * sum(live_strips) * 2
+    return total
+
+
+@pytest.mark.parametrize("geometry, block, tile", [(CONV_GEOMETRIES[5], (16, 16), (3, 5)),
+                                                   (CONV_GEOMETRIES[6], (32, 48), (4, 4))], ids=["b16x16", "b32x48"])
+@pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
+def test_pipelined_conv_multiplies_live_fragments_only(emulator, geometry, block, tile, with_output_mask):
+    """The pipelined forward conv's tensor-core work is what the live filter
+    blocks and active output tiles need: its mma.sync count matches the
+    count restated from the masks."""
+    mask, _, output_mask, fields, _, products = conv_case(geometry, block, tile, "bfloat16", "block",
+                                                          with_output_mask)
+    _, x, f_nan, out_shape, _ = products[0]
+    assert emulator.conv2d_uses_pipeline("forward", "bfloat16", fields, "block")
+    emulator.lib.emu_reset_stats()
+    emulator.conv2d("forward", x, f_nan, mask, "block", fields, np.full(out_shape, np.nan, x.dtype), output_mask, True)
+    assert emulator.stats()["mma_syncs"] == pipelined_conv_mma_count(fields, mask != 0, output_mask)
 
 
 # -- schedules: the kernels' barriers ---------------------------------------------------------------------

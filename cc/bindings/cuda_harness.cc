@@ -304,4 +304,19 @@ int masked_ops_gpu_conv2d_uses_tensor_cores(int product, const char* dtype, cons
   });
 }
 
+// 1 when conv product (0, 1, 2) of dtype with this geometry and a filter mask
+// of `level` (0 element, 1 block) takes the pipelined tensor-core kernels on
+// the current device, given 16-byte aligned arrays, else 0.
+int masked_ops_gpu_conv2d_uses_pipeline(int product, const char* dtype, const int64_t* geometry, int level,
+                                        int tensor_cores) {
+  using namespace masked_ops::gpu;
+  if (!KnownProduct(product)) return kUnknownType;
+  return WithElementType(dtype, kUnknownType, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return Conv2DUsesPipeline<T>(GeometryOf(geometry), ProductOf(product), MathOf(tensor_cores), LevelOf(level))
+               ? 1
+               : 0;
+  });
+}
+
 }  // extern "C"

@@ -100,4 +100,20 @@ int emu_conv2d_uses_tensor_cores(int product, int dtype, const int64_t* geometry
   });
 }
 
+// 1 when conv `product` of dtype with this geometry and a filter mask of
+// `level` (0 element, 1 block) takes the pipelined kernels
+// (Conv2DUsesPipeline), else 0.
+int emu_conv2d_uses_pipeline(int product, int dtype, const int64_t* geometry, int level, int tensor_cores) {
+  using namespace masked_ops;
+  using namespace masked_ops::emulation;
+  if (product < 0 || product > 2) return kUnknownType;
+  return WithElementType(dtype, kUnknownType, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return gpu::Conv2DUsesPipeline<T>(GeometryOf(geometry), static_cast<gpu::Product>(product),
+                                      MathOf(tensor_cores), LevelOf(level))
+               ? 1
+               : 0;
+  });
+}
+
 }  // extern "C"

@@ -61,6 +61,9 @@ def load():
     library.masked_ops_gpu_conv2d_uses_tensor_cores.restype = ctypes.c_int
     library.masked_ops_gpu_conv2d_uses_tensor_cores.argtypes = [ctypes.c_int, ctypes.c_char_p,
                                                                 ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+    library.masked_ops_gpu_conv2d_uses_pipeline.restype = ctypes.c_int
+    library.masked_ops_gpu_conv2d_uses_pipeline.argtypes = [ctypes.c_int, ctypes.c_char_p,
+                                                            ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_int]
     library.masked_ops_gpu_matmul.restype = ctypes.c_int
     library.masked_ops_gpu_matmul.argtypes = (
         [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p] + [ctypes.c_int64] * 5
@@ -113,6 +116,13 @@ class Harness:
         fields = (ctypes.c_int64 * 19)(*geometry)
         return self.library.masked_ops_gpu_conv2d_uses_tensor_cores(
             PRODUCTS[product], str(dtype).replace("torch.", "").encode(), fields, int(tensor_cores)) == 1
+
+    def conv2d_uses_pipeline(self, product, dtype, geometry, level, tensor_cores=True):
+        """Whether conv2d(product, ...) on dtype tensors with this geometry takes the pipelined kernels."""
+        fields = (ctypes.c_int64 * 19)(*geometry)
+        return self.library.masked_ops_gpu_conv2d_uses_pipeline(
+            PRODUCTS[product], str(dtype).replace("torch.", "").encode(), fields, 0 if level == "element" else 1,
+            int(tensor_cores)) == 1
 
     def elementwise(self, op, a, mask, level, block_size, out, state=(), scalars=(), flag=False):
         """An elementwise op over a as [outer, k, n] (see cc/bindings/cuda_harness.cc);

@@ -21,6 +21,8 @@ GEOMETRIES = [
     (2, 13, 13, 16, 24, (5, 5), 1, 2, (0, 0, 0, 0)),
     (1, 13, 9, 40, 33, (1, 7), 1, 1, (0, 0, 3, 3)),
     (1, 9, 10, 8, 8, (3, 3), 1, 1, (4, 1, 0, 3)),
+    (2, 14, 13, 32, 136, (3, 3), 1, 1, (1, 1, 1, 1)),  # pipelined forward: several row and channel tiles
+    (1, 15, 14, 24, 40, (3, 3), 2, 2, (2, 1, 1, 2)),   # pipelined forward: strided, dilated
 ]
 # (filter block (in, out), output tile (h, w)): channel blocks cutting the
 # channels on multiples of 16 take the tensor-core products when asked (16 x 8
@@ -105,6 +107,12 @@ def test_conv_products_match_reference(geometry, level, with_output_mask, dtype,
     for product, needed in rule.items():
         assert HARNESS.conv2d_uses_tensor_cores(product, dtype, geometry_fields, tensor_cores) == (
             tensor_cores and needed and dtype != torch.float64 and torch.cuda.get_device_capability()[0] >= 8)
+    pipelined = (tensor_cores and dtype in (torch.float16, torch.bfloat16) and level == "block" and cin % 8 == 0
+                 and cout % 8 == 0 and aligned(block[0], cin) and aligned(block[1], cout)
+                 and torch.cuda.get_device_capability()[0] >= 8)
+    for product in rule:
+        assert HARNESS.conv2d_uses_pipeline(product, dtype, geometry_fields, level, tensor_cores) == (
+            pipelined and product == "forward")
     check(y, expected[0], dtype, kh * kw * cin, tensor_cores)
     check(dx, expected[1], dtype, kh * kw * cout, tensor_cores)
     check(df, expected[2], dtype, n * out_h * out_w, tensor_cores)

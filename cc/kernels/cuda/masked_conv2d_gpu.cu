@@ -68,7 +68,8 @@ MASKED_OPS_FOR_EACH_MASK_TYPE(MASKED_OPS_INSTANTIATE, void)
 
 #define MASKED_OPS_INSTANTIATE(T)                                                             \
   template size_t Conv2DWorkspaceBytes<T>(const Conv2DGeometry&, MaskLevel);                  \
-  template bool Conv2DUsesTensorCores<T>(const Conv2DGeometry&, Product, GpuMath);
+  template bool Conv2DUsesTensorCores<T>(const Conv2DGeometry&, Product, GpuMath);            \
+  template bool Conv2DUsesPipeline<T>(const Conv2DGeometry&, Product, GpuMath, MaskLevel);
 
 MASKED_OPS_FOR_EACH_GPU_TYPE(MASKED_OPS_INSTANTIATE)
 

@@ -15,6 +15,8 @@
 
 #include "cc/kernels/block_mask.h"
 #include "cc/kernels/cuda/mask_factors.cuh"
+#include "cc/kernels/cuda/pipelined_gemm.cuh"
+#include "cc/kernels/cuda/ptx_primitives.cuh"
 #include "cc/kernels/cuda/tensor_core_tile.cuh"
 
 namespace masked_ops {
@@ -593,6 +595,138 @@ __global__ void __launch_bounds__(tc::kThreads)
     if (ci < d.in_channels && co < d.out_channels) {
       dfilters[(tap * d.in_channels + ci) * d.out_channels + co] = FromCompute<T>(Masked(v, d.factor(factors, tap, ci, co)));
     }
+  });
+#endif
+}
+
+namespace pl = pipelined;
+
+// The forward conv's segments for the pipelined lists: (tap, input block)
+// pairs, tap * in_blocks + i, against output-channel blocks.
+struct ConvForwardSegments {
+  ConvDims d;
+  const uint8_t* live;
+  __host__ __device__ int64_t segments() const { return d.taps() * d.in_blocks(); }
+  __host__ __device__ int64_t out_cols() const { return d.out_channels; }
+  __host__ __device__ int64_t out_block() const { return d.out_block; }
+  __device__ bool live_block(int64_t segment, int64_t group) const {
+    return live[segment * d.out_blocks() + group] != 0;
+  }
+};
+
+// The forward conv for 16-bit D and a block mask on the pipelined tile, an
+// implicit GEMM: rows are output pixels grouped by output tile as in
+// TensorCoreConvForward, columns output channels, and the depth runs over
+// the (tap, input block) segments listed for the tile's channels, kDepth
+// channels a stage. Each thread gathers the same rows of every stage: their
+// input pixels are worked out once per tap, and a pixel in the padding, or a
+// row without an active pixel, is a zero fill. A warp multiplies only its
+// live 16-channel strips and its 16-row strips holding an active pixel.
+template <typename D, int kDepth>
+__global__ void __launch_bounds__(pl::kThreads)
+    PipelinedConvForward(const D* x, const D* filters, const float* factors, const float* output_factors,
+                         const uint8_t* live, const uint8_t* active, ConvDims d, const uint32_t* lists,
+                         const int32_t* counts, D* y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  static_assert(pl::kTileRows == pl::kThreads, "a thread per tile row");
+  // Per tile row: its output pixel (-1: none), and for a row of an active
+  // tile the input pixel its tap (0, 0) reads, as (image, y, x), image -1
+  // for an inactive row.
+  __shared__ int64_t row_pixel[pl::kTileRows];
+  __shared__ int64_t row_image[pl::kTileRows];
+  __shared__ int64_t row_iy[pl::kTileRows];
+  __shared__ int64_t row_ix[pl::kTileRows];
+  const int64_t per_tile = d.tile_h * d.tile_w;
+  const int64_t tiles = d.batch * d.tiles_h() * d.tiles_w();
+  const int64_t col_tiles = CeilDiv(d.out_channels, pl::kTileCols);
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * pl::kTileRows;
+  const int64_t col_tile = int64_t(blockIdx.x) % col_tiles;
+  const int64_t col0 = col_tile * pl::kTileCols;
+  {
+    const int r = threadIdx.x;
+    const int64_t tile = (row0 + r) / per_tile;
+    const int64_t q = (row0 + r) % per_tile;
+    int64_t pixel = -1;
+    int64_t image = -1;
+    int64_t oy = 0;
+    int64_t ox = 0;
+    if (tile < tiles) {
+      oy = ((tile / d.tiles_w()) % d.tiles_h()) * d.tile_h + q / d.tile_w;
+      ox = (tile % d.tiles_w()) * d.tile_w + q % d.tile_w;
+      const int64_t n = tile / (d.tiles_h() * d.tiles_w());
+      if (oy < d.out_h && ox < d.out_w) {
+        pixel = (n * d.out_h + oy) * d.out_w + ox;
+        if (active[tile]) image = n * d.in_h * d.in_w;
+      }
+    }
+    row_pixel[r] = pixel;
+    row_image[r] = image;
+    row_iy[r] = oy * d.stride_h - d.pad_top;
+    row_ix[r] = ox * d.stride_w - d.pad_left;
+  }
+  __syncthreads();
+  const pl::WarpPlace warp = pl::ThisWarp();
+  unsigned active_rows = 0;  // bit mt: the warp's 16-row strip mt holds an active pixel
+  bool any_active = false;
+  for (int r = 0; r < pl::kTileRows; ++r) {
+    if (row_image[r] < 0) continue;
+    any_active = true;
+    if (r / pl::kWarpTile == warp.row) active_rows |= 1u << (r % pl::kWarpTile / pl::kStrip);
+  }
+  using ACopier = pl::StageCopier<D, pl::kTileRows, kDepth, false>;  // for its chunk placement only
+  constexpr int kAChunks = ACopier::kChunks;
+  const int a_row = threadIdx.x / ACopier::kChunksPerRow;
+  const int a_col = threadIdx.x % ACopier::kChunksPerRow * pl::kPerChunk;
+  int64_t gathered_tap = -1;
+  int64_t a_offset[kAChunks];  // x's element offset of each A chunk's pixel at the gathered tap, or -1
+  // B = the filters as a [taps * in_channels][out_channels] matrix.
+  using BCopier = pl::StageCopier<D, kDepth, pl::kTileCols, true>;
+  const BCopier b_copier(filters, d.out_channels, col0, d.out_channels);
+  const unsigned b_strip_chunks = pl::ChunksOfStrips<false>(b_copier);
+  const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub) {
+    const int64_t segment = pl::SegmentOf(entry);
+    const int64_t tap = segment / d.in_blocks();
+    const int64_t i = segment % d.in_blocks();
+    if (tap != gathered_tap) {
+      gathered_tap = tap;
+      const int64_t tap_y = tap / d.filter_w * d.dilation_h;
+      const int64_t tap_x = tap % d.filter_w * d.dilation_w;
+#pragma unroll
+      for (int c = 0; c < kAChunks; ++c) {
+        const int r = a_row + c * ACopier::kRowStep;
+        const int64_t iy = row_iy[r] + tap_y;
+        const int64_t ix = row_ix[r] + tap_x;
+        const bool inside = row_image[r] >= 0 && iy >= 0 && iy < d.in_h && ix >= 0 && ix < d.in_w;
+        a_offset[c] = inside ? (row_image[r] + iy * d.in_w + ix) * d.in_channels : -1;
+      }
+    }
+    const int64_t ci0 = i * d.in_block + int64_t{sub} * kDepth;
+    const int64_t ci_end = min(d.in_channels, (i + 1) * d.in_block);
+#pragma unroll
+    for (int c = 0; c < kAChunks; ++c) {
+      const bool read = a_offset[c] >= 0 && ci0 + a_col < ci_end;
+      ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * (kDepth + pl::kPad) + a_col,
+                       read ? x + a_offset[c] + ci0 + a_col : x, read);
+    }
+    b_copier.Issue(b_stage, tap * d.in_channels + ci0, tap * d.in_channels + ci_end,
+                   pl::LiveChunks<BCopier>(b_strip_chunks, pl::StripsOf(entry)));
+  };
+  float acc[pl::kStrips][2 * pl::kStrips][4] = {};
+  const ConvForwardSegments segments{d, live};
+  pl::RunListedSegments<D, kDepth, false, false>(
+      segments, col0, lists + col_tile * segments.segments(), any_active ? counts[col_tile] : 0,
+      min(d.in_block, d.in_channels), active_rows, issue_segment,
+      [&](int64_t segment, int64_t group) { return factors[segment % d.in_blocks() * d.out_blocks() + group]; }, acc);
+  // Every pixel of the tile's rows is written: inactive ones as zeros.
+  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
+    const int64_t pixel = row_pixel[r];
+    const int64_t co = col0 + c;
+    if (pixel < 0 || co >= d.out_channels) return;
+    const bool on = row_image[r] >= 0;
+    pl::StorePair(y + pixel * d.out_channels + co, on ? OutputScaled(output_factors, pixel, v0) : 0.0f,
+                  on ? OutputScaled(output_factors, pixel, v1) : 0.0f);
   });
 #endif
 }

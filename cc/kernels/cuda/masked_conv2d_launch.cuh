@@ -22,6 +22,7 @@
 #include "cc/kernels/cuda/mask_factors.cuh"
 #include "cc/kernels/cuda/masked_conv2d_gpu.h"
 #include "cc/kernels/cuda/masked_conv2d_kernels.cuh"
+#include "cc/kernels/cuda/pipelined_gemm.cuh"
 #include "cc/kernels/cuda/tensor_core_tile.cuh"
 
 namespace masked_ops {
@@ -57,6 +58,16 @@ int64_t FilterBlocks(const ConvDims& d) { return d.taps() * d.in_blocks() * d.ou
 
 int64_t Tiles(const ConvDims& d) { return d.batch * d.tiles_h() * d.tiles_w(); }
 
+// Entries of the live lists: per block of the other side (the CUDA-core
+// products) or per segment of each pipelined output-channel tile, and of
+// their counts.
+int64_t ListEntries(const ConvDims& d) {
+  return std::max(FilterBlocks(d), CeilDiv(d.out_channels, pl::kTileCols) * d.taps() * d.in_blocks());
+}
+int64_t CountEntries(const ConvDims& d) {
+  return std::max({d.in_blocks(), d.out_blocks(), CeilDiv(d.out_channels, pl::kTileCols)});
+}
+
 template <typename F>
 Workspace<F> Carve(void* base, const ConvDims& d) {
   char* p = static_cast<char*>(base);
@@ -66,9 +77,9 @@ Workspace<F> Carve(void* base, const ConvDims& d) {
   ws.live = reinterpret_cast<uint8_t*>(p);
   p += AlignUp(FilterBlocks(d));
   ws.lists = reinterpret_cast<int32_t*>(p);
-  p += AlignUp(FilterBlocks(d) * int64_t(sizeof(int32_t)));
+  p += AlignUp(ListEntries(d) * int64_t(sizeof(int32_t)));
   ws.counts = reinterpret_cast<int32_t*>(p);
-  p += AlignUp(std::max(d.in_blocks(), d.out_blocks()) * int64_t(sizeof(int32_t)));
+  p += AlignUp(CountEntries(d) * int64_t(sizeof(int32_t)));
   ws.active = reinterpret_cast<uint8_t*>(p);
   return ws;
 }
@@ -108,12 +119,20 @@ bool Conv2DUsesTensorCores(const Conv2DGeometry& g, Product product, GpuMath mat
 }
 
 template <typename T>
+bool Conv2DUsesPipeline(const Conv2DGeometry& g, Product product, GpuMath math, MaskLevel level) {
+  const ConvDims d = DimsOf(g, level);
+  return product == Product::kForward && pl::kHasPipeline<D<T>> && math == GpuMath::kTensorCores &&
+         level == MaskLevel::kBlock && d.in_channels % pl::kPerChunk == 0 && d.out_channels % pl::kPerChunk == 0 &&
+         pl::StripAligned(d.in_block, d.in_channels) && pl::StripAligned(d.out_block, d.out_channels) &&
+         d.taps() * d.in_blocks() < pl::kMaxSegments && tc::DeviceSupportsTensorCores();
+}
+
+template <typename T>
 size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level) {
   const ConvDims d = DimsOf(g, level);
   return static_cast<size_t>(AlignUp(FactorCount(d) * int64_t(sizeof(ComputeOf<T>))) + AlignUp(FilterBlocks(d)) +
-                             AlignUp(FilterBlocks(d) * int64_t(sizeof(int32_t))) +
-                             AlignUp(std::max(d.in_blocks(), d.out_blocks()) * int64_t(sizeof(int32_t))) +
-                             AlignUp(Tiles(d)));
+                             AlignUp(ListEntries(d) * int64_t(sizeof(int32_t))) +
+                             AlignUp(CountEntries(d) * int64_t(sizeof(int32_t))) + AlignUp(Tiles(d)));
 }
 
 namespace {
@@ -132,6 +151,27 @@ int RunForward(const Launch& launch, const Conv2DGeometry& g, const T* x, const 
   if (g.out_pixels() == 0 || g.out_channels == 0) return 0;
   const ConvDims d = DimsOf(g, mask.level);
   const auto ws = IndexFilters<ComputeOf<T>>(launch, d, mask, workspace);
+  if constexpr (pl::kHasPipeline<D<T>>) {
+    if (Conv2DUsesPipeline<T>(g, Product::kForward, math, mask.level) && pl::Aligned16(x, filters, y)) {
+      const int64_t blocks = pl::TileCount(Tiles(d) * d.tile_h * d.tile_w, d.out_channels);
+      if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      launch(TileActivity<float>, BlocksFor(Tiles(d)), kThreads, output_factors, d, ws.active);
+      const ConvForwardSegments segments{d, ws.live};
+      auto* lists = reinterpret_cast<uint32_t*>(ws.lists);
+      launch(pl::TileSegmentLists<ConvForwardSegments>, static_cast<unsigned>(CeilDiv(d.out_channels, pl::kTileCols)),
+             pl::kScanThreads, segments, lists, ws.counts);
+      if (pl::WideStages(d.in_block, d.in_channels)) {
+        launch.WithSharedMemory(pl::kSharedBytes<pl::kWideStage, true, false>)(
+            PipelinedConvForward<D<T>, pl::kWideStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x),
+            Dev(filters), ws.factors, output_factors, ws.live, ws.active, d, lists, ws.counts, Dev(y));
+      } else {
+        launch.WithSharedMemory(pl::kSharedBytes<pl::kNarrowStage, true, false>)(
+            PipelinedConvForward<D<T>, pl::kNarrowStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x),
+            Dev(filters), ws.factors, output_factors, ws.live, ws.active, d, lists, ws.counts, Dev(y));
+      }
+      return launch.Status();
+    }
+  }
   if constexpr (tc::kHasTensorCorePath<D<T>>) {
     if (Conv2DUsesTensorCores<T>(g, Product::kForward, math)) {
       const int64_t blocks = tc::TileCount(Tiles(d) * d.tile_h * d.tile_w, d.out_channels);

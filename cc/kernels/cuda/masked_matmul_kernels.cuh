@@ -441,54 +441,9 @@ struct ProductDims {
   __host__ __device__ int64_t block(int64_t segment, int64_t group) const {
     return kTransposed ? group * g.grid_cols + segment : segment * g.grid_cols + group;
   }
+  const uint8_t* live;
+  __device__ bool live_block(int64_t segment, int64_t group) const { return live[block(segment, group)] != 0; }
 };
-
-// A pipelined tile's list entry: the segment in the low bits, and which of
-// the tile's 16-column strips lie in a live block of it in the top 8 (so no
-// entry is ~0u while segments < kMaxPipelineSegments).
-constexpr int kEntrySegmentBits = 24;
-static_assert(pl::kTileStrips <= 32 - kEntrySegmentBits, "a tile's strips fit an entry's top bits");
-constexpr int64_t kMaxPipelineSegments = (int64_t{1} << kEntrySegmentBits) - 1;
-__host__ __device__ inline uint32_t SegmentOf(uint32_t entry) { return entry & ((1u << kEntrySegmentBits) - 1); }
-__host__ __device__ inline unsigned StripsOf(uint32_t entry) { return entry >> kEntrySegmentBits; }
-
-// lists[tile * segments + n] for n < counts[tile]: the entries of the
-// segments in which some block of output column tile `tile`
-// (pipelined::kTileCols wide) is live, in order. One thread block per tile;
-// the threads look at segments in parallel and compact them with a scan.
-template <bool kTransposed>
-__global__ void __launch_bounds__(kThreads) TileSegmentLists(const uint8_t* live, GridDims g, uint32_t* lists,
-                                                             int32_t* counts) {
-  __shared__ int32_t scan[kThreads];
-  __shared__ int32_t listed;
-  const ProductDims<kTransposed> p{g};
-  const int64_t tile = blockIdx.x;
-  const int64_t col0 = tile * pl::kTileCols;
-  if (threadIdx.x == 0) listed = 0;
-  for (int64_t segment0 = 0; segment0 < p.segments(); segment0 += kThreads) {
-    const int64_t segment = segment0 + threadIdx.x;
-    unsigned strips = 0;
-    for (int f = 0; segment < p.segments() && f < pl::kTileStrips && col0 + f * pl::kStrip < p.out_cols(); ++f) {
-      if (live[p.block(segment, (col0 + f * pl::kStrip) / p.out_block())]) strips |= 1u << f;
-    }
-    scan[threadIdx.x] = strips != 0 ? 1 : 0;
-    __syncthreads();
-    for (int stride = 1; stride < kThreads; stride *= 2) {
-      const int32_t below = int(threadIdx.x) >= stride ? scan[threadIdx.x - stride] : 0;
-      __syncthreads();
-      scan[threadIdx.x] += below;
-      __syncthreads();
-    }
-    if (strips != 0) {
-      lists[tile * p.segments() + listed + scan[threadIdx.x] - 1] =
-          static_cast<uint32_t>(segment) | strips << kEntrySegmentBits;
-    }
-    __syncthreads();
-    if (threadIdx.x == kThreads - 1) listed += scan[threadIdx.x];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) counts[tile] = listed;
-}
 
 // The forward product (out = a @ masked W) or dx (kTransposed: out = a @
 // masked W^T) for 16-bit D and a block mask on the pipelined tile:
@@ -506,90 +461,28 @@ __global__ void __launch_bounds__(pl::kThreads)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // launched only where DeviceSupportsTensorCores()
 #else
-  const ProductDims<kTransposed> p{g};
+  const ProductDims<kTransposed> p{g, live};
   const int64_t col_tiles = CeilDiv(p.out_cols(), pl::kTileCols);
   const int64_t row0 = int64_t(blockIdx.x) / col_tiles * pl::kTileRows;
   const int64_t col_tile = int64_t(blockIdx.x) % col_tiles;
   const int64_t col0 = col_tile * pl::kTileCols;
-  const int per_segment = static_cast<int>(CeilDiv(min(p.depth_block(), p.depth()), int64_t{kDepth}));
-  const int count = counts[col_tile];
-  const int64_t steps = int64_t{count} * per_segment;
-  // Each step's list entry, written where its operands are issued and read
-  // where they are multiplied, a barrier or more later.
-  __shared__ uint32_t step_entry[pl::kStages];
   const pl::StageCopier<D, pl::kTileRows, kDepth, false> a_copier(a, p.depth(), row0, m);
   // B = W as [depth][columns] (forward), W^T as [columns][depth] (dx: W's rows col0 .., along the depth).
   using BCopier =
       pl::StageCopier<D, kTransposed ? pl::kTileCols : kDepth, kTransposed ? kDepth : pl::kTileCols, !kTransposed>;
   const BCopier b_copier(w, g.cols, col0, p.out_cols());
-  // b_chunks[f]: this thread's B chunks in strip f.
-  const auto chunks_in_live_strips = [&](unsigned strips) {
-    unsigned chunks = 0;
-#pragma unroll
-    for (int i = 0; i < BCopier::kChunks; ++i) {
-      const int strip = (kTransposed ? b_copier.Row(i) : b_copier.Col()) / pl::kStrip;
-      chunks |= ((strips >> strip) & 1u) << i;
-    }
-    return chunks;
-  };
-  pl::SegmentCursor issuing(lists + col_tile * p.segments(), count, per_segment);
-  const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
-    const uint32_t entry = issuing.entry();
-    const int64_t segment = SegmentOf(entry);
-    if (threadIdx.x == 0) step_entry[step & (pl::kStages - 1)] = entry;
-    const int64_t d0 = segment * p.depth_block() + int64_t{issuing.sub()} * kDepth;
+  const unsigned b_strip_chunks = pl::ChunksOfStrips<kTransposed>(b_copier);
+  const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub) {
+    const int64_t segment = pl::SegmentOf(entry);
+    const int64_t d0 = segment * p.depth_block() + int64_t{sub} * kDepth;
     const int64_t d_end = min(p.depth(), (segment + 1) * p.depth_block());
-    issuing.Advance();
     a_copier.Issue(a_stage, d0, d_end, decltype(a_copier)::kAllChunks);
-    b_copier.Issue(b_stage, d0, d_end, chunks_in_live_strips(StripsOf(entry)));
-  };
-  // The warp's strips' factors for a segment: loaded a step before the
-  // segment's first step where the entries in flight show it coming.
-  const pl::WarpPlace warp = pl::ThisWarp();
-  int64_t strip_group[pl::kStrips];  // the block of the output's columns each of the warp's strips lies in
-#pragma unroll
-  for (int s = 0; s < pl::kStrips; ++s) {
-    strip_group[s] = min(col0 + warp.col * pl::kWarpTile + s * pl::kStrip, p.out_cols() - 1) / p.out_block();
-  }
-  const auto load_factors = [&](uint32_t entry, float (&factor)[pl::kStrips]) {
-#pragma unroll
-    for (int s = 0; s < pl::kStrips; ++s) {
-      const bool live_strip = ((StripsOf(entry) >> (warp.col * pl::kStrips + s)) & 1u) != 0;
-      factor[s] = live_strip ? factors[p.block(SegmentOf(entry), strip_group[s])] : 0.0f;
-    }
-  };
-  uint32_t staged_entry = ~0u;
-  uint32_t upcoming_entry = ~0u;
-  float upcoming_factor[pl::kStrips] = {};
-  pl::WarpStage stage{};
-  const auto warp_stage = [&](int64_t step) {
-    const uint32_t entry = step_entry[step & (pl::kStages - 1)];
-    if (entry != staged_entry) {
-      if (entry == upcoming_entry) {
-#pragma unroll
-        for (int s = 0; s < pl::kStrips; ++s) stage.factor[s] = upcoming_factor[s];
-      } else {
-        load_factors(entry, stage.factor);
-      }
-      staged_entry = entry;
-      const unsigned columns = (StripsOf(entry) >> (warp.col * pl::kStrips)) & 0xfu;
-      stage.fragments = pl::ColumnFragments(columns);
-      stage.scaled = false;
-#pragma unroll
-      for (int s = 0; s < pl::kStrips; ++s) stage.scaled = stage.scaled || (((columns >> s) & 1u) && stage.factor[s] != 1.0f);
-    }
-    // Step + 1's entry is in shared memory since this step's barrier.
-    if (step + 1 < steps) {
-      const uint32_t next = step_entry[(step + 1) & (pl::kStages - 1)];
-      if (next != staged_entry && next != upcoming_entry) {
-        upcoming_entry = next;
-        load_factors(next, upcoming_factor);
-      }
-    }
-    return stage;
+    b_copier.Issue(b_stage, d0, d_end, pl::LiveChunks<BCopier>(b_strip_chunks, pl::StripsOf(entry)));
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
-  pl::RunPipeline<D, kDepth, true, kTransposed, true>(steps, issue, warp_stage, acc);
+  pl::RunListedSegments<D, kDepth, kTransposed, true>(
+      p, col0, lists + col_tile * p.segments(), counts[col_tile], min(p.depth_block(), p.depth()), 0xfu,
+      issue_segment, [&](int64_t segment, int64_t group) { return factors[p.block(segment, group)]; }, acc);
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
     const int64_t row = row0 + r;
     const int64_t col = col0 + c;

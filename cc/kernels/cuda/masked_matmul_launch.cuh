@@ -121,8 +121,8 @@ bool MatmulUsesPipeline(const BlockGrid& grid, Product product, GpuMath math, Ma
   return pl::kHasPipeline<typename Device<T>::type> && math == GpuMath::kTensorCores &&
          (product == Product::kGradWeight || level == MaskLevel::kBlock) && grid.rows % pl::kPerChunk == 0 &&
          grid.cols % pl::kPerChunk == 0 && pl::StripAligned(grid.block_rows, grid.rows) &&
-         pl::StripAligned(grid.block_cols, grid.cols) && grid.grid_rows() < kMaxPipelineSegments &&
-         grid.grid_cols() < kMaxPipelineSegments && tc::DeviceSupportsTensorCores();
+         pl::StripAligned(grid.block_cols, grid.cols) && grid.grid_rows() < pl::kMaxSegments &&
+         grid.grid_cols() < pl::kMaxSegments && tc::DeviceSupportsTensorCores();
 }
 
 template <typename T>
@@ -134,21 +134,6 @@ size_t GpuWorkspaceBytes(const BlockGrid& grid, MaskLevel level) {
 }
 
 namespace {
-
-// The pipelined kernels' 16-byte copies and 4-byte stores need aligned arrays
-// (TensorFlow's allocations are 64-byte aligned).
-template <typename... Pointers>
-bool Aligned16(const Pointers*... pointers) {
-  return ((reinterpret_cast<uintptr_t>(pointers) % 16 == 0) && ...);
-}
-
-// Stages of 32 where the depth blocks are multiples of 32 (or one block),
-// else of 16.
-constexpr int kWideStage = 32;
-constexpr int kNarrowStage = 16;
-inline bool WideStages(int64_t depth_block, int64_t depth) {
-  return depth_block % kWideStage == 0 || depth_block >= depth;
-}
 
 template <typename D, bool kTransposed, int kDepth, typename Launch>
 void LaunchPipelinedProduct(const Launch& launch, int64_t tiles, const D* a, int64_t m, const D* w,
@@ -171,19 +156,20 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
   const bool element_level = mask.level == MaskLevel::kElement;
   const Product product = kTransposed ? Product::kGradInput : Product::kForward;
   if constexpr (pl::kHasPipeline<D>) {
-    if (MatmulUsesPipeline<T>(grid, product, math, mask.level) && Aligned16(a, w, out)) {
+    if (MatmulUsesPipeline<T>(grid, product, math, mask.level) && pl::Aligned16(a, w, out)) {
       const int64_t tiles = pl::TileCount(shape.m, out_cols);
       if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       const auto ws = IndexMask<float>(launch, grid, mask, workspace, Lists::kNone);
-      launch(TileSegmentLists<kTransposed>, static_cast<unsigned>(CeilDiv(out_cols, pl::kTileCols)), kThreads,
-             ws.live, dims, reinterpret_cast<uint32_t*>(ws.lists), ws.counts);
+      launch(pl::TileSegmentLists<ProductDims<kTransposed>>, static_cast<unsigned>(CeilDiv(out_cols, pl::kTileCols)),
+             pl::kScanThreads, ProductDims<kTransposed>{dims, ws.live}, reinterpret_cast<uint32_t*>(ws.lists),
+             ws.counts);
       const auto* da = reinterpret_cast<const D*>(a);
       const auto* dw = reinterpret_cast<const D*>(w);
       auto* dout = reinterpret_cast<D*>(out);
-      if (WideStages(kTransposed ? dims.block_cols : dims.block_rows, kTransposed ? shape.n : shape.k)) {
-        LaunchPipelinedProduct<D, kTransposed, kWideStage>(launch, tiles, da, shape.m, dw, ws, dims, dout);
+      if (pl::WideStages(kTransposed ? dims.block_cols : dims.block_rows, kTransposed ? shape.n : shape.k)) {
+        LaunchPipelinedProduct<D, kTransposed, pl::kWideStage>(launch, tiles, da, shape.m, dw, ws, dims, dout);
       } else {
-        LaunchPipelinedProduct<D, kTransposed, kNarrowStage>(launch, tiles, da, shape.m, dw, ws, dims, dout);
+        LaunchPipelinedProduct<D, kTransposed, pl::kNarrowStage>(launch, tiles, da, shape.m, dw, ws, dims, dout);
       }
       return launch.Status();
     }
@@ -222,11 +208,11 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
   const auto ws = IndexMask<Compute<D>>(launch, grid, mask, workspace, Lists::kNone);
   const GridDims dims = DimsOf(grid);
   if constexpr (pl::kHasPipeline<D>) {
-    if (MatmulUsesPipeline<T>(grid, Product::kGradWeight, math, mask.level) && Aligned16(x, dy, dw)) {
+    if (MatmulUsesPipeline<T>(grid, Product::kGradWeight, math, mask.level) && pl::Aligned16(x, dy, dw)) {
       const int64_t tiles = pl::TileCount(shape.k, shape.n);
       if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
-      launch.WithSharedMemory(pl::kSharedBytes<kWideStage, false, false>)(
-          PipelinedOuterProducts<D, kWideStage>, static_cast<unsigned>(tiles), pl::kThreads,
+      launch.WithSharedMemory(pl::kSharedBytes<pl::kWideStage, false, false>)(
+          PipelinedOuterProducts<D, pl::kWideStage>, static_cast<unsigned>(tiles), pl::kThreads,
           reinterpret_cast<const D*>(x), reinterpret_cast<const D*>(dy), shape.m, ws.factors,
           mask.level == MaskLevel::kElement, dims, ws.live, reinterpret_cast<D*>(dw));
       return launch.Status();

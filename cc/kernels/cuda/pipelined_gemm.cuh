@@ -64,6 +64,21 @@ constexpr int kStageElements = kOperandElements<kDepth, kADepthInner> + kOperand
 template <int kDepth, bool kADepthInner, bool kBDepthInner>
 constexpr int kSharedBytes = kStages * kStageElements<kDepth, kADepthInner, kBDepthInner> * 2;
 
+// The pipelined kernels' 16-byte copies and 4-byte stores need aligned arrays
+// (TensorFlow's allocations are 64-byte aligned).
+template <typename... Pointers>
+bool Aligned16(const Pointers*... pointers) {
+  return ((reinterpret_cast<uintptr_t>(pointers) % 16 == 0) && ...);
+}
+
+// Stages of 32 where the depth's blocks are multiples of 32 (or one block),
+// else of 16.
+constexpr int kWideStage = 32;
+constexpr int kNarrowStage = 16;
+inline bool WideStages(int64_t depth_block, int64_t depth) {
+  return depth_block % kWideStage == 0 || depth_block >= depth;
+}
+
 // Output tiles of a rows x cols output.
 inline int64_t TileCount(int64_t rows, int64_t cols) { return CeilDiv(rows, kTileRows) * CeilDiv(cols, kTileCols); }
 
@@ -157,9 +172,79 @@ class StageCopier {
   unsigned fixed_ok_;  // bit i: chunk i lies inside the matrix in the fixed dimension
 };
 
-// The listed segments of a product's column tile, walked in step order:
-// stage `sub` of the current one, per_segment stages a segment. Entries are
-// loaded two segments ahead of their use, so that a step never waits for one.
+// Sparse products list, per 128-column output tile, the segments of their
+// depth (a block row of W, a (tap, input block) of a filter, ...) in which
+// some block of the tile's columns is live. An entry: the segment in the low
+// bits, and which of the tile's 16-column strips lie in a live block of it in
+// the top 8 (so no entry is ~0u while segments < kMaxSegments).
+constexpr int kEntrySegmentBits = 24;
+static_assert(kTileStrips <= 32 - kEntrySegmentBits, "a tile's strips fit an entry's top bits");
+constexpr int64_t kMaxSegments = (int64_t{1} << kEntrySegmentBits) - 1;
+__host__ __device__ inline uint32_t SegmentOf(uint32_t entry) { return entry & ((1u << kEntrySegmentBits) - 1); }
+__host__ __device__ inline unsigned StripsOf(uint32_t entry) { return entry >> kEntrySegmentBits; }
+
+// lists[tile * segments + n] for n < counts[tile]: the entries of output
+// column tile `tile`, in segment order, for a product whose Dims give
+// segments(), out_cols(), out_block() (the output columns a block spans) and
+// live_block(segment, group) (group: a block of the output's columns). One
+// thread block (kScanThreads) per tile; the threads look at segments in
+// parallel and compact them with a scan.
+constexpr int kScanThreads = 256;
+template <typename Dims>
+__global__ void __launch_bounds__(kScanThreads) TileSegmentLists(Dims dims, uint32_t* lists, int32_t* counts) {
+  __shared__ int32_t scan[kScanThreads];
+  __shared__ int32_t listed;
+  const int64_t tile = blockIdx.x;
+  const int64_t col0 = tile * kTileCols;
+  if (threadIdx.x == 0) listed = 0;
+  for (int64_t segment0 = 0; segment0 < dims.segments(); segment0 += kScanThreads) {
+    const int64_t segment = segment0 + threadIdx.x;
+    unsigned strips = 0;
+    for (int f = 0; segment < dims.segments() && f < kTileStrips && col0 + f * kStrip < dims.out_cols(); ++f) {
+      if (dims.live_block(segment, (col0 + f * kStrip) / dims.out_block())) strips |= 1u << f;
+    }
+    scan[threadIdx.x] = strips != 0 ? 1 : 0;
+    __syncthreads();
+    for (int stride = 1; stride < kScanThreads; stride *= 2) {
+      const int32_t below = int(threadIdx.x) >= stride ? scan[threadIdx.x - stride] : 0;
+      __syncthreads();
+      scan[threadIdx.x] += below;
+      __syncthreads();
+    }
+    if (strips != 0) {
+      lists[tile * dims.segments() + listed + scan[threadIdx.x] - 1] =
+          static_cast<uint32_t>(segment) | strips << kEntrySegmentBits;
+    }
+    __syncthreads();
+    if (threadIdx.x == kScanThreads - 1) listed += scan[threadIdx.x];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) counts[tile] = listed;
+}
+
+// Which of a B copier's chunks lie in each of the tile's column strips, as
+// the strip number of chunk i in bits 4 i ..: the strip of a chunk is that
+// of its row (kByRow: B staged [columns][depth]) or of its column.
+template <bool kByRow, typename Copier>
+__device__ inline unsigned ChunksOfStrips(const Copier& copier) {
+  static_assert(Copier::kChunks * 4 <= 32 && kTileStrips <= 16, "a strip number per chunk in 4 bits");
+  unsigned strips = 0;
+#pragma unroll
+  for (int i = 0; i < Copier::kChunks; ++i) strips |= unsigned((kByRow ? copier.Row(i) : copier.Col()) / kStrip) << (4 * i);
+  return strips;
+}
+// The chunks (bit i) whose strip is live in `strips`.
+template <typename Copier>
+__device__ inline unsigned LiveChunks(unsigned chunk_strips, unsigned strips) {
+  unsigned chunks = 0;
+#pragma unroll
+  for (int i = 0; i < Copier::kChunks; ++i) chunks |= ((strips >> ((chunk_strips >> (4 * i)) & 0xfu)) & 1u) << i;
+  return chunks;
+}
+
+// The listed segments of a column tile, walked in step order: stage `sub` of
+// the current one, per_segment stages a segment. Entries are loaded a
+// segment ahead of their use, so that a step never waits for one.
 class SegmentCursor {
  public:
   __device__ SegmentCursor(const uint32_t* list, int count, int per_segment)
@@ -290,6 +375,82 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Stag
     }
   }
   // The groups still pending here are the empty ones committed past the last step.
+}
+
+// A product over listed segments (the forward products and dx): `count`
+// entries of `list` for the tile at output column col0, each segment
+// segment_depth deep (stages of kDepth; a segment's last stages may lie past
+// the depth's end, where the copiers zero-fill). issue_segment(a_stage,
+// b_stage, entry, sub) stages stage `sub` of an entry's segment;
+// factor_at(segment, group) is the factor of the block at (segment, output
+// column block group). A warp multiplies its live strips, in its row strips
+// set in active_rows (bit mt; all four when kAllRows), and scales a strip's
+// B by its factor where that is not 1. Step entries travel from the issuing
+// threads to the multiplying warps through shared memory; each warp loads
+// its strips' factors a step ahead of a new segment.
+template <typename D, int kDepth, bool kBDepthInner, bool kAllRows, typename Dims, typename IssueSegment,
+          typename FactorAt>
+__device__ inline void RunListedSegments(const Dims& dims, int64_t col0, const uint32_t* list, int count,
+                                         int64_t segment_depth, unsigned active_rows,
+                                         const IssueSegment& issue_segment, const FactorAt& factor_at,
+                                         float (&acc)[kStrips][2 * kStrips][4]) {
+  __shared__ uint32_t step_entry[kStages];
+  const int per_segment = static_cast<int>(CeilDiv(segment_depth, int64_t{kDepth}));
+  const int64_t steps = int64_t{count} * per_segment;
+  SegmentCursor issuing(list, count, per_segment);
+  const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
+    if (threadIdx.x == 0) step_entry[step & (kStages - 1)] = issuing.entry();
+    issue_segment(a_stage, b_stage, issuing.entry(), issuing.sub());
+    issuing.Advance();
+  };
+  const WarpPlace warp = ThisWarp();
+  int64_t strip_group[kStrips];
+#pragma unroll
+  for (int s = 0; s < kStrips; ++s) {
+    strip_group[s] = min(col0 + warp.col * kWarpTile + s * kStrip, dims.out_cols() - 1) / dims.out_block();
+  }
+  const auto load_factors = [&](uint32_t entry, float (&factor)[kStrips]) {
+#pragma unroll
+    for (int s = 0; s < kStrips; ++s) {
+      const bool live_strip = ((StripsOf(entry) >> (warp.col * kStrips + s)) & 1u) != 0;
+      factor[s] = live_strip ? factor_at(int64_t{SegmentOf(entry)}, strip_group[s]) : 0.0f;
+    }
+  };
+  uint32_t staged_entry = ~0u;
+  uint32_t upcoming_entry = ~0u;
+  float upcoming_factor[kStrips] = {};
+  WarpStage stage{};
+  const auto warp_stage = [&](int64_t step) {
+    const uint32_t entry = step_entry[step & (kStages - 1)];
+    if (entry != staged_entry) {
+      if (entry == upcoming_entry) {
+#pragma unroll
+        for (int s = 0; s < kStrips; ++s) stage.factor[s] = upcoming_factor[s];
+      } else {
+        load_factors(entry, stage.factor);
+      }
+      staged_entry = entry;
+      const unsigned columns = (StripsOf(entry) >> (warp.col * kStrips)) & 0xfu;
+      stage.fragments = 0;
+#pragma unroll
+      for (int mt = 0; mt < kStrips; ++mt) {
+        if (kAllRows || ((active_rows >> mt) & 1u) != 0) stage.fragments |= columns << (4 * mt);
+      }
+      stage.scaled = false;
+#pragma unroll
+      for (int s = 0; s < kStrips; ++s) stage.scaled = stage.scaled || (((columns >> s) & 1u) && stage.factor[s] != 1.0f);
+    }
+    // Step + 1's entry is in shared memory since this step's barrier.
+    if (step + 1 < steps) {
+      const uint32_t next = step_entry[(step + 1) & (kStages - 1)];
+      if (next != staged_entry && next != upcoming_entry) {
+        upcoming_entry = next;
+        load_factors(next, upcoming_factor);
+      }
+    }
+    return stage;
+  };
+  RunPipeline<D, kDepth, true, kBDepthInner, kAllRows>(steps, issue, warp_stage, acc);
 }
 
 // write(row, col, v0, v1) for every accumulator pair of the warp: tile row
