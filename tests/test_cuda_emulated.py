@@ -663,7 +663,7 @@ def run_conv(emulator, geometry, block, tile, dtype, tensor_cores, level, with_o
         tensor_path = tensor_cores and rule[product] and dtype != "float64"
         assert emulator.conv2d_uses_tensor_cores(product, dtype, fields, tensor_cores) == tensor_path
         assert emulator.conv2d_uses_pipeline(product, dtype, fields, level, tensor_cores) == (
-            pipelined and product == "forward")
+            pipelined and product != "grad_weight")
         if not tensor_path:
             assert emulator.stats()["mma_syncs"] == 0, f"{product}: a tensor-core kernel ran"
         expected, bound, _ = _conv(CONV_OPS[product], x64, f64, mask.astype(np.float64), om64, dy64, attrs)
@@ -724,13 +724,30 @@ def pipelined_conv_mma_count(fields, live, output_mask):
     return total
 
 
+def pipelined_conv_dx_mma_count(fields, live):
+    """The mma.sync calls (per warp) of the pipelined conv dx, restated: for
+    every 128-pixel, 128-channel tile, every (tap, output block) segment with
+    a live block in the tile's input channels multiplies, each stage, every
+    live 16-channel strip in all 8 row strips, 2 halves per 16 of depth."""
+    batch, h, w, cin, kh, kw, cout, *_, in_block, out_block, _, _ = fields
+    in_block, out_block = min(in_block, cin), min(out_block, cout)
+    stage = 32 if out_block % 32 == 0 or out_block >= cout else 16
+    per_segment = math.ceil(out_block / stage) * stage // 16
+    per_tile = 0
+    for col0 in range(0, cin, 128):
+        for j in range(live.shape[1]):
+            strips = sum(c < cin and bool(live[c // in_block, j]) for c in range(col0, col0 + 128, 16))
+            per_tile += kh * kw * per_segment * strips * 8 * 2
+    return math.ceil(batch * h * w / 128) * per_tile
+
+
 @pytest.mark.parametrize("geometry, block, tile", [(CONV_GEOMETRIES[5], (16, 16), (3, 5)),
                                                    (CONV_GEOMETRIES[6], (32, 48), (4, 4))], ids=["b16x16", "b32x48"])
 @pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
 def test_pipelined_conv_multiplies_live_fragments_only(emulator, geometry, block, tile, with_output_mask):
-    """The pipelined forward conv's tensor-core work is what the live filter
-    blocks and active output tiles need: its mma.sync count matches the
-    count restated from the masks."""
+    """The pipelined forward conv's and dx's tensor-core work is what the live
+    filter blocks (and, forward, active output tiles) need: their mma.sync
+    counts match the counts restated from the masks."""
     mask, _, output_mask, fields, _, products = conv_case(geometry, block, tile, "bfloat16", "block",
                                                           with_output_mask)
     _, x, f_nan, out_shape, _ = products[0]
@@ -738,6 +755,12 @@ def test_pipelined_conv_multiplies_live_fragments_only(emulator, geometry, block
     emulator.lib.emu_reset_stats()
     emulator.conv2d("forward", x, f_nan, mask, "block", fields, np.full(out_shape, np.nan, x.dtype), output_mask, True)
     assert emulator.stats()["mma_syncs"] == pipelined_conv_mma_count(fields, mask != 0, output_mask)
+    _, dy, _, dx_shape, _ = products[1]
+    assert emulator.conv2d_uses_pipeline("grad_input", "bfloat16", fields, "block")
+    emulator.lib.emu_reset_stats()
+    emulator.conv2d("grad_input", dy, f_nan, mask, "block", fields, np.full(dx_shape, np.nan, x.dtype), output_mask,
+                    True)
+    assert emulator.stats()["mma_syncs"] == pipelined_conv_dx_mma_count(fields, mask != 0)
 
 
 # -- schedules: the kernels' barriers ---------------------------------------------------------------------

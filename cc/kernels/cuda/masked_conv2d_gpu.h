@@ -36,8 +36,8 @@ template <typename T>
 bool Conv2DUsesTensorCores(const Conv2DGeometry& g, Product product, GpuMath math);
 
 // Whether `product` takes the pipelined tensor-core kernels (cp.async
-// stages, mma.sync), given 16-byte aligned arrays: so far the forward product,
-// for float16 / bfloat16 under kTensorCores on a device with tensor cores, a
+// stages, mma.sync), given 16-byte aligned arrays: so far the forward product
+// and dx, for float16 / bfloat16 under kTensorCores on a device with tensor cores, a
 // block mask, channel counts multiples of 8 and channel blocks cutting them
 // on multiples of 16 (or not at all). Elsewhere Conv2DUsesTensorCores decides.
 template <typename T>

@@ -685,7 +685,7 @@ __global__ void __launch_bounds__(pl::kThreads)
   using BCopier = pl::StageCopier<D, kDepth, pl::kTileCols, true>;
   const BCopier b_copier(filters, d.out_channels, col0, d.out_channels);
   const unsigned b_strip_chunks = pl::ChunksOfStrips<false>(b_copier);
-  const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub) {
+  const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub, int) {
     const int64_t segment = pl::SegmentOf(entry);
     const int64_t tap = segment / d.in_blocks();
     const int64_t i = segment % d.in_blocks();
@@ -718,7 +718,8 @@ __global__ void __launch_bounds__(pl::kThreads)
   pl::RunListedSegments<D, kDepth, false, false>(
       segments, col0, lists + col_tile * segments.segments(), any_active ? counts[col_tile] : 0,
       min(d.in_block, d.in_channels), active_rows, issue_segment,
-      [&](int64_t segment, int64_t group) { return factors[segment % d.in_blocks() * d.out_blocks() + group]; }, acc);
+      [&](int64_t segment, int64_t group) { return factors[segment % d.in_blocks() * d.out_blocks() + group]; },
+      nullptr, acc);
   // Every pixel of the tile's rows is written: inactive ones as zeros.
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
     const int64_t pixel = row_pixel[r];
@@ -727,6 +728,97 @@ __global__ void __launch_bounds__(pl::kThreads)
     const bool on = row_image[r] >= 0;
     pl::StorePair(y + pixel * d.out_channels + co, on ? OutputScaled(output_factors, pixel, v0) : 0.0f,
                   on ? OutputScaled(output_factors, pixel, v1) : 0.0f);
+  });
+#endif
+}
+
+// dx's segments for the pipelined lists: (tap, output block) pairs, tap *
+// out_blocks + j, against input-channel blocks.
+struct ConvGradInputSegments {
+  ConvDims d;
+  const uint8_t* live;
+  __host__ __device__ int64_t segments() const { return d.taps() * d.out_blocks(); }
+  __host__ __device__ int64_t out_cols() const { return d.in_channels; }
+  __host__ __device__ int64_t out_block() const { return d.in_block; }
+  __device__ bool live_block(int64_t segment, int64_t group) const {
+    const int64_t tap = segment / d.out_blocks();
+    return live[(tap * d.in_blocks() + group) * d.out_blocks() + segment % d.out_blocks()] != 0;
+  }
+};
+
+// dx for 16-bit D and a block mask on the pipelined tile: rows are input
+// pixels in raster order, columns input channels, and the depth runs over the
+// (tap, output block) segments listed for the tile's channels, kDepth output
+// channels a stage. A gathers dy at the output pixel each row meets at the
+// segment's tap (worked out once per tap; none, or a dead output-mask pixel,
+// is a zero fill) and is scaled by that pixel's output factor in registers;
+// B is the tap's filters as [input channels][output channels].
+template <typename D, int kDepth>
+__global__ void __launch_bounds__(pl::kThreads)
+    PipelinedConvGradInput(const D* dy, const D* filters, const float* factors, const float* output_factors,
+                           const uint8_t* live, ConvDims d, const uint32_t* lists, const int32_t* counts, D* dx) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  // Each stage's output factor per tile row, for the A operand's scaling.
+  __shared__ float row_factors[pl::kStages * pl::kTileRows];
+  const int64_t pixels = d.batch * d.in_h * d.in_w;
+  const int64_t col_tiles = CeilDiv(d.in_channels, pl::kTileCols);
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * pl::kTileRows;
+  const int64_t col_tile = int64_t(blockIdx.x) % col_tiles;
+  const int64_t col0 = col_tile * pl::kTileCols;
+  using ACopier = pl::StageCopier<D, pl::kTileRows, kDepth, false>;  // for its chunk placement only
+  constexpr int kAChunks = ACopier::kChunks;
+  const int a_row = threadIdx.x / ACopier::kChunksPerRow;
+  const int a_col = threadIdx.x % ACopier::kChunksPerRow * pl::kPerChunk;
+  int64_t gathered_tap = -1;
+  int64_t a_pixel[kAChunks];  // the output pixel each A chunk's row meets at the gathered tap, or -1
+  float a_factor[kAChunks];   // its output factor (1 without an output mask; +0: dead)
+  // B = the filters as a [taps * in_channels][out_channels] matrix, rows col0 .. of the segment's tap.
+  using BCopier = pl::StageCopier<D, pl::kTileCols, kDepth, false>;
+  const BCopier b_copier(filters, d.out_channels, col0, d.in_channels);
+  const unsigned b_strip_chunks = pl::ChunksOfStrips<true>(b_copier);
+  const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub, int slot) {
+    const int64_t segment = pl::SegmentOf(entry);
+    const int64_t tap = segment / d.out_blocks();
+    const int64_t j = segment % d.out_blocks();
+    if (tap != gathered_tap) {
+      gathered_tap = tap;
+#pragma unroll
+      for (int c = 0; c < kAChunks; ++c) {
+        const int64_t pixel = row0 + a_row + c * ACopier::kRowStep;
+        const int64_t n = pixel / (d.in_h * d.in_w);
+        a_pixel[c] = pixel < pixels ? OutputPixelAt(d, n, (pixel / d.in_w) % d.in_h, pixel % d.in_w,
+                                                    tap / d.filter_w, tap % d.filter_w)
+                                    : -1;
+        a_factor[c] = a_pixel[c] >= 0 && output_factors != nullptr ? output_factors[a_pixel[c]] : 1.0f;
+      }
+    }
+    const int64_t co0 = j * d.out_block + int64_t{sub} * kDepth;
+    const int64_t co_end = min(d.out_channels, (j + 1) * d.out_block);
+#pragma unroll
+    for (int c = 0; c < kAChunks; ++c) {
+      const bool read = a_pixel[c] >= 0 && Live(a_factor[c]) && co0 + a_col < co_end;
+      ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * (kDepth + pl::kPad) + a_col,
+                       read ? dy + a_pixel[c] * d.out_channels + co0 + a_col : dy, read);
+      if (output_factors != nullptr && a_col == 0) {
+        row_factors[slot * pl::kTileRows + a_row + c * ACopier::kRowStep] = Live(a_factor[c]) ? a_factor[c] : 0.0f;
+      }
+    }
+    b_copier.Issue(b_stage, co0, co_end, pl::LiveChunks<BCopier>(b_strip_chunks, pl::StripsOf(entry)),
+                   tap * d.in_channels * d.out_channels);
+  };
+  float acc[pl::kStrips][2 * pl::kStrips][4] = {};
+  const ConvGradInputSegments segments{d, live};
+  pl::RunListedSegments<D, kDepth, true, true>(
+      segments, col0, lists + col_tile * segments.segments(), counts[col_tile], min(d.out_block, d.out_channels),
+      0xfu, issue_segment,
+      [&](int64_t segment, int64_t group) { return factors[group * d.out_blocks() + segment % d.out_blocks()]; },
+      output_factors != nullptr ? row_factors : nullptr, acc);
+  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
+    const int64_t pixel = row0 + r;
+    const int64_t ci = col0 + c;
+    if (pixel < pixels && ci < d.in_channels) pl::StorePair(dx + pixel * d.in_channels + ci, v0, v1);
   });
 #endif
 }

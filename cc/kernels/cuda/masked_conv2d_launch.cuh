@@ -62,10 +62,12 @@ int64_t Tiles(const ConvDims& d) { return d.batch * d.tiles_h() * d.tiles_w(); }
 // products) or per segment of each pipelined output-channel tile, and of
 // their counts.
 int64_t ListEntries(const ConvDims& d) {
-  return std::max(FilterBlocks(d), CeilDiv(d.out_channels, pl::kTileCols) * d.taps() * d.in_blocks());
+  return std::max({FilterBlocks(d), CeilDiv(d.out_channels, pl::kTileCols) * d.taps() * d.in_blocks(),
+                   CeilDiv(d.in_channels, pl::kTileCols) * d.taps() * d.out_blocks()});
 }
 int64_t CountEntries(const ConvDims& d) {
-  return std::max({d.in_blocks(), d.out_blocks(), CeilDiv(d.out_channels, pl::kTileCols)});
+  return std::max({d.in_blocks(), d.out_blocks(), CeilDiv(d.out_channels, pl::kTileCols),
+                   CeilDiv(d.in_channels, pl::kTileCols)});
 }
 
 template <typename F>
@@ -121,10 +123,10 @@ bool Conv2DUsesTensorCores(const Conv2DGeometry& g, Product product, GpuMath mat
 template <typename T>
 bool Conv2DUsesPipeline(const Conv2DGeometry& g, Product product, GpuMath math, MaskLevel level) {
   const ConvDims d = DimsOf(g, level);
-  return product == Product::kForward && pl::kHasPipeline<D<T>> && math == GpuMath::kTensorCores &&
+  return product != Product::kGradWeight && pl::kHasPipeline<D<T>> && math == GpuMath::kTensorCores &&
          level == MaskLevel::kBlock && d.in_channels % pl::kPerChunk == 0 && d.out_channels % pl::kPerChunk == 0 &&
          pl::StripAligned(d.in_block, d.in_channels) && pl::StripAligned(d.out_block, d.out_channels) &&
-         d.taps() * d.in_blocks() < pl::kMaxSegments && tc::DeviceSupportsTensorCores();
+         d.taps() * std::max(d.in_blocks(), d.out_blocks()) < pl::kMaxSegments && tc::DeviceSupportsTensorCores();
 }
 
 template <typename T>
@@ -202,6 +204,27 @@ int RunGradInput(const Launch& launch, const Conv2DGeometry& g, const T* dy, con
   if (g.in_pixels() == 0 || g.in_channels == 0) return 0;
   const ConvDims d = DimsOf(g, mask.level);
   const auto ws = IndexFilters<ComputeOf<T>>(launch, d, mask, workspace);
+  if constexpr (pl::kHasPipeline<D<T>>) {
+    if (Conv2DUsesPipeline<T>(g, Product::kGradInput, math, mask.level) && pl::Aligned16(dy, filters, dx)) {
+      const int64_t blocks = pl::TileCount(g.in_pixels(), d.in_channels);
+      if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      const ConvGradInputSegments segments{d, ws.live};
+      auto* lists = reinterpret_cast<uint32_t*>(ws.lists);
+      launch(pl::TileSegmentLists<ConvGradInputSegments>,
+             static_cast<unsigned>(CeilDiv(d.in_channels, pl::kTileCols)), pl::kScanThreads, segments, lists,
+             ws.counts);
+      if (pl::WideStages(d.out_block, d.out_channels)) {
+        launch.WithSharedMemory(pl::kSharedBytes<pl::kWideStage, true, true>)(
+            PipelinedConvGradInput<D<T>, pl::kWideStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(dy),
+            Dev(filters), ws.factors, output_factors, ws.live, d, lists, ws.counts, Dev(dx));
+      } else {
+        launch.WithSharedMemory(pl::kSharedBytes<pl::kNarrowStage, true, true>)(
+            PipelinedConvGradInput<D<T>, pl::kNarrowStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(dy),
+            Dev(filters), ws.factors, output_factors, ws.live, d, lists, ws.counts, Dev(dx));
+      }
+      return launch.Status();
+    }
+  }
   if constexpr (tc::kHasTensorCorePath<D<T>>) {
     if (Conv2DUsesTensorCores<T>(g, Product::kGradInput, math)) {
       const int64_t blocks = tc::TileCount(g.in_pixels(), d.in_channels);

@@ -472,7 +472,7 @@ __global__ void __launch_bounds__(pl::kThreads)
       pl::StageCopier<D, kTransposed ? pl::kTileCols : kDepth, kTransposed ? kDepth : pl::kTileCols, !kTransposed>;
   const BCopier b_copier(w, g.cols, col0, p.out_cols());
   const unsigned b_strip_chunks = pl::ChunksOfStrips<kTransposed>(b_copier);
-  const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub) {
+  const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub, int) {
     const int64_t segment = pl::SegmentOf(entry);
     const int64_t d0 = segment * p.depth_block() + int64_t{sub} * kDepth;
     const int64_t d_end = min(p.depth(), (segment + 1) * p.depth_block());
@@ -482,7 +482,7 @@ __global__ void __launch_bounds__(pl::kThreads)
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
   pl::RunListedSegments<D, kDepth, kTransposed, true>(
       p, col0, lists + col_tile * p.segments(), counts[col_tile], min(p.depth_block(), p.depth()), 0xfu,
-      issue_segment, [&](int64_t segment, int64_t group) { return factors[p.block(segment, group)]; }, acc);
+      issue_segment, [&](int64_t segment, int64_t group) { return factors[p.block(segment, group)]; }, nullptr, acc);
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
     const int64_t row = row0 + r;
     const int64_t col = col0 + c;

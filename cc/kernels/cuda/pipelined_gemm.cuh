@@ -99,10 +99,14 @@ __device__ inline WarpPlace ThisWarp() {
 
 // What a warp multiplies in a stage: its live fragments (bit 4 mt + s) and,
 // when `scaled`, each column strip's factor for the B operand.
+// row_factor, where not null: a factor for each of the tile's rows (in
+// shared memory), by which the A operand is scaled and rounded to D before
+// the product, as the reference rounds dy * o.
 struct WarpStage {
   unsigned fragments;
   bool scaled;
   float factor[kStrips];
+  const float* row_factor;
 };
 
 // Every fragment of column strips `columns` (bit s).
@@ -151,8 +155,9 @@ class StageCopier {
   // Stages the tile whose depth starts at d0 into `stage`. Chunk i is read
   // where bit i of `chunks` is set and it lies inside the matrix and before
   // the depth's end d_end; the others are zero fills that read nothing.
-  __device__ void Issue(D* stage, int64_t d0, int64_t d_end, unsigned chunks) const {
-    const D* src = base_ + (kDepthRows ? d0 * ld_ : d0);
+  // `shift` moves the matrix by that many elements (a tap's filters).
+  __device__ void Issue(D* stage, int64_t d0, int64_t d_end, unsigned chunks, int64_t shift = 0) const {
+    const D* src = base_ + shift + (kDepthRows ? d0 * ld_ : d0);
     const int64_t step = kRowStep * ld_;
     D* dst = stage + row_ * (kCols + kPad) + col_;
 #pragma unroll
@@ -317,6 +322,12 @@ __device__ inline void MultiplyStage(const D* a_lane, const D* b_lane, const War
       if (!kWholeColumns && ((stage.fragments >> (4 * mt)) & 0xfu) == 0) continue;
       ptx::LoadMatrices<!kADepthInner>(
           a[mt], a_lane + (kADepthInner ? mt * kStrip * kAStride + k0 : k0 * kAStride + mt * kStrip));
+      if (stage.row_factor != nullptr) {
+        // Registers 0 and 2 hold row lane / 4 of the strip, 1 and 3 that row + 8.
+        const float* factor = stage.row_factor + ThisWarp().row * kWarpTile + mt * kStrip + threadIdx.x % 32 / 4;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[mt][i] = ScalePair<D>(a[mt][i], factor[i % 2 * 8]);
+      }
     }
 #pragma unroll
     for (int s = 0; s < kStrips; ++s) {
@@ -381,7 +392,9 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Stag
 // entries of `list` for the tile at output column col0, each segment
 // segment_depth deep (stages of kDepth; a segment's last stages may lie past
 // the depth's end, where the copiers zero-fill). issue_segment(a_stage,
-// b_stage, entry, sub) stages stage `sub` of an entry's segment;
+// b_stage, entry, sub, slot) stages stage `sub` of an entry's segment into
+// buffer `slot` (0 .. kStages - 1; where row_factors is not null, it also
+// writes row_factors[slot * kTileRows + r] for the tile's rows r);
 // factor_at(segment, group) is the factor of the block at (segment, output
 // column block group). A warp multiplies its live strips, in its row strips
 // set in active_rows (bit mt; all four when kAllRows), and scales a strip's
@@ -393,14 +406,15 @@ template <typename D, int kDepth, bool kBDepthInner, bool kAllRows, typename Dim
 __device__ inline void RunListedSegments(const Dims& dims, int64_t col0, const uint32_t* list, int count,
                                          int64_t segment_depth, unsigned active_rows,
                                          const IssueSegment& issue_segment, const FactorAt& factor_at,
-                                         float (&acc)[kStrips][2 * kStrips][4]) {
+                                         const float* row_factors, float (&acc)[kStrips][2 * kStrips][4]) {
   __shared__ uint32_t step_entry[kStages];
   const int per_segment = static_cast<int>(CeilDiv(segment_depth, int64_t{kDepth}));
   const int64_t steps = int64_t{count} * per_segment;
   SegmentCursor issuing(list, count, per_segment);
   const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
-    if (threadIdx.x == 0) step_entry[step & (kStages - 1)] = issuing.entry();
-    issue_segment(a_stage, b_stage, issuing.entry(), issuing.sub());
+    const int slot = static_cast<int>(step & (kStages - 1));
+    if (threadIdx.x == 0) step_entry[slot] = issuing.entry();
+    issue_segment(a_stage, b_stage, issuing.entry(), issuing.sub(), slot);
     issuing.Advance();
   };
   const WarpPlace warp = ThisWarp();
@@ -422,6 +436,7 @@ __device__ inline void RunListedSegments(const Dims& dims, int64_t col0, const u
   WarpStage stage{};
   const auto warp_stage = [&](int64_t step) {
     const uint32_t entry = step_entry[step & (kStages - 1)];
+    stage.row_factor = row_factors == nullptr ? nullptr : row_factors + (step & (kStages - 1)) * kTileRows;
     if (entry != staged_entry) {
       if (entry == upcoming_entry) {
 #pragma unroll
