@@ -648,8 +648,8 @@ def run_conv(emulator, geometry, block, tile, dtype, tensor_cores, level, with_o
     mask, element, output_mask, fields, attrs, products = conv_case(geometry, block, tile, dtype, level,
                                                                     with_output_mask, seed)
     aligned = lambda size, channels: size % 16 == 0 or size >= channels  # noqa: E731
-    pipelined = (tensor_cores and dtype in ("float16", "bfloat16") and level == "block" and cin % 8 == 0
-                 and cout % 8 == 0 and aligned(block[0], cin) and aligned(block[1], cout))
+    pipelined = (tensor_cores and dtype in ("float16", "bfloat16") and cin % 8 == 0 and cout % 8 == 0
+                 and aligned(block[0], cin) and aligned(block[1], cout))
     rule = {"forward": aligned(block[1], cout), "grad_input": aligned(block[0], cin),
             "grad_weight": aligned(block[0], cin) and aligned(block[1], cout)}
     x, f_nan, dy = products[0][1], products[0][2], products[1][1]
@@ -663,7 +663,7 @@ def run_conv(emulator, geometry, block, tile, dtype, tensor_cores, level, with_o
         tensor_path = tensor_cores and rule[product] and dtype != "float64"
         assert emulator.conv2d_uses_tensor_cores(product, dtype, fields, tensor_cores) == tensor_path
         assert emulator.conv2d_uses_pipeline(product, dtype, fields, level, tensor_cores) == (
-            pipelined and product != "grad_weight")
+            pipelined and (product == "grad_weight" or level == "block"))
         if not tensor_path:
             assert emulator.stats()["mma_syncs"] == 0, f"{product}: a tensor-core kernel ran"
         expected, bound, _ = _conv(CONV_OPS[product], x64, f64, mask.astype(np.float64), om64, dy64, attrs)
@@ -761,6 +761,34 @@ def test_pipelined_conv_multiplies_live_fragments_only(emulator, geometry, block
     emulator.conv2d("grad_input", dy, f_nan, mask, "block", fields, np.full(dx_shape, np.nan, x.dtype), output_mask,
                     True)
     assert emulator.stats()["mma_syncs"] == pipelined_conv_dx_mma_count(fields, mask != 0)
+
+
+@pytest.mark.parametrize("level", ["block", "element"])
+@pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
+def test_pipelined_conv_filter_gradient_over_splits(emulator, level, with_output_mask):
+    """dfilters with its depth (2048 output pixels) split four ways, summed
+    by a second kernel: the reference's result, with the mma.sync count of
+    the live fragments over the whole depth."""
+    geometry = (2, 32, 32, 16, 24, (3, 3), 1, 1, (1, 1, 1, 1))
+    mask, element, output_mask, fields, attrs, products = conv_case(geometry, (16, 16), (8, 8), "bfloat16", level,
+                                                                    with_output_mask)
+    _, x, dy, out_shape, depth = products[2]
+    assert emulator.conv2d_uses_pipeline("grad_weight", "bfloat16", fields, level)
+    emulator.lib.emu_reset_stats()
+    out = emulator.conv2d("grad_weight", x, dy, mask, level, fields, np.full(out_shape, np.nan, x.dtype), output_mask,
+                          True)
+    stats = emulator.stats()
+    live_taps = [(element[ky, kx] != 0) for ky in range(3) for kx in range(3)]
+    fragments = sum(int(live[i:i + 16, j:j + 16].any()) for live in live_taps for i in range(0, 16, 16)
+                    for j in range(0, 24, 16))
+    assert stats["mma_syncs"] == 2048 // 32 * 2 * fragments * 2
+    # (the output mask's factors,) the filter factors, liveness, the split products, their sum
+    assert stats["launches"] == 4 + (output_mask is not None)
+    om64 = np.zeros((0,)) if output_mask is None else output_mask.astype(np.float64)
+    expected, bound, _ = _conv(CONV_OPS["grad_weight"], x.astype(np.float64), products[0][2].astype(np.float64),
+                               mask.astype(np.float64), om64, dy.astype(np.float64), attrs)
+    check(out, expected, bound, depth, "bfloat16", True, "grad_weight bfloat16")
+    assert (out[element == 0] == 0).all()
 
 
 # -- schedules: the kernels' barriers ---------------------------------------------------------------------

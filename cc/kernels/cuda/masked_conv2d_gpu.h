@@ -26,8 +26,10 @@ namespace gpu {
 template <typename TOut, typename F>
 int CanonicalOutputFactors(const TOut* output_mask, int64_t pixels, F* factors, Stream stream);
 
+// Device workspace bytes of `product` (the pipelined dfilters keep partial
+// sums of a split depth there).
 template <typename T>
-size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level);
+size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level, Product product);
 
 // Whether `product` runs on tensor cores under `math` on the current device:
 // the forward product needs the output-channel blocks cut on multiples of 16
@@ -36,10 +38,11 @@ template <typename T>
 bool Conv2DUsesTensorCores(const Conv2DGeometry& g, Product product, GpuMath math);
 
 // Whether `product` takes the pipelined tensor-core kernels (cp.async
-// stages, mma.sync), given 16-byte aligned arrays: so far the forward product
-// and dx, for float16 / bfloat16 under kTensorCores on a device with tensor cores, a
-// block mask, channel counts multiples of 8 and channel blocks cutting them
-// on multiples of 16 (or not at all). Elsewhere Conv2DUsesTensorCores decides.
+// stages, mma.sync), given 16-byte aligned arrays (the output factors too):
+// float16 / bfloat16 under kTensorCores on a device with tensor cores,
+// channel counts multiples of 8, channel blocks cutting them on multiples of
+// 16 (or not at all), and for the forward product and dx a block mask.
+// Elsewhere Conv2DUsesTensorCores decides.
 template <typename T>
 bool Conv2DUsesPipeline(const Conv2DGeometry& g, Product product, GpuMath math, MaskLevel level);
 

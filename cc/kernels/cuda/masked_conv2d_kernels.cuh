@@ -823,6 +823,135 @@ __global__ void __launch_bounds__(pl::kThreads)
 #endif
 }
 
+// dfilters for 16-bit D on the pipelined tile, split over the depth:
+// blockIdx.x walks (split, tap, 128-channel tile of in_channels, of
+// out_channels), the last fastest; the depth is the output pixels, kDepth a
+// stage, and split s takes stages [s per_split, (s + 1) per_split). A = x^T
+// gathered at the tap's input pixel of each depth row (padding: zero fills;
+// each thread steps its rows' output pixels along stage by stage), B = dy,
+// masked per depth row by the output factors (staged by cp.async with the
+// operands). A warp multiplies only its fragments in live blocks; a tile
+// without any reads nothing. With one split the tile is written masked, as
+// D; with several, as float partial sums to partials[split] (taps x
+// in_channels x out_channels each), which SplitFilterSums adds up.
+template <typename D, int kDepth>
+__global__ void __launch_bounds__(pl::kThreads)
+    PipelinedConvGradFilter(const D* x, const D* dy, const float* factors, const float* output_factors,
+                            const uint8_t* live, ConvDims d, int64_t per_split, float* partials, D* dfilters) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // launched only where DeviceSupportsTensorCores()
+#else
+  __shared__ __align__(16) float depth_factors[pl::kStages * kDepth];
+  const int64_t row_tiles = CeilDiv(d.in_channels, pl::kTileRows);
+  const int64_t col_tiles = CeilDiv(d.out_channels, pl::kTileCols);
+  const int64_t col0 = int64_t(blockIdx.x) % col_tiles * pl::kTileCols;
+  const int64_t row0 = int64_t(blockIdx.x) / col_tiles % row_tiles * pl::kTileRows;
+  const int64_t tap = int64_t(blockIdx.x) / (col_tiles * row_tiles) % d.taps();
+  const int64_t split = int64_t(blockIdx.x) / (col_tiles * row_tiles * d.taps());
+  const int64_t pixels = d.batch * d.out_h * d.out_w;
+  const int64_t first = split * per_split;
+  const int64_t steps = max(int64_t{0}, min(CeilDiv(pixels, int64_t{kDepth}), first + per_split) - first);
+  const auto fragment_live = [&](int64_t ci, int64_t co) {
+    return ci < d.in_channels && co < d.out_channels &&
+           live[(tap * d.in_blocks() + ci / d.in_block) * d.out_blocks() + co / d.out_block] != 0;
+  };
+  bool any = false;
+  for (int f = 0; f < pl::kTileStrips * pl::kTileStrips && !any; ++f) {
+    any = fragment_live(row0 + f / pl::kTileStrips * pl::kStrip, col0 + f % pl::kTileStrips * pl::kStrip);
+  }
+  const pl::WarpPlace warp = pl::ThisWarp();
+  pl::WarpStage stage{};
+  for (int mt = 0; mt < pl::kStrips; ++mt) {
+    for (int s = 0; s < pl::kStrips; ++s) {
+      if (fragment_live(row0 + warp.row * pl::kWarpTile + mt * pl::kStrip,
+                        col0 + warp.col * pl::kWarpTile + s * pl::kStrip)) {
+        stage.fragments |= 1u << (4 * mt + s);
+      }
+    }
+  }
+  // A = x^T as [depth][in channels]: each thread's chunks sit in depth rows
+  // a_row + c kRowStep, channels row0 + a_col ..; their output pixels as
+  // (image, y, x), stepped kDepth pixels a stage.
+  using ACopier = pl::StageCopier<D, kDepth, pl::kTileRows, true>;  // for its chunk placement only
+  constexpr int kAChunks = ACopier::kChunks;
+  const int a_row = threadIdx.x / ACopier::kChunksPerRow;
+  const int a_col = threadIdx.x % ACopier::kChunksPerRow * pl::kPerChunk;
+  int64_t a_n[kAChunks], a_y[kAChunks], a_x[kAChunks];
+#pragma unroll
+  for (int c = 0; c < kAChunks; ++c) {
+    const int64_t pixel = first * kDepth + a_row + c * ACopier::kRowStep;
+    a_n[c] = pixel / (d.out_h * d.out_w);
+    a_y[c] = pixel / d.out_w % d.out_h;
+    a_x[c] = pixel % d.out_w;
+  }
+  const int64_t tap_y = tap / d.filter_w * d.dilation_h - d.pad_top;
+  const int64_t tap_x = tap % d.filter_w * d.dilation_w - d.pad_left;
+  const pl::StageCopier<D, kDepth, pl::kTileCols, true> dy_copier(dy, d.out_channels, col0, d.out_channels);
+  const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
+    const int64_t p0 = (first + step) * kDepth;
+#pragma unroll
+    for (int c = 0; c < kAChunks; ++c) {
+      const int64_t iy = a_y[c] * d.stride_h + tap_y;
+      const int64_t ix = a_x[c] * d.stride_w + tap_x;
+      const bool read = a_n[c] < d.batch && iy >= 0 && iy < d.in_h && ix >= 0 && ix < d.in_w &&
+                        row0 + a_col < d.in_channels;
+      ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * (pl::kTileRows + pl::kPad) + a_col,
+                       read ? x + ((a_n[c] * d.in_h + iy) * d.in_w + ix) * d.in_channels + row0 + a_col : x, read);
+      // The next stage's pixel: kDepth on in raster order.
+      a_x[c] += kDepth;
+      while (a_x[c] >= d.out_w) {
+        a_x[c] -= d.out_w;
+        if (++a_y[c] == d.out_h) {
+          a_y[c] = 0;
+          ++a_n[c];
+        }
+      }
+    }
+    dy_copier.Issue(b_stage, p0, pixels, decltype(dy_copier)::kAllChunks);
+    constexpr int kFactorChunks = kDepth / 4;  // 4 floats a copy
+    if (output_factors != nullptr && int(threadIdx.x) < kFactorChunks) {
+      const int64_t at = p0 + threadIdx.x * 4;
+      ptx::CopyAsync16(depth_factors + (step & (pl::kStages - 1)) * kDepth + threadIdx.x * 4,
+                       at < pixels ? output_factors + at : output_factors, at < pixels);
+    }
+  };
+  float acc[pl::kStrips][2 * pl::kStrips][4] = {};
+  pl::RunPipeline<D, kDepth, false, false, false>(any ? steps : 0, issue, [&](int64_t step) {
+    stage.depth_factor = output_factors == nullptr ? nullptr : depth_factors + (step & (pl::kStages - 1)) * kDepth;
+    return stage;
+  }, acc);
+  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
+    const int64_t ci = row0 + r;
+    const int64_t co = col0 + c;
+    if (ci >= d.in_channels || co >= d.out_channels) return;
+    const int64_t at = (tap * d.in_channels + ci) * d.out_channels + co;
+    if (partials == nullptr) {
+      pl::StorePair(dfilters + at, Masked(v0, d.factor(factors, tap, ci, co)),
+                    Masked(v1, d.factor(factors, tap, ci, co + 1)));
+    } else {
+      float* to = partials + split * d.taps() * d.in_channels * d.out_channels + at;
+      to[0] = v0;
+      to[1] = v1;
+    }
+  });
+#endif
+}
+
+// dfilters from the `splits` partial sums of PipelinedConvGradFilter, masked.
+template <typename D>
+__global__ void SplitFilterSums(const float* partials, int64_t splits, const float* factors, ConvDims d,
+                                D* dfilters) {
+  const int64_t count = d.taps() * d.in_channels * d.out_channels;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t co = e % d.out_channels;
+    const int64_t ci = e / d.out_channels % d.in_channels;
+    const float factor = d.factor(factors, e / (d.out_channels * d.in_channels), ci, co);
+    float sum = 0.0f;
+    for (int64_t s = 0; Live(factor) && s < splits; ++s) sum += partials[s * count + e];
+    dfilters[e] = FromCompute<D>(Masked(sum, factor));
+  }
+}
+
 }  // namespace
 }  // namespace gpu
 }  // namespace masked_ops

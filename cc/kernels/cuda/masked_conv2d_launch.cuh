@@ -46,6 +46,7 @@ struct Workspace {
   int32_t* lists;
   int32_t* counts;
   uint8_t* active;
+  float* partials;  // the pipelined dfilters' split sums
 };
 
 int64_t AlignUp(int64_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -65,9 +66,40 @@ int64_t ListEntries(const ConvDims& d) {
   return std::max({FilterBlocks(d), CeilDiv(d.out_channels, pl::kTileCols) * d.taps() * d.in_blocks(),
                    CeilDiv(d.in_channels, pl::kTileCols) * d.taps() * d.out_blocks()});
 }
+// The pipelined dfilters' split of its depth (the output pixels): enough
+// thread blocks to fill a large GPU twice over, each split at least
+// kMinSplitStages stages deep.
+constexpr int64_t kTargetBlocks = 264;
+constexpr int64_t kMaxSplits = 32;
+constexpr int64_t kMinSplitStages = 16;
+int64_t GradFilterSplits(const ConvDims& d) {
+  const int64_t tiles = d.taps() * pl::TileCount(d.in_channels, d.out_channels);
+  const int64_t stages = CeilDiv(d.batch * d.out_h * d.out_w, int64_t{pl::kWideStage});
+  return std::clamp(CeilDiv(kTargetBlocks, std::max<int64_t>(tiles, 1)), int64_t{1},
+                    std::clamp(stages / kMinSplitStages, int64_t{1}, kMaxSplits));
+}
+
 int64_t CountEntries(const ConvDims& d) {
   return std::max({d.in_blocks(), d.out_blocks(), CeilDiv(d.out_channels, pl::kTileCols),
                    CeilDiv(d.in_channels, pl::kTileCols)});
+}
+
+// Whether the geometry suits the pipelined kernels for 16-bit T (the rest of
+// the rule, Conv2DUsesPipeline, is about the call).
+template <typename T>
+bool PipelineGeometry(const ConvDims& d) {
+  return pl::kHasPipeline<typename Device<T>::type> && d.in_channels % pl::kPerChunk == 0 && d.out_channels % pl::kPerChunk == 0 &&
+         pl::StripAligned(d.in_block, d.in_channels) && pl::StripAligned(d.out_block, d.out_channels) &&
+         d.taps() * std::max(d.in_blocks(), d.out_blocks()) < pl::kMaxSegments;
+}
+
+// Bytes of the pipelined dfilters' partial sums (none for one split).
+template <typename T>
+int64_t PartialBytes(const ConvDims& d, Product product) {
+  const int64_t splits = GradFilterSplits(d);
+  return product == Product::kGradWeight && PipelineGeometry<T>(d) && splits > 1
+             ? splits * d.taps() * d.in_channels * d.out_channels * int64_t(sizeof(float))
+             : 0;
 }
 
 template <typename F>
@@ -83,6 +115,8 @@ Workspace<F> Carve(void* base, const ConvDims& d) {
   ws.counts = reinterpret_cast<int32_t*>(p);
   p += AlignUp(CountEntries(d) * int64_t(sizeof(int32_t)));
   ws.active = reinterpret_cast<uint8_t*>(p);
+  p += AlignUp(Tiles(d));
+  ws.partials = reinterpret_cast<float*>(p);
   return ws;
 }
 
@@ -122,19 +156,17 @@ bool Conv2DUsesTensorCores(const Conv2DGeometry& g, Product product, GpuMath mat
 
 template <typename T>
 bool Conv2DUsesPipeline(const Conv2DGeometry& g, Product product, GpuMath math, MaskLevel level) {
-  const ConvDims d = DimsOf(g, level);
-  return product != Product::kGradWeight && pl::kHasPipeline<D<T>> && math == GpuMath::kTensorCores &&
-         level == MaskLevel::kBlock && d.in_channels % pl::kPerChunk == 0 && d.out_channels % pl::kPerChunk == 0 &&
-         pl::StripAligned(d.in_block, d.in_channels) && pl::StripAligned(d.out_block, d.out_channels) &&
-         d.taps() * std::max(d.in_blocks(), d.out_blocks()) < pl::kMaxSegments && tc::DeviceSupportsTensorCores();
+  return PipelineGeometry<T>(DimsOf(g, level)) && math == GpuMath::kTensorCores &&
+         (product == Product::kGradWeight || level == MaskLevel::kBlock) && tc::DeviceSupportsTensorCores();
 }
 
 template <typename T>
-size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level) {
+size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level, Product product) {
   const ConvDims d = DimsOf(g, level);
   return static_cast<size_t>(AlignUp(FactorCount(d) * int64_t(sizeof(ComputeOf<T>))) + AlignUp(FilterBlocks(d)) +
                              AlignUp(ListEntries(d) * int64_t(sizeof(int32_t))) +
-                             AlignUp(CountEntries(d) * int64_t(sizeof(int32_t))) + AlignUp(Tiles(d)));
+                             AlignUp(CountEntries(d) * int64_t(sizeof(int32_t))) + AlignUp(Tiles(d)) +
+                             PartialBytes<T>(d, product));
 }
 
 namespace {
@@ -252,6 +284,24 @@ int RunGradFilter(const Launch& launch, const Conv2DGeometry& g, const T* x, con
   const ConvDims d = DimsOf(g, mask.level);
   if (FilterBlocks(d) == 0 || g.out_channels == 0) return 0;
   const auto ws = IndexFilters<ComputeOf<T>>(launch, d, mask, workspace);
+  if constexpr (pl::kHasPipeline<D<T>>) {
+    if (Conv2DUsesPipeline<T>(g, Product::kGradWeight, math, mask.level) && pl::Aligned16(x, dy, dfilters) &&
+        pl::Aligned16(output_factors)) {
+      const int64_t splits = GradFilterSplits(d);
+      const int64_t blocks = splits * d.taps() * pl::TileCount(d.in_channels, d.out_channels);
+      if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      const int64_t per_split = CeilDiv(CeilDiv(g.out_pixels(), int64_t{pl::kWideStage}), splits);
+      launch.WithSharedMemory(pl::kSharedBytes<pl::kWideStage, false, false>)(
+          PipelinedConvGradFilter<D<T>, pl::kWideStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x),
+          Dev(dy), ws.factors, output_factors, ws.live, d, per_split, splits > 1 ? ws.partials : nullptr,
+          Dev(dfilters));
+      if (splits > 1) {
+        launch(SplitFilterSums<D<T>>, BlocksFor(d.taps() * d.in_channels * d.out_channels), kThreads, ws.partials,
+               splits, ws.factors, d, Dev(dfilters));
+      }
+      return launch.Status();
+    }
+  }
   if constexpr (tc::kHasTensorCorePath<D<T>>) {
     if (Conv2DUsesTensorCores<T>(g, Product::kGradWeight, math)) {
       const int64_t blocks = d.taps() * tc::TileCount(d.in_channels, d.out_channels);

@@ -100,13 +100,15 @@ __device__ inline WarpPlace ThisWarp() {
 // What a warp multiplies in a stage: its live fragments (bit 4 mt + s) and,
 // when `scaled`, each column strip's factor for the B operand.
 // row_factor, where not null: a factor for each of the tile's rows (in
-// shared memory), by which the A operand is scaled and rounded to D before
-// the product, as the reference rounds dy * o.
+// shared memory), by which the A operand is masked and rounded to D before
+// the product, as the reference rounds dy * o; depth_factor likewise for
+// each of the stage's kDepth depth rows of the B operand.
 struct WarpStage {
   unsigned fragments;
   bool scaled;
   float factor[kStrips];
   const float* row_factor;
+  const float* depth_factor;
 };
 
 // Every fragment of column strips `columns` (bit s).
@@ -274,14 +276,16 @@ class SegmentCursor {
   uint32_t now_, next_;
 };
 
-// w * factor rounded to D, for the two D of a fragment register.
+// Masked(v, factor) rounded to D (w * m, or 0 where m is dead, whatever w
+// is) for the two D of a fragment register: the lower-indexed one with
+// `low`, the other with `high`.
 template <typename D>
-__device__ inline uint32_t ScalePair(uint32_t pair, float factor) {
+__device__ inline uint32_t ScalePair(uint32_t pair, float low, float high) {
   D halves[2];
   static_assert(sizeof(halves) == sizeof(pair), "two 16-bit values to a register");
   memcpy(halves, &pair, sizeof(pair));
-#pragma unroll
-  for (int i = 0; i < 2; ++i) halves[i] = FromCompute<D>(ToCompute(halves[i]) * factor);
+  halves[0] = FromCompute<D>(Masked(ToCompute(halves[0]), low));
+  halves[1] = FromCompute<D>(Masked(ToCompute(halves[1]), high));
   memcpy(&pair, halves, sizeof(pair));
   return pair;
 }
@@ -326,7 +330,7 @@ __device__ inline void MultiplyStage(const D* a_lane, const D* b_lane, const War
         // Registers 0 and 2 hold row lane / 4 of the strip, 1 and 3 that row + 8.
         const float* factor = stage.row_factor + ThisWarp().row * kWarpTile + mt * kStrip + threadIdx.x % 32 / 4;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[mt][i] = ScalePair<D>(a[mt][i], factor[i % 2 * 8]);
+        for (int i = 0; i < 4; ++i) a[mt][i] = ScalePair<D>(a[mt][i], factor[i % 2 * 8], factor[i % 2 * 8]);
       }
     }
 #pragma unroll
@@ -337,7 +341,13 @@ __device__ inline void MultiplyStage(const D* a_lane, const D* b_lane, const War
           b, b_lane + (kBDepthInner ? s * kStrip * kBStride + k0 : k0 * kBStride + s * kStrip));
       if (stage.scaled) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) b[i] = ScalePair<D>(b[i], stage.factor[s]);
+        for (int i = 0; i < 4; ++i) b[i] = ScalePair<D>(b[i], stage.factor[s], stage.factor[s]);
+      }
+      if (stage.depth_factor != nullptr) {
+        // Registers 0 and 2 hold depth rows 2 (lane % 4) + {0, 1} of the 16, 1 and 3 those + 8.
+        const float* factor = stage.depth_factor + k0 + threadIdx.x % 4 * 2;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) b[i] = ScalePair<D>(b[i], factor[i % 2 * 8], factor[i % 2 * 8 + 1]);
       }
       const uint32_t left[2] = {b[0], b[1]};
       const uint32_t right[2] = {b[2], b[3]};
