@@ -803,6 +803,7 @@ def test_results_do_not_depend_on_the_thread_order(emulator, schedule):
              lambda: run_matmul(emulator, (70, 40, 53), (16, 8), "float32", False, "block"),
              lambda: run_matmul(emulator, (70, 48, 40), (16, 16), "float16", True, "block"),
              lambda: run_matmul(emulator, (150, 200, 136), (64, 32), "bfloat16", True, "block"),
+             lambda: run_conv(emulator, CONV_GEOMETRIES[6], (32, 48), (4, 4), "bfloat16", True, "block", True),
              lambda: run_conv(emulator, CONV_GEOMETRIES[1], (16, 16), (3, 5), "float32", True, "element", True),
              lambda: run_conv(emulator, CONV_GEOMETRIES[0], (16, 8), (4, 8), "float32", False, "block", True)]
     for case in cases:

@@ -685,10 +685,18 @@ __global__ void __launch_bounds__(pl::kThreads)
   using BCopier = pl::StageCopier<D, kDepth, pl::kTileCols, true>;
   const BCopier b_copier(filters, d.out_channels, col0, d.out_channels);
   const unsigned b_strip_chunks = pl::ChunksOfStrips<false>(b_copier);
+  const int64_t in_blocks = d.in_blocks();
+  // The issued segment's tap and input channels [ci_begin, ci_end), worked out once a segment.
+  uint32_t issued_entry = ~0u;
+  int64_t tap = 0, ci_begin = 0, ci_end = 0;
   const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub, int) {
-    const int64_t segment = pl::SegmentOf(entry);
-    const int64_t tap = segment / d.in_blocks();
-    const int64_t i = segment % d.in_blocks();
+    if (entry != issued_entry) {
+      issued_entry = entry;
+      const int64_t segment = pl::SegmentOf(entry);
+      tap = segment / in_blocks;
+      ci_begin = segment % in_blocks * d.in_block;
+      ci_end = min(d.in_channels, ci_begin + d.in_block);
+    }
     if (tap != gathered_tap) {
       gathered_tap = tap;
       const int64_t tap_y = tap / d.filter_w * d.dilation_h;
@@ -702,8 +710,7 @@ __global__ void __launch_bounds__(pl::kThreads)
         a_offset[c] = inside ? (row_image[r] + iy * d.in_w + ix) * d.in_channels : -1;
       }
     }
-    const int64_t ci0 = i * d.in_block + int64_t{sub} * kDepth;
-    const int64_t ci_end = min(d.in_channels, (i + 1) * d.in_block);
+    const int64_t ci0 = ci_begin + int64_t{sub} * kDepth;
 #pragma unroll
     for (int c = 0; c < kAChunks; ++c) {
       const bool read = a_offset[c] >= 0 && ci0 + a_col < ci_end;
@@ -718,10 +725,10 @@ __global__ void __launch_bounds__(pl::kThreads)
   pl::RunListedSegments<D, kDepth, false, false>(
       segments, col0, lists + col_tile * segments.segments(), any_active ? counts[col_tile] : 0,
       min(d.in_block, d.in_channels), active_rows, issue_segment,
-      [&](int64_t segment, int64_t group) { return factors[segment % d.in_blocks() * d.out_blocks() + group]; },
+      [&](int64_t segment, int64_t group) { return factors[segment % in_blocks * d.out_blocks() + group]; },
       nullptr, acc);
   // Every pixel of the tile's rows is written: inactive ones as zeros.
-  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
+  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
     const int64_t pixel = row_pixel[r];
     const int64_t co = col0 + c;
     if (pixel < 0 || co >= d.out_channels) return;
@@ -778,10 +785,18 @@ __global__ void __launch_bounds__(pl::kThreads)
   using BCopier = pl::StageCopier<D, pl::kTileCols, kDepth, false>;
   const BCopier b_copier(filters, d.out_channels, col0, d.in_channels);
   const unsigned b_strip_chunks = pl::ChunksOfStrips<true>(b_copier);
+  const int64_t out_blocks = d.out_blocks();
+  // The issued segment's tap and output channels [co_begin, co_end), worked out once a segment.
+  uint32_t issued_entry = ~0u;
+  int64_t tap = 0, co_begin = 0, co_end = 0;
   const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub, int slot) {
-    const int64_t segment = pl::SegmentOf(entry);
-    const int64_t tap = segment / d.out_blocks();
-    const int64_t j = segment % d.out_blocks();
+    if (entry != issued_entry) {
+      issued_entry = entry;
+      const int64_t segment = pl::SegmentOf(entry);
+      tap = segment / out_blocks;
+      co_begin = segment % out_blocks * d.out_block;
+      co_end = min(d.out_channels, co_begin + d.out_block);
+    }
     if (tap != gathered_tap) {
       gathered_tap = tap;
 #pragma unroll
@@ -794,8 +809,7 @@ __global__ void __launch_bounds__(pl::kThreads)
         a_factor[c] = a_pixel[c] >= 0 && output_factors != nullptr ? output_factors[a_pixel[c]] : 1.0f;
       }
     }
-    const int64_t co0 = j * d.out_block + int64_t{sub} * kDepth;
-    const int64_t co_end = min(d.out_channels, (j + 1) * d.out_block);
+    const int64_t co0 = co_begin + int64_t{sub} * kDepth;
 #pragma unroll
     for (int c = 0; c < kAChunks; ++c) {
       const bool read = a_pixel[c] >= 0 && Live(a_factor[c]) && co0 + a_col < co_end;
@@ -813,9 +827,9 @@ __global__ void __launch_bounds__(pl::kThreads)
   pl::RunListedSegments<D, kDepth, true, true>(
       segments, col0, lists + col_tile * segments.segments(), counts[col_tile], min(d.out_block, d.out_channels),
       0xfu, issue_segment,
-      [&](int64_t segment, int64_t group) { return factors[group * d.out_blocks() + segment % d.out_blocks()]; },
+      [&](int64_t segment, int64_t group) { return factors[group * out_blocks + segment % out_blocks]; },
       output_factors != nullptr ? row_factors : nullptr, acc);
-  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
+  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
     const int64_t pixel = row0 + r;
     const int64_t ci = col0 + c;
     if (pixel < pixels && ci < d.in_channels) pl::StorePair(dx + pixel * d.in_channels + ci, v0, v1);
@@ -920,14 +934,18 @@ __global__ void __launch_bounds__(pl::kThreads)
     stage.depth_factor = output_factors == nullptr ? nullptr : depth_factors + (step & (pl::kStages - 1)) * kDepth;
     return stage;
   }, acc);
-  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
+  const pl::FragmentBlocks blocks(
+      row0, col0, [&](int64_t ci) { return min(ci, d.in_channels - 1) / d.in_block * d.out_blocks(); },
+      [&](int64_t co) { return min(co, d.out_channels - 1) / d.out_block; });
+  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int mt, int s) {
     const int64_t ci = row0 + r;
     const int64_t co = col0 + c;
     if (ci >= d.in_channels || co >= d.out_channels) return;
     const int64_t at = (tap * d.in_channels + ci) * d.out_channels + co;
     if (partials == nullptr) {
-      pl::StorePair(dfilters + at, Masked(v0, d.factor(factors, tap, ci, co)),
-                    Masked(v1, d.factor(factors, tap, ci, co + 1)));
+      const float f0 = d.element_level ? factors[at] : factors[blocks(mt, s)];
+      const float f1 = d.element_level ? factors[at + 1] : f0;
+      pl::StorePair(dfilters + at, Masked(v0, f0), Masked(v1, f1));
     } else {
       float* to = partials + split * d.taps() * d.in_channels * d.out_channels + at;
       to[0] = v0;

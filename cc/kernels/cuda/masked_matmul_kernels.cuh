@@ -483,7 +483,7 @@ __global__ void __launch_bounds__(pl::kThreads)
   pl::RunListedSegments<D, kDepth, kTransposed, true>(
       p, col0, lists + col_tile * p.segments(), counts[col_tile], min(p.depth_block(), p.depth()), 0xfu,
       issue_segment, [&](int64_t segment, int64_t group) { return factors[p.block(segment, group)]; }, nullptr, acc);
-  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
+  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
     const int64_t row = row0 + r;
     const int64_t col = col0 + c;
     if (row < m && col < p.out_cols()) pl::StorePair(out + row * p.out_cols() + col, v0, v1);
@@ -532,13 +532,17 @@ __global__ void __launch_bounds__(pl::kThreads)
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
   pl::RunPipeline<D, kDepth, false, false, false>(any ? CeilDiv(m, int64_t{kDepth}) : 0, issue,
                                            [&](int64_t) { return stage; }, acc);
-  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
+  const pl::FragmentBlocks blocks(
+      row0, col0, [&](int64_t row) { return min(row, g.rows - 1) / g.block_rows * g.grid_cols; },
+      [&](int64_t col) { return min(col, g.cols - 1) / g.block_cols; });
+  pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int mt, int s) {
     const int64_t row = row0 + r;
     const int64_t col = col0 + c;
-    if (row < g.rows && col < g.cols) {
-      pl::StorePair(dw + row * g.cols + col, Masked(v0, g.factor(factors, element_level, row, col)),
-                    Masked(v1, g.factor(factors, element_level, row, col + 1)));
-    }
+    if (row >= g.rows || col >= g.cols) return;
+    const int64_t at = row * g.cols + col;
+    const float f0 = element_level ? factors[at] : factors[blocks(mt, s)];
+    const float f1 = element_level ? factors[at + 1] : f0;
+    pl::StorePair(dw + at, Masked(v0, f0), Masked(v1, f1));
   });
 #endif
 }

@@ -478,8 +478,9 @@ __device__ inline void RunListedSegments(const Dims& dims, int64_t col0, const u
   RunPipeline<D, kDepth, true, kBDepthInner, kAllRows>(steps, issue, warp_stage, acc);
 }
 
-// write(row, col, v0, v1) for every accumulator pair of the warp: tile row
-// `row`, tile columns col and col + 1.
+// write(row, col, v0, v1, mt, s) for every accumulator pair of the warp:
+// tile row `row`, tile columns col and col + 1, in the warp's fragment (mt,
+// s) (compile-time indices once unrolled, for per-fragment arrays).
 template <typename Write>
 __device__ inline void ForEachAccumulatorPair(const float (&acc)[kStrips][2 * kStrips][4], const Write& write) {
   const WarpPlace warp = ThisWarp();
@@ -491,11 +492,30 @@ __device__ inline void ForEachAccumulatorPair(const float (&acc)[kStrips][2 * kS
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         write(warp.row * kWarpTile + mt * kStrip + lane / 4 + 8 * h, warp.col * kWarpTile + nt * 8 + lane % 4 * 2,
-              acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+              acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1], mt, nt / 2);
       }
     }
   }
 }
+
+// The factors of a block-masked weight gradient's tile for this warp: one
+// per fragment (a fragment lies in one block), the block index of each of
+// its row and column strips worked out once. block_of(row, col) gives the
+// flat index of the block holding tile entry (row, col), or -1 outside.
+struct FragmentBlocks {
+  int64_t row_part[kStrips];  // of the flat block index, per row strip
+  int64_t col_part[kStrips];
+  template <typename RowPart, typename ColPart>
+  __device__ FragmentBlocks(int64_t row0, int64_t col0, const RowPart& row_part_of, const ColPart& col_part_of) {
+    const WarpPlace warp = ThisWarp();
+#pragma unroll
+    for (int i = 0; i < kStrips; ++i) {
+      row_part[i] = row_part_of(row0 + warp.row * kWarpTile + i * kStrip);
+      col_part[i] = col_part_of(col0 + warp.col * kWarpTile + i * kStrip);
+    }
+  }
+  __device__ int64_t operator()(int mt, int s) const { return row_part[mt] + col_part[s]; }
+};
 
 // Two D at `out` (4-byte aligned).
 template <typename D>
