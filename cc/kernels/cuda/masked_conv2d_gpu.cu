@@ -7,7 +7,10 @@
 // output tile: a tile whose output mask is zero throughout is written as
 // zeros and never computed. Where the filter blocks' channel edges fall on
 // multiples of 16 and tensor cores are asked for, the three products run on
-// them (tensor_core_tile.cuh), with the same skipping; else on CUDA cores.
+// them, with the same skipping: float16 / bfloat16 on the pipelined tile
+// where Conv2DUsesPipeline says so (pipelined_gemm.cuh: per-tile lists of
+// live segments, cp.async stages, mma.sync; dfilters split over the output
+// pixels), else on the WMMA tile (tensor_core_tile.cuh); else on CUDA cores.
 //
 // The kernels are in masked_conv2d_kernels.cuh and their launch sequences in
 // masked_conv2d_launch.cuh; this file launches them on a stream.

@@ -4,11 +4,14 @@
 // live: its value, -0 for a live value that rounds to zero, so that liveness
 // is "any bit set"), marks the live blocks, and lists, per output block
 // column (forward) or block row (dx), the live blocks to multiply. The
-// products then run over those lists only: a dead block is never read. Two
-// kinds of product: on tensor cores (tensor_core_tile.cuh; the half types,
-// and float32 as TF32 when allowed) where the output's block edges fall on
-// multiples of 16 (MatmulUsesTensorCores), else plain shared-memory tiles of
-// float FMAs (mask_factors.cuh).
+// products then run over those lists only: a dead block is never read. Three
+// kinds of product: the pipelined tensor-core tile for float16 / bfloat16
+// where MatmulUsesPipeline says so (pipelined_gemm.cuh: per 128-column tile
+// lists of live segments, cp.async stages, ldmatrix + mma.sync); the WMMA
+// tile (tensor_core_tile.cuh; the half types elsewhere, and float32 as TF32
+// when allowed) where the output's block edges fall on multiples of 16
+// (MatmulUsesTensorCores); else plain shared-memory tiles of float FMAs
+// (mask_factors.cuh).
 //
 // The kernels are in masked_matmul_kernels.cuh and their launch sequences in
 // masked_matmul_launch.cuh; this file launches them on a stream.
