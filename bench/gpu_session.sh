@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (no TensorFlow there; PyTorch, CMake, ninja,
+# nvcc and compute-sanitizer are): builds the TF-free harness for the GPU at
+# hand, runs tests/gpu, compute-sanitizer on a subset that covers every
+# kernel family (the pipelined ones included), and bench/gpu.py, writing
+# every log and the bench JSON under $OUT (default: /tmp/masked_ops_gpu_session).
+#
+#   bash bench/gpu_session.sh            # all of it (~3-4 minutes on an H200)
+#   bash bench/gpu_session.sh tests      # build + tests/gpu + compute-sanitizer
+#   bash bench/gpu_session.sh bench      # build + bench/gpu.py
+#
+# The last lines printed are a summary, since the device tool returns the end
+# of the output. Notes on what each run showed: bench/GPU_NOTES.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-/tmp/masked_ops_gpu_session}"
+mkdir -p "$out"
+what="${1:-all}"
+export PYTHONUNBUFFERED=1
+summary=()
+
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv > "$out/device.txt"
+cmake -S . -B build/gpu -G Ninja -DMASKED_OPS_TF=OFF -DMASKED_OPS_CUDA=ON \
+  -DCMAKE_CUDA_ARCHITECTURES="${arch}-real" > "$out/build.log" 2>&1 &&
+  cmake --build build/gpu --target masked_ops_cuda_harness -j "$(nproc)" >> "$out/build.log" 2>&1
+summary+=("build (sm_${arch}): rc $?")
+
+if [[ "$what" == all || "$what" == tests ]]; then
+  python3 -m pytest -q -p no:cacheprovider tests/gpu > "$out/gpu-test.log" 2>&1
+  summary+=("tests/gpu: $(tail -1 "$out/gpu-test.log")")
+  # One pipelined matmul (all three products) and conv case per kind of
+  # mask, a WMMA and a CUDA-core case, and the elementwise kernels.
+  subset='(test_products_match_reference and 300x200x136 and 0.3 and block and bfloat16 and tensor-cores)
+    or (test_products_match_reference and 257x96x160 and 0.3 and element and float32)
+    or (test_conv_products_match_reference and 2x14x13x32 and bfloat16 and tensor-cores and b16x16)
+    or (test_conv_products_match_reference and 1x15x14x24 and float16 and tensor-cores and b32x48 and block)
+    or (test_nan_in_inputs and bfloat16 and tensor-cores and b32x32)
+    or test_types_match_the_product_and_sum or test_adam_step'
+  for tool in memcheck racecheck synccheck; do
+    {
+      echo "== $tool"
+      compute-sanitizer --tool "$tool" --error-exitcode 1 \
+        python3 -m pytest -q -p no:cacheprovider tests/gpu -k "$(echo $subset)" 2>&1 | tail -4
+      echo "$tool rc ${PIPESTATUS[0]}"
+    } >> "$out/compute-sanitizer.log"
+    summary+=("$(grep "$tool rc" "$out/compute-sanitizer.log" | tail -1)")
+  done
+fi
+
+if [[ "$what" == all || "$what" == bench ]]; then
+  python3 bench/gpu.py --conv --blocks 32,64 --json "$out/gpu.json" > "$out/bench.log" 2>&1
+  summary+=("bench/gpu.py: rc $?")
+  python3 bench/gpu.py --summary "$out/gpu.json" 2>&1 | tail -40
+fi
+
+printf '%s\n' "${summary[@]}"
