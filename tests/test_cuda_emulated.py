@@ -545,9 +545,16 @@ def pipelined_mma_count(product, m, k, n, block, live):
     return math.ceil(m / 128) * total
 
 
+def depth_splits(tiles, depth):
+    """How many ways the pipelined weight gradients split their depth,
+    restated: enough thread blocks for 264, each split 16 stages of 32 deep
+    or more, at most 32."""
+    return min(math.ceil(264 / max(tiles, 1)), min(max(math.ceil(depth / 32) // 16, 1), 32))
+
+
 @pytest.mark.parametrize("shape, block", [((150, 200, 136), (64, 32)), ((64, 48, 272), (16, 48)),
-                                          ((8, 4160, 16), (16, 16))],
-                         ids=["short-last-segment", "stages-of-16", "260-segments"])
+                                          ((8, 4160, 16), (16, 16)), ((2080, 64, 48), (16, 16))],
+                         ids=["short-last-segment", "stages-of-16", "260-segments", "split-batch"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_pipelined_products_multiply_live_fragments_only(emulator, shape, block, dtype):
     """The pipelined kernels' tensor-core work is what the live blocks need:
@@ -566,6 +573,9 @@ def test_pipelined_products_multiply_live_fragments_only(emulator, shape, block,
         emulator.lib.emu_reset_stats()
         emulator.matmul(product, a, b, mask, "block", block, shape, np.full(out_shape, np.nan, t), True)
         assert emulator.stats()["mma_syncs"] == pipelined_mma_count(product, m, k, n, block, live), product
+    # dW: factors, liveness, the product, and the sum of its splits where there are several.
+    splits = depth_splits(math.ceil(k / 128) * math.ceil(n / 128), m)
+    assert emulator.stats()["launches"] == 3 + (splits > 1)
     run_matmul(emulator, shape, block, dtype, True, "block", density=0.4)
 
 

@@ -92,15 +92,18 @@ int64_t KernelsWorkspace(const Conv2DGeometry& g, int level, int product) {
 
 extern "C" {
 
-// Bytes of device workspace a product over a k x n weight of dtype needs;
-// level 0 is an element mask, 1 a block mask. Every workspace query returns 0
-// for an unknown dtype.
-size_t masked_ops_gpu_workspace_bytes(const char* dtype, int64_t k, int64_t n, int64_t block_rows,
-                                      int64_t block_cols, int level) {
+// Bytes of device workspace `product` (0, 1, 2 as for masked_ops_gpu_matmul)
+// over m rows and a k x n weight of dtype needs; level 0 is an element mask,
+// 1 a block mask. Every workspace query returns 0 for an unknown dtype or
+// product.
+size_t masked_ops_gpu_workspace_bytes(int product, const char* dtype, int64_t m, int64_t k, int64_t n,
+                                      int64_t block_rows, int64_t block_cols, int level) {
   using namespace masked_ops::gpu;
+  if (!KnownProduct(product)) return 0;
   return WithElementType(dtype, size_t{0}, [&](auto element) {
     using T = typename decltype(element)::type;
-    return GpuWorkspaceBytes<T>(masked_ops::BlockGrid{k, n, block_rows, block_cols}, LevelOf(level));
+    return GpuWorkspaceBytes<T>(masked_ops::MatmulShape{m, k, n, block_rows, block_cols}, LevelOf(level),
+                                ProductOf(product));
   });
 }
 

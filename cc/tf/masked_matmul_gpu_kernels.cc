@@ -16,30 +16,30 @@ struct GpuBackend {
   template <typename T, typename Mask>
   static void Forward(OpKernelContext* ctx, const MatmulShape& shape, const T* x, const T* w,
                       MaskView<Mask> mask, T* y) {
-    Launch<T>(ctx, shape, mask.level, [&](void* workspace, gpu::Stream stream) {
+    Launch<T>(ctx, shape, mask.level, gpu::Product::kForward, [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedMatmul(shape, Storage(x), Storage(w), mask, Storage(y), workspace, GpuMathFor<T>(), stream);
     });
   }
   template <typename T, typename Mask>
   static void GradInput(OpKernelContext* ctx, const MatmulShape& shape, const T* dy, const T* w,
                         MaskView<Mask> mask, T* dx) {
-    Launch<T>(ctx, shape, mask.level, [&](void* workspace, gpu::Stream stream) {
+    Launch<T>(ctx, shape, mask.level, gpu::Product::kGradInput, [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedMatmulGradInput(shape, Storage(dy), Storage(w), mask, Storage(dx), workspace, GpuMathFor<T>(), stream);
     });
   }
   template <typename T, typename Mask>
   static void GradWeight(OpKernelContext* ctx, const MatmulShape& shape, const T* x, const T* dy,
                          MaskView<Mask> mask, T* dw) {
-    Launch<T>(ctx, shape, mask.level, [&](void* workspace, gpu::Stream stream) {
+    Launch<T>(ctx, shape, mask.level, gpu::Product::kGradWeight, [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedMatmulGradWeight(shape, Storage(x), Storage(dy), mask, Storage(dw), workspace, GpuMathFor<T>(), stream);
     });
   }
 
   template <typename T, typename Run>
-  static void Launch(OpKernelContext* ctx, const MatmulShape& shape, MaskLevel level, const Run& run) {
+  static void Launch(OpKernelContext* ctx, const MatmulShape& shape, MaskLevel level, gpu::Product product,
+                     const Run& run) {
     LaunchWithWorkspace(
-        ctx, static_cast<int64_t>(gpu::GpuWorkspaceBytes<typename KernelStorage<T>::type>(shape.weight_grid(), level)),
-        run);
+        ctx, static_cast<int64_t>(gpu::GpuWorkspaceBytes<typename KernelStorage<T>::type>(shape, level, product)), run);
   }
 };
 

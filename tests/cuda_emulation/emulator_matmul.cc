@@ -32,7 +32,10 @@ int emu_matmul(int product, int dtype, int mask_dtype, int64_t m, int64_t k, int
     Arena arena;
     const int64_t mask_count = level == 0 ? k * n : grid.grid_rows() * grid.grid_cols();
     const MaskView<TMask> view{arena.In(static_cast<const TMask*>(mask), mask_count, "mask"), LevelOf(level)};
-    void* workspace = arena.Scratch(static_cast<int64_t>(gpu::GpuWorkspaceBytes<T>(grid, view.level)), "workspace");
+    const int64_t workspace_bytes = product >= 0 && product <= 2 ? static_cast<int64_t>(gpu::GpuWorkspaceBytes<T>(
+                                                                       shape, view.level, static_cast<gpu::Product>(product)))
+                                                                 : 0;
+    void* workspace = arena.Scratch(workspace_bytes, "workspace");
     const gpu::GpuMath math = MathOf(tensor_cores);
     int status = kUnknownType;
     switch (product) {

@@ -35,7 +35,8 @@ def library_path():
 def load():
     library = ctypes.CDLL(str(library_path()))
     library.masked_ops_gpu_workspace_bytes.restype = ctypes.c_size_t
-    library.masked_ops_gpu_workspace_bytes.argtypes = [ctypes.c_char_p] + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    library.masked_ops_gpu_workspace_bytes.argtypes = ([ctypes.c_int, ctypes.c_char_p] + [ctypes.c_int64] * 5
+                                                       + [ctypes.c_int])
     library.masked_ops_gpu_elementwise_workspace_bytes.restype = ctypes.c_size_t
     library.masked_ops_gpu_elementwise_workspace_bytes.argtypes = [ctypes.c_char_p] + [ctypes.c_int64] * 5 + [ctypes.c_int]
     library.masked_ops_gpu_elementwise.restype = ctypes.c_int
@@ -88,7 +89,8 @@ class Harness:
         rows, cols = block_size
         level_code = 0 if level == "element" else 1
         workspace = self.torch.empty(
-            self.library.masked_ops_gpu_workspace_bytes(dtype_name(a).encode(), k, n, rows, cols, level_code),
+            self.library.masked_ops_gpu_workspace_bytes(PRODUCTS[product], dtype_name(a).encode(), m, k, n, rows, cols,
+                                                        level_code),
             dtype=self.torch.uint8, device=a.device)
         status = self.library.masked_ops_gpu_matmul(
             PRODUCTS[product], dtype_name(a).encode(), dtype_name(mask).encode(), m, k, n, rows, cols,

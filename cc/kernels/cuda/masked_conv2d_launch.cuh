@@ -66,17 +66,9 @@ int64_t ListEntries(const ConvDims& d) {
   return std::max({FilterBlocks(d), CeilDiv(d.out_channels, pl::kTileCols) * d.taps() * d.in_blocks(),
                    CeilDiv(d.in_channels, pl::kTileCols) * d.taps() * d.out_blocks()});
 }
-// The pipelined dfilters' split of its depth (the output pixels): enough
-// thread blocks to fill a large GPU twice over, each split at least
-// kMinSplitStages stages deep.
-constexpr int64_t kTargetBlocks = 264;
-constexpr int64_t kMaxSplits = 32;
-constexpr int64_t kMinSplitStages = 16;
+// The pipelined dfilters' split of its depth (the output pixels).
 int64_t GradFilterSplits(const ConvDims& d) {
-  const int64_t tiles = d.taps() * pl::TileCount(d.in_channels, d.out_channels);
-  const int64_t stages = CeilDiv(d.batch * d.out_h * d.out_w, int64_t{pl::kWideStage});
-  return std::clamp(CeilDiv(kTargetBlocks, std::max<int64_t>(tiles, 1)), int64_t{1},
-                    std::clamp(stages / kMinSplitStages, int64_t{1}, kMaxSplits));
+  return pl::DepthSplits(d.taps() * pl::TileCount(d.in_channels, d.out_channels), d.batch * d.out_h * d.out_w);
 }
 
 int64_t CountEntries(const ConvDims& d) {

@@ -65,7 +65,7 @@ MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MASKED_OPS_INSTANTIATE)
 #undef MASKED_OPS_INSTANTIATE
 
 #define MASKED_OPS_INSTANTIATE(T)                                                         \
-  template size_t GpuWorkspaceBytes<T>(const BlockGrid&, MaskLevel);                       \
+  template size_t GpuWorkspaceBytes<T>(const MatmulShape&, MaskLevel, Product);            \
   template bool MatmulUsesTensorCores<T>(const BlockGrid&, Product, GpuMath);                 \
   template bool MatmulUsesPipeline<T>(const BlockGrid&, Product, GpuMath, MaskLevel);
 

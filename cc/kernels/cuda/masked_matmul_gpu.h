@@ -54,10 +54,11 @@ bool MatmulUsesTensorCores(const BlockGrid& grid, Product product, GpuMath math)
 template <typename T>
 bool MatmulUsesPipeline(const BlockGrid& grid, Product product, GpuMath math, MaskLevel level);
 
-// Device bytes of the live-block index for a T weight of `grid` with a mask
-// of `level`.
+// Device bytes of `product`'s workspace for a T weight with a mask of
+// `level`: the live-block index, and for the pipelined dW the partial sums
+// of a split batch.
 template <typename T>
-size_t GpuWorkspaceBytes(const BlockGrid& grid, MaskLevel level);
+size_t GpuWorkspaceBytes(const MatmulShape& shape, MaskLevel level, Product product);
 
 template <typename T, typename TMask>
 int MaskedMatmul(const MatmulShape& shape, const T* x, const T* w, MaskView<TMask> mask, T* y,

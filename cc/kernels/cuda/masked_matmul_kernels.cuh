@@ -491,20 +491,27 @@ __global__ void __launch_bounds__(pl::kThreads)
 #endif
 }
 
-// dW = mask(x^T dy) for 16-bit D on the pipelined tile: blockIdx.x walks
-// dW's 128 x 128 tiles, columns fastest; the depth is the m rows of x and dy,
-// kDepth at a time. A warp multiplies only its fragments in live blocks, and
-// a tile without any is written as zeros without reading x or dy.
+// dW = mask(x^T dy) for 16-bit D on the pipelined tile, split over the
+// depth: blockIdx.x walks (split, dW's 128 x 128 tile), columns fastest; the
+// depth is the m rows of x and dy, kDepth at a time, split s taking stages
+// [s per_split, (s + 1) per_split). A warp multiplies only its fragments in
+// live blocks, and a tile without any reads neither x nor dy. With one split
+// the tile is written masked, as D; with several, as float partial sums to
+// partials[split] (k x n each), which SplitWeightSums adds up.
 template <typename D, int kDepth>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedOuterProducts(const D* x, const D* dy, int64_t m, const float* factors, bool element_level, GridDims g,
-                           const uint8_t* live, D* dw) {
+                           const uint8_t* live, int64_t per_split, float* partials, D* dw) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // launched only where DeviceSupportsTensorCores()
 #else
   const int64_t col_tiles = CeilDiv(g.cols, pl::kTileCols);
-  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * pl::kTileRows;
+  const int64_t tiles = CeilDiv(g.rows, pl::kTileRows) * col_tiles;
+  const int64_t split = int64_t(blockIdx.x) / tiles;
+  const int64_t row0 = int64_t(blockIdx.x) % tiles / col_tiles * pl::kTileRows;
   const int64_t col0 = int64_t(blockIdx.x) % col_tiles * pl::kTileCols;
+  const int64_t first = split * per_split;
+  const int64_t steps = max(int64_t{0}, min(CeilDiv(m, int64_t{kDepth}), first + per_split) - first);
   const auto fragment_live = [&](int64_t row, int64_t col) {
     return row < g.rows && col < g.cols && g.block_live(live, row, col);
   };
@@ -526,12 +533,11 @@ __global__ void __launch_bounds__(pl::kThreads)
   const pl::StageCopier<D, kDepth, pl::kTileRows, true> x_copier(x, g.rows, row0, g.rows);
   const pl::StageCopier<D, kDepth, pl::kTileCols, true> dy_copier(dy, g.cols, col0, g.cols);
   const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
-    x_copier.Issue(a_stage, step * kDepth, m, decltype(x_copier)::kAllChunks);
-    dy_copier.Issue(b_stage, step * kDepth, m, decltype(dy_copier)::kAllChunks);
+    x_copier.Issue(a_stage, (first + step) * kDepth, m, decltype(x_copier)::kAllChunks);
+    dy_copier.Issue(b_stage, (first + step) * kDepth, m, decltype(dy_copier)::kAllChunks);
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
-  pl::RunPipeline<D, kDepth, false, false, false>(any ? CeilDiv(m, int64_t{kDepth}) : 0, issue,
-                                           [&](int64_t) { return stage; }, acc);
+  pl::RunPipeline<D, kDepth, false, false, false>(any ? steps : 0, issue, [&](int64_t) { return stage; }, acc);
   const pl::FragmentBlocks blocks(
       row0, col0, [&](int64_t row) { return min(row, g.rows - 1) / g.block_rows * g.grid_cols; },
       [&](int64_t col) { return min(col, g.cols - 1) / g.block_cols; });
@@ -540,11 +546,30 @@ __global__ void __launch_bounds__(pl::kThreads)
     const int64_t col = col0 + c;
     if (row >= g.rows || col >= g.cols) return;
     const int64_t at = row * g.cols + col;
+    if (partials != nullptr) {
+      float* to = partials + split * g.rows * g.cols + at;
+      to[0] = v0;
+      to[1] = v1;
+      return;
+    }
     const float f0 = element_level ? factors[at] : factors[blocks(mt, s)];
     const float f1 = element_level ? factors[at + 1] : f0;
     pl::StorePair(dw + at, Masked(v0, f0), Masked(v1, f1));
   });
 #endif
+}
+
+// dW from the `splits` partial sums of PipelinedOuterProducts, masked.
+template <typename D>
+__global__ void SplitWeightSums(const float* partials, int64_t splits, const float* factors, bool element_level,
+                                GridDims g, D* dw) {
+  const int64_t count = g.rows * g.cols;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
+    const float factor = g.factor(factors, element_level, e / g.cols, e % g.cols);
+    float sum = 0.0f;
+    for (int64_t s = 0; Live(factor) && s < splits; ++s) sum += partials[s * count + e];
+    dw[e] = FromCompute<D>(Masked(sum, factor));
+  }
 }
 
 }  // namespace

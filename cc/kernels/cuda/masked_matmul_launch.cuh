@@ -39,13 +39,15 @@ GridDims DimsOf(const BlockGrid& unclamped) {
                   grid.grid_cols()};
 }
 
-// The workspace: canonical factors (in F), block liveness, lists and counts.
+// The workspace: canonical factors (in F), block liveness, lists and counts,
+// and the pipelined dW's split sums.
 template <typename F>
 struct Workspace {
   F* factors;
   uint8_t* live;
   int32_t* lists;
   int32_t* counts;
+  float* partials;
 };
 
 int64_t AlignUp(int64_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -79,6 +81,8 @@ Workspace<F> Carve(void* base, const BlockGrid& grid, MaskLevel level) {
   ws.lists = reinterpret_cast<int32_t*>(p);
   p += AlignUp(ListEntries(grid) * int64_t(sizeof(int32_t)));
   ws.counts = reinterpret_cast<int32_t*>(p);
+  p += AlignUp(CountEntries(grid) * int64_t(sizeof(int32_t)));
+  ws.partials = reinterpret_cast<float*>(p);
   return ws;
 }
 
@@ -125,12 +129,29 @@ bool MatmulUsesPipeline(const BlockGrid& grid, Product product, GpuMath math, Ma
          grid.grid_cols() < pl::kMaxSegments && tc::DeviceSupportsTensorCores();
 }
 
+namespace {
+
+// The pipelined dW's split of the batch (1: no partial sums).
 template <typename T>
-size_t GpuWorkspaceBytes(const BlockGrid& grid, MaskLevel level) {
+int64_t WeightGradientSplits(const MatmulShape& shape, Product product, MaskLevel level) {
+  const BlockGrid grid = shape.weight_grid();
+  const bool pipelined = product == Product::kGradWeight && pl::kHasPipeline<typename Device<T>::type> &&
+                         grid.rows % pl::kPerChunk == 0 && grid.cols % pl::kPerChunk == 0 &&
+                         pl::StripAligned(grid.block_rows, grid.rows) && pl::StripAligned(grid.block_cols, grid.cols);
+  return pipelined ? pl::DepthSplits(pl::TileCount(shape.k, shape.n), shape.m) : 1;
+}
+
+}  // namespace
+
+template <typename T>
+size_t GpuWorkspaceBytes(const MatmulShape& shape, MaskLevel level, Product product) {
+  const BlockGrid grid = shape.weight_grid();
   const int64_t blocks = grid.grid_rows() * grid.grid_cols();
+  const int64_t splits = WeightGradientSplits<T>(shape, product, level);
   return static_cast<size_t>(AlignUp(FactorCount(grid, level) * int64_t(sizeof(ComputeOf<T>))) + AlignUp(blocks) +
                              AlignUp(ListEntries(grid) * int64_t(sizeof(int32_t))) +
-                             AlignUp(CountEntries(grid) * int64_t(sizeof(int32_t))));
+                             AlignUp(CountEntries(grid) * int64_t(sizeof(int32_t))) +
+                             (splits > 1 ? splits * shape.k * shape.n * int64_t(sizeof(float)) : 0));
 }
 
 namespace {
@@ -209,12 +230,19 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
   const GridDims dims = DimsOf(grid);
   if constexpr (pl::kHasPipeline<D>) {
     if (MatmulUsesPipeline<T>(grid, Product::kGradWeight, math, mask.level) && pl::Aligned16(x, dy, dw)) {
-      const int64_t tiles = pl::TileCount(shape.k, shape.n);
-      if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      const int64_t splits = WeightGradientSplits<T>(shape, Product::kGradWeight, mask.level);
+      const int64_t blocks = splits * pl::TileCount(shape.k, shape.n);
+      if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      const int64_t per_split = CeilDiv(CeilDiv(shape.m, int64_t{pl::kWideStage}), splits);
+      const bool element_level = mask.level == MaskLevel::kElement;
       launch.WithSharedMemory(pl::kSharedBytes<pl::kWideStage, false, false>)(
-          PipelinedOuterProducts<D, pl::kWideStage>, static_cast<unsigned>(tiles), pl::kThreads,
-          reinterpret_cast<const D*>(x), reinterpret_cast<const D*>(dy), shape.m, ws.factors,
-          mask.level == MaskLevel::kElement, dims, ws.live, reinterpret_cast<D*>(dw));
+          PipelinedOuterProducts<D, pl::kWideStage>, static_cast<unsigned>(blocks), pl::kThreads,
+          reinterpret_cast<const D*>(x), reinterpret_cast<const D*>(dy), shape.m, ws.factors, element_level, dims,
+          ws.live, per_split, splits > 1 ? ws.partials : nullptr, reinterpret_cast<D*>(dw));
+      if (splits > 1) {
+        launch(SplitWeightSums<D>, BlocksFor(shape.k * shape.n), kThreads, ws.partials, splits, ws.factors,
+               element_level, dims, reinterpret_cast<D*>(dw));
+      }
       return launch.Status();
     }
   }

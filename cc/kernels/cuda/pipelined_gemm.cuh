@@ -23,6 +23,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -81,6 +82,19 @@ inline bool WideStages(int64_t depth_block, int64_t depth) {
 
 // Output tiles of a rows x cols output.
 inline int64_t TileCount(int64_t rows, int64_t cols) { return CeilDiv(rows, kTileRows) * CeilDiv(cols, kTileCols); }
+
+// How many ways a weight gradient of `tiles` output tiles splits its depth
+// (a batch, or a conv's output pixels) of `depth` rows in stages of
+// kWideStage: enough thread blocks to fill a large GPU twice over, each split
+// at least kMinSplitStages stages deep. The partial sums of several splits
+// are added up by a second kernel.
+constexpr int64_t kTargetBlocks = 264;
+constexpr int64_t kMaxSplits = 32;
+constexpr int64_t kMinSplitStages = 16;
+inline int64_t DepthSplits(int64_t tiles, int64_t depth) {
+  const int64_t most = std::clamp(CeilDiv(depth, int64_t{kWideStage}) / kMinSplitStages, int64_t{1}, kMaxSplits);
+  return std::min(CeilDiv(kTargetBlocks, std::max(tiles, int64_t{1})), most);
+}
 
 // Whether a block size cuts an extent on multiples of a fragment, or not at
 // all.
