@@ -601,6 +601,18 @@ __global__ void __launch_bounds__(tc::kThreads)
 
 namespace pl = pipelined;
 
+// A conv segment's tap and its channels [begin, end), for segments of
+// `blocks` blocks of `block` out of `channels` channels a tap (the forward
+// product's input blocks, dx's output blocks).
+struct ConvSegment {
+  int64_t tap, begin, end;
+};
+__device__ inline ConvSegment SegmentAt(uint32_t entry, int64_t blocks, int64_t block, int64_t channels) {
+  const int64_t segment = pl::SegmentOf(entry);
+  const int64_t begin = segment % blocks * block;
+  return ConvSegment{segment / blocks, begin, min(channels, begin + block)};
+}
+
 // The forward conv's segments for the pipelined lists: (tap, input block)
 // pairs, tap * in_blocks + i, against output-channel blocks.
 struct ConvForwardSegments {
@@ -686,17 +698,14 @@ __global__ void __launch_bounds__(pl::kThreads)
   const BCopier b_copier(filters, d.out_channels, col0, d.out_channels);
   const unsigned b_strip_chunks = pl::ChunksOfStrips<false>(b_copier);
   const int64_t in_blocks = d.in_blocks();
-  // The issued segment's tap and input channels [ci_begin, ci_end), worked out once a segment.
   uint32_t issued_entry = ~0u;
-  int64_t tap = 0, ci_begin = 0, ci_end = 0;
+  ConvSegment issued{};  // worked out once a segment
   const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub, int) {
     if (entry != issued_entry) {
       issued_entry = entry;
-      const int64_t segment = pl::SegmentOf(entry);
-      tap = segment / in_blocks;
-      ci_begin = segment % in_blocks * d.in_block;
-      ci_end = min(d.in_channels, ci_begin + d.in_block);
+      issued = SegmentAt(entry, in_blocks, d.in_block, d.in_channels);
     }
+    const int64_t tap = issued.tap;
     if (tap != gathered_tap) {
       gathered_tap = tap;
       const int64_t tap_y = tap / d.filter_w * d.dilation_h;
@@ -710,7 +719,8 @@ __global__ void __launch_bounds__(pl::kThreads)
         a_offset[c] = inside ? (row_image[r] + iy * d.in_w + ix) * d.in_channels : -1;
       }
     }
-    const int64_t ci0 = ci_begin + int64_t{sub} * kDepth;
+    const int64_t ci0 = issued.begin + int64_t{sub} * kDepth;
+    const int64_t ci_end = issued.end;
 #pragma unroll
     for (int c = 0; c < kAChunks; ++c) {
       const bool read = a_offset[c] >= 0 && ci0 + a_col < ci_end;
@@ -786,17 +796,14 @@ __global__ void __launch_bounds__(pl::kThreads)
   const BCopier b_copier(filters, d.out_channels, col0, d.in_channels);
   const unsigned b_strip_chunks = pl::ChunksOfStrips<true>(b_copier);
   const int64_t out_blocks = d.out_blocks();
-  // The issued segment's tap and output channels [co_begin, co_end), worked out once a segment.
   uint32_t issued_entry = ~0u;
-  int64_t tap = 0, co_begin = 0, co_end = 0;
+  ConvSegment issued{};  // worked out once a segment
   const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub, int slot) {
     if (entry != issued_entry) {
       issued_entry = entry;
-      const int64_t segment = pl::SegmentOf(entry);
-      tap = segment / out_blocks;
-      co_begin = segment % out_blocks * d.out_block;
-      co_end = min(d.out_channels, co_begin + d.out_block);
+      issued = SegmentAt(entry, out_blocks, d.out_block, d.out_channels);
     }
+    const int64_t tap = issued.tap;
     if (tap != gathered_tap) {
       gathered_tap = tap;
 #pragma unroll
@@ -809,7 +816,8 @@ __global__ void __launch_bounds__(pl::kThreads)
         a_factor[c] = a_pixel[c] >= 0 && output_factors != nullptr ? output_factors[a_pixel[c]] : 1.0f;
       }
     }
-    const int64_t co0 = co_begin + int64_t{sub} * kDepth;
+    const int64_t co0 = issued.begin + int64_t{sub} * kDepth;
+    const int64_t co_end = issued.end;
 #pragma unroll
     for (int c = 0; c < kAChunks; ++c) {
       const bool read = a_pixel[c] >= 0 && Live(a_factor[c]) && co0 + a_col < co_end;
@@ -869,20 +877,9 @@ __global__ void __launch_bounds__(pl::kThreads)
     return ci < d.in_channels && co < d.out_channels &&
            live[(tap * d.in_blocks() + ci / d.in_block) * d.out_blocks() + co / d.out_block] != 0;
   };
-  bool any = false;
-  for (int f = 0; f < pl::kTileStrips * pl::kTileStrips && !any; ++f) {
-    any = fragment_live(row0 + f / pl::kTileStrips * pl::kStrip, col0 + f % pl::kTileStrips * pl::kStrip);
-  }
-  const pl::WarpPlace warp = pl::ThisWarp();
+  const pl::LiveTile live_tile = pl::FindLiveFragments(row0, col0, fragment_live);
   pl::WarpStage stage{};
-  for (int mt = 0; mt < pl::kStrips; ++mt) {
-    for (int s = 0; s < pl::kStrips; ++s) {
-      if (fragment_live(row0 + warp.row * pl::kWarpTile + mt * pl::kStrip,
-                        col0 + warp.col * pl::kWarpTile + s * pl::kStrip)) {
-        stage.fragments |= 1u << (4 * mt + s);
-      }
-    }
-  }
+  stage.fragments = live_tile.warp;
   // A = x^T as [depth][in channels]: each thread's chunks sit in depth rows
   // a_row + c kRowStep, channels row0 + a_col ..; their output pixels as
   // (image, y, x), stepped kDepth pixels a stage.
@@ -930,7 +927,7 @@ __global__ void __launch_bounds__(pl::kThreads)
     }
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
-  pl::RunPipeline<D, kDepth, false, false, false>(any ? steps : 0, issue, [&](int64_t step) {
+  pl::RunPipeline<D, kDepth, false, false, false>(live_tile.any ? steps : 0, issue, [&](int64_t step) {
     stage.depth_factor = output_factors == nullptr ? nullptr : depth_factors + (step & (pl::kStages - 1)) * kDepth;
     return stage;
   }, acc);

@@ -515,20 +515,9 @@ __global__ void __launch_bounds__(pl::kThreads)
   const auto fragment_live = [&](int64_t row, int64_t col) {
     return row < g.rows && col < g.cols && g.block_live(live, row, col);
   };
-  bool any = false;
-  for (int f = 0; f < pl::kTileStrips * pl::kTileStrips && !any; ++f) {
-    any = fragment_live(row0 + f / pl::kTileStrips * pl::kStrip, col0 + f % pl::kTileStrips * pl::kStrip);
-  }
-  const pl::WarpPlace warp = pl::ThisWarp();
+  const pl::LiveTile live_tile = pl::FindLiveFragments(row0, col0, fragment_live);
   pl::WarpStage stage{};
-  for (int mt = 0; mt < pl::kStrips; ++mt) {
-    for (int s = 0; s < pl::kStrips; ++s) {
-      if (fragment_live(row0 + warp.row * pl::kWarpTile + mt * pl::kStrip,
-                        col0 + warp.col * pl::kWarpTile + s * pl::kStrip)) {
-        stage.fragments |= 1u << (4 * mt + s);
-      }
-    }
-  }
+  stage.fragments = live_tile.warp;
   // A = x^T as [depth][rows]: x's rows m0 .., along dW's rows; B = dy's rows m0 ..
   const pl::StageCopier<D, kDepth, pl::kTileRows, true> x_copier(x, g.rows, row0, g.rows);
   const pl::StageCopier<D, kDepth, pl::kTileCols, true> dy_copier(dy, g.cols, col0, g.cols);
@@ -537,7 +526,7 @@ __global__ void __launch_bounds__(pl::kThreads)
     dy_copier.Issue(b_stage, (first + step) * kDepth, m, decltype(dy_copier)::kAllChunks);
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
-  pl::RunPipeline<D, kDepth, false, false, false>(any ? steps : 0, issue, [&](int64_t) { return stage; }, acc);
+  pl::RunPipeline<D, kDepth, false, false, false>(live_tile.any ? steps : 0, issue, [&](int64_t) { return stage; }, acc);
   const pl::FragmentBlocks blocks(
       row0, col0, [&](int64_t row) { return min(row, g.rows - 1) / g.block_rows * g.grid_cols; },
       [&](int64_t col) { return min(col, g.cols - 1) / g.block_cols; });

@@ -304,6 +304,31 @@ __device__ inline uint32_t ScalePair(uint32_t pair, float low, float high) {
   return pair;
 }
 
+// Which of a weight gradient's 128 x 128 tile at (row0, col0) a thread block
+// multiplies, from fragment_live(row, col) for the 16 x 16 fragment there:
+// whether any fragment is live (else the tile is zeros, nothing read), and
+// this warp's live fragments (bit 4 mt + s).
+struct LiveTile {
+  bool any;
+  unsigned warp;
+};
+template <typename FragmentLive>
+__device__ inline LiveTile FindLiveFragments(int64_t row0, int64_t col0, const FragmentLive& fragment_live) {
+  LiveTile found{false, 0u};
+  for (int f = 0; f < kTileStrips * kTileStrips && !found.any; ++f) {
+    found.any = fragment_live(row0 + f / kTileStrips * kStrip, col0 + f % kTileStrips * kStrip);
+  }
+  const WarpPlace warp = ThisWarp();
+  for (int mt = 0; mt < kStrips; ++mt) {
+    for (int s = 0; s < kStrips; ++s) {
+      if (fragment_live(row0 + warp.row * kWarpTile + mt * kStrip, col0 + warp.col * kWarpTile + s * kStrip)) {
+        found.warp |= 1u << (4 * mt + s);
+      }
+    }
+  }
+  return found;
+}
+
 // Where this lane's ldmatrix rows start in a stage's A and B operands (in
 // elements from each operand's start), for fragment (0, 0) at depth 0; the
 // other fragments and depths are compile-time offsets from there.
