@@ -56,6 +56,14 @@ def timed(function, reps, warmup):
     return times
 
 
+def kernel_family(pipelined, tensor_cores):
+    return "pipelined" if pipelined else "wmma" if tensor_cores else "cuda-cores"
+
+
+def products_of(mode):
+    return ("forward", "grad_input", "grad_weight") if mode == "train" else ("forward",)
+
+
 def case(harness, shape, block, density, precision_name, mode, reps, warmup):
     dtype, tensor_cores = precision(precision_name)
     set_baseline_tf32(tensor_cores)
@@ -88,9 +96,12 @@ def case(harness, shape, block, density, precision_name, mode, reps, warmup):
         for name, function in (("fused", fused), ("dense", dense)):
             times[name] += timed(function, 1, warmup if not times[name] else 0)
     medians = {name: statistics.median(values) for name, values in times.items()}
+    kernels = {product: kernel_family(
+        harness.uses_pipeline(product, dtype, shape, (block, block), "block", tensor_cores),
+        harness.uses_tensor_cores(product, dtype, shape, (block, block), tensor_cores)) for product in products_of(mode)}
     return {"shape": list(shape), "block": block, "density": density, "precision": precision_name, "mode": mode,
             "median_ms": medians, "speedup": medians["dense"] / medians["fused"],
-            "target": (0.7 if block <= 32 else 0.8) / density}
+            "target": (0.7 if block <= 32 else 0.8) / density, "kernels": kernels}
 
 
 def conv_case(harness, density, active, precision_name, mode, reps, warmup):
@@ -132,8 +143,23 @@ def conv_case(harness, density, active, precision_name, mode, reps, warmup):
         for name, function in (("fused", fused), ("dense", dense)):
             times[name] += timed(function, 1, warmup if not times[name] else 0)
     medians = {name: statistics.median(values) for name, values in times.items()}
+    kernels = {product: kernel_family(harness.conv2d_uses_pipeline(product, dtype, geometry, "block", tensor_cores),
+                                      harness.conv2d_uses_tensor_cores(product, dtype, geometry, tensor_cores))
+               for product in products_of(mode)}
     return {"case": "conv", "density": density, "active": active, "precision": precision_name, "mode": mode,
-            "median_ms": medians, "speedup": medians["dense"] / medians["fused"], "target": 0.6 / (density * active)}
+            "median_ms": medians, "speedup": medians["dense"] / medians["fused"], "target": 0.6 / (density * active),
+            "kernels": kernels}
+
+
+def kernels_line(rows):
+    """Which kernels each precision's rows ran (results from before this was
+    recorded have none)."""
+    families = {}
+    for row in rows:
+        for family in row.get("kernels", {}).values():
+            families.setdefault(row["precision"], set()).add(family)
+    if families:
+        print("\nKernels: " + "; ".join(f"{name} {', '.join(sorted(found))}" for name, found in families.items()))
 
 
 def summary(path):
@@ -150,6 +176,7 @@ def summary(path):
     for (name, block, mode), by_density in table.items():
         cells = " | ".join(f"{by_density[d]['speedup']:.2f}x" if d in by_density else "" for d in densities)
         print(f"| {name} | {block} | {mode} | {cells} |")
+    kernels_line(results["rows"])
     if results.get("conv_rows"):
         print(f"\nconv 3x3 256 -> 256 on [8, 56, 56], speedup over cuDNN on f * m ({results['device']}; target 0.6/(d a))\n")
         print("| precision | mode | " + " | ".join(f"d={row['density']:g} a={row['active']:g}"
@@ -163,6 +190,7 @@ def summary(path):
             cells = " | ".join(f"{by_key[(precision, mode, *c)]['speedup']:.2f}x" if (precision, mode, *c) in by_key
                                else "" for c in columns)
             print(f"| {precision} | {mode} | {cells} |")
+        kernels_line(results["conv_rows"])
 
 
 def main():
