@@ -801,6 +801,19 @@ def test_pipelined_conv_filter_gradient_over_splits(emulator, level, with_output
     assert (out[element == 0] == 0).all()
 
 
+@pytest.mark.parametrize("dtype, tensor_cores", [("bfloat16", True), ("float32", False)], ids=["pipelined", "cc"])
+def test_conv_filter_gradient_with_no_output_pixels(emulator, dtype, tensor_cores):
+    """An empty input height, so no output pixels (SAME padding): dfilters is
+    zeros, a sum over nothing, with no division by the empty output plane."""
+    t = np_dtype(dtype)
+    fields = (1, 0, 5, 16, 3, 3, 16, 1, 1, 1, 1, 1, 1, 0, 5, 16, 16, 4, 4)
+    assert emulator.conv2d_uses_pipeline("grad_weight", dtype, fields, "block", tensor_cores) == tensor_cores
+    out = emulator.conv2d("grad_weight", np.zeros((1, 0, 5, 16), t), np.zeros((1, 0, 5, 16), t),
+                          np.ones((1, 1), np.float32), "block", fields, np.full((3, 3, 16, 16), np.nan, t), None,
+                          tensor_cores)
+    assert (out.astype(np.float64) == 0).all()
+
+
 # -- schedules: the kernels' barriers ---------------------------------------------------------------------
 
 

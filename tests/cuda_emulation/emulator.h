@@ -129,6 +129,11 @@ class Arena {
     return static_cast<T*>(Add(user, count * int64_t(sizeof(T)), name, Kind::kInOut, 0xff));
   }
   void* Scratch(int64_t bytes, const char* name) { return Add(nullptr, bytes, name, Kind::kScratch, 0xa5); }
+  // Scratch whose red zones hold 0xff bytes (NaN), for device arrays a kernel
+  // computes and another reads: a read past their end shows in results.
+  void* ScratchNaNZones(int64_t bytes, const char* name) {
+    return Add(nullptr, bytes, name, Kind::kScratch, 0xff);
+  }
 
   // Checks the red zones and inputs, and copies the outputs back. Returns
   // `status`, or kEmulationFault when a check failed (reported as a

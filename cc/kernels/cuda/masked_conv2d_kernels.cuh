@@ -890,10 +890,11 @@ __global__ void __launch_bounds__(pl::kThreads)
   int64_t a_n[kAChunks], a_y[kAChunks], a_x[kAChunks];
 #pragma unroll
   for (int c = 0; c < kAChunks; ++c) {
+    // No output pixels: no steps, and no divisions by an empty plane.
     const int64_t pixel = first * kDepth + a_row + c * ACopier::kRowStep;
-    a_n[c] = pixel / (d.out_h * d.out_w);
-    a_y[c] = pixel / d.out_w % d.out_h;
-    a_x[c] = pixel % d.out_w;
+    a_n[c] = pixels > 0 ? pixel / (d.out_h * d.out_w) : d.batch;
+    a_y[c] = pixels > 0 ? pixel / d.out_w % d.out_h : 0;
+    a_x[c] = pixels > 0 ? pixel % d.out_w : 0;
   }
   const int64_t tap_y = tap / d.filter_w * d.dilation_h - d.pad_top;
   const int64_t tap_x = tap % d.filter_w * d.dilation_w - d.pad_left;
@@ -919,11 +920,12 @@ __global__ void __launch_bounds__(pl::kThreads)
       }
     }
     dy_copier.Issue(b_stage, p0, pixels, decltype(dy_copier)::kAllChunks);
-    constexpr int kFactorChunks = kDepth / 4;  // 4 floats a copy
+    constexpr int kFactorChunks = kDepth / 4;  // 4 floats a copy; past the last pixel, +0 (dead)
     if (output_factors != nullptr && int(threadIdx.x) < kFactorChunks) {
       const int64_t at = p0 + threadIdx.x * 4;
-      ptx::CopyAsync16(depth_factors + (step & (pl::kStages - 1)) * kDepth + threadIdx.x * 4,
-                       at < pixels ? output_factors + at : output_factors, at < pixels);
+      const int64_t floats = at < pixels ? min(int64_t{4}, pixels - at) : 0;
+      ptx::CopyAsyncHead(depth_factors + (step & (pl::kStages - 1)) * kDepth + threadIdx.x * 4,
+                         floats > 0 ? output_factors + at : output_factors, static_cast<int>(floats * 4));
     }
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};

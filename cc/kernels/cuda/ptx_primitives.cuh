@@ -28,13 +28,17 @@ namespace ptx {
 
 #if defined(__CUDACC__)
 
-// 16 bytes from global `src` to shared `dst`, both 16-byte aligned, landing
-// by a later WaitCopies; when !read, dst is zero-filled and src not read.
-__device__ inline void CopyAsync16(void* dst, const void* src, bool read) {
+// 16 bytes to shared `dst` from global `src`, both 16-byte aligned, landing
+// by a later WaitCopies: the first `bytes` (0 .. 16) read from src, the rest
+// zero-filled.
+__device__ inline void CopyAsyncHead(void* dst, const void* src, int bytes) {
   const unsigned shared = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared), "l"(src), "r"(read ? 16 : 0)
-               : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared), "l"(src), "r"(bytes) : "memory");
 }
+
+// The same for all 16 bytes or none: when !read, dst is zero-filled and src
+// not read.
+__device__ inline void CopyAsync16(void* dst, const void* src, bool read) { CopyAsyncHead(dst, src, read ? 16 : 0); }
 
 // The copies issued since the last commit form a group.
 __device__ inline void CommitCopies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
@@ -95,9 +99,10 @@ __device__ inline unsigned char* DynamicShared() {
 
 #else  // a host compiler: the CUDA emulation's instructions
 
-__device__ inline void CopyAsync16(void* dst, const void* src, bool read) {
-  cuda_emulation::Engine::Get().CopyAsync(dst, src, read ? 16 : 0);
+__device__ inline void CopyAsyncHead(void* dst, const void* src, int bytes) {
+  cuda_emulation::Engine::Get().CopyAsync(dst, src, bytes);
 }
+__device__ inline void CopyAsync16(void* dst, const void* src, bool read) { CopyAsyncHead(dst, src, read ? 16 : 0); }
 __device__ inline void CommitCopies() { cuda_emulation::Engine::Get().CommitCopies(); }
 template <int kPending>
 __device__ inline void WaitCopies() {
