@@ -451,9 +451,9 @@ struct ProductDims {
 // depth runs kDepth at a time over the segments listed for the tile's
 // columns. In a stage, the chunks of W in dead blocks are zero fills that
 // read nothing, and each warp multiplies only its 16-column strips in live
-// blocks, scaled by their factor when it is not 1. Every segment of the
-// depth_block / kDepth steps (the last may run past the depth: those stages
-// are zero fills).
+// blocks, scaled by their factor when it is not 1. Each listed segment takes
+// depth_block / kDepth steps (the last segment's may run past the depth:
+// those stages are zero fills).
 template <typename D, bool kTransposed, int kDepth>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedProduct(const D* a, int64_t m, const D* w, const float* factors, GridDims g, const uint8_t* live,

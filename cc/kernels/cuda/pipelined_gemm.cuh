@@ -9,8 +9,9 @@
 // live (bit 4 mt + s: 16-row strip mt, 16-column strip s of the warp's
 // quarter); dead fragments are neither loaded into registers nor multiplied,
 // and the callers stage dead operand chunks as zero fills that read nothing.
-// Masked weights with a factor other than 1 are rounded to the operand type
-// after scaling (w * m rounded as the reference rounds it), in registers.
+// Masked weights with a factor other than 1 are scaled in registers, the
+// product taken in float and rounded to the operand type (the reference
+// rounds m to the type first: the same wherever m is exact in it).
 //
 // The operands sit in shared memory either depth-inner ([rows][kDepth]: a
 // row-major A, or B as [columns][kDepth]) or depth-outer ([kDepth][rows]),
@@ -115,8 +116,8 @@ __device__ inline WarpPlace ThisWarp() {
 // when `scaled`, each column strip's factor for the B operand.
 // row_factor, where not null: a factor for each of the tile's rows (in
 // shared memory), by which the A operand is masked and rounded to D before
-// the product, as the reference rounds dy * o; depth_factor likewise for
-// each of the stage's kDepth depth rows of the B operand.
+// the product, as the reference rounds dy * o (o exact in D); depth_factor
+// likewise for each of the stage's kDepth depth rows of the B operand.
 struct WarpStage {
   unsigned fragments;
   bool scaled;
@@ -124,14 +125,6 @@ struct WarpStage {
   const float* row_factor;
   const float* depth_factor;
 };
-
-// Every fragment of column strips `columns` (bit s).
-__device__ inline unsigned ColumnFragments(unsigned columns) {
-  unsigned fragments = 0;
-#pragma unroll
-  for (int mt = 0; mt < kStrips; ++mt) fragments |= (columns & 0xfu) << (4 * mt);
-  return fragments;
-}
 
 // Copies operand tiles of kRows x kCols (16-bit D) from a row-major global
 // matrix into shared [kRows][kCols + kPad], stage after stage, 16 bytes per
@@ -402,7 +395,7 @@ __device__ inline void MultiplyStage(const D* a_lane, const D* b_lane, const War
 
 // The main loop over `steps` stages. issue(step, a_stage, b_stage) stages
 // step's operands (every thread calls it, for step 0, 1, ... in order, with
-// CopyAsync16 only); warp_stage(step) gives the warp's WarpStage of a step
+// cp.async only); warp_stage(step) gives the warp's WarpStage of a step
 // (called for 0, 1, ... in order, after the step's barrier). While step s is
 // multiplied, steps s + 1 .. s + kStages - 1 are in flight.
 template <typename D, int kDepth, bool kADepthInner, bool kBDepthInner, bool kWholeColumns, typename Issue,
