@@ -579,6 +579,29 @@ def test_pipelined_products_multiply_live_fragments_only(emulator, shape, block,
     run_matmul(emulator, shape, block, dtype, True, "block", density=0.4)
 
 
+@pytest.mark.parametrize("density", [0.0, 0.02, 1.0], ids=["all-dead", "few-live", "all-live"])
+def test_pipelined_forward_split_over_its_list(emulator, density):
+    """A small batch over a long depth (8 x 4160 x 16: one output tile) splits
+    the tile's list 8 ways, adding the partial products in a second kernel
+    from the splits that had entries: the reference's result and the live
+    blocks' mma.sync count, whether no block, a few or all are live."""
+    m, k, n, block = 8, 4160, 16, (16, 16)
+    assert depth_splits(1, k) == 8
+    rng = np.random.default_rng(9)
+    mask, element = make_masks(rng, k, n, block, density, "block")
+    mask = mask.astype(np.float32)
+    x, w = rng.standard_normal((m, k)).astype(np.float16), rng.standard_normal((k, n))
+    w = np.where(element == 0, np.nan, w).astype(np.float16)
+    emulator.lib.emu_reset_stats()
+    y = emulator.matmul("forward", x, w, mask, "block", block, (m, k, n), np.full((m, n), np.nan, np.float16), True)
+    stats = emulator.stats()
+    assert stats["launches"] == 5  # factors, liveness, lists, the split products, their sum
+    assert stats["mma_syncs"] == pipelined_mma_count("forward", m, k, n, block, mask != 0)
+    expected, bound, _ = _matmul(MATMUL_OPS["forward"], x.astype(np.float64), np.nan_to_num(w.astype(np.float64)),
+                                 mask.astype(np.float64), {"block_rows": 16, "block_cols": 16})
+    check(y, expected, bound, k, "float16", True, "forward float16")
+
+
 def test_matmul_without_tensor_cores_on_the_device(emulator):
     """On a device below compute capability 8.0 every product runs on CUDA cores."""
     emulator.lib.emu_set_device_tensor_cores(0)

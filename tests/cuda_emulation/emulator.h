@@ -109,7 +109,9 @@ inline gpu::GpuMath MathOf(int tensor_cores) {
 // input that changed a write to an input, and outputs are copied back.
 // Inputs' red zones hold 0xff bytes (NaN in every float type, a live mask
 // entry), so an out-of-bounds read shows in the results; scratch memory
-// (the workspace) starts as 0xa5 bytes, so that nothing relies on zeros.
+// (the workspace) starts as 0xff bytes too (NaN in every float type, -1 in
+// integers), so that nothing relies on zeros and a float the kernels read
+// before any wrote it shows in the results.
 class Arena {
  public:
   Arena() = default;
@@ -128,12 +130,7 @@ class Arena {
   T* InOut(T* user, int64_t count, const char* name) {
     return static_cast<T*>(Add(user, count * int64_t(sizeof(T)), name, Kind::kInOut, 0xff));
   }
-  void* Scratch(int64_t bytes, const char* name) { return Add(nullptr, bytes, name, Kind::kScratch, 0xa5); }
-  // Scratch whose red zones hold 0xff bytes (NaN), for device arrays a kernel
-  // computes and another reads: a read past their end shows in results.
-  void* ScratchNaNZones(int64_t bytes, const char* name) {
-    return Add(nullptr, bytes, name, Kind::kScratch, 0xff);
-  }
+  void* Scratch(int64_t bytes, const char* name) { return Add(nullptr, bytes, name, Kind::kScratch, 0xff); }
 
   // Checks the red zones and inputs, and copies the outputs back. Returns
   // `status`, or kEmulationFault when a check failed (reported as a

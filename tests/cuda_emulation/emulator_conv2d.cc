@@ -49,7 +49,7 @@ int emu_conv2d(int product, int dtype, int mask_dtype, int out_mask_dtype, const
     const MaskView<TMask> view{arena.In(static_cast<const TMask*>(mask), mask_count, "mask"), LevelOf(level)};
     F* factors = nullptr;
     if (output_mask != nullptr && out_mask_dtype >= 0) {
-      factors = static_cast<F*>(arena.ScratchNaNZones(g.out_pixels() * int64_t(sizeof(F)), "output factors"));
+      factors = static_cast<F*>(arena.Scratch(g.out_pixels() * int64_t(sizeof(F)), "output factors"));
       const int status = WithMaskType(out_mask_dtype, [&](auto tag) {
         using TOut = typename decltype(tag)::type;
         return gpu::RunCanonicalOutputFactors(

@@ -427,6 +427,9 @@ __global__ void __launch_bounds__(tc::kThreads)
 
 namespace pl = pipelined;
 
+// Entries of a column tile's list each split takes (the last may take fewer).
+__host__ __device__ inline int64_t SplitRun(int64_t listed, int64_t splits) { return CeilDiv(listed, splits); }
+
 // The output columns, depth and segments (block rows of W for the forward
 // product, block columns for dx) of a product, and the block of W behind
 // (segment, group), group being the block of the output's columns.
@@ -453,17 +456,24 @@ struct ProductDims {
 // read nothing, and each warp multiplies only its 16-column strips in live
 // blocks, scaled by their factor when it is not 1. Each listed segment takes
 // depth_block / kDepth steps (the last segment's may run past the depth:
-// those stages are zero fills).
+// those stages are zero fills). With few tiles (a small batch), the list is
+// split: blockIdx.x walks (split, tile), and split s takes the s-th run of
+// SplitRun(count, splits) entries of the tile's list, writing float partial
+// sums to partials[split] (m x output columns each), which SplitSums adds up
+// (a split with no entries, split 0 aside, writes nothing); with one split
+// the tile is written as D.
 template <typename D, bool kTransposed, int kDepth>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedProduct(const D* a, int64_t m, const D* w, const float* factors, GridDims g, const uint8_t* live,
-                     const uint32_t* lists, const int32_t* counts, D* out) {
+                     const uint32_t* lists, const int32_t* counts, int64_t splits, float* partials, D* out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // launched only where DeviceSupportsTensorCores()
 #else
   const ProductDims<kTransposed> p{g, live};
   const int64_t col_tiles = CeilDiv(p.out_cols(), pl::kTileCols);
-  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * pl::kTileRows;
+  const int64_t tiles = CeilDiv(m, pl::kTileRows) * col_tiles;
+  const int64_t split = int64_t(blockIdx.x) / tiles;
+  const int64_t row0 = int64_t(blockIdx.x) % tiles / col_tiles * pl::kTileRows;
   const int64_t col_tile = int64_t(blockIdx.x) % col_tiles;
   const int64_t col0 = col_tile * pl::kTileCols;
   const pl::StageCopier<D, pl::kTileRows, kDepth, false> a_copier(a, p.depth(), row0, m);
@@ -479,16 +489,42 @@ __global__ void __launch_bounds__(pl::kThreads)
     a_copier.Issue(a_stage, d0, d_end, decltype(a_copier)::kAllChunks);
     b_copier.Issue(b_stage, d0, d_end, pl::LiveChunks<BCopier>(b_strip_chunks, pl::StripsOf(entry)));
   };
+  const int64_t per_split = SplitRun(counts[col_tile], splits);
+  const int64_t first = split * per_split;
+  const int count = static_cast<int>(max(int64_t{0}, min(int64_t{counts[col_tile]} - first, per_split)));
+  if (split > 0 && count == 0) return;  // the whole block, before any barrier
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
   pl::RunListedSegments<D, kDepth, kTransposed, true>(
-      p, col0, lists + col_tile * p.segments(), counts[col_tile], min(p.depth_block(), p.depth()), 0xfu,
-      issue_segment, [&](int64_t segment, int64_t group) { return factors[p.block(segment, group)]; }, nullptr, acc);
+      p, col0, lists + col_tile * p.segments() + first, count, min(p.depth_block(), p.depth()), 0xfu, issue_segment,
+      [&](int64_t segment, int64_t group) { return factors[p.block(segment, group)]; }, nullptr, acc);
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
     const int64_t row = row0 + r;
     const int64_t col = col0 + c;
-    if (row < m && col < p.out_cols()) pl::StorePair(out + row * p.out_cols() + col, v0, v1);
+    if (row >= m || col >= p.out_cols()) return;
+    if (partials == nullptr) {
+      pl::StorePair(out + row * p.out_cols() + col, v0, v1);
+    } else {
+      float* to = partials + split * m * p.out_cols() + row * p.out_cols() + col;
+      to[0] = v0;
+      to[1] = v1;
+    }
   });
 #endif
+}
+
+// out (rows x cols) = the sum of PipelinedProduct's partial products, as D:
+// those of the splits that had entries of their column tile's list.
+template <typename D>
+__global__ void SplitSums(const float* partials, int64_t splits, const int32_t* counts, int64_t rows, int64_t cols,
+                          D* out) {
+  const int64_t count = rows * cols;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t listed = counts[e % cols / pl::kTileCols];
+    const int64_t used = listed == 0 ? 1 : CeilDiv(listed, SplitRun(listed, splits));
+    float sum = 0.0f;
+    for (int64_t s = 0; s < used; ++s) sum += partials[s * count + e];
+    out[e] = FromCompute<D>(sum);
+  }
 }
 
 // dW = mask(x^T dy) for 16-bit D on the pipelined tile, split over the

@@ -133,12 +133,27 @@ namespace {
 
 // The pipelined dW's split of the batch (1: no partial sums).
 template <typename T>
-int64_t WeightGradientSplits(const MatmulShape& shape, Product product, MaskLevel level) {
+int64_t PipelineSplits(const MatmulShape& shape, Product product, MaskLevel level) {
   const BlockGrid grid = shape.weight_grid();
-  const bool pipelined = product == Product::kGradWeight && pl::kHasPipeline<typename Device<T>::type> &&
+  const bool pipelined = pl::kHasPipeline<typename Device<T>::type> &&
+                         (product == Product::kGradWeight || level == MaskLevel::kBlock) &&
                          grid.rows % pl::kPerChunk == 0 && grid.cols % pl::kPerChunk == 0 &&
                          pl::StripAligned(grid.block_rows, grid.rows) && pl::StripAligned(grid.block_cols, grid.cols);
-  return pipelined ? pl::DepthSplits(pl::TileCount(shape.k, shape.n), shape.m) : 1;
+  if (!pipelined) return 1;
+  switch (product) {
+    case Product::kForward:
+      return pl::DepthSplits(pl::TileCount(shape.m, shape.n), shape.k);
+    case Product::kGradInput:
+      return pl::DepthSplits(pl::TileCount(shape.m, shape.k), shape.n);
+    default:
+      return pl::DepthSplits(pl::TileCount(shape.k, shape.n), shape.m);
+  }
+}
+
+// Elements of a product's output.
+int64_t OutputCount(const MatmulShape& shape, Product product) {
+  return product == Product::kForward ? shape.m * shape.n : product == Product::kGradInput ? shape.m * shape.k
+                                                                                            : shape.k * shape.n;
 }
 
 }  // namespace
@@ -147,21 +162,22 @@ template <typename T>
 size_t GpuWorkspaceBytes(const MatmulShape& shape, MaskLevel level, Product product) {
   const BlockGrid grid = shape.weight_grid();
   const int64_t blocks = grid.grid_rows() * grid.grid_cols();
-  const int64_t splits = WeightGradientSplits<T>(shape, product, level);
+  const int64_t splits = PipelineSplits<T>(shape, product, level);
   return static_cast<size_t>(AlignUp(FactorCount(grid, level) * int64_t(sizeof(ComputeOf<T>))) + AlignUp(blocks) +
                              AlignUp(ListEntries(grid) * int64_t(sizeof(int32_t))) +
                              AlignUp(CountEntries(grid) * int64_t(sizeof(int32_t))) +
-                             (splits > 1 ? splits * shape.k * shape.n * int64_t(sizeof(float)) : 0));
+                             (splits > 1 ? splits * OutputCount(shape, product) * int64_t(sizeof(float)) : 0));
 }
 
 namespace {
 
 template <typename D, bool kTransposed, int kDepth, typename Launch>
-void LaunchPipelinedProduct(const Launch& launch, int64_t tiles, const D* a, int64_t m, const D* w,
-                            const Workspace<float>& ws, const GridDims& dims, D* out) {
+void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, int64_t m, const D* w,
+                            const Workspace<float>& ws, const GridDims& dims, int64_t splits, D* out) {
   launch.WithSharedMemory(pl::kSharedBytes<kDepth, true, kTransposed>)(
-      PipelinedProduct<D, kTransposed, kDepth>, static_cast<unsigned>(tiles), pl::kThreads, a, m, w, ws.factors,
-      dims, ws.live, reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, out);
+      PipelinedProduct<D, kTransposed, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, a, m, w, ws.factors,
+      dims, ws.live, reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits,
+      splits > 1 ? ws.partials : nullptr, out);
 }
 
 // The forward product (kTransposed false: out = a @ masked W) or dx (true:
@@ -178,7 +194,8 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
   const Product product = kTransposed ? Product::kGradInput : Product::kForward;
   if constexpr (pl::kHasPipeline<D>) {
     if (MatmulUsesPipeline<T>(grid, product, math, mask.level) && pl::Aligned16(a, w, out)) {
-      const int64_t tiles = pl::TileCount(shape.m, out_cols);
+      const int64_t splits = PipelineSplits<T>(shape, product, mask.level);
+      const int64_t tiles = splits * pl::TileCount(shape.m, out_cols);
       if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       const auto ws = IndexMask<float>(launch, grid, mask, workspace, Lists::kNone);
       launch(pl::TileSegmentLists<ProductDims<kTransposed>>, static_cast<unsigned>(CeilDiv(out_cols, pl::kTileCols)),
@@ -188,9 +205,14 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
       const auto* dw = reinterpret_cast<const D*>(w);
       auto* dout = reinterpret_cast<D*>(out);
       if (pl::WideStages(kTransposed ? dims.block_cols : dims.block_rows, kTransposed ? shape.n : shape.k)) {
-        LaunchPipelinedProduct<D, kTransposed, pl::kWideStage>(launch, tiles, da, shape.m, dw, ws, dims, dout);
+        LaunchPipelinedProduct<D, kTransposed, pl::kWideStage>(launch, tiles, da, shape.m, dw, ws, dims, splits, dout);
       } else {
-        LaunchPipelinedProduct<D, kTransposed, pl::kNarrowStage>(launch, tiles, da, shape.m, dw, ws, dims, dout);
+        LaunchPipelinedProduct<D, kTransposed, pl::kNarrowStage>(launch, tiles, da, shape.m, dw, ws, dims, splits,
+                                                                 dout);
+      }
+      if (splits > 1) {
+        launch(SplitSums<D>, BlocksFor(shape.m * out_cols), kThreads, ws.partials, splits, ws.counts, shape.m,
+               out_cols, dout);
       }
       return launch.Status();
     }
@@ -230,7 +252,7 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
   const GridDims dims = DimsOf(grid);
   if constexpr (pl::kHasPipeline<D>) {
     if (MatmulUsesPipeline<T>(grid, Product::kGradWeight, math, mask.level) && pl::Aligned16(x, dy, dw)) {
-      const int64_t splits = WeightGradientSplits<T>(shape, Product::kGradWeight, mask.level);
+      const int64_t splits = PipelineSplits<T>(shape, Product::kGradWeight, mask.level);
       const int64_t blocks = splits * pl::TileCount(shape.k, shape.n);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       const int64_t per_split = CeilDiv(CeilDiv(shape.m, int64_t{pl::kWideStage}), splits);
