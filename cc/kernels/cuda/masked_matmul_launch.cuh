@@ -40,7 +40,7 @@ GridDims DimsOf(const BlockGrid& unclamped) {
 }
 
 // The workspace: canonical factors (in F), block liveness, lists and counts,
-// and the pipelined dW's split sums.
+// and the partial sums of a split pipelined product.
 template <typename F>
 struct Workspace {
   F* factors;
@@ -120,26 +120,33 @@ bool MatmulUsesTensorCores(const BlockGrid& grid, Product product, GpuMath math)
                                                      tc::FragmentAligned(grid.block_cols, grid.cols));
 }
 
+namespace {
+
+// Whether the types, mask and weight suit the pipelined kernels (the rest of
+// the rule, MatmulUsesPipeline, is about the call and the device).
 template <typename T>
-bool MatmulUsesPipeline(const BlockGrid& grid, Product product, GpuMath math, MaskLevel level) {
-  return pl::kHasPipeline<typename Device<T>::type> && math == GpuMath::kTensorCores &&
+bool PipelineShape(const BlockGrid& grid, Product product, MaskLevel level) {
+  return pl::kHasPipeline<typename Device<T>::type> &&
          (product == Product::kGradWeight || level == MaskLevel::kBlock) && grid.rows % pl::kPerChunk == 0 &&
          grid.cols % pl::kPerChunk == 0 && pl::StripAligned(grid.block_rows, grid.rows) &&
          pl::StripAligned(grid.block_cols, grid.cols) && grid.grid_rows() < pl::kMaxSegments &&
-         grid.grid_cols() < pl::kMaxSegments && tc::DeviceSupportsTensorCores();
+         grid.grid_cols() < pl::kMaxSegments;
+}
+
+}  // namespace
+
+template <typename T>
+bool MatmulUsesPipeline(const BlockGrid& grid, Product product, GpuMath math, MaskLevel level) {
+  return PipelineShape<T>(grid, product, level) && math == GpuMath::kTensorCores && tc::DeviceSupportsTensorCores();
 }
 
 namespace {
 
-// The pipelined dW's split of the batch (1: no partial sums).
+// How many ways a pipelined product splits its depth (the forward product
+// and dx: each tile's segment list; dW: the batch); 1: no partial sums.
 template <typename T>
 int64_t PipelineSplits(const MatmulShape& shape, Product product, MaskLevel level) {
-  const BlockGrid grid = shape.weight_grid();
-  const bool pipelined = pl::kHasPipeline<typename Device<T>::type> &&
-                         (product == Product::kGradWeight || level == MaskLevel::kBlock) &&
-                         grid.rows % pl::kPerChunk == 0 && grid.cols % pl::kPerChunk == 0 &&
-                         pl::StripAligned(grid.block_rows, grid.rows) && pl::StripAligned(grid.block_cols, grid.cols);
-  if (!pipelined) return 1;
+  if (!PipelineShape<T>(shape.weight_grid(), product, level)) return 1;
   switch (product) {
     case Product::kForward:
       return pl::DepthSplits(pl::TileCount(shape.m, shape.n), shape.k);
@@ -195,8 +202,8 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
   if constexpr (pl::kHasPipeline<D>) {
     if (MatmulUsesPipeline<T>(grid, product, math, mask.level) && pl::Aligned16(a, w, out)) {
       const int64_t splits = PipelineSplits<T>(shape, product, mask.level);
-      const int64_t tiles = splits * pl::TileCount(shape.m, out_cols);
-      if (tiles > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
+      const int64_t blocks = splits * pl::TileCount(shape.m, out_cols);
+      if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       const auto ws = IndexMask<float>(launch, grid, mask, workspace, Lists::kNone);
       launch(pl::TileSegmentLists<ProductDims<kTransposed>>, static_cast<unsigned>(CeilDiv(out_cols, pl::kTileCols)),
              pl::kScanThreads, ProductDims<kTransposed>{dims, ws.live}, reinterpret_cast<uint32_t*>(ws.lists),
@@ -205,9 +212,10 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
       const auto* dw = reinterpret_cast<const D*>(w);
       auto* dout = reinterpret_cast<D*>(out);
       if (pl::WideStages(kTransposed ? dims.block_cols : dims.block_rows, kTransposed ? shape.n : shape.k)) {
-        LaunchPipelinedProduct<D, kTransposed, pl::kWideStage>(launch, tiles, da, shape.m, dw, ws, dims, splits, dout);
+        LaunchPipelinedProduct<D, kTransposed, pl::kWideStage>(launch, blocks, da, shape.m, dw, ws, dims, splits,
+                                                               dout);
       } else {
-        LaunchPipelinedProduct<D, kTransposed, pl::kNarrowStage>(launch, tiles, da, shape.m, dw, ws, dims, splits,
+        LaunchPipelinedProduct<D, kTransposed, pl::kNarrowStage>(launch, blocks, da, shape.m, dw, ws, dims, splits,
                                                                  dout);
       }
       if (splits > 1) {
