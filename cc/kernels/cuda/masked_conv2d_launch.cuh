@@ -66,22 +66,23 @@ int64_t ListEntries(const ConvDims& d) {
   return std::max({FilterBlocks(d), CeilDiv(d.out_channels, pl::kTileCols) * d.taps() * d.in_blocks(),
                    CeilDiv(d.in_channels, pl::kTileCols) * d.taps() * d.out_blocks()});
 }
-// The pipelined dfilters' split of its depth (the output pixels).
-int64_t GradFilterSplits(const ConvDims& d) {
-  return pl::DepthSplits(d.taps() * pl::TileCount(d.in_channels, d.out_channels), d.batch * d.out_h * d.out_w);
-}
-
 int64_t CountEntries(const ConvDims& d) {
   return std::max({d.in_blocks(), d.out_blocks(), CeilDiv(d.out_channels, pl::kTileCols),
                    CeilDiv(d.in_channels, pl::kTileCols)});
+}
+
+// The pipelined dfilters' split of its depth (the output pixels).
+int64_t GradFilterSplits(const ConvDims& d) {
+  return pl::DepthSplits(d.taps() * pl::TileCount(d.in_channels, d.out_channels), d.batch * d.out_h * d.out_w);
 }
 
 // Whether the geometry suits the pipelined kernels for 16-bit T (the rest of
 // the rule, Conv2DUsesPipeline, is about the call).
 template <typename T>
 bool PipelineGeometry(const ConvDims& d) {
-  return pl::kHasPipeline<typename Device<T>::type> && d.in_channels % pl::kPerChunk == 0 && d.out_channels % pl::kPerChunk == 0 &&
-         pl::StripAligned(d.in_block, d.in_channels) && pl::StripAligned(d.out_block, d.out_channels) &&
+  return pl::kHasPipeline<typename Device<T>::type> && d.in_channels % pl::kPerChunk == 0 &&
+         d.out_channels % pl::kPerChunk == 0 && pl::StripAligned(d.in_block, d.in_channels) &&
+         pl::StripAligned(d.out_block, d.out_channels) &&
          d.taps() * std::max(d.in_blocks(), d.out_blocks()) < pl::kMaxSegments;
 }
 

@@ -562,7 +562,8 @@ __global__ void __launch_bounds__(pl::kThreads)
     dy_copier.Issue(b_stage, (first + step) * kDepth, m, decltype(dy_copier)::kAllChunks);
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
-  pl::RunPipeline<D, kDepth, false, false, false>(live_tile.any ? steps : 0, issue, [&](int64_t) { return stage; }, acc);
+  pl::RunPipeline<D, kDepth, false, false, false>(live_tile.any ? steps : 0, issue, [&](int64_t) { return stage; },
+                                                  acc);
   const pl::FragmentBlocks blocks(
       row0, col0, [&](int64_t row) { return min(row, g.rows - 1) / g.block_rows * g.grid_cols; },
       [&](int64_t col) { return min(col, g.cols - 1) / g.block_cols; });

@@ -244,7 +244,9 @@ __device__ inline unsigned ChunksOfStrips(const Copier& copier) {
   static_assert(Copier::kChunks * 4 <= 32 && kTileStrips <= 16, "a strip number per chunk in 4 bits");
   unsigned strips = 0;
 #pragma unroll
-  for (int i = 0; i < Copier::kChunks; ++i) strips |= unsigned((kByRow ? copier.Row(i) : copier.Col()) / kStrip) << (4 * i);
+  for (int i = 0; i < Copier::kChunks; ++i) {
+    strips |= unsigned((kByRow ? copier.Row(i) : copier.Col()) / kStrip) << (4 * i);
+  }
   return strips;
 }
 // The chunks (bit i) whose strip is live in `strips`.
