@@ -909,13 +909,15 @@ __global__ void __launch_bounds__(pl::kThreads)
                         row0 + a_col < d.in_channels;
       ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * (pl::kTileRows + pl::kPad) + a_col,
                        read ? x + ((a_n[c] * d.in_h + iy) * d.in_w + ix) * d.in_channels + row0 + a_col : x, read);
-      // The next stage's pixel: kDepth on in raster order.
+      // The next stage's pixel: kDepth on in raster order (a row or image
+      // boundary crossed costs a division, a narrow output several rows).
       a_x[c] += kDepth;
-      while (a_x[c] >= d.out_w) {
-        a_x[c] -= d.out_w;
-        if (++a_y[c] == d.out_h) {
-          a_y[c] = 0;
-          ++a_n[c];
+      if (a_x[c] >= d.out_w) {
+        a_y[c] += a_x[c] / d.out_w;
+        a_x[c] %= d.out_w;
+        if (a_y[c] >= d.out_h) {
+          a_n[c] += a_y[c] / d.out_h;
+          a_y[c] %= d.out_h;
         }
       }
     }
