@@ -174,7 +174,8 @@ struct Stats {
   int64_t mma_syncs = 0;  // warp-level wmma::mma_sync and mma.sync calls (counted once per warp)
 };
 
-// One 16-byte cp.async: `bytes_read` (16 or 0: zero fill) from src to dst.
+// One 16-byte cp.async: the first `bytes_read` (0 .. 16) from src, the rest
+// of dst's 16 bytes zero-filled.
 struct PendingCopy {
   void* dst;
   const void* src;
