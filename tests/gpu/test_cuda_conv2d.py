@@ -23,6 +23,7 @@ GEOMETRIES = [
     (1, 9, 10, 8, 8, (3, 3), 1, 1, (4, 1, 0, 3)),
     (2, 14, 13, 32, 136, (3, 3), 1, 1, (1, 1, 1, 1)),  # pipelined forward: several row and channel tiles
     (1, 15, 14, 24, 40, (3, 3), 2, 2, (2, 1, 1, 2)),   # pipelined forward: strided, dilated
+    (2, 32, 32, 16, 24, (3, 3), 1, 1, (1, 1, 1, 1)),   # pipelined dfilters: 2048 output pixels split 4 ways
 ]
 # (filter block (in, out), output tile (h, w)): channel blocks cutting the
 # channels on multiples of 16 take the tensor-core products when asked (16 x 8

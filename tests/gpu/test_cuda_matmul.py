@@ -29,6 +29,8 @@ SHAPES = [  # (m, k, n, block_size)
     (1, 16, 16, (16, 16)),
     (300, 200, 136, (64, 32)),  # pipelined: a short last segment, an 8-wide second column tile
     (520, 256, 384, (32, 64)),  # pipelined: several 128 x 128 tiles each way
+    (8, 4160, 16, (16, 16)),   # pipelined forward: one tile, its 260-segment list split 8 ways
+    (2080, 64, 48, (16, 16)),  # pipelined dW: the batch split 4 ways
 ]
 MASK_DTYPES = [torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16,
                torch.bfloat16, torch.float32, torch.float64]
