@@ -7,7 +7,8 @@
 #
 #   bash bench/gpu_session.sh            # all of it (~3-4 minutes on an H200)
 #   bash bench/gpu_session.sh tests      # build + tests/gpu + compute-sanitizer
-#   bash bench/gpu_session.sh bench      # build + bench/gpu.py
+#   bash bench/gpu_session.sh bench      # build + bench/gpu.py (and a small-batch run)
+#   bash bench/gpu_session.sh profile    # build + ncu on the bf16 block-32 d=0.1 forward
 #
 # The last lines printed are a summary, since the device tool returns the end
 # of the output. Notes on what each run showed: bench/GPU_NOTES.md.
@@ -51,7 +52,21 @@ fi
 if [[ "$what" == all || "$what" == bench ]]; then
   python3 bench/gpu.py --conv --blocks 32,64 --json "$out/gpu.json" > "$out/bench.log" 2>&1
   summary+=("bench/gpu.py: rc $?")
+  # Inference: a small batch, where the forward product splits its lists.
+  python3 bench/gpu.py --shape 32x4096x4096 --precisions bf16 --modes forward --blocks 32,64 \
+    --json "$out/gpu-small-batch.json" > "$out/bench-small-batch.log" 2>&1
+  summary+=("bench/gpu.py small batch: rc $?")
   python3 bench/gpu.py --summary "$out/gpu.json" 2>&1 | tail -40
+fi
+
+if [[ "$what" == all || "$what" == profile ]]; then
+  # L2 reads and tensor-pipe use of the pipelined forward where the sparse
+  # targets meet the L2 floor (bench/GPU_NOTES.md).
+  timeout 180 ncu --kernel-name regex:PipelinedProduct -c 2 \
+    --metrics lts__t_sectors_srcunit_tex_op_read.sum,dram__bytes_read.sum,gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active \
+    python3 bench/gpu.py --densities 0.1 --blocks 32 --precisions bf16 --modes forward --reps 1 --warmup 1 \
+    > "$out/ncu.txt" 2>&1
+  summary+=("ncu: rc $?")
 fi
 
 printf '%s\n' "${summary[@]}"
