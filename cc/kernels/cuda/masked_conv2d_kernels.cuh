@@ -724,7 +724,7 @@ __global__ void __launch_bounds__(pl::kThreads)
 #pragma unroll
     for (int c = 0; c < kAChunks; ++c) {
       const bool read = a_offset[c] >= 0 && ci0 + a_col < ci_end;
-      ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * (kDepth + pl::kPad) + a_col,
+      ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * ACopier::kStride + a_col,
                        read ? x + a_offset[c] + ci0 + a_col : x, read);
     }
     b_copier.Issue(b_stage, tap * d.in_channels + ci0, tap * d.in_channels + ci_end,
@@ -821,7 +821,7 @@ __global__ void __launch_bounds__(pl::kThreads)
 #pragma unroll
     for (int c = 0; c < kAChunks; ++c) {
       const bool read = a_pixel[c] >= 0 && Live(a_factor[c]) && co0 + a_col < co_end;
-      ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * (kDepth + pl::kPad) + a_col,
+      ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * ACopier::kStride + a_col,
                        read ? dy + a_pixel[c] * d.out_channels + co0 + a_col : dy, read);
       if (output_factors != nullptr && a_col == 0) {
         row_factors[slot * pl::kTileRows + a_row + c * ACopier::kRowStep] = Live(a_factor[c]) ? a_factor[c] : 0.0f;
@@ -907,7 +907,7 @@ __global__ void __launch_bounds__(pl::kThreads)
       const int64_t ix = a_x[c] * d.stride_w + tap_x;
       const bool read = a_n[c] < d.batch && iy >= 0 && iy < d.in_h && ix >= 0 && ix < d.in_w &&
                         row0 + a_col < d.in_channels;
-      ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * (pl::kTileRows + pl::kPad) + a_col,
+      ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * ACopier::kStride + a_col,
                        read ? x + ((a_n[c] * d.in_h + iy) * d.in_w + ix) * d.in_channels + row0 + a_col : x, read);
       // The next stage's pixel: kDepth on in raster order (a row or image
       // boundary crossed costs a division, a narrow output several rows).

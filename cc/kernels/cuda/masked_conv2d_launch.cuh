@@ -188,11 +188,11 @@ int RunForward(const Launch& launch, const Conv2DGeometry& g, const T* x, const 
       launch(pl::TileSegmentLists<ConvForwardSegments>, static_cast<unsigned>(CeilDiv(d.out_channels, pl::kTileCols)),
              pl::kScanThreads, segments, lists, ws.counts);
       if (pl::WideStages(d.in_block, d.in_channels)) {
-        launch.WithSharedMemory(pl::kSharedBytes<pl::kWideStage, true, false>)(
+        launch.WithSharedMemory(pl::kSharedBytes<D<T>, pl::kWideStage, true, false>)(
             PipelinedConvForward<D<T>, pl::kWideStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x),
             Dev(filters), ws.factors, output_factors, ws.live, ws.active, d, lists, ws.counts, Dev(y));
       } else {
-        launch.WithSharedMemory(pl::kSharedBytes<pl::kNarrowStage, true, false>)(
+        launch.WithSharedMemory(pl::kSharedBytes<D<T>, pl::kNarrowStage, true, false>)(
             PipelinedConvForward<D<T>, pl::kNarrowStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x),
             Dev(filters), ws.factors, output_factors, ws.live, ws.active, d, lists, ws.counts, Dev(y));
       }
@@ -239,11 +239,11 @@ int RunGradInput(const Launch& launch, const Conv2DGeometry& g, const T* dy, con
              static_cast<unsigned>(CeilDiv(d.in_channels, pl::kTileCols)), pl::kScanThreads, segments, lists,
              ws.counts);
       if (pl::WideStages(d.out_block, d.out_channels)) {
-        launch.WithSharedMemory(pl::kSharedBytes<pl::kWideStage, true, true>)(
+        launch.WithSharedMemory(pl::kSharedBytes<D<T>, pl::kWideStage, true, true>)(
             PipelinedConvGradInput<D<T>, pl::kWideStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(dy),
             Dev(filters), ws.factors, output_factors, ws.live, d, lists, ws.counts, Dev(dx));
       } else {
-        launch.WithSharedMemory(pl::kSharedBytes<pl::kNarrowStage, true, true>)(
+        launch.WithSharedMemory(pl::kSharedBytes<D<T>, pl::kNarrowStage, true, true>)(
             PipelinedConvGradInput<D<T>, pl::kNarrowStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(dy),
             Dev(filters), ws.factors, output_factors, ws.live, d, lists, ws.counts, Dev(dx));
       }
@@ -284,7 +284,7 @@ int RunGradFilter(const Launch& launch, const Conv2DGeometry& g, const T* x, con
       const int64_t blocks = splits * d.taps() * pl::TileCount(d.in_channels, d.out_channels);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       const int64_t per_split = CeilDiv(CeilDiv(g.out_pixels(), int64_t{pl::kWideStage}), splits);
-      launch.WithSharedMemory(pl::kSharedBytes<pl::kWideStage, false, false>)(
+      launch.WithSharedMemory(pl::kSharedBytes<D<T>, pl::kWideStage, false, false>)(
           PipelinedConvGradFilter<D<T>, pl::kWideStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x),
           Dev(dy), ws.factors, output_factors, ws.live, d, per_split, splits > 1 ? ws.partials : nullptr,
           Dev(dfilters));

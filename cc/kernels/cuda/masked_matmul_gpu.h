@@ -47,10 +47,10 @@ bool MatmulUsesTensorCores(const BlockGrid& grid, Product product, GpuMath math)
 
 // Whether `product` takes the pipelined tensor-core kernels (cp.async stages,
 // mma.sync; pipelined_gemm.cuh), given 16-byte aligned arrays: float16 /
-// bfloat16 under kTensorCores on a device with tensor cores, W's dimensions
-// multiples of 8, its blocks cutting them on multiples of 16 (or not at
-// all), and for the forward product and dx a block-level mask. Elsewhere
-// MatmulUsesTensorCores decides.
+// bfloat16 (and float32 as TF32 for the forward product) under kTensorCores
+// on a device with tensor cores, W's dimensions multiples of 8, its blocks
+// cutting them on multiples of 16 (or not at all), and for the forward
+// product and dx a block-level mask. Elsewhere MatmulUsesTensorCores decides.
 template <typename T>
 bool MatmulUsesPipeline(const BlockGrid& grid, Product product, GpuMath math, MaskLevel level);
 

@@ -126,7 +126,8 @@ namespace {
 // the rule, MatmulUsesPipeline, is about the call and the device).
 template <typename T>
 bool PipelineShape(const BlockGrid& grid, Product product, MaskLevel level) {
-  return pl::kHasPipeline<typename Device<T>::type> &&
+  using D = typename Device<T>::type;
+  return (pl::kHasPipeline<D> || (pl::kIsTf32<D> && product == Product::kForward)) &&
          (product == Product::kGradWeight || level == MaskLevel::kBlock) && grid.rows % pl::kPerChunk == 0 &&
          grid.cols % pl::kPerChunk == 0 && pl::StripAligned(grid.block_rows, grid.rows) &&
          pl::StripAligned(grid.block_cols, grid.cols) && grid.grid_rows() < pl::kMaxSegments &&
@@ -181,7 +182,7 @@ namespace {
 template <typename D, bool kTransposed, int kDepth, typename Launch>
 void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, int64_t m, const D* w,
                             const Workspace<float>& ws, const GridDims& dims, int64_t splits, D* out) {
-  launch.WithSharedMemory(pl::kSharedBytes<kDepth, true, kTransposed>)(
+  launch.WithSharedMemory(pl::kSharedBytes<D, kDepth, true, kTransposed>)(
       PipelinedProduct<D, kTransposed, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, a, m, w, ws.factors,
       dims, ws.live, reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits,
       splits > 1 ? ws.partials : nullptr, out);
@@ -199,7 +200,7 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
   const GridDims dims = DimsOf(grid);
   const bool element_level = mask.level == MaskLevel::kElement;
   const Product product = kTransposed ? Product::kGradInput : Product::kForward;
-  if constexpr (pl::kHasPipeline<D>) {
+  if constexpr (pl::kHasPipeline<D> || (pl::kIsTf32<D> && !kTransposed)) {
     if (MatmulUsesPipeline<T>(grid, product, math, mask.level) && pl::Aligned16(a, w, out)) {
       const int64_t splits = PipelineSplits<T>(shape, product, mask.level);
       const int64_t blocks = splits * pl::TileCount(shape.m, out_cols);
@@ -211,7 +212,10 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
       const auto* da = reinterpret_cast<const D*>(a);
       const auto* dw = reinterpret_cast<const D*>(w);
       auto* dout = reinterpret_cast<D*>(out);
-      if (pl::WideStages(kTransposed ? dims.block_cols : dims.block_rows, kTransposed ? shape.n : shape.k)) {
+      if constexpr (pl::kIsTf32<D>) {  // stages of 16 floats: 64-byte rows, as 32 16-bit elements
+        LaunchPipelinedProduct<D, kTransposed, pl::kNarrowStage>(launch, blocks, da, shape.m, dw, ws, dims, splits,
+                                                                 dout);
+      } else if (pl::WideStages(kTransposed ? dims.block_cols : dims.block_rows, kTransposed ? shape.n : shape.k)) {
         LaunchPipelinedProduct<D, kTransposed, pl::kWideStage>(launch, blocks, da, shape.m, dw, ws, dims, splits,
                                                                dout);
       } else {
@@ -265,7 +269,7 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       const int64_t per_split = CeilDiv(CeilDiv(shape.m, int64_t{pl::kWideStage}), splits);
       const bool element_level = mask.level == MaskLevel::kElement;
-      launch.WithSharedMemory(pl::kSharedBytes<pl::kWideStage, false, false>)(
+      launch.WithSharedMemory(pl::kSharedBytes<D, pl::kWideStage, false, false>)(
           PipelinedOuterProducts<D, pl::kWideStage>, static_cast<unsigned>(blocks), pl::kThreads,
           reinterpret_cast<const D*>(x), reinterpret_cast<const D*>(dy), shape.m, ws.factors, element_level, dims,
           ws.live, per_split, splits > 1 ? ws.partials : nullptr, reinterpret_cast<D*>(dw));

@@ -1,9 +1,10 @@
-// The pipelined tensor-core tile (sm_80 and later) for 16-bit operands: a
-// thread block of 4 warps computes a 128 x 128 output tile, each warp a
-// 64 x 64 quarter of it as 4 x 8 mma.sync m16n8k16 products with float
-// accumulators, over stages of kDepth (32 or 16) of the depth that cp.async
-// brings into shared memory kStages deep, so that the next stages' loads are
-// in flight while the tensor cores work on the current one.
+// The pipelined tensor-core tile (sm_80 and later) for 16-bit operands (and
+// float32 as TF32 in the matmul forward product): a thread block of 4 warps
+// computes a 128 x 128 output tile, each warp a 64 x 64 quarter of it as
+// 4 x 8 mma.sync m16n8k16 (TF32: m16n8k8) products with float accumulators,
+// over stages of kDepth (32 or 16; TF32: 16 floats) of the depth that
+// cp.async brings into shared memory kStages deep, so that the next stages'
+// loads are in flight while the tensor cores work on the current one.
 //
 // Sparsity: a stage carries, per warp, which of its 16 x 16 fragments are
 // live (bit 4 mt + s: 16-row strip mt, 16-column strip s of the warp's
@@ -23,6 +24,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -46,25 +48,38 @@ constexpr int kStrips = kWarpTile / kStrip;        // a warp's strips each way
 constexpr int kTileStrips = kTileCols / kStrip;    // the tile's column strips
 constexpr int kStages = 4;
 static_assert((kStages & (kStages - 1)) == 0, "a step's buffers are step & (kStages - 1)");
-constexpr int kPerChunk = 8;  // 16-bit elements in a 16-byte copy
-constexpr int kPad = 8;       // elements added to every shared-memory row
+constexpr int kPerChunk = 8;  // 16-bit elements in a 16-byte copy (the conv kernels' unit)
 
-// The device types with this path.
+// The device types with this path: the 16-bit ones for every product;
+// float32 (as TF32, mma.sync m16n8k8) for the matmul forward product.
 template <typename D>
 constexpr bool kHasPipeline = std::is_same_v<D, __half> || std::is_same_v<D, __nv_bfloat16>;
+template <typename D>
+constexpr bool kIsTf32 = std::is_same_v<D, float>;
+
+// Elements of D in a 16-byte copy, and added to each shared-memory row so
+// that the rows one ldmatrix (or, for TF32 depth-outer operands, one column
+// of scalar loads) reads fall on different banks: 16 bytes for 16-bit rows
+// and TF32 depth-inner rows (strides of an odd number of 16-byte units), 32
+// for TF32 depth-outer rows (strides of 8 banks mod 32).
+template <typename D>
+constexpr int kChunkOf = 16 / int(sizeof(D));
+template <typename D, bool kDepthInner>
+constexpr int kPadOf = kIsTf32<D> && !kDepthInner ? 8 : kChunkOf<D>;
 
 // Elements of one operand stage: 128 rows (or columns) by kDepth.
-template <int kDepth, bool kDepthInner>
-constexpr int kOperandElements = kDepthInner ? kTileRows * (kDepth + kPad) : kDepth * (kTileRows + kPad);
-template <int kDepth, bool kDepthInner>
-constexpr int kOperandStride = kDepthInner ? kDepth + kPad : kTileRows + kPad;
+template <typename D, int kDepth, bool kDepthInner>
+constexpr int kOperandStride = kDepthInner ? kDepth + kPadOf<D, true> : kTileRows + kPadOf<D, false>;
+template <typename D, int kDepth, bool kDepthInner>
+constexpr int kOperandElements = (kDepthInner ? kTileRows : kDepth) * kOperandStride<D, kDepth, kDepthInner>;
 
-template <int kDepth, bool kADepthInner, bool kBDepthInner>
-constexpr int kStageElements = kOperandElements<kDepth, kADepthInner> + kOperandElements<kDepth, kBDepthInner>;
+template <typename D, int kDepth, bool kADepthInner, bool kBDepthInner>
+constexpr int kStageElements =
+    kOperandElements<D, kDepth, kADepthInner> + kOperandElements<D, kDepth, kBDepthInner>;
 
 // Dynamic shared memory of a kernel built on this tile.
-template <int kDepth, bool kADepthInner, bool kBDepthInner>
-constexpr int kSharedBytes = kStages * kStageElements<kDepth, kADepthInner, kBDepthInner> * 2;
+template <typename D, int kDepth, bool kADepthInner, bool kBDepthInner>
+constexpr int kSharedBytes = kStages * kStageElements<D, kDepth, kADepthInner, kBDepthInner> * int(sizeof(D));
 
 // The pipelined kernels' 16-byte copies and 4-byte stores need aligned arrays
 // (TensorFlow's allocations are 64-byte aligned).
@@ -126,8 +141,8 @@ struct WarpStage {
   const float* depth_factor;
 };
 
-// Copies operand tiles of kRows x kCols (16-bit D) from a row-major global
-// matrix into shared [kRows][kCols + kPad], stage after stage, 16 bytes per
+// Copies operand tiles of kRows x kCols of D from a row-major global
+// matrix into shared [kRows][kCols + pad], stage after stage, 16 bytes per
 // cp.async. The tile moves along one dimension, the depth: down the rows
 // (kDepthRows: a depth-outer operand) or along the columns; its place in the
 // other dimension is fixed. Each thread copies the same chunks of every stage
@@ -136,6 +151,8 @@ struct WarpStage {
 template <typename D, int kRows, int kCols, bool kDepthRows>
 class StageCopier {
  public:
+  static constexpr int kPerChunk = kChunkOf<D>;
+  static constexpr int kStride = kCols + kPadOf<D, !kDepthRows>;
   static constexpr int kChunksPerRow = kCols / kPerChunk;
   static_assert(kThreads % kChunksPerRow == 0, "every thread copies chunks of one column");
   static constexpr int kRowStep = kThreads / kChunksPerRow;
@@ -168,12 +185,12 @@ class StageCopier {
   __device__ void Issue(D* stage, int64_t d0, int64_t d_end, unsigned chunks, int64_t shift = 0) const {
     const D* src = base_ + shift + (kDepthRows ? d0 * ld_ : d0);
     const int64_t step = kRowStep * ld_;
-    D* dst = stage + row_ * (kCols + kPad) + col_;
+    D* dst = stage + row_ * kStride + col_;
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
       const bool in_depth = kDepthRows ? d0 + Row(i) < d_end : d0 + col_ < d_end;
       const bool read = ((fixed_ok_ & chunks) >> i & 1u) != 0 && in_depth;
-      ptx::CopyAsync16(dst + i * kRowStep * (kCols + kPad), read ? src : matrix_, read);
+      ptx::CopyAsync16(dst + i * kRowStep * kStride, read ? src : matrix_, read);
       src += step;
     }
   }
@@ -327,21 +344,75 @@ __device__ inline LiveTile FindLiveFragments(int64_t row0, int64_t col0, const F
 // Where this lane's ldmatrix rows start in a stage's A and B operands (in
 // elements from each operand's start), for fragment (0, 0) at depth 0; the
 // other fragments and depths are compile-time offsets from there.
-template <int kDepth, bool kADepthInner, bool kBDepthInner>
+template <typename D, int kDepth, bool kADepthInner, bool kBDepthInner>
 struct LaneOffsets {
   int a, b;
   __device__ LaneOffsets() {
-    constexpr int kAStride = kOperandStride<kDepth, kADepthInner>;
-    constexpr int kBStride = kOperandStride<kDepth, kBDepthInner>;
+    constexpr int kAStride = kOperandStride<D, kDepth, kADepthInner>;
+    constexpr int kBStride = kOperandStride<D, kDepth, kBDepthInner>;
     const WarpPlace warp = ThisWarp();
     const int lane = threadIdx.x % 32;
     const int matrix = lane / 8;
-    a = kADepthInner ? (warp.row * kWarpTile + lane % 16) * kAStride + lane / 16 * 8
-                     : (matrix / 2 * 8 + lane % 8) * kAStride + warp.row * kWarpTile + matrix % 2 * 8;
-    b = kBDepthInner ? (warp.col * kWarpTile + matrix / 2 * 8 + lane % 8) * kBStride + matrix % 2 * 8
-                     : (matrix % 2 * 8 + lane % 8) * kBStride + warp.col * kWarpTile + matrix / 2 * 8;
+    if constexpr (kIsTf32<D>) {
+      static_assert(kADepthInner && !kBDepthInner, "TF32 takes A depth-inner (ldmatrix) and B depth-outer");
+      // A: as for 16 bits, a 16-byte row of an 8 x 8 b16 matrix being 4
+      // floats; B: element (k = lane % 4, n = lane / 4) of a k8 x n8 tile.
+      a = (warp.row * kWarpTile + lane % 16) * kAStride + lane / 16 * 4;
+      b = lane % 4 * kBStride + warp.col * kWarpTile + lane / 4;
+    } else {
+      a = kADepthInner ? (warp.row * kWarpTile + lane % 16) * kAStride + lane / 16 * 8
+                       : (matrix / 2 * 8 + lane % 8) * kAStride + warp.row * kWarpTile + matrix % 2 * 8;
+      b = kBDepthInner ? (warp.col * kWarpTile + matrix / 2 * 8 + lane % 8) * kBStride + matrix % 2 * 8
+                       : (matrix % 2 * 8 + lane % 8) * kBStride + warp.col * kWarpTile + matrix / 2 * 8;
+    }
   }
 };
+
+// TF32 operands as the tensor cores take them: rounded to nearest (away),
+// 10 mantissa bits (cvt.rna.tf32.f32).
+__device__ inline uint32_t Tf32Bits(float v) { return __float_as_uint(nvcuda::wmma::__float_to_tf32(v)); }
+
+// acc += A B over one stage in TF32 (mma.sync m16n8k8): A fragments by
+// ldmatrix from the depth-inner A as for 16 bits; B depth-outer, loaded
+// element by element (ldmatrix moves 16-bit halves); a strip's B scaled by
+// its factor (Masked, in float) before the rounding to TF32.
+template <int kDepth, bool kWholeColumns>
+__device__ inline void MultiplyStageTf32(const float* a_lane, const float* b_lane, const WarpStage& stage,
+                                         float (&acc)[kStrips][2 * kStrips][4]) {
+  constexpr int kAStride = kOperandStride<float, kDepth, true>;
+  constexpr int kBStride = kOperandStride<float, kDepth, false>;
+#pragma unroll
+  for (int k0 = 0; k0 < kDepth; k0 += 8) {
+    uint32_t a[kStrips][4];
+#pragma unroll
+    for (int mt = 0; mt < kStrips; ++mt) {
+      if (!kWholeColumns && ((stage.fragments >> (4 * mt)) & 0xfu) == 0) continue;
+      ptx::LoadMatrices<false>(a[mt], a_lane + mt * kStrip * kAStride + k0);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[mt][i] = Tf32Bits(__uint_as_float(a[mt][i]));
+    }
+#pragma unroll
+    for (int s = 0; s < kStrips; ++s) {
+      if ((stage.fragments & (0x1111u << s)) == 0) continue;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float* column = b_lane + k0 * kBStride + s * kStrip + half * 8;
+        float b0 = column[0];
+        float b1 = column[4 * kBStride];
+        if (stage.scaled) {
+          b0 = Masked(b0, stage.factor[s]);
+          b1 = Masked(b1, stage.factor[s]);
+        }
+        const uint32_t b[2] = {Tf32Bits(b0), Tf32Bits(b1)};
+#pragma unroll
+        for (int mt = 0; mt < kStrips; ++mt) {
+          if (!kWholeColumns && ((stage.fragments >> (4 * mt + s)) & 1u) == 0) continue;
+          ptx::Mma1688Tf32(acc[mt][2 * s + half], a[mt], b);
+        }
+      }
+    }
+  }
+}
 
 // acc += A B over one stage for the warp's live fragments; a_lane and b_lane
 // are the stage's operands plus LaneOffsets. kWholeColumns: a strip is live
@@ -350,8 +421,8 @@ struct LaneOffsets {
 template <typename D, int kDepth, bool kADepthInner, bool kBDepthInner, bool kWholeColumns>
 __device__ inline void MultiplyStage(const D* a_lane, const D* b_lane, const WarpStage& stage,
                                      float (&acc)[kStrips][2 * kStrips][4]) {
-  constexpr int kAStride = kOperandStride<kDepth, kADepthInner>;
-  constexpr int kBStride = kOperandStride<kDepth, kBDepthInner>;
+  constexpr int kAStride = kOperandStride<D, kDepth, kADepthInner>;
+  constexpr int kBStride = kOperandStride<D, kDepth, kBDepthInner>;
 #pragma unroll
   for (int k0 = 0; k0 < kDepth; k0 += kStrip) {
     uint32_t a[kStrips][4];
@@ -404,12 +475,12 @@ template <typename D, int kDepth, bool kADepthInner, bool kBDepthInner, bool kWh
           typename Stage>
 __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Stage& warp_stage,
                                    float (&acc)[kStrips][2 * kStrips][4]) {
-  constexpr int kAElements = kOperandElements<kDepth, kADepthInner>;
-  constexpr int kStageSize = kStageElements<kDepth, kADepthInner, kBDepthInner>;
+  constexpr int kAElements = kOperandElements<D, kDepth, kADepthInner>;
+  constexpr int kStageSize = kStageElements<D, kDepth, kADepthInner, kBDepthInner>;
   D* shared = reinterpret_cast<D*>(ptx::DynamicShared());
   const auto a_of = [&](int64_t step) { return shared + (step & (kStages - 1)) * kStageSize; };
   const auto b_of = [&](int64_t step) { return a_of(step) + kAElements; };
-  const LaneOffsets<kDepth, kADepthInner, kBDepthInner> lane;
+  const LaneOffsets<D, kDepth, kADepthInner, kBDepthInner> lane;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < steps) issue(int64_t{s}, a_of(s), b_of(s));
@@ -424,7 +495,10 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Stag
     if (next < steps) issue(next, a_of(next), b_of(next));
     ptx::CommitCopies();
     const WarpStage stage = warp_stage(step);
-    if (stage.fragments != 0) {
+    if (stage.fragments == 0) continue;
+    if constexpr (kIsTf32<D>) {
+      MultiplyStageTf32<kDepth, kWholeColumns>(a_of(step) + lane.a, b_of(step) + lane.b, stage, acc);
+    } else {
       MultiplyStage<D, kDepth, kADepthInner, kBDepthInner, kWholeColumns>(a_of(step) + lane.a, b_of(step) + lane.b,
                                                                           stage, acc);
     }
@@ -551,13 +625,17 @@ struct FragmentBlocks {
   __device__ int64_t operator()(int mt, int s) const { return row_part[mt] + col_part[s]; }
 };
 
-// Two D at `out` (4-byte aligned).
+// Two D at `out`, aligned to two D, in one store.
 template <typename D>
 __device__ inline void StorePair(D* out, float v0, float v1) {
-  D pair[2] = {FromCompute<D>(v0), FromCompute<D>(v1)};
-  uint32_t word;
-  memcpy(&word, pair, sizeof(word));
-  *reinterpret_cast<uint32_t*>(out) = word;
+  if constexpr (kIsTf32<D>) {
+    *reinterpret_cast<float2*>(out) = make_float2(v0, v1);
+  } else {
+    D pair[2] = {FromCompute<D>(v0), FromCompute<D>(v1)};
+    uint32_t word;
+    memcpy(&word, pair, sizeof(word));
+    *reinterpret_cast<uint32_t*>(out) = word;
+  }
 }
 
 }  // namespace pipelined

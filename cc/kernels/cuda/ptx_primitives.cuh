@@ -91,6 +91,18 @@ __device__ inline void Mma16816(float (&d)[4], const uint32_t (&a)[4], const uin
   }
 }
 
+// d += a b for a 16 x 8 A, an 8 x 8 B of TF32 (float bits, low 13 ignored)
+// and float accumulators, in the mma.sync m16n8k8 .tf32 fragment layouts:
+// A's register i holds (g + 8 (i % 2), t + 4 (i / 2)), B's (t + 4 i, g), d as
+// for m16n8k16 (g = lane / 4, t = lane % 4).
+__device__ inline void Mma1688Tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 // The launch's dynamic shared memory.
 __device__ inline unsigned char* DynamicShared() {
   extern __shared__ __align__(128) unsigned char dynamic_shared[];
@@ -115,6 +127,9 @@ __device__ inline void LoadMatrices(uint32_t (&r)[4], const void* row) {
 template <typename E>
 __device__ inline void Mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   cuda_emulation::Mma16816<E>(d, a, b);
+}
+__device__ inline void Mma1688Tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  cuda_emulation::Mma1688Tf32(d, a, b);
 }
 __device__ inline unsigned char* DynamicShared() { return cuda_emulation::Engine::Get().DynamicShared(); }
 

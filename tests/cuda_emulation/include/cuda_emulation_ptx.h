@@ -102,6 +102,43 @@ __attribute__((noinline)) void Mma16816(float (&d)[4], const uint32_t (&a)[4], c
   }
 }
 
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: d = A B + d, with A's
+// register i holding (g + 8 (i % 2), t + 4 (i / 2)), B's register i (t + 4 i,
+// g) and d as for m16n8k16; the operands' low 13 mantissa bits ignored, as
+// the tensor cores ignore them.
+__attribute__((noinline)) inline void Mma1688Tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  Engine& engine = Engine::Get();
+  const int lane = static_cast<int>(Engine::Lane());
+  if (lane == 0) ++engine.stats().mma_syncs;
+  ptx_detail::MmaOperands mine;
+  std::memcpy(mine.a, a, sizeof(mine.a));
+  std::memcpy(mine.b, b, sizeof(mine.b));
+  std::memcpy(mine.c, d, sizeof(mine.c));
+  const unsigned char* exchange = engine.WarpExchange(&mine, sizeof(mine), __builtin_return_address(0));
+  const auto operands = [&](int from) {
+    ptx_detail::MmaOperands theirs;
+    std::memcpy(&theirs, exchange + from * 64, sizeof(theirs));
+    return theirs;
+  };
+  const auto tf32 = [](uint32_t bits) {
+    bits = (bits & 0x7fffffffu) > 0x7f800000u ? bits | 0x7fffe000u : bits & 0xffffe000u;
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+  };
+  const auto a_at = [&](int row, int k) { return tf32(operands((row % 8) * 4 + k % 4).a[row / 8 + 2 * (k / 4)]); };
+  const auto b_at = [&](int k, int column) { return tf32(operands(column * 4 + k % 4).b[k / 4]); };
+  const int g = lane / 4;
+  const int t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2);
+    const int column = 2 * t + i % 2;
+    float sum = mine.c[i];
+    for (int k = 0; k < 8; ++k) sum += a_at(row, k) * b_at(k, column);  // each product exact in float
+    d[i] = sum;
+  }
+}
+
 }  // namespace cuda_emulation
 
 #endif  // MASKED_OPS_TESTS_CUDA_EMULATION_CUDA_EMULATION_PTX_H_
