@@ -1,10 +1,10 @@
 // The warp-collective PTX instructions of cc/kernels/cuda/ptx_primitives.cuh
 // under the CUDA emulation (see cuda_emulation.h): ldmatrix .x4 and
-// mma.sync m16n8k16 with float accumulators, computed from the operands every
+// mma.sync m16n8k16 (16-bit) and m16n8k8 (TF32) with float accumulators, computed from the operands every
 // lane of the warp deposits, in the layouts of the PTX ISA. (cp.async is the
 // engine's: Engine::CopyAsync, CommitCopies, WaitCopies.)
 //
-// Precision: products of the 16-bit operands are exact in float and are
+// Precision: products of the 16-bit and TF32 operands are exact in float and are
 // added in k order onto the accumulator, as in the emulated wmma::mma_sync.
 // Checked: every ldmatrix row address is 16-byte aligned.
 #ifndef MASKED_OPS_TESTS_CUDA_EMULATION_CUDA_EMULATION_PTX_H_
@@ -17,6 +17,7 @@
 #include "cuda_bf16.h"
 #include "cuda_emulation.h"
 #include "cuda_fp16.h"
+#include "mma.h"
 
 namespace cuda_emulation {
 
@@ -60,83 +61,72 @@ struct MmaOperands {
   float c[4];
 };
 
+// d = A B + d of one m16n8k<kDepth> mma.sync of the current lane (g = lane /
+// 4, t = lane % 4), from the operands every lane deposits at `site`. A
+// register holds kDepth / 8 operands along k (decode(word, i) gives the i-th
+// as a float): A's register i covers rows g + 8 (i % 2) and k from 4 (i / 2)
+// operand pairs on, B's register i k from 4 i pairs on at column g, so that
+// lane 4 g + t holds k = 4 (kDepth / 8) r + (kDepth / 8) t + .. of register
+// group r; d[i] is the accumulator (g + 8 (i / 2), 2 t + i % 2).
+template <int kDepth, typename Decode>
+inline void WarpMma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const void* site,
+                    const Decode& decode) {
+  constexpr int kPerRegister = kDepth / 8;
+  constexpr int kGroup = 4 * kPerRegister;  // k covered by one register of each of the 4 lanes of a row
+  Engine& engine = Engine::Get();
+  const int lane = static_cast<int>(Engine::Lane());
+  if (lane == 0) ++engine.stats().mma_syncs;
+  MmaOperands mine;
+  std::memcpy(mine.a, a, sizeof(mine.a));
+  std::memcpy(mine.b, b, sizeof(mine.b));
+  std::memcpy(mine.c, d, sizeof(mine.c));
+  const unsigned char* exchange = engine.WarpExchange(&mine, sizeof(mine), site);
+  const auto operands = [&](int from) {
+    MmaOperands theirs;
+    std::memcpy(&theirs, exchange + from * 64, sizeof(theirs));
+    return theirs;
+  };
+  const auto a_at = [&](int row, int k) {
+    return decode(operands((row % 8) * 4 + k % kGroup / kPerRegister).a[row / 8 + 2 * (k / kGroup)], k % kPerRegister);
+  };
+  const auto b_at = [&](int k, int column) {
+    return decode(operands(column * 4 + k % kGroup / kPerRegister).b[k / kGroup], k % kPerRegister);
+  };
+  const int g = lane / 4;
+  const int t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2);
+    const int column = 2 * t + i % 2;
+    float sum = mine.c[i];
+    for (int k = 0; k < kDepth; ++k) sum += a_at(row, k) * b_at(k, column);  // each product exact in float
+    d[i] = sum;
+  }
+}
+
 }  // namespace ptx_detail
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d = A B + d, with (g =
 // lane / 4, t = lane % 4) A's register i holding (g + 8 (i % 2), 2 t + 8 (i /
 // 2) + {0, 1}), B's register i (2 t + 8 i + {0, 1}, g) and d[i] the
-// accumulator (g + 8 (i / 2), 2 t + i % 2).
+// accumulator (g + 8 (i / 2), 2 t + i % 2); the lower k in the low 16 bits.
 template <typename E>
 __attribute__((noinline)) void Mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   static_assert(std::is_same_v<E, __half> || std::is_same_v<E, __nv_bfloat16>, "mma.sync m16n8k16 of 16-bit types");
-  Engine& engine = Engine::Get();
-  const int lane = static_cast<int>(Engine::Lane());
-  if (lane == 0) ++engine.stats().mma_syncs;
-  ptx_detail::MmaOperands mine;
-  std::memcpy(mine.a, a, sizeof(mine.a));
-  std::memcpy(mine.b, b, sizeof(mine.b));
-  std::memcpy(mine.c, d, sizeof(mine.c));
-  const unsigned char* exchange = engine.WarpExchange(&mine, sizeof(mine), __builtin_return_address(0));
-  const auto operands = [&](int from) {
-    ptx_detail::MmaOperands theirs;
-    std::memcpy(&theirs, exchange + from * 64, sizeof(theirs));
-    return theirs;
-  };
-  const auto half_of = [](uint32_t word, int k) { return static_cast<uint16_t>(k % 2 == 0 ? word : word >> 16); };
-  const auto a_at = [&](int row, int k) {
-    const uint32_t word = operands((row % 8) * 4 + (k % 8) / 2).a[(row / 8) + 2 * (k / 8)];
-    return ptx_detail::Widen(half_of(word, k), E{});
-  };
-  const auto b_at = [&](int k, int column) {
-    const uint32_t word = operands(column * 4 + (k % 8) / 2).b[k / 8];
-    return ptx_detail::Widen(half_of(word, k), E{});
-  };
-  const int g = lane / 4;
-  const int t = lane % 4;
-  for (int i = 0; i < 4; ++i) {
-    const int row = g + 8 * (i / 2);
-    const int column = 2 * t + i % 2;
-    float sum = mine.c[i];
-    for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, column);  // each product exact in float
-    d[i] = sum;
-  }
+  ptx_detail::WarpMma<16>(d, a, b, __builtin_return_address(0), [](uint32_t word, int half) {
+    return ptx_detail::Widen(static_cast<uint16_t>(half == 0 ? word : word >> 16), E{});
+  });
 }
 
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: d = A B + d, with A's
 // register i holding (g + 8 (i % 2), t + 4 (i / 2)), B's register i (t + 4 i,
 // g) and d as for m16n8k16; the operands' low 13 mantissa bits ignored, as
-// the tensor cores ignore them.
+// the tensor cores ignore them (mma.h's Tf32Operand).
 __attribute__((noinline)) inline void Mma1688Tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  Engine& engine = Engine::Get();
-  const int lane = static_cast<int>(Engine::Lane());
-  if (lane == 0) ++engine.stats().mma_syncs;
-  ptx_detail::MmaOperands mine;
-  std::memcpy(mine.a, a, sizeof(mine.a));
-  std::memcpy(mine.b, b, sizeof(mine.b));
-  std::memcpy(mine.c, d, sizeof(mine.c));
-  const unsigned char* exchange = engine.WarpExchange(&mine, sizeof(mine), __builtin_return_address(0));
-  const auto operands = [&](int from) {
-    ptx_detail::MmaOperands theirs;
-    std::memcpy(&theirs, exchange + from * 64, sizeof(theirs));
-    return theirs;
-  };
-  const auto tf32 = [](uint32_t bits) {
-    bits = (bits & 0x7fffffffu) > 0x7f800000u ? bits | 0x7fffe000u : bits & 0xffffe000u;
+  ptx_detail::WarpMma<8>(d, a, b, __builtin_return_address(0), [](uint32_t word, int) {
     float value;
-    std::memcpy(&value, &bits, sizeof(value));
-    return value;
-  };
-  const auto a_at = [&](int row, int k) { return tf32(operands((row % 8) * 4 + k % 4).a[row / 8 + 2 * (k / 4)]); };
-  const auto b_at = [&](int k, int column) { return tf32(operands(column * 4 + k % 4).b[k / 4]); };
-  const int g = lane / 4;
-  const int t = lane % 4;
-  for (int i = 0; i < 4; ++i) {
-    const int row = g + 8 * (i / 2);
-    const int column = 2 * t + i % 2;
-    float sum = mine.c[i];
-    for (int k = 0; k < 8; ++k) sum += a_at(row, k) * b_at(k, column);  // each product exact in float
-    d[i] = sum;
-  }
+    std::memcpy(&value, &word, sizeof(value));
+    return nvcuda::wmma::detail::Tf32Operand(value);
+  });
 }
 
 }  // namespace cuda_emulation
