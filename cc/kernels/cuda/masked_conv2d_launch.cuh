@@ -187,15 +187,12 @@ int RunForward(const Launch& launch, const Conv2DGeometry& g, const T* x, const 
       auto* lists = reinterpret_cast<uint32_t*>(ws.lists);
       launch(pl::TileSegmentLists<ConvForwardSegments>, static_cast<unsigned>(CeilDiv(d.out_channels, pl::kTileCols)),
              pl::kScanThreads, segments, lists, ws.counts);
-      if (pl::WideStages(d.in_block, d.in_channels)) {
-        launch.WithSharedMemory(pl::kSharedBytes<D<T>, pl::kWideStage, true, false>)(
-            PipelinedConvForward<D<T>, pl::kWideStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x),
-            Dev(filters), ws.factors, output_factors, ws.live, ws.active, d, lists, ws.counts, Dev(y));
-      } else {
-        launch.WithSharedMemory(pl::kSharedBytes<D<T>, pl::kNarrowStage, true, false>)(
-            PipelinedConvForward<D<T>, pl::kNarrowStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x),
-            Dev(filters), ws.factors, output_factors, ws.live, ws.active, d, lists, ws.counts, Dev(y));
-      }
+      pl::WithStageDepth(d.in_block, d.in_channels, [&](auto stage) {
+        constexpr int kDepth = decltype(stage)::value;
+        launch.WithSharedMemory(pl::kSharedBytes<D<T>, kDepth, true, false>)(
+            PipelinedConvForward<D<T>, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x), Dev(filters),
+            ws.factors, output_factors, ws.live, ws.active, d, lists, ws.counts, Dev(y));
+      });
       return launch.Status();
     }
   }
@@ -238,15 +235,12 @@ int RunGradInput(const Launch& launch, const Conv2DGeometry& g, const T* dy, con
       launch(pl::TileSegmentLists<ConvGradInputSegments>,
              static_cast<unsigned>(CeilDiv(d.in_channels, pl::kTileCols)), pl::kScanThreads, segments, lists,
              ws.counts);
-      if (pl::WideStages(d.out_block, d.out_channels)) {
-        launch.WithSharedMemory(pl::kSharedBytes<D<T>, pl::kWideStage, true, true>)(
-            PipelinedConvGradInput<D<T>, pl::kWideStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(dy),
+      pl::WithStageDepth(d.out_block, d.out_channels, [&](auto stage) {
+        constexpr int kDepth = decltype(stage)::value;
+        launch.WithSharedMemory(pl::kSharedBytes<D<T>, kDepth, true, true>)(
+            PipelinedConvGradInput<D<T>, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, Dev(dy),
             Dev(filters), ws.factors, output_factors, ws.live, d, lists, ws.counts, Dev(dx));
-      } else {
-        launch.WithSharedMemory(pl::kSharedBytes<D<T>, pl::kNarrowStage, true, true>)(
-            PipelinedConvGradInput<D<T>, pl::kNarrowStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(dy),
-            Dev(filters), ws.factors, output_factors, ws.live, d, lists, ws.counts, Dev(dx));
-      }
+      });
       return launch.Status();
     }
   }

@@ -215,12 +215,12 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
       if constexpr (pl::kIsTf32<D>) {  // stages of 16 floats: 64-byte rows, as 32 16-bit elements
         LaunchPipelinedProduct<D, kTransposed, pl::kNarrowStage>(launch, blocks, da, shape.m, dw, ws, dims, splits,
                                                                  dout);
-      } else if (pl::WideStages(kTransposed ? dims.block_cols : dims.block_rows, kTransposed ? shape.n : shape.k)) {
-        LaunchPipelinedProduct<D, kTransposed, pl::kWideStage>(launch, blocks, da, shape.m, dw, ws, dims, splits,
-                                                               dout);
       } else {
-        LaunchPipelinedProduct<D, kTransposed, pl::kNarrowStage>(launch, blocks, da, shape.m, dw, ws, dims, splits,
-                                                                 dout);
+        pl::WithStageDepth(kTransposed ? dims.block_cols : dims.block_rows, kTransposed ? shape.n : shape.k,
+                           [&](auto stage) {
+                             LaunchPipelinedProduct<D, kTransposed, decltype(stage)::value>(
+                                 launch, blocks, da, shape.m, dw, ws, dims, splits, dout);
+                           });
       }
       if (splits > 1) {
         launch(SplitSums<D>, BlocksFor(shape.m * out_cols), kThreads, ws.partials, splits, ws.counts, shape.m,

@@ -96,6 +96,17 @@ inline bool WideStages(int64_t depth_block, int64_t depth) {
   return depth_block % kWideStage == 0 || depth_block >= depth;
 }
 
+// run(std::integral_constant<int, kDepth>{}) for the stage depth that
+// WideStages picks: a launcher written once for both instantiations.
+template <typename Run>
+void WithStageDepth(int64_t depth_block, int64_t depth, const Run& run) {
+  if (WideStages(depth_block, depth)) {
+    run(std::integral_constant<int, kWideStage>{});
+  } else {
+    run(std::integral_constant<int, kNarrowStage>{});
+  }
+}
+
 // Output tiles of a rows x cols output.
 inline int64_t TileCount(int64_t rows, int64_t cols) { return CeilDiv(rows, kTileRows) * CeilDiv(cols, kTileCols); }
 
