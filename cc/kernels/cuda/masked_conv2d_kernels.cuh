@@ -948,9 +948,7 @@ __global__ void __launch_bounds__(pl::kThreads)
       const float f1 = d.element_level ? factors[at + 1] : f0;
       pl::StorePair(dfilters + at, Masked(v0, f0), Masked(v1, f1));
     } else {
-      float* to = partials + split * d.taps() * d.in_channels * d.out_channels + at;
-      to[0] = v0;
-      to[1] = v1;
+      pl::StorePair(partials + split * d.taps() * d.in_channels * d.out_channels + at, v0, v1);
     }
   });
 #endif

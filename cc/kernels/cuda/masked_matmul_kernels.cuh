@@ -504,9 +504,7 @@ __global__ void __launch_bounds__(pl::kThreads)
     if (partials == nullptr) {
       pl::StorePair(out + row * p.out_cols() + col, v0, v1);
     } else {
-      float* to = partials + split * m * p.out_cols() + row * p.out_cols() + col;
-      to[0] = v0;
-      to[1] = v1;
+      pl::StorePair(partials + split * m * p.out_cols() + row * p.out_cols() + col, v0, v1);
     }
   });
 #endif
@@ -573,9 +571,7 @@ __global__ void __launch_bounds__(pl::kThreads)
     if (row >= g.rows || col >= g.cols) return;
     const int64_t at = row * g.cols + col;
     if (partials != nullptr) {
-      float* to = partials + split * g.rows * g.cols + at;
-      to[0] = v0;
-      to[1] = v1;
+      pl::StorePair(partials + split * g.rows * g.cols + at, v0, v1);
       return;
     }
     const float f0 = element_level ? factors[at] : factors[blocks(mt, s)];
