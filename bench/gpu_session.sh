@@ -10,8 +10,13 @@
 #   bash bench/gpu_session.sh bench      # build + bench/gpu.py (and a small-batch run)
 #   bash bench/gpu_session.sh profile    # build + ncu on the bf16 block-32 d=0.1 forward
 #
-# The last lines printed are a summary, since the device tool returns the end
-# of the output. Notes on what each run showed: bench/GPU_NOTES.md.
+# A harness built elsewhere for this GPU (it is a plain C library, so one built
+# with nvcc 13 on a CPU-only machine loads there) is used when
+# $MASKED_OPS_CUDA_HARNESS names it and it loads; otherwise it is built here.
+# Every step has its own time limit, so that a hung kernel costs one step, not
+# the lease. The last lines printed are a summary, since the device tool
+# returns the end of the output. Notes on what each run showed:
+# bench/GPU_NOTES.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/masked_ops_gpu_session}"
@@ -21,14 +26,20 @@ export PYTHONUNBUFFERED=1
 summary=()
 
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
-nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv > "$out/device.txt"
-cmake -S . -B build/gpu -G Ninja -DMASKED_OPS_TF=OFF -DMASKED_OPS_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES="${arch}-real" > "$out/build.log" 2>&1 &&
-  cmake --build build/gpu --target masked_ops_cuda_harness -j "$(nproc)" >> "$out/build.log" 2>&1
-summary+=("build (sm_${arch}): rc $?")
+{ nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv; uname -r; } > "$out/build.log"
+if [[ -n "${MASKED_OPS_CUDA_HARNESS:-}" ]] &&
+   python3 -c "import ctypes, sys; ctypes.CDLL(sys.argv[1])" "$MASKED_OPS_CUDA_HARNESS" >> "$out/build.log" 2>&1; then
+  summary+=("harness: prebuilt $MASKED_OPS_CUDA_HARNESS")
+else
+  unset MASKED_OPS_CUDA_HARNESS
+  cmake -S . -B build/gpu -G Ninja -DMASKED_OPS_TF=OFF -DMASKED_OPS_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES="${arch}-real" >> "$out/build.log" 2>&1 &&
+    cmake --build build/gpu --target masked_ops_cuda_harness -j "$(nproc)" >> "$out/build.log" 2>&1
+  summary+=("build (sm_${arch}): rc $?")
+fi
 
 if [[ "$what" == all || "$what" == tests ]]; then
-  python3 -m pytest -q -p no:cacheprovider tests/gpu > "$out/gpu-test.log" 2>&1
+  timeout -s KILL 150 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$out/gpu-test.log" 2>&1
   summary+=("tests/gpu: $(tail -1 "$out/gpu-test.log")")
   # One pipelined matmul (all three products) and conv case per kind of
   # mask, a WMMA and a CUDA-core case, and the elementwise kernels.
@@ -41,7 +52,7 @@ if [[ "$what" == all || "$what" == tests ]]; then
   for tool in memcheck racecheck synccheck; do
     {
       echo "== $tool"
-      compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      timeout -s KILL 60 compute-sanitizer --tool "$tool" --error-exitcode 1 \
         python3 -m pytest -q -p no:cacheprovider tests/gpu -k "$(echo $subset)" 2>&1 | tail -4
       echo "$tool rc ${PIPESTATUS[0]}"
     } >> "$out/compute-sanitizer.log"
@@ -50,11 +61,12 @@ if [[ "$what" == all || "$what" == tests ]]; then
 fi
 
 if [[ "$what" == all || "$what" == bench ]]; then
-  python3 bench/gpu.py --conv --blocks 32,64 --json "$out/gpu.json" > "$out/bench.log" 2>&1
+  timeout -s KILL 180 python3 bench/gpu.py --conv --blocks 32,64 --json "$out/gpu.json" > "$out/bench.log" 2>&1
   summary+=("bench/gpu.py: rc $?")
   # Inference: a small batch, where the forward product splits its lists.
-  python3 bench/gpu.py --shape 32x4096x4096 --precisions bf16 --modes forward --blocks 32,64 \
-    --json "$out/gpu-small-batch.json" > "$out/bench-small-batch.log" 2>&1
+  echo "== small batch" >> "$out/bench.log"
+  timeout -s KILL 45 python3 bench/gpu.py --shape 32x4096x4096 --precisions bf16 --modes forward --blocks 32,64 \
+    --json "$out/gpu-small-batch.json" >> "$out/bench.log" 2>&1
   summary+=("bench/gpu.py small batch: rc $?")
   python3 bench/gpu.py --summary "$out/gpu.json" 2>&1 | tail -40
 fi
@@ -62,7 +74,7 @@ fi
 if [[ "$what" == all || "$what" == profile ]]; then
   # L2 reads and tensor-pipe use of the pipelined forward where the sparse
   # targets meet the L2 floor (bench/GPU_NOTES.md).
-  timeout 180 ncu --kernel-name regex:PipelinedProduct -c 2 \
+  timeout -s KILL 60 ncu --clock-control none --kernel-name regex:PipelinedProduct -c 2 \
     --metrics lts__t_sectors_srcunit_tex_op_read.sum,dram__bytes_read.sum,gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active \
     python3 bench/gpu.py --densities 0.1 --blocks 32 --precisions bf16 --modes forward --reps 1 --warmup 1 \
     > "$out/ncu.txt" 2>&1
