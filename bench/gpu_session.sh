@@ -53,7 +53,7 @@ if [[ "$what" == all || "$what" == tests ]]; then
     {
       echo "== $tool"
       timeout -s KILL 60 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-        python3 -m pytest -q -p no:cacheprovider tests/gpu -k "$(echo $subset)" 2>&1 | tail -4
+        python3 -m pytest -q -p no:cacheprovider tests/gpu -k "$(echo $subset)" 2>&1 | tail -60
       echo "$tool rc ${PIPESTATUS[0]}"
     } >> "$out/compute-sanitizer.log"
     summary+=("$(grep "$tool rc" "$out/compute-sanitizer.log" | tail -1)")
@@ -68,15 +68,18 @@ if [[ "$what" == all || "$what" == bench ]]; then
   timeout -s KILL 45 python3 bench/gpu.py --shape 32x4096x4096 --precisions bf16 --modes forward --blocks 32,64 \
     --json "$out/gpu-small-batch.json" >> "$out/bench.log" 2>&1
   summary+=("bench/gpu.py small batch: rc $?")
-  python3 bench/gpu.py --summary "$out/gpu.json" 2>&1 | tail -40
+  python3 bench/gpu.py --summary "$out/gpu.json" 2>&1 | tail -600
 fi
 
 if [[ "$what" == all || "$what" == profile ]]; then
-  # L2 reads and tensor-pipe use of the pipelined forward where the sparse
-  # targets meet the L2 floor (bench/GPU_NOTES.md).
-  timeout -s KILL 60 ncu --clock-control none --kernel-name regex:PipelinedProduct -c 2 \
+  # The pipelined forward, dense and where the sparse targets meet the L2
+  # floor (bench/GPU_NOTES.md): L2 reads, tensor-pipe use, occupancy and
+  # where the warps stall. Two launches of each density (warm-up and timed).
+  timeout -s KILL 90 ncu --clock-control none --kernel-name regex:PipelinedProduct -c 4 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis \
     --metrics lts__t_sectors_srcunit_tex_op_read.sum,dram__bytes_read.sum,gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active \
-    python3 bench/gpu.py --densities 0.1 --blocks 32 --precisions bf16 --modes forward --reps 1 --warmup 1 \
+    python3 bench/gpu.py --densities 1,0.1 --blocks 32 --precisions bf16 --modes forward --reps 1 --warmup 1 \
     > "$out/ncu.txt" 2>&1
   summary+=("ncu: rc $?")
 fi

@@ -13,8 +13,6 @@ namespace masked_ops {
 namespace gpu {
 namespace {
 
-constexpr size_t kDefaultSharedLimit = 48 * 1024;
-
 struct CudaLaunch {
   cudaStream_t stream;
   size_t shared_bytes = 0;
@@ -26,9 +24,13 @@ struct CudaLaunch {
   template <typename... Params, typename... Args>
   void operator()(void (*kernel)(Params...), dim3 grid, dim3 block, const Args&... args) const {
     static_assert(sizeof...(Params) == sizeof...(Args), "a kernel launch with the wrong number of arguments");
-    // Past 48 KB a kernel needs its dynamic limit raised; a failure shows as
-    // the launch's error.
-    if (shared_bytes > kDefaultSharedLimit) {
+    // Past 48 KB of static and dynamic shared memory together a kernel needs
+    // its dynamic limit raised. The kernel's static part is not known here
+    // (the pipelined kernels have a few words of it beside 48 KB of stages,
+    // which failed to launch on an H200), so the limit is raised for every
+    // launch with dynamic shared memory; a failure shows as the launch's
+    // error.
+    if (shared_bytes > 0) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
     }
     kernel<<<grid, block, shared_bytes, stream>>>(args...);
