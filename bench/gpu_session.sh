@@ -68,7 +68,7 @@ if [[ "$what" == all || "$what" == bench ]]; then
   timeout -s KILL 45 python3 bench/gpu.py --shape 32x4096x4096 --precisions bf16 --modes forward --blocks 32,64 \
     --json "$out/gpu-small-batch.json" >> "$out/bench.log" 2>&1
   summary+=("bench/gpu.py small batch: rc $?")
-  python3 bench/gpu.py --summary "$out/gpu.json" 2>&1 | tail -600
+  python3 bench/gpu.py --summary "$out/gpu.json" 2>&1 | tail -40
 fi
 
 if [[ "$what" == all || "$what" == profile ]]; then
