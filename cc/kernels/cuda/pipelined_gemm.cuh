@@ -428,7 +428,10 @@ __device__ inline void MultiplyStageTf32(const float* a_lane, const float* b_lan
 // acc += A B over one stage for the warp's live fragments; a_lane and b_lane
 // are the stage's operands plus LaneOffsets. kWholeColumns: a strip is live
 // in all four row strips or none (the forward product and dx), so that rows
-// need no test.
+// need no test. Every fragment of a depth step is loaded before any is
+// multiplied, so that the loads' latencies overlap instead of each standing
+// between a branch and its mma (the warps are few: two per scheduler); a
+// dead fragment is then read from shared memory but never multiplied.
 template <typename D, int kDepth, bool kADepthInner, bool kBDepthInner, bool kWholeColumns>
 __device__ inline void MultiplyStage(const D* a_lane, const D* b_lane, const WarpStage& stage,
                                      float (&acc)[kStrips][2 * kStrips][4]) {
@@ -437,36 +440,47 @@ __device__ inline void MultiplyStage(const D* a_lane, const D* b_lane, const War
 #pragma unroll
   for (int k0 = 0; k0 < kDepth; k0 += kStrip) {
     uint32_t a[kStrips][4];
+    uint32_t b[kStrips][4];
 #pragma unroll
     for (int mt = 0; mt < kStrips; ++mt) {
-      if (!kWholeColumns && ((stage.fragments >> (4 * mt)) & 0xfu) == 0) continue;
       ptx::LoadMatrices<!kADepthInner>(
           a[mt], a_lane + (kADepthInner ? mt * kStrip * kAStride + k0 : k0 * kAStride + mt * kStrip));
-      if (stage.row_factor != nullptr) {
-        // Registers 0 and 2 hold row lane / 4 of the strip, 1 and 3 that row + 8.
+    }
+#pragma unroll
+    for (int s = 0; s < kStrips; ++s) {
+      ptx::LoadMatrices<!kBDepthInner>(
+          b[s], b_lane + (kBDepthInner ? s * kStrip * kBStride + k0 : k0 * kBStride + s * kStrip));
+    }
+    if (stage.row_factor != nullptr) {
+      // Registers 0 and 2 hold row lane / 4 of the strip, 1 and 3 that row + 8.
+#pragma unroll
+      for (int mt = 0; mt < kStrips; ++mt) {
         const float* factor = stage.row_factor + ThisWarp().row * kWarpTile + mt * kStrip + threadIdx.x % 32 / 4;
 #pragma unroll
         for (int i = 0; i < 4; ++i) a[mt][i] = ScalePair<D>(a[mt][i], factor[i % 2 * 8], factor[i % 2 * 8]);
       }
     }
+    if (stage.scaled) {
+#pragma unroll
+      for (int s = 0; s < kStrips; ++s) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) b[s][i] = ScalePair<D>(b[s][i], stage.factor[s], stage.factor[s]);
+      }
+    }
+    if (stage.depth_factor != nullptr) {
+      // Registers 0 and 2 hold depth rows 2 (lane % 4) + {0, 1} of the 16, 1 and 3 those + 8.
+      const float* factor = stage.depth_factor + k0 + threadIdx.x % 4 * 2;
+#pragma unroll
+      for (int s = 0; s < kStrips; ++s) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) b[s][i] = ScalePair<D>(b[s][i], factor[i % 2 * 8], factor[i % 2 * 8 + 1]);
+      }
+    }
 #pragma unroll
     for (int s = 0; s < kStrips; ++s) {
       if ((stage.fragments & (0x1111u << s)) == 0) continue;
-      uint32_t b[4];
-      ptx::LoadMatrices<!kBDepthInner>(
-          b, b_lane + (kBDepthInner ? s * kStrip * kBStride + k0 : k0 * kBStride + s * kStrip));
-      if (stage.scaled) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) b[i] = ScalePair<D>(b[i], stage.factor[s], stage.factor[s]);
-      }
-      if (stage.depth_factor != nullptr) {
-        // Registers 0 and 2 hold depth rows 2 (lane % 4) + {0, 1} of the 16, 1 and 3 those + 8.
-        const float* factor = stage.depth_factor + k0 + threadIdx.x % 4 * 2;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) b[i] = ScalePair<D>(b[i], factor[i % 2 * 8], factor[i % 2 * 8 + 1]);
-      }
-      const uint32_t left[2] = {b[0], b[1]};
-      const uint32_t right[2] = {b[2], b[3]};
+      const uint32_t left[2] = {b[s][0], b[s][1]};
+      const uint32_t right[2] = {b[s][2], b[s][3]};
 #pragma unroll
       for (int mt = 0; mt < kStrips; ++mt) {
         if (!kWholeColumns && ((stage.fragments >> (4 * mt + s)) & 1u) == 0) continue;
