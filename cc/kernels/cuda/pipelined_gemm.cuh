@@ -495,7 +495,10 @@ __device__ inline void MultiplyStage(const D* a_lane, const D* b_lane, const War
 // step's operands (every thread calls it, for step 0, 1, ... in order, with
 // cp.async only); warp_stage(step) gives the warp's WarpStage of a step
 // (called for 0, 1, ... in order, after the step's barrier). While step s is
-// multiplied, steps s + 1 .. s + kStages - 1 are in flight.
+// multiplied, steps s + 1 and s + 2 are in flight; step s + 3 is issued
+// after the multiplications, so that its address arithmetic (a long chain
+// of integer operations) runs while the tensor cores work through them
+// instead of standing between the barrier and the first mma.
 template <typename D, int kDepth, bool kADepthInner, bool kBDepthInner, bool kWholeColumns, typename Issue,
           typename Stage>
 __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Stage& warp_stage,
@@ -514,19 +517,20 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Stag
   for (int64_t step = 0; step < steps; ++step) {
     ptx::WaitCopies<kStages - 2>();
     // Step's operands are visible to every thread, and every thread is done
-    // with step - 1's buffers, which the next issue refills.
+    // with step - 1's buffers, which this step's issue refills.
     __syncthreads();
+    const WarpStage stage = warp_stage(step);
+    if (stage.fragments != 0) {
+      if constexpr (kIsTf32<D>) {
+        MultiplyStageTf32<kDepth, kWholeColumns>(a_of(step) + lane.a, b_of(step) + lane.b, stage, acc);
+      } else {
+        MultiplyStage<D, kDepth, kADepthInner, kBDepthInner, kWholeColumns>(a_of(step) + lane.a,
+                                                                            b_of(step) + lane.b, stage, acc);
+      }
+    }
     const int64_t next = step + kStages - 1;
     if (next < steps) issue(next, a_of(next), b_of(next));
     ptx::CommitCopies();
-    const WarpStage stage = warp_stage(step);
-    if (stage.fragments == 0) continue;
-    if constexpr (kIsTf32<D>) {
-      MultiplyStageTf32<kDepth, kWholeColumns>(a_of(step) + lane.a, b_of(step) + lane.b, stage, acc);
-    } else {
-      MultiplyStage<D, kDepth, kADepthInner, kBDepthInner, kWholeColumns>(a_of(step) + lane.a, b_of(step) + lane.b,
-                                                                          stage, acc);
-    }
   }
   // The groups still pending here are the empty ones committed past the last step.
 }
