@@ -287,14 +287,17 @@ __device__ inline unsigned LiveChunks(unsigned chunk_strips, unsigned strips) {
 }
 
 // The listed segments of a column tile, walked in step order: stage `sub` of
-// the current one, per_segment stages a segment. Entries are loaded a
-// segment ahead of their use, so that a step never waits for one.
+// the current one, per_segment stages a segment. Entries are loaded two
+// segments ahead of their use: a load from L2 outlasts a step, and with one
+// segment of lead (as first written) the next step's first instruction
+// waited for it (ncu: the largest single stall of the H200 forward kernel).
 class SegmentCursor {
  public:
   __device__ SegmentCursor(const uint32_t* list, int count, int per_segment)
       : list_(list), count_(count), per_segment_(per_segment) {
     now_ = count > 0 ? list[0] : 0u;
     next_ = count > 1 ? list[1] : 0u;
+    after_next_ = count > 2 ? list[2] : 0u;
   }
   __device__ uint32_t entry() const { return now_; }
   __device__ int sub() const { return sub_; }
@@ -303,14 +306,15 @@ class SegmentCursor {
     sub_ = 0;
     ++index_;
     now_ = next_;
-    next_ = index_ + 1 < count_ ? list_[index_ + 1] : 0u;
+    next_ = after_next_;
+    after_next_ = index_ + 2 < count_ ? list_[index_ + 2] : 0u;
   }
 
  private:
   const uint32_t* list_;
   int count_, per_segment_;
   int index_ = 0, sub_ = 0;
-  uint32_t now_, next_;
+  uint32_t now_, next_, after_next_;
 };
 
 // Masked(v, factor) rounded to D (w * m, or 0 where m is dead, whatever w
