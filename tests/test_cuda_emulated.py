@@ -390,13 +390,12 @@ def matmul_rule(product, dtype, k, n, block, tensor_cores):
 
 
 def pipeline_rule(product, dtype, k, n, block, level, tensor_cores):
-    """The pipelined kernels' rule, restated: the half types on tensor cores
-    (float32 as TF32 for the forward product only), W's dimensions multiples
-    of 8 and its blocks on 16s both ways, and a block mask except for dW."""
+    """The pipelined kernels' rule, restated: the half types and float32 (as
+    TF32) on tensor cores, W's dimensions multiples of 8 and its blocks on
+    16s both ways, and a block mask except for dW."""
     def aligned(size, extent):
         return size % 16 == 0 or size >= extent
-    types = ("float16", "bfloat16", "float32") if product == "forward" else ("float16", "bfloat16")
-    return (tensor_cores and dtype in types and k % 8 == 0 and n % 8 == 0
+    return (tensor_cores and dtype in ("float16", "bfloat16", "float32") and k % 8 == 0 and n % 8 == 0
             and aligned(block[0], k) and aligned(block[1], n) and (product == "grad_weight" or level == "block"))
 
 
@@ -524,19 +523,20 @@ def pipelined_mma_count(product, m, k, n, block, live, dtype="float16"):
     the tile's columns, every stage of the segment multiplies each live
     16-column strip in both warp rows, 4 row strips by 2 halves of 8 columns
     per 16 of depth (TF32: per 8, in stages of 16). dW: every live 16 x 16
-    fragment of a tile, 2 halves, over the whole depth in stages of 32."""
+    fragment of a tile, 2 halves, twice a stage over the whole depth in
+    stages of 32 (TF32: 16)."""
     rows, cols = min(block[0], k), min(block[1], n)
+    tf32 = dtype == "float32"
     if product == "grad_weight":
         total = 0
         for row0 in range(0, k, 128):
             for col0 in range(0, n, 128):
                 fragments = sum(bool(live[r // rows, c // cols]) for r in range(row0, min(k, row0 + 128), 16)
                                 for c in range(col0, min(n, col0 + 128), 16))
-                total += math.ceil(m / 32) * 2 * fragments * 2
+                total += math.ceil(m / (16 if tf32 else 32)) * 2 * fragments * 2
         return total
     out_cols, out_block, depth, depth_block = (n, cols, k, rows) if product == "forward" else (k, rows, n, cols)
     segment_live = live if product == "forward" else live.T
-    tf32 = dtype == "float32"
     stage = 16 if tf32 else 32 if depth_block % 32 == 0 or depth_block >= depth else 16
     per_segment = math.ceil(min(depth_block, depth) / stage) * stage // (8 if tf32 else 16)
     total = 0
@@ -557,11 +557,13 @@ def depth_splits(tiles, depth):
 @pytest.mark.parametrize("shape, block", [((150, 200, 136), (64, 32)), ((64, 48, 272), (16, 48)),
                                           ((8, 4160, 16), (16, 16)), ((2080, 64, 48), (16, 16))],
                          ids=["short-last-segment", "stages-of-16", "260-segments", "split-batch"])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_pipelined_products_multiply_live_fragments_only(emulator, shape, block, dtype):
     """The pipelined kernels' tensor-core work is what the live blocks need:
     their mma.sync count matches the count restated from the mask, and the
-    results match the reference (run_matmul)."""
+    results match the reference (run_matmul). float32 runs as TF32
+    (mma.sync m16n8k8: depth-inner operands by ldmatrix, depth-outer ones
+    element by element; the reference within TF32 rounding)."""
     m, k, n = shape
     rng = np.random.default_rng(5)
     t = np_dtype(dtype)
@@ -574,46 +576,27 @@ def test_pipelined_products_multiply_live_fragments_only(emulator, shape, block,
         assert emulator.matmul_uses_pipeline(product, dtype, shape, block, "block")
         emulator.lib.emu_reset_stats()
         emulator.matmul(product, a, b, mask, "block", block, shape, np.full(out_shape, np.nan, t), True)
-        assert emulator.stats()["mma_syncs"] == pipelined_mma_count(product, m, k, n, block, live), product
+        assert emulator.stats()["mma_syncs"] == pipelined_mma_count(product, m, k, n, block, live, dtype), product
     # dW: factors, liveness, the product, and the sum of its splits where there are several.
     splits = depth_splits(math.ceil(k / 128) * math.ceil(n / 128), m)
     assert emulator.stats()["launches"] == 3 + (splits > 1)
     run_matmul(emulator, shape, block, dtype, True, "block", density=0.4)
 
 
-@pytest.mark.parametrize("shape, block", [((150, 200, 136), (64, 32)), ((64, 48, 272), (16, 48)),
-                                          ((8, 4160, 16), (16, 16))],
-                         ids=["short-last-segment", "depth-blocks-of-16", "split-list"])
-def test_pipelined_tf32_forward(emulator, shape, block):
-    """float32 as TF32 takes the pipelined forward product (mma.sync m16n8k8,
-    B loaded element by element): the reference within TF32 rounding, and
-    the live blocks' mma.sync count."""
-    m, k, n = shape
-    rng = np.random.default_rng(13)
-    mask, element = make_masks(rng, k, n, block, 0.4, "block")
-    mask = mask.astype(np.float32)
-    x, w = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n))
-    w = np.where(element == 0, np.nan, w).astype(np.float32)
-    assert emulator.matmul_uses_pipeline("forward", "float32", shape, block, "block")
-    emulator.lib.emu_reset_stats()
-    y = emulator.matmul("forward", x, w, mask, "block", block, shape, np.full((m, n), np.nan, np.float32), True)
-    assert emulator.stats()["mma_syncs"] == pipelined_mma_count("forward", m, k, n, block, mask != 0, "float32")
-    expected, bound, _ = _matmul(MATMUL_OPS["forward"], x.astype(np.float64), np.nan_to_num(w.astype(np.float64)),
-                                 mask.astype(np.float64), {"block_rows": block[0], "block_cols": block[1]})
-    check(y, expected, bound, k, "float32", True, "forward float32 (TF32)")
-
-
-def test_pipelined_tf32_rounds_operands_to_nearest(emulator):
-    """The TF32 forward rounds both operands to nearest before the tensor
-    cores (which would otherwise drop their low 13 bits): 1 + 3 2^-12 becomes
-    1 + 2^-10, not 1 + 2^-11, so 16 terms sum to exactly 16 (1 + 2^-10)."""
-    m, k, n, block = 8, 16, 16, (16, 16)
+@pytest.mark.parametrize("product", ["forward", "grad_input", "grad_weight"])
+def test_pipelined_tf32_rounds_operands_to_nearest(emulator, product):
+    """The TF32 products round both operands to nearest before the tensor
+    cores (which would otherwise drop their low 13 bits), whichever way each
+    operand is staged: 1 + 3 2^-12 becomes 1 + 2^-10, not 1 + 2^-11, so 16
+    terms sum to exactly 16 (1 + 2^-10)."""
+    size, block = 16, (16, 16)
     odd = np.float32(1 + 3 * 2.0**-12)
     mask = np.ones((1, 1), np.float32)
-    assert emulator.matmul_uses_pipeline("forward", "float32", (m, k, n), block, "block")
-    for x, w in ((np.full((m, k), odd), np.ones((k, n), np.float32)), (np.ones((m, k), np.float32), np.full((k, n), odd))):
-        y = emulator.matmul("forward", x, w, mask, "block", block, (m, k, n), np.full((m, n), np.nan, np.float32), True)
-        np.testing.assert_array_equal(y, np.float32(16 * (1 + 2.0**-10)))
+    assert emulator.matmul_uses_pipeline(product, "float32", (size,) * 3, block, "block")
+    ones = np.ones((size, size), np.float32)
+    for a, b in ((np.full_like(ones, odd), ones), (ones, np.full_like(ones, odd))):
+        out = emulator.matmul(product, a, b, mask, "block", block, (size,) * 3, np.full_like(ones, np.nan), True)
+        np.testing.assert_array_equal(out, np.float32(16 * (1 + 2.0**-10)))
 
 
 @pytest.mark.parametrize("density", [0.0, 0.02, 1.0], ids=["all-dead", "few-live", "all-live"])

@@ -50,14 +50,13 @@ def takes_tensor_cores(product, dtype, k, n, block_size, tensor_cores):
 
 
 def takes_pipeline(product, dtype, k, n, block_size, level, tensor_cores):
-    """The pipelined kernels' rule, restated: float16 / bfloat16 on tensor
-    cores (float32 as TF32 for the forward product only), W's dimensions
-    multiples of 8, its blocks on 16s (or whole) both ways, a block mask
-    except for dW."""
+    """The pipelined kernels' rule, restated: float16 / bfloat16 and float32
+    (as TF32) on tensor cores, W's dimensions multiples of 8, its blocks on
+    16s (or whole) both ways, a block mask except for dW."""
     def aligned(block, extent):
         return block % 16 == 0 or block >= extent
 
-    types = (torch.float16, torch.bfloat16) + ((torch.float32,) if product == "forward" else ())
+    types = (torch.float16, torch.bfloat16, torch.float32)
     return (tensor_cores and dtype in types and k % 8 == 0 and n % 8 == 0
             and aligned(block_size[0], k) and aligned(block_size[1], n)
             and (product == "grad_weight" or level == "block") and torch.cuda.get_device_capability()[0] >= 8)

@@ -449,10 +449,10 @@ struct ProductDims {
 };
 
 // The forward product (out = a @ masked W) or dx (kTransposed: out = a @
-// masked W^T) for 16-bit D and a block mask on the pipelined tile:
-// blockIdx.x walks the output's 128 x 128 tiles, columns fastest, and the
-// depth runs kDepth at a time over the segments listed for the tile's
-// columns. In a stage, the chunks of W in dead blocks are zero fills that
+// masked W^T) for 16-bit D (or float as TF32) and a block mask on the
+// pipelined tile: blockIdx.x walks the output's 128 x 128 tiles, columns
+// fastest, and the depth runs kDepth at a time over the segments listed for
+// the tile's columns. In a stage, the chunks of W in dead blocks are zero fills that
 // read nothing, and each warp multiplies only its 16-column strips in live
 // blocks, scaled by their factor when it is not 1. Each listed segment takes
 // depth_block / kDepth steps (the last segment's may run past the depth:
@@ -525,13 +525,14 @@ __global__ void SplitSums(const float* partials, int64_t splits, const int32_t* 
   }
 }
 
-// dW = mask(x^T dy) for 16-bit D on the pipelined tile, split over the
-// depth: blockIdx.x walks (split, dW's 128 x 128 tile), columns fastest; the
-// depth is the m rows of x and dy, kDepth at a time, split s taking stages
-// [s per_split, (s + 1) per_split). A warp multiplies only its fragments in
-// live blocks, and a tile without any reads neither x nor dy. With one split
-// the tile is written masked, as D; with several, as float partial sums to
-// partials[split] (k x n each), which SplitWeightSums adds up.
+// dW = mask(x^T dy) for 16-bit D (or float as TF32) on the pipelined tile,
+// split over the depth: blockIdx.x walks (split, dW's 128 x 128 tile),
+// columns fastest; the depth is the m rows of x and dy, kDepth at a time,
+// split s taking stages [s per_split, (s + 1) per_split). A warp multiplies
+// only its fragments in live blocks, and a tile without any reads neither x
+// nor dy. With one split the tile is written masked, as D; with several, as
+// float partial sums to partials[split] (k x n each), which SplitWeightSums
+// adds up.
 template <typename D, int kDepth>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedOuterProducts(const D* x, const D* dy, int64_t m, const float* factors, bool element_level, GridDims g,

@@ -127,7 +127,7 @@ namespace {
 template <typename T>
 bool PipelineShape(const BlockGrid& grid, Product product, MaskLevel level) {
   using D = typename Device<T>::type;
-  return (pl::kHasPipeline<D> || (pl::kIsTf32<D> && product == Product::kForward)) &&
+  return (pl::kHasPipeline<D> || pl::kIsTf32<D>) &&
          (product == Product::kGradWeight || level == MaskLevel::kBlock) && grid.rows % pl::kPerChunk == 0 &&
          grid.cols % pl::kPerChunk == 0 && pl::StripAligned(grid.block_rows, grid.rows) &&
          pl::StripAligned(grid.block_cols, grid.cols) && grid.grid_rows() < pl::kMaxSegments &&
@@ -200,7 +200,7 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
   const GridDims dims = DimsOf(grid);
   const bool element_level = mask.level == MaskLevel::kElement;
   const Product product = kTransposed ? Product::kGradInput : Product::kForward;
-  if constexpr (pl::kHasPipeline<D> || (pl::kIsTf32<D> && !kTransposed)) {
+  if constexpr (pl::kHasPipeline<D> || pl::kIsTf32<D>) {
     if (MatmulUsesPipeline<T>(grid, product, math, mask.level) && pl::Aligned16(a, w, out)) {
       const int64_t splits = PipelineSplits<T>(shape, product, mask.level);
       const int64_t blocks = splits * pl::TileCount(shape.m, out_cols);
@@ -262,15 +262,17 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
   if (shape.k == 0 || shape.n == 0) return 0;
   const auto ws = IndexMask<Compute<D>>(launch, grid, mask, workspace, Lists::kNone);
   const GridDims dims = DimsOf(grid);
-  if constexpr (pl::kHasPipeline<D>) {
+  if constexpr (pl::kHasPipeline<D> || pl::kIsTf32<D>) {
     if (MatmulUsesPipeline<T>(grid, Product::kGradWeight, math, mask.level) && pl::Aligned16(x, dy, dw)) {
+      // TF32 in stages of 16 floats (64-byte rows, as the 16-bit types' 32).
+      constexpr int kDepth = pl::kIsTf32<D> ? pl::kNarrowStage : pl::kWideStage;
       const int64_t splits = PipelineSplits<T>(shape, Product::kGradWeight, mask.level);
       const int64_t blocks = splits * pl::TileCount(shape.k, shape.n);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
-      const int64_t per_split = CeilDiv(CeilDiv(shape.m, int64_t{pl::kWideStage}), splits);
+      const int64_t per_split = CeilDiv(CeilDiv(shape.m, int64_t{kDepth}), splits);
       const bool element_level = mask.level == MaskLevel::kElement;
-      launch.WithSharedMemory(pl::kSharedBytes<D, pl::kWideStage, false, false>)(
-          PipelinedOuterProducts<D, pl::kWideStage>, static_cast<unsigned>(blocks), pl::kThreads,
+      launch.WithSharedMemory(pl::kSharedBytes<D, kDepth, false, false>)(
+          PipelinedOuterProducts<D, kDepth>, static_cast<unsigned>(blocks), pl::kThreads,
           reinterpret_cast<const D*>(x), reinterpret_cast<const D*>(dy), shape.m, ws.factors, element_level, dims,
           ws.live, per_split, splits > 1 ? ws.partials : nullptr, reinterpret_cast<D*>(dw));
       if (splits > 1) {

@@ -1,5 +1,5 @@
 // The pipelined tensor-core tile (sm_80 and later) for 16-bit operands (and
-// float32 as TF32 in the matmul forward product): a thread block of 4 warps
+// float32 as TF32 in the matmul products): a thread block of 4 warps
 // computes a 128 x 128 output tile, each warp a 64 x 64 quarter of it as
 // 4 x 8 mma.sync m16n8k16 (TF32: m16n8k8) products with float accumulators,
 // over stages of kDepth (32 or 16; TF32: 16 floats) of the depth that
@@ -51,7 +51,7 @@ static_assert((kStages & (kStages - 1)) == 0, "a step's buffers are step & (kSta
 constexpr int kPerChunk = 8;  // 16-bit elements in a 16-byte copy (the conv kernels' unit)
 
 // The device types with this path: the 16-bit ones for every product;
-// float32 (as TF32, mma.sync m16n8k8) for the matmul forward product.
+// float32 (as TF32, mma.sync m16n8k8) for the matmul products.
 template <typename D>
 constexpr bool kHasPipeline = std::is_same_v<D, __half> || std::is_same_v<D, __nv_bfloat16>;
 template <typename D>
@@ -369,11 +369,13 @@ struct LaneOffsets {
     const int lane = threadIdx.x % 32;
     const int matrix = lane / 8;
     if constexpr (kIsTf32<D>) {
-      static_assert(kADepthInner && !kBDepthInner, "TF32 takes A depth-inner (ldmatrix) and B depth-outer");
-      // A: as for 16 bits, a 16-byte row of an 8 x 8 b16 matrix being 4
-      // floats; B: element (k = lane % 4, n = lane / 4) of a k8 x n8 tile.
-      a = (warp.row * kWarpTile + lane % 16) * kAStride + lane / 16 * 4;
-      b = lane % 4 * kBStride + warp.col * kWarpTile + lane / 4;
+      // Depth-inner: ldmatrix rows as for 16 bits, a 16-byte row of an 8 x 8
+      // b16 matrix being 4 floats. Depth-outer: element (k = lane % 4, row or
+      // column lane / 4) of a k8 x 8 tile, loaded by itself.
+      a = kADepthInner ? (warp.row * kWarpTile + lane % 16) * kAStride + lane / 16 * 4
+                       : lane % 4 * kAStride + warp.row * kWarpTile + lane / 4;
+      b = kBDepthInner ? (warp.col * kWarpTile + matrix / 2 * 8 + lane % 8) * kBStride + matrix % 2 * 4
+                       : lane % 4 * kBStride + warp.col * kWarpTile + lane / 4;
     } else {
       a = kADepthInner ? (warp.row * kWarpTile + lane % 16) * kAStride + lane / 16 * 8
                        : (matrix / 2 * 8 + lane % 8) * kAStride + warp.row * kWarpTile + matrix % 2 * 8;
@@ -387,43 +389,71 @@ struct LaneOffsets {
 // 10 mantissa bits (cvt.rna.tf32.f32).
 __device__ inline uint32_t Tf32Bits(float v) { return __float_as_uint(nvcuda::wmma::__float_to_tf32(v)); }
 
-// acc += A B over one stage in TF32 (mma.sync m16n8k8): A fragments by
-// ldmatrix from the depth-inner A as for 16 bits; B depth-outer, loaded
-// element by element (ldmatrix moves 16-bit halves); a strip's B scaled by
-// its factor (Masked, in float) before the rounding to TF32.
-template <int kDepth, bool kWholeColumns>
+// acc += A B over one stage in TF32 (mma.sync m16n8k8) for the warp's live
+// fragments. Depth-inner operands come by ldmatrix: an 8 x 8 b16 matrix is 8
+// rows of 4 floats, lane l getting float l % 4 of row l / 4, which is the
+// m16n8k8 layout of A's rows and of B's columns (a0..a3: rows +0/+8, depths
+// +0/+4; b0, b1: depths +0/+4). Depth-outer operands are loaded element by
+// element from rows 8 banks apart. A strip's B is scaled by its factor
+// (Masked, in float) before both operands are rounded to nearest TF32. As in
+// MultiplyStage, every fragment of a depth step is loaded before any is
+// multiplied. Only the matmul products take TF32: no rows or depths to scale.
+template <int kDepth, bool kADepthInner, bool kBDepthInner, bool kWholeColumns>
 __device__ inline void MultiplyStageTf32(const float* a_lane, const float* b_lane, const WarpStage& stage,
                                          float (&acc)[kStrips][2 * kStrips][4]) {
-  constexpr int kAStride = kOperandStride<float, kDepth, true>;
-  constexpr int kBStride = kOperandStride<float, kDepth, false>;
+  constexpr int kAStride = kOperandStride<float, kDepth, kADepthInner>;
+  constexpr int kBStride = kOperandStride<float, kDepth, kBDepthInner>;
 #pragma unroll
   for (int k0 = 0; k0 < kDepth; k0 += 8) {
     uint32_t a[kStrips][4];
 #pragma unroll
     for (int mt = 0; mt < kStrips; ++mt) {
-      if (!kWholeColumns && ((stage.fragments >> (4 * mt)) & 0xfu) == 0) continue;
-      ptx::LoadMatrices<false>(a[mt], a_lane + mt * kStrip * kAStride + k0);
+      if constexpr (kADepthInner) {
+        ptx::LoadMatrices<false>(a[mt], a_lane + mt * kStrip * kAStride + k0);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) a[mt][i] = Tf32Bits(__uint_as_float(a[mt][i]));
+        for (int i = 0; i < 4; ++i) a[mt][i] = Tf32Bits(__uint_as_float(a[mt][i]));
+      } else {
+        const float* rows = a_lane + k0 * kAStride + mt * kStrip;
+        a[mt][0] = Tf32Bits(rows[0]);
+        a[mt][1] = Tf32Bits(rows[8]);
+        a[mt][2] = Tf32Bits(rows[4 * kAStride]);
+        a[mt][3] = Tf32Bits(rows[4 * kAStride + 8]);
+      }
+    }
+    // Per strip: b0, b1 of its left 8 columns, then of its right 8.
+    float b[kStrips][4];
+#pragma unroll
+    for (int s = 0; s < kStrips; ++s) {
+      if constexpr (kBDepthInner) {
+        uint32_t bits[4];
+        ptx::LoadMatrices<false>(bits, b_lane + s * kStrip * kBStride + k0);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) b[s][i] = __uint_as_float(bits[i]);
+      } else {
+        const float* columns = b_lane + k0 * kBStride + s * kStrip;
+        b[s][0] = columns[0];
+        b[s][1] = columns[4 * kBStride];
+        b[s][2] = columns[8];
+        b[s][3] = columns[4 * kBStride + 8];
+      }
+    }
+    if (stage.scaled) {
+#pragma unroll
+      for (int s = 0; s < kStrips; ++s) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) b[s][i] = Masked(b[s][i], stage.factor[s]);
+      }
     }
 #pragma unroll
     for (int s = 0; s < kStrips; ++s) {
       if ((stage.fragments & (0x1111u << s)) == 0) continue;
+      const uint32_t left[2] = {Tf32Bits(b[s][0]), Tf32Bits(b[s][1])};
+      const uint32_t right[2] = {Tf32Bits(b[s][2]), Tf32Bits(b[s][3])};
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const float* column = b_lane + k0 * kBStride + s * kStrip + half * 8;
-        float b0 = column[0];
-        float b1 = column[4 * kBStride];
-        if (stage.scaled) {
-          b0 = Masked(b0, stage.factor[s]);
-          b1 = Masked(b1, stage.factor[s]);
-        }
-        const uint32_t b[2] = {Tf32Bits(b0), Tf32Bits(b1)};
-#pragma unroll
-        for (int mt = 0; mt < kStrips; ++mt) {
-          if (!kWholeColumns && ((stage.fragments >> (4 * mt + s)) & 1u) == 0) continue;
-          ptx::Mma1688Tf32(acc[mt][2 * s + half], a[mt], b);
-        }
+      for (int mt = 0; mt < kStrips; ++mt) {
+        if (!kWholeColumns && ((stage.fragments >> (4 * mt + s)) & 1u) == 0) continue;
+        ptx::Mma1688Tf32(acc[mt][2 * s], a[mt], left);
+        ptx::Mma1688Tf32(acc[mt][2 * s + 1], a[mt], right);
       }
     }
   }
@@ -526,7 +556,8 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Stag
     const WarpStage stage = warp_stage(step);
     if (stage.fragments != 0) {
       if constexpr (kIsTf32<D>) {
-        MultiplyStageTf32<kDepth, kWholeColumns>(a_of(step) + lane.a, b_of(step) + lane.b, stage, acc);
+        MultiplyStageTf32<kDepth, kADepthInner, kBDepthInner, kWholeColumns>(a_of(step) + lane.a,
+                                                                               b_of(step) + lane.b, stage, acc);
       } else {
         MultiplyStage<D, kDepth, kADepthInner, kBDepthInner, kWholeColumns>(a_of(step) + lane.a,
                                                                             b_of(step) + lane.b, stage, acc);
