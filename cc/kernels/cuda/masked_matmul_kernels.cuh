@@ -452,9 +452,9 @@ struct ProductDims {
 // masked W^T) for 16-bit D (or float as TF32) and a block mask on the
 // pipelined tile: blockIdx.x walks the output's 128 x 128 tiles, columns
 // fastest, and the depth runs kDepth at a time over the segments listed for
-// the tile's columns. In a stage, the chunks of W in dead blocks are zero fills that
-// read nothing, and each warp multiplies only its 16-column strips in live
-// blocks, scaled by their factor when it is not 1. Each listed segment takes
+// the tile's columns. In a stage, the chunks of W in dead blocks are zero
+// fills that read nothing, and each warp multiplies only its 16-column strips
+// in live blocks, scaled by their factor when it is not 1. Each listed segment takes
 // depth_block / kDepth steps (the last segment's may run past the depth:
 // those stages are zero fills). With few tiles (a small batch), the list is
 // split: blockIdx.x walks (split, tile), and split s takes the s-th run of

@@ -8,8 +8,10 @@
 //
 // Sparsity: a stage carries, per warp, which of its 16 x 16 fragments are
 // live (bit 4 mt + s: 16-row strip mt, 16-column strip s of the warp's
-// quarter); dead fragments are neither loaded into registers nor multiplied,
-// and the callers stage dead operand chunks as zero fills that read nothing.
+// quarter); dead fragments are never multiplied (they are read from shared
+// memory with the live ones, so that all the loads overlap), and the callers
+// stage dead operand chunks as zero fills that read nothing from global
+// memory.
 // Masked weights with a factor other than 1 are scaled in registers, the
 // product taken in float and rounded to the operand type (the reference
 // rounds m to the type first: the same wherever m is exact in it).
