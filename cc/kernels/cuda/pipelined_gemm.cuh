@@ -18,8 +18,8 @@
 //
 // The operands sit in shared memory either depth-inner ([rows][kDepth]: a
 // row-major A, or B as [columns][kDepth]) or depth-outer ([kDepth][rows]),
-// rows padded by 16 bytes so that the 8 rows an ldmatrix reads fall on
-// different banks.
+// rows padded (kPadOf) so that the 8 rows an ldmatrix reads, or the
+// elements a TF32 depth-outer load reads, fall on different banks.
 #ifndef MASKED_OPS_CC_KERNELS_CUDA_PIPELINED_GEMM_CUH_
 #define MASKED_OPS_CC_KERNELS_CUDA_PIPELINED_GEMM_CUH_
 
@@ -113,9 +113,10 @@ void WithStageDepth(int64_t depth_block, int64_t depth, const Run& run) {
 inline int64_t TileCount(int64_t rows, int64_t cols) { return CeilDiv(rows, kTileRows) * CeilDiv(cols, kTileCols); }
 
 // How many ways a weight gradient of `tiles` output tiles splits its depth
-// (a batch, or a conv's output pixels) of `depth` rows in stages of
-// kWideStage: enough thread blocks to fill a large GPU twice over, each split
-// at least kMinSplitStages stages deep. The partial sums of several splits
+// (a batch, or a conv's output pixels) of `depth` rows, counted in stages
+// of kWideStage: enough thread blocks to fill a large GPU twice over, each
+// split at least kMinSplitStages such stages deep (TF32 steps 16 rows at a
+// time, so its splits take twice as many of its own stages). The partial sums of several splits
 // are added up by a second kernel.
 constexpr int64_t kTargetBlocks = 264;
 constexpr int64_t kMaxSplits = 32;
@@ -358,9 +359,10 @@ __device__ inline LiveTile FindLiveFragments(int64_t row0, int64_t col0, const F
   return found;
 }
 
-// Where this lane's ldmatrix rows start in a stage's A and B operands (in
-// elements from each operand's start), for fragment (0, 0) at depth 0; the
-// other fragments and depths are compile-time offsets from there.
+// Where this lane's ldmatrix rows (or TF32 elements) start in a stage's A
+// and B operands (in elements from each operand's start), for fragment
+// (0, 0) at depth 0; the other fragments and depths are compile-time offsets
+// from there.
 template <typename D, int kDepth, bool kADepthInner, bool kBDepthInner>
 struct LaneOffsets {
   int a, b;
