@@ -618,11 +618,15 @@ __device__ inline ConvSegment SegmentAt(uint32_t entry, int64_t blocks, int64_t 
 struct ConvForwardSegments {
   ConvDims d;
   const uint8_t* live;
+  const float* factors;  // per (input block, output block): the same at every tap
   __host__ __device__ int64_t segments() const { return d.taps() * d.in_blocks(); }
   __host__ __device__ int64_t out_cols() const { return d.out_channels; }
   __host__ __device__ int64_t out_block() const { return d.out_block; }
   __device__ bool live_block(int64_t segment, int64_t group) const {
     return live[segment * d.out_blocks() + group] != 0;
+  }
+  __device__ float factor(int64_t segment, int64_t group) const {
+    return factors[segment % d.in_blocks() * d.out_blocks() + group];
   }
 };
 
@@ -731,12 +735,10 @@ __global__ void __launch_bounds__(pl::kThreads)
                    pl::LiveChunks<BCopier>(b_strip_chunks, pl::StripsOf(entry)));
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
-  const ConvForwardSegments segments{d, live};
+  const ConvForwardSegments segments{d, live, factors};
   pl::RunListedSegments<D, kDepth, false, false>(
       segments, col0, lists + col_tile * segments.segments(), any_active ? counts[col_tile] : 0,
-      min(d.in_block, d.in_channels), active_rows, issue_segment,
-      [&](int64_t segment, int64_t group) { return factors[segment % in_blocks * d.out_blocks() + group]; },
-      nullptr, acc);
+      min(d.in_block, d.in_channels), active_rows, issue_segment, nullptr, acc);
   // Every pixel of the tile's rows is written: inactive ones as zeros.
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
     const int64_t pixel = row_pixel[r];
@@ -754,12 +756,16 @@ __global__ void __launch_bounds__(pl::kThreads)
 struct ConvGradInputSegments {
   ConvDims d;
   const uint8_t* live;
+  const float* factors;  // per (input block, output block): the same at every tap
   __host__ __device__ int64_t segments() const { return d.taps() * d.out_blocks(); }
   __host__ __device__ int64_t out_cols() const { return d.in_channels; }
   __host__ __device__ int64_t out_block() const { return d.in_block; }
   __device__ bool live_block(int64_t segment, int64_t group) const {
     const int64_t tap = segment / d.out_blocks();
     return live[(tap * d.in_blocks() + group) * d.out_blocks() + segment % d.out_blocks()] != 0;
+  }
+  __device__ float factor(int64_t segment, int64_t group) const {
+    return factors[group * d.out_blocks() + segment % d.out_blocks()];
   }
 };
 
@@ -831,12 +837,10 @@ __global__ void __launch_bounds__(pl::kThreads)
                    tap * d.in_channels * d.out_channels);
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
-  const ConvGradInputSegments segments{d, live};
+  const ConvGradInputSegments segments{d, live, factors};
   pl::RunListedSegments<D, kDepth, true, true>(
       segments, col0, lists + col_tile * segments.segments(), counts[col_tile], min(d.out_block, d.out_channels),
-      0xfu, issue_segment,
-      [&](int64_t segment, int64_t group) { return factors[group * out_blocks + segment % out_blocks]; },
-      output_factors != nullptr ? row_factors : nullptr, acc);
+      0xfu, issue_segment, output_factors != nullptr ? row_factors : nullptr, acc);
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
     const int64_t pixel = row0 + r;
     const int64_t ci = col0 + c;

@@ -445,7 +445,9 @@ struct ProductDims {
     return kTransposed ? group * g.grid_cols + segment : segment * g.grid_cols + group;
   }
   const uint8_t* live;
+  const float* factors;
   __device__ bool live_block(int64_t segment, int64_t group) const { return live[block(segment, group)] != 0; }
+  __device__ float factor(int64_t segment, int64_t group) const { return factors[block(segment, group)]; }
 };
 
 // The forward product (out = a @ masked W) or dx (kTransposed: out = a @
@@ -469,7 +471,7 @@ __global__ void __launch_bounds__(pl::kThreads)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // launched only where DeviceSupportsTensorCores()
 #else
-  const ProductDims<kTransposed> p{g, live};
+  const ProductDims<kTransposed> p{g, live, factors};
   const int64_t col_tiles = CeilDiv(p.out_cols(), pl::kTileCols);
   const int64_t tiles = CeilDiv(m, pl::kTileRows) * col_tiles;
   const int64_t split = int64_t(blockIdx.x) / tiles;
@@ -496,7 +498,7 @@ __global__ void __launch_bounds__(pl::kThreads)
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
   pl::RunListedSegments<D, kDepth, kTransposed, true>(
       p, col0, lists + col_tile * p.segments() + first, count, min(p.depth_block(), p.depth()), 0xfu, issue_segment,
-      [&](int64_t segment, int64_t group) { return factors[p.block(segment, group)]; }, nullptr, acc);
+      nullptr, acc);
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
     const int64_t row = row0 + r;
     const int64_t col = col0 + c;

@@ -207,7 +207,7 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       const auto ws = IndexMask<float>(launch, grid, mask, workspace, Lists::kNone);
       launch(pl::TileSegmentLists<ProductDims<kTransposed>>, static_cast<unsigned>(CeilDiv(out_cols, pl::kTileCols)),
-             pl::kScanThreads, ProductDims<kTransposed>{dims, ws.live}, reinterpret_cast<uint32_t*>(ws.lists),
+             pl::kScanThreads, ProductDims<kTransposed>{dims, ws.live, ws.factors}, reinterpret_cast<uint32_t*>(ws.lists),
              ws.counts);
       const auto* da = reinterpret_cast<const D*>(a);
       const auto* dw = reinterpret_cast<const D*>(w);

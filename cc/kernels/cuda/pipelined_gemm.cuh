@@ -220,18 +220,25 @@ class StageCopier {
 // Sparse products list, per 128-column output tile, the segments of their
 // depth (a block row of W, a (tap, input block) of a filter, ...) in which
 // some block of the tile's columns is live. An entry: the segment in the low
-// bits, and which of the tile's 16-column strips lie in a live block of it in
-// the top 8 (so no entry is ~0u while segments < kMaxSegments).
-constexpr int kEntrySegmentBits = 24;
-static_assert(kTileStrips <= 32 - kEntrySegmentBits, "a tile's strips fit an entry's top bits");
+// 23 bits; bit 23 set where a live block of it (in the tile's columns) has a
+// factor other than 1, so that the kernels load factors only for those (a
+// 0/1 mask never loads one); and which of the tile's 16-column strips lie in
+// a live block of it in the top 8 (so no entry is ~0u while segments <
+// kMaxSegments).
+constexpr int kEntrySegmentBits = 23;
+constexpr int kEntryScaledBit = 23;
+constexpr int kEntryStripShift = 24;
+static_assert(kTileStrips <= 32 - kEntryStripShift, "a tile's strips fit an entry's top bits");
 constexpr int64_t kMaxSegments = (int64_t{1} << kEntrySegmentBits) - 1;
 __host__ __device__ inline uint32_t SegmentOf(uint32_t entry) { return entry & ((1u << kEntrySegmentBits) - 1); }
-__host__ __device__ inline unsigned StripsOf(uint32_t entry) { return entry >> kEntrySegmentBits; }
+__host__ __device__ inline bool ScaledOf(uint32_t entry) { return ((entry >> kEntryScaledBit) & 1u) != 0; }
+__host__ __device__ inline unsigned StripsOf(uint32_t entry) { return entry >> kEntryStripShift; }
 
 // lists[tile * segments + n] for n < counts[tile]: the entries of output
 // column tile `tile`, in segment order, for a product whose Dims give
-// segments(), out_cols(), out_block() (the output columns a block spans) and
-// live_block(segment, group) (group: a block of the output's columns). One
+// segments(), out_cols(), out_block() (the output columns a block spans),
+// live_block(segment, group) and factor(segment, group) (group: a block of
+// the output's columns; the factor as a float, read for live blocks). One
 // thread block (kScanThreads) per tile; the threads look at segments in
 // parallel and compact them with a scan.
 constexpr int kScanThreads = 256;
@@ -245,8 +252,13 @@ __global__ void __launch_bounds__(kScanThreads) TileSegmentLists(Dims dims, uint
   for (int64_t segment0 = 0; segment0 < dims.segments(); segment0 += kScanThreads) {
     const int64_t segment = segment0 + threadIdx.x;
     unsigned strips = 0;
+    bool scaled = false;
     for (int f = 0; segment < dims.segments() && f < kTileStrips && col0 + f * kStrip < dims.out_cols(); ++f) {
-      if (dims.live_block(segment, (col0 + f * kStrip) / dims.out_block())) strips |= 1u << f;
+      const int64_t group = (col0 + f * kStrip) / dims.out_block();
+      if (dims.live_block(segment, group)) {
+        strips |= 1u << f;
+        scaled = scaled || dims.factor(segment, group) != 1.0f;
+      }
     }
     scan[threadIdx.x] = strips != 0 ? 1 : 0;
     __syncthreads();
@@ -258,7 +270,7 @@ __global__ void __launch_bounds__(kScanThreads) TileSegmentLists(Dims dims, uint
     }
     if (strips != 0) {
       lists[tile * dims.segments() + listed + scan[threadIdx.x] - 1] =
-          static_cast<uint32_t>(segment) | strips << kEntrySegmentBits;
+          static_cast<uint32_t>(segment) | (scaled ? 1u : 0u) << kEntryScaledBit | strips << kEntryStripShift;
     }
     __syncthreads();
     if (threadIdx.x == kScanThreads - 1) listed += scan[threadIdx.x];
@@ -581,18 +593,18 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Stag
 // b_stage, entry, sub, slot) stages stage `sub` of an entry's segment into
 // buffer `slot` (0 .. kStages - 1; where row_factors is not null, it also
 // writes row_factors[slot * kTileRows + r] for the tile's rows r);
-// factor_at(segment, group) is the factor of the block at (segment, output
+// dims.factor(segment, group) is the factor of the block at (segment, output
 // column block group). A warp multiplies its live strips, in its row strips
 // set in active_rows (bit mt; all four when kAllRows), and scales a strip's
 // B by its factor where that is not 1. Step entries travel from the issuing
 // threads to the multiplying warps through shared memory; each warp loads
-// its strips' factors a step ahead of a new segment.
-template <typename D, int kDepth, bool kBDepthInner, bool kAllRows, typename Dims, typename IssueSegment,
-          typename FactorAt>
+// its strips' factors a step ahead of a new segment, and only for entries
+// marked scaled (the others' live factors are 1).
+template <typename D, int kDepth, bool kBDepthInner, bool kAllRows, typename Dims, typename IssueSegment>
 __device__ inline void RunListedSegments(const Dims& dims, int64_t col0, const uint32_t* list, int count,
                                          int64_t segment_depth, unsigned active_rows,
-                                         const IssueSegment& issue_segment, const FactorAt& factor_at,
-                                         const float* row_factors, float (&acc)[kStrips][2 * kStrips][4]) {
+                                         const IssueSegment& issue_segment, const float* row_factors,
+                                         float (&acc)[kStrips][2 * kStrips][4]) {
   __shared__ uint32_t step_entry[kStages];
   const int per_segment = static_cast<int>(CeilDiv(segment_depth, int64_t{kDepth}));
   const int64_t steps = int64_t{count} * per_segment;
@@ -610,10 +622,15 @@ __device__ inline void RunListedSegments(const Dims& dims, int64_t col0, const u
     strip_group[s] = min(col0 + warp.col * kWarpTile + s * kStrip, dims.out_cols() - 1) / dims.out_block();
   }
   const auto load_factors = [&](uint32_t entry, float (&factor)[kStrips]) {
+    const unsigned columns = StripsOf(entry) >> (warp.col * kStrips);
+    if (ScaledOf(entry)) {
 #pragma unroll
-    for (int s = 0; s < kStrips; ++s) {
-      const bool live_strip = ((StripsOf(entry) >> (warp.col * kStrips + s)) & 1u) != 0;
-      factor[s] = live_strip ? factor_at(int64_t{SegmentOf(entry)}, strip_group[s]) : 0.0f;
+      for (int s = 0; s < kStrips; ++s) {
+        factor[s] = ((columns >> s) & 1u) != 0 ? dims.factor(int64_t{SegmentOf(entry)}, strip_group[s]) : 0.0f;
+      }
+    } else {
+#pragma unroll
+      for (int s = 0; s < kStrips; ++s) factor[s] = ((columns >> s) & 1u) != 0 ? 1.0f : 0.0f;
     }
   };
   uint32_t staged_entry = ~0u;
