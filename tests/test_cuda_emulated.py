@@ -701,7 +701,7 @@ def run_conv(emulator, geometry, block, tile, dtype, tensor_cores, level, with_o
     mask, element, output_mask, fields, attrs, products = conv_case(geometry, block, tile, dtype, level,
                                                                     with_output_mask, seed)
     aligned = lambda size, channels: size % 16 == 0 or size >= channels  # noqa: E731
-    pipelined = (tensor_cores and dtype in ("float16", "bfloat16") and cin % 8 == 0 and cout % 8 == 0
+    pipelined = (tensor_cores and dtype in ("float16", "bfloat16", "float32") and cin % 8 == 0 and cout % 8 == 0
                  and aligned(block[0], cin) and aligned(block[1], cout))
     rule = {"forward": aligned(block[1], cout), "grad_input": aligned(block[0], cin),
             "grad_weight": aligned(block[0], cin) and aligned(block[1], cout)}
@@ -737,13 +737,23 @@ def test_conv_products(emulator, geometry, block_and_tile, dtype, tensor_cores, 
     run_conv(emulator, geometry, *block_and_tile, dtype, tensor_cores, level, with_output_mask)
 
 
-def pipelined_conv_mma_count(fields, live, output_mask):
+def stage_mmas(block, channels, dtype):
+    """The mma.sync depth steps of a segment `block` deep (stages of 32 where
+    blocks are multiples of 32 or whole, else 16; TF32: stages of 16, a step
+    per 8 of depth)."""
+    if dtype == "float32":
+        return math.ceil(block / 16) * 2
+    stage = 32 if block % 32 == 0 or block >= channels else 16
+    return math.ceil(block / stage) * stage // 16
+
+
+def pipelined_conv_mma_count(fields, live, output_mask, dtype="bfloat16"):
     """The mma.sync calls (per warp) of the pipelined forward conv, restated:
     rows are output pixels tile by tile (a tile of the output mask with no
     live pixel is inactive); for every 128-row, 128-channel tile with an
     active row, every (tap, input block) segment with a live block in the
-    tile's channels multiplies, each stage, every live 16-channel strip in
-    every 16-row strip holding an active row, 2 halves per 16 of depth."""
+    tile's channels multiplies, each depth step, every live 16-channel strip
+    in every 16-row strip holding an active row, in 2 halves."""
     batch, h, w, cin, kh, kw, cout, *_, out_h, out_w, in_block, out_block, tile_h, tile_w = fields
     in_block, out_block = min(in_block, cin), min(out_block, cout)
     tile_h, tile_w = min(tile_h, out_h), min(tile_w, out_w)
@@ -759,8 +769,7 @@ def pipelined_conv_mma_count(fields, live, output_mask):
             oy, ox = ty * tile_h + q // tile_w, tx * tile_w + q % tile_w
             active.append(tile_on and oy < out_h and ox < out_w)
     active += [False] * (-len(active) % 128)
-    stage = 32 if in_block % 32 == 0 or in_block >= cin else 16
-    per_segment = math.ceil(in_block / stage) * stage // 16
+    per_segment = stage_mmas(in_block, cin, dtype)
     total = 0
     for row0 in range(0, len(active), 128):
         strips_on = [any(active[row0 + s * 16:row0 + s * 16 + 16]) for s in range(8)]  # 2 warp rows x 4
@@ -777,15 +786,14 @@ def pipelined_conv_mma_count(fields, live, output_mask):
     return total
 
 
-def pipelined_conv_dx_mma_count(fields, live):
+def pipelined_conv_dx_mma_count(fields, live, dtype="bfloat16"):
     """The mma.sync calls (per warp) of the pipelined conv dx, restated: for
     every 128-pixel, 128-channel tile, every (tap, output block) segment with
-    a live block in the tile's input channels multiplies, each stage, every
-    live 16-channel strip in all 8 row strips, 2 halves per 16 of depth."""
+    a live block in the tile's input channels multiplies, each depth step,
+    every live 16-channel strip in all 8 row strips, in 2 halves."""
     batch, h, w, cin, kh, kw, cout, *_, in_block, out_block, _, _ = fields
     in_block, out_block = min(in_block, cin), min(out_block, cout)
-    stage = 32 if out_block % 32 == 0 or out_block >= cout else 16
-    per_segment = math.ceil(out_block / stage) * stage // 16
+    per_segment = stage_mmas(out_block, cout, dtype)
     per_tile = 0
     for col0 in range(0, cin, 128):
         for j in range(live.shape[1]):
@@ -797,36 +805,37 @@ def pipelined_conv_dx_mma_count(fields, live):
 @pytest.mark.parametrize("geometry, block, tile", [(CONV_GEOMETRIES[5], (16, 16), (3, 5)),
                                                    (CONV_GEOMETRIES[6], (32, 48), (4, 4))], ids=["b16x16", "b32x48"])
 @pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
-def test_pipelined_conv_multiplies_live_fragments_only(emulator, geometry, block, tile, with_output_mask):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_pipelined_conv_multiplies_live_fragments_only(emulator, geometry, block, tile, with_output_mask, dtype):
     """The pipelined forward conv's and dx's tensor-core work is what the live
     filter blocks (and, forward, active output tiles) need: their mma.sync
-    counts match the counts restated from the masks."""
-    mask, _, output_mask, fields, _, products = conv_case(geometry, block, tile, "bfloat16", "block",
-                                                          with_output_mask)
+    counts match the counts restated from the masks (float32 as TF32)."""
+    mask, _, output_mask, fields, _, products = conv_case(geometry, block, tile, dtype, "block", with_output_mask)
     _, x, f_nan, out_shape, _ = products[0]
-    assert emulator.conv2d_uses_pipeline("forward", "bfloat16", fields, "block")
+    assert emulator.conv2d_uses_pipeline("forward", dtype, fields, "block")
     emulator.lib.emu_reset_stats()
     emulator.conv2d("forward", x, f_nan, mask, "block", fields, np.full(out_shape, np.nan, x.dtype), output_mask, True)
-    assert emulator.stats()["mma_syncs"] == pipelined_conv_mma_count(fields, mask != 0, output_mask)
+    assert emulator.stats()["mma_syncs"] == pipelined_conv_mma_count(fields, mask != 0, output_mask, dtype)
     _, dy, _, dx_shape, _ = products[1]
-    assert emulator.conv2d_uses_pipeline("grad_input", "bfloat16", fields, "block")
+    assert emulator.conv2d_uses_pipeline("grad_input", dtype, fields, "block")
     emulator.lib.emu_reset_stats()
     emulator.conv2d("grad_input", dy, f_nan, mask, "block", fields, np.full(dx_shape, np.nan, x.dtype), output_mask,
                     True)
-    assert emulator.stats()["mma_syncs"] == pipelined_conv_dx_mma_count(fields, mask != 0)
+    assert emulator.stats()["mma_syncs"] == pipelined_conv_dx_mma_count(fields, mask != 0, dtype)
 
 
 @pytest.mark.parametrize("level", ["block", "element"])
 @pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
-def test_pipelined_conv_filter_gradient_over_splits(emulator, level, with_output_mask):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_pipelined_conv_filter_gradient_over_splits(emulator, level, with_output_mask, dtype):
     """dfilters with its depth (2048 output pixels) split four ways, summed
     by a second kernel: the reference's result, with the mma.sync count of
-    the live fragments over the whole depth."""
+    the live fragments over the whole depth (float32 as TF32: 8 deep)."""
     geometry = (2, 32, 32, 16, 24, (3, 3), 1, 1, (1, 1, 1, 1))
-    mask, element, output_mask, fields, attrs, products = conv_case(geometry, (16, 16), (8, 8), "bfloat16", level,
+    mask, element, output_mask, fields, attrs, products = conv_case(geometry, (16, 16), (8, 8), dtype, level,
                                                                     with_output_mask)
     _, x, dy, out_shape, depth = products[2]
-    assert emulator.conv2d_uses_pipeline("grad_weight", "bfloat16", fields, level)
+    assert emulator.conv2d_uses_pipeline("grad_weight", dtype, fields, level)
     emulator.lib.emu_reset_stats()
     out = emulator.conv2d("grad_weight", x, dy, mask, level, fields, np.full(out_shape, np.nan, x.dtype), output_mask,
                           True)
@@ -834,13 +843,13 @@ def test_pipelined_conv_filter_gradient_over_splits(emulator, level, with_output
     live_taps = [(element[ky, kx] != 0) for ky in range(3) for kx in range(3)]
     fragments = sum(int(live[i:i + 16, j:j + 16].any()) for live in live_taps for i in range(0, 16, 16)
                     for j in range(0, 24, 16))
-    assert stats["mma_syncs"] == 2048 // 32 * 2 * fragments * 2
+    assert stats["mma_syncs"] == 2048 // (8 if dtype == "float32" else 16) * fragments * 2
     # (the output mask's factors,) the filter factors, liveness, the split products, their sum
     assert stats["launches"] == 4 + (output_mask is not None)
     om64 = np.zeros((0,)) if output_mask is None else output_mask.astype(np.float64)
     expected, bound, _ = _conv(CONV_OPS["grad_weight"], x.astype(np.float64), products[0][2].astype(np.float64),
                                mask.astype(np.float64), om64, dy.astype(np.float64), attrs)
-    check(out, expected, bound, depth, "bfloat16", True, "grad_weight bfloat16")
+    check(out, expected, bound, depth, dtype, True, f"grad_weight {dtype}")
     assert (out[element == 0] == 0).all()
 
 

@@ -108,7 +108,7 @@ def test_conv_products_match_reference(geometry, level, with_output_mask, dtype,
     for product, needed in rule.items():
         assert HARNESS.conv2d_uses_tensor_cores(product, dtype, geometry_fields, tensor_cores) == (
             tensor_cores and needed and dtype != torch.float64 and torch.cuda.get_device_capability()[0] >= 8)
-    pipelined = (tensor_cores and dtype in (torch.float16, torch.bfloat16) and cin % 8 == 0 and cout % 8 == 0
+    pipelined = (tensor_cores and dtype in (torch.float16, torch.bfloat16, torch.float32) and cin % 8 == 0 and cout % 8 == 0
                  and aligned(block[0], cin) and aligned(block[1], cout)
                  and torch.cuda.get_device_capability()[0] >= 8)
     for product in rule:

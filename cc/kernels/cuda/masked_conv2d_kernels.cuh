@@ -630,14 +630,14 @@ struct ConvForwardSegments {
   }
 };
 
-// The forward conv for 16-bit D and a block mask on the pipelined tile, an
-// implicit GEMM: rows are output pixels grouped by output tile as in
-// TensorCoreConvForward, columns output channels, and the depth runs over
-// the (tap, input block) segments listed for the tile's channels, kDepth
+// The forward conv for 16-bit D (or float as TF32) and a block mask on the
+// pipelined tile, an implicit GEMM: rows are output pixels grouped by output
+// tile as in TensorCoreConvForward, columns output channels, and the depth runs
+// over the (tap, input block) segments listed for the tile's channels, kDepth
 // channels a stage. Each thread gathers the same rows of every stage: their
 // input pixels are worked out once per tap, and a pixel in the padding, or a
-// row without an active pixel, is a zero fill. A warp multiplies only its
-// live 16-channel strips and its 16-row strips holding an active pixel.
+// row without an active pixel, is a zero fill. A warp multiplies only its live
+// 16-channel strips and its 16-row strips holding an active pixel.
 template <typename D, int kDepth>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedConvForward(const D* x, const D* filters, const float* factors, const float* output_factors,
@@ -694,7 +694,7 @@ __global__ void __launch_bounds__(pl::kThreads)
   using ACopier = pl::StageCopier<D, pl::kTileRows, kDepth, false>;  // for its chunk placement only
   constexpr int kAChunks = ACopier::kChunks;
   const int a_row = threadIdx.x / ACopier::kChunksPerRow;
-  const int a_col = threadIdx.x % ACopier::kChunksPerRow * pl::kPerChunk;
+  const int a_col = threadIdx.x % ACopier::kChunksPerRow * ACopier::kPerChunk;
   int64_t gathered_tap = -1;
   int64_t a_offset[kAChunks];  // x's element offset of each A chunk's pixel at the gathered tap, or -1
   // B = the filters as a [taps * in_channels][out_channels] matrix.
@@ -769,13 +769,14 @@ struct ConvGradInputSegments {
   }
 };
 
-// dx for 16-bit D and a block mask on the pipelined tile: rows are input
-// pixels in raster order, columns input channels, and the depth runs over the
-// (tap, output block) segments listed for the tile's channels, kDepth output
-// channels a stage. A gathers dy at the output pixel each row meets at the
-// segment's tap (worked out once per tap; none, or a dead output-mask pixel,
-// is a zero fill) and is scaled by that pixel's output factor in registers;
-// B is the tap's filters as [input channels][output channels].
+// dx for 16-bit D (or float as TF32) and a block mask on the pipelined tile:
+// rows are input pixels in raster order, columns input channels, and the depth
+// runs over the (tap, output block) segments listed for the tile's channels,
+// kDepth output channels a stage. A gathers dy at the output pixel each row
+// meets at the segment's tap (worked out once per tap; none, or a dead
+// output-mask pixel, is a zero fill) and is scaled by that pixel's output
+// factor in registers; B is the tap's filters as [input channels][output
+// channels].
 template <typename D, int kDepth>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedConvGradInput(const D* dy, const D* filters, const float* factors, const float* output_factors,
@@ -793,7 +794,7 @@ __global__ void __launch_bounds__(pl::kThreads)
   using ACopier = pl::StageCopier<D, pl::kTileRows, kDepth, false>;  // for its chunk placement only
   constexpr int kAChunks = ACopier::kChunks;
   const int a_row = threadIdx.x / ACopier::kChunksPerRow;
-  const int a_col = threadIdx.x % ACopier::kChunksPerRow * pl::kPerChunk;
+  const int a_col = threadIdx.x % ACopier::kChunksPerRow * ACopier::kPerChunk;
   int64_t gathered_tap = -1;
   int64_t a_pixel[kAChunks];  // the output pixel each A chunk's row meets at the gathered tap, or -1
   float a_factor[kAChunks];   // its output factor (1 without an output mask; +0: dead)
@@ -849,17 +850,17 @@ __global__ void __launch_bounds__(pl::kThreads)
 #endif
 }
 
-// dfilters for 16-bit D on the pipelined tile, split over the depth:
-// blockIdx.x walks (split, tap, 128-channel tile of in_channels, of
+// dfilters for 16-bit D (or float as TF32) on the pipelined tile, split over
+// the depth: blockIdx.x walks (split, tap, 128-channel tile of in_channels, of
 // out_channels), the last fastest; the depth is the output pixels, kDepth a
 // stage, and split s takes stages [s per_split, (s + 1) per_split). A = x^T
 // gathered at the tap's input pixel of each depth row (padding: zero fills;
 // each thread steps its rows' output pixels along stage by stage), B = dy,
 // masked per depth row by the output factors (staged by cp.async with the
 // operands). A warp multiplies only its fragments in live blocks; a tile
-// without any reads nothing. With one split the tile is written masked, as
-// D; with several, as float partial sums to partials[split] (taps x
-// in_channels x out_channels each), which SplitFilterSums adds up.
+// without any reads nothing. With one split the tile is written masked, as D;
+// with several, as float partial sums to partials[split] (taps x in_channels x
+// out_channels each), which SplitFilterSums adds up.
 template <typename D, int kDepth>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedConvGradFilter(const D* x, const D* dy, const float* factors, const float* output_factors,
@@ -890,7 +891,7 @@ __global__ void __launch_bounds__(pl::kThreads)
   using ACopier = pl::StageCopier<D, kDepth, pl::kTileRows, true>;  // for its chunk placement only
   constexpr int kAChunks = ACopier::kChunks;
   const int a_row = threadIdx.x / ACopier::kChunksPerRow;
-  const int a_col = threadIdx.x % ACopier::kChunksPerRow * pl::kPerChunk;
+  const int a_col = threadIdx.x % ACopier::kChunksPerRow * ACopier::kPerChunk;
   int64_t a_n[kAChunks], a_y[kAChunks], a_x[kAChunks];
 #pragma unroll
   for (int c = 0; c < kAChunks; ++c) {

@@ -76,8 +76,8 @@ int64_t GradFilterSplits(const ConvDims& d) {
   return pl::DepthSplits(d.taps() * pl::TileCount(d.in_channels, d.out_channels), d.batch * d.out_h * d.out_w);
 }
 
-// Whether the geometry suits the pipelined kernels for 16-bit T (the rest of
-// the rule, Conv2DUsesPipeline, is about the call).
+// Whether the geometry suits the pipelined kernels for T (16-bit, or float
+// as TF32; the rest of the rule, Conv2DUsesPipeline, is about the call).
 template <typename T>
 bool PipelineGeometry(const ConvDims& d) {
   return pl::kHasPipeline<typename Device<T>::type> && d.in_channels % pl::kPerChunk == 0 &&
@@ -187,7 +187,7 @@ int RunForward(const Launch& launch, const Conv2DGeometry& g, const T* x, const 
       auto* lists = reinterpret_cast<uint32_t*>(ws.lists);
       launch(pl::TileSegmentLists<ConvForwardSegments>, static_cast<unsigned>(CeilDiv(d.out_channels, pl::kTileCols)),
              pl::kScanThreads, segments, lists, ws.counts);
-      pl::WithStageDepth(d.in_block, d.in_channels, [&](auto stage) {
+      pl::WithStageDepth<D<T>>(d.in_block, d.in_channels, [&](auto stage) {
         constexpr int kDepth = decltype(stage)::value;
         launch.WithSharedMemory(pl::kSharedBytes<D<T>, kDepth, true, false>)(
             PipelinedConvForward<D<T>, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x), Dev(filters),
@@ -235,7 +235,7 @@ int RunGradInput(const Launch& launch, const Conv2DGeometry& g, const T* dy, con
       launch(pl::TileSegmentLists<ConvGradInputSegments>,
              static_cast<unsigned>(CeilDiv(d.in_channels, pl::kTileCols)), pl::kScanThreads, segments, lists,
              ws.counts);
-      pl::WithStageDepth(d.out_block, d.out_channels, [&](auto stage) {
+      pl::WithStageDepth<D<T>>(d.out_block, d.out_channels, [&](auto stage) {
         constexpr int kDepth = decltype(stage)::value;
         launch.WithSharedMemory(pl::kSharedBytes<D<T>, kDepth, true, true>)(
             PipelinedConvGradInput<D<T>, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, Dev(dy),
@@ -277,9 +277,10 @@ int RunGradFilter(const Launch& launch, const Conv2DGeometry& g, const T* x, con
       const int64_t splits = GradFilterSplits(d);
       const int64_t blocks = splits * d.taps() * pl::TileCount(d.in_channels, d.out_channels);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
-      const int64_t per_split = CeilDiv(CeilDiv(g.out_pixels(), int64_t{pl::kWideStage}), splits);
-      launch.WithSharedMemory(pl::kSharedBytes<D<T>, pl::kWideStage, false, false>)(
-          PipelinedConvGradFilter<D<T>, pl::kWideStage>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x),
+      constexpr int kDepth = pl::kUnblockedStage<D<T>>;
+      const int64_t per_split = CeilDiv(CeilDiv(g.out_pixels(), int64_t{kDepth}), splits);
+      launch.WithSharedMemory(pl::kSharedBytes<D<T>, kDepth, false, false>)(
+          PipelinedConvGradFilter<D<T>, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x),
           Dev(dy), ws.factors, output_factors, ws.live, d, per_split, splits > 1 ? ws.partials : nullptr,
           Dev(dfilters));
       if (splits > 1) {

@@ -127,7 +127,7 @@ namespace {
 template <typename T>
 bool PipelineShape(const BlockGrid& grid, Product product, MaskLevel level) {
   using D = typename Device<T>::type;
-  return (pl::kHasPipeline<D> || pl::kIsTf32<D>) &&
+  return pl::kHasPipeline<D> &&
          (product == Product::kGradWeight || level == MaskLevel::kBlock) && grid.rows % pl::kPerChunk == 0 &&
          grid.cols % pl::kPerChunk == 0 && pl::StripAligned(grid.block_rows, grid.rows) &&
          pl::StripAligned(grid.block_cols, grid.cols) && grid.grid_rows() < pl::kMaxSegments &&
@@ -200,7 +200,7 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
   const GridDims dims = DimsOf(grid);
   const bool element_level = mask.level == MaskLevel::kElement;
   const Product product = kTransposed ? Product::kGradInput : Product::kForward;
-  if constexpr (pl::kHasPipeline<D> || pl::kIsTf32<D>) {
+  if constexpr (pl::kHasPipeline<D>) {
     if (MatmulUsesPipeline<T>(grid, product, math, mask.level) && pl::Aligned16(a, w, out)) {
       const int64_t splits = PipelineSplits<T>(shape, product, mask.level);
       const int64_t blocks = splits * pl::TileCount(shape.m, out_cols);
@@ -212,16 +212,11 @@ int RunProduct(const Launch& launch, const MatmulShape& shape, const T* a, const
       const auto* da = reinterpret_cast<const D*>(a);
       const auto* dw = reinterpret_cast<const D*>(w);
       auto* dout = reinterpret_cast<D*>(out);
-      if constexpr (pl::kIsTf32<D>) {  // stages of 16 floats: 64-byte rows, as 32 16-bit elements
-        LaunchPipelinedProduct<D, kTransposed, pl::kNarrowStage>(launch, blocks, da, shape.m, dw, ws, dims, splits,
-                                                                 dout);
-      } else {
-        pl::WithStageDepth(kTransposed ? dims.block_cols : dims.block_rows, kTransposed ? shape.n : shape.k,
-                           [&](auto stage) {
-                             LaunchPipelinedProduct<D, kTransposed, decltype(stage)::value>(
-                                 launch, blocks, da, shape.m, dw, ws, dims, splits, dout);
-                           });
-      }
+      pl::WithStageDepth<D>(kTransposed ? dims.block_cols : dims.block_rows, kTransposed ? shape.n : shape.k,
+                            [&](auto stage) {
+                              LaunchPipelinedProduct<D, kTransposed, decltype(stage)::value>(
+                                  launch, blocks, da, shape.m, dw, ws, dims, splits, dout);
+                            });
       if (splits > 1) {
         launch(SplitSums<D>, BlocksFor(shape.m * out_cols), kThreads, ws.partials, splits, ws.counts, shape.m,
                out_cols, dout);
@@ -262,10 +257,9 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
   if (shape.k == 0 || shape.n == 0) return 0;
   const auto ws = IndexMask<Compute<D>>(launch, grid, mask, workspace, Lists::kNone);
   const GridDims dims = DimsOf(grid);
-  if constexpr (pl::kHasPipeline<D> || pl::kIsTf32<D>) {
+  if constexpr (pl::kHasPipeline<D>) {
     if (MatmulUsesPipeline<T>(grid, Product::kGradWeight, math, mask.level) && pl::Aligned16(x, dy, dw)) {
-      // TF32 in stages of 16 floats (64-byte rows, as the 16-bit types' 32).
-      constexpr int kDepth = pl::kIsTf32<D> ? pl::kNarrowStage : pl::kWideStage;
+      constexpr int kDepth = pl::kUnblockedStage<D>;
       const int64_t splits = PipelineSplits<T>(shape, Product::kGradWeight, mask.level);
       const int64_t blocks = splits * pl::TileCount(shape.k, shape.n);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);

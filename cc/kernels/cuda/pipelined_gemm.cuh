@@ -1,5 +1,5 @@
 // The pipelined tensor-core tile (sm_80 and later) for 16-bit operands (and
-// float32 as TF32 in the matmul products): a thread block of 4 warps
+// float32 as TF32): a thread block of 4 warps
 // computes a 128 x 128 output tile, each warp a 64 x 64 quarter of it as
 // 4 x 8 mma.sync m16n8k16 (TF32: m16n8k8) products with float accumulators,
 // over stages of kDepth (32 or 16; TF32: 16 floats) of the depth that
@@ -52,12 +52,12 @@ constexpr int kStages = 4;
 static_assert((kStages & (kStages - 1)) == 0, "a step's buffers are step & (kStages - 1)");
 constexpr int kPerChunk = 8;  // 16-bit elements in a 16-byte copy (the conv kernels' unit)
 
-// The device types with this path: the 16-bit ones for every product;
-// float32 (as TF32, mma.sync m16n8k8) for the matmul products.
-template <typename D>
-constexpr bool kHasPipeline = std::is_same_v<D, __half> || std::is_same_v<D, __nv_bfloat16>;
+// The device types with this path: the 16-bit ones, and float32 as TF32
+// (mma.sync m16n8k8).
 template <typename D>
 constexpr bool kIsTf32 = std::is_same_v<D, float>;
+template <typename D>
+constexpr bool kHasPipeline = std::is_same_v<D, __half> || std::is_same_v<D, __nv_bfloat16> || kIsTf32<D>;
 
 // Elements of D in a 16-byte copy, and added to each shared-memory row so
 // that the rows one ldmatrix (or, for TF32 depth-outer operands, one column
@@ -91,18 +91,21 @@ bool Aligned16(const Pointers*... pointers) {
 }
 
 // Stages of 32 where the depth's blocks are multiples of 32 (or one block),
-// else of 16.
+// else of 16. TF32 stages are always 16 floats deep: 64-byte rows, as the
+// 16-bit types' 32, so that four stages fit the same shared memory.
 constexpr int kWideStage = 32;
 constexpr int kNarrowStage = 16;
-inline bool WideStages(int64_t depth_block, int64_t depth) {
-  return depth_block % kWideStage == 0 || depth_block >= depth;
-}
+// The stage depth of the weight gradients, whose depth has no blocks.
+template <typename D>
+constexpr int kUnblockedStage = kIsTf32<D> ? kNarrowStage : kWideStage;
 
-// run(std::integral_constant<int, kDepth>{}) for the stage depth that
-// WideStages picks: a launcher written once for both instantiations.
-template <typename Run>
+// run(std::integral_constant<int, kDepth>{}) for the stage depth of a
+// blocked depth: a launcher written once for both instantiations.
+template <typename D, typename Run>
 void WithStageDepth(int64_t depth_block, int64_t depth, const Run& run) {
-  if (WideStages(depth_block, depth)) {
+  if constexpr (kIsTf32<D>) {
+    run(std::integral_constant<int, kNarrowStage>{});
+  } else if (depth_block % kWideStage == 0 || depth_block >= depth) {
     run(std::integral_constant<int, kWideStage>{});
   } else {
     run(std::integral_constant<int, kNarrowStage>{});
@@ -410,30 +413,33 @@ __device__ inline uint32_t Tf32Bits(float v) { return __float_as_uint(nvcuda::wm
 // rows of 4 floats, lane l getting float l % 4 of row l / 4, which is the
 // m16n8k8 layout of A's rows and of B's columns (a0..a3: rows +0/+8, depths
 // +0/+4; b0, b1: depths +0/+4). Depth-outer operands are loaded element by
-// element from rows 8 banks apart. A strip's B is scaled by its factor
-// (Masked, in float) before both operands are rounded to nearest TF32. As in
-// MultiplyStage, every fragment of a depth step is loaded before any is
-// multiplied. Only the matmul products take TF32: no rows or depths to scale.
+// element from rows 8 banks apart. The stage's factors (a strip's factor on
+// B, row factors on A, depth factors on B) are applied in float (Masked)
+// before both operands are rounded to nearest TF32. As in MultiplyStage,
+// every fragment of a depth step is loaded before any is multiplied.
 template <int kDepth, bool kADepthInner, bool kBDepthInner, bool kWholeColumns>
 __device__ inline void MultiplyStageTf32(const float* a_lane, const float* b_lane, const WarpStage& stage,
                                          float (&acc)[kStrips][2 * kStrips][4]) {
   constexpr int kAStride = kOperandStride<float, kDepth, kADepthInner>;
   constexpr int kBStride = kOperandStride<float, kDepth, kBDepthInner>;
+  const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int k0 = 0; k0 < kDepth; k0 += 8) {
-    uint32_t a[kStrips][4];
+    // Per row strip: a0..a3.
+    float a[kStrips][4];
 #pragma unroll
     for (int mt = 0; mt < kStrips; ++mt) {
       if constexpr (kADepthInner) {
-        ptx::LoadMatrices<false>(a[mt], a_lane + mt * kStrip * kAStride + k0);
+        uint32_t bits[4];
+        ptx::LoadMatrices<false>(bits, a_lane + mt * kStrip * kAStride + k0);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[mt][i] = Tf32Bits(__uint_as_float(a[mt][i]));
+        for (int i = 0; i < 4; ++i) a[mt][i] = __uint_as_float(bits[i]);
       } else {
         const float* rows = a_lane + k0 * kAStride + mt * kStrip;
-        a[mt][0] = Tf32Bits(rows[0]);
-        a[mt][1] = Tf32Bits(rows[8]);
-        a[mt][2] = Tf32Bits(rows[4 * kAStride]);
-        a[mt][3] = Tf32Bits(rows[4 * kAStride + 8]);
+        a[mt][0] = rows[0];
+        a[mt][1] = rows[8];
+        a[mt][2] = rows[4 * kAStride];
+        a[mt][3] = rows[4 * kAStride + 8];
       }
     }
     // Per strip: b0, b1 of its left 8 columns, then of its right 8.
@@ -453,12 +459,36 @@ __device__ inline void MultiplyStageTf32(const float* a_lane, const float* b_lan
         b[s][3] = columns[4 * kBStride + 8];
       }
     }
+    if (stage.row_factor != nullptr) {
+      // a0 and a2 lie in row lane / 4 of the strip, a1 and a3 in that row + 8.
+#pragma unroll
+      for (int mt = 0; mt < kStrips; ++mt) {
+        const float* factor = stage.row_factor + ThisWarp().row * kWarpTile + mt * kStrip + lane / 4;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[mt][i] = Masked(a[mt][i], factor[i % 2 * 8]);
+      }
+    }
     if (stage.scaled) {
 #pragma unroll
       for (int s = 0; s < kStrips; ++s) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) b[s][i] = Masked(b[s][i], stage.factor[s]);
       }
+    }
+    if (stage.depth_factor != nullptr) {
+      // b0 lies at depth lane % 4 of the 8, b1 at that depth + 4.
+      const float* factor = stage.depth_factor + k0 + lane % 4;
+#pragma unroll
+      for (int s = 0; s < kStrips; ++s) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) b[s][i] = Masked(b[s][i], factor[i % 2 * 4]);
+      }
+    }
+    uint32_t a_bits[kStrips][4];
+#pragma unroll
+    for (int mt = 0; mt < kStrips; ++mt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a_bits[mt][i] = Tf32Bits(a[mt][i]);
     }
 #pragma unroll
     for (int s = 0; s < kStrips; ++s) {
@@ -468,8 +498,8 @@ __device__ inline void MultiplyStageTf32(const float* a_lane, const float* b_lan
 #pragma unroll
       for (int mt = 0; mt < kStrips; ++mt) {
         if (!kWholeColumns && ((stage.fragments >> (4 * mt + s)) & 1u) == 0) continue;
-        ptx::Mma1688Tf32(acc[mt][2 * s], a[mt], left);
-        ptx::Mma1688Tf32(acc[mt][2 * s + 1], a[mt], right);
+        ptx::Mma1688Tf32(acc[mt][2 * s], a_bits[mt], left);
+        ptx::Mma1688Tf32(acc[mt][2 * s + 1], a_bits[mt], right);
       }
     }
   }
