@@ -599,6 +599,41 @@ def test_pipelined_tf32_rounds_operands_to_nearest(emulator, product):
         np.testing.assert_array_equal(out, np.float32(16 * (1 + 2.0**-10)))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("op, product", [("matmul", "forward"), ("matmul", "grad_input"), ("conv", "forward"),
+                                         ("conv", "grad_input")])
+def test_pipelined_nan_factor_is_not_taken_for_one(emulator, op, product, dtype):
+    """A NaN block factor is live and not 1: the list scan marks its entries
+    scaled, so the product is NaN in (exactly) the output columns that block
+    feeds, rather than the unscaled product a factor of 1 would give."""
+    rng = np.random.default_rng(3)
+    t = np_dtype(dtype)
+    if op == "matmul":
+        m, k, n, block = 64, 64, 64, (16, 16)
+        mask = np.ones((4, 4), np.float32)
+        mask[1, 2], mask[3, 0] = np.nan, 0.0
+        assert emulator.matmul_uses_pipeline(product, dtype, (m, k, n), block, "block")
+        a = rng.standard_normal((m, k) if product == "forward" else (m, n)).astype(t)
+        w = rng.standard_normal((k, n)).astype(t)
+        out = emulator.matmul(product, a, w, mask, "block", block, (m, k, n),
+                              np.full((m, n) if product == "forward" else (m, k), np.nan, t), True)
+        nan_columns = slice(32, 48) if product == "forward" else slice(16, 32)
+    else:
+        kh = kw = 3
+        fields = (1, 8, 8, 32, kh, kw, 32, 1, 1, 1, 1, 1, 1, 8, 8, 16, 16, 4, 4)
+        mask = np.ones((2, 2), np.float32)
+        mask[0, 1] = np.nan
+        assert emulator.conv2d_uses_pipeline(product, dtype, fields, "block")
+        a = rng.standard_normal((1, 8, 8, 32)).astype(t)
+        f = rng.standard_normal((kh, kw, 32, 32)).astype(t)
+        out = emulator.conv2d(product, a, f, mask, "block", fields, np.full((1, 8, 8, 32), np.nan, t), None, True)
+        nan_columns = slice(16, 32) if product == "forward" else slice(0, 16)
+    values = out.astype(np.float64)
+    assert np.isnan(values[..., nan_columns]).all()
+    values[..., nan_columns] = 0
+    assert np.isfinite(values).all()
+
+
 @pytest.mark.parametrize("density", [0.0, 0.02, 1.0], ids=["all-dead", "few-live", "all-live"])
 def test_pipelined_forward_split_over_its_list(emulator, density):
     """A small batch over a long depth (8 x 4160 x 16: one output tile) splits
