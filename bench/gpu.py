@@ -30,6 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "
 from harness import Harness  # noqa: E402
 
 torch = None  # imported by main(), so that --summary runs without PyTorch
+HARNESS = None  # the harness under test, loaded by main()
 
 
 def precision(name):
@@ -56,6 +57,29 @@ def timed(function, reps, warmup):
     return times
 
 
+def interleaved(functions, reps, warmup):
+    """Medians (ms) of functions {name: callable} timed in turn, rep after
+    rep, each warmed up before its first timing."""
+    times = {name: [] for name in functions}
+    for _ in range(reps):
+        for name, function in functions.items():
+            times[name] += timed(function, 1, warmup if not times[name] else 0)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def timed_row(fused, dense, baseline, reps, warmup):
+    """(medians, speedups) of fused(harness) against dense, and against
+    fused(baseline) where a baseline harness is given."""
+    functions = {"fused": lambda: fused(HARNESS), "dense": dense}
+    if baseline is not None:
+        functions["baseline"] = lambda: fused(baseline)
+    medians = interleaved(functions, reps, warmup)
+    speedups = {"speedup": medians["dense"] / medians["fused"]}
+    if baseline is not None:
+        speedups["over_baseline"] = medians["baseline"] / medians["fused"]
+    return medians, speedups
+
+
 def kernel_family(pipelined, tensor_cores):
     return "pipelined" if pipelined else "wmma" if tensor_cores else "cuda-cores"
 
@@ -64,7 +88,7 @@ def products_of(mode):
     return ("forward", "grad_input", "grad_weight") if mode == "train" else ("forward",)
 
 
-def case(harness, shape, block, density, precision_name, mode, reps, warmup):
+def case(shape, block, density, precision_name, mode, reps, warmup, baseline=None):
     dtype, tensor_cores = precision(precision_name)
     set_baseline_tf32(tensor_cores)
     m, k, n = shape
@@ -78,7 +102,7 @@ def case(harness, shape, block, density, precision_name, mode, reps, warmup):
     dy = torch.randn(m, n, device="cuda", dtype=dtype)
     y, dx, dw = (torch.empty(s, device="cuda", dtype=dtype) for s in ((m, n), (m, k), (k, n)))
 
-    def fused():
+    def fused(harness):
         harness.run("forward", x, w, block_mask, "block", (block, block), shape, y, tensor_cores)
         if mode == "train":
             harness.run("grad_input", dy, w, block_mask, "block", (block, block), shape, dx, tensor_cores)
@@ -91,20 +115,15 @@ def case(harness, shape, block, density, precision_name, mode, reps, warmup):
             torch.matmul(dy, w_masked.T, out=dx)
             torch.mul(torch.matmul(x.T, dy), element, out=dw)
 
-    times = {"fused": [], "dense": []}
-    for _ in range(reps):
-        for name, function in (("fused", fused), ("dense", dense)):
-            times[name] += timed(function, 1, warmup if not times[name] else 0)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians, speedups = timed_row(fused, dense, baseline, reps, warmup)
     kernels = {product: kernel_family(
-        harness.uses_pipeline(product, dtype, shape, (block, block), "block", tensor_cores),
-        harness.uses_tensor_cores(product, dtype, shape, (block, block), tensor_cores)) for product in products_of(mode)}
+        HARNESS.uses_pipeline(product, dtype, shape, (block, block), "block", tensor_cores),
+        HARNESS.uses_tensor_cores(product, dtype, shape, (block, block), tensor_cores)) for product in products_of(mode)}
     return {"shape": list(shape), "block": block, "density": density, "precision": precision_name, "mode": mode,
-            "median_ms": medians, "speedup": medians["dense"] / medians["fused"],
-            "target": (0.7 if block <= 32 else 0.8) / density, "kernels": kernels}
+            "median_ms": medians, **speedups, "target": (0.7 if block <= 32 else 0.8) / density, "kernels": kernels}
 
 
-def conv_case(harness, density, active, precision_name, mode, reps, warmup):
+def conv_case(density, active, precision_name, mode, reps, warmup, baseline=None):
     dtype, tensor_cores = precision(precision_name)
     set_baseline_tf32(tensor_cores)
     n, size, channels, block, tile = 8, 56, 256, 32, 8
@@ -122,7 +141,7 @@ def conv_case(harness, density, active, precision_name, mode, reps, warmup):
     geometry = (n, size, size, channels, 3, 3, channels, 1, 1, 1, 1, 1, 1, size, size, block, block, tile, tile)
     o = output_mask if active < 1 else None
 
-    def fused():
+    def fused(harness):
         harness.conv2d("forward", x, f, block_mask, "block", geometry, y, o, tensor_cores)
         if mode == "train":
             harness.conv2d("grad_input", dy, f, block_mask, "block", geometry, dx, o, tensor_cores)
@@ -138,17 +157,20 @@ def conv_case(harness, density, active, precision_name, mode, reps, warmup):
         if mode == "train":
             out.backward(dy.permute(0, 3, 1, 2))
 
-    times = {"fused": [], "dense": []}
-    for _ in range(reps):
-        for name, function in (("fused", fused), ("dense", dense)):
-            times[name] += timed(function, 1, warmup if not times[name] else 0)
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    kernels = {product: kernel_family(harness.conv2d_uses_pipeline(product, dtype, geometry, "block", tensor_cores),
-                                      harness.conv2d_uses_tensor_cores(product, dtype, geometry, tensor_cores))
+    medians, speedups = timed_row(fused, dense, baseline, reps, warmup)
+    kernels = {product: kernel_family(HARNESS.conv2d_uses_pipeline(product, dtype, geometry, "block", tensor_cores),
+                                      HARNESS.conv2d_uses_tensor_cores(product, dtype, geometry, tensor_cores))
                for product in products_of(mode)}
     return {"case": "conv", "density": density, "active": active, "precision": precision_name, "mode": mode,
-            "median_ms": medians, "speedup": medians["dense"] / medians["fused"], "target": 0.6 / (density * active),
+            "median_ms": medians, **speedups, "target": 0.6 / (density * active),
             "kernels": kernels}
+
+
+def baseline_cells(row):
+    """The table cells of a row's time with the baseline harness, if timed."""
+    if "baseline" not in row["median_ms"]:
+        return ""
+    return f" | {row['median_ms']['baseline']:.3f} | {row['over_baseline']:.2f}x"
 
 
 def kernels_line(rows):
@@ -203,40 +225,46 @@ def main():
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--conv", action="store_true", help="also time masked_conv2d against cuDNN")
+    parser.add_argument("--baseline-harness", metavar="SO",
+                        help="also time this harness library (an earlier build) interleaved with the current one")
     parser.add_argument("--json")
     parser.add_argument("--summary", metavar="JSON", help="print the README's tables from a results file and exit")
     args = parser.parse_args()
     if args.summary:
         summary(args.summary)
         return
-    global torch
+    global torch, HARNESS
     import torch
-    harness = Harness(torch)
+    HARNESS = Harness(torch)
+    baseline = Harness(torch, args.baseline_harness) if args.baseline_harness else None
     shape = tuple(int(v) for v in args.shape.split("x"))
     rows = [
-        case(harness, shape, int(block), float(density), precision, mode, args.reps, args.warmup)
+        case(shape, int(block), float(density), precision, mode, args.reps, args.warmup, baseline)
         for precision in args.precisions.split(",") for block in args.blocks.split(",")
         for density in args.densities.split(",") for mode in args.modes.split(",")
     ]
     conv_rows = [
-        conv_case(harness, density, active, precision, mode, args.reps, args.warmup)
+        conv_case(density, active, precision, mode, args.reps, args.warmup, baseline)
         for precision in args.precisions.split(",") for density, active in ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.1, 1.0),
                                                                     (1.0, 0.25), (1.0, 0.1), (0.5, 0.25))
         for mode in args.modes.split(",")
     ] if args.conv else []
     device = torch.cuda.get_device_name()
-    print(f"| precision | block | density | mode | fused ms | cuBLAS ms | speedup | target |  # {device}")
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    versus = " | baseline ms | over baseline" if baseline else ""
+    print(f"| precision | block | density | mode | fused ms | cuBLAS ms | speedup | target{versus} |  # {device}")
+    print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * bool(baseline))
     for row in rows:
-        print(f"| {row['precision']} | {row['block']} | {row['density']:g} | {row['mode']} | {row['median_ms']['fused']:.3f} "
-              f"| {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x | {row['target']:.2f}x |")
+        print(f"| {row['precision']} | {row['block']} | {row['density']:g} | {row['mode']} "
+              f"| {row['median_ms']['fused']:.3f} | {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x "
+              f"| {row['target']:.2f}x{baseline_cells(row)} |")
     if conv_rows:
-        print(f"\n| precision | density | active tiles | mode | fused ms | cuDNN ms | speedup | target |  # {device}")
-        print("|---|---:|---:|---|---:|---:|---:|---:|")
+        print(f"\n| precision | density | active tiles | mode | fused ms | cuDNN ms | speedup | target{versus} "
+              f"|  # {device}")
+        print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * bool(baseline))
         for row in conv_rows:
             print(f"| {row['precision']} | {row['density']:g} | {row['active']:g} | {row['mode']} "
                   f"| {row['median_ms']['fused']:.3f} | {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x "
-                  f"| {row['target']:.2f}x |")
+                  f"| {row['target']:.2f}x{baseline_cells(row)} |")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__,
                                                        "rows": rows, "conv_rows": conv_rows}, indent=2) + "\n")

@@ -9,6 +9,13 @@
 #   bash bench/gpu_session.sh tests      # build + tests/gpu + compute-sanitizer
 #   bash bench/gpu_session.sh bench      # build + bench/gpu.py (and a small-batch run)
 #   bash bench/gpu_session.sh profile    # build + ncu on the bf16 block-32 d=0.1 forward
+#   bash bench/gpu_session.sh ab         # build + the current harness against a baseline
+#
+# ab (also part of "all" when a baseline is given) times the harness named by
+# $MASKED_OPS_CUDA_HARNESS_BASELINE (say, one built here from an earlier
+# commit and carried) interleaved with the current one in the same process,
+# since cuBLAS itself was seen to run 25 % slower in one process than in the
+# next on the same card.
 #
 # A harness built elsewhere for this GPU (it is a plain C library, so one built
 # with nvcc 13 on a CPU-only machine loads there) is used when
@@ -69,6 +76,12 @@ if [[ "$what" == all || "$what" == bench ]]; then
     --json "$out/gpu-small-batch.json" >> "$out/bench.log" 2>&1
   summary+=("bench/gpu.py small batch: rc $?")
   python3 bench/gpu.py --summary "$out/gpu.json" 2>&1 | tail -40
+fi
+
+if [[ ( "$what" == all || "$what" == ab ) && -n "${MASKED_OPS_CUDA_HARNESS_BASELINE:-}" ]]; then
+  timeout -s KILL 150 python3 bench/gpu.py --precisions bf16,tf32 --blocks 32,64 --densities 1,0.1 \
+    --modes forward,train --conv --baseline-harness "$MASKED_OPS_CUDA_HARNESS_BASELINE" > "$out/ab.log" 2>&1
+  summary+=("bench/gpu.py against the baseline: rc $?")
 fi
 
 if [[ "$what" == all || "$what" == profile ]]; then

@@ -32,8 +32,8 @@ def library_path():
     return pathlib.Path(os.environ.get("MASKED_OPS_CUDA_HARNESS", ROOT / "build" / "gpu" / "libmasked_ops_cuda_harness.so"))
 
 
-def load():
-    library = ctypes.CDLL(str(library_path()))
+def load(path=None):
+    library = ctypes.CDLL(str(path or library_path()))
     library.masked_ops_gpu_workspace_bytes.restype = ctypes.c_size_t
     library.masked_ops_gpu_workspace_bytes.argtypes = ([ctypes.c_int, ctypes.c_char_p] + [ctypes.c_int64] * 5
                                                        + [ctypes.c_int])
@@ -78,9 +78,10 @@ def dtype_name(tensor):
 
 
 class Harness:
-    def __init__(self, torch):
+    def __init__(self, torch, path=None):
+        """The harness library at `path` (default: library_path())."""
         self.torch = torch
-        self.library = load()
+        self.library = load(path)
 
     def run(self, product, a, b, mask, level, block_size, shape, out, tensor_cores=True):
         """out <- the product (see cc/bindings/cuda_harness.cc) on the current
