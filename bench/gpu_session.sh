@@ -68,7 +68,7 @@ if [[ "$what" == all || "$what" == tests ]]; then
 fi
 
 if [[ "$what" == all || "$what" == bench ]]; then
-  timeout -s KILL 180 python3 bench/gpu.py --conv --blocks 32,64 --json "$out/gpu.json" > "$out/bench.log" 2>&1
+  timeout -s KILL 180 python3 bench/gpu.py --conv --json "$out/gpu.json" > "$out/bench.log" 2>&1
   summary+=("bench/gpu.py: rc $?")
   # Inference: a small batch, where the forward product splits its lists.
   echo "== small batch" >> "$out/bench.log"
