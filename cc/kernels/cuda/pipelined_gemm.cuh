@@ -203,9 +203,9 @@ class StageCopier {
     const D* src = base_ + shift + (kDepthRows ? d0 * ld_ : d0);
     const int64_t step = kRowStep * ld_;
     D* dst = stage + row_ * kStride + col_;
-    // The depth left from d0, capped at the tile's extent so that the
-    // per-chunk tests are 32-bit.
-    const int depth_left = static_cast<int>(min(d_end - d0, int64_t{kDepthRows ? kRows : kCols}));
+    // The depth left from d0, clamped to [0, the tile's extent] so that the
+    // per-chunk tests are 32-bit whatever the distance.
+    const int depth_left = static_cast<int>(max(int64_t{0}, min(d_end - d0, int64_t{kDepthRows ? kRows : kCols})));
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
       const bool in_depth = (kDepthRows ? Row(i) : col_) < depth_left;
