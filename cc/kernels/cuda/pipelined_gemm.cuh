@@ -50,7 +50,9 @@ constexpr int kStrips = kWarpTile / kStrip;        // a warp's strips each way
 constexpr int kTileStrips = kTileCols / kStrip;    // the tile's column strips
 constexpr int kStages = 4;
 static_assert((kStages & (kStages - 1)) == 0, "a step's buffers are step & (kStages - 1)");
-constexpr int kPerChunk = 8;  // 16-bit elements in a 16-byte copy (the conv kernels' unit)
+// What the rules ask of channel counts and weight dimensions: multiples of a
+// 16-byte copy of 16-bit elements (two of floats).
+constexpr int kPerChunk = 8;
 
 // The device types with this path: the 16-bit ones, and float32 as TF32
 // (mma.sync m16n8k8).
