@@ -12,10 +12,10 @@
 #   bash bench/gpu_session.sh ab         # build + the current harness against a baseline
 #
 # ab (also part of "all" when a baseline is given) times the harness named by
-# $MASKED_OPS_CUDA_HARNESS_BASELINE (say, one built here from an earlier
-# commit and carried) interleaved with the current one in the same process,
-# since cuBLAS itself was seen to run 25 % slower in one process than in the
-# next on the same card.
+# $MASKED_OPS_CUDA_HARNESS_BASELINE (one built here by bench/baseline_harness.sh
+# from an earlier commit, and carried) interleaved with the current one in the
+# same process, since cuBLAS itself was seen to run 25 % slower in one process
+# than in the next on the same card.
 #
 # A harness built elsewhere for this GPU (it is a plain C library, so one built
 # with nvcc 13 on a CPU-only machine loads there) is used when
