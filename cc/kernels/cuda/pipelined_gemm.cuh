@@ -689,9 +689,15 @@ __device__ inline void RunListedSegments(const Dims& dims, int64_t col0, const u
       for (int mt = 0; mt < kStrips; ++mt) {
         if (kAllRows || ((active_rows >> mt) & 1u) != 0) stage.fragments |= columns << (4 * mt);
       }
+      // An unmarked entry's live factors are all 1; a marked one's may be 1
+      // in this warp's strips, which then need no scaling either.
       stage.scaled = false;
+      if (ScaledOf(entry)) {
 #pragma unroll
-      for (int s = 0; s < kStrips; ++s) stage.scaled = stage.scaled || (((columns >> s) & 1u) && stage.factor[s] != 1.0f);
+        for (int s = 0; s < kStrips; ++s) {
+          stage.scaled = stage.scaled || (((columns >> s) & 1u) && stage.factor[s] != 1.0f);
+        }
+      }
     }
     // Step + 1's entry is in shared memory since this step's barrier.
     if (step + 1 < steps) {
