@@ -613,21 +613,29 @@ __device__ inline ConvSegment SegmentAt(uint32_t entry, int64_t blocks, int64_t 
   return ConvSegment{segment / blocks, begin, min(channels, begin + block)};
 }
 
-// The forward conv's segments for the pipelined lists: (tap, input block)
-// pairs, tap * in_blocks + i, against output-channel blocks.
-struct ConvForwardSegments {
+// A conv product's segments for the pipelined lists: the forward conv's
+// (tap, input block) pairs, tap * in_blocks + i, against output-channel
+// blocks (groups j); dx's (kGradInput) (tap, output block) pairs, tap *
+// out_blocks + j, against input-channel blocks (groups i).
+template <bool kGradInput>
+struct ConvSegments {
   ConvDims d;
   const uint8_t* live;
   const float* factors;  // per (input block, output block): the same at every tap
-  __host__ __device__ int64_t segments() const { return d.taps() * d.in_blocks(); }
-  __host__ __device__ int64_t out_cols() const { return d.out_channels; }
-  __host__ __device__ int64_t out_block() const { return d.out_block; }
+  __host__ __device__ int64_t segment_blocks() const { return kGradInput ? d.out_blocks() : d.in_blocks(); }
+  __host__ __device__ int64_t segments() const { return d.taps() * segment_blocks(); }
+  __host__ __device__ int64_t out_cols() const { return kGradInput ? d.in_channels : d.out_channels; }
+  __host__ __device__ int64_t out_block() const { return kGradInput ? d.in_block : d.out_block; }
+  // The (input block, output block) pair of a segment and group, flattened.
+  __device__ int64_t pair(int64_t segment, int64_t group) const {
+    const int64_t block = segment % segment_blocks();
+    return kGradInput ? group * d.out_blocks() + block : block * d.out_blocks() + group;
+  }
   __device__ bool live_block(int64_t segment, int64_t group) const {
-    return live[segment * d.out_blocks() + group] != 0;
+    const int64_t tap = segment / segment_blocks();
+    return live[tap * d.in_blocks() * d.out_blocks() + pair(segment, group)] != 0;
   }
-  __device__ float factor(int64_t segment, int64_t group) const {
-    return factors[segment % d.in_blocks() * d.out_blocks() + group];
-  }
+  __device__ float factor(int64_t segment, int64_t group) const { return factors[pair(segment, group)]; }
 };
 
 // The forward conv for 16-bit D (or float as TF32) and a block mask on the
@@ -735,7 +743,7 @@ __global__ void __launch_bounds__(pl::kThreads)
                    pl::LiveChunks<BCopier>(b_strip_chunks, pl::StripsOf(entry)));
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
-  const ConvForwardSegments segments{d, live, factors};
+  const ConvSegments<false> segments{d, live, factors};
   pl::RunListedSegments<D, kDepth, false, false>(
       segments, col0, lists + col_tile * segments.segments(), any_active ? counts[col_tile] : 0,
       min(d.in_block, d.in_channels), active_rows, issue_segment, nullptr, acc);
@@ -750,24 +758,6 @@ __global__ void __launch_bounds__(pl::kThreads)
   });
 #endif
 }
-
-// dx's segments for the pipelined lists: (tap, output block) pairs, tap *
-// out_blocks + j, against input-channel blocks.
-struct ConvGradInputSegments {
-  ConvDims d;
-  const uint8_t* live;
-  const float* factors;  // per (input block, output block): the same at every tap
-  __host__ __device__ int64_t segments() const { return d.taps() * d.out_blocks(); }
-  __host__ __device__ int64_t out_cols() const { return d.in_channels; }
-  __host__ __device__ int64_t out_block() const { return d.in_block; }
-  __device__ bool live_block(int64_t segment, int64_t group) const {
-    const int64_t tap = segment / d.out_blocks();
-    return live[(tap * d.in_blocks() + group) * d.out_blocks() + segment % d.out_blocks()] != 0;
-  }
-  __device__ float factor(int64_t segment, int64_t group) const {
-    return factors[group * d.out_blocks() + segment % d.out_blocks()];
-  }
-};
 
 // dx for 16-bit D (or float as TF32) and a block mask on the pipelined tile:
 // rows are input pixels in raster order, columns input channels, and the depth
@@ -838,7 +828,7 @@ __global__ void __launch_bounds__(pl::kThreads)
                    tap * d.in_channels * d.out_channels);
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
-  const ConvGradInputSegments segments{d, live, factors};
+  const ConvSegments<true> segments{d, live, factors};
   pl::RunListedSegments<D, kDepth, true, true>(
       segments, col0, lists + col_tile * segments.segments(), counts[col_tile], min(d.out_block, d.out_channels),
       0xfu, issue_segment, output_factors != nullptr ? row_factors : nullptr, acc);

@@ -183,9 +183,9 @@ int RunForward(const Launch& launch, const Conv2DGeometry& g, const T* x, const 
       const int64_t blocks = pl::TileCount(Tiles(d) * d.tile_h * d.tile_w, d.out_channels);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       launch(TileActivity<float>, BlocksFor(Tiles(d)), kThreads, output_factors, d, ws.active);
-      const ConvForwardSegments segments{d, ws.live, ws.factors};
+      const ConvSegments<false> segments{d, ws.live, ws.factors};
       auto* lists = reinterpret_cast<uint32_t*>(ws.lists);
-      launch(pl::TileSegmentLists<ConvForwardSegments>, static_cast<unsigned>(CeilDiv(d.out_channels, pl::kTileCols)),
+      launch(pl::TileSegmentLists<ConvSegments<false>>, static_cast<unsigned>(CeilDiv(d.out_channels, pl::kTileCols)),
              pl::kScanThreads, segments, lists, ws.counts);
       pl::WithStageDepth<D<T>>(d.in_block, d.in_channels, [&](auto stage) {
         constexpr int kDepth = decltype(stage)::value;
@@ -230,9 +230,9 @@ int RunGradInput(const Launch& launch, const Conv2DGeometry& g, const T* dy, con
     if (Conv2DUsesPipeline<T>(g, Product::kGradInput, math, mask.level) && pl::Aligned16(dy, filters, dx)) {
       const int64_t blocks = pl::TileCount(g.in_pixels(), d.in_channels);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
-      const ConvGradInputSegments segments{d, ws.live, ws.factors};
+      const ConvSegments<true> segments{d, ws.live, ws.factors};
       auto* lists = reinterpret_cast<uint32_t*>(ws.lists);
-      launch(pl::TileSegmentLists<ConvGradInputSegments>,
+      launch(pl::TileSegmentLists<ConvSegments<true>>,
              static_cast<unsigned>(CeilDiv(d.in_channels, pl::kTileCols)), pl::kScanThreads, segments, lists,
              ws.counts);
       pl::WithStageDepth<D<T>>(d.out_block, d.out_channels, [&](auto stage) {
