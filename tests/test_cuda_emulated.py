@@ -72,6 +72,7 @@ class Emulator:
                                                                 ctypes.POINTER(ctypes.c_double), i]
         lib.emu_set_schedule.argtypes = [i, ctypes.c_uint64]
         lib.emu_set_device_tensor_cores.argtypes = [i]
+        lib.emu_set_warpgroup_mma.argtypes = [i]
         lib.emu_take_diagnostics.argtypes = [ctypes.c_char_p, i64]
         lib.emu_take_diagnostics.restype = i64
         lib.emu_stats.argtypes = [ctypes.POINTER(i64)]
@@ -87,14 +88,16 @@ class Emulator:
         return buffer.value.decode()
 
     def stats(self):
-        values = (ctypes.c_int64 * 5)()
+        names = ("launches", "blocks", "threads", "barriers", "mma_syncs", "warpgroup_mma_columns")
+        values = (ctypes.c_int64 * len(names))()
         self.lib.emu_stats(values)
-        return dict(zip(("launches", "blocks", "threads", "barriers", "mma_syncs"), values))
+        return dict(zip(names, values))
 
     def reset(self):
         self.lib.emu_reset_stats()
         self.lib.emu_set_schedule(0, 0)
         self.lib.emu_set_device_tensor_cores(1)
+        self.lib.emu_set_warpgroup_mma(0)
         self.diagnostics()
 
     def checked(self, what, status):
@@ -449,10 +452,12 @@ def run_matmul(emulator, shape, block, dtype, tensor_cores, level, density=0.6, 
         assert emulator.matmul_uses_tensor_cores(product, dtype, shape, block, tensor_cores) == tensor_path
         assert emulator.matmul_uses_pipeline(product, dtype, shape, block, level, tensor_cores) == pipeline_rule(
             product, dtype, k, n, block, level, tensor_cores)
+        stats = emulator.stats()
+        tensor_work = stats["mma_syncs"] + stats["warpgroup_mma_columns"]
         if not tensor_path:
-            assert emulator.stats()["mma_syncs"] == 0, f"{product}: a tensor-core kernel ran"
+            assert tensor_work == 0, f"{product}: a tensor-core kernel ran"
         elif element.any() and min(out_shape) > 0 and depth > 0:
-            assert emulator.stats()["mma_syncs"] > 0, f"{product}: no tensor-core kernel ran"
+            assert tensor_work > 0, f"{product}: no tensor-core kernel ran"
         expected, bound, _ = _matmul(MATMUL_OPS[product], a.astype(np.float64), b.astype(np.float64),
                                      mask.astype(np.float64), attrs)
         check(out, expected, bound, depth, dtype, tensor_path, f"{product} {dtype}")
@@ -655,6 +660,117 @@ def test_pipelined_forward_split_over_its_list(emulator, density):
     expected, bound, _ = _matmul(MATMUL_OPS["forward"], x.astype(np.float64), np.nan_to_num(w.astype(np.float64)),
                                  mask.astype(np.float64), {"block_rows": 16, "block_cols": 16})
     check(y, expected, bound, k, "float16", True, "forward float16")
+
+
+# -- the warpgroup (wgmma) forward product ---------------------------------------------------------------
+
+def warpgroup_columns(m, k, n, block, live):
+    """The columns the warpgroup forward's wgmma products span (summed per
+    warpgroup), restated from a block mask whose block (i, j) is live where
+    live[i, j]: for every 128-row tile, 128-column tile and segment (block
+    row of W) with a live block in the tile, every 16 of the segment's depth
+    in stages (32, or 16 for blocks of rows not on 32s), both 64-row halves
+    multiply each run of the tile's strips (16 columns) that has a live
+    strip; a run is as many strips (8, 4, 2 or 1) as lie in one block."""
+    rows, cols = min(block[0], k), min(block[1], n)
+    run = 8 if cols >= n else max(p for p in (1, 2, 4, 8) if cols % (16 * p) == 0)
+    stage = 32 if rows % 32 == 0 or rows >= k else 16
+    steps = math.ceil(rows / stage) * stage // 16
+    total = 0
+    for col0 in range(0, n, 128):
+        for segment in range(live.shape[0]):
+            strips = [bool(live[segment, c // cols]) for c in range(col0, min(n, col0 + 128), 16)]
+            runs = sum(any(strips[r:r + run]) for r in range(0, len(strips), run))
+            total += steps * 2 * runs * run * 16
+    return math.ceil(m / 128) * total
+
+
+WARPGROUP_CASES = [  # (m, k, n, block): every run width, both stage depths, short and split lists
+    (130, 128, 192, (32, 64)),   # runs of 4 strips (n64), a last row tile of 2 rows
+    (150, 200, 136, (64, 32)),   # runs of 2 (n32), a short last segment, a second column tile 8 wide
+    (64, 48, 272, (16, 48)),     # runs of 1 (n16), stages of 16
+    (257, 96, 160, (16, 16)),    # runs of 1, three row tiles
+    (260, 64, 64, (128, 128)),   # one block wider than W: the whole tile (n128)
+    (70, 64, 256, (32, 128)),    # runs of 8: whole-tile products per 128-wide block
+    (8, 4160, 16, (16, 16)),     # one tile's list split 8 ways
+]
+
+
+@pytest.mark.parametrize("shape_and_block", WARPGROUP_CASES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-b{s[3][0]}x{s[3][1]}")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("schedule", [0, 2], ids=["in-order", "shuffled"])
+def test_warpgroup_forward_multiplies_live_blocks_only(emulator, shape_and_block, dtype, schedule):
+    """With the warpgroup tile on (a Hopper device), the forward product of
+    the half types runs as wgmma products from the core-matrix layout: the
+    reference's result (block factors 1, 2 and -0.5: 0/1 stages and stages
+    rescaled in shared memory; NaN in dead blocks), no mma.sync, and the
+    wgmma columns restated from the mask; dx and dW keep the pipelined tile.
+    The emulation runs a product when a wait retires it, reading shared
+    memory then, so a buffer refilled too early shows in the results."""
+    *shape, block = shape_and_block
+    m, k, n = shape
+    emulator.lib.emu_set_warpgroup_mma(1)
+    emulator.lib.emu_set_schedule(schedule, 99)
+    assert emulator.matmul_uses_pipeline("forward", dtype, tuple(shape), block, "block")
+    mask, element, products = matmul_case(tuple(shape), block, dtype, "block", density=0.5)
+    _, a, b, out_shape, depth = products[0]
+    emulator.lib.emu_reset_stats()
+    out = emulator.matmul("forward", a, b, mask, "block", block, tuple(shape), np.full(out_shape, np.nan, a.dtype),
+                          True)
+    stats = emulator.stats()
+    assert stats["mma_syncs"] == 0
+    assert stats["warpgroup_mma_columns"] == warpgroup_columns(m, k, n, block, mask != 0)
+    expected, bound, _ = _matmul(MATMUL_OPS["forward"], a.astype(np.float64), np.nan_to_num(b.astype(np.float64)),
+                                 mask.astype(np.float64), {"block_rows": block[0], "block_cols": block[1]})
+    check(out, expected, bound, depth, dtype, True, f"forward {dtype}")
+    run_matmul(emulator, tuple(shape), block, dtype, True, "block", density=0.5)
+
+
+@pytest.mark.parametrize("block", [(32, 32), (16, 48), (32, 128)], ids=lambda b: f"b{b[0]}x{b[1]}")
+def test_warpgroup_forward_nan_reaches_live_blocks_only(emulator, block):
+    """A NaN in x spreads through the live blocks it meets and never through
+    a dead one (nor through a dead run of a partly live tile), and a NaN
+    block factor makes exactly its block's columns NaN (the list marks it
+    scaled; the stage is rescaled)."""
+    emulator.lib.emu_set_warpgroup_mma(1)
+    rng = np.random.default_rng(21)
+    m, k, n = 40, 96, 256
+    mask, _ = make_masks(rng, k, n, block, 0.5, "block")
+    mask = mask.astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float16)
+    x = rng.standard_normal((m, k))
+    x[3, 40] = np.nan
+    y = emulator.matmul("forward", x.astype(np.float16), w, mask, "block", block, (m, k, n),
+                        np.zeros((m, n), np.float16), True).astype(np.float64)
+    block_live = np.repeat(np.repeat(mask != 0, block[0], 0), block[1], 1)[:k, :n]
+    np.testing.assert_array_equal(np.isnan(y[3]), block_live[40])
+    assert np.isfinite(np.delete(y, 3, axis=0)).all()
+    live_rows, live_cols = np.argwhere(mask != 0)[0]
+    mask[live_rows, live_cols] = np.nan
+    x[3, 40] = 0.0
+    y = emulator.matmul("forward", x.astype(np.float16), w, mask, "block", block, (m, k, n),
+                        np.zeros((m, n), np.float16), True).astype(np.float64)
+    nan_columns = np.zeros(n, bool)
+    nan_columns[live_cols * block[1]:(live_cols + 1) * block[1]] = True
+    np.testing.assert_array_equal(np.isnan(y).any(axis=0), nan_columns)
+    assert np.isnan(y[:, nan_columns]).all()
+
+
+def test_warpgroup_switch_and_rule(emulator):
+    """The warpgroup tile is off until switched on, and takes only the
+    forward product of the half types: float32 (TF32 cannot take W N-major)
+    keeps mma.sync."""
+    rng = np.random.default_rng(2)
+    m, k, n, block = 64, 64, 64, (16, 16)
+    mask = np.ones((4, 4), np.float32)
+    for dtype, on, uses_warpgroup in (("float16", False, False), ("float16", True, True), ("float32", True, False)):
+        emulator.lib.emu_set_warpgroup_mma(int(on))
+        x, w = (rng.standard_normal(s).astype(np_dtype(dtype)) for s in ((m, k), (k, n)))
+        emulator.lib.emu_reset_stats()
+        emulator.matmul("forward", x, w, mask, "block", block, (m, k, n), np.full((m, n), np.nan, x.dtype), True)
+        stats = emulator.stats()
+        assert (stats["warpgroup_mma_columns"] > 0) == uses_warpgroup, (dtype, on)
+        assert (stats["mma_syncs"] > 0) != uses_warpgroup, (dtype, on)
 
 
 def test_matmul_without_tensor_cores_on_the_device(emulator):

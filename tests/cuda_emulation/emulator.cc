@@ -10,10 +10,12 @@
 #include <cstring>
 #include <string>
 
+#include "cc/kernels/cuda/masked_matmul_gpu.h"
 #include "cc/kernels/cuda/tensor_core_tile.cuh"
 
 namespace {
 bool device_has_tensor_cores = true;
+bool device_uses_warpgroup_mma = false;
 }  // namespace
 
 namespace masked_ops {
@@ -22,12 +24,18 @@ namespace tensor_core {
 // The emulated device: compute capability 8.0+ unless a test says otherwise.
 bool DeviceSupportsTensorCores() { return device_has_tensor_cores; }
 }  // namespace tensor_core
+namespace warpgroup {
+// The emulated device runs the warpgroup tile once a test switches it on.
+bool DeviceUsesWarpgroupMma() { return device_uses_warpgroup_mma; }
+void SetWarpgroupMma(bool on) { device_uses_warpgroup_mma = on; }
+}  // namespace warpgroup
 }  // namespace gpu
 }  // namespace masked_ops
 
 extern "C" {
 
 void emu_set_device_tensor_cores(int on) { device_has_tensor_cores = on != 0; }
+void emu_set_warpgroup_mma(int on) { device_uses_warpgroup_mma = on != 0; }
 
 // mode 0: a block's threads run in thread order between barriers; 1: reverse
 // order; 2: shuffled (by seed).
@@ -47,7 +55,8 @@ int64_t emu_take_diagnostics(char* buffer, int64_t size) {
   return static_cast<int64_t>(text.size());
 }
 
-// launches, blocks, threads, barriers, mma_syncs since the last reset.
+// launches, blocks, threads, barriers, mma_syncs, warpgroup_mma_columns since
+// the last reset.
 void emu_stats(int64_t* out) {
   const cuda_emulation::Stats& stats = cuda_emulation::Engine::Get().stats();
   out[0] = stats.launches;
@@ -55,6 +64,7 @@ void emu_stats(int64_t* out) {
   out[2] = stats.threads;
   out[3] = stats.barriers;
   out[4] = stats.mma_syncs;
+  out[5] = stats.warpgroup_mma_columns;
 }
 
 void emu_reset_stats() { cuda_emulation::Engine::Get().stats() = cuda_emulation::Stats{}; }

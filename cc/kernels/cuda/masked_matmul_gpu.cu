@@ -17,6 +17,8 @@
 // masked_matmul_launch.cuh; this file launches them on a stream.
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include "cc/kernels/cuda/cuda_launch.cuh"
 #include "cc/kernels/cuda/masked_matmul_gpu.h"
 #include "cc/kernels/cuda/masked_matmul_launch.cuh"
@@ -33,6 +35,28 @@ bool DeviceSupportsTensorCores() {
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 8;
 }
 }  // namespace tensor_core
+
+namespace warpgroup {
+namespace {
+std::atomic<bool> warpgroup_mma_on{false};
+}  // namespace
+
+void SetWarpgroupMma(bool on) { warpgroup_mma_on = on; }
+
+bool DeviceUsesWarpgroupMma() {
+#if defined(MASKED_OPS_SM90A_CODE)
+  int device = 0;
+  int major = 0;
+  int minor = 0;
+  return warpgroup_mma_on && cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess && major == 9 &&
+         minor == 0;
+#else
+  return false;
+#endif
+}
+}  // namespace warpgroup
 
 template <typename T, typename TMask>
 int MaskedMatmul(const MatmulShape& shape, const T* x, const T* w, MaskView<TMask> mask, T* y,

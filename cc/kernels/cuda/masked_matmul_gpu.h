@@ -54,6 +54,16 @@ bool MatmulUsesTensorCores(const BlockGrid& grid, Product product, GpuMath math)
 template <typename T>
 bool MatmulUsesPipeline(const BlockGrid& grid, Product product, GpuMath math, MaskLevel level);
 
+namespace warpgroup {
+// Whether the forward product of float16 / bfloat16 takes the warpgroup
+// (wgmma) tile instead of the pipelined one where MatmulUsesPipeline: on a
+// compute capability 9.0 device, in a build with sm_90a code
+// (CMAKE_CUDA_ARCHITECTURES naming 90a), once switched on (off by default
+// until tests/gpu has passed with it on a GPU).
+bool DeviceUsesWarpgroupMma();
+void SetWarpgroupMma(bool on);
+}  // namespace warpgroup
+
 // Device bytes of `product`'s workspace for a T weight with a mask of
 // `level`: the live-block index, and for the pipelined dW the partial sums
 // of a split batch.

@@ -17,6 +17,7 @@
 #include "cc/kernels/cuda/mask_factors.cuh"
 #include "cc/kernels/cuda/pipelined_gemm.cuh"
 #include "cc/kernels/cuda/tensor_core_tile.cuh"
+#include "cc/kernels/cuda/warpgroup_gemm.cuh"
 
 namespace masked_ops {
 namespace gpu {
@@ -426,6 +427,7 @@ __global__ void __launch_bounds__(tc::kThreads)
 }
 
 namespace pl = pipelined;
+namespace wg = warpgroup;
 
 // Entries of a column tile's list each split takes (the last may take fewer).
 __host__ __device__ inline int64_t SplitRun(int64_t listed, int64_t splits) { return CeilDiv(listed, splits); }
@@ -450,6 +452,42 @@ struct ProductDims {
   __device__ float factor(int64_t segment, int64_t group) const { return factors[block(segment, group)]; }
 };
 
+// A listed-segment product's thread block: blockIdx.x walks (split, output
+// tile), columns fastest; the split takes the split-th run of
+// SplitRun(count, splits) entries of its column tile's list (count of them
+// here, from `first`). A split with no entries, split 0 aside, writes
+// nothing; with one split the tile is written as D, else as float partial
+// sums to partials[split] (rows x cols each).
+struct ListedTile {
+  int64_t rows, cols, split, row0, col_tile, col0, first;
+  int count;
+  __device__ ListedTile(int64_t rows_, int64_t cols_, const int32_t* counts, int64_t splits)
+      : rows(rows_), cols(cols_) {
+    const int64_t col_tiles = CeilDiv(cols, int64_t{pl::kTileCols});
+    const int64_t tiles = CeilDiv(rows, int64_t{pl::kTileRows}) * col_tiles;
+    split = int64_t(blockIdx.x) / tiles;
+    row0 = int64_t(blockIdx.x) % tiles / col_tiles * pl::kTileRows;
+    col_tile = int64_t(blockIdx.x) % col_tiles;
+    col0 = col_tile * pl::kTileCols;
+    const int64_t per_split = SplitRun(counts[col_tile], splits);
+    first = split * per_split;
+    count = static_cast<int>(max(int64_t{0}, min(int64_t{counts[col_tile]} - first, per_split)));
+  }
+  __device__ bool empty() const { return split > 0 && count == 0; }
+  // Tile entries (r, c) and (r, c + 1).
+  template <typename D>
+  __device__ void Store(int r, int c, float v0, float v1, float* partials, D* out) const {
+    const int64_t row = row0 + r;
+    const int64_t col = col0 + c;
+    if (row >= rows || col >= cols) return;
+    if (partials == nullptr) {
+      pl::StorePair(out + row * cols + col, v0, v1);
+    } else {
+      pl::StorePair(partials + split * rows * cols + row * cols + col, v0, v1);
+    }
+  }
+};
+
 // The forward product (out = a @ masked W) or dx (kTransposed: out = a @
 // masked W^T) for 16-bit D (or float as TF32) and a block mask on the
 // pipelined tile: blockIdx.x walks the output's 128 x 128 tiles, columns
@@ -472,12 +510,9 @@ __global__ void __launch_bounds__(pl::kThreads)
   __trap();  // launched only where DeviceSupportsTensorCores()
 #else
   const ProductDims<kTransposed> p{g, live, factors};
-  const int64_t col_tiles = CeilDiv(p.out_cols(), pl::kTileCols);
-  const int64_t tiles = CeilDiv(m, pl::kTileRows) * col_tiles;
-  const int64_t split = int64_t(blockIdx.x) / tiles;
-  const int64_t row0 = int64_t(blockIdx.x) % tiles / col_tiles * pl::kTileRows;
-  const int64_t col_tile = int64_t(blockIdx.x) % col_tiles;
-  const int64_t col0 = col_tile * pl::kTileCols;
+  const ListedTile tile(m, p.out_cols(), counts, splits);
+  const int64_t row0 = tile.row0;
+  const int64_t col0 = tile.col0;
   const pl::StageCopier<D, pl::kTileRows, kDepth, false> a_copier(a, p.depth(), row0, m);
   // B = W as [depth][columns] (forward), W^T as [columns][depth] (dx: W's rows col0 .., along the depth).
   using BCopier =
@@ -491,24 +526,58 @@ __global__ void __launch_bounds__(pl::kThreads)
     a_copier.Issue(a_stage, d0, d_end, decltype(a_copier)::kAllChunks);
     b_copier.Issue(b_stage, d0, d_end, pl::LiveChunks<BCopier>(b_strip_chunks, pl::StripsOf(entry)));
   };
-  const int64_t per_split = SplitRun(counts[col_tile], splits);
-  const int64_t first = split * per_split;
-  const int count = static_cast<int>(max(int64_t{0}, min(int64_t{counts[col_tile]} - first, per_split)));
-  if (split > 0 && count == 0) return;  // the whole block, before any barrier
+  if (tile.empty()) return;  // the whole block, before any barrier
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
   pl::RunListedSegments<D, kDepth, kTransposed, true>(
-      p, col0, lists + col_tile * p.segments() + first, count, min(p.depth_block(), p.depth()), 0xfu, issue_segment,
-      nullptr, acc);
+      p, col0, lists + tile.col_tile * p.segments() + tile.first, tile.count, min(p.depth_block(), p.depth()), 0xfu,
+      issue_segment, nullptr, acc);
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
-    const int64_t row = row0 + r;
-    const int64_t col = col0 + c;
-    if (row >= m || col >= p.out_cols()) return;
-    if (partials == nullptr) {
-      pl::StorePair(out + row * p.out_cols() + col, v0, v1);
-    } else {
-      pl::StorePair(partials + split * m * p.out_cols() + row * p.out_cols() + col, v0, v1);
-    }
+    tile.Store(r, c, v0, v1, partials, out);
   });
+#endif
+}
+
+// The forward product (out = a @ masked W) of PipelinedProduct on the
+// warpgroup tile (warpgroup_gemm.cuh; Hopper, built for sm_90a): the same
+// tiles, lists, splits and outputs; products kRunStrips * 16 columns wide
+// (wg::RunStrips of W's block columns) where the tile is partly live. A stage whose segment has a live block
+// with a factor other than 1 is rescaled in shared memory: each thread
+// rewrites its own chunks of W, all in one 16-column strip, as Masked(w,
+// factor) rounded to D.
+template <typename D, int kDepth, int kRunStrips>
+__global__ void __launch_bounds__(wg::kThreads)
+    WarpgroupProduct(const D* a, int64_t m, const D* w, const float* factors, GridDims g, const uint8_t* live,
+                     const uint32_t* lists, const int32_t* counts, int64_t splits, float* partials, D* out) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // launched only where wg::DeviceUsesWarpgroupMma()
+#else
+  const ProductDims<false> p{g, live, factors};
+  const ListedTile tile(m, p.out_cols(), counts, splits);
+  using ACopier = wg::CoreMatrixCopier<D, kDepth, pl::kTileRows, kDepth / 8, false>;
+  using BCopier = wg::CoreMatrixCopier<D, kDepth, kDepth, pl::kTileCols / 8, true>;
+  const ACopier a_copier(a, p.depth(), tile.row0, m);
+  const BCopier b_copier(w, g.cols, tile.col0, p.out_cols());
+  const int b_strip = b_copier.Chunk() * 8 / pl::kStrip;
+  const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub) {
+    const int64_t segment = pl::SegmentOf(entry);
+    const int64_t d0 = segment * p.depth_block() + int64_t{sub} * kDepth;
+    const int64_t d_end = min(p.depth(), (segment + 1) * p.depth_block());
+    a_copier.Issue(a_stage, d0, d_end, true);
+    b_copier.Issue(b_stage, d0, d_end, ((pl::StripsOf(entry) >> b_strip) & 1u) != 0);
+  };
+  const int64_t b_group = min(tile.col0 + b_strip * pl::kStrip, p.out_cols() - 1) / p.out_block();
+  const auto scale_stage = [&](D* b_stage, uint32_t entry) {
+    if (((pl::StripsOf(entry) >> b_strip) & 1u) == 0) return;  // zero fills, never multiplied
+    const float factor = p.factor(int64_t{pl::SegmentOf(entry)}, b_group);
+    b_copier.RewriteChunks(b_stage, [&](D(&values)[8]) {
+      for (D& value : values) value = FromCompute<D>(Masked(ToCompute(value), factor));
+    });
+  };
+  if (tile.empty()) return;  // the whole block, before any barrier
+  float acc[2][64] = {};
+  wg::RunListedSegments<D, kDepth, kRunStrips>(lists + tile.col_tile * p.segments() + tile.first, tile.count,
+                                   min(p.depth_block(), p.depth()), issue_segment, scale_stage, acc);
+  wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) { tile.Store(r, c, v0, v1, partials, out); });
 #endif
 }
 

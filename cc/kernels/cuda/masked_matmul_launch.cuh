@@ -179,9 +179,31 @@ size_t GpuWorkspaceBytes(const MatmulShape& shape, MaskLevel level, Product prod
 
 namespace {
 
+// The forward product of 16-bit types takes the warpgroup tile where the
+// device runs it, the rest the pipelined tile (same grid, lists and splits).
 template <typename D, bool kTransposed, int kDepth, typename Launch>
 void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, int64_t m, const D* w,
                             const Workspace<float>& ws, const GridDims& dims, int64_t splits, D* out) {
+  if constexpr (!kTransposed && wg::kHasWarpgroupPath<D>) {
+    if (wg::DeviceUsesWarpgroupMma()) {
+      const auto run = [&](auto run_strips) {
+        launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
+            WarpgroupProduct<D, kDepth, decltype(run_strips)::value>, static_cast<unsigned>(blocks), wg::kThreads, a,
+            m, w, ws.factors, dims, ws.live, reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits,
+            splits > 1 ? ws.partials : nullptr, out);
+      };
+      switch (wg::RunStrips(dims.block_cols, dims.cols)) {
+        case 8:
+          return run(std::integral_constant<int, 8>{});
+        case 4:
+          return run(std::integral_constant<int, 4>{});
+        case 2:
+          return run(std::integral_constant<int, 2>{});
+        default:
+          return run(std::integral_constant<int, 1>{});
+      }
+    }
+  }
   launch.WithSharedMemory(pl::kSharedBytes<D, kDepth, true, kTransposed>)(
       PipelinedProduct<D, kTransposed, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, a, m, w, ws.factors,
       dims, ws.live, reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits,

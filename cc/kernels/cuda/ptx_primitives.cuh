@@ -1,8 +1,9 @@
 // The PTX instructions the pipelined tensor-core kernels (pipelined_gemm.cuh)
 // are built from, one function each: asynchronous 16-byte copies from global
 // to shared memory (cp.async, sm_80), warp-collective loads of 8 x 8 matrices
-// from shared memory (ldmatrix) and the m16n8k16 tensor-core product with
-// float accumulators (mma.sync), plus the kernel's dynamic shared memory.
+// from shared memory (ldmatrix), the m16n8k16 tensor-core product with float
+// accumulators (mma.sync), Hopper's asynchronous warpgroup product (wgmma,
+// sm_90a) with its fences, plus the kernel's dynamic shared memory.
 //
 // nvcc compiles them to the instructions; a host compiler (the CUDA
 // emulation of tests/cuda_emulation) gets the emulation's versions, which
@@ -103,6 +104,141 @@ __device__ inline void Mma1688Tf32(float (&d)[4], const uint32_t (&a)[4], const 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// v, which every lane of the warp holds alike, as lane 0 holds it: the same
+// value, but one the compiler knows to be uniform, so that the warpgroup
+// products branched on it are not serialized (ptxas C7520).
+__device__ inline uint32_t WarpUniform(uint32_t v) { return __shfl_sync(0xffffffffu, v, 0); }
+
+// The address of `p` (in shared memory) in the shared window, as the
+// warpgroup matrix descriptors take it.
+__device__ inline uint32_t SharedAddress(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+// Orders this thread's earlier writes to shared memory (its landed cp.async
+// copies, its stores) before later reads through the async proxy (wgmma's
+// operand reads), once a barrier has passed them on to the other threads.
+__device__ inline void FenceProxyAsync() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// wgmma.fence: the accumulator registers' earlier accesses are ordered before
+// the warpgroup products that follow.
+__device__ inline void WarpgroupFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+
+// The warpgroup products issued since the last commit form a group.
+__device__ inline void WarpgroupCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+
+// Waits until at most kPending of this thread's committed groups of warpgroup
+// products are still running; the accumulators of the others are final and
+// their shared-memory operands no longer read.
+template <int kPending>
+__device__ inline void WarpgroupWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// The accumulator operands and their register list of an m64nNk16 product:
+// N / 2 floats of d from kOffset.
+#define MASKED_OPS_WGMMA_REGISTERS16 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7}"
+#define MASKED_OPS_WGMMA_REGISTERS32 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define MASKED_OPS_WGMMA_REGISTERS64 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21," \
+  " %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define MASKED_OPS_WGMMA_REGISTERS128 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21," \
+  " %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41," \
+  " %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61," \
+  " %62, %63}"
+#define MASKED_OPS_WGMMA_ACCUMULATORS16 \
+  "+f"(d[kOffset + 0]), "+f"(d[kOffset + 1]), "+f"(d[kOffset + 2]), "+f"(d[kOffset + 3]), \
+  "+f"(d[kOffset + 4]), "+f"(d[kOffset + 5]), "+f"(d[kOffset + 6]), "+f"(d[kOffset + 7])
+#define MASKED_OPS_WGMMA_ACCUMULATORS32 \
+  "+f"(d[kOffset + 0]), "+f"(d[kOffset + 1]), "+f"(d[kOffset + 2]), "+f"(d[kOffset + 3]), \
+  "+f"(d[kOffset + 4]), "+f"(d[kOffset + 5]), "+f"(d[kOffset + 6]), "+f"(d[kOffset + 7]), \
+  "+f"(d[kOffset + 8]), "+f"(d[kOffset + 9]), "+f"(d[kOffset + 10]), "+f"(d[kOffset + 11]), \
+  "+f"(d[kOffset + 12]), "+f"(d[kOffset + 13]), "+f"(d[kOffset + 14]), "+f"(d[kOffset + 15])
+#define MASKED_OPS_WGMMA_ACCUMULATORS64 \
+  "+f"(d[kOffset + 0]), "+f"(d[kOffset + 1]), "+f"(d[kOffset + 2]), "+f"(d[kOffset + 3]), \
+  "+f"(d[kOffset + 4]), "+f"(d[kOffset + 5]), "+f"(d[kOffset + 6]), "+f"(d[kOffset + 7]), \
+  "+f"(d[kOffset + 8]), "+f"(d[kOffset + 9]), "+f"(d[kOffset + 10]), "+f"(d[kOffset + 11]), \
+  "+f"(d[kOffset + 12]), "+f"(d[kOffset + 13]), "+f"(d[kOffset + 14]), "+f"(d[kOffset + 15]), \
+  "+f"(d[kOffset + 16]), "+f"(d[kOffset + 17]), "+f"(d[kOffset + 18]), "+f"(d[kOffset + 19]), \
+  "+f"(d[kOffset + 20]), "+f"(d[kOffset + 21]), "+f"(d[kOffset + 22]), "+f"(d[kOffset + 23]), \
+  "+f"(d[kOffset + 24]), "+f"(d[kOffset + 25]), "+f"(d[kOffset + 26]), "+f"(d[kOffset + 27]), \
+  "+f"(d[kOffset + 28]), "+f"(d[kOffset + 29]), "+f"(d[kOffset + 30]), "+f"(d[kOffset + 31])
+#define MASKED_OPS_WGMMA_ACCUMULATORS128 \
+  "+f"(d[kOffset + 0]), "+f"(d[kOffset + 1]), "+f"(d[kOffset + 2]), "+f"(d[kOffset + 3]), \
+  "+f"(d[kOffset + 4]), "+f"(d[kOffset + 5]), "+f"(d[kOffset + 6]), "+f"(d[kOffset + 7]), \
+  "+f"(d[kOffset + 8]), "+f"(d[kOffset + 9]), "+f"(d[kOffset + 10]), "+f"(d[kOffset + 11]), \
+  "+f"(d[kOffset + 12]), "+f"(d[kOffset + 13]), "+f"(d[kOffset + 14]), "+f"(d[kOffset + 15]), \
+  "+f"(d[kOffset + 16]), "+f"(d[kOffset + 17]), "+f"(d[kOffset + 18]), "+f"(d[kOffset + 19]), \
+  "+f"(d[kOffset + 20]), "+f"(d[kOffset + 21]), "+f"(d[kOffset + 22]), "+f"(d[kOffset + 23]), \
+  "+f"(d[kOffset + 24]), "+f"(d[kOffset + 25]), "+f"(d[kOffset + 26]), "+f"(d[kOffset + 27]), \
+  "+f"(d[kOffset + 28]), "+f"(d[kOffset + 29]), "+f"(d[kOffset + 30]), "+f"(d[kOffset + 31]), \
+  "+f"(d[kOffset + 32]), "+f"(d[kOffset + 33]), "+f"(d[kOffset + 34]), "+f"(d[kOffset + 35]), \
+  "+f"(d[kOffset + 36]), "+f"(d[kOffset + 37]), "+f"(d[kOffset + 38]), "+f"(d[kOffset + 39]), \
+  "+f"(d[kOffset + 40]), "+f"(d[kOffset + 41]), "+f"(d[kOffset + 42]), "+f"(d[kOffset + 43]), \
+  "+f"(d[kOffset + 44]), "+f"(d[kOffset + 45]), "+f"(d[kOffset + 46]), "+f"(d[kOffset + 47]), \
+  "+f"(d[kOffset + 48]), "+f"(d[kOffset + 49]), "+f"(d[kOffset + 50]), "+f"(d[kOffset + 51]), \
+  "+f"(d[kOffset + 52]), "+f"(d[kOffset + 53]), "+f"(d[kOffset + 54]), "+f"(d[kOffset + 55]), \
+  "+f"(d[kOffset + 56]), "+f"(d[kOffset + 57]), "+f"(d[kOffset + 58]), "+f"(d[kOffset + 59]), \
+  "+f"(d[kOffset + 60]), "+f"(d[kOffset + 61]), "+f"(d[kOffset + 62]), "+f"(d[kOffset + 63])
+#define MASKED_OPS_WGMMA(SHAPE, TYPE, REGISTERS, A, B, ONE, ISSUE, ACCUMULATORS)                                \
+  asm volatile("{\n.reg .pred p, q;\nsetp.ne.b32 p, %" ONE ", 0;\nsetp.ne.b32 q, %" ISSUE ", 0;\n"                \
+               "@q wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPE "." TYPE " " REGISTERS ", %" A ", %" B          \
+               ", p, 1, 1, 0, 1;\n}\n"                                                                          \
+               : ACCUMULATORS                                                                                  \
+               : "l"(a), "l"(b), "r"(1), "r"(issue ? 1 : 0))
+
+// Where `issue` (the same in the whole warpgroup), d[kOffset ..] += A B for
+// the warpgroup (sm_90a): A 64 x 16 of E (__half or __nv_bfloat16) K-major
+// and B 16 x kN N-major (transposed), both in shared memory as the
+// descriptors a and b give them, accumulating in float in the m64nNk16
+// layout: float i of thread 32 w + l holds (16 w + l / 4 + 8 ((i / 2) % 2),
+// 8 (i / 4) + 2 (l % 4) + i % 2). Asynchronous: the accumulators and the
+// operands belong to the product until a WarpgroupWait says it is done.
+// Predicated rather than branched over, so that a run of products is one
+// block of straight code: ptxas serializes products in branches (waits for
+// each, and moves the accumulators between them).
+template <typename E, int kN, int kOffset>
+__device__ inline void WarpgroupMma(float (&d)[64], uint64_t a, uint64_t b, bool issue) {
+  static_assert(std::is_same_v<E, __half> || std::is_same_v<E, __nv_bfloat16>, "wgmma of 16-bit types here");
+  static_assert(kOffset % 2 == 0 && kOffset + kN / 2 <= 64, "the product's accumulators lie in d");
+  constexpr bool kBf16 = std::is_same_v<E, __nv_bfloat16>;
+  if constexpr (kN == 16) {
+    if constexpr (kBf16) {
+      MASKED_OPS_WGMMA("m64n16k16", "bf16", MASKED_OPS_WGMMA_REGISTERS16, "8", "9", "10", "11",
+                       MASKED_OPS_WGMMA_ACCUMULATORS16);
+    } else {
+      MASKED_OPS_WGMMA("m64n16k16", "f16", MASKED_OPS_WGMMA_REGISTERS16, "8", "9", "10", "11",
+                       MASKED_OPS_WGMMA_ACCUMULATORS16);
+    }
+  } else if constexpr (kN == 32) {
+    if constexpr (kBf16) {
+      MASKED_OPS_WGMMA("m64n32k16", "bf16", MASKED_OPS_WGMMA_REGISTERS32, "16", "17", "18", "19",
+                       MASKED_OPS_WGMMA_ACCUMULATORS32);
+    } else {
+      MASKED_OPS_WGMMA("m64n32k16", "f16", MASKED_OPS_WGMMA_REGISTERS32, "16", "17", "18", "19",
+                       MASKED_OPS_WGMMA_ACCUMULATORS32);
+    }
+  } else if constexpr (kN == 64) {
+    if constexpr (kBf16) {
+      MASKED_OPS_WGMMA("m64n64k16", "bf16", MASKED_OPS_WGMMA_REGISTERS64, "32", "33", "34", "35",
+                       MASKED_OPS_WGMMA_ACCUMULATORS64);
+    } else {
+      MASKED_OPS_WGMMA("m64n64k16", "f16", MASKED_OPS_WGMMA_REGISTERS64, "32", "33", "34", "35",
+                       MASKED_OPS_WGMMA_ACCUMULATORS64);
+    }
+  } else {
+    static_assert(kN == 128, "products 16, 32, 64 or 128 columns wide");
+    if constexpr (kBf16) {
+      MASKED_OPS_WGMMA("m64n128k16", "bf16", MASKED_OPS_WGMMA_REGISTERS128, "64", "65", "66", "67",
+                       MASKED_OPS_WGMMA_ACCUMULATORS128);
+    } else {
+      MASKED_OPS_WGMMA("m64n128k16", "f16", MASKED_OPS_WGMMA_REGISTERS128, "64", "65", "66", "67",
+                       MASKED_OPS_WGMMA_ACCUMULATORS128);
+    }
+  }
+}
+
 // The launch's dynamic shared memory.
 __device__ inline unsigned char* DynamicShared() {
   extern __shared__ __align__(128) unsigned char dynamic_shared[];
@@ -132,6 +268,20 @@ __device__ inline void Mma1688Tf32(float (&d)[4], const uint32_t (&a)[4], const 
   cuda_emulation::Mma1688Tf32(d, a, b);
 }
 __device__ inline unsigned char* DynamicShared() { return cuda_emulation::Engine::Get().DynamicShared(); }
+__device__ inline uint32_t WarpUniform(uint32_t v) { return cuda_emulation::WarpUniform(v); }
+__device__ inline uint32_t SharedAddress(const void* p) { return cuda_emulation::Engine::Get().SharedAddress(p); }
+__device__ inline void FenceProxyAsync() {}
+__device__ inline void WarpgroupFence() {}
+__device__ inline void WarpgroupCommit() { cuda_emulation::Engine::Get().CommitWarpgroupMmas(); }
+template <int kPending>
+__device__ inline void WarpgroupWait() {
+  cuda_emulation::Engine::Get().WaitWarpgroupMmas(kPending);
+}
+template <typename E, int kN, int kOffset>
+__device__ inline void WarpgroupMma(float (&d)[64], uint64_t a, uint64_t b, bool issue) {
+  static_assert(kOffset % 2 == 0 && kOffset + kN / 2 <= 64, "the product's accumulators lie in d");
+  cuda_emulation::WarpgroupMma<E>(d + kOffset, kN, a, b, issue);
+}
 
 #endif
 

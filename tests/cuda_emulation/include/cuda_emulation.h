@@ -96,6 +96,9 @@ struct dim3 {
 struct alignas(8) float2 {
   float x, y;
 };
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
 inline thread_local uint3 threadIdx{0, 0, 0};
@@ -177,6 +180,7 @@ struct Stats {
   int64_t threads = 0;
   int64_t barriers = 0;   // block-wide barrier releases
   int64_t mma_syncs = 0;  // warp-level wmma::mma_sync and mma.sync calls (counted once per warp)
+  int64_t warpgroup_mma_columns = 0;  // the columns (N) of the wgmma products, counted once per warpgroup
 };
 
 // One 16-byte cp.async: the first `bytes_read` (0 .. 16) from src, the rest
@@ -185,6 +189,17 @@ struct PendingCopy {
   void* dst;
   const void* src;
   int bytes_read;
+};
+
+// One thread's share of a wgmma.mma_async m64nNk16 (B N-major), run when a
+// wgmma.wait_group retires its group: d[i] += (A B)(row, column) for the
+// thread's n / 2 accumulators (see WarpgroupMma in cuda_emulation_ptx.h).
+struct PendingWarpgroupMma {
+  float* d;
+  int n;
+  uint64_t a, b;
+  float (*widen)(uint16_t);
+  unsigned thread;  // within the block
 };
 
 class Engine {
@@ -305,6 +320,53 @@ class Engine {
     }
   }
 
+  // The shared-window address of p, which must lie in the dynamic shared
+  // memory (the operands of warpgroup products are taken from there).
+  uint32_t SharedAddress(const void* p) {
+    const unsigned char* base = DynamicShared();
+    const auto* byte = static_cast<const unsigned char*>(p);
+    if (byte < base || byte >= base + DynamicSharedBytes()) {
+      Report("a shared-memory address outside the dynamic shared memory");
+      return 0;
+    }
+    return static_cast<uint32_t>(byte - base);
+  }
+  size_t DynamicSharedBytes() const { return dynamic_shared_.size() - kDynamicSharedAlignment; }
+
+  // wgmma.mma_async of the current thread: queued until a wait retires it.
+  void IssueWarpgroupMma(const PendingWarpgroupMma& product) {
+    if (blockDim.x * blockDim.y * blockDim.z % 128 != 0) Report("wgmma in a block that is not whole warpgroups");
+    if (current_ % 128 == 0) stats_.warpgroup_mma_columns += product.n;
+    fibers_[current_].open_mmas.push_back(product);
+  }
+  // wgmma.commit_group.
+  void CommitWarpgroupMmas() {
+    Fiber& fiber = fibers_[current_];
+    fiber.committed_mmas.push_back(std::move(fiber.open_mmas));
+    fiber.open_mmas.clear();
+  }
+  // wgmma.wait_group: every committed group but the newest `pending` runs,
+  // for the whole warpgroup (a group is one warpgroup-wide product: once a
+  // thread has waited for it, every thread's share is done), reading shared
+  // memory as it is now: a kernel that refills a buffer before the products
+  // reading it are waited for gets the new data.
+  void WaitWarpgroupMmas(int pending) {
+    Fiber& fiber = fibers_[current_];
+    const unsigned first = current_ / 128 * 128;
+    while (fiber.committed_mmas.size() > static_cast<size_t>(pending)) {
+      const int64_t group = fiber.retired_mma_groups;
+      for (unsigned t = first; t < first + 128 && t < fibers_.size(); ++t) {
+        Fiber& other = fibers_[t];
+        // Retired already; or not yet committed, where the hardware would hold
+        // this wait until the other warp issues it: that thread's own wait runs it.
+        if (other.retired_mma_groups != group || other.committed_mmas.empty()) continue;
+        for (const PendingWarpgroupMma& product : other.committed_mmas.front()) RunWarpgroupMma(product);
+        other.committed_mmas.erase(other.committed_mmas.begin());
+        ++other.retired_mma_groups;
+      }
+    }
+  }
+
   [[noreturn]] void Trap() {
     if (!running_) {
       std::fprintf(stderr, "cuda_emulation: __trap() outside a kernel\n");
@@ -377,7 +439,12 @@ class Engine {
     unsigned exchanges;  // warp collectives so far: which half of the exchange the next one uses
     std::vector<PendingCopy> open_copies;
     std::vector<std::vector<PendingCopy>> committed;
+    std::vector<PendingWarpgroupMma> open_mmas;
+    std::vector<std::vector<PendingWarpgroupMma>> committed_mmas;
+    int64_t retired_mma_groups;
   };
+
+  void RunWarpgroupMma(const PendingWarpgroupMma& product);
 
   static constexpr size_t kExchangeBytes = 64;
   static constexpr size_t kDynamicSharedAlignment = 128;
@@ -417,7 +484,11 @@ class Engine {
   static void FiberMain() {
     Engine& engine = Get();
     (*engine.body_)();
-    engine.fibers_[engine.current_].state = State::kExited;
+    Fiber& fiber = engine.fibers_[engine.current_];
+    if (!fiber.open_mmas.empty() || !fiber.committed_mmas.empty()) {
+      engine.Report("a thread exited with warpgroup products not waited for");
+    }
+    fiber.state = State::kExited;
     // Returning resumes uc_link: the scheduler.
   }
 
@@ -451,6 +522,9 @@ class Engine {
       fiber.exchanges = 0;
       fiber.open_copies.clear();
       fiber.committed.clear();
+      fiber.open_mmas.clear();
+      fiber.committed_mmas.clear();
+      fiber.retired_mma_groups = 0;
     }
     std::vector<unsigned> order;
     for (;;) {
@@ -542,6 +616,58 @@ class Engine {
   std::vector<Diagnostic> diagnostics_;
   Stats stats_;
 };
+
+// One thread's share of a product. The descriptors as the PTX ISA lays them
+// out (the emulation knows the no-swizzle layout only): the start address,
+// the leading (between the core matrices along K) and stride (along M or N)
+// byte offsets, each in 16-byte units of 14 bits; a core matrix is 8 rows
+// (K-major: of M or N; N-major: of K) of 16 contiguous bytes.
+inline void Engine::RunWarpgroupMma(const PendingWarpgroupMma& product) {
+  struct Operand {
+    uint32_t start, leading, stride;
+  };
+  bool valid = true;
+  const auto decode = [&](uint64_t descriptor) {
+    constexpr uint64_t kFieldBits = (uint64_t{0x3fff} << 0) | (uint64_t{0x3fff} << 16) | (uint64_t{0x3fff} << 32);
+    if ((descriptor & ~kFieldBits) != 0) {
+      Report("wgmma: a descriptor with a swizzle, a base offset or reserved bits set");
+      valid = false;
+    }
+    return Operand{static_cast<uint32_t>(descriptor & 0x3fff) << 4,
+                   static_cast<uint32_t>((descriptor >> 16) & 0x3fff) << 4,
+                   static_cast<uint32_t>((descriptor >> 32) & 0x3fff) << 4};
+  };
+  const Operand a = decode(product.a);
+  const Operand b = decode(product.b);
+  const unsigned char* shared = DynamicShared();
+  const size_t bytes = DynamicSharedBytes();
+  const auto element = [&](size_t offset) {
+    if (offset + 2 > bytes) {
+      Report("wgmma: an operand outside the dynamic shared memory");
+      valid = false;
+      return 0.0f;
+    }
+    uint16_t value;
+    std::memcpy(&value, shared + offset, sizeof(value));
+    return product.widen(value);
+  };
+  // A K-major: (row, k); B N-major: (k, column).
+  const auto a_at = [&](int row, int k) {
+    return element(a.start + row % 8 * 16 + row / 8 * a.stride + k % 8 * 2 + k / 8 * a.leading);
+  };
+  const auto b_at = [&](int k, int column) {
+    return element(b.start + column % 8 * 2 + column / 8 * b.stride + k % 8 * 16 + k / 8 * b.leading);
+  };
+  const int lane = static_cast<int>(product.thread % warpSize);
+  const int warp = static_cast<int>(product.thread % 128 / warpSize);
+  for (int i = 0; i < product.n / 2 && valid; ++i) {
+    const int row = 16 * warp + lane / 4 + 8 * (i / 2 % 2);
+    const int column = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+    float sum = product.d[i];
+    for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, column);  // each product exact in float
+    product.d[i] = sum;
+  }
+}
 
 }  // namespace cuda_emulation
 

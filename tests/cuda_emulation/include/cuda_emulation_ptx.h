@@ -1,8 +1,9 @@
 // The warp-collective PTX instructions of cc/kernels/cuda/ptx_primitives.cuh
 // under the CUDA emulation (see cuda_emulation.h): ldmatrix .x4 and
 // mma.sync m16n8k16 (16-bit) and m16n8k8 (TF32) with float accumulators, computed from the operands every
-// lane of the warp deposits, in the layouts of the PTX ISA. (cp.async is the
-// engine's: Engine::CopyAsync, CommitCopies, WaitCopies.)
+// lane of the warp deposits, in the layouts of the PTX ISA; and wgmma
+// m64nNk16 (16-bit, B N-major), queued per thread until its wait_group.
+// (cp.async is the engine's: Engine::CopyAsync, CommitCopies, WaitCopies.)
 //
 // Precision: products of the 16-bit and TF32 operands are exact in float and are
 // added in k order onto the accumulator, as in the emulated wmma::mma_sync.
@@ -127,6 +128,38 @@ __attribute__((noinline)) inline void Mma1688Tf32(float (&d)[4], const uint32_t 
     std::memcpy(&value, &word, sizeof(value));
     return nvcuda::wmma::detail::Tf32Operand(value);
   });
+}
+
+// __shfl_sync(~0u, v, 0), where the caller claims every lane holds v: a
+// lane that holds another value is reported.
+__attribute__((noinline)) inline uint32_t WarpUniform(uint32_t v) {
+  Engine& engine = Engine::Get();
+  const unsigned char* exchange = engine.WarpExchange(&v, sizeof(v), __builtin_return_address(0));
+  uint32_t first;
+  std::memcpy(&first, exchange, sizeof(first));
+  if (first != v) engine.Report("a value taken as warp-uniform differs between lanes");
+  return first;
+}
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.E.E with A K-major and B
+// N-major (imm-trans-b 1) in shared memory, scale-d 1: queued for the current
+// thread and run by the wgmma.wait_group that retires it (the engine's
+// WaitWarpgroupMmas), with float i of thread 32 w + l accumulating (16 w + l /
+// 4 + 8 ((i / 2) % 2), 8 (i / 4) + 2 (l % 4) + i % 2).
+// Where `issue` is false the product is skipped (a predicated-off wgmma);
+// `issue` must be alike in the warp.
+template <typename E>
+__attribute__((noinline)) void WarpgroupMma(float* d, int n, uint64_t a, uint64_t b, bool issue) {
+  static_assert(std::is_same_v<E, __half> || std::is_same_v<E, __nv_bfloat16>, "wgmma of 16-bit types");
+  Engine& engine = Engine::Get();
+  const unsigned char* exchange = engine.WarpExchange(&issue, sizeof(issue), __builtin_return_address(0));
+  for (unsigned lane = 0; lane < warpSize; ++lane) {
+    if (static_cast<bool>(exchange[lane * 64]) != issue) engine.Report("wgmma: a predicate that differs between lanes");
+  }
+  if (!issue) return;
+  const unsigned thread = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  engine.IssueWarpgroupMma(
+      PendingWarpgroupMma{d, n, a, b, [](uint16_t bits) { return ptx_detail::Widen(bits, E{}); }, thread});
 }
 
 }  // namespace cuda_emulation

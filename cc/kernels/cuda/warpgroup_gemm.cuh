@@ -1,0 +1,298 @@
+// The warpgroup tile (Hopper, sm_90a) of the listed-segment products whose B
+// operand is staged depth-outer (the forward product: W as [depth][columns]),
+// for 16-bit operands: one warpgroup (4 warps) computes a 128 x 128 output
+// tile as two halves of 64 rows, each an asynchronous wgmma m64nNk16 per 16
+// of depth that reads both operands from shared memory, so that the warps
+// issue a few instructions per stage for the products (against 64 mma.sync
+// and 16 ldmatrix per warp on the pipelined tile, pipelined_gemm.cuh) and
+// spend the rest on the copies of the stages ahead while the tensor cores
+// work.
+//
+// Stages, lists and zero fills are the pipelined tile's: cp.async brings
+// kStages stages of kDepth into shared memory ahead of their use, the
+// segments come from TileSegmentLists, and chunks of W in dead strips are
+// zero fills that read nothing. A stage's products cover only its live
+// blocks: one wgmma per run of 128, 64, 32 or 16 columns (the widest that
+// W's block width divides) in a live block, whose accumulators are the
+// matching slice of the full-width product's: no dead block is multiplied. Where a live block's factor is not 1, the
+// threads rescale the stage's W in shared memory before the product.
+//
+// Shared memory holds each operand as the wgmma "core matrices" without
+// swizzle: 8 lines of 16 contiguous bytes, a line being a row of A (8 depths)
+// or a depth row of B (8 columns). The copies are laid out so that the 8
+// lanes of each quarter warp fill one core matrix: 128 contiguous bytes, no
+// bank conflict.
+#ifndef MASKED_OPS_CC_KERNELS_CUDA_WARPGROUP_GEMM_CUH_
+#define MASKED_OPS_CC_KERNELS_CUDA_WARPGROUP_GEMM_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cc/kernels/cuda/mask_factors.cuh"
+#include "cc/kernels/cuda/masked_matmul_gpu.h"
+#include "cc/kernels/cuda/pipelined_gemm.cuh"
+#include "cc/kernels/cuda/ptx_primitives.cuh"
+
+namespace masked_ops {
+namespace gpu {
+namespace warpgroup {
+
+namespace pl = pipelined;
+
+constexpr int kThreads = 128;  // one warpgroup
+constexpr int kHalfRows = 64;  // the rows of one wgmma
+constexpr int kStages = pl::kStages;
+constexpr int kCoreLines = 8;
+constexpr int kCoreElements = 64;  // of a 16-bit type: 8 lines of 8
+
+// The 16-bit types (TF32 wgmma cannot take B N-major).
+template <typename D>
+constexpr bool kHasWarpgroupPath = std::is_same_v<D, __half> || std::is_same_v<D, __nv_bfloat16>;
+
+// Elements of one operand stage (128 lines of kDepth, or kDepth of 128) and
+// of the dynamic shared memory.
+template <int kDepth>
+constexpr int kOperandElements = pl::kTileRows * kDepth;
+template <typename D, int kDepth>
+constexpr int kSharedBytes = kStages * 2 * kOperandElements<kDepth> * int(sizeof(D));
+
+// Where line `line` (a row of A, a depth of B) and 16-byte chunk `chunk`
+// along it (depths of A, columns of B) lie in a stage, in elements: A's core
+// matrices (row group, depth chunk) at group * kDepth * 8 + chunk * 64, B's
+// (depth group, column chunk) at group * 64 + chunk * kDepth * 8. Both ways
+// the core matrices along the depth are 128 bytes apart and those along the
+// rows or columns kDepth * 16 bytes, which the descriptors say.
+template <int kDepth, bool kDepthLines>
+struct CoreLayout {
+  static constexpr int kLineGroupStride = kDepthLines ? kCoreElements : kDepth * kCoreLines;
+  static constexpr int kChunkStride = kDepthLines ? kDepth * kCoreLines : kCoreElements;
+  __device__ static int Offset(int line, int chunk) {
+    return line / kCoreLines * kLineGroupStride + chunk * kChunkStride + line % kCoreLines * kCoreLines;
+  }
+};
+
+// A matrix descriptor without swizzle for the operand at shared address
+// `address`: leading byte offset (between core matrices along the depth) 128,
+// stride byte offset (along the rows or columns) kDepth * 16.
+template <int kDepth>
+__device__ inline uint64_t Descriptor(uint32_t address) {
+  constexpr uint64_t kLeading = 2 * kCoreElements;
+  constexpr uint64_t kStride = 2 * kDepth * kCoreLines;
+  return ((kStride >> 4) << 32) | ((kLeading >> 4) << 16) | ((address & 0x3ffffu) >> 4);
+}
+
+// Copies operand tiles of kLines lines by kChunksPerLine 16-byte chunks of D
+// from a row-major global matrix into the core-matrix layout, stage after
+// stage. The depth runs along the lines (kDepthLines: B, W's rows) or along
+// the chunks (A, x's columns); the tile's place in the other dimension is
+// fixed. Thread t copies chunk (t / 8) % kChunksPerLine of lines 8 g + t % 8
+// for its line groups g, so that 8 consecutive lanes fill one core matrix and
+// read one 16-byte column of 8 rows (their quarter warp neighbours the
+// adjacent columns: whole 32-byte sectors).
+template <typename D, int kDepth, int kLines, int kChunksPerLine, bool kDepthLines>
+class CoreMatrixCopier {
+ public:
+  using Layout = CoreLayout<kDepth, kDepthLines>;
+  static constexpr int kPerChunk = 8;
+  static constexpr int kGroupStep = kThreads / (kCoreLines * kChunksPerLine);
+  static_assert(kGroupStep >= 1 && kThreads % (kCoreLines * kChunksPerLine) == 0, "threads cover whole chunk columns");
+  static constexpr int kCopies = kLines / kCoreLines / kGroupStep;
+  static_assert(kCopies * kGroupStep * kCoreLines == kLines, "every thread copies as many chunks");
+
+  // src: the matrix, ld its leading dimension; fixed0 and fixed_end: the
+  // tile's first row (A) or column (B) and the matrix's extent there.
+  __device__ CoreMatrixCopier(const D* src, int64_t ld, int64_t fixed0, int64_t fixed_end)
+      : matrix_(src),
+        ld_(ld),
+        low_(threadIdx.x % kCoreLines),
+        chunk_(threadIdx.x / kCoreLines % kChunksPerLine),
+        group0_(threadIdx.x / (kCoreLines * kChunksPerLine)) {
+    if constexpr (kDepthLines) {
+      base_ = src + fixed0 + chunk_ * kPerChunk + Line(0) * ld;
+      fixed_ok_ = fixed0 + chunk_ * kPerChunk < fixed_end ? (1u << kCopies) - 1 : 0u;
+    } else {
+      base_ = src + (fixed0 + Line(0)) * ld + chunk_ * kPerChunk;
+      fixed_ok_ = 0;
+#pragma unroll
+      for (int i = 0; i < kCopies; ++i) fixed_ok_ |= (fixed0 + Line(i) < fixed_end ? 1u : 0u) << i;
+    }
+  }
+
+  __device__ int Line(int i) const { return (group0_ + i * kGroupStep) * kCoreLines + low_; }
+  __device__ int Chunk() const { return chunk_; }
+
+  // Stages the tile whose depth starts at d0 into `stage` (where `live`: a
+  // dead tile's chunks are all zero fills). A chunk is read where it lies
+  // inside the matrix and before the depth's end d_end.
+  __device__ void Issue(D* stage, int64_t d0, int64_t d_end, bool live) const {
+    const D* src = base_ + (kDepthLines ? d0 * ld_ : d0);
+    const int64_t step = int64_t{kGroupStep * kCoreLines} * ld_;
+    D* dst = stage + Layout::Offset(Line(0), chunk_);
+    const int depth_left =
+        static_cast<int>(max(int64_t{0}, min(d_end - d0, int64_t{kDepthLines ? kLines : kChunksPerLine * kPerChunk})));
+    const unsigned readable = live ? fixed_ok_ : 0u;
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) {
+      const bool in_depth = (kDepthLines ? Line(i) : chunk_ * kPerChunk) < depth_left;
+      const bool read = ((readable >> i) & 1u) != 0 && in_depth;
+      ptx::CopyAsync16(dst + i * kGroupStep * Layout::kLineGroupStride, read ? src : matrix_, read);
+      src += step;
+    }
+  }
+
+  // rewrite(values) on the 8 D of each of this thread's chunks of `stage`,
+  // in place.
+  template <typename Rewrite>
+  __device__ void RewriteChunks(D* stage, const Rewrite& rewrite) const {
+    D* dst = stage + Layout::Offset(Line(0), chunk_);
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) {
+      uint4 bits = *reinterpret_cast<const uint4*>(dst + i * kGroupStep * Layout::kLineGroupStride);
+      D values[kPerChunk];
+      static_assert(sizeof(values) == sizeof(bits), "a chunk is 16 bytes");
+      memcpy(values, &bits, sizeof(bits));
+      rewrite(values);
+      memcpy(&bits, values, sizeof(bits));
+      *reinterpret_cast<uint4*>(dst + i * kGroupStep * Layout::kLineGroupStride) = bits;
+    }
+  }
+
+ private:
+  const D* matrix_;  // what a zero fill names: no byte of it is read
+  const D* base_;    // chunk 0 at depth 0
+  int64_t ld_;
+  int low_, chunk_, group0_;
+  unsigned fixed_ok_;  // bit i: copy i lies inside the matrix in the fixed dimension
+};
+
+// The widest run of strips (1, 2, 4 or 8 of 16 columns, aligned in the
+// tile) that lies in one block of `block` output columns (of `cols`): all
+// its strips live or all dead.
+inline int RunStrips(int64_t block, int64_t cols) {
+  if (block >= cols) return pl::kTileStrips;
+  int run = 1;
+  while (run < pl::kTileStrips && block % (2 * run * pl::kStrip) == 0) run *= 2;
+  return run;
+}
+
+// acc += A B over the runs of kRunStrips strips from run kRun on that have
+// a live strip in `strips`; b: B's descriptor at column 0.
+template <typename D, int kDepth, int kRunStrips, int kRun = 0>
+__device__ inline void MultiplyRuns(float (&acc)[64], uint64_t a, uint64_t b, unsigned strips) {
+  if constexpr (kRun < pl::kTileStrips / kRunStrips) {
+    constexpr unsigned kRunMask = (1u << kRunStrips) - 1;
+    // The run's first column along B, in the descriptor's 16-byte units.
+    constexpr uint64_t kRunStart =
+        uint64_t{kRun} * kRunStrips * (pl::kStrip / 8) * CoreLayout<kDepth, true>::kChunkStride * sizeof(D) / 16;
+    ptx::WarpgroupMma<D, kRunStrips * pl::kStrip, kRun * kRunStrips * pl::kStrip / 2>(
+        acc, a, b + kRunStart, ((strips >> (kRun * kRunStrips)) & kRunMask) != 0);
+    MultiplyRuns<D, kDepth, kRunStrips, kRun + 1>(acc, a, b, strips);
+  }
+}
+
+// acc[half] += A B over one stage (a_stage, b_stage: the operands' shared
+// addresses) for the live strips; issued, not waited for: one product per
+// run of kRunStrips strips (RunStrips: 16 kRunStrips columns, all in one
+// block) that has a live strip. (A run's strips past the output's last
+// column are zero fills whose products are never stored.) The products are
+// predicated, none branched over, and never a whole-tile product mixed with
+// narrower ones over the same accumulators: ptxas then waits for each.
+template <typename D, int kDepth, int kRunStrips>
+__device__ inline void MultiplyStage(uint32_t a_stage, uint32_t b_stage, unsigned strips, float (&acc)[2][64]) {
+  using ALayout = CoreLayout<kDepth, false>;
+  using BLayout = CoreLayout<kDepth, true>;
+#pragma unroll
+  for (int k0 = 0; k0 < kDepth; k0 += 16) {
+    const uint64_t b = Descriptor<kDepth>(b_stage + 2 * BLayout::Offset(k0, 0));
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      MultiplyRuns<D, kDepth, kRunStrips>(
+          acc[half], Descriptor<kDepth>(a_stage + 2 * ALayout::Offset(half * kHalfRows, k0 / 8)), b, strips);
+    }
+  }
+}
+
+// A product over listed segments whose B is staged depth-outer, as
+// pl::RunListedSegments: `count` entries of `list` for the tile at output
+// column col0, each segment segment_depth deep; issue_segment(a_stage,
+// b_stage, entry, sub) stages stage `sub` of an entry's segment;
+// scale_stage(b_stage, entry) rescales a staged B whose entry is marked
+// scaled (every thread, after a barrier). A stage's products run while the
+// next stages' copies are issued; a buffer is refilled once the products
+// reading it are waited for.
+template <typename D, int kDepth, int kRunStrips, typename IssueSegment, typename ScaleStage>
+__device__ inline void RunListedSegments(const uint32_t* list, int count, int64_t segment_depth,
+                                         const IssueSegment& issue_segment, const ScaleStage& scale_stage,
+                                         float (&acc)[2][64]) {
+  __shared__ uint32_t step_entry[kStages];
+  constexpr int kStageElements = 2 * kOperandElements<kDepth>;
+  D* shared = reinterpret_cast<D*>(ptx::DynamicShared());
+  const uint32_t shared_address = ptx::SharedAddress(shared);
+  const auto a_of = [&](int64_t step) { return shared + (step & (kStages - 1)) * kStageElements; };
+  const auto b_of = [&](int64_t step) { return a_of(step) + kOperandElements<kDepth>; };
+  const int per_segment = static_cast<int>(CeilDiv(segment_depth, int64_t{kDepth}));
+  const int64_t steps = int64_t{count} * per_segment;
+  pl::SegmentCursor issuing(list, count, per_segment);
+  const auto issue = [&](int64_t step) {
+    if (threadIdx.x == 0) step_entry[step & (kStages - 1)] = issuing.entry();
+    issue_segment(a_of(step), b_of(step), issuing.entry(), issuing.sub());
+    issuing.Advance();
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) issue(s);
+    ptx::CommitCopies();  // possibly empty: the group count stays one per step
+  }
+  for (int64_t step = 0; step < steps; ++step) {
+    ptx::WaitCopies<kStages - 2>();
+    // This thread's copies of the step are written; after the barrier every
+    // thread's are, for the products' reads too.
+    ptx::FenceProxyAsync();
+    __syncthreads();
+    const uint32_t entry = step_entry[step & (kStages - 1)];
+    if (pl::ScaledOf(entry)) {
+      scale_stage(b_of(step), entry);
+      ptx::FenceProxyAsync();
+      __syncthreads();
+    }
+    const uint32_t a_stage = shared_address + uint32_t((a_of(step) - shared) * int(sizeof(D)));
+    ptx::WarpgroupFence();
+    MultiplyStage<D, kDepth, kRunStrips>(a_stage, a_stage + kOperandElements<kDepth> * int(sizeof(D)),
+                                         ptx::WarpUniform(pl::StripsOf(entry)), acc);
+    ptx::WarpgroupCommit();
+    // Step - 1's products are done: its buffers, which step + kStages - 1
+    // refills, are free.
+    ptx::WarpgroupWait<1>();
+    const int64_t next = step + kStages - 1;
+    if (next < steps) issue(next);
+    ptx::CommitCopies();
+  }
+  ptx::WarpgroupWait<0>();
+}
+
+// write(row, col, v0, v1) for every accumulator pair of the thread: tile
+// row `row`, tile columns col and col + 1.
+template <typename Write>
+__device__ inline void ForEachAccumulatorPair(const float (&acc)[2][64], const Write& write) {
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+#pragma unroll
+    for (int i = 0; i < 64; i += 2) {
+      write(half * kHalfRows + 16 * warp + lane / 4 + 8 * (i / 2 % 2), 8 * (i / 4) + 2 * (lane % 4), acc[half][i],
+            acc[half][i + 1]);
+    }
+  }
+}
+
+}  // namespace warpgroup
+}  // namespace gpu
+}  // namespace masked_ops
+
+#endif  // MASKED_OPS_CC_KERNELS_CUDA_WARPGROUP_GEMM_CUH_
