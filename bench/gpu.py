@@ -13,9 +13,13 @@ warm-up; the median of --reps repetitions is reported.
 Precisions: fp32 (CUDA cores on both sides: PyTorch's TF32 switches off),
 tf32 (float32 tensors, TF32 tensor cores on both sides: what TensorFlow does
 by default on Ampere and later) and bf16 (tensor cores, float accumulators).
+On a Hopper GPU with a harness built for sm_90a, the bf16 rows are also timed
+with the forward product on the warpgroup (wgmma) tile, in the same
+interleaved set ("wgmma" columns; off by default in the kernels until
+tests/gpu has passed with it).
 
   make gpu-test                       # builds build/gpu/libmasked_ops_cuda_harness.so
-  python3 bench/gpu.py --conv --blocks 32,64 --json bench/results/gpu.json
+  python3 bench/gpu.py --conv --json bench/results/gpu.json
   python3 bench/gpu.py --summary bench/results/gpu.json   # the README's tables (no GPU needed)
 """
 
@@ -31,6 +35,7 @@ from harness import Harness  # noqa: E402
 
 torch = None  # imported by main(), so that --summary runs without PyTorch
 HARNESS = None  # the harness under test, loaded by main()
+WARPGROUP = False  # whether the device runs the warpgroup (wgmma) tile: then timed too
 
 
 def precision(name):
@@ -67,16 +72,30 @@ def interleaved(functions, reps, warmup):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def timed_row(fused, dense, baseline, reps, warmup):
-    """(medians, speedups) of fused(harness) against dense, and against
-    fused(baseline) where a baseline harness is given."""
+def with_warpgroup(fused):
+    """fused(HARNESS) with the warpgroup (wgmma) tile switched on for the call."""
+    HARNESS.set_warpgroup_mma(True)
+    try:
+        fused(HARNESS)
+    finally:
+        HARNESS.set_warpgroup_mma(False)
+
+
+def timed_row(fused, dense, baseline, reps, warmup, warpgroup=False):
+    """(medians, speedups) of fused(harness) against dense, against
+    fused(baseline) where a baseline harness is given, and with the
+    warpgroup tile on where `warpgroup` (speedup_warpgroup: over dense)."""
     functions = {"fused": lambda: fused(HARNESS), "dense": dense}
     if baseline is not None:
         functions["baseline"] = lambda: fused(baseline)
+    if warpgroup:
+        functions["warpgroup"] = lambda: with_warpgroup(fused)
     medians = interleaved(functions, reps, warmup)
     speedups = {"speedup": medians["dense"] / medians["fused"]}
     if baseline is not None:
         speedups["over_baseline"] = medians["baseline"] / medians["fused"]
+    if warpgroup:
+        speedups["speedup_warpgroup"] = medians["dense"] / medians["warpgroup"]
     return medians, speedups
 
 
@@ -115,7 +134,8 @@ def case(shape, block, density, precision_name, mode, reps, warmup, baseline=Non
             torch.matmul(dy, w_masked.T, out=dx)
             torch.mul(torch.matmul(x.T, dy), element, out=dw)
 
-    medians, speedups = timed_row(fused, dense, baseline, reps, warmup)
+    medians, speedups = timed_row(fused, dense, baseline, reps, warmup,
+                                  warpgroup=WARPGROUP and dtype in (torch.float16, torch.bfloat16))
     kernels = {product: kernel_family(
         HARNESS.uses_pipeline(product, dtype, shape, (block, block), "block", tensor_cores),
         HARNESS.uses_tensor_cores(product, dtype, shape, (block, block), tensor_cores)) for product in products_of(mode)}
@@ -173,6 +193,13 @@ def baseline_cells(row):
     return f" | {row['median_ms']['baseline']:.3f} | {row['over_baseline']:.2f}x"
 
 
+def warpgroup_cells(row):
+    """The table cells of a row's time with the warpgroup tile, if timed."""
+    if "warpgroup" not in row["median_ms"]:
+        return " | | "
+    return f" | {row['median_ms']['warpgroup']:.3f} | {row['speedup_warpgroup']:.2f}x"
+
+
 def kernels_line(rows):
     """Which kernels each precision's rows ran (results from before this was
     recorded have none)."""
@@ -198,6 +225,10 @@ def summary(path):
     for (name, block, mode), by_density in table.items():
         cells = " | ".join(f"{by_density[d]['speedup']:.2f}x" if d in by_density else "" for d in densities)
         print(f"| {name} | {block} | {mode} | {cells} |")
+        if any("speedup_warpgroup" in row for row in by_density.values()):
+            cells = " | ".join(f"{by_density[d]['speedup_warpgroup']:.2f}x" if "speedup_warpgroup" in
+                               by_density.get(d, {}) else "" for d in densities)
+            print(f"| {name}, forward on wgmma | {block} | {mode} | {cells} |")
     kernels_line(results["rows"])
     if results.get("conv_rows"):
         print(f"\nconv 3x3 256 -> 256 on [8, 56, 56], speedup over cuDNN on f * m ({results['device']}; target 0.6/(d a))\n")
@@ -227,15 +258,19 @@ def main():
     parser.add_argument("--conv", action="store_true", help="also time masked_conv2d against cuDNN")
     parser.add_argument("--baseline-harness", metavar="SO",
                         help="also time this harness library (an earlier build) interleaved with the current one")
+    parser.add_argument("--no-warpgroup", action="store_true",
+                        help="skip the warpgroup (wgmma) forward timings a Hopper GPU otherwise adds")
     parser.add_argument("--json")
     parser.add_argument("--summary", metavar="JSON", help="print the README's tables from a results file and exit")
     args = parser.parse_args()
     if args.summary:
         summary(args.summary)
         return
-    global torch, HARNESS
+    global torch, HARNESS, WARPGROUP
     import torch
     HARNESS = Harness(torch)
+    WARPGROUP = HARNESS.set_warpgroup_mma(True) and not args.no_warpgroup
+    HARNESS.set_warpgroup_mma(False)
     baseline = Harness(torch, args.baseline_harness) if args.baseline_harness else None
     shape = tuple(int(v) for v in args.shape.split("x"))
     rows = [
@@ -251,12 +286,13 @@ def main():
     ] if args.conv else []
     device = torch.cuda.get_device_name()
     versus = " | baseline ms | over baseline" if baseline else ""
-    print(f"| precision | block | density | mode | fused ms | cuBLAS ms | speedup | target{versus} |  # {device}")
-    print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * bool(baseline))
+    wgmma = " | wgmma ms | wgmma speedup" if WARPGROUP else ""
+    print(f"| precision | block | density | mode | fused ms | cuBLAS ms | speedup | target{versus}{wgmma} |  # {device}")
+    print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * (bool(baseline) + WARPGROUP))
     for row in rows:
         print(f"| {row['precision']} | {row['block']} | {row['density']:g} | {row['mode']} "
               f"| {row['median_ms']['fused']:.3f} | {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x "
-              f"| {row['target']:.2f}x{baseline_cells(row)} |")
+              f"| {row['target']:.2f}x{baseline_cells(row)}{warpgroup_cells(row) if WARPGROUP else ''} |")
     if conv_rows:
         print(f"\n| precision | density | active tiles | mode | fused ms | cuDNN ms | speedup | target{versus} "
               f"|  # {device}")

@@ -5,7 +5,7 @@
 # kernel family (the pipelined ones included), and bench/gpu.py, writing
 # every log and the bench JSON under $OUT (default: /tmp/masked_ops_gpu_session).
 #
-#   bash bench/gpu_session.sh            # all of it (~3-4 minutes on an H200)
+#   bash bench/gpu_session.sh            # all of it (~4-5 minutes on an H200)
 #   bash bench/gpu_session.sh tests      # build + tests/gpu + compute-sanitizer
 #   bash bench/gpu_session.sh bench      # build + bench/gpu.py (and a small-batch run)
 #   bash bench/gpu_session.sh profile    # build + ncu on the bf16 block-32 d=0.1 forward
@@ -33,6 +33,8 @@ export PYTHONUNBUFFERED=1
 summary=()
 
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+# Hopper's code as sm_90a, which the warpgroup (wgmma) kernels need.
+[[ "$arch" == 90 ]] && arch=90a
 { nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv; uname -r; } > "$out/build.log"
 if [[ -n "${MASKED_OPS_CUDA_HARNESS:-}" ]] &&
    python3 -c "import ctypes, sys; ctypes.CDLL(sys.argv[1])" "$MASKED_OPS_CUDA_HARNESS" >> "$out/build.log" 2>&1; then
@@ -49,12 +51,15 @@ if [[ "$what" == all || "$what" == tests ]]; then
   timeout -s KILL 150 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$out/gpu-test.log" 2>&1
   summary+=("tests/gpu: $(tail -1 "$out/gpu-test.log")")
   # One pipelined matmul (all three products) and conv case per kind of
-  # mask, a WMMA and a CUDA-core case, and the elementwise kernels.
+  # mask, a WMMA and a CUDA-core case, the warpgroup forward (whole list and
+  # split), and the elementwise kernels.
   subset='(test_products_match_reference and 300x200x136 and 0.3 and block and bfloat16 and tensor-cores)
     or (test_products_match_reference and 257x96x160 and 0.3 and element and float32)
     or (test_conv_products_match_reference and 2x14x13x32 and bfloat16 and tensor-cores and b16x16)
     or (test_conv_products_match_reference and 1x15x14x24 and float16 and tensor-cores and b32x48 and block)
     or (test_nan_in_inputs and bfloat16 and tensor-cores and b32x32)
+    or (test_warpgroup_forward_matches_reference and 300x200x136 and 0.3 and bfloat16)
+    or (test_warpgroup_forward_matches_reference and 8x4160x16 and 0.3 and float16)
     or test_types_match_the_product_and_sum or test_adam_step'
   for tool in memcheck racecheck synccheck; do
     {
@@ -68,7 +73,7 @@ if [[ "$what" == all || "$what" == tests ]]; then
 fi
 
 if [[ "$what" == all || "$what" == bench ]]; then
-  timeout -s KILL 180 python3 bench/gpu.py --conv --json "$out/gpu.json" > "$out/bench.log" 2>&1
+  timeout -s KILL 240 python3 bench/gpu.py --conv --json "$out/gpu.json" > "$out/bench.log" 2>&1
   summary+=("bench/gpu.py: rc $?")
   # Inference: a small batch, where the forward product splits its lists.
   echo "== small batch" >> "$out/bench.log"
@@ -85,10 +90,11 @@ if [[ ( "$what" == all || "$what" == ab ) && -n "${MASKED_OPS_CUDA_HARNESS_BASEL
 fi
 
 if [[ "$what" == all || "$what" == profile ]]; then
-  # The pipelined forward, dense and where the sparse targets meet the L2
-  # floor (bench/GPU_NOTES.md): L2 reads, tensor-pipe use, occupancy and
-  # where the warps stall. Two launches of each density (warm-up and timed).
-  timeout -s KILL 90 ncu --clock-control none --kernel-name regex:PipelinedProduct -c 4 \
+  # The pipelined and warpgroup forward, dense and where the sparse targets
+  # meet the L2 floor (bench/GPU_NOTES.md): L2 reads, tensor-pipe use,
+  # occupancy and where the warps stall. Two launches of each kernel and
+  # density (warm-up and timed).
+  timeout -s KILL 120 ncu --clock-control none --kernel-name 'regex:PipelinedProduct|WarpgroupProduct' -c 8 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis \
     --metrics lts__t_sectors_srcunit_tex_op_read.sum,dram__bytes_read.sum,gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active \

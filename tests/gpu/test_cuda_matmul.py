@@ -178,6 +178,65 @@ def test_pipelined_products_at_size(block_size, density):
         check(actual, wanted, torch.bfloat16, depth, True)
 
 
+@pytest.fixture
+def warpgroup():
+    """The half types' forward product on the warpgroup (wgmma) tile for the
+    test; skipped where the GPU or the build has none."""
+    if not HARNESS.set_warpgroup_mma(True):
+        HARNESS.set_warpgroup_mma(False)
+        pytest.skip("the warpgroup tile needs a compute capability 9.0 GPU and a build with sm_90a code")
+    yield
+    HARNESS.set_warpgroup_mma(False)
+
+
+def run_forward(x, w, mask, level, block_size, dtype):
+    """The forward product of float64 arrays as dtype, into NaN-filled y."""
+    m, k = x.shape
+    n = w.shape[1]
+    on_gpu = lambda a: torch.tensor(a, dtype=dtype, device="cuda")  # noqa: E731
+    y = HARNESS.run("forward", on_gpu(x), on_gpu(w), torch.tensor(mask, dtype=torch.float32, device="cuda"), level,
+                    block_size, (m, k, n), torch.full((m, n), float("nan"), dtype=dtype, device="cuda"))
+    torch.cuda.synchronize()
+    return y
+
+
+WARPGROUP_SHAPES = [s for s in SHAPES if takes_pipeline("forward", torch.float16, s[1], s[2], s[3], "block", True)] + [
+    (768, 1024, 1024, (32, 32)), (768, 1024, 1024, (64, 64)), (768, 1024, 1024, (16, 128)),
+    (300, 256, 512, (32, 128)), (200, 256, 256, (256, 256))]
+
+
+@pytest.mark.parametrize("shape", WARPGROUP_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-b{s[3][0]}x{s[3][1]}")
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.3, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_warpgroup_forward_matches_reference(warpgroup, shape, density, dtype):
+    """The wgmma forward product (Hopper) against the float64 reference: every
+    run width (blocks of 16 to 256 columns), split lists, block factors 1, 2
+    and -0.5 (stages rescaled in shared memory), NaN in dead blocks, outputs
+    poisoned with NaN."""
+    m, k, n, block_size = shape
+    rng = np.random.default_rng([m, k, n, int(density * 10), 1])
+    mask, element = make_masks(rng, k, n, block_size, density, "block")
+    x, w = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    to_dtype = lambda a: torch.tensor(a, dtype=dtype).double().numpy()  # noqa: E731
+    y = run_forward(x, np.where(element == 0, np.nan, w), mask, "block", block_size, dtype)
+    check(y, reference(to_dtype(x), to_dtype(w), np.zeros((m, n)), element)[0], dtype, k, True)
+
+
+@pytest.mark.parametrize("block_size", [(32, 32), (16, 48), (32, 128)], ids=lambda b: f"b{b[0]}x{b[1]}")
+def test_warpgroup_forward_nan_reaches_live_blocks_only(warpgroup, block_size):
+    """A NaN in x spreads through the live blocks it meets and no dead one,
+    whole-tile, per-block and per-strip products alike."""
+    rng = np.random.default_rng(13)
+    m, k, n = 40, 96, 256
+    mask, _ = make_masks(rng, k, n, block_size, 0.5, "block")
+    x = rng.standard_normal((m, k))
+    x[3, 40] = np.nan
+    y = run_forward(x, rng.standard_normal((k, n)), mask, "block", block_size, torch.float16).double().cpu().numpy()
+    block_live = np.repeat(np.repeat(mask != 0, block_size[0], 0), block_size[1], 1)[:k, :n]
+    np.testing.assert_array_equal(np.isnan(y[3]), block_live[40])
+    assert np.isfinite(np.delete(y, 3, axis=0)).all()
+
+
 @pytest.mark.parametrize("mask_dtype", MASK_DTYPES, ids=str)
 def test_every_mask_dtype(mask_dtype):
     rng = np.random.default_rng(7)
