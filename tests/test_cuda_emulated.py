@@ -88,7 +88,7 @@ class Emulator:
         return buffer.value.decode()
 
     def stats(self):
-        names = ("launches", "blocks", "threads", "barriers", "mma_syncs", "warpgroup_mma_columns")
+        names = ("launches", "blocks", "threads", "barriers", "mma_syncs", "warpgroup_mma_columns", "warpgroup_mmas")
         values = (ctypes.c_int64 * len(names))()
         self.lib.emu_stats(values)
         return dict(zip(names, values))
@@ -724,6 +724,40 @@ def test_warpgroup_forward_multiplies_live_blocks_only(emulator, shape_and_block
                                  mask.astype(np.float64), {"block_rows": block[0], "block_cols": block[1]})
     check(out, expected, bound, depth, dtype, True, f"forward {dtype}")
     run_matmul(emulator, tuple(shape), block, dtype, True, "block", density=0.5)
+
+
+@pytest.mark.parametrize("block", [(16, 32), (32, 64), (32, 16)], ids=lambda b: f"b{b[0]}x{b[1]}")
+def test_warpgroup_forward_whole_tiles_take_full_width_products(emulator, block):
+    """Where W's blocks are narrower than a tile, the tiles whose every listed
+    segment is live across all 128 columns (here the first column tile) take
+    one 128-wide wgmma per step and half (a second launch), the others one
+    per live run: the product count restated per tile, and the reference's
+    result."""
+    emulator.lib.emu_set_warpgroup_mma(1)
+    rng = np.random.default_rng(4)
+    m, k, n = 130, 64, 264
+    grid = (k // block[0], math.ceil(n / block[1]))
+    live = rng.random(grid) < 0.5
+    live[:, :128 // block[1]] = True
+    live[0, -1] = True
+    mask = (live * rng.choice([1.0, 2.0], grid)).astype(np.float32)
+    x, w = rng.standard_normal((m, k)).astype(np.float16), rng.standard_normal((k, n)).astype(np.float16)
+    emulator.lib.emu_reset_stats()
+    y = emulator.matmul("forward", x, w, mask, "block", block, (m, k, n), np.full((m, n), np.nan, np.float16), True)
+    stage = 32 if block[0] % 32 == 0 else 16
+    steps = math.ceil(block[0] / stage) * stage // 16
+    run = max(p for p in (1, 2, 4, 8) if block[1] % (16 * p) == 0)
+    products = 0
+    for col0 in range(0, n, 128):
+        for segment in range(grid[0]):
+            strips = [bool(live[segment, c // block[1]]) for c in range(col0, min(n, col0 + 128), 16)]
+            products += 1 if col0 == 0 else sum(any(strips[r:r + run]) for r in range(0, len(strips), run))
+    stats = emulator.stats()
+    assert stats["warpgroup_mmas"] == math.ceil(m / 128) * steps * 2 * products
+    assert stats["warpgroup_mma_columns"] == warpgroup_columns(m, k, n, block, live)
+    expected, bound, _ = _matmul(MATMUL_OPS["forward"], x.astype(np.float64), w.astype(np.float64),
+                                 mask.astype(np.float64), {"block_rows": block[0], "block_cols": block[1]})
+    check(y, expected, bound, k, "float16", True, "forward float16")
 
 
 @pytest.mark.parametrize("block", [(32, 32), (16, 48), (32, 128)], ids=lambda b: f"b{b[0]}x{b[1]}")

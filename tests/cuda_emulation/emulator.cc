@@ -55,8 +55,8 @@ int64_t emu_take_diagnostics(char* buffer, int64_t size) {
   return static_cast<int64_t>(text.size());
 }
 
-// launches, blocks, threads, barriers, mma_syncs, warpgroup_mma_columns since
-// the last reset.
+// launches, blocks, threads, barriers, mma_syncs, warpgroup_mma_columns,
+// warpgroup_mmas since the last reset.
 void emu_stats(int64_t* out) {
   const cuda_emulation::Stats& stats = cuda_emulation::Engine::Get().stats();
   out[0] = stats.launches;
@@ -65,6 +65,7 @@ void emu_stats(int64_t* out) {
   out[3] = stats.barriers;
   out[4] = stats.mma_syncs;
   out[5] = stats.warpgroup_mma_columns;
+  out[6] = stats.warpgroup_mmas;
 }
 
 void emu_reset_stats() { cuda_emulation::Engine::Get().stats() = cuda_emulation::Stats{}; }

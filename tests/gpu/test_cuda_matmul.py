@@ -200,6 +200,26 @@ def run_forward(x, w, mask, level, block_size, dtype):
     return y
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_warpgroup_layout_probe(warpgroup, dtype):
+    """One 128 x 128 tile over 32 of depth (two wgmma k-steps, both halves)
+    with inputs whose products name their own place: x selects depth r % 32
+    for row r, W's entries are their column (then their depth), so y = the
+    column (then r % 32) exactly. On failure the message shows a corner of
+    what came out, to tell a transposed operand, a wrong descriptor stride or
+    a misplaced accumulator from the log alone."""
+    m, k, n, block_size = 128, 32, 128, (32, 128)
+    x = (np.arange(k)[None, :] == (np.arange(m) % k)[:, None]).astype(np.float64)
+    for name, w, expected in (("column", np.tile(np.arange(n, dtype=np.float64), (k, 1)),
+                               np.tile(np.arange(n, dtype=np.float64), (m, 1))),
+                              ("depth", np.tile(np.arange(k, dtype=np.float64)[:, None], (1, n)),
+                               np.tile((np.arange(m) % k)[:, None].astype(np.float64), (1, n)))):
+        y = run_forward(x, w, np.ones((1, 1)), "block", block_size, dtype).double().cpu().numpy()
+        wrong = np.argwhere(y != expected)
+        assert wrong.size == 0, (f"{name} probe: {len(wrong)} entries wrong, first at {wrong[:4].tolist()};\n"
+                                 f"y[:10, :10] =\n{y[:10, :10]}\ny[64:70, 120:128] =\n{y[64:70, 120:128]}")
+
+
 WARPGROUP_SHAPES = [s for s in SHAPES if takes_pipeline("forward", torch.float16, s[1], s[2], s[3], "block", True)] + [
     (768, 1024, 1024, (32, 32)), (768, 1024, 1024, (64, 64)), (768, 1024, 1024, (16, 128)),
     (300, 256, 512, (32, 128)), (200, 256, 256, (256, 256))]

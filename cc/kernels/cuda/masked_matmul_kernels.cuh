@@ -539,15 +539,21 @@ __global__ void __launch_bounds__(pl::kThreads)
 
 // The forward product (out = a @ masked W) of PipelinedProduct on the
 // warpgroup tile (warpgroup_gemm.cuh; Hopper, built for sm_90a): the same
-// tiles, lists, splits and outputs; products kRunStrips * 16 columns wide
-// (wg::RunStrips of W's block columns) where the tile is partly live. A stage whose segment has a live block
+// tiles, lists, splits and outputs. Where W's blocks are narrower than a
+// tile, in two launches: a thread block whose entries all have all 8 strips
+// of its tile live (a dense stretch of W) takes the one for kWhole,
+// kRunStrips 8 (one product 128 columns wide per step); the others the one
+// for kPartlyLive, kRunStrips being wg::RunStrips of W's block columns
+// (a product per live run). One kernel cannot hold both widths: ptxas
+// serializes products of different widths over the same accumulators. A stage whose segment has a live block
 // with a factor other than 1 is rescaled in shared memory: each thread
 // rewrites its own chunks of W, all in one 16-column strip, as Masked(w,
 // factor) rounded to D.
 template <typename D, int kDepth, int kRunStrips>
-__global__ void __launch_bounds__(wg::kThreads)
+__global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
     WarpgroupProduct(const D* a, int64_t m, const D* w, const float* factors, GridDims g, const uint8_t* live,
-                     const uint32_t* lists, const int32_t* counts, int64_t splits, float* partials, D* out) {
+                     const uint32_t* lists, const int32_t* counts, int64_t splits, float* partials, D* out,
+                     wg::Tiles taken) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // launched only where wg::DeviceUsesWarpgroupMma()
 #else
@@ -574,9 +580,18 @@ __global__ void __launch_bounds__(wg::kThreads)
     });
   };
   if (tile.empty()) return;  // the whole block, before any barrier
+  const uint32_t* list = lists + tile.col_tile * p.segments() + tile.first;
+  __shared__ int partly_live;
+  if (threadIdx.x == 0) partly_live = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < tile.count; i += wg::kThreads) {
+    if (pl::StripsOf(list[i]) != (1u << pl::kTileStrips) - 1) partly_live = 1;
+  }
+  __syncthreads();
+  if (taken != wg::Tiles::kAll && (partly_live == 0) != (taken == wg::Tiles::kWhole)) return;  // the other launch's
   float acc[2][64] = {};
-  wg::RunListedSegments<D, kDepth, kRunStrips>(lists + tile.col_tile * p.segments() + tile.first, tile.count,
-                                   min(p.depth_block(), p.depth()), issue_segment, scale_stage, acc);
+  wg::RunListedSegments<D, kDepth, kRunStrips>(list, tile.count, min(p.depth_block(), p.depth()), issue_segment,
+                                               scale_stage, acc);
   wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) { tile.Store(r, c, v0, v1, partials, out); });
 #endif
 }

@@ -186,21 +186,23 @@ void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, in
                             const Workspace<float>& ws, const GridDims& dims, int64_t splits, D* out) {
   if constexpr (!kTransposed && wg::kHasWarpgroupPath<D>) {
     if (wg::DeviceUsesWarpgroupMma()) {
-      const auto run = [&](auto run_strips) {
+      const auto run = [&](auto run_strips, wg::Tiles taken) {
         launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
             WarpgroupProduct<D, kDepth, decltype(run_strips)::value>, static_cast<unsigned>(blocks), wg::kThreads, a,
             m, w, ws.factors, dims, ws.live, reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits,
-            splits > 1 ? ws.partials : nullptr, out);
+            splits > 1 ? ws.partials : nullptr, out, taken);
       };
-      switch (wg::RunStrips(dims.block_cols, dims.cols)) {
-        case 8:
-          return run(std::integral_constant<int, 8>{});
+      const int run_strips = wg::RunStrips(dims.block_cols, dims.cols);
+      const std::integral_constant<int, pl::kTileStrips> whole;
+      if (run_strips == pl::kTileStrips) return run(whole, wg::Tiles::kAll);
+      run(whole, wg::Tiles::kWhole);
+      switch (run_strips) {
         case 4:
-          return run(std::integral_constant<int, 4>{});
+          return run(std::integral_constant<int, 4>{}, wg::Tiles::kPartlyLive);
         case 2:
-          return run(std::integral_constant<int, 2>{});
+          return run(std::integral_constant<int, 2>{}, wg::Tiles::kPartlyLive);
         default:
-          return run(std::integral_constant<int, 1>{});
+          return run(std::integral_constant<int, 1>{}, wg::Tiles::kPartlyLive);
       }
     }
   }

@@ -45,6 +45,12 @@ namespace warpgroup {
 namespace pl = pipelined;
 
 constexpr int kThreads = 128;  // one warpgroup
+// Thread blocks per SM: three (registers capped at 168, shared memory 3 x
+// 64 KB at stages of 32), so that while one waits at its barrier or for its
+// copies the others' products keep the tensor cores busy; two with runs of
+// one strip, whose eight guarded products per step would spill at 168.
+template <int kRunStrips>
+constexpr int kBlocksPerSm = kRunStrips > 1 ? 3 : 2;
 constexpr int kHalfRows = 64;  // the rows of one wgmma
 constexpr int kStages = pl::kStages;
 constexpr int kCoreLines = 8;
@@ -170,6 +176,11 @@ class CoreMatrixCopier {
   unsigned fixed_ok_;  // bit i: copy i lies inside the matrix in the fixed dimension
 };
 
+// Which thread blocks of a launch of the warpgroup forward multiply: all,
+// those whose list entries have every strip of their tile live, or the
+// others.
+enum class Tiles : int { kAll, kWhole, kPartlyLive };
+
 // The widest run of strips (1, 2, 4 or 8 of 16 columns, aligned in the
 // tile) that lies in one block of `block` output columns (of `cols`): all
 // its strips live or all dead.
@@ -189,7 +200,8 @@ __device__ inline void MultiplyRuns(float (&acc)[64], uint64_t a, uint64_t b, un
     // The run's first column along B, in the descriptor's 16-byte units.
     constexpr uint64_t kRunStart =
         uint64_t{kRun} * kRunStrips * (pl::kStrip / 8) * CoreLayout<kDepth, true>::kChunkStride * sizeof(D) / 16;
-    ptx::WarpgroupMma<D, kRunStrips * pl::kStrip, kRun * kRunStrips * pl::kStrip / 2>(
+    // Runs of 8 strips are whole tiles, every one listed live.
+    ptx::WarpgroupMma<D, kRunStrips * pl::kStrip, kRun * kRunStrips * pl::kStrip / 2, (kRunStrips < pl::kTileStrips)>(
         acc, a, b + kRunStart, ((strips >> (kRun * kRunStrips)) & kRunMask) != 0);
     MultiplyRuns<D, kDepth, kRunStrips, kRun + 1>(acc, a, b, strips);
   }
@@ -223,8 +235,10 @@ __device__ inline void MultiplyStage(uint32_t a_stage, uint32_t b_stage, unsigne
 // b_stage, entry, sub) stages stage `sub` of an entry's segment;
 // scale_stage(b_stage, entry) rescales a staged B whose entry is marked
 // scaled (every thread, after a barrier). A stage's products run while the
-// next stages' copies are issued; a buffer is refilled once the products
-// reading it are waited for.
+// copies of a stage ahead are issued; a buffer is refilled once every warp
+// has waited for the products reading it and passed a barrier since. With
+// two thread blocks per SM, one's products fill the tensor cores while the
+// other waits at its barrier.
 template <typename D, int kDepth, int kRunStrips, typename IssueSegment, typename ScaleStage>
 __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_t segment_depth,
                                          const IssueSegment& issue_segment, const ScaleStage& scale_stage,
@@ -265,14 +279,16 @@ __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_
     MultiplyStage<D, kDepth, kRunStrips>(a_stage, a_stage + kOperandElements<kDepth> * int(sizeof(D)),
                                          ptx::WarpUniform(pl::StripsOf(entry)), acc);
     ptx::WarpgroupCommit();
-    // Step - 1's products are done: its buffers, which step + kStages - 1
-    // refills, are free.
-    ptx::WarpgroupWait<1>();
+    // Every warp waited for its share of step - 1's products before this
+    // step's barrier, so step - 1's buffers, which step + kStages - 1 refills,
+    // are free. (A wait covers the executing warp's products only: waiting
+    // for step - 1 here, after the barrier, would free them for this warp
+    // alone.) The copies are issued while this step's products run.
     const int64_t next = step + kStages - 1;
     if (next < steps) issue(next);
     ptx::CommitCopies();
+    ptx::WarpgroupWait<0>();
   }
-  ptx::WarpgroupWait<0>();
 }
 
 // write(row, col, v0, v1) for every accumulator pair of the thread: tile

@@ -181,6 +181,7 @@ struct Stats {
   int64_t barriers = 0;   // block-wide barrier releases
   int64_t mma_syncs = 0;  // warp-level wmma::mma_sync and mma.sync calls (counted once per warp)
   int64_t warpgroup_mma_columns = 0;  // the columns (N) of the wgmma products, counted once per warpgroup
+  int64_t warpgroup_mmas = 0;         // the wgmma products, counted once per warpgroup
 };
 
 // One 16-byte cp.async: the first `bytes_read` (0 .. 16) from src, the rest
@@ -336,7 +337,10 @@ class Engine {
   // wgmma.mma_async of the current thread: queued until a wait retires it.
   void IssueWarpgroupMma(const PendingWarpgroupMma& product) {
     if (blockDim.x * blockDim.y * blockDim.z % 128 != 0) Report("wgmma in a block that is not whole warpgroups");
-    if (current_ % 128 == 0) stats_.warpgroup_mma_columns += product.n;
+    if (current_ % 128 == 0) {
+      stats_.warpgroup_mma_columns += product.n;
+      ++stats_.warpgroup_mmas;
+    }
     fibers_[current_].open_mmas.push_back(product);
   }
   // wgmma.commit_group.
@@ -346,19 +350,19 @@ class Engine {
     fiber.open_mmas.clear();
   }
   // wgmma.wait_group: every committed group but the newest `pending` runs,
-  // for the whole warpgroup (a group is one warpgroup-wide product: once a
-  // thread has waited for it, every thread's share is done), reading shared
-  // memory as it is now: a kernel that refills a buffer before the products
-  // reading it are waited for gets the new data.
+  // for the executing warp (the PTX ISA's groups are the warp's: a wait
+  // says nothing of the other warps' shares), reading shared memory as it is
+  // now: a kernel that refills a buffer before every warp's products reading
+  // it are waited for gets the new data.
   void WaitWarpgroupMmas(int pending) {
     Fiber& fiber = fibers_[current_];
-    const unsigned first = current_ / 128 * 128;
+    const unsigned first = current_ / warpSize * warpSize;
     while (fiber.committed_mmas.size() > static_cast<size_t>(pending)) {
       const int64_t group = fiber.retired_mma_groups;
-      for (unsigned t = first; t < first + 128 && t < fibers_.size(); ++t) {
+      for (unsigned t = first; t < first + warpSize && t < fibers_.size(); ++t) {
         Fiber& other = fibers_[t];
-        // Retired already; or not yet committed, where the hardware would hold
-        // this wait until the other warp issues it: that thread's own wait runs it.
+        // Retired already, or not committed yet (the lanes of a warp reach
+        // the wait together on the hardware): that lane's own wait runs it.
         if (other.retired_mma_groups != group || other.committed_mmas.empty()) continue;
         for (const PendingWarpgroupMma& product : other.committed_mmas.front()) RunWarpgroupMma(product);
         other.committed_mmas.erase(other.committed_mmas.begin());
