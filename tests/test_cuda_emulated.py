@@ -664,147 +664,176 @@ def test_pipelined_forward_split_over_its_list(emulator, density):
 
 # -- the warpgroup (wgmma) forward product ---------------------------------------------------------------
 
-def warpgroup_columns(m, k, n, block, live):
-    """The columns the warpgroup forward's wgmma products span (summed per
+def warpgroup_columns(m, depth, out_cols, block, live):
+    """The columns the warpgroup products' wgmma products span (summed per
     warpgroup), restated from a block mask whose block (i, j) is live where
-    live[i, j]: for every 128-row tile, 128-column tile and segment (block
-    row of W) with a live block in the tile, every 16 of the segment's depth
-    in stages (32, or 16 for blocks of rows not on 32s), both 64-row halves
-    multiply each run of the tile's strips (16 columns) that has a live
-    strip; a run is as many strips (8, 4, 2 or 1) as lie in one block."""
-    rows, cols = min(block[0], k), min(block[1], n)
-    run = 8 if cols >= n else max(p for p in (1, 2, 4, 8) if cols % (16 * p) == 0)
-    stage = 32 if rows % 32 == 0 or rows >= k else 16
+    live[i, j], block (i, j) covering depth i and output columns j (the
+    forward product: W's mask; dx: its transpose): for every 128-row tile,
+    128-column tile and segment (block row of live) with a live block in the
+    tile, every 16 of the segment's depth in stages (32, or 16 for blocks not
+    on 32s along the depth), both 64-row halves multiply each run of the
+    tile's strips (16 columns) that has a live strip; a run is as many strips
+    (8, 4, 2 or 1) as lie in one block."""
+    rows, cols = min(block[0], depth), min(block[1], out_cols)
+    run = 8 if cols >= out_cols else max(p for p in (1, 2, 4, 8) if cols % (16 * p) == 0)
+    stage = 32 if rows % 32 == 0 or rows >= depth else 16
     steps = math.ceil(rows / stage) * stage // 16
     total = 0
-    for col0 in range(0, n, 128):
+    for col0 in range(0, out_cols, 128):
         for segment in range(live.shape[0]):
-            strips = [bool(live[segment, c // cols]) for c in range(col0, min(n, col0 + 128), 16)]
+            strips = [bool(live[segment, c // cols]) for c in range(col0, min(out_cols, col0 + 128), 16)]
             runs = sum(any(strips[r:r + run]) for r in range(0, len(strips), run))
             total += steps * 2 * runs * run * 16
     return math.ceil(m / 128) * total
 
 
+def oriented(product, k, n, block, live):
+    """(depth, output columns, block, live) of the forward product or dx, as
+    warpgroup_columns takes them."""
+    return (k, n, block, live) if product == "forward" else (n, k, block[::-1], live.T)
+
+
 WARPGROUP_CASES = [  # (m, k, n, block): every run width, both stage depths, short and split lists
-    (130, 128, 192, (32, 64)),   # runs of 4 strips (n64), a last row tile of 2 rows
-    (150, 200, 136, (64, 32)),   # runs of 2 (n32), a short last segment, a second column tile 8 wide
-    (64, 48, 272, (16, 48)),     # runs of 1 (n16), stages of 16
+    (130, 128, 192, (32, 64)),   # runs of 4 strips (n64) / dx 2, a last row tile of 2 rows
+    (150, 200, 136, (64, 32)),   # runs of 2 (n32) / dx 4, a short last segment, a second column tile 8 wide
+    (64, 48, 272, (16, 48)),     # runs of 1 (n16), stages of 16 (forward) / 16 (dx: 48-wide blocks)
     (257, 96, 160, (16, 16)),    # runs of 1, three row tiles
     (260, 64, 64, (128, 128)),   # one block wider than W: the whole tile (n128)
-    (70, 64, 256, (32, 128)),    # runs of 8: whole-tile products per 128-wide block
-    (8, 4160, 16, (16, 16)),     # one tile's list split 8 ways
+    (70, 64, 256, (32, 128)),    # forward runs of 8: whole-tile products per 128-wide block
+    (8, 4160, 16, (16, 16)),     # one tile's list split 8 ways (forward)
 ]
 
 
 @pytest.mark.parametrize("shape_and_block", WARPGROUP_CASES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-b{s[3][0]}x{s[3][1]}")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("schedule", [0, 2], ids=["in-order", "shuffled"])
-def test_warpgroup_forward_multiplies_live_blocks_only(emulator, shape_and_block, dtype, schedule):
-    """With the warpgroup tile on (a Hopper device), the forward product of
-    the half types runs as wgmma products from the core-matrix layout: the
-    reference's result (block factors 1, 2 and -0.5: 0/1 stages and stages
-    rescaled in shared memory; NaN in dead blocks), no mma.sync, and the
-    wgmma columns restated from the mask; dx and dW keep the pipelined tile.
-    The emulation runs a product when a wait retires it, reading shared
-    memory then, so a buffer refilled too early shows in the results."""
+def test_warpgroup_products_multiply_live_blocks_only(emulator, shape_and_block, dtype, schedule):
+    """With the warpgroup tile on (a Hopper device), the forward product and
+    dx of the half types run as wgmma products from the core-matrix layout
+    (W N-major, W^T K-major): the reference's result (block factors 1, 2 and
+    -0.5: 0/1 stages and stages rescaled in shared memory; NaN in dead
+    blocks), no mma.sync, and the wgmma columns restated from the mask; dW
+    keeps the pipelined tile. The emulation runs a product when a wait
+    retires it, reading shared memory then, so a buffer refilled before every
+    warp's products reading it were waited for shows in the results."""
     *shape, block = shape_and_block
     m, k, n = shape
     emulator.lib.emu_set_warpgroup_mma(1)
     emulator.lib.emu_set_schedule(schedule, 99)
-    assert emulator.matmul_uses_pipeline("forward", dtype, tuple(shape), block, "block")
     mask, element, products = matmul_case(tuple(shape), block, dtype, "block", density=0.5)
-    _, a, b, out_shape, depth = products[0]
-    emulator.lib.emu_reset_stats()
-    out = emulator.matmul("forward", a, b, mask, "block", block, tuple(shape), np.full(out_shape, np.nan, a.dtype),
-                          True)
-    stats = emulator.stats()
-    assert stats["mma_syncs"] == 0
-    assert stats["warpgroup_mma_columns"] == warpgroup_columns(m, k, n, block, mask != 0)
-    expected, bound, _ = _matmul(MATMUL_OPS["forward"], a.astype(np.float64), np.nan_to_num(b.astype(np.float64)),
-                                 mask.astype(np.float64), {"block_rows": block[0], "block_cols": block[1]})
-    check(out, expected, bound, depth, dtype, True, f"forward {dtype}")
+    for product, a, b, out_shape, depth in products[:2]:
+        assert emulator.matmul_uses_pipeline(product, dtype, tuple(shape), block, "block")
+        emulator.lib.emu_reset_stats()
+        out = emulator.matmul(product, a, b, mask, "block", block, tuple(shape), np.full(out_shape, np.nan, a.dtype),
+                              True)
+        stats = emulator.stats()
+        assert stats["mma_syncs"] == 0, product
+        assert stats["warpgroup_mma_columns"] == warpgroup_columns(m, *oriented(product, k, n, block, mask != 0))
+        expected, bound, _ = _matmul(MATMUL_OPS[product], a.astype(np.float64), np.nan_to_num(b.astype(np.float64)),
+                                     mask.astype(np.float64), {"block_rows": block[0], "block_cols": block[1]})
+        check(out, expected, bound, depth, dtype, True, f"{product} {dtype}")
     run_matmul(emulator, tuple(shape), block, dtype, True, "block", density=0.5)
 
 
 @pytest.mark.parametrize("block", [(16, 32), (32, 64), (32, 16)], ids=lambda b: f"b{b[0]}x{b[1]}")
-def test_warpgroup_forward_whole_tiles_take_full_width_products(emulator, block):
+@pytest.mark.parametrize("product", ["forward", "grad_input"])
+def test_warpgroup_whole_tiles_take_full_width_products(emulator, product, block):
     """Where W's blocks are narrower than a tile, the tiles whose every listed
-    segment is live across all 128 columns (here the first column tile) take
-    one 128-wide wgmma per step and half (a second launch), the others one
-    per live run: the product count restated per tile, and the reference's
-    result."""
+    segment is live across all 128 output columns (here the first column
+    tile) take one 128-wide wgmma per step and half (a second launch), the
+    others one per live run: the product count restated per tile, and the
+    reference's result."""
     emulator.lib.emu_set_warpgroup_mma(1)
     rng = np.random.default_rng(4)
-    m, k, n = 130, 64, 264
-    grid = (k // block[0], math.ceil(n / block[1]))
+    m, depth, out_cols = 130, 64, 264
+    k, n = (depth, out_cols) if product == "forward" else (out_cols, depth)
+    grid = (math.ceil(k / block[0]), math.ceil(n / block[1]))
     live = rng.random(grid) < 0.5
-    live[:, :128 // block[1]] = True
-    live[0, -1] = True
+    if product == "forward":
+        live[:, :128 // block[1]] = True
+        live[0, -1] = True
+    else:
+        live[:128 // block[0], :] = True
+        live[-1, 0] = True
     mask = (live * rng.choice([1.0, 2.0], grid)).astype(np.float32)
-    x, w = rng.standard_normal((m, k)).astype(np.float16), rng.standard_normal((k, n)).astype(np.float16)
+    a = rng.standard_normal((m, k) if product == "forward" else (m, n)).astype(np.float16)
+    w = rng.standard_normal((k, n)).astype(np.float16)
     emulator.lib.emu_reset_stats()
-    y = emulator.matmul("forward", x, w, mask, "block", block, (m, k, n), np.full((m, n), np.nan, np.float16), True)
-    stage = 32 if block[0] % 32 == 0 else 16
-    steps = math.ceil(block[0] / stage) * stage // 16
-    run = max(p for p in (1, 2, 4, 8) if block[1] % (16 * p) == 0)
+    y = emulator.matmul(product, a, w, mask, "block", block, (m, k, n), np.full((m, out_cols), np.nan, np.float16),
+                        True)
+    _, _, out_block, out_live = oriented(product, k, n, block, live)
+    stage = 32 if out_block[0] % 32 == 0 else 16
+    steps = math.ceil(out_block[0] / stage) * stage // 16
+    run = max(p for p in (1, 2, 4, 8) if out_block[1] % (16 * p) == 0)
     products = 0
-    for col0 in range(0, n, 128):
-        for segment in range(grid[0]):
-            strips = [bool(live[segment, c // block[1]]) for c in range(col0, min(n, col0 + 128), 16)]
+    for col0 in range(0, out_cols, 128):
+        for segment in range(out_live.shape[0]):
+            strips = [bool(out_live[segment, c // out_block[1]]) for c in range(col0, min(out_cols, col0 + 128), 16)]
             products += 1 if col0 == 0 else sum(any(strips[r:r + run]) for r in range(0, len(strips), run))
     stats = emulator.stats()
     assert stats["warpgroup_mmas"] == math.ceil(m / 128) * steps * 2 * products
-    assert stats["warpgroup_mma_columns"] == warpgroup_columns(m, k, n, block, live)
-    expected, bound, _ = _matmul(MATMUL_OPS["forward"], x.astype(np.float64), w.astype(np.float64),
+    assert stats["warpgroup_mma_columns"] == warpgroup_columns(m, *oriented(product, k, n, block, live))
+    expected, bound, _ = _matmul(MATMUL_OPS[product], a.astype(np.float64), w.astype(np.float64),
                                  mask.astype(np.float64), {"block_rows": block[0], "block_cols": block[1]})
-    check(y, expected, bound, k, "float16", True, "forward float16")
+    check(y, expected, bound, depth, "float16", True, f"{product} float16")
 
 
-@pytest.mark.parametrize("block", [(32, 32), (16, 48), (32, 128)], ids=lambda b: f"b{b[0]}x{b[1]}")
-def test_warpgroup_forward_nan_reaches_live_blocks_only(emulator, block):
-    """A NaN in x spreads through the live blocks it meets and never through
-    a dead one (nor through a dead run of a partly live tile), and a NaN
-    block factor makes exactly its block's columns NaN (the list marks it
-    scaled; the stage is rescaled)."""
+@pytest.mark.parametrize("block", [(32, 32), (16, 48), (32, 128), (128, 16)], ids=lambda b: f"b{b[0]}x{b[1]}")
+def test_warpgroup_nan_reaches_live_blocks_only(emulator, block):
+    """A NaN in x (Inf in dy for dx) spreads through the live blocks it meets
+    and never through a dead one (nor through a dead run of a partly live
+    tile), and a NaN block factor makes exactly its block's output columns
+    NaN (the list marks it scaled; the stage is rescaled)."""
     emulator.lib.emu_set_warpgroup_mma(1)
     rng = np.random.default_rng(21)
-    m, k, n = 40, 96, 256
+    m, k, n = 40, 160, 256
     mask, _ = make_masks(rng, k, n, block, 0.5, "block")
     mask = mask.astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float16)
-    x = rng.standard_normal((m, k))
+    x, dy = rng.standard_normal((m, k)), rng.standard_normal((m, n))
     x[3, 40] = np.nan
-    y = emulator.matmul("forward", x.astype(np.float16), w, mask, "block", block, (m, k, n),
-                        np.zeros((m, n), np.float16), True).astype(np.float64)
+    dy[5, 100] = np.inf
     block_live = np.repeat(np.repeat(mask != 0, block[0], 0), block[1], 1)[:k, :n]
+
+    def run(product, a):
+        return emulator.matmul(product, a.astype(np.float16), w, mask, "block", block, (m, k, n),
+                               np.zeros((m, n if product == "forward" else k), np.float16), True).astype(np.float64)
+
+    y, dx = run("forward", x), run("grad_input", dy)
     np.testing.assert_array_equal(np.isnan(y[3]), block_live[40])
     assert np.isfinite(np.delete(y, 3, axis=0)).all()
-    live_rows, live_cols = np.argwhere(mask != 0)[0]
-    mask[live_rows, live_cols] = np.nan
-    x[3, 40] = 0.0
-    y = emulator.matmul("forward", x.astype(np.float16), w, mask, "block", block, (m, k, n),
-                        np.zeros((m, n), np.float16), True).astype(np.float64)
-    nan_columns = np.zeros(n, bool)
-    nan_columns[live_cols * block[1]:(live_cols + 1) * block[1]] = True
-    np.testing.assert_array_equal(np.isnan(y).any(axis=0), nan_columns)
-    assert np.isnan(y[:, nan_columns]).all()
+    np.testing.assert_array_equal(~np.isfinite(dx[5]), block_live[:, 100])
+    assert np.isfinite(np.delete(dx, 5, axis=0)).all()
+    row, col = np.argwhere(mask != 0)[0]
+    mask[row, col] = np.nan
+    x[3, 40], dy[5, 100] = 0.0, 0.0
+    for product, a, axis, (start, size) in (("forward", x, 0, (col, block[1])), ("grad_input", dy, 0, (row, block[0]))):
+        out = run(product, a)
+        nan_columns = np.zeros(out.shape[1], bool)
+        nan_columns[start * size:(start + 1) * size] = True
+        np.testing.assert_array_equal(np.isnan(out).any(axis=axis), nan_columns, err_msg=product)
+        assert np.isnan(out[:, nan_columns]).all(), product
 
 
 def test_warpgroup_switch_and_rule(emulator):
     """The warpgroup tile is off until switched on, and takes only the
-    forward product of the half types: float32 (TF32 cannot take W N-major)
-    keeps mma.sync."""
+    forward product and dx of the half types: float32 (TF32 cannot take W
+    N-major) and dW keep mma.sync."""
     rng = np.random.default_rng(2)
     m, k, n, block = 64, 64, 64, (16, 16)
     mask = np.ones((4, 4), np.float32)
-    for dtype, on, uses_warpgroup in (("float16", False, False), ("float16", True, True), ("float32", True, False)):
+    for product, dtype, on, uses_warpgroup in (("forward", "float16", False, False),
+                                               ("forward", "float16", True, True),
+                                               ("grad_input", "bfloat16", True, True),
+                                               ("grad_weight", "float16", True, False),
+                                               ("forward", "float32", True, False)):
         emulator.lib.emu_set_warpgroup_mma(int(on))
-        x, w = (rng.standard_normal(s).astype(np_dtype(dtype)) for s in ((m, k), (k, n)))
+        a, b = (rng.standard_normal(s).astype(np_dtype(dtype)) for s in ((m, k), (k, n)))
         emulator.lib.emu_reset_stats()
-        emulator.matmul("forward", x, w, mask, "block", block, (m, k, n), np.full((m, n), np.nan, x.dtype), True)
+        emulator.matmul(product, a, b, mask, "block", block, (m, k, n), np.full((m, n), np.nan, a.dtype), True)
         stats = emulator.stats()
-        assert (stats["warpgroup_mma_columns"] > 0) == uses_warpgroup, (dtype, on)
-        assert (stats["mma_syncs"] > 0) != uses_warpgroup, (dtype, on)
+        assert (stats["warpgroup_mma_columns"] > 0) == uses_warpgroup, (product, dtype, on)
+        assert (stats["mma_syncs"] > 0) != uses_warpgroup, (product, dtype, on)
 
 
 def test_matmul_without_tensor_cores_on_the_device(emulator):

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cc/kernels/block_mask.h"
 #include "cc/kernels/cuda/mask_factors.cuh"
@@ -537,19 +538,22 @@ __global__ void __launch_bounds__(pl::kThreads)
 #endif
 }
 
-// The forward product (out = a @ masked W) of PipelinedProduct on the
-// warpgroup tile (warpgroup_gemm.cuh; Hopper, built for sm_90a): the same
-// tiles, lists, splits and outputs. Where W's blocks are narrower than a
-// tile, in two launches: a thread block whose entries all have all 8 strips
-// of its tile live (a dense stretch of W) takes the one for kWhole,
-// kRunStrips 8 (one product 128 columns wide per step); the others the one
-// for kPartlyLive, kRunStrips being wg::RunStrips of W's block columns
-// (a product per live run). One kernel cannot hold both widths: ptxas
-// serializes products of different widths over the same accumulators. A stage whose segment has a live block
-// with a factor other than 1 is rescaled in shared memory: each thread
-// rewrites its own chunks of W, all in one 16-column strip, as Masked(w,
-// factor) rounded to D.
-template <typename D, int kDepth, int kRunStrips>
+// The forward product (out = a @ masked W) or dx (kTransposed: out = a @
+// masked W^T) of PipelinedProduct on the warpgroup tile (warpgroup_gemm.cuh;
+// Hopper, built for sm_90a): the same tiles, lists, splits and outputs; B is
+// W staged N-major (forward) or W^T staged K-major (dx: W's rows are the
+// output's columns, its columns the depth). Where W's blocks are narrower
+// than a tile (across the output's columns), in two launches: a thread
+// block whose entries all have all 8 strips of its tile live (a dense
+// stretch of W) takes the one for kWhole, kRunStrips 8 (one product 128
+// columns wide per step); the others the one for kPartlyLive, kRunStrips
+// being wg::RunStrips of the blocks (a product per live run). One kernel
+// cannot hold both widths: ptxas serializes products of different widths
+// over the same accumulators. A stage whose segment has a live block with a
+// factor other than 1 is rescaled in shared memory: each thread rewrites its
+// own chunks of W as Masked(w, factor) rounded to D, a chunk lying in one
+// strip.
+template <typename D, bool kTransposed, int kDepth, int kRunStrips>
 __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
     WarpgroupProduct(const D* a, int64_t m, const D* w, const float* factors, GridDims g, const uint8_t* live,
                      const uint32_t* lists, const int32_t* counts, int64_t splits, float* partials, D* out,
@@ -557,25 +561,33 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // launched only where wg::DeviceUsesWarpgroupMma()
 #else
-  const ProductDims<false> p{g, live, factors};
+  const ProductDims<kTransposed> p{g, live, factors};
   const ListedTile tile(m, p.out_cols(), counts, splits);
   using ACopier = wg::CoreMatrixCopier<D, kDepth, pl::kTileRows, kDepth / 8, false>;
-  using BCopier = wg::CoreMatrixCopier<D, kDepth, kDepth, pl::kTileCols / 8, true>;
+  // Forward: W's rows d0 .. as depth lines of its columns col0 ..; dx: W's
+  // rows col0 .. as lines, along the depth (its columns).
+  using BCopier = std::conditional_t<kTransposed, wg::CoreMatrixCopier<D, kDepth, pl::kTileCols, kDepth / 8, false>,
+                                     wg::CoreMatrixCopier<D, kDepth, kDepth, pl::kTileCols / 8, true>>;
   const ACopier a_copier(a, p.depth(), tile.row0, m);
   const BCopier b_copier(w, g.cols, tile.col0, p.out_cols());
-  const int b_strip = b_copier.Chunk() * 8 / pl::kStrip;
   const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub) {
     const int64_t segment = pl::SegmentOf(entry);
     const int64_t d0 = segment * p.depth_block() + int64_t{sub} * kDepth;
     const int64_t d_end = min(p.depth(), (segment + 1) * p.depth_block());
-    a_copier.Issue(a_stage, d0, d_end, true);
-    b_copier.Issue(b_stage, d0, d_end, ((pl::StripsOf(entry) >> b_strip) & 1u) != 0);
+    a_copier.Issue(a_stage, d0, d_end, ACopier::kAllCopies);
+    b_copier.Issue(b_stage, d0, d_end, b_copier.CopiesIn(pl::StripsOf(entry)));
   };
-  const int64_t b_group = min(tile.col0 + b_strip * pl::kStrip, p.out_cols() - 1) / p.out_block();
   const auto scale_stage = [&](D* b_stage, uint32_t entry) {
-    if (((pl::StripsOf(entry) >> b_strip) & 1u) == 0) return;  // zero fills, never multiplied
-    const float factor = p.factor(int64_t{pl::SegmentOf(entry)}, b_group);
-    b_copier.RewriteChunks(b_stage, [&](D(&values)[8]) {
+    int factor_strip = -1;  // the forward's copies all lie in one strip: one factor
+    float factor = 0.0f;
+    b_copier.RewriteChunks(b_stage, [&](int i, D(&values)[8]) {
+      const int strip = b_copier.Strip(i);
+      if (((pl::StripsOf(entry) >> strip) & 1u) == 0) return;  // zero fills, never multiplied
+      if (strip != factor_strip) {
+        factor_strip = strip;
+        factor = p.factor(int64_t{pl::SegmentOf(entry)},
+                          min(tile.col0 + strip * pl::kStrip, p.out_cols() - 1) / p.out_block());
+      }
       for (D& value : values) value = FromCompute<D>(Masked(ToCompute(value), factor));
     });
   };
@@ -590,8 +602,8 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
   __syncthreads();
   if (taken != wg::Tiles::kAll && (partly_live == 0) != (taken == wg::Tiles::kWhole)) return;  // the other launch's
   float acc[2][64] = {};
-  wg::RunListedSegments<D, kDepth, kRunStrips>(list, tile.count, min(p.depth_block(), p.depth()), issue_segment,
-                                               scale_stage, acc);
+  wg::RunListedSegments<D, kDepth, kRunStrips, !kTransposed>(list, tile.count, min(p.depth_block(), p.depth()),
+                                                             issue_segment, scale_stage, acc);
   wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) { tile.Store(r, c, v0, v1, partials, out); });
 #endif
 }

@@ -179,20 +179,23 @@ size_t GpuWorkspaceBytes(const MatmulShape& shape, MaskLevel level, Product prod
 
 namespace {
 
-// The forward product of 16-bit types takes the warpgroup tile where the
-// device runs it, the rest the pipelined tile (same grid, lists and splits).
+// The forward product and dx of 16-bit types take the warpgroup tile where
+// the device runs it, the rest the pipelined tile (same grid, lists and
+// splits).
 template <typename D, bool kTransposed, int kDepth, typename Launch>
 void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, int64_t m, const D* w,
                             const Workspace<float>& ws, const GridDims& dims, int64_t splits, D* out) {
-  if constexpr (!kTransposed && wg::kHasWarpgroupPath<D>) {
+  if constexpr (wg::kHasWarpgroupPath<D>) {
     if (wg::DeviceUsesWarpgroupMma()) {
       const auto run = [&](auto run_strips, wg::Tiles taken) {
         launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
-            WarpgroupProduct<D, kDepth, decltype(run_strips)::value>, static_cast<unsigned>(blocks), wg::kThreads, a,
-            m, w, ws.factors, dims, ws.live, reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits,
-            splits > 1 ? ws.partials : nullptr, out, taken);
+            WarpgroupProduct<D, kTransposed, kDepth, decltype(run_strips)::value>, static_cast<unsigned>(blocks),
+            wg::kThreads, a, m, w, ws.factors, dims, ws.live, reinterpret_cast<const uint32_t*>(ws.lists), ws.counts,
+            splits, splits > 1 ? ws.partials : nullptr, out, taken);
       };
-      const int run_strips = wg::RunStrips(dims.block_cols, dims.cols);
+      // The blocks across the output's columns: W's columns, or its rows for dx.
+      const int run_strips = kTransposed ? wg::RunStrips(dims.block_rows, dims.rows)
+                                         : wg::RunStrips(dims.block_cols, dims.cols);
       const std::integral_constant<int, pl::kTileStrips> whole;
       if (run_strips == pl::kTileStrips) return run(whole, wg::Tiles::kAll);
       run(whole, wg::Tiles::kWhole);

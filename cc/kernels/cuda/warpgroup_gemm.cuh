@@ -1,12 +1,11 @@
-// The warpgroup tile (Hopper, sm_90a) of the listed-segment products whose B
-// operand is staged depth-outer (the forward product: W as [depth][columns]),
-// for 16-bit operands: one warpgroup (4 warps) computes a 128 x 128 output
-// tile as two halves of 64 rows, each an asynchronous wgmma m64nNk16 per 16
-// of depth that reads both operands from shared memory, so that the warps
-// issue a few instructions per stage for the products (against 64 mma.sync
-// and 16 ldmatrix per warp on the pipelined tile, pipelined_gemm.cuh) and
-// spend the rest on the copies of the stages ahead while the tensor cores
-// work.
+// The warpgroup tile (Hopper, sm_90a) of the listed-segment products (the
+// matmul forward product, B = W N-major, and dx, B = W^T K-major) for 16-bit
+// operands: one warpgroup (4 warps) computes a 128 x 128 output tile as two
+// halves of 64 rows, each an asynchronous wgmma m64nNk16 per 16 of depth
+// that reads both operands from shared memory, so that the warps issue a
+// few instructions per stage for the products (against 64 mma.sync and 16
+// ldmatrix per warp on the pipelined tile, pipelined_gemm.cuh) and spend the
+// rest on the copies of the stages ahead while the tensor cores work.
 //
 // Stages, lists and zero fills are the pipelined tile's: cp.async brings
 // kStages stages of kDepth into shared memory ahead of their use, the
@@ -14,14 +13,15 @@
 // zero fills that read nothing. A stage's products cover only its live
 // blocks: one wgmma per run of 128, 64, 32 or 16 columns (the widest that
 // W's block width divides) in a live block, whose accumulators are the
-// matching slice of the full-width product's: no dead block is multiplied. Where a live block's factor is not 1, the
-// threads rescale the stage's W in shared memory before the product.
+// matching slice of the full-width product's: no dead block is multiplied.
+// Where a live block's factor is not 1, the threads rescale the stage's W in
+// shared memory before the product.
 //
 // Shared memory holds each operand as the wgmma "core matrices" without
-// swizzle: 8 lines of 16 contiguous bytes, a line being a row of A (8 depths)
-// or a depth row of B (8 columns). The copies are laid out so that the 8
-// lanes of each quarter warp fill one core matrix: 128 contiguous bytes, no
-// bank conflict.
+// swizzle: 8 lines of 16 contiguous bytes, a line being 8 depths of a row of
+// A or of a column of a K-major B, or 8 columns of a depth row of an N-major
+// B. The copies are laid out so that the 8 lanes of each quarter warp fill
+// one core matrix: 128 contiguous bytes, no bank conflict.
 #ifndef MASKED_OPS_CC_KERNELS_CUDA_WARPGROUP_GEMM_CUH_
 #define MASKED_OPS_CC_KERNELS_CUDA_WARPGROUP_GEMM_CUH_
 
@@ -94,9 +94,9 @@ __device__ inline uint64_t Descriptor(uint32_t address) {
 
 // Copies operand tiles of kLines lines by kChunksPerLine 16-byte chunks of D
 // from a row-major global matrix into the core-matrix layout, stage after
-// stage. The depth runs along the lines (kDepthLines: B, W's rows) or along
-// the chunks (A, x's columns); the tile's place in the other dimension is
-// fixed. Thread t copies chunk (t / 8) % kChunksPerLine of lines 8 g + t % 8
+// stage. The depth runs along the lines (kDepthLines: the forward's B, W's
+// rows) or along the chunks (A; dx's B, W's columns); the tile's place in
+// the other dimension is fixed. Thread t copies chunk (t / 8) % kChunksPerLine of lines 8 g + t % 8
 // for its line groups g, so that 8 consecutive lanes fill one core matrix and
 // read one 16-byte column of 8 rows (their quarter warp neighbours the
 // adjacent columns: whole 32-byte sectors).
@@ -130,18 +130,27 @@ class CoreMatrixCopier {
   }
 
   __device__ int Line(int i) const { return (group0_ + i * kGroupStep) * kCoreLines + low_; }
-  __device__ int Chunk() const { return chunk_; }
+  // The tile's strip (16 rows or columns across the depth) holding copy i.
+  __device__ int Strip(int i) const { return (kDepthLines ? chunk_ * kPerChunk : Line(i)) / pl::kStrip; }
+  // Bit i: copy i lies in a strip set in `strips`.
+  __device__ unsigned CopiesIn(unsigned strips) const {
+    unsigned copies = 0;
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) copies |= ((strips >> Strip(i)) & 1u) << i;
+    return copies;
+  }
+  static constexpr unsigned kAllCopies = (1u << kCopies) - 1;
 
-  // Stages the tile whose depth starts at d0 into `stage` (where `live`: a
-  // dead tile's chunks are all zero fills). A chunk is read where it lies
-  // inside the matrix and before the depth's end d_end.
-  __device__ void Issue(D* stage, int64_t d0, int64_t d_end, bool live) const {
+  // Stages the tile whose depth starts at d0 into `stage`: copy i is read
+  // where bit i of `live` is set and it lies inside the matrix and before
+  // the depth's end d_end; the others are zero fills that read nothing.
+  __device__ void Issue(D* stage, int64_t d0, int64_t d_end, unsigned live) const {
     const D* src = base_ + (kDepthLines ? d0 * ld_ : d0);
     const int64_t step = int64_t{kGroupStep * kCoreLines} * ld_;
     D* dst = stage + Layout::Offset(Line(0), chunk_);
     const int depth_left =
         static_cast<int>(max(int64_t{0}, min(d_end - d0, int64_t{kDepthLines ? kLines : kChunksPerLine * kPerChunk})));
-    const unsigned readable = live ? fixed_ok_ : 0u;
+    const unsigned readable = live & fixed_ok_;
 #pragma unroll
     for (int i = 0; i < kCopies; ++i) {
       const bool in_depth = (kDepthLines ? Line(i) : chunk_ * kPerChunk) < depth_left;
@@ -151,8 +160,8 @@ class CoreMatrixCopier {
     }
   }
 
-  // rewrite(values) on the 8 D of each of this thread's chunks of `stage`,
-  // in place.
+  // rewrite(i, values) on the 8 D of this thread's chunk of copy i in
+  // `stage`, in place, for each copy.
   template <typename Rewrite>
   __device__ void RewriteChunks(D* stage, const Rewrite& rewrite) const {
     D* dst = stage + Layout::Offset(Line(0), chunk_);
@@ -162,7 +171,7 @@ class CoreMatrixCopier {
       D values[kPerChunk];
       static_assert(sizeof(values) == sizeof(bits), "a chunk is 16 bytes");
       memcpy(values, &bits, sizeof(bits));
-      rewrite(values);
+      rewrite(i, values);
       memcpy(&bits, values, sizeof(bits));
       *reinterpret_cast<uint4*>(dst + i * kGroupStep * Layout::kLineGroupStride) = bits;
     }
@@ -176,7 +185,7 @@ class CoreMatrixCopier {
   unsigned fixed_ok_;  // bit i: copy i lies inside the matrix in the fixed dimension
 };
 
-// Which thread blocks of a launch of the warpgroup forward multiply: all,
+// Which thread blocks of a launch of the warpgroup products multiply: all,
 // those whose list entries have every strip of their tile live, or the
 // others.
 enum class Tiles : int { kAll, kWhole, kPartlyLive };
@@ -192,18 +201,19 @@ inline int RunStrips(int64_t block, int64_t cols) {
 }
 
 // acc += A B over the runs of kRunStrips strips from run kRun on that have
-// a live strip in `strips`; b: B's descriptor at column 0.
-template <typename D, int kDepth, int kRunStrips, int kRun = 0>
+// a live strip in `strips`; b: B's descriptor at column 0, B N-major
+// (kBNMajor) or K-major.
+template <typename D, int kDepth, int kRunStrips, bool kBNMajor, int kRun = 0>
 __device__ inline void MultiplyRuns(float (&acc)[64], uint64_t a, uint64_t b, unsigned strips) {
   if constexpr (kRun < pl::kTileStrips / kRunStrips) {
     constexpr unsigned kRunMask = (1u << kRunStrips) - 1;
-    // The run's first column along B, in the descriptor's 16-byte units.
-    constexpr uint64_t kRunStart =
-        uint64_t{kRun} * kRunStrips * (pl::kStrip / 8) * CoreLayout<kDepth, true>::kChunkStride * sizeof(D) / 16;
+    // The run's first column along B, in the descriptor's 16-byte units: 8
+    // columns are one core matrix further, kDepth * 16 bytes either way.
+    constexpr uint64_t kRunStart = uint64_t{kRun} * kRunStrips * (pl::kStrip / 8) * kDepth;
     // Runs of 8 strips are whole tiles, every one listed live.
-    ptx::WarpgroupMma<D, kRunStrips * pl::kStrip, kRun * kRunStrips * pl::kStrip / 2, (kRunStrips < pl::kTileStrips)>(
-        acc, a, b + kRunStart, ((strips >> (kRun * kRunStrips)) & kRunMask) != 0);
-    MultiplyRuns<D, kDepth, kRunStrips, kRun + 1>(acc, a, b, strips);
+    ptx::WarpgroupMma<D, kRunStrips * pl::kStrip, kRun * kRunStrips * pl::kStrip / 2, (kRunStrips < pl::kTileStrips),
+                      kBNMajor>(acc, a, b + kRunStart, ((strips >> (kRun * kRunStrips)) & kRunMask) != 0);
+    MultiplyRuns<D, kDepth, kRunStrips, kBNMajor, kRun + 1>(acc, a, b, strips);
   }
 }
 
@@ -214,23 +224,23 @@ __device__ inline void MultiplyRuns(float (&acc)[64], uint64_t a, uint64_t b, un
 // column are zero fills whose products are never stored.) The products are
 // predicated, none branched over, and never a whole-tile product mixed with
 // narrower ones over the same accumulators: ptxas then waits for each.
-template <typename D, int kDepth, int kRunStrips>
+template <typename D, int kDepth, int kRunStrips, bool kBNMajor>
 __device__ inline void MultiplyStage(uint32_t a_stage, uint32_t b_stage, unsigned strips, float (&acc)[2][64]) {
   using ALayout = CoreLayout<kDepth, false>;
-  using BLayout = CoreLayout<kDepth, true>;
+  using BLayout = CoreLayout<kDepth, kBNMajor>;
 #pragma unroll
   for (int k0 = 0; k0 < kDepth; k0 += 16) {
-    const uint64_t b = Descriptor<kDepth>(b_stage + 2 * BLayout::Offset(k0, 0));
+    const uint64_t b = Descriptor<kDepth>(b_stage + 2 * (kBNMajor ? BLayout::Offset(k0, 0) : BLayout::Offset(0, k0 / 8)));
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      MultiplyRuns<D, kDepth, kRunStrips>(
+      MultiplyRuns<D, kDepth, kRunStrips, kBNMajor>(
           acc[half], Descriptor<kDepth>(a_stage + 2 * ALayout::Offset(half * kHalfRows, k0 / 8)), b, strips);
     }
   }
 }
 
-// A product over listed segments whose B is staged depth-outer, as
-// pl::RunListedSegments: `count` entries of `list` for the tile at output
+// A product over listed segments, as pl::RunListedSegments, B staged
+// N-major (kBNMajor: the forward's W) or K-major (dx's W^T): `count` entries of `list` for the tile at output
 // column col0, each segment segment_depth deep; issue_segment(a_stage,
 // b_stage, entry, sub) stages stage `sub` of an entry's segment;
 // scale_stage(b_stage, entry) rescales a staged B whose entry is marked
@@ -239,7 +249,7 @@ __device__ inline void MultiplyStage(uint32_t a_stage, uint32_t b_stage, unsigne
 // has waited for the products reading it and passed a barrier since. With
 // two thread blocks per SM, one's products fill the tensor cores while the
 // other waits at its barrier.
-template <typename D, int kDepth, int kRunStrips, typename IssueSegment, typename ScaleStage>
+template <typename D, int kDepth, int kRunStrips, bool kBNMajor, typename IssueSegment, typename ScaleStage>
 __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_t segment_depth,
                                          const IssueSegment& issue_segment, const ScaleStage& scale_stage,
                                          float (&acc)[2][64]) {
@@ -276,7 +286,7 @@ __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_
     }
     const uint32_t a_stage = shared_address + uint32_t((a_of(step) - shared) * int(sizeof(D)));
     ptx::WarpgroupFence();
-    MultiplyStage<D, kDepth, kRunStrips>(a_stage, a_stage + kOperandElements<kDepth> * int(sizeof(D)),
+    MultiplyStage<D, kDepth, kRunStrips, kBNMajor>(a_stage, a_stage + kOperandElements<kDepth> * int(sizeof(D)),
                                          ptx::WarpUniform(pl::StripsOf(entry)), acc);
     ptx::WarpgroupCommit();
     // Every warp waited for its share of step - 1's products before this

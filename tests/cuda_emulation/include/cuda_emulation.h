@@ -65,6 +65,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 // ---------------------------------------------------------------------------
@@ -192,13 +193,15 @@ struct PendingCopy {
   int bytes_read;
 };
 
-// One thread's share of a wgmma.mma_async m64nNk16 (B N-major), run when a
-// wgmma.wait_group retires its group: d[i] += (A B)(row, column) for the
-// thread's n / 2 accumulators (see WarpgroupMma in cuda_emulation_ptx.h).
+// One thread's share of a wgmma.mma_async m64nNk16 (A K-major; B N-major or
+// K-major), run when a wgmma.wait_group retires its group: d[i] += (A
+// B)(row, column) for the thread's n / 2 accumulators (see WarpgroupMma in
+// cuda_emulation_ptx.h).
 struct PendingWarpgroupMma {
   float* d;
   int n;
   uint64_t a, b;
+  bool b_n_major;
   float (*widen)(uint16_t);
   unsigned thread;  // within the block
 };
@@ -303,6 +306,10 @@ class Engine {
     std::memset(dst, 0xff, 16);
     fibers_[current_].open_copies.push_back(PendingCopy{dst, src, bytes_read});
   }
+  // The bytes cp.async has read (address, count) since the last call, for a
+  // check that a kernel staged nothing it must not read.
+  std::vector<std::pair<const unsigned char*, int>> TakeCopyReads() { return std::move(copy_reads_); }
+
   // cp.async.commit_group: the copies issued since the last commit form a group.
   void CommitCopies() {
     Fiber& fiber = fibers_[current_];
@@ -315,7 +322,10 @@ class Engine {
     while (fiber.committed.size() > static_cast<size_t>(pending)) {
       for (const PendingCopy& copy : fiber.committed.front()) {
         std::memset(copy.dst, 0, 16);
-        if (copy.bytes_read != 0) std::memcpy(copy.dst, copy.src, static_cast<size_t>(copy.bytes_read));
+        if (copy.bytes_read != 0) {
+          std::memcpy(copy.dst, copy.src, static_cast<size_t>(copy.bytes_read));
+          copy_reads_.emplace_back(static_cast<const unsigned char*>(copy.src), copy.bytes_read);
+        }
       }
       fiber.committed.erase(fiber.committed.begin());
     }
@@ -615,6 +625,7 @@ class Engine {
   std::vector<char*> stacks_;
   std::vector<unsigned char> exchange_;
   std::vector<unsigned char> dynamic_shared_;
+  std::vector<std::pair<const unsigned char*, int>> copy_reads_;
   unsigned current_ = 0;
   cudaError_t error_ = cudaSuccess;
   std::vector<Diagnostic> diagnostics_;
@@ -655,12 +666,16 @@ inline void Engine::RunWarpgroupMma(const PendingWarpgroupMma& product) {
     std::memcpy(&value, shared + offset, sizeof(value));
     return product.widen(value);
   };
-  // A K-major: (row, k); B N-major: (k, column).
-  const auto a_at = [&](int row, int k) {
-    return element(a.start + row % 8 * 16 + row / 8 * a.stride + k % 8 * 2 + k / 8 * a.leading);
+  // K-major: a line of 8 k per row (or column), 8 rows to a core matrix;
+  // N-major: a line of 8 columns per k, 8 k to a core matrix.
+  const auto k_major = [&](const Operand& operand, int row, int k) {
+    return element(operand.start + row % 8 * 16 + row / 8 * operand.stride + k % 8 * 2 + k / 8 * operand.leading);
   };
+  const auto a_at = [&](int row, int k) { return k_major(a, row, k); };
   const auto b_at = [&](int k, int column) {
-    return element(b.start + column % 8 * 2 + column / 8 * b.stride + k % 8 * 16 + k / 8 * b.leading);
+    return product.b_n_major
+               ? element(b.start + column % 8 * 2 + column / 8 * b.stride + k % 8 * 16 + k / 8 * b.leading)
+               : k_major(b, column, k);
   };
   const int lane = static_cast<int>(product.thread % warpSize);
   const int warp = static_cast<int>(product.thread % 128 / warpSize);
