@@ -58,8 +58,8 @@ if [[ "$what" == all || "$what" == tests ]]; then
     or (test_conv_products_match_reference and 2x14x13x32 and bfloat16 and tensor-cores and b16x16)
     or (test_conv_products_match_reference and 1x15x14x24 and float16 and tensor-cores and b32x48 and block)
     or (test_nan_in_inputs and bfloat16 and tensor-cores and b32x32)
-    or (test_warpgroup_forward_matches_reference and 300x200x136 and 0.3 and bfloat16)
-    or (test_warpgroup_forward_matches_reference and 8x4160x16 and 0.3 and float16)
+    or (test_warpgroup_products_match_reference and 300x200x136 and 0.3 and bfloat16)
+    or (test_warpgroup_products_match_reference and 8x4160x16 and 0.3 and float16)
     or test_types_match_the_product_and_sum or test_adam_step'
   for tool in memcheck racecheck synccheck; do
     {

@@ -180,8 +180,8 @@ def test_pipelined_products_at_size(block_size, density):
 
 @pytest.fixture
 def warpgroup():
-    """The half types' forward product on the warpgroup (wgmma) tile for the
-    test; skipped where the GPU or the build has none."""
+    """The half types' forward product and dx on the warpgroup (wgmma) tile
+    for the test; skipped where the GPU or the build has none."""
     if not HARNESS.set_warpgroup_mma(True):
         HARNESS.set_warpgroup_mma(False)
         pytest.skip("the warpgroup tile needs a compute capability 9.0 GPU and a build with sm_90a code")
@@ -189,72 +189,89 @@ def warpgroup():
     HARNESS.set_warpgroup_mma(False)
 
 
-def run_forward(x, w, mask, level, block_size, dtype):
-    """The forward product of float64 arrays as dtype, into NaN-filled y."""
-    m, k = x.shape
-    n = w.shape[1]
-    on_gpu = lambda a: torch.tensor(a, dtype=dtype, device="cuda")  # noqa: E731
-    y = HARNESS.run("forward", on_gpu(x), on_gpu(w), torch.tensor(mask, dtype=torch.float32, device="cuda"), level,
-                    block_size, (m, k, n), torch.full((m, n), float("nan"), dtype=dtype, device="cuda"))
+def run_product(product, a, w, mask, block_size, dtype):
+    """The forward product (a = x) or dx (a = dy) of float64 arrays and a
+    block mask as dtype, into a NaN-filled output."""
+    m = a.shape[0]
+    k, n = w.shape
+    on_gpu = lambda v: torch.tensor(v, dtype=dtype, device="cuda")  # noqa: E731
+    out = torch.full((m, n if product == "forward" else k), float("nan"), dtype=dtype, device="cuda")
+    HARNESS.run(product, on_gpu(a), on_gpu(w), torch.tensor(mask, dtype=torch.float32, device="cuda"), "block",
+                block_size, (m, k, n), out)
     torch.cuda.synchronize()
-    return y
+    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_warpgroup_layout_probe(warpgroup, dtype):
-    """One 128 x 128 tile over 32 of depth (two wgmma k-steps, both halves)
-    with inputs whose products name their own place: x selects depth r % 32
-    for row r, W's entries are their column (then their depth), so y = the
-    column (then r % 32) exactly. On failure the message shows a corner of
-    what came out, to tell a transposed operand, a wrong descriptor stride or
-    a misplaced accumulator from the log alone."""
-    m, k, n, block_size = 128, 32, 128, (32, 128)
-    x = (np.arange(k)[None, :] == (np.arange(m) % k)[:, None]).astype(np.float64)
-    for name, w, expected in (("column", np.tile(np.arange(n, dtype=np.float64), (k, 1)),
-                               np.tile(np.arange(n, dtype=np.float64), (m, 1))),
-                              ("depth", np.tile(np.arange(k, dtype=np.float64)[:, None], (1, n)),
-                               np.tile((np.arange(m) % k)[:, None].astype(np.float64), (1, n)))):
-        y = run_forward(x, w, np.ones((1, 1)), "block", block_size, dtype).double().cpu().numpy()
-        wrong = np.argwhere(y != expected)
-        assert wrong.size == 0, (f"{name} probe: {len(wrong)} entries wrong, first at {wrong[:4].tolist()};\n"
-                                 f"y[:10, :10] =\n{y[:10, :10]}\ny[64:70, 120:128] =\n{y[64:70, 120:128]}")
+@pytest.mark.parametrize("product", ["forward", "grad_input"])
+def test_warpgroup_layout_probe(warpgroup, product, dtype):
+    """One 128 x 128 output tile over 32 of depth (two wgmma k-steps, both
+    halves) with inputs whose products name their own place: row r of a
+    selects depth r % 32, and W's entries are their output column (then
+    their depth), so the output is its column (then r % 32) exactly. On
+    failure the message shows a corner of what came out, to tell a
+    transposed operand, a wrong descriptor stride or a misplaced accumulator
+    from the log alone."""
+    m, depth, columns = 128, 32, 128
+    a = (np.arange(depth)[None, :] == (np.arange(m) % depth)[:, None]).astype(np.float64)
+    by_column = np.tile(np.arange(columns, dtype=np.float64), (depth, 1))  # [depth, column]: the column
+    by_depth = np.tile(np.arange(depth, dtype=np.float64)[:, None], (1, columns))  # the depth
+    for name, w, expected in (("column", by_column, np.tile(np.arange(columns, dtype=np.float64), (m, 1))),
+                              ("depth", by_depth, np.tile((np.arange(m) % depth)[:, None].astype(np.float64),
+                                                          (1, columns)))):
+        if product == "forward":
+            out = run_product(product, a, w, np.ones((1, 1)), (depth, columns), dtype)
+        else:  # W is [columns, depth]: dx = a @ W^T
+            out = run_product(product, a, w.T, np.ones((1, 1)), (columns, depth), dtype)
+        out = out.double().cpu().numpy()
+        wrong = np.argwhere(out != expected)
+        assert wrong.size == 0, (f"{product} {name} probe: {len(wrong)} entries wrong, first at {wrong[:4].tolist()};\n"
+                                 f"out[:10, :10] =\n{out[:10, :10]}\nout[64:70, 120:128] =\n{out[64:70, 120:128]}")
 
 
 WARPGROUP_SHAPES = [s for s in SHAPES if takes_pipeline("forward", torch.float16, s[1], s[2], s[3], "block", True)] + [
     (768, 1024, 1024, (32, 32)), (768, 1024, 1024, (64, 64)), (768, 1024, 1024, (16, 128)),
-    (300, 256, 512, (32, 128)), (200, 256, 256, (256, 256))]
+    (300, 256, 512, (32, 128)), (300, 512, 256, (128, 32)), (200, 256, 256, (256, 256))]
 
 
 @pytest.mark.parametrize("shape", WARPGROUP_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-b{s[3][0]}x{s[3][1]}")
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.3, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_warpgroup_forward_matches_reference(warpgroup, shape, density, dtype):
-    """The wgmma forward product (Hopper) against the float64 reference: every
-    run width (blocks of 16 to 256 columns), split lists, block factors 1, 2
-    and -0.5 (stages rescaled in shared memory), NaN in dead blocks, outputs
-    poisoned with NaN."""
+def test_warpgroup_products_match_reference(warpgroup, shape, density, dtype):
+    """The wgmma forward product and dx (Hopper) against the float64
+    reference: every run width (blocks of 16 to 256 output columns), whole
+    and partly live tiles, split lists, block factors 1, 2 and -0.5 (stages
+    rescaled in shared memory), NaN in dead blocks, outputs poisoned with
+    NaN."""
     m, k, n, block_size = shape
     rng = np.random.default_rng([m, k, n, int(density * 10), 1])
     mask, element = make_masks(rng, k, n, block_size, density, "block")
-    x, w = rng.standard_normal((m, k)), rng.standard_normal((k, n))
-    to_dtype = lambda a: torch.tensor(a, dtype=dtype).double().numpy()  # noqa: E731
-    y = run_forward(x, np.where(element == 0, np.nan, w), mask, "block", block_size, dtype)
-    check(y, reference(to_dtype(x), to_dtype(w), np.zeros((m, n)), element)[0], dtype, k, True)
+    x, w, dy = rng.standard_normal((m, k)), rng.standard_normal((k, n)), rng.standard_normal((m, n))
+    rounded = lambda v: torch.tensor(v, dtype=dtype).double().numpy()  # noqa: E731
+    expected = reference(rounded(x), rounded(w), rounded(dy), element)
+    w_with_nan = np.where(element == 0, np.nan, w)
+    check(run_product("forward", x, w_with_nan, mask, block_size, dtype), expected[0], dtype, k, True)
+    check(run_product("grad_input", dy, w_with_nan, mask, block_size, dtype), expected[1], dtype, n, True)
 
 
-@pytest.mark.parametrize("block_size", [(32, 32), (16, 48), (32, 128)], ids=lambda b: f"b{b[0]}x{b[1]}")
-def test_warpgroup_forward_nan_reaches_live_blocks_only(warpgroup, block_size):
-    """A NaN in x spreads through the live blocks it meets and no dead one,
-    whole-tile, per-block and per-strip products alike."""
+@pytest.mark.parametrize("block_size", [(32, 32), (16, 48), (32, 128), (128, 16)], ids=lambda b: f"b{b[0]}x{b[1]}")
+def test_warpgroup_nan_reaches_live_blocks_only(warpgroup, block_size):
+    """A NaN in x (Inf in dy for dx) spreads through the live blocks it meets
+    and no dead one, whole-tile, per-block and per-strip products alike."""
     rng = np.random.default_rng(13)
-    m, k, n = 40, 96, 256
+    m, k, n = 40, 160, 256
     mask, _ = make_masks(rng, k, n, block_size, 0.5, "block")
-    x = rng.standard_normal((m, k))
+    w = rng.standard_normal((k, n))
+    x, dy = rng.standard_normal((m, k)), rng.standard_normal((m, n))
     x[3, 40] = np.nan
-    y = run_forward(x, rng.standard_normal((k, n)), mask, "block", block_size, torch.float16).double().cpu().numpy()
+    dy[5, 100] = np.inf
     block_live = np.repeat(np.repeat(mask != 0, block_size[0], 0), block_size[1], 1)[:k, :n]
+    y = run_product("forward", x, w, mask, block_size, torch.float16).double().cpu().numpy()
+    dx = run_product("grad_input", dy, w, mask, block_size, torch.float16).double().cpu().numpy()
     np.testing.assert_array_equal(np.isnan(y[3]), block_live[40])
     assert np.isfinite(np.delete(y, 3, axis=0)).all()
+    np.testing.assert_array_equal(~np.isfinite(dx[5]), block_live[:, 100])
+    assert np.isfinite(np.delete(dx, 5, axis=0)).all()
 
 
 @pytest.mark.parametrize("mask_dtype", MASK_DTYPES, ids=str)
