@@ -14,7 +14,7 @@ Precisions: fp32 (CUDA cores on both sides: PyTorch's TF32 switches off),
 tf32 (float32 tensors, TF32 tensor cores on both sides: what TensorFlow does
 by default on Ampere and later) and bf16 (tensor cores, float accumulators).
 On a Hopper GPU with a harness built for sm_90a, the bf16 rows are also timed
-with the forward product on the warpgroup (wgmma) tile, in the same
+with the forward product and dx on the warpgroup (wgmma) tile, in the same
 interleaved set ("wgmma" columns; off by default in the kernels until
 tests/gpu has passed with it).
 
@@ -73,7 +73,8 @@ def interleaved(functions, reps, warmup):
 
 
 def with_warpgroup(fused):
-    """fused(HARNESS) with the warpgroup (wgmma) tile switched on for the call."""
+    """fused(HARNESS) with the warpgroup (wgmma) tile switched on for the call
+    (the forward product and dx take it)."""
     HARNESS.set_warpgroup_mma(True)
     try:
         fused(HARNESS)
@@ -228,7 +229,7 @@ def summary(path):
         if any("speedup_warpgroup" in row for row in by_density.values()):
             cells = " | ".join(f"{by_density[d]['speedup_warpgroup']:.2f}x" if "speedup_warpgroup" in
                                by_density.get(d, {}) else "" for d in densities)
-            print(f"| {name}, forward on wgmma | {block} | {mode} | {cells} |")
+            print(f"| {name}, wgmma | {block} | {mode} | {cells} |")
     kernels_line(results["rows"])
     if results.get("conv_rows"):
         print(f"\nconv 3x3 256 -> 256 on [8, 56, 56], speedup over cuDNN on f * m ({results['device']}; target 0.6/(d a))\n")
