@@ -53,6 +53,24 @@ struct EmulatedLaunch {
   int Status() const { return static_cast<int>(cudaGetLastError()); }
 };
 
+// Reports (as `message`) a cp.async read, since the engine's last
+// TakeCopyReads, of one of the `count` elements of T at `array` whose index
+// is `forbidden`: a check that a kernel staged nothing it must not read (a
+// dead block of a masked weight).
+template <typename T, typename Forbidden>
+void CheckNoCopyReads(const T* array, int64_t count, const char* message, const Forbidden& forbidden) {
+  const auto* begin = reinterpret_cast<const unsigned char*>(array);
+  const auto* end = begin + count * int64_t(sizeof(T));
+  for (const auto& [address, bytes] : cuda_emulation::Engine::Get().TakeCopyReads()) {
+    for (const unsigned char* byte = address; byte < address + bytes; byte += sizeof(T)) {
+      if (byte >= begin && byte < end && forbidden((byte - begin) / int64_t(sizeof(T)))) {
+        cuda_emulation::Engine::Get().Report(message);
+        return;
+      }
+    }
+  }
+}
+
 // Status codes of the entry points besides cudaError_t values.
 constexpr int kUnknownType = -1000;
 constexpr int kEmulationFault = -1001;  // the kernels wrote outside an output, or to an input

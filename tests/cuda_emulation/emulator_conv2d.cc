@@ -10,6 +10,7 @@
 #include "tests/cuda_emulation/emulator.h"
 
 using masked_ops::emulation::Arena;
+using masked_ops::emulation::CheckNoCopyReads;
 using masked_ops::emulation::EmulatedLaunch;
 
 namespace {
@@ -64,17 +65,31 @@ int emu_conv2d(int product, int dtype, int mask_dtype, int out_mask_dtype, const
                       "workspace");
     const gpu::GpuMath math = MathOf(tensor_cores);
     int status = kUnknownType;
+    cuda_emulation::Engine::Get().TakeCopyReads();
+    // The filters' entry `index` ([tap, cin, cout]) lies in a dead block.
+    const auto check_no_read_of_dead_blocks = [&](const T* filters) {
+      if (level != 1) return;
+      CheckNoCopyReads(filters, filter_count, "a product staged filters in a dead block", [&](int64_t index) {
+        const int64_t in = index / g.out_channels % g.in_channels;
+        const int64_t out_channel = index % g.out_channels;
+        return static_cast<double>(view.data[in / g.in_block * g.out_blocks() + out_channel / g.out_block]) == 0.0;
+      });
+    };
     switch (product) {
-      case 0:
-        status = gpu::RunForward(EmulatedLaunch{}, g, arena.In(static_cast<const T*>(a), x_count, "x"),
-                                 arena.In(static_cast<const T*>(b), filter_count, "filters"), view, factors,
-                                 arena.InOut(static_cast<T*>(out), dy_count, "y"), workspace, math);
+      case 0: {
+        const T* filters = arena.In(static_cast<const T*>(b), filter_count, "filters");
+        status = gpu::RunForward(EmulatedLaunch{}, g, arena.In(static_cast<const T*>(a), x_count, "x"), filters, view,
+                                 factors, arena.InOut(static_cast<T*>(out), dy_count, "y"), workspace, math);
+        check_no_read_of_dead_blocks(filters);
         break;
-      case 1:
-        status = gpu::RunGradInput(EmulatedLaunch{}, g, arena.In(static_cast<const T*>(a), dy_count, "dy"),
-                                   arena.In(static_cast<const T*>(b), filter_count, "filters"), view, factors,
-                                   arena.InOut(static_cast<T*>(out), x_count, "dx"), workspace, math);
+      }
+      case 1: {
+        const T* filters = arena.In(static_cast<const T*>(b), filter_count, "filters");
+        status = gpu::RunGradInput(EmulatedLaunch{}, g, arena.In(static_cast<const T*>(a), dy_count, "dy"), filters,
+                                   view, factors, arena.InOut(static_cast<T*>(out), x_count, "dx"), workspace, math);
+        check_no_read_of_dead_blocks(filters);
         break;
+      }
       case 2:
         status = gpu::RunGradFilter(EmulatedLaunch{}, g, arena.In(static_cast<const T*>(a), x_count, "x"),
                                     arena.In(static_cast<const T*>(b), dy_count, "dy"), view, factors,

@@ -10,31 +10,9 @@
 #include "tests/cuda_emulation/emulator.h"
 
 using masked_ops::emulation::Arena;
+using masked_ops::emulation::CheckNoCopyReads;
 using masked_ops::emulation::EmulatedLaunch;
 
-namespace {
-
-// Reports a cp.async read of W (k x n of T at w) in a dead block of a block
-// mask (block (i, j) live where its mask value is not 0): the products must
-// never stage a dead block.
-template <typename T, typename TMask>
-void CheckNoDeadBlockRead(const T* w, int64_t k, int64_t n, const masked_ops::BlockGrid& grid, const TMask* mask) {
-  const auto* begin = reinterpret_cast<const unsigned char*>(w);
-  const auto* end = begin + k * n * int64_t(sizeof(T));
-  for (const auto& [address, bytes] : cuda_emulation::Engine::Get().TakeCopyReads()) {
-    for (const unsigned char* byte = address; byte < address + bytes; byte += sizeof(T)) {
-      if (byte < begin || byte >= end) continue;
-      const int64_t index = (byte - begin) / int64_t(sizeof(T));
-      const int64_t block = index / n / grid.block_rows * grid.grid_cols() + index % n / grid.block_cols;
-      if (static_cast<double>(mask[block]) == 0.0) {
-        cuda_emulation::Engine::Get().Report("a product staged W in a dead block");
-        return;
-      }
-    }
-  }
-}
-
-}  // namespace
 
 extern "C" {
 
@@ -63,19 +41,27 @@ int emu_matmul(int product, int dtype, int mask_dtype, int64_t m, int64_t k, int
     const gpu::GpuMath math = MathOf(tensor_cores);
     int status = kUnknownType;
     cuda_emulation::Engine::Get().TakeCopyReads();
+    // W's entry `index` lies in a dead block of the block mask.
+    const auto check_no_read_of_dead_blocks = [&](const T* w) {
+      if (level != 1) return;
+      CheckNoCopyReads(w, k * n, "a product staged W in a dead block", [&](int64_t index) {
+        return static_cast<double>(view.data[index / n / grid.block_rows * grid.grid_cols() +
+                                             index % n / grid.block_cols]) == 0.0;
+      });
+    };
     switch (product) {
       case 0: {
         const T* w = arena.In(static_cast<const T*>(b), k * n, "w");
         status = gpu::RunProduct<T, false>(EmulatedLaunch{}, shape, arena.In(static_cast<const T*>(a), m * k, "x"),
                                            w, view, arena.InOut(static_cast<T*>(out), m * n, "y"), workspace, math);
-        if (level == 1) CheckNoDeadBlockRead(w, k, n, grid, view.data);
+        check_no_read_of_dead_blocks(w);
         break;
       }
       case 1: {
         const T* w = arena.In(static_cast<const T*>(b), k * n, "w");
         status = gpu::RunProduct<T, true>(EmulatedLaunch{}, shape, arena.In(static_cast<const T*>(a), m * n, "dy"), w,
                                           view, arena.InOut(static_cast<T*>(out), m * k, "dx"), workspace, math);
-        if (level == 1) CheckNoDeadBlockRead(w, k, n, grid, view.data);
+        check_no_read_of_dead_blocks(w);
         break;
       }
       case 2:
