@@ -274,37 +274,44 @@ def main():
     HARNESS.set_warpgroup_mma(False)
     baseline = Harness(torch, args.baseline_harness) if args.baseline_harness else None
     shape = tuple(int(v) for v in args.shape.split("x"))
-    rows = [
-        case(shape, int(block), float(density), precision, mode, args.reps, args.warmup, baseline)
-        for precision in args.precisions.split(",") for block in args.blocks.split(",")
-        for density in args.densities.split(",") for mode in args.modes.split(",")
-    ]
-    conv_rows = [
-        conv_case(density, active, precision, mode, args.reps, args.warmup, baseline)
-        for precision in args.precisions.split(",") for density, active in ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.1, 1.0),
-                                                                    (1.0, 0.25), (1.0, 0.1), (0.5, 0.25))
-        for mode in args.modes.split(",")
-    ] if args.conv else []
     device = torch.cuda.get_device_name()
+    rows, conv_rows = [], []
+
+    def save():
+        """The results so far, rewritten after every row: a run cut short keeps them."""
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__,
+                                                           "rows": rows, "conv_rows": conv_rows}, indent=2) + "\n")
+
     versus = " | baseline ms | over baseline" if baseline else ""
     wgmma = " | wgmma ms | wgmma speedup" if WARPGROUP else ""
     print(f"| precision | block | density | mode | fused ms | cuBLAS ms | speedup | target{versus}{wgmma} |  # {device}")
     print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * (bool(baseline) + WARPGROUP))
-    for row in rows:
-        print(f"| {row['precision']} | {row['block']} | {row['density']:g} | {row['mode']} "
-              f"| {row['median_ms']['fused']:.3f} | {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x "
-              f"| {row['target']:.2f}x{baseline_cells(row)}{warpgroup_cells(row) if WARPGROUP else ''} |")
-    if conv_rows:
-        print(f"\n| precision | density | active tiles | mode | fused ms | cuDNN ms | speedup | target{versus} "
-              f"|  # {device}")
-        print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * bool(baseline))
-        for row in conv_rows:
-            print(f"| {row['precision']} | {row['density']:g} | {row['active']:g} | {row['mode']} "
-                  f"| {row['median_ms']['fused']:.3f} | {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x "
-                  f"| {row['target']:.2f}x{baseline_cells(row)} |")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__,
-                                                       "rows": rows, "conv_rows": conv_rows}, indent=2) + "\n")
+    for precision in args.precisions.split(","):
+        for block in args.blocks.split(","):
+            for density in args.densities.split(","):
+                for mode in args.modes.split(","):
+                    row = case(shape, int(block), float(density), precision, mode, args.reps, args.warmup, baseline)
+                    rows.append(row)
+                    save()
+                    print(f"| {row['precision']} | {row['block']} | {row['density']:g} | {row['mode']} "
+                          f"| {row['median_ms']['fused']:.3f} | {row['median_ms']['dense']:.3f} "
+                          f"| {row['speedup']:.2f}x | {row['target']:.2f}x{baseline_cells(row)}"
+                          f"{warpgroup_cells(row) if WARPGROUP else ''} |")
+    if not args.conv:
+        return
+    print(f"\n| precision | density | active tiles | mode | fused ms | cuDNN ms | speedup | target{versus} "
+          f"|  # {device}")
+    print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * bool(baseline))
+    for precision in args.precisions.split(","):
+        for density, active in ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.1, 1.0), (1.0, 0.25), (1.0, 0.1), (0.5, 0.25)):
+            for mode in args.modes.split(","):
+                row = conv_case(density, active, precision, mode, args.reps, args.warmup, baseline)
+                conv_rows.append(row)
+                save()
+                print(f"| {row['precision']} | {row['density']:g} | {row['active']:g} | {row['mode']} "
+                      f"| {row['median_ms']['fused']:.3f} | {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x "
+                      f"| {row['target']:.2f}x{baseline_cells(row)} |")
 
 
 if __name__ == "__main__":

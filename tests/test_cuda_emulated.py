@@ -701,6 +701,7 @@ WARPGROUP_CASES = [  # (m, k, n, block): every run width, both stage depths, sho
     (260, 64, 64, (128, 128)),   # one block wider than W: the whole tile (n128)
     (70, 64, 256, (32, 128)),    # forward runs of 8: whole-tile products per 128-wide block
     (8, 4160, 16, (16, 16)),     # one tile's list split 8 ways (forward)
+    (130, 96, 240, (48, 80)),    # runs of 1 both ways, blocks straddling strips of tiles
 ]
 
 

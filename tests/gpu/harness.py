@@ -65,8 +65,9 @@ def load(path=None):
     library.masked_ops_gpu_conv2d_uses_pipeline.restype = ctypes.c_int
     library.masked_ops_gpu_conv2d_uses_pipeline.argtypes = [ctypes.c_int, ctypes.c_char_p,
                                                             ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_int]
-    library.masked_ops_gpu_set_warpgroup_mma.restype = ctypes.c_int
-    library.masked_ops_gpu_set_warpgroup_mma.argtypes = [ctypes.c_int]
+    if hasattr(library, "masked_ops_gpu_set_warpgroup_mma"):  # harnesses built before session 8 lack it
+        library.masked_ops_gpu_set_warpgroup_mma.restype = ctypes.c_int
+        library.masked_ops_gpu_set_warpgroup_mma.argtypes = [ctypes.c_int]
     library.masked_ops_gpu_matmul.restype = ctypes.c_int
     library.masked_ops_gpu_matmul.argtypes = (
         [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p] + [ctypes.c_int64] * 5
@@ -106,7 +107,10 @@ class Harness:
     def set_warpgroup_mma(self, on):
         """Switches the warpgroup (wgmma) tile of the half types' forward
         product on or off; True when the current device then runs it (a
-        compute capability 9.0 GPU and a build with sm_90a code)."""
+        compute capability 9.0 GPU and a build with sm_90a code); False for
+        a harness without the tile."""
+        if not hasattr(self.library, "masked_ops_gpu_set_warpgroup_mma"):
+            return False
         return self.library.masked_ops_gpu_set_warpgroup_mma(int(on)) == 1
 
     def uses_tensor_cores(self, product, dtype, shape, block_size, tensor_cores=True):

@@ -593,14 +593,12 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
   };
   if (tile.empty()) return;  // the whole block, before any barrier
   const uint32_t* list = lists + tile.col_tile * p.segments() + tile.first;
-  __shared__ int partly_live;
-  if (threadIdx.x == 0) partly_live = 0;
-  __syncthreads();
+  bool partly = false;
   for (int i = threadIdx.x; i < tile.count; i += wg::kThreads) {
-    if (pl::StripsOf(list[i]) != (1u << pl::kTileStrips) - 1) partly_live = 1;
+    partly = partly || pl::StripsOf(list[i]) != (1u << pl::kTileStrips) - 1;
   }
-  __syncthreads();
-  if (taken != wg::Tiles::kAll && (partly_live == 0) != (taken == wg::Tiles::kWhole)) return;  // the other launch's
+  const bool partly_live = __syncthreads_or(partly) != 0;
+  if (taken != wg::Tiles::kAll && partly_live == (taken == wg::Tiles::kWhole)) return;  // the other launch's
   float acc[2][64] = {};
   wg::RunListedSegments<D, kDepth, kRunStrips, !kTransposed>(list, tile.count, min(p.depth_block(), p.depth()),
                                                              issue_segment, scale_stage, acc);

@@ -263,11 +263,15 @@ class Engine {
   }
 
   // __syncthreads() in the current thread; site: the call's return address.
-  void Barrier(const void* site) {
+  // With `predicate`: __syncthreads_or, whose result is whether any thread's
+  // predicate was nonzero.
+  bool Barrier(const void* site, bool predicate = false) {
     Fiber& fiber = fibers_[current_];
     fiber.state = State::kAtBarrier;
     fiber.site = site;
+    fiber.barrier_predicate = predicate;
     swapcontext(&fiber.context, &scheduler_);
+    return fiber.barrier_result;
   }
 
   // The launch's dynamic shared memory (extern __shared__), 128-byte aligned.
@@ -456,6 +460,7 @@ class Engine {
     std::vector<PendingWarpgroupMma> open_mmas;
     std::vector<std::vector<PendingWarpgroupMma>> committed_mmas;
     int64_t retired_mma_groups;
+    bool barrier_predicate, barrier_result;  // of __syncthreads_or
   };
 
   void RunWarpgroupMma(const PendingWarpgroupMma& product);
@@ -534,6 +539,7 @@ class Engine {
       fiber.site = nullptr;
       fiber.thread = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
       fiber.exchanges = 0;
+      fiber.barrier_predicate = fiber.barrier_result = false;
       fiber.open_copies.clear();
       fiber.committed.clear();
       fiber.open_mmas.clear();
@@ -583,8 +589,15 @@ class Engine {
       }
       if (!same_site) Report("threads of a block wait at different __syncthreads()");
       ++stats_.barriers;
+      bool any = false;
       for (unsigned i = 0; i < threads; ++i) {
-        if (fibers_[i].state == State::kAtBarrier) fibers_[i].state = State::kRunnable;
+        any = any || (fibers_[i].state == State::kAtBarrier && fibers_[i].barrier_predicate);
+      }
+      for (unsigned i = 0; i < threads; ++i) {
+        if (fibers_[i].state == State::kAtBarrier) {
+          fibers_[i].state = State::kRunnable;
+          fibers_[i].barrier_result = any;
+        }
       }
     }
   }
@@ -692,6 +705,10 @@ inline void Engine::RunWarpgroupMma(const PendingWarpgroupMma& product) {
 
 __device__ __attribute__((noinline)) inline void __syncthreads() {
   cuda_emulation::Engine::Get().Barrier(__builtin_return_address(0));
+}
+
+__device__ __attribute__((noinline)) inline int __syncthreads_or(int predicate) {
+  return cuda_emulation::Engine::Get().Barrier(__builtin_return_address(0), predicate != 0) ? 1 : 0;
 }
 
 [[noreturn]] __device__ inline void __trap() { cuda_emulation::Engine::Get().Trap(); }
