@@ -816,17 +816,55 @@ def test_warpgroup_nan_reaches_live_blocks_only(emulator, block):
         assert np.isnan(out[:, nan_columns]).all(), product
 
 
+@pytest.mark.parametrize("shape, block", [((150, 200, 136), (64, 32)), ((64, 272, 144), (48, 16)),
+                                          ((2080, 64, 48), (16, 16)), ((96, 256, 256), (32, 128))],
+                         ids=["runs-of-2", "runs-of-1", "split-batch", "whole-tiles"])
+@pytest.mark.parametrize("level", ["block", "element"])
+def test_warpgroup_weight_gradient_multiplies_live_halves(emulator, shape, block, level):
+    """dW on the warpgroup tile (x^T staged M-major, dy N-major): each 64-row
+    half of a tile multiplies the runs of its strips in which a 16 x 16
+    fragment is live, over the whole batch (split or not): the wgmma columns
+    restated from the mask, no mma.sync, and the reference's result, zero
+    in dead blocks."""
+    m, k, n = shape
+    emulator.lib.emu_set_warpgroup_mma(1)
+    rng = np.random.default_rng(8)
+    mask, element = make_masks(rng, k, n, block, 0.4, level)
+    mask = mask.astype(np.float32)
+    x, dy = rng.standard_normal((m, k)).astype(np.float16), rng.standard_normal((m, n)).astype(np.float16)
+    emulator.lib.emu_reset_stats()
+    dw = emulator.matmul("grad_weight", x, dy, mask, level, block, shape, np.full((k, n), np.nan, np.float16), True)
+    block_live = np.repeat(np.repeat(make_masks(np.random.default_rng(8), k, n, block, 0.4, "block")[0] != 0,
+                                     block[0], 0), block[1], 1)[:k, :n]
+    cols = min(block[1], n)
+    run = 8 if cols >= n else max(p for p in (1, 2, 4, 8) if cols % (16 * p) == 0)
+    columns = 0
+    for row0 in range(0, k, 128):
+        for col0 in range(0, n, 128):
+            for half in range(2):
+                rows = range(row0 + 64 * half, min(k, row0 + 64 * half + 64), 16)
+                strips = [any(block_live[r, c] for r in rows) for c in range(col0, min(n, col0 + 128), 16)]
+                columns += sum(any(strips[r:r + run]) for r in range(0, len(strips), run)) * run * 16
+    stats = emulator.stats()
+    assert stats["mma_syncs"] == 0
+    assert stats["warpgroup_mma_columns"] == math.ceil(m / 32) * 2 * columns
+    expected, bound, _ = _matmul(MATMUL_OPS["grad_weight"], x.astype(np.float64), dy.astype(np.float64),
+                                 mask.astype(np.float64), {"block_rows": block[0], "block_cols": block[1]})
+    check(dw, expected, bound, m, "float16", True, "grad_weight float16")
+    assert (dw[element == 0] == 0).all()
+
+
 def test_warpgroup_switch_and_rule(emulator):
-    """The warpgroup tile is off until switched on, and takes only the
-    forward product and dx of the half types: float32 (TF32 cannot take W
-    N-major) and dW keep mma.sync."""
+    """The warpgroup tile is off until switched on, and takes the three
+    products of the half types only: float32 (TF32 cannot take W N-major)
+    keeps mma.sync."""
     rng = np.random.default_rng(2)
     m, k, n, block = 64, 64, 64, (16, 16)
     mask = np.ones((4, 4), np.float32)
     for product, dtype, on, uses_warpgroup in (("forward", "float16", False, False),
                                                ("forward", "float16", True, True),
                                                ("grad_input", "bfloat16", True, True),
-                                               ("grad_weight", "float16", True, False),
+                                               ("grad_weight", "float16", True, True),
                                                ("forward", "float32", True, False)):
         emulator.lib.emu_set_warpgroup_mma(int(on))
         a, b = (rng.standard_normal(s).astype(np_dtype(dtype)) for s in ((m, k), (k, n)))

@@ -180,8 +180,8 @@ def test_pipelined_products_at_size(block_size, density):
 
 @pytest.fixture
 def warpgroup():
-    """The half types' forward product and dx on the warpgroup (wgmma) tile
-    for the test; skipped where the GPU or the build has none."""
+    """The half types' products on the warpgroup (wgmma) tile for the test;
+    skipped where the GPU or the build has none."""
     if not HARNESS.set_warpgroup_mma(True):
         HARNESS.set_warpgroup_mma(False)
         pytest.skip("the warpgroup tile needs a compute capability 9.0 GPU and a build with sm_90a code")
@@ -189,26 +189,29 @@ def warpgroup():
     HARNESS.set_warpgroup_mma(False)
 
 
-def run_product(product, a, w, mask, block_size, dtype):
-    """The forward product (a = x) or dx (a = dy) of float64 arrays and a
-    block mask as dtype, into a NaN-filled output."""
+def run_product(product, a, b, mask, block_size, dtype):
+    """The forward product (a = x, b = W), dx (a = dy, b = W) or dW (a = x,
+    b = dy) of float64 arrays and a block mask as dtype, into a NaN-filled
+    output."""
     m = a.shape[0]
-    k, n = w.shape
+    k, n = (a.shape[1], b.shape[1]) if product == "grad_weight" else b.shape
     on_gpu = lambda v: torch.tensor(v, dtype=dtype, device="cuda")  # noqa: E731
-    out = torch.full((m, n if product == "forward" else k), float("nan"), dtype=dtype, device="cuda")
-    HARNESS.run(product, on_gpu(a), on_gpu(w), torch.tensor(mask, dtype=torch.float32, device="cuda"), "block",
+    out_shape = {"forward": (m, n), "grad_input": (m, k), "grad_weight": (k, n)}[product]
+    out = torch.full(out_shape, float("nan"), dtype=dtype, device="cuda")
+    HARNESS.run(product, on_gpu(a), on_gpu(b), torch.tensor(mask, dtype=torch.float32, device="cuda"), "block",
                 block_size, (m, k, n), out)
     torch.cuda.synchronize()
     return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("product", ["forward", "grad_input"])
+@pytest.mark.parametrize("product", ["forward", "grad_input", "grad_weight"])
 def test_warpgroup_layout_probe(warpgroup, product, dtype):
     """One 128 x 128 output tile over 32 of depth (two wgmma k-steps, both
-    halves) with inputs whose products name their own place: row r of a
-    selects depth r % 32, and W's entries are their output column (then
-    their depth), so the output is its column (then r % 32) exactly. On
+    halves) with inputs whose products name their own place: row r of the
+    left operand selects depth r % 32, and the right operand's entries are
+    their output column (then their depth), so the output is its column
+    (then r % 32) exactly. On
     failure the message shows a corner of what came out, to tell a
     transposed operand, a wrong descriptor stride or a misplaced accumulator
     from the log alone."""
@@ -221,8 +224,10 @@ def test_warpgroup_layout_probe(warpgroup, product, dtype):
                                                           (1, columns)))):
         if product == "forward":
             out = run_product(product, a, w, np.ones((1, 1)), (depth, columns), dtype)
-        else:  # W is [columns, depth]: dx = a @ W^T
+        elif product == "grad_input":  # W is [columns, depth]: dx = a @ W^T
             out = run_product(product, a, w.T, np.ones((1, 1)), (columns, depth), dtype)
+        else:  # dW = x^T dy: x [depth, rows] selects, dy [depth, columns] names
+            out = run_product(product, a.T, w, np.ones((1, 1)), (m, columns), dtype)
         out = out.double().cpu().numpy()
         wrong = np.argwhere(out != expected)
         assert wrong.size == 0, (f"{product} {name} probe: {len(wrong)} entries wrong, first at {wrong[:4].tolist()};\n"
@@ -250,11 +255,11 @@ def check_rounded_inputs(actual, expected):
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.3, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_warpgroup_products_match_reference(warpgroup, shape, density, dtype):
-    """The wgmma forward product and dx (Hopper) against the float64
+    """The three products on the wgmma tile (Hopper) against the float64
     reference: every run width (blocks of 16 to 256 output columns), whole
-    and partly live tiles, split lists, block factors 1, 2 and -0.5 (stages
-    rescaled in shared memory), NaN in dead blocks, outputs poisoned with
-    NaN."""
+    and partly live tiles, split lists and batches, block factors 1, 2 and
+    -0.5 (stages rescaled in shared memory), NaN in dead blocks, outputs
+    poisoned with NaN."""
     m, k, n, block_size = shape
     rng = np.random.default_rng([m, k, n, int(density * 10), 1])
     mask, element = make_masks(rng, k, n, block_size, density, "block")
@@ -264,6 +269,9 @@ def test_warpgroup_products_match_reference(warpgroup, shape, density, dtype):
     w_with_nan = np.where(element == 0, np.nan, w)
     check_rounded_inputs(run_product("forward", x, w_with_nan, mask, block_size, dtype), expected[0])
     check_rounded_inputs(run_product("grad_input", dy, w_with_nan, mask, block_size, dtype), expected[1])
+    dw = run_product("grad_weight", x, dy, mask, block_size, dtype)
+    check_rounded_inputs(dw, expected[2])
+    assert (dw.double().cpu().numpy()[element == 0] == 0).all()
 
 
 @pytest.mark.parametrize("block_size", [(32, 32), (16, 48), (32, 128), (128, 16)], ids=lambda b: f"b{b[0]}x{b[1]}")

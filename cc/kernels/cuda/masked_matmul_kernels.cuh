@@ -621,6 +621,39 @@ __global__ void SplitSums(const float* partials, int64_t splits, const int32_t* 
   }
 }
 
+// A weight gradient's thread block: blockIdx.x walks (split, 128 x 128 tile
+// of dW), columns fastest; the split multiplies `steps` stages of `depth`
+// rows of the batch from stage `first` (per_split a split).
+struct WeightTile {
+  int64_t split, row0, col0, first, steps;
+  __device__ WeightTile(const GridDims& g, int64_t m, int64_t depth, int64_t per_split) {
+    const int64_t col_tiles = CeilDiv(g.cols, int64_t{pl::kTileCols});
+    const int64_t tiles = CeilDiv(g.rows, int64_t{pl::kTileRows}) * col_tiles;
+    split = int64_t(blockIdx.x) / tiles;
+    row0 = int64_t(blockIdx.x) % tiles / col_tiles * pl::kTileRows;
+    col0 = int64_t(blockIdx.x) % col_tiles * pl::kTileCols;
+    first = split * per_split;
+    steps = max(int64_t{0}, min(CeilDiv(m, depth), first + per_split) - first);
+  }
+  // Tile entries (r, c) and (r, c + 1) of dW: float partial sums where
+  // partials, else masked by the factors factors_at(at, row, col) gives
+  // (float2) for dW's entry `at` = (row, col) and the next.
+  template <typename D, typename FactorsAt>
+  __device__ void Store(const GridDims& g, int r, int c, float v0, float v1, float* partials, D* dw,
+                        const FactorsAt& factors_at) const {
+    const int64_t row = row0 + r;
+    const int64_t col = col0 + c;
+    if (row >= g.rows || col >= g.cols) return;
+    const int64_t at = row * g.cols + col;
+    if (partials != nullptr) {
+      pl::StorePair(partials + split * g.rows * g.cols + at, v0, v1);
+      return;
+    }
+    const float2 factor = factors_at(at, row, col);
+    pl::StorePair(dw + at, Masked(v0, factor.x), Masked(v1, factor.y));
+  }
+};
+
 // dW = mask(x^T dy) for 16-bit D (or float as TF32) on the pipelined tile,
 // split over the depth: blockIdx.x walks (split, dW's 128 x 128 tile),
 // columns fastest; the depth is the m rows of x and dy, kDepth at a time,
@@ -636,13 +669,11 @@ __global__ void __launch_bounds__(pl::kThreads)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // launched only where DeviceSupportsTensorCores()
 #else
-  const int64_t col_tiles = CeilDiv(g.cols, pl::kTileCols);
-  const int64_t tiles = CeilDiv(g.rows, pl::kTileRows) * col_tiles;
-  const int64_t split = int64_t(blockIdx.x) / tiles;
-  const int64_t row0 = int64_t(blockIdx.x) % tiles / col_tiles * pl::kTileRows;
-  const int64_t col0 = int64_t(blockIdx.x) % col_tiles * pl::kTileCols;
-  const int64_t first = split * per_split;
-  const int64_t steps = max(int64_t{0}, min(CeilDiv(m, int64_t{kDepth}), first + per_split) - first);
+  const WeightTile tile(g, m, kDepth, per_split);
+  const int64_t row0 = tile.row0;
+  const int64_t col0 = tile.col0;
+  const int64_t first = tile.first;
+  const int64_t steps = tile.steps;
   const auto fragment_live = [&](int64_t row, int64_t col) {
     return row < g.rows && col < g.cols && g.block_live(live, row, col);
   };
@@ -663,17 +694,66 @@ __global__ void __launch_bounds__(pl::kThreads)
       row0, col0, [&](int64_t row) { return min(row, g.rows - 1) / g.block_rows * g.grid_cols; },
       [&](int64_t col) { return min(col, g.cols - 1) / g.block_cols; });
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int mt, int s) {
-    const int64_t row = row0 + r;
-    const int64_t col = col0 + c;
-    if (row >= g.rows || col >= g.cols) return;
-    const int64_t at = row * g.cols + col;
-    if (partials != nullptr) {
-      pl::StorePair(partials + split * g.rows * g.cols + at, v0, v1);
-      return;
+    tile.Store(g, r, c, v0, v1, partials, dw, [&](int64_t at, int64_t, int64_t) {
+      return element_level ? make_float2(factors[at], factors[at + 1])
+                           : make_float2(factors[blocks(mt, s)], factors[blocks(mt, s)]);
+    });
+  });
+#endif
+}
+
+// PipelinedOuterProducts on the warpgroup tile (warpgroup_gemm.cuh; Hopper,
+// built for sm_90a): the same tiles, splits and outputs, A = x^T staged
+// M-major (x's rows are the depth) and B = dy N-major. A 64-row half of the
+// tile multiplies each run of its strips in which some 16 x 16 fragment is
+// live (the half's dead fragments in such a run are multiplied and masked
+// off when stored), and chunks of x and dy in strips with no live fragment
+// are zero fills that read nothing. Tiles with every fragment live take the
+// kWhole launch (128-wide products), the others kPartlyLive, as for
+// WarpgroupProduct.
+template <typename D, int kDepth, int kRunStrips>
+__global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
+    WarpgroupOuterProducts(const D* x, const D* dy, int64_t m, const float* factors, bool element_level, GridDims g,
+                           const uint8_t* live, int64_t per_split, float* partials, D* dw, wg::Tiles taken) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // launched only where wg::DeviceUsesWarpgroupMma()
+#else
+  const WeightTile tile(g, m, kDepth, per_split);
+  // Each half's strips with a live fragment, and the tile's row strips with one.
+  wg::HalfStrips strips{{0u, 0u}};
+  unsigned row_strips = 0;
+  for (int r = 0; r < pl::kTileStrips; ++r) {
+    for (int c = 0; c < pl::kTileStrips; ++c) {
+      const int64_t row = tile.row0 + r * pl::kStrip;
+      const int64_t col = tile.col0 + c * pl::kStrip;
+      if (row < g.rows && col < g.cols && g.block_live(live, row, col)) {
+        strips.half[r * pl::kStrip / wg::kHalfRows] |= 1u << c;
+        row_strips |= 1u << r;
+      }
     }
-    const float f0 = element_level ? factors[at] : factors[blocks(mt, s)];
-    const float f1 = element_level ? factors[at + 1] : f0;
-    pl::StorePair(dw + at, Masked(v0, f0), Masked(v1, f1));
+  }
+  const bool whole = strips.half[0] == (1u << pl::kTileStrips) - 1 && strips.half[1] == strips.half[0];
+  if (taken != wg::Tiles::kAll && whole != (taken == wg::Tiles::kWhole)) return;  // the other launch's
+  strips.half[0] = ptx::WarpUniform(strips.half[0]);
+  strips.half[1] = ptx::WarpUniform(strips.half[1]);
+  // x's and dy's rows m0 .. as depth lines, along dW's rows and columns.
+  using Copier = wg::CoreMatrixCopier<D, kDepth, kDepth, pl::kTileCols / 8, true>;
+  const Copier x_copier(x, g.rows, tile.row0, g.rows);
+  const Copier dy_copier(dy, g.cols, tile.col0, g.cols);
+  const unsigned x_copies = x_copier.CopiesIn(row_strips);
+  const unsigned dy_copies = dy_copier.CopiesIn(strips.half[0] | strips.half[1]);
+  const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
+    x_copier.Issue(a_stage, (tile.first + step) * kDepth, m, x_copies);
+    dy_copier.Issue(b_stage, (tile.first + step) * kDepth, m, dy_copies);
+  };
+  float acc[2][64] = {};
+  // A half may have no live strip: its whole-tile products are guarded too.
+  wg::RunPipeline<D, kDepth, kRunStrips, true, true, false>(
+      strips.half[0] | strips.half[1] ? tile.steps : 0, issue, [&](int64_t, D*) { return strips; }, acc);
+  wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
+    tile.Store(g, r, c, v0, v1, partials, dw, [&](int64_t, int64_t row, int64_t col) {
+      return make_float2(g.factor(factors, element_level, row, col), g.factor(factors, element_level, row, col + 1));
+    });
   });
 #endif
 }

@@ -179,34 +179,44 @@ size_t GpuWorkspaceBytes(const MatmulShape& shape, MaskLevel level, Product prod
 
 namespace {
 
+// run(run_strips, taken) for each launch of a warpgroup kernel over output
+// columns cut into blocks of `block` (of `cols`): one launch of whole-tile
+// products where runs are whole tiles, else one for the tiles that are all
+// live and one, with run_strips from wg::RunStrips, for the others.
+template <typename Run>
+void WithRunStrips(int64_t block, int64_t cols, const Run& run) {
+  const std::integral_constant<int, pl::kTileStrips> whole;
+  const int run_strips = wg::RunStrips(block, cols);
+  if (run_strips == pl::kTileStrips) return run(whole, wg::Tiles::kAll);
+  run(whole, wg::Tiles::kWhole);
+  switch (run_strips) {
+    case 4:
+      return run(std::integral_constant<int, 4>{}, wg::Tiles::kPartlyLive);
+    case 2:
+      return run(std::integral_constant<int, 2>{}, wg::Tiles::kPartlyLive);
+    default:
+      return run(std::integral_constant<int, 1>{}, wg::Tiles::kPartlyLive);
+  }
+}
+
 // The forward product and dx of 16-bit types take the warpgroup tile where
 // the device runs it, the rest the pipelined tile (same grid, lists and
-// splits).
+// splits); so does dW (RunGradWeight).
 template <typename D, bool kTransposed, int kDepth, typename Launch>
 void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, int64_t m, const D* w,
                             const Workspace<float>& ws, const GridDims& dims, int64_t splits, D* out) {
   if constexpr (wg::kHasWarpgroupPath<D>) {
     if (wg::DeviceUsesWarpgroupMma()) {
-      const auto run = [&](auto run_strips, wg::Tiles taken) {
-        launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
-            WarpgroupProduct<D, kTransposed, kDepth, decltype(run_strips)::value>, static_cast<unsigned>(blocks),
-            wg::kThreads, a, m, w, ws.factors, dims, ws.live, reinterpret_cast<const uint32_t*>(ws.lists), ws.counts,
-            splits, splits > 1 ? ws.partials : nullptr, out, taken);
-      };
       // The blocks across the output's columns: W's columns, or its rows for dx.
-      const int run_strips = kTransposed ? wg::RunStrips(dims.block_rows, dims.rows)
-                                         : wg::RunStrips(dims.block_cols, dims.cols);
-      const std::integral_constant<int, pl::kTileStrips> whole;
-      if (run_strips == pl::kTileStrips) return run(whole, wg::Tiles::kAll);
-      run(whole, wg::Tiles::kWhole);
-      switch (run_strips) {
-        case 4:
-          return run(std::integral_constant<int, 4>{}, wg::Tiles::kPartlyLive);
-        case 2:
-          return run(std::integral_constant<int, 2>{}, wg::Tiles::kPartlyLive);
-        default:
-          return run(std::integral_constant<int, 1>{}, wg::Tiles::kPartlyLive);
-      }
+      WithRunStrips(kTransposed ? dims.block_rows : dims.block_cols, kTransposed ? dims.rows : dims.cols,
+                    [&](auto run_strips, wg::Tiles taken) {
+                      launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
+                          WarpgroupProduct<D, kTransposed, kDepth, decltype(run_strips)::value>,
+                          static_cast<unsigned>(blocks), wg::kThreads, a, m, w, ws.factors, dims, ws.live,
+                          reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits,
+                          splits > 1 ? ws.partials : nullptr, out, taken);
+                    });
+      return;
     }
   }
   launch.WithSharedMemory(pl::kSharedBytes<D, kDepth, true, kTransposed>)(
@@ -292,10 +302,27 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       const int64_t per_split = CeilDiv(CeilDiv(shape.m, int64_t{kDepth}), splits);
       const bool element_level = mask.level == MaskLevel::kElement;
-      launch.WithSharedMemory(pl::kSharedBytes<D, kDepth, false, false>)(
-          PipelinedOuterProducts<D, kDepth>, static_cast<unsigned>(blocks), pl::kThreads,
-          reinterpret_cast<const D*>(x), reinterpret_cast<const D*>(dy), shape.m, ws.factors, element_level, dims,
-          ws.live, per_split, splits > 1 ? ws.partials : nullptr, reinterpret_cast<D*>(dw));
+      const auto* dx = reinterpret_cast<const D*>(x);
+      const auto* ddy = reinterpret_cast<const D*>(dy);
+      auto* ddw = reinterpret_cast<D*>(dw);
+      float* partials = splits > 1 ? ws.partials : nullptr;
+      bool warpgroup = false;
+      if constexpr (wg::kHasWarpgroupPath<D>) {
+        if (wg::DeviceUsesWarpgroupMma()) {
+          warpgroup = true;
+          WithRunStrips(dims.block_cols, dims.cols, [&](auto run_strips, wg::Tiles taken) {
+            launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
+                WarpgroupOuterProducts<D, kDepth, decltype(run_strips)::value>, static_cast<unsigned>(blocks),
+                wg::kThreads, dx, ddy, shape.m, ws.factors, element_level, dims, ws.live, per_split, partials, ddw,
+                taken);
+          });
+        }
+      }
+      if (!warpgroup) {
+        launch.WithSharedMemory(pl::kSharedBytes<D, kDepth, false, false>)(
+            PipelinedOuterProducts<D, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, dx, ddy, shape.m,
+            ws.factors, element_level, dims, ws.live, per_split, partials, ddw);
+      }
       if (splits > 1) {
         launch(SplitWeightSums<D>, BlocksFor(shape.k * shape.n), kThreads, ws.partials, splits, ws.factors,
                element_level, dims, reinterpret_cast<D*>(dw));

@@ -181,29 +181,29 @@ __device__ inline void WarpgroupWait() {
   "+f"(d[kOffset + 52]), "+f"(d[kOffset + 53]), "+f"(d[kOffset + 54]), "+f"(d[kOffset + 55]), \
   "+f"(d[kOffset + 56]), "+f"(d[kOffset + 57]), "+f"(d[kOffset + 58]), "+f"(d[kOffset + 59]), \
   "+f"(d[kOffset + 60]), "+f"(d[kOffset + 61]), "+f"(d[kOffset + 62]), "+f"(d[kOffset + 63])
-#define MASKED_OPS_WGMMA(GUARD, SHAPE, TYPE, REGISTERS, A, B, ONE, ISSUE, TRANSPOSE_B, ...)                     \
+#define MASKED_OPS_WGMMA(GUARD, SHAPE, TYPE, REGISTERS, A, B, ONE, ISSUE, TRANSPOSE_A, TRANSPOSE_B, ...)        \
   asm volatile("{\n.reg .pred p, q;\nsetp.ne.b32 p, %" ONE ", 0;\nsetp.ne.b32 q, %" ISSUE ", 0;\n" GUARD          \
                "wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPE "." TYPE " " REGISTERS ", %" A ", %" B ", p, 1, 1, " \
-               "0, %" TRANSPOSE_B ";\n}\n"                                                                     \
+               "%" TRANSPOSE_A ", %" TRANSPOSE_B ";\n}\n"                                                     \
                : __VA_ARGS__                                                                                   \
-               : "l"(a), "l"(b), "r"(1), "r"(issue ? 1 : 0), "n"(kBNMajor ? 1 : 0))
+               : "l"(a), "l"(b), "r"(1), "r"(issue ? 1 : 0), "n"(kAMMajor ? 1 : 0), "n"(kBNMajor ? 1 : 0))
 // The four forms of one shape: bf16 or f16, guarded by `issue` or not; the
 // accumulator operands last.
-#define MASKED_OPS_WGMMA_FORMS(SHAPE, REGISTERS, A, B, ONE, ISSUE, TRANSPOSE_B, ...)          \
+#define MASKED_OPS_WGMMA_FORMS(SHAPE, REGISTERS, A, B, ONE, ISSUE, TRANSPOSE_A, TRANSPOSE_B, ...)          \
   if constexpr (kBf16 && kGuarded) {                                                           \
-    MASKED_OPS_WGMMA("@q ", SHAPE, "bf16", REGISTERS, A, B, ONE, ISSUE, TRANSPOSE_B, __VA_ARGS__); \
+    MASKED_OPS_WGMMA("@q ", SHAPE, "bf16", REGISTERS, A, B, ONE, ISSUE, TRANSPOSE_A, TRANSPOSE_B, __VA_ARGS__); \
   } else if constexpr (kBf16) {                                                                \
-    MASKED_OPS_WGMMA("", SHAPE, "bf16", REGISTERS, A, B, ONE, ISSUE, TRANSPOSE_B, __VA_ARGS__);    \
+    MASKED_OPS_WGMMA("", SHAPE, "bf16", REGISTERS, A, B, ONE, ISSUE, TRANSPOSE_A, TRANSPOSE_B, __VA_ARGS__);    \
   } else if constexpr (kGuarded) {                                                             \
-    MASKED_OPS_WGMMA("@q ", SHAPE, "f16", REGISTERS, A, B, ONE, ISSUE, TRANSPOSE_B, __VA_ARGS__);  \
+    MASKED_OPS_WGMMA("@q ", SHAPE, "f16", REGISTERS, A, B, ONE, ISSUE, TRANSPOSE_A, TRANSPOSE_B, __VA_ARGS__);  \
   } else {                                                                                     \
-    MASKED_OPS_WGMMA("", SHAPE, "f16", REGISTERS, A, B, ONE, ISSUE, TRANSPOSE_B, __VA_ARGS__);     \
+    MASKED_OPS_WGMMA("", SHAPE, "f16", REGISTERS, A, B, ONE, ISSUE, TRANSPOSE_A, TRANSPOSE_B, __VA_ARGS__);     \
   }
 
 // d[kOffset ..] += A B for the warpgroup (sm_90a), where `issue` (the same in
 // the whole warpgroup; kGuarded, else always): A 64 x 16 of E (__half or
-// __nv_bfloat16) K-major and B 16 x kN N-major (kBNMajor: transposed) or
-// K-major, both in shared memory as the descriptors a and b give them,
+// __nv_bfloat16) M-major (kAMMajor: transposed) or K-major and B 16 x kN
+// N-major (kBNMajor: transposed) or K-major, both in shared memory as the descriptors a and b give them,
 // accumulating in float in the
 // m64nNk16 layout: float i of thread 32 w + l holds (16 w + l / 4 + 8 ((i /
 // 2) % 2), 8 (i / 4) + 2 (l % 4) + i % 2). Asynchronous: the accumulators and
@@ -213,23 +213,23 @@ __device__ inline void WarpgroupWait() {
 // branches: it waits for each and moves the accumulators between them); the
 // guard still costs an injected warpgroup.arrive each (ptxas C7519), so the
 // products that always run go unguarded.
-template <typename E, int kN, int kOffset, bool kGuarded, bool kBNMajor>
+template <typename E, int kN, int kOffset, bool kGuarded, bool kAMMajor, bool kBNMajor>
 __device__ inline void WarpgroupMma(float (&d)[64], uint64_t a, uint64_t b, bool issue) {
   static_assert(std::is_same_v<E, __half> || std::is_same_v<E, __nv_bfloat16>, "wgmma of 16-bit types here");
   static_assert(kOffset % 2 == 0 && kOffset + kN / 2 <= 64, "the product's accumulators lie in d");
   constexpr bool kBf16 = std::is_same_v<E, __nv_bfloat16>;
   if constexpr (kN == 16) {
-    MASKED_OPS_WGMMA_FORMS("m64n16k16", MASKED_OPS_WGMMA_REGISTERS16, "8", "9", "10", "11", "12",
+    MASKED_OPS_WGMMA_FORMS("m64n16k16", MASKED_OPS_WGMMA_REGISTERS16, "8", "9", "10", "11", "12", "13",
                            MASKED_OPS_WGMMA_ACCUMULATORS16)
   } else if constexpr (kN == 32) {
-    MASKED_OPS_WGMMA_FORMS("m64n32k16", MASKED_OPS_WGMMA_REGISTERS32, "16", "17", "18", "19", "20",
+    MASKED_OPS_WGMMA_FORMS("m64n32k16", MASKED_OPS_WGMMA_REGISTERS32, "16", "17", "18", "19", "20", "21",
                            MASKED_OPS_WGMMA_ACCUMULATORS32)
   } else if constexpr (kN == 64) {
-    MASKED_OPS_WGMMA_FORMS("m64n64k16", MASKED_OPS_WGMMA_REGISTERS64, "32", "33", "34", "35", "36",
+    MASKED_OPS_WGMMA_FORMS("m64n64k16", MASKED_OPS_WGMMA_REGISTERS64, "32", "33", "34", "35", "36", "37",
                            MASKED_OPS_WGMMA_ACCUMULATORS64)
   } else {
     static_assert(kN == 128, "products 16, 32, 64 or 128 columns wide");
-    MASKED_OPS_WGMMA_FORMS("m64n128k16", MASKED_OPS_WGMMA_REGISTERS128, "64", "65", "66", "67", "68",
+    MASKED_OPS_WGMMA_FORMS("m64n128k16", MASKED_OPS_WGMMA_REGISTERS128, "64", "65", "66", "67", "68", "69",
                            MASKED_OPS_WGMMA_ACCUMULATORS128)
   }
 }
@@ -272,10 +272,10 @@ template <int kPending>
 __device__ inline void WarpgroupWait() {
   cuda_emulation::Engine::Get().WaitWarpgroupMmas(kPending);
 }
-template <typename E, int kN, int kOffset, bool kGuarded, bool kBNMajor>
+template <typename E, int kN, int kOffset, bool kGuarded, bool kAMMajor, bool kBNMajor>
 __device__ inline void WarpgroupMma(float (&d)[64], uint64_t a, uint64_t b, bool issue) {
   static_assert(kOffset % 2 == 0 && kOffset + kN / 2 <= 64, "the product's accumulators lie in d");
-  cuda_emulation::WarpgroupMma<E>(d + kOffset, kN, a, b, kBNMajor, !kGuarded || issue);
+  cuda_emulation::WarpgroupMma<E>(d + kOffset, kN, a, b, kAMMajor, kBNMajor, !kGuarded || issue);
 }
 
 #endif

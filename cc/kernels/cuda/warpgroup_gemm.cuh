@@ -201,75 +201,74 @@ inline int RunStrips(int64_t block, int64_t cols) {
 }
 
 // acc += A B over the runs of kRunStrips strips from run kRun on that have
-// a live strip in `strips`; b: B's descriptor at column 0, B N-major
-// (kBNMajor) or K-major.
-template <typename D, int kDepth, int kRunStrips, bool kBNMajor, int kRun = 0>
+// a live strip in `strips`; a and b: the operands' descriptors (b at column
+// 0), A M-major (kAMMajor) or K-major, B N-major (kBNMajor) or K-major.
+// kWholeLive: a run of all 8 strips is live whenever the stage is
+// multiplied (the listed products), so that product needs no guard.
+template <typename D, int kDepth, int kRunStrips, bool kAMMajor, bool kBNMajor, bool kWholeLive, int kRun = 0>
 __device__ inline void MultiplyRuns(float (&acc)[64], uint64_t a, uint64_t b, unsigned strips) {
   if constexpr (kRun < pl::kTileStrips / kRunStrips) {
     constexpr unsigned kRunMask = (1u << kRunStrips) - 1;
     // The run's first column along B, in the descriptor's 16-byte units: 8
     // columns are one core matrix further, kDepth * 16 bytes either way.
     constexpr uint64_t kRunStart = uint64_t{kRun} * kRunStrips * (pl::kStrip / 8) * kDepth;
-    // Runs of 8 strips are whole tiles, every one listed live.
-    ptx::WarpgroupMma<D, kRunStrips * pl::kStrip, kRun * kRunStrips * pl::kStrip / 2, (kRunStrips < pl::kTileStrips),
-                      kBNMajor>(acc, a, b + kRunStart, ((strips >> (kRun * kRunStrips)) & kRunMask) != 0);
-    MultiplyRuns<D, kDepth, kRunStrips, kBNMajor, kRun + 1>(acc, a, b, strips);
+    ptx::WarpgroupMma<D, kRunStrips * pl::kStrip, kRun * kRunStrips * pl::kStrip / 2,
+                      (kRunStrips < pl::kTileStrips || !kWholeLive), kAMMajor, kBNMajor>(
+        acc, a, b + kRunStart, ((strips >> (kRun * kRunStrips)) & kRunMask) != 0);
+    MultiplyRuns<D, kDepth, kRunStrips, kAMMajor, kBNMajor, kWholeLive, kRun + 1>(acc, a, b, strips);
   }
 }
 
+// The live strips (bit s: columns 16 s ..) of each 64-row half of a stage.
+struct HalfStrips {
+  unsigned half[2];
+};
+
 // acc[half] += A B over one stage (a_stage, b_stage: the operands' shared
-// addresses) for the live strips; issued, not waited for: one product per
-// run of kRunStrips strips (RunStrips: 16 kRunStrips columns, all in one
-// block) that has a live strip. (A run's strips past the output's last
-// column are zero fills whose products are never stored.) The products are
-// predicated, none branched over, and never a whole-tile product mixed with
-// narrower ones over the same accumulators: ptxas then waits for each.
-template <typename D, int kDepth, int kRunStrips, bool kBNMajor>
-__device__ inline void MultiplyStage(uint32_t a_stage, uint32_t b_stage, unsigned strips, float (&acc)[2][64]) {
-  using ALayout = CoreLayout<kDepth, false>;
+// addresses) for each half's live strips; issued, not waited for: one
+// product per run of kRunStrips strips (RunStrips: 16 kRunStrips columns,
+// all in one block) that has a live strip. (A run's strips past the
+// output's last column are zero fills whose products are never stored.) The
+// products are predicated, none branched over, and never a whole-tile
+// product mixed with narrower ones over the same accumulators: ptxas then
+// waits for each.
+template <typename D, int kDepth, int kRunStrips, bool kAMMajor, bool kBNMajor, bool kWholeLive>
+__device__ inline void MultiplyStage(uint32_t a_stage, uint32_t b_stage, const HalfStrips& strips,
+                                     float (&acc)[2][64]) {
+  using ALayout = CoreLayout<kDepth, kAMMajor>;
   using BLayout = CoreLayout<kDepth, kBNMajor>;
 #pragma unroll
   for (int k0 = 0; k0 < kDepth; k0 += 16) {
     const uint64_t b = Descriptor<kDepth>(b_stage + 2 * (kBNMajor ? BLayout::Offset(k0, 0) : BLayout::Offset(0, k0 / 8)));
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      MultiplyRuns<D, kDepth, kRunStrips, kBNMajor>(
-          acc[half], Descriptor<kDepth>(a_stage + 2 * ALayout::Offset(half * kHalfRows, k0 / 8)), b, strips);
+      const int a_offset = kAMMajor ? ALayout::Offset(k0, half * kHalfRows / 8) : ALayout::Offset(half * kHalfRows, k0 / 8);
+      MultiplyRuns<D, kDepth, kRunStrips, kAMMajor, kBNMajor, kWholeLive>(acc[half], Descriptor<kDepth>(a_stage + 2 * a_offset), b,
+                                                              strips.half[half]);
     }
   }
 }
 
-// A product over listed segments, as pl::RunListedSegments, B staged
-// N-major (kBNMajor: the forward's W) or K-major (dx's W^T): `count` entries of `list` for the tile at output
-// column col0, each segment segment_depth deep; issue_segment(a_stage,
-// b_stage, entry, sub) stages stage `sub` of an entry's segment;
-// scale_stage(b_stage, entry) rescales a staged B whose entry is marked
-// scaled (every thread, after a barrier). A stage's products run while the
-// copies of a stage ahead are issued; a buffer is refilled once every warp
-// has waited for the products reading it and passed a barrier since. With
-// two thread blocks per SM, one's products fill the tensor cores while the
-// other waits at its barrier.
-template <typename D, int kDepth, int kRunStrips, bool kBNMajor, typename IssueSegment, typename ScaleStage>
-__device__ inline void RunListedSegments(const uint32_t* list, int count, int64_t segment_depth,
-                                         const IssueSegment& issue_segment, const ScaleStage& scale_stage,
-                                         float (&acc)[2][64]) {
-  __shared__ uint32_t step_entry[kStages];
+// The main loop over `steps` stages: issue(step, a_stage, b_stage) stages a
+// step's operands (every thread, steps 0, 1, ... in order, cp.async only);
+// prepare(step, b_stage) gives the step's HalfStrips after the step's
+// barrier (every thread, in order; it may rewrite the stage, and then
+// fences and synchronizes itself). A stage's products run while the copies
+// of a stage ahead are issued; a buffer is refilled once every warp has
+// waited for the products reading it and passed a barrier since. With two
+// or three thread blocks per SM, one's products fill the tensor cores while
+// another waits at its barrier. kWholeLive as for MultiplyRuns.
+template <typename D, int kDepth, int kRunStrips, bool kAMMajor, bool kBNMajor, bool kWholeLive, typename Issue,
+          typename Prepare>
+__device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prepare& prepare, float (&acc)[2][64]) {
   constexpr int kStageElements = 2 * kOperandElements<kDepth>;
   D* shared = reinterpret_cast<D*>(ptx::DynamicShared());
   const uint32_t shared_address = ptx::SharedAddress(shared);
   const auto a_of = [&](int64_t step) { return shared + (step & (kStages - 1)) * kStageElements; };
   const auto b_of = [&](int64_t step) { return a_of(step) + kOperandElements<kDepth>; };
-  const int per_segment = static_cast<int>(CeilDiv(segment_depth, int64_t{kDepth}));
-  const int64_t steps = int64_t{count} * per_segment;
-  pl::SegmentCursor issuing(list, count, per_segment);
-  const auto issue = [&](int64_t step) {
-    if (threadIdx.x == 0) step_entry[step & (kStages - 1)] = issuing.entry();
-    issue_segment(a_of(step), b_of(step), issuing.entry(), issuing.sub());
-    issuing.Advance();
-  };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) issue(s);
+    if (s < steps) issue(int64_t{s}, a_of(s), b_of(s));
     ptx::CommitCopies();  // possibly empty: the group count stays one per step
   }
   for (int64_t step = 0; step < steps; ++step) {
@@ -278,16 +277,11 @@ __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_
     // thread's are, for the products' reads too.
     ptx::FenceProxyAsync();
     __syncthreads();
-    const uint32_t entry = step_entry[step & (kStages - 1)];
-    if (pl::ScaledOf(entry)) {
-      scale_stage(b_of(step), entry);
-      ptx::FenceProxyAsync();
-      __syncthreads();
-    }
+    const HalfStrips strips = prepare(step, b_of(step));
     const uint32_t a_stage = shared_address + uint32_t((a_of(step) - shared) * int(sizeof(D)));
     ptx::WarpgroupFence();
-    MultiplyStage<D, kDepth, kRunStrips, kBNMajor>(a_stage, a_stage + kOperandElements<kDepth> * int(sizeof(D)),
-                                         ptx::WarpUniform(pl::StripsOf(entry)), acc);
+    MultiplyStage<D, kDepth, kRunStrips, kAMMajor, kBNMajor, kWholeLive>(
+        a_stage, a_stage + kOperandElements<kDepth> * int(sizeof(D)), strips, acc);
     ptx::WarpgroupCommit();
     // Every warp waited for its share of step - 1's products before this
     // step's barrier, so step - 1's buffers, which step + kStages - 1 refills,
@@ -295,10 +289,42 @@ __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_
     // for step - 1 here, after the barrier, would free them for this warp
     // alone.) The copies are issued while this step's products run.
     const int64_t next = step + kStages - 1;
-    if (next < steps) issue(next);
+    if (next < steps) issue(next, a_of(next), b_of(next));
     ptx::CommitCopies();
     ptx::WarpgroupWait<0>();
   }
+}
+
+// A product over listed segments, as pl::RunListedSegments, B staged
+// N-major (kBNMajor: the forward's W) or K-major (dx's W^T): `count` entries
+// of `list`, each segment segment_depth deep; issue_segment(a_stage,
+// b_stage, entry, sub) stages stage `sub` of an entry's segment;
+// scale_stage(b_stage, entry) rescales a staged B whose entry is marked
+// scaled (every thread, after a barrier). Step entries travel from the
+// issuing threads to the multiplying ones through shared memory.
+template <typename D, int kDepth, int kRunStrips, bool kBNMajor, typename IssueSegment, typename ScaleStage>
+__device__ inline void RunListedSegments(const uint32_t* list, int count, int64_t segment_depth,
+                                         const IssueSegment& issue_segment, const ScaleStage& scale_stage,
+                                         float (&acc)[2][64]) {
+  __shared__ uint32_t step_entry[kStages];
+  const int per_segment = static_cast<int>(CeilDiv(segment_depth, int64_t{kDepth}));
+  pl::SegmentCursor issuing(list, count, per_segment);
+  const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
+    if (threadIdx.x == 0) step_entry[step & (kStages - 1)] = issuing.entry();
+    issue_segment(a_stage, b_stage, issuing.entry(), issuing.sub());
+    issuing.Advance();
+  };
+  const auto prepare = [&](int64_t step, D* b_stage) {
+    const uint32_t entry = step_entry[step & (kStages - 1)];
+    if (pl::ScaledOf(entry)) {
+      scale_stage(b_stage, entry);
+      ptx::FenceProxyAsync();
+      __syncthreads();
+    }
+    const unsigned strips = ptx::WarpUniform(pl::StripsOf(entry));
+    return HalfStrips{{strips, strips}};
+  };
+  RunPipeline<D, kDepth, kRunStrips, false, kBNMajor, true>(int64_t{count} * per_segment, issue, prepare, acc);
 }
 
 // write(row, col, v0, v1) for every accumulator pair of the thread: tile

@@ -193,15 +193,15 @@ struct PendingCopy {
   int bytes_read;
 };
 
-// One thread's share of a wgmma.mma_async m64nNk16 (A K-major; B N-major or
-// K-major), run when a wgmma.wait_group retires its group: d[i] += (A
+// One thread's share of a wgmma.mma_async m64nNk16 (A M- or K-major; B N-
+// or K-major), run when a wgmma.wait_group retires its group: d[i] += (A
 // B)(row, column) for the thread's n / 2 accumulators (see WarpgroupMma in
 // cuda_emulation_ptx.h).
 struct PendingWarpgroupMma {
   float* d;
   int n;
   uint64_t a, b;
-  bool b_n_major;
+  bool a_m_major, b_n_major;
   float (*widen)(uint16_t);
   unsigned thread;  // within the block
 };
@@ -680,16 +680,14 @@ inline void Engine::RunWarpgroupMma(const PendingWarpgroupMma& product) {
     return product.widen(value);
   };
   // K-major: a line of 8 k per row (or column), 8 rows to a core matrix;
-  // N-major: a line of 8 columns per k, 8 k to a core matrix.
-  const auto k_major = [&](const Operand& operand, int row, int k) {
-    return element(operand.start + row % 8 * 16 + row / 8 * operand.stride + k % 8 * 2 + k / 8 * operand.leading);
+  // M- or N-major: a line of 8 rows (columns) per k, 8 k to a core matrix.
+  const auto at = [&](const Operand& operand, bool k_major, int row, int k) {
+    return k_major
+               ? element(operand.start + row % 8 * 16 + row / 8 * operand.stride + k % 8 * 2 + k / 8 * operand.leading)
+               : element(operand.start + row % 8 * 2 + row / 8 * operand.stride + k % 8 * 16 + k / 8 * operand.leading);
   };
-  const auto a_at = [&](int row, int k) { return k_major(a, row, k); };
-  const auto b_at = [&](int k, int column) {
-    return product.b_n_major
-               ? element(b.start + column % 8 * 2 + column / 8 * b.stride + k % 8 * 16 + k / 8 * b.leading)
-               : k_major(b, column, k);
-  };
+  const auto a_at = [&](int row, int k) { return at(a, !product.a_m_major, row, k); };
+  const auto b_at = [&](int k, int column) { return at(b, !product.b_n_major, column, k); };
   const int lane = static_cast<int>(product.thread % warpSize);
   const int warp = static_cast<int>(product.thread % 128 / warpSize);
   for (int i = 0; i < product.n / 2 && valid; ++i) {

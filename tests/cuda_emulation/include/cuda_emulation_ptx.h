@@ -141,8 +141,9 @@ __attribute__((noinline)) inline uint32_t WarpUniform(uint32_t v) {
   return first;
 }
 
-// wgmma.mma_async.sync.aligned.m64nNk16.f32.E.E with A K-major and B
-// N-major (b_n_major: imm-trans-b 1) or K-major in shared memory, scale-d 1:
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.E.E with A M-major (a_m_major:
+// imm-trans-a 1) or K-major and B N-major (b_n_major: imm-trans-b 1) or
+// K-major in shared memory, scale-d 1:
 // queued for the current
 // thread and run by the wgmma.wait_group that retires it (the engine's
 // WaitWarpgroupMmas), with float i of thread 32 w + l accumulating (16 w + l /
@@ -150,7 +151,8 @@ __attribute__((noinline)) inline uint32_t WarpUniform(uint32_t v) {
 // Where `issue` is false the product is skipped (a predicated-off wgmma);
 // `issue` must be alike in the warp.
 template <typename E>
-__attribute__((noinline)) void WarpgroupMma(float* d, int n, uint64_t a, uint64_t b, bool b_n_major, bool issue) {
+__attribute__((noinline)) void WarpgroupMma(float* d, int n, uint64_t a, uint64_t b, bool a_m_major, bool b_n_major,
+                                            bool issue) {
   static_assert(std::is_same_v<E, __half> || std::is_same_v<E, __nv_bfloat16>, "wgmma of 16-bit types");
   Engine& engine = Engine::Get();
   const unsigned char* exchange = engine.WarpExchange(&issue, sizeof(issue), __builtin_return_address(0));
@@ -160,7 +162,7 @@ __attribute__((noinline)) void WarpgroupMma(float* d, int n, uint64_t a, uint64_
   if (!issue) return;
   const unsigned thread = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
   engine.IssueWarpgroupMma(
-      PendingWarpgroupMma{d, n, a, b, b_n_major, [](uint16_t bits) { return ptx_detail::Widen(bits, E{}); }, thread});
+      PendingWarpgroupMma{d, n, a, b, a_m_major, b_n_major, [](uint16_t bits) { return ptx_detail::Widen(bits, E{}); }, thread});
 }
 
 }  // namespace cuda_emulation
