@@ -14,7 +14,7 @@ Precisions: fp32 (CUDA cores on both sides: PyTorch's TF32 switches off),
 tf32 (float32 tensors, TF32 tensor cores on both sides: what TensorFlow does
 by default on Ampere and later) and bf16 (tensor cores, float accumulators).
 On a Hopper GPU with a harness built for sm_90a, the bf16 rows are also timed
-with the forward product and dx on the warpgroup (wgmma) tile, in the same
+with the matmul products on the warpgroup (wgmma) tile, in the same
 interleaved set ("wgmma" columns; off by default in the kernels until
 tests/gpu has passed with it).
 
@@ -74,7 +74,7 @@ def interleaved(functions, reps, warmup):
 
 def with_warpgroup(fused):
     """fused(HARNESS) with the warpgroup (wgmma) tile switched on for the call
-    (the forward product and dx take it)."""
+    (the three matmul products take it)."""
     HARNESS.set_warpgroup_mma(True)
     try:
         fused(HARNESS)

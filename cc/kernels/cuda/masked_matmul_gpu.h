@@ -55,9 +55,8 @@ template <typename T>
 bool MatmulUsesPipeline(const BlockGrid& grid, Product product, GpuMath math, MaskLevel level);
 
 namespace warpgroup {
-// Whether the forward product and dx of float16 / bfloat16 take the
-// warpgroup (wgmma) tile instead of the pipelined one where
-// MatmulUsesPipeline: on a
+// Whether the three products of float16 / bfloat16 take the warpgroup
+// (wgmma) tile instead of the pipelined one where MatmulUsesPipeline: on a
 // compute capability 9.0 device, in a build with sm_90a code
 // (CMAKE_CUDA_ARCHITECTURES naming 90a), once switched on (off by default
 // until tests/gpu has passed with it on a GPU).

@@ -1,6 +1,6 @@
-// The warpgroup tile (Hopper, sm_90a) of the listed-segment products (the
-// matmul forward product, B = W N-major, and dx, B = W^T K-major) for 16-bit
-// operands: one warpgroup (4 warps) computes a 128 x 128 output tile as two
+// The warpgroup tile (Hopper, sm_90a) of the matmul products for 16-bit
+// operands (the forward product, B = W N-major; dx, B = W^T K-major; dW,
+// A = x^T M-major and B = dy N-major): one warpgroup (4 warps) computes a 128 x 128 output tile as two
 // halves of 64 rows, each an asynchronous wgmma m64nNk16 per 16 of depth
 // that reads both operands from shared memory, so that the warps issue a
 // few instructions per stage for the products (against 64 mma.sync and 16
