@@ -67,12 +67,14 @@ constexpr int kOperandElements = pl::kTileRows * kDepth;
 template <typename D, int kDepth>
 constexpr int kSharedBytes = kStages * 2 * kOperandElements<kDepth> * int(sizeof(D));
 
-// Where line `line` (a row of A, a depth of B) and 16-byte chunk `chunk`
-// along it (depths of A, columns of B) lie in a stage, in elements: A's core
-// matrices (row group, depth chunk) at group * kDepth * 8 + chunk * 64, B's
-// (depth group, column chunk) at group * 64 + chunk * kDepth * 8. Both ways
-// the core matrices along the depth are 128 bytes apart and those along the
-// rows or columns kDepth * 16 bytes, which the descriptors say.
+// Where line `line` and 16-byte chunk `chunk` along it lie in a stage, in
+// elements. K-major (a line is a row of A or a column of B, its chunks run
+// along the depth): core matrix (line group, depth chunk) at group * kDepth
+// * 8 + chunk * 64. kDepthLines, M- or N-major (a line is a depth, its chunks
+// run along the rows or columns): core matrix (depth group, chunk) at group
+// * 64 + chunk * kDepth * 8. Both ways the core matrices along the depth are
+// 128 bytes apart and those along the rows or columns kDepth * 16 bytes,
+// which the descriptors say.
 template <int kDepth, bool kDepthLines>
 struct CoreLayout {
   static constexpr int kLineGroupStride = kDepthLines ? kCoreElements : kDepth * kCoreLines;
@@ -94,12 +96,13 @@ __device__ inline uint64_t Descriptor(uint32_t address) {
 
 // Copies operand tiles of kLines lines by kChunksPerLine 16-byte chunks of D
 // from a row-major global matrix into the core-matrix layout, stage after
-// stage. The depth runs along the lines (kDepthLines: the forward's B, W's
-// rows) or along the chunks (A; dx's B, W's columns); the tile's place in
-// the other dimension is fixed. Thread t copies chunk (t / 8) % kChunksPerLine of lines 8 g + t % 8
-// for its line groups g, so that 8 consecutive lanes fill one core matrix and
-// read one 16-byte column of 8 rows (their quarter warp neighbours the
-// adjacent columns: whole 32-byte sectors).
+// stage. The depth runs along the lines (kDepthLines: the forward's W, dW's
+// x and dy, whose rows are the depth) or along the chunks (the forward's
+// and dx's A; dx's W, whose columns are the depth); the tile's place in the
+// other dimension is fixed. Thread t copies chunk (t / 8) % kChunksPerLine
+// of lines 8 g + t % 8 for its line groups g, so that 8 consecutive lanes
+// fill one core matrix and read one 16-byte column of 8 rows (their quarter
+// warp neighbours the adjacent columns: whole 32-byte sectors).
 template <typename D, int kDepth, int kLines, int kChunksPerLine, bool kDepthLines>
 class CoreMatrixCopier {
  public:
@@ -111,7 +114,8 @@ class CoreMatrixCopier {
   static_assert(kCopies * kGroupStep * kCoreLines == kLines, "every thread copies as many chunks");
 
   // src: the matrix, ld its leading dimension; fixed0 and fixed_end: the
-  // tile's first row (A) or column (B) and the matrix's extent there.
+  // tile's first row or column across the depth and the matrix's extent
+  // there.
   __device__ CoreMatrixCopier(const D* src, int64_t ld, int64_t fixed0, int64_t fixed_end)
       : matrix_(src),
         ld_(ld),
