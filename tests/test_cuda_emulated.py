@@ -713,8 +713,8 @@ def test_warpgroup_products_multiply_live_blocks_only(emulator, shape_and_block,
     dx of the half types run as wgmma products from the core-matrix layout
     (W N-major, W^T K-major): the reference's result (block factors 1, 2 and
     -0.5: 0/1 stages and stages rescaled in shared memory; NaN in dead
-    blocks), no mma.sync, and the wgmma columns restated from the mask; dW
-    keeps the pipelined tile. The emulation runs a product when a wait
+    blocks), no mma.sync, and the wgmma columns restated from the mask (dW:
+    its own test). The emulation runs a product when a wait
     retires it, reading shared memory then, so a buffer refilled before every
     warp's products reading it were waited for shows in the results."""
     *shape, block = shape_and_block
@@ -816,37 +816,50 @@ def test_warpgroup_nan_reaches_live_blocks_only(emulator, block):
         assert np.isnan(out[:, nan_columns]).all(), product
 
 
-@pytest.mark.parametrize("shape, block", [((150, 200, 136), (64, 32)), ((64, 272, 144), (48, 16)),
-                                          ((2080, 64, 48), (16, 16)), ((96, 256, 256), (32, 128))],
-                         ids=["runs-of-2", "runs-of-1", "split-batch", "whole-tiles"])
+@pytest.mark.parametrize("shape, block, whole_columns", [
+    ((150, 200, 136), (64, 32), 0), ((64, 272, 144), (48, 16), 0), ((2080, 64, 48), (16, 16), 0),
+    ((96, 256, 256), (32, 128), 0), ((40, 256, 384), (16, 32), 128), ((2080, 128, 256), (32, 64), 128)],
+    ids=["runs-of-2", "runs-of-1", "split-batch", "whole-runs", "whole-and-partly-live-tiles", "split-whole-tiles"])
 @pytest.mark.parametrize("level", ["block", "element"])
-def test_warpgroup_weight_gradient_multiplies_live_halves(emulator, shape, block, level):
+def test_warpgroup_weight_gradient_multiplies_live_halves(emulator, shape, block, whole_columns, level):
     """dW on the warpgroup tile (x^T staged M-major, dy N-major): each 64-row
     half of a tile multiplies the runs of its strips in which a 16 x 16
-    fragment is live, over the whole batch (split or not): the wgmma columns
-    restated from the mask, no mma.sync, and the reference's result, zero
-    in dead blocks."""
+    fragment is live, over the whole batch (split or not), and a tile whose
+    every strip holds a live fragment in both halves takes one 128-wide
+    product per half (here W's first whole_columns columns are all live):
+    the wgmma products and columns restated from the mask, no mma.sync, and
+    the reference's result, zero in dead blocks."""
     m, k, n = shape
     emulator.lib.emu_set_warpgroup_mma(1)
     rng = np.random.default_rng(8)
-    mask, element = make_masks(rng, k, n, block, 0.4, level)
-    mask = mask.astype(np.float32)
+    grid = (math.ceil(k / block[0]), math.ceil(n / block[1]))
+    live = rng.random(grid) < 0.4
+    live[:, :whole_columns // block[1]] = True
+    blocks = live * rng.choice([1.0, 2.0, -0.5], grid)
+    element = np.repeat(np.repeat(blocks, block[0], 0), block[1], 1)[:k, :n]
+    if level == "element":
+        element = element * (rng.random((k, n)) < 0.8)
+    mask = (element if level == "element" else blocks).astype(np.float32)
     x, dy = rng.standard_normal((m, k)).astype(np.float16), rng.standard_normal((m, n)).astype(np.float16)
     emulator.lib.emu_reset_stats()
     dw = emulator.matmul("grad_weight", x, dy, mask, level, block, shape, np.full((k, n), np.nan, np.float16), True)
-    block_live = np.repeat(np.repeat(make_masks(np.random.default_rng(8), k, n, block, 0.4, "block")[0] != 0,
-                                     block[0], 0), block[1], 1)[:k, :n]
+    block_live = np.repeat(np.repeat(live, block[0], 0), block[1], 1)[:k, :n]
     cols = min(block[1], n)
     run = 8 if cols >= n else max(p for p in (1, 2, 4, 8) if cols % (16 * p) == 0)
-    columns = 0
+    columns = products = 0
     for row0 in range(0, k, 128):
         for col0 in range(0, n, 128):
-            for half in range(2):
-                rows = range(row0 + 64 * half, min(k, row0 + 64 * half + 64), 16)
-                strips = [any(block_live[r, c] for r in rows) for c in range(col0, min(n, col0 + 128), 16)]
-                columns += sum(any(strips[r:r + run]) for r in range(0, len(strips), run)) * run * 16
+            halves = [[any(block_live[r, c] for r in range(row0 + 64 * half, min(k, row0 + 64 * half + 64), 16))
+                       for c in range(col0, min(n, col0 + 128), 16)] for half in range(2)]
+            if run < 8 and all(len(strips) == 8 and all(strips) for strips in halves):
+                products, columns = products + 2, columns + 2 * 128
+                continue
+            for strips in halves:
+                runs = sum(any(strips[r:r + run]) for r in range(0, len(strips), run))
+                products, columns = products + runs, columns + runs * run * 16
     stats = emulator.stats()
     assert stats["mma_syncs"] == 0
+    assert stats["warpgroup_mmas"] == math.ceil(m / 32) * 2 * products
     assert stats["warpgroup_mma_columns"] == math.ceil(m / 32) * 2 * columns
     expected, bound, _ = _matmul(MATMUL_OPS["grad_weight"], x.astype(np.float64), dy.astype(np.float64),
                                  mask.astype(np.float64), {"block_rows": block[0], "block_cols": block[1]})

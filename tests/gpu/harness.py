@@ -105,8 +105,8 @@ class Harness:
         return out
 
     def set_warpgroup_mma(self, on):
-        """Switches the warpgroup (wgmma) tile of the half types' forward
-        product on or off; True when the current device then runs it (a
+        """Switches the warpgroup (wgmma) tile of the half types' matmul
+        products on or off; True when the current device then runs it (a
         compute capability 9.0 GPU and a build with sm_90a code); False for
         a harness without the tile."""
         if not hasattr(self.library, "masked_ops_gpu_set_warpgroup_mma"):

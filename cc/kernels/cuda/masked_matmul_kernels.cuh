@@ -708,10 +708,11 @@ __global__ void __launch_bounds__(pl::kThreads)
 // tile multiplies each run of its strips in which some 16 x 16 fragment is
 // live (the half's dead fragments in such a run are multiplied and masked
 // off when stored), and chunks of x and dy in strips with no live fragment
-// are zero fills that read nothing. Tiles with every fragment live take the
-// kWhole launch (128-wide products), the others kPartlyLive, as for
-// WarpgroupProduct.
-template <typename D, int kDepth, int kRunStrips>
+// are zero fills that read nothing. Tiles in which every strip of both
+// halves holds a live fragment take the kWhole launch (128-wide products,
+// kWholeLive: unguarded), the others kPartlyLive (or kAll, where a half may
+// have no live strip), as for WarpgroupProduct.
+template <typename D, int kDepth, int kRunStrips, bool kWholeLive>
 __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
     WarpgroupOuterProducts(const D* x, const D* dy, int64_t m, const float* factors, bool element_level, GridDims g,
                            const uint8_t* live, int64_t per_split, float* partials, D* dw, wg::Tiles taken) {
@@ -747,8 +748,7 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
     dy_copier.Issue(b_stage, (tile.first + step) * kDepth, m, dy_copies);
   };
   float acc[2][64] = {};
-  // A half may have no live strip: its whole-tile products are guarded too.
-  wg::RunPipeline<D, kDepth, kRunStrips, true, true, false>(
+  wg::RunPipeline<D, kDepth, kRunStrips, true, true, kWholeLive>(
       strips.half[0] | strips.half[1] ? tile.steps : 0, issue, [&](int64_t, D*) { return strips; }, acc);
   wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
     tile.Store(g, r, c, v0, v1, partials, dw, [&](int64_t, int64_t row, int64_t col) {

@@ -180,22 +180,25 @@ size_t GpuWorkspaceBytes(const MatmulShape& shape, MaskLevel level, Product prod
 namespace {
 
 // run(run_strips, taken) for each launch of a warpgroup kernel over output
-// columns cut into blocks of `block` (of `cols`): one launch of whole-tile
-// products where runs are whole tiles, else one for the tiles that are all
-// live and one, with run_strips from wg::RunStrips, for the others.
+// columns cut into blocks of `block` (of `cols`), both integral_constants:
+// one launch of whole-tile products where runs are whole tiles, else one for
+// the tiles that are all live and one, with run_strips from wg::RunStrips,
+// for the others.
 template <typename Run>
 void WithRunStrips(int64_t block, int64_t cols, const Run& run) {
   const std::integral_constant<int, pl::kTileStrips> whole;
   const int run_strips = wg::RunStrips(block, cols);
-  if (run_strips == pl::kTileStrips) return run(whole, wg::Tiles::kAll);
-  run(whole, wg::Tiles::kWhole);
+  using Tiles = wg::Tiles;
+  if (run_strips == pl::kTileStrips) return run(whole, std::integral_constant<Tiles, Tiles::kAll>{});
+  run(whole, std::integral_constant<Tiles, Tiles::kWhole>{});
+  const std::integral_constant<Tiles, Tiles::kPartlyLive> partly_live;
   switch (run_strips) {
     case 4:
-      return run(std::integral_constant<int, 4>{}, wg::Tiles::kPartlyLive);
+      return run(std::integral_constant<int, 4>{}, partly_live);
     case 2:
-      return run(std::integral_constant<int, 2>{}, wg::Tiles::kPartlyLive);
+      return run(std::integral_constant<int, 2>{}, partly_live);
     default:
-      return run(std::integral_constant<int, 1>{}, wg::Tiles::kPartlyLive);
+      return run(std::integral_constant<int, 1>{}, partly_live);
   }
 }
 
@@ -209,12 +212,12 @@ void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, in
     if (wg::DeviceUsesWarpgroupMma()) {
       // The blocks across the output's columns: W's columns, or its rows for dx.
       WithRunStrips(kTransposed ? dims.block_rows : dims.block_cols, kTransposed ? dims.rows : dims.cols,
-                    [&](auto run_strips, wg::Tiles taken) {
+                    [&](auto run_strips, auto taken) {
                       launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
                           WarpgroupProduct<D, kTransposed, kDepth, decltype(run_strips)::value>,
                           static_cast<unsigned>(blocks), wg::kThreads, a, m, w, ws.factors, dims, ws.live,
                           reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits,
-                          splits > 1 ? ws.partials : nullptr, out, taken);
+                          splits > 1 ? ws.partials : nullptr, out, decltype(taken)::value);
                     });
       return;
     }
@@ -310,11 +313,12 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
       if constexpr (wg::kHasWarpgroupPath<D>) {
         if (wg::DeviceUsesWarpgroupMma()) {
           warpgroup = true;
-          WithRunStrips(dims.block_cols, dims.cols, [&](auto run_strips, wg::Tiles taken) {
+          WithRunStrips(dims.block_cols, dims.cols, [&](auto run_strips, auto taken) {
             launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
-                WarpgroupOuterProducts<D, kDepth, decltype(run_strips)::value>, static_cast<unsigned>(blocks),
-                wg::kThreads, dx, ddy, shape.m, ws.factors, element_level, dims, ws.live, per_split, partials, ddw,
-                taken);
+                WarpgroupOuterProducts<D, kDepth, decltype(run_strips)::value,
+                                       decltype(taken)::value == wg::Tiles::kWhole>,
+                static_cast<unsigned>(blocks), wg::kThreads, dx, ddy, shape.m, ws.factors, element_level, dims,
+                ws.live, per_split, partials, ddw, decltype(taken)::value);
           });
         }
       }

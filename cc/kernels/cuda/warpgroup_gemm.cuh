@@ -47,8 +47,10 @@ namespace pl = pipelined;
 constexpr int kThreads = 128;  // one warpgroup
 // Thread blocks per SM: three (registers capped at 168, shared memory 3 x
 // 64 KB at stages of 32), so that while one waits at its barrier or for its
-// copies the others' products keep the tensor cores busy; two with runs of
-// one strip, whose eight guarded products per step would spill at 168.
+// copies the others' products keep the tensor cores busy (ptxas then spills
+// 16-40 bytes, a few LDL per stage: to weigh on the GPU against two blocks);
+// two with runs of one strip, whose eight guarded products per step would
+// spill more.
 template <int kRunStrips>
 constexpr int kBlocksPerSm = kRunStrips > 1 ? 3 : 2;
 constexpr int kHalfRows = 64;  // the rows of one wgmma
