@@ -305,9 +305,9 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       const int64_t per_split = CeilDiv(CeilDiv(shape.m, int64_t{kDepth}), splits);
       const bool element_level = mask.level == MaskLevel::kElement;
-      const auto* dx = reinterpret_cast<const D*>(x);
-      const auto* ddy = reinterpret_cast<const D*>(dy);
-      auto* ddw = reinterpret_cast<D*>(dw);
+      const auto* device_x = reinterpret_cast<const D*>(x);
+      const auto* device_dy = reinterpret_cast<const D*>(dy);
+      auto* device_dw = reinterpret_cast<D*>(dw);
       float* partials = splits > 1 ? ws.partials : nullptr;
       bool warpgroup = false;
       if constexpr (wg::kHasWarpgroupPath<D>) {
@@ -317,15 +317,15 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
             launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
                 WarpgroupOuterProducts<D, kDepth, decltype(run_strips)::value,
                                        decltype(taken)::value == wg::Tiles::kWhole>,
-                static_cast<unsigned>(blocks), wg::kThreads, dx, ddy, shape.m, ws.factors, element_level, dims,
-                ws.live, per_split, partials, ddw, decltype(taken)::value);
+                static_cast<unsigned>(blocks), wg::kThreads, device_x, device_dy, shape.m, ws.factors, element_level, dims,
+                ws.live, per_split, partials, device_dw, decltype(taken)::value);
           });
         }
       }
       if (!warpgroup) {
         launch.WithSharedMemory(pl::kSharedBytes<D, kDepth, false, false>)(
-            PipelinedOuterProducts<D, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, dx, ddy, shape.m,
-            ws.factors, element_level, dims, ws.live, per_split, partials, ddw);
+            PipelinedOuterProducts<D, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, device_x, device_dy,
+            shape.m, ws.factors, element_level, dims, ws.live, per_split, partials, device_dw);
       }
       if (splits > 1) {
         launch(SplitWeightSums<D>, BlocksFor(shape.k * shape.n), kThreads, ws.partials, splits, ws.factors,
