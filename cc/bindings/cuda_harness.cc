@@ -324,9 +324,9 @@ int masked_ops_gpu_conv2d_uses_pipeline(int product, const char* dtype, const in
   });
 }
 
-// on 1: the forward product of float16 / bfloat16 takes the warpgroup (wgmma)
-// tile where the device and build have it; 0: the pipelined tile. Returns 1
-// when the current device then runs the warpgroup tile, else 0.
+// on 1: the three matmul products of float16 / bfloat16 take the warpgroup
+// (wgmma) tile where the device and build have it; 0: the pipelined tile.
+// Returns 1 when the current device then runs the warpgroup tile, else 0.
 int masked_ops_gpu_set_warpgroup_mma(int on) {
   masked_ops::gpu::warpgroup::SetWarpgroupMma(on != 0);
   return masked_ops::gpu::warpgroup::DeviceUsesWarpgroupMma() ? 1 : 0;

@@ -27,13 +27,22 @@
 namespace masked_ops {
 namespace gpu {
 
-namespace tensor_core {
-bool DeviceSupportsTensorCores() {
+namespace {
+// The current device's compute capability as 10 major + minor, 0 where the
+// runtime cannot say.
+int ComputeCapability() {
   int device = 0;
   int major = 0;
-  return cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 8;
+  int minor = 0;
+  const bool known = cudaGetDevice(&device) == cudaSuccess &&
+                     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess;
+  return known ? 10 * major + minor : 0;
 }
+}  // namespace
+
+namespace tensor_core {
+bool DeviceSupportsTensorCores() { return ComputeCapability() >= 80; }
 }  // namespace tensor_core
 
 namespace warpgroup {
@@ -45,13 +54,7 @@ void SetWarpgroupMma(bool on) { warpgroup_mma_on = on; }
 
 bool DeviceUsesWarpgroupMma() {
 #if defined(MASKED_OPS_SM90A_CODE)
-  int device = 0;
-  int major = 0;
-  int minor = 0;
-  return warpgroup_mma_on && cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess && major == 9 &&
-         minor == 0;
+  return warpgroup_mma_on && ComputeCapability() == 90;
 #else
   return false;
 #endif

@@ -576,6 +576,18 @@ __device__ inline void MultiplyStage(const D* a_lane, const D* b_lane, const War
   }
 }
 
+// The first kStages - 1 of `steps` stages, issued before a main loop:
+// issue(step, a_of(step), b_of(step)), one commit group each (empty past the
+// last step, so that the group count stays one per step).
+template <typename Issue, typename AOf, typename BOf>
+__device__ inline void IssueFirstStages(int64_t steps, const Issue& issue, const AOf& a_of, const BOf& b_of) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) issue(int64_t{s}, a_of(s), b_of(s));
+    ptx::CommitCopies();
+  }
+}
+
 // The main loop over `steps` stages. issue(step, a_stage, b_stage) stages
 // step's operands (every thread calls it, for step 0, 1, ... in order, with
 // cp.async only); warp_stage(step) gives the warp's WarpStage of a step
@@ -594,11 +606,7 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Stag
   const auto a_of = [&](int64_t step) { return shared + (step & (kStages - 1)) * kStageSize; };
   const auto b_of = [&](int64_t step) { return a_of(step) + kAElements; };
   const LaneOffsets<D, kDepth, kADepthInner, kBDepthInner> lane;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) issue(int64_t{s}, a_of(s), b_of(s));
-    ptx::CommitCopies();  // possibly empty: the group count stays one per step
-  }
+  IssueFirstStages(steps, issue, a_of, b_of);
   for (int64_t step = 0; step < steps; ++step) {
     ptx::WaitCopies<kStages - 2>();
     // Step's operands are visible to every thread, and every thread is done

@@ -147,40 +147,17 @@ __device__ inline void WarpgroupWait() {
   " %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41," \
   " %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61," \
   " %62, %63}"
-#define MASKED_OPS_WGMMA_ACCUMULATORS16 \
-  "+f"(d[kOffset + 0]), "+f"(d[kOffset + 1]), "+f"(d[kOffset + 2]), "+f"(d[kOffset + 3]), \
-  "+f"(d[kOffset + 4]), "+f"(d[kOffset + 5]), "+f"(d[kOffset + 6]), "+f"(d[kOffset + 7])
-#define MASKED_OPS_WGMMA_ACCUMULATORS32 \
-  "+f"(d[kOffset + 0]), "+f"(d[kOffset + 1]), "+f"(d[kOffset + 2]), "+f"(d[kOffset + 3]), \
-  "+f"(d[kOffset + 4]), "+f"(d[kOffset + 5]), "+f"(d[kOffset + 6]), "+f"(d[kOffset + 7]), \
-  "+f"(d[kOffset + 8]), "+f"(d[kOffset + 9]), "+f"(d[kOffset + 10]), "+f"(d[kOffset + 11]), \
-  "+f"(d[kOffset + 12]), "+f"(d[kOffset + 13]), "+f"(d[kOffset + 14]), "+f"(d[kOffset + 15])
+#define MASKED_OPS_WGMMA_ACCUMULATORS8(FIRST)                                                         \
+  "+f"(d[kOffset + FIRST]), "+f"(d[kOffset + FIRST + 1]), "+f"(d[kOffset + FIRST + 2]),               \
+      "+f"(d[kOffset + FIRST + 3]), "+f"(d[kOffset + FIRST + 4]), "+f"(d[kOffset + FIRST + 5]),       \
+      "+f"(d[kOffset + FIRST + 6]), "+f"(d[kOffset + FIRST + 7])
+#define MASKED_OPS_WGMMA_ACCUMULATORS16 MASKED_OPS_WGMMA_ACCUMULATORS8(0)
+#define MASKED_OPS_WGMMA_ACCUMULATORS32 MASKED_OPS_WGMMA_ACCUMULATORS16, MASKED_OPS_WGMMA_ACCUMULATORS8(8)
 #define MASKED_OPS_WGMMA_ACCUMULATORS64 \
-  "+f"(d[kOffset + 0]), "+f"(d[kOffset + 1]), "+f"(d[kOffset + 2]), "+f"(d[kOffset + 3]), \
-  "+f"(d[kOffset + 4]), "+f"(d[kOffset + 5]), "+f"(d[kOffset + 6]), "+f"(d[kOffset + 7]), \
-  "+f"(d[kOffset + 8]), "+f"(d[kOffset + 9]), "+f"(d[kOffset + 10]), "+f"(d[kOffset + 11]), \
-  "+f"(d[kOffset + 12]), "+f"(d[kOffset + 13]), "+f"(d[kOffset + 14]), "+f"(d[kOffset + 15]), \
-  "+f"(d[kOffset + 16]), "+f"(d[kOffset + 17]), "+f"(d[kOffset + 18]), "+f"(d[kOffset + 19]), \
-  "+f"(d[kOffset + 20]), "+f"(d[kOffset + 21]), "+f"(d[kOffset + 22]), "+f"(d[kOffset + 23]), \
-  "+f"(d[kOffset + 24]), "+f"(d[kOffset + 25]), "+f"(d[kOffset + 26]), "+f"(d[kOffset + 27]), \
-  "+f"(d[kOffset + 28]), "+f"(d[kOffset + 29]), "+f"(d[kOffset + 30]), "+f"(d[kOffset + 31])
-#define MASKED_OPS_WGMMA_ACCUMULATORS128 \
-  "+f"(d[kOffset + 0]), "+f"(d[kOffset + 1]), "+f"(d[kOffset + 2]), "+f"(d[kOffset + 3]), \
-  "+f"(d[kOffset + 4]), "+f"(d[kOffset + 5]), "+f"(d[kOffset + 6]), "+f"(d[kOffset + 7]), \
-  "+f"(d[kOffset + 8]), "+f"(d[kOffset + 9]), "+f"(d[kOffset + 10]), "+f"(d[kOffset + 11]), \
-  "+f"(d[kOffset + 12]), "+f"(d[kOffset + 13]), "+f"(d[kOffset + 14]), "+f"(d[kOffset + 15]), \
-  "+f"(d[kOffset + 16]), "+f"(d[kOffset + 17]), "+f"(d[kOffset + 18]), "+f"(d[kOffset + 19]), \
-  "+f"(d[kOffset + 20]), "+f"(d[kOffset + 21]), "+f"(d[kOffset + 22]), "+f"(d[kOffset + 23]), \
-  "+f"(d[kOffset + 24]), "+f"(d[kOffset + 25]), "+f"(d[kOffset + 26]), "+f"(d[kOffset + 27]), \
-  "+f"(d[kOffset + 28]), "+f"(d[kOffset + 29]), "+f"(d[kOffset + 30]), "+f"(d[kOffset + 31]), \
-  "+f"(d[kOffset + 32]), "+f"(d[kOffset + 33]), "+f"(d[kOffset + 34]), "+f"(d[kOffset + 35]), \
-  "+f"(d[kOffset + 36]), "+f"(d[kOffset + 37]), "+f"(d[kOffset + 38]), "+f"(d[kOffset + 39]), \
-  "+f"(d[kOffset + 40]), "+f"(d[kOffset + 41]), "+f"(d[kOffset + 42]), "+f"(d[kOffset + 43]), \
-  "+f"(d[kOffset + 44]), "+f"(d[kOffset + 45]), "+f"(d[kOffset + 46]), "+f"(d[kOffset + 47]), \
-  "+f"(d[kOffset + 48]), "+f"(d[kOffset + 49]), "+f"(d[kOffset + 50]), "+f"(d[kOffset + 51]), \
-  "+f"(d[kOffset + 52]), "+f"(d[kOffset + 53]), "+f"(d[kOffset + 54]), "+f"(d[kOffset + 55]), \
-  "+f"(d[kOffset + 56]), "+f"(d[kOffset + 57]), "+f"(d[kOffset + 58]), "+f"(d[kOffset + 59]), \
-  "+f"(d[kOffset + 60]), "+f"(d[kOffset + 61]), "+f"(d[kOffset + 62]), "+f"(d[kOffset + 63])
+  MASKED_OPS_WGMMA_ACCUMULATORS32, MASKED_OPS_WGMMA_ACCUMULATORS8(16), MASKED_OPS_WGMMA_ACCUMULATORS8(24)
+#define MASKED_OPS_WGMMA_ACCUMULATORS128                                                                  \
+  MASKED_OPS_WGMMA_ACCUMULATORS64, MASKED_OPS_WGMMA_ACCUMULATORS8(32), MASKED_OPS_WGMMA_ACCUMULATORS8(40), \
+      MASKED_OPS_WGMMA_ACCUMULATORS8(48), MASKED_OPS_WGMMA_ACCUMULATORS8(56)
 #define MASKED_OPS_WGMMA(GUARD, SHAPE, TYPE, REGISTERS, A, B, ONE, ISSUE, TRANSPOSE_A, TRANSPOSE_B, ...)        \
   asm volatile("{\n.reg .pred p, q;\nsetp.ne.b32 p, %" ONE ", 0;\nsetp.ne.b32 q, %" ISSUE ", 0;\n" GUARD          \
                "wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPE "." TYPE " " REGISTERS ", %" A ", %" B ", p, 1, 1, " \

@@ -126,7 +126,7 @@ class CoreMatrixCopier {
         group0_(threadIdx.x / (kCoreLines * kChunksPerLine)) {
     if constexpr (kDepthLines) {
       base_ = src + fixed0 + chunk_ * kPerChunk + Line(0) * ld;
-      fixed_ok_ = fixed0 + chunk_ * kPerChunk < fixed_end ? (1u << kCopies) - 1 : 0u;
+      fixed_ok_ = fixed0 + chunk_ * kPerChunk < fixed_end ? kAllCopies : 0u;
     } else {
       base_ = src + (fixed0 + Line(0)) * ld + chunk_ * kPerChunk;
       fixed_ok_ = 0;
@@ -272,11 +272,7 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
   const uint32_t shared_address = ptx::SharedAddress(shared);
   const auto a_of = [&](int64_t step) { return shared + (step & (kStages - 1)) * kStageElements; };
   const auto b_of = [&](int64_t step) { return a_of(step) + kOperandElements<kDepth>; };
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) issue(int64_t{s}, a_of(s), b_of(s));
-    ptx::CommitCopies();  // possibly empty: the group count stays one per step
-  }
+  pl::IssueFirstStages(steps, issue, a_of, b_of);
   for (int64_t step = 0; step < steps; ++step) {
     ptx::WaitCopies<kStages - 2>();
     // This thread's copies of the step are written; after the barrier every
