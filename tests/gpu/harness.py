@@ -80,6 +80,16 @@ def dtype_name(tensor):
     return str(tensor.dtype).replace("torch.", "")
 
 
+def address(tensor):
+    """The device address of a tensor that the kernels read or write as a
+    dense row-major array: a strided view (a transpose, say) would be read
+    as if it were one, so it is refused."""
+    if not tensor.is_contiguous():
+        raise ValueError(f"the harness takes contiguous tensors; got shape {tuple(tensor.shape)} "
+                         f"with strides {tensor.stride()}")
+    return tensor.data_ptr()
+
+
 class Harness:
     def __init__(self, torch, path=None):
         """The harness library at `path` (default: library_path())."""
@@ -98,7 +108,7 @@ class Harness:
             dtype=self.torch.uint8, device=a.device)
         status = self.library.masked_ops_gpu_matmul(
             PRODUCTS[product], dtype_name(a).encode(), dtype_name(mask).encode(), m, k, n, rows, cols,
-            a.data_ptr(), b.data_ptr(), mask.data_ptr(), level_code, out.data_ptr(), workspace.data_ptr(),
+            address(a), address(b), address(mask), level_code, address(out), workspace.data_ptr(),
             int(tensor_cores), self.torch.cuda.current_stream().cuda_stream)
         if status != 0:
             raise RuntimeError(f"masked_ops_gpu_matmul({product}) failed with status {status}")
@@ -150,12 +160,12 @@ class Harness:
             self.library.masked_ops_gpu_elementwise_workspace_bytes(dtype_name(a).encode(), outer, k, n, rows, cols,
                                                                     level_code),
             dtype=self.torch.uint8, device=a.device)
-        pointers = [0 if t is None else t.data_ptr() for t in state] + [0] * (3 - len(state))
+        pointers = [0 if t is None else address(t) for t in state] + [0] * (3 - len(state))
         state_array = (ctypes.c_void_p * 3)(*pointers)
         scalar_array = (ctypes.c_float * 6)(*(list(scalars) + [0.0] * (6 - len(scalars))))
         status = self.library.masked_ops_gpu_elementwise(
             ELEMENTWISE[op], dtype_name(a).encode(), dtype_name(mask).encode(), outer, k, n, rows, cols,
-            a.data_ptr(), mask.data_ptr(), level_code, out.data_ptr(), state_array, scalar_array, int(flag),
+            address(a), address(mask), level_code, address(out), state_array, scalar_array, int(flag),
             workspace.data_ptr(), self.torch.cuda.current_stream().cuda_stream)
         if status != 0:
             raise RuntimeError(f"masked_ops_gpu_elementwise({op}) failed with status {status}")
@@ -172,8 +182,8 @@ class Harness:
                                      dtype=self.torch.uint8, device=a.device)
         status = self.library.masked_ops_gpu_conv2d(
             PRODUCTS[product], dtype_name(a).encode(), dtype_name(mask).encode(),
-            None if output_mask is None else dtype_name(output_mask).encode(), fields, a.data_ptr(), b.data_ptr(),
-            mask.data_ptr(), level_code, 0 if output_mask is None else output_mask.data_ptr(), out.data_ptr(),
+            None if output_mask is None else dtype_name(output_mask).encode(), fields, address(a), address(b),
+            address(mask), level_code, 0 if output_mask is None else address(output_mask), address(out),
             workspace.data_ptr(), int(tensor_cores), self.torch.cuda.current_stream().cuda_stream)
         if status != 0:
             raise RuntimeError(f"masked_ops_gpu_conv2d({product}) failed with status {status}")

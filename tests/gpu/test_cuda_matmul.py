@@ -195,7 +195,7 @@ def run_product(product, a, b, mask, block_size, dtype):
     output."""
     m = a.shape[0]
     k, n = (a.shape[1], b.shape[1]) if product == "grad_weight" else b.shape
-    on_gpu = lambda v: torch.tensor(v, dtype=dtype, device="cuda")  # noqa: E731
+    on_gpu = lambda v: torch.tensor(np.ascontiguousarray(v), dtype=dtype, device="cuda")  # noqa: E731
     out_shape = {"forward": (m, n), "grad_input": (m, k), "grad_weight": (k, n)}[product]
     out = torch.full(out_shape, float("nan"), dtype=dtype, device="cuda")
     HARNESS.run(product, on_gpu(a), on_gpu(b), torch.tensor(mask, dtype=torch.float32, device="cuda"), "block",
