@@ -6,7 +6,10 @@ random block mask of the given density; dense = torch.matmul(x, w * m),
 cuBLAS on the masked weight, the baseline the issue names. conv (--conv):
 x = [8, 56, 56, 256], 3x3 filters 256 -> 256, SAME, against
 torch.nn.functional.conv2d (cuDNN) on the masked filters, with channel-block
-densities and output-tile fractions. Forward alone, and forward plus both
+densities and output-tile fractions; cuDNN gets its best case, channels-last
+tensors (our kernels' NHWC) and its algorithms autotuned per shape
+(cudnn.benchmark), since with its heuristics alone its time changed by up
+to 1.8x from one process to the next. Forward alone, and forward plus both
 gradients ("train"). Each pair is timed interleaved with CUDA events after
 warm-up; the median of --reps repetitions is reported.
 
@@ -72,31 +75,36 @@ def interleaved(functions, reps, warmup):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def with_warpgroup(fused):
-    """fused(HARNESS) with the warpgroup (wgmma) tile switched on for the call
+def with_warpgroup(fused, harness):
+    """fused(harness) with the warpgroup (wgmma) tile switched on for the call
     (the three matmul products take it)."""
-    HARNESS.set_warpgroup_mma(True)
+    harness.set_warpgroup_mma(True)
     try:
-        fused(HARNESS)
+        fused(harness)
     finally:
-        HARNESS.set_warpgroup_mma(False)
+        harness.set_warpgroup_mma(False)
 
 
 def timed_row(fused, dense, baseline, reps, warmup, warpgroup=False):
     """(medians, speedups) of fused(harness) against dense, against
     fused(baseline) where a baseline harness is given, and with the
-    warpgroup tile on where `warpgroup` (speedup_warpgroup: over dense)."""
+    warpgroup tile on where `warpgroup` (speedup_warpgroup: over dense;
+    with a baseline that has the tile, its warpgroup time too)."""
     functions = {"fused": lambda: fused(HARNESS), "dense": dense}
     if baseline is not None:
         functions["baseline"] = lambda: fused(baseline)
     if warpgroup:
-        functions["warpgroup"] = lambda: with_warpgroup(fused)
+        functions["warpgroup"] = lambda: with_warpgroup(fused, HARNESS)
+        if baseline is not None and BASELINE_WARPGROUP:
+            functions["baseline_warpgroup"] = lambda: with_warpgroup(fused, baseline)
     medians = interleaved(functions, reps, warmup)
     speedups = {"speedup": medians["dense"] / medians["fused"]}
     if baseline is not None:
         speedups["over_baseline"] = medians["baseline"] / medians["fused"]
     if warpgroup:
         speedups["speedup_warpgroup"] = medians["dense"] / medians["warpgroup"]
+        if "baseline_warpgroup" in medians:
+            speedups["warpgroup_over_baseline"] = medians["baseline_warpgroup"] / medians["warpgroup"]
     return medians, speedups
 
 
@@ -168,11 +176,13 @@ def conv_case(density, active, precision_name, mode, reps, warmup, baseline=None
             harness.conv2d("grad_input", dy, f, block_mask, "block", geometry, dx, o, tensor_cores)
             harness.conv2d("grad_weight", x, dy, block_mask, "block", geometry, df, o, tensor_cores)
 
-    x_nchw = x.permute(0, 3, 1, 2).contiguous().requires_grad_(mode == "train")
+    x_channels_last = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    x_channels_last.requires_grad_(mode == "train")
 
     def dense():
-        w = (f * per_tap.to(dtype)).permute(3, 2, 0, 1).contiguous().requires_grad_(mode == "train")
-        out = torch.nn.functional.conv2d(x_nchw, w, padding=1)
+        x_channels_last.grad = None  # dx written, not accumulated, as ours is
+        w = (f * per_tap.to(dtype)).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+        out = torch.nn.functional.conv2d(x_channels_last, w.requires_grad_(mode == "train"), padding=1)
         if o is not None:
             out = out * o[:, None]
         if mode == "train":
@@ -195,10 +205,14 @@ def baseline_cells(row):
 
 
 def warpgroup_cells(row):
-    """The table cells of a row's time with the warpgroup tile, if timed."""
+    """The table cells of a row's time with the warpgroup tile, if timed (and
+    the baseline harness's, where it has the tile)."""
     if "warpgroup" not in row["median_ms"]:
         return " | | "
-    return f" | {row['median_ms']['warpgroup']:.3f} | {row['speedup_warpgroup']:.2f}x"
+    cells = f" | {row['median_ms']['warpgroup']:.3f} | {row['speedup_warpgroup']:.2f}x"
+    if "baseline_warpgroup" in row["median_ms"]:
+        cells += f" | {row['median_ms']['baseline_warpgroup']:.3f} | {row['warpgroup_over_baseline']:.2f}x"
+    return cells
 
 
 def kernels_line(rows):
@@ -267,12 +281,15 @@ def main():
     if args.summary:
         summary(args.summary)
         return
-    global torch, HARNESS, WARPGROUP
+    global torch, HARNESS, WARPGROUP, BASELINE_WARPGROUP
     import torch
     HARNESS = Harness(torch)
     WARPGROUP = HARNESS.set_warpgroup_mma(True) and not args.no_warpgroup
     HARNESS.set_warpgroup_mma(False)
     baseline = Harness(torch, args.baseline_harness) if args.baseline_harness else None
+    BASELINE_WARPGROUP = WARPGROUP and baseline is not None and baseline.set_warpgroup_mma(True)
+    if baseline is not None:
+        baseline.set_warpgroup_mma(False)
     shape = tuple(int(v) for v in args.shape.split("x"))
     device = torch.cuda.get_device_name()
     rows, conv_rows = [], []
@@ -284,9 +301,11 @@ def main():
                                                            "rows": rows, "conv_rows": conv_rows}, indent=2) + "\n")
 
     versus = " | baseline ms | over baseline" if baseline else ""
-    wgmma = " | wgmma ms | wgmma speedup" if WARPGROUP else ""
+    wgmma = (" | wgmma ms | wgmma speedup" if WARPGROUP else "") + (
+        " | baseline wgmma ms | wgmma over baseline" if BASELINE_WARPGROUP else "")
     print(f"| precision | block | density | mode | fused ms | cuBLAS ms | speedup | target{versus}{wgmma} |  # {device}")
-    print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * (bool(baseline) + WARPGROUP))
+    timed_pairs = bool(baseline) + WARPGROUP + bool(BASELINE_WARPGROUP)
+    print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * timed_pairs)
     for precision in args.precisions.split(","):
         for block in args.blocks.split(","):
             for density in args.densities.split(","):
@@ -300,6 +319,7 @@ def main():
                           f"{warpgroup_cells(row) if WARPGROUP else ''} |")
     if not args.conv:
         return
+    torch.backends.cudnn.benchmark = True
     print(f"\n| precision | density | active tiles | mode | fused ms | cuDNN ms | speedup | target{versus} "
           f"|  # {device}")
     print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * bool(baseline))
