@@ -16,10 +16,12 @@ warm-up; the median of --reps repetitions is reported.
 Precisions: fp32 (CUDA cores on both sides: PyTorch's TF32 switches off),
 tf32 (float32 tensors, TF32 tensor cores on both sides: what TensorFlow does
 by default on Ampere and later) and bf16 (tensor cores, float accumulators).
-On a Hopper GPU with a harness built for sm_90a, the bf16 rows are also timed
-with the matmul products on the warpgroup (wgmma) tile, in the same
-interleaved set ("wgmma" columns; off by default in the kernels until
-tests/gpu has passed with it).
+"fused" is the pipelined tile for every product. On a Hopper GPU with a
+harness built for sm_90a, the bf16 rows are also timed with the three
+matmul products on the warpgroup (wgmma) tile, in the same interleaved set
+("wgmma" columns). The kernels' default there takes the warpgroup tile for
+the forward product alone: a forward row's "wgmma" time, and for train rows
+the pipelined dx and dW.
 
   make gpu-test                       # builds build/gpu/libmasked_ops_cuda_harness.so
   python3 bench/gpu.py --conv --json bench/results/gpu.json
@@ -76,13 +78,13 @@ def interleaved(functions, reps, warmup):
 
 
 def with_warpgroup(fused, harness):
-    """fused(harness) with the warpgroup (wgmma) tile switched on for the call
-    (the three matmul products take it)."""
-    harness.set_warpgroup_mma(True)
+    """fused(harness) with the three matmul products on the warpgroup (wgmma)
+    tile for the call (the pipelined tile otherwise)."""
+    harness.set_warpgroup_products("all")
     try:
         fused(harness)
     finally:
-        harness.set_warpgroup_mma(False)
+        harness.set_warpgroup_products("none")
 
 
 def timed_row(fused, dense, baseline, reps, warmup, warpgroup=False):
@@ -284,12 +286,13 @@ def main():
     global torch, HARNESS, WARPGROUP, BASELINE_WARPGROUP
     import torch
     HARNESS = Harness(torch)
-    WARPGROUP = HARNESS.set_warpgroup_mma(True) and not args.no_warpgroup
-    HARNESS.set_warpgroup_mma(False)
+    # "fused" is the pipelined tile; "wgmma" the three products on the warpgroup tile.
+    WARPGROUP = HARNESS.set_warpgroup_products("all") and not args.no_warpgroup
+    HARNESS.set_warpgroup_products("none")
     baseline = Harness(torch, args.baseline_harness) if args.baseline_harness else None
-    BASELINE_WARPGROUP = WARPGROUP and baseline is not None and baseline.set_warpgroup_mma(True)
+    BASELINE_WARPGROUP = WARPGROUP and baseline is not None and baseline.set_warpgroup_products("all")
     if baseline is not None:
-        baseline.set_warpgroup_mma(False)
+        baseline.set_warpgroup_products("none")
     shape = tuple(int(v) for v in args.shape.split("x"))
     device = torch.cuda.get_device_name()
     rows, conv_rows = [], []

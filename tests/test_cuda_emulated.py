@@ -42,6 +42,9 @@ DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 MASK_CODES = {"float32": 0, "bool": 1}
 PRODUCTS = {"forward": 0, "grad_input": 1, "grad_weight": 2}
 LEVELS = {"element": 0, "block": 1}
+# emu_set_warpgroup_mma: a device without the warpgroup tile; one with it and
+# the launchers' default (the forward product on it); all three products on it.
+WARPGROUP_NONE, WARPGROUP_FORWARD, WARPGROUP_ALL = 0, 1, 2
 MATMUL_OPS = {"forward": "MaskedMatmul", "grad_input": "MaskedMatmulGradInput", "grad_weight": "MaskedMatmulGradWeight"}
 CONV_OPS = {"forward": "MaskedConv2D", "grad_input": "MaskedConv2DGradInput", "grad_weight": "MaskedConv2DGradFilter"}
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -97,7 +100,7 @@ class Emulator:
         self.lib.emu_reset_stats()
         self.lib.emu_set_schedule(0, 0)
         self.lib.emu_set_device_tensor_cores(1)
-        self.lib.emu_set_warpgroup_mma(0)
+        self.lib.emu_set_warpgroup_mma(WARPGROUP_NONE)
         self.diagnostics()
 
     def checked(self, what, status):
@@ -719,7 +722,7 @@ def test_warpgroup_products_multiply_live_blocks_only(emulator, shape_and_block,
     warp's products reading it were waited for shows in the results."""
     *shape, block = shape_and_block
     m, k, n = shape
-    emulator.lib.emu_set_warpgroup_mma(1)
+    emulator.lib.emu_set_warpgroup_mma(WARPGROUP_ALL)
     emulator.lib.emu_set_schedule(schedule, 99)
     mask, element, products = matmul_case(tuple(shape), block, dtype, "block", density=0.5)
     for product, a, b, out_shape, depth in products[:2]:
@@ -744,7 +747,7 @@ def test_warpgroup_whole_tiles_take_full_width_products(emulator, product, block
     tile) take one 128-wide wgmma per step and half (a second launch), the
     others one per live run: the product count restated per tile, and the
     reference's result."""
-    emulator.lib.emu_set_warpgroup_mma(1)
+    emulator.lib.emu_set_warpgroup_mma(WARPGROUP_ALL)
     rng = np.random.default_rng(4)
     m, depth, out_cols = 130, 64, 264
     k, n = (depth, out_cols) if product == "forward" else (out_cols, depth)
@@ -785,7 +788,7 @@ def test_warpgroup_nan_reaches_live_blocks_only(emulator, block):
     and never through a dead one (nor through a dead run of a partly live
     tile), and a NaN block factor makes exactly its block's output columns
     NaN (the list marks it scaled; the stage is rescaled)."""
-    emulator.lib.emu_set_warpgroup_mma(1)
+    emulator.lib.emu_set_warpgroup_mma(WARPGROUP_ALL)
     rng = np.random.default_rng(21)
     m, k, n = 40, 160, 256
     mask, _ = make_masks(rng, k, n, block, 0.5, "block")
@@ -830,7 +833,7 @@ def test_warpgroup_weight_gradient_multiplies_live_halves(emulator, shape, block
     the wgmma products and columns restated from the mask, no mma.sync, and
     the reference's result, zero in dead blocks."""
     m, k, n = shape
-    emulator.lib.emu_set_warpgroup_mma(1)
+    emulator.lib.emu_set_warpgroup_mma(WARPGROUP_ALL)
     rng = np.random.default_rng(8)
     grid = (math.ceil(k / block[0]), math.ceil(n / block[1]))
     live = rng.random(grid) < 0.4
@@ -868,24 +871,27 @@ def test_warpgroup_weight_gradient_multiplies_live_halves(emulator, shape, block
 
 
 def test_warpgroup_switch_and_rule(emulator):
-    """The warpgroup tile is off until switched on, and takes the three
-    products of the half types only: float32 (TF32 cannot take W N-major)
-    keeps mma.sync."""
+    """On a device without the warpgroup tile every product keeps mma.sync;
+    on one with it the forward product takes it by default and dx and dW
+    once all three are chosen; half types only: float32 (TF32 cannot take W
+    N-major) keeps mma.sync."""
     rng = np.random.default_rng(2)
     m, k, n, block = 64, 64, 64, (16, 16)
     mask = np.ones((4, 4), np.float32)
-    for product, dtype, on, uses_warpgroup in (("forward", "float16", False, False),
-                                               ("forward", "float16", True, True),
-                                               ("grad_input", "bfloat16", True, True),
-                                               ("grad_weight", "float16", True, True),
-                                               ("forward", "float32", True, False)):
-        emulator.lib.emu_set_warpgroup_mma(int(on))
+    for product, dtype, setting, uses_warpgroup in (("forward", "float16", WARPGROUP_NONE, False),
+                                                    ("forward", "float16", WARPGROUP_FORWARD, True),
+                                                    ("grad_input", "bfloat16", WARPGROUP_FORWARD, False),
+                                                    ("grad_weight", "float16", WARPGROUP_FORWARD, False),
+                                                    ("grad_input", "bfloat16", WARPGROUP_ALL, True),
+                                                    ("grad_weight", "float16", WARPGROUP_ALL, True),
+                                                    ("forward", "float32", WARPGROUP_ALL, False)):
+        emulator.lib.emu_set_warpgroup_mma(setting)
         a, b = (rng.standard_normal(s).astype(np_dtype(dtype)) for s in ((m, k), (k, n)))
         emulator.lib.emu_reset_stats()
         emulator.matmul(product, a, b, mask, "block", block, (m, k, n), np.full((m, n), np.nan, a.dtype), True)
         stats = emulator.stats()
-        assert (stats["warpgroup_mma_columns"] > 0) == uses_warpgroup, (product, dtype, on)
-        assert (stats["mma_syncs"] > 0) != uses_warpgroup, (product, dtype, on)
+        assert (stats["warpgroup_mma_columns"] > 0) == uses_warpgroup, (product, dtype, setting)
+        assert (stats["mma_syncs"] > 0) != uses_warpgroup, (product, dtype, setting)
 
 
 def test_matmul_without_tensor_cores_on_the_device(emulator):

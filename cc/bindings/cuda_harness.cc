@@ -324,12 +324,15 @@ int masked_ops_gpu_conv2d_uses_pipeline(int product, const char* dtype, const in
   });
 }
 
-// on 1: the three matmul products of float16 / bfloat16 take the warpgroup
-// (wgmma) tile where the device and build have it; 0: the pipelined tile.
-// Returns 1 when the current device then runs the warpgroup tile, else 0.
-int masked_ops_gpu_set_warpgroup_mma(int on) {
-  masked_ops::gpu::warpgroup::SetWarpgroupMma(on != 0);
-  return masked_ops::gpu::warpgroup::DeviceUsesWarpgroupMma() ? 1 : 0;
+// Which matmul products of float16 / bfloat16 take the warpgroup (wgmma)
+// tile where the device and build have it: products 0 none (the pipelined
+// tile), 1 the forward product (the default), 2 all three. Returns 1 when
+// the current device then runs the warpgroup tile for some product, else 0.
+int masked_ops_gpu_set_warpgroup_mma(int products) {
+  namespace wg = masked_ops::gpu::warpgroup;
+  if (products < 0 || products > 2) return 0;
+  wg::SetProducts(static_cast<wg::Products>(products));
+  return products != 0 && wg::DeviceRunsWarpgroupMma() ? 1 : 0;
 }
 
 }  // extern "C"

@@ -15,7 +15,8 @@
 
 namespace {
 bool device_has_tensor_cores = true;
-bool device_uses_warpgroup_mma = false;
+bool device_runs_warpgroup_mma = false;
+masked_ops::gpu::warpgroup::Products chosen_products = masked_ops::gpu::warpgroup::Products::kForward;
 }  // namespace
 
 namespace masked_ops {
@@ -26,8 +27,9 @@ bool DeviceSupportsTensorCores() { return device_has_tensor_cores; }
 }  // namespace tensor_core
 namespace warpgroup {
 // The emulated device runs the warpgroup tile once a test switches it on.
-bool DeviceUsesWarpgroupMma() { return device_uses_warpgroup_mma; }
-void SetWarpgroupMma(bool on) { device_uses_warpgroup_mma = on; }
+bool DeviceRunsWarpgroupMma() { return device_runs_warpgroup_mma; }
+void SetProducts(Products products) { chosen_products = products; }
+Products ChosenProducts() { return chosen_products; }
 }  // namespace warpgroup
 }  // namespace gpu
 }  // namespace masked_ops
@@ -35,7 +37,13 @@ void SetWarpgroupMma(bool on) { device_uses_warpgroup_mma = on; }
 extern "C" {
 
 void emu_set_device_tensor_cores(int on) { device_has_tensor_cores = on != 0; }
-void emu_set_warpgroup_mma(int on) { device_uses_warpgroup_mma = on != 0; }
+// products 0: a device without the warpgroup tile; 1: one with it, the
+// forward product on it (the launchers' default); 2: all three products.
+void emu_set_warpgroup_mma(int products) {
+  device_runs_warpgroup_mma = products != 0;
+  chosen_products = products == 2 ? masked_ops::gpu::warpgroup::Products::kAll
+                                  : masked_ops::gpu::warpgroup::Products::kForward;
+}
 
 // mode 0: a block's threads run in thread order between barriers; 1: reverse
 // order; 2: shuffled (by seed).

@@ -12,6 +12,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PRODUCTS = {"forward": 0, "grad_input": 1, "grad_weight": 2}
+WARPGROUP_PRODUCTS = {"none": 0, "forward": 1, "all": 2}
 ELEMENTWISE = {"mask_gradient": 0, "assign": 1, "add": 2, "sub": 3, "adam": 4, "sgd": 5, "rmsprop": 6}
 
 
@@ -114,14 +115,17 @@ class Harness:
             raise RuntimeError(f"masked_ops_gpu_matmul({product}) failed with status {status}")
         return out
 
-    def set_warpgroup_mma(self, on):
-        """Switches the warpgroup (wgmma) tile of the half types' matmul
-        products on or off; True when the current device then runs it (a
-        compute capability 9.0 GPU and a build with sm_90a code); False for
-        a harness without the tile."""
+    def set_warpgroup_products(self, products):
+        """Which of the half types' matmul products take the warpgroup
+        (wgmma) tile: "none" (the pipelined tile), "forward" (the kernels'
+        default) or "all"; True when the current device then runs it for
+        some product (a compute capability 9.0 GPU and a build with sm_90a
+        code); False for a harness without the tile. (Harnesses built
+        before the default took the forward product read "forward" as
+        "all".)"""
         if not hasattr(self.library, "masked_ops_gpu_set_warpgroup_mma"):
             return False
-        return self.library.masked_ops_gpu_set_warpgroup_mma(int(on)) == 1
+        return self.library.masked_ops_gpu_set_warpgroup_mma(WARPGROUP_PRODUCTS[products]) == 1
 
     def uses_tensor_cores(self, product, dtype, shape, block_size, tensor_cores=True):
         """Whether run(product, ...) on dtype tensors of this shape takes the tensor-core kernels."""

@@ -47,14 +47,15 @@ bool DeviceSupportsTensorCores() { return ComputeCapability() >= 80; }
 
 namespace warpgroup {
 namespace {
-std::atomic<bool> warpgroup_mma_on{false};
+std::atomic<Products> chosen_products{Products::kForward};
 }  // namespace
 
-void SetWarpgroupMma(bool on) { warpgroup_mma_on = on; }
+void SetProducts(Products products) { chosen_products = products; }
+Products ChosenProducts() { return chosen_products; }
 
-bool DeviceUsesWarpgroupMma() {
+bool DeviceRunsWarpgroupMma() {
 #if defined(MASKED_OPS_SM90A_CODE)
-  return warpgroup_mma_on && ComputeCapability() == 90;
+  return ComputeCapability() == 90;
 #else
   return false;
 #endif

@@ -55,13 +55,24 @@ template <typename T>
 bool MatmulUsesPipeline(const BlockGrid& grid, Product product, GpuMath math, MaskLevel level);
 
 namespace warpgroup {
-// Whether the three products of float16 / bfloat16 take the warpgroup
-// (wgmma) tile instead of the pipelined one where MatmulUsesPipeline: on a
-// compute capability 9.0 device, in a build with sm_90a code
-// (CMAKE_CUDA_ARCHITECTURES naming 90a), once switched on (off by default
-// until tests/gpu has passed with it on a GPU).
-bool DeviceUsesWarpgroupMma();
-void SetWarpgroupMma(bool on);
+// Which products of float16 / bfloat16 take the warpgroup (wgmma) tile
+// instead of the pipelined one where MatmulUsesPipeline and the device runs
+// it. The forward product by default: on an H100 it beat the pipelined tile
+// in every forward row of bench/gpu.py, while dx and dW on it were faster
+// only where every tile is whole (bench/GPU_NOTES.md, session 9).
+enum class Products : int { kNone = 0, kForward = 1, kAll = 2 };
+void SetProducts(Products products);
+Products ChosenProducts();
+// A compute capability 9.0 device, in a build with sm_90a code
+// (CMAKE_CUDA_ARCHITECTURES naming 90a).
+bool DeviceRunsWarpgroupMma();
+
+inline bool UsesWarpgroupMma(Product product) {
+  const Products chosen = ChosenProducts();
+  const bool chosen_product =
+      chosen == Products::kAll || (chosen == Products::kForward && product == Product::kForward);
+  return chosen_product && DeviceRunsWarpgroupMma();
+}
 }  // namespace warpgroup
 
 // Device bytes of `product`'s workspace for a T weight with a mask of

@@ -559,15 +559,15 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
                      const uint32_t* lists, const int32_t* counts, int64_t splits, float* partials, D* out,
                      wg::Tiles taken) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __trap();  // launched only where wg::DeviceUsesWarpgroupMma()
+  __trap();  // launched only where wg::DeviceRunsWarpgroupMma()
 #else
   const ProductDims<kTransposed> p{g, live, factors};
   const ListedTile tile(m, p.out_cols(), counts, splits);
-  using ACopier = wg::CoreMatrixCopier<D, kDepth, pl::kTileRows, kDepth / 8, false>;
+  using ACopier = wg::SwizzledCopier<D, kDepth, false>;
   // Forward: W's rows d0 .. as depth lines of its columns col0 ..; dx: W's
   // rows col0 .. as lines, along the depth (its columns).
-  using BCopier = std::conditional_t<kTransposed, wg::CoreMatrixCopier<D, kDepth, pl::kTileCols, kDepth / 8, false>,
-                                     wg::CoreMatrixCopier<D, kDepth, kDepth, pl::kTileCols / 8, true>>;
+  using BCopier = std::conditional_t<kTransposed, wg::SwizzledCopier<D, kDepth, false>,
+                                     wg::SwizzledCopier<D, kDepth, true>>;
   const ACopier a_copier(a, p.depth(), tile.row0, m);
   const BCopier b_copier(w, g.cols, tile.col0, p.out_cols());
   const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub) {
@@ -717,7 +717,7 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
     WarpgroupOuterProducts(const D* x, const D* dy, int64_t m, const float* factors, bool element_level, GridDims g,
                            const uint8_t* live, int64_t per_split, float* partials, D* dw, wg::Tiles taken) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __trap();  // launched only where wg::DeviceUsesWarpgroupMma()
+  __trap();  // launched only where wg::DeviceRunsWarpgroupMma()
 #else
   const WeightTile tile(g, m, kDepth, per_split);
   // Each half's strips with a live fragment, and the tile's row strips with one.
@@ -738,7 +738,7 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
   strips.half[0] = ptx::WarpUniform(strips.half[0]);
   strips.half[1] = ptx::WarpUniform(strips.half[1]);
   // x's and dy's rows m0 .. as depth lines, along dW's rows and columns.
-  using Copier = wg::CoreMatrixCopier<D, kDepth, kDepth, pl::kTileCols / 8, true>;
+  using Copier = wg::SwizzledCopier<D, kDepth, true>;
   const Copier x_copier(x, g.rows, tile.row0, g.rows);
   const Copier dy_copier(dy, g.cols, tile.col0, g.cols);
   const unsigned x_copies = x_copier.CopiesIn(row_strips);

@@ -203,13 +203,13 @@ void WithRunStrips(int64_t block, int64_t cols, const Run& run) {
 }
 
 // The forward product and dx of 16-bit types take the warpgroup tile where
-// the device runs it, the rest the pipelined tile (same grid, lists and
-// splits); so does dW (RunGradWeight).
+// it is chosen for them and the device runs it, the rest the pipelined tile
+// (same grid, lists and splits); so does dW (RunGradWeight).
 template <typename D, bool kTransposed, int kDepth, typename Launch>
 void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, int64_t m, const D* w,
                             const Workspace<float>& ws, const GridDims& dims, int64_t splits, D* out) {
   if constexpr (wg::kHasWarpgroupPath<D>) {
-    if (wg::DeviceUsesWarpgroupMma()) {
+    if (wg::UsesWarpgroupMma(kTransposed ? Product::kGradInput : Product::kForward)) {
       // The blocks across the output's columns: W's columns, or its rows for dx.
       WithRunStrips(kTransposed ? dims.block_rows : dims.block_cols, kTransposed ? dims.rows : dims.cols,
                     [&](auto run_strips, auto taken) {
@@ -311,7 +311,7 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
       float* partials = splits > 1 ? ws.partials : nullptr;
       bool warpgroup = false;
       if constexpr (wg::kHasWarpgroupPath<D>) {
-        if (wg::DeviceUsesWarpgroupMma()) {
+        if (wg::UsesWarpgroupMma(Product::kGradWeight)) {
           warpgroup = true;
           WithRunStrips(dims.block_cols, dims.cols, [&](auto run_strips, auto taken) {
             launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(

@@ -17,11 +17,15 @@
 // Where a live block's factor is not 1, the threads rescale the stage's W in
 // shared memory before the product.
 //
-// Shared memory holds each operand as the wgmma "core matrices" without
-// swizzle: 8 lines of 16 contiguous bytes, a line being 8 depths of a row of
-// A or of a column of a K-major B, or 8 columns of a depth row of an N-major
-// B. The copies are laid out so that the 8 lanes of each quarter warp fill
-// one core matrix: 128 contiguous bytes, no bank conflict.
+// Shared memory holds each operand in one of wgmma's swizzled layouts
+// (SwizzledLayout): rows of 32, 64 or 128 bytes whose 16-byte chunks are
+// permuted by the row, so that a quarter warp's copy of 128 contiguous
+// bytes of global memory lands in one 128-byte line of shared memory, in
+// distinct banks. (The unswizzled core-matrix layout, 8 rows of one 16-byte
+// chunk each, could not do both: with either the global reads or the
+// shared-memory writes of a quarter warp scattered, each L2 request carried
+// one sector, half of it used, and L2 throughput bound the tile on the
+// H100.)
 #ifndef MASKED_OPS_CC_KERNELS_CUDA_WARPGROUP_GEMM_CUH_
 #define MASKED_OPS_CC_KERNELS_CUDA_WARPGROUP_GEMM_CUH_
 
@@ -46,7 +50,7 @@ namespace pl = pipelined;
 
 constexpr int kThreads = 128;  // one warpgroup
 // Thread blocks per SM: three (registers capped at 168, shared memory 3 x
-// 64 KB at stages of 32), so that while one waits at its barrier or for its
+// 65 KB at stages of 32), so that while one waits at its barrier or for its
 // copies the others' products keep the tensor cores busy (ptxas then spills
 // 16-40 bytes, a few LDL per stage: to weigh on the GPU against two blocks);
 // two with runs of one strip, whose eight guarded products per step would
@@ -55,75 +59,102 @@ template <int kRunStrips>
 constexpr int kBlocksPerSm = kRunStrips > 1 ? 3 : 2;
 constexpr int kHalfRows = 64;  // the rows of one wgmma
 constexpr int kStages = pl::kStages;
-constexpr int kCoreLines = 8;
-constexpr int kCoreElements = 64;  // of a 16-bit type: 8 lines of 8
+constexpr int kChunkElements = 8;     // of a 16-bit type in a 16-byte chunk
+constexpr int kSwizzleRepeat = 1024;  // bytes: the alignment every layout's pattern needs
 
 // The 16-bit types (TF32 wgmma cannot take B N-major).
 template <typename D>
 constexpr bool kHasWarpgroupPath = std::is_same_v<D, __half> || std::is_same_v<D, __nv_bfloat16>;
 
-// Elements of one operand stage (128 lines of kDepth, or kDepth of 128) and
-// of the dynamic shared memory.
-template <int kDepth>
-constexpr int kOperandElements = pl::kTileRows * kDepth;
-template <typename D, int kDepth>
-constexpr int kSharedBytes = kStages * 2 * kOperandElements<kDepth> * int(sizeof(D));
-
-// Where line `line` and 16-byte chunk `chunk` along it lie in a stage, in
-// elements. K-major (a line is a row of A or a column of B, its chunks run
-// along the depth): core matrix (line group, depth chunk) at group * kDepth
-// * 8 + chunk * 64. kDepthLines, M- or N-major (a line is a depth, its chunks
-// run along the rows or columns): core matrix (depth group, chunk) at group
-// * 64 + chunk * kDepth * 8. Both ways the core matrices along the depth are
-// 128 bytes apart and those along the rows or columns kDepth * 16 bytes,
-// which the descriptors say.
+// An operand stage of a 16-bit type: kLines lines of kChunks 16-byte
+// chunks, a line being a row of A or a column of B along the depth
+// (K-major: 128 lines of kDepth) or one depth along the rows or columns
+// (kDepthLines, M- or N-major: kDepth lines of 128). wgmma's swizzled
+// layouts: lines of kRowBytes (K-major: the whole line, 32, 64 or 128
+// bytes; otherwise 64 of its rows or columns, 128 bytes, the second 64
+// after all the first's lines), one after the other, each line's chunks
+// permuted by XOR with bits 7 .. of its address (the 32-, 64- and 128-byte
+// swizzles of the PTX ISA, which act on shared addresses: stages start on
+// kSwizzleRepeat bytes). Logical offsets (chunks in order) are what the
+// descriptors take; the hardware applies the permutation.
 template <int kDepth, bool kDepthLines>
-struct CoreLayout {
-  static constexpr int kLineGroupStride = kDepthLines ? kCoreElements : kDepth * kCoreLines;
-  static constexpr int kChunkStride = kDepthLines ? kDepth * kCoreLines : kCoreElements;
-  __device__ static int Offset(int line, int chunk) {
-    return line / kCoreLines * kLineGroupStride + chunk * kChunkStride + line % kCoreLines * kCoreLines;
+struct SwizzledLayout {
+  static_assert(pl::kTileRows == pl::kTileCols, "a K-major operand has 128 lines, A's or B's");
+  static_assert(kDepth == 16 || kDepth == 32 || kDepth == 64, "a K-major line is one swizzle row");
+  static constexpr int kLines = kDepthLines ? kDepth : pl::kTileRows;
+  static constexpr int kChunks = kDepthLines ? pl::kTileCols / kChunkElements : kDepth / kChunkElements;
+  static constexpr int kRowBytes = kDepthLines ? 128 : 2 * kDepth;
+  static constexpr int kRowChunks = kRowBytes / 16;
+  static constexpr int kRowElements = kRowBytes / 2;
+  static constexpr int kHalfElements = kLines * kRowElements;  // M/N-major: the second 64 rows or columns
+  // The descriptor's fields: the swizzle (1: 128 bytes, 2: 64, 3: 32); the
+  // byte offsets between 8-line groups (stride) and, M/N-major, between
+  // the two 64-wide halves (leading; unused K-major).
+  static constexpr uint64_t kSwizzleMode = kRowBytes == 128 ? 1 : kRowBytes == 64 ? 2 : 3;
+  static constexpr uint32_t kStrideBytes = 8 * kRowBytes;
+  static constexpr uint32_t kLeadingBytes = kDepthLines ? 2 * kHalfElements : 16;
+
+  __host__ __device__ static constexpr int LogicalOffset(int line, int chunk) {
+    return RowStart(line, chunk) + chunk % kRowChunks * kChunkElements;
+  }
+  // Where the chunk lies: its place in the row XOR the row's address bits
+  // 7 .. (a half's offset is a multiple of 8 rows: no change there).
+  __host__ __device__ static constexpr int Offset(int line, int chunk) {
+    const int row_bits = (line * kRowBytes >> 7) & (kRowChunks - 1);
+    return RowStart(line, chunk) + ((chunk % kRowChunks) ^ row_bits) * kChunkElements;
+  }
+
+ private:
+  __host__ __device__ static constexpr int RowStart(int line, int chunk) {
+    return chunk / kRowChunks * kHalfElements + line * kRowElements;
   }
 };
 
-// A matrix descriptor without swizzle for the operand at shared address
-// `address`: leading byte offset (between core matrices along the depth) 128,
-// stride byte offset (along the rows or columns) kDepth * 16.
+// Elements of one operand stage and of the dynamic shared memory (with room
+// to align the stages).
 template <int kDepth>
+constexpr int kOperandElements = pl::kTileRows * kDepth;
+template <typename D, int kDepth>
+constexpr int kSharedBytes = kStages * 2 * kOperandElements<kDepth> * int(sizeof(D)) + kSwizzleRepeat;
+static_assert(kOperandElements<16> * 2 % kSwizzleRepeat == 0, "operand stages keep the swizzle alignment");
+
+// A matrix descriptor for an operand laid out as Layout whose logical start
+// is at shared address `address`.
+template <typename Layout>
 __device__ inline uint64_t Descriptor(uint32_t address) {
-  constexpr uint64_t kLeading = 2 * kCoreElements;
-  constexpr uint64_t kStride = 2 * kDepth * kCoreLines;
-  return ((kStride >> 4) << 32) | ((kLeading >> 4) << 16) | ((address & 0x3ffffu) >> 4);
+  return (Layout::kSwizzleMode << 62) | (uint64_t{Layout::kStrideBytes >> 4} << 32) |
+         (uint64_t{Layout::kLeadingBytes >> 4} << 16) | ((address & 0x3ffffu) >> 4);
 }
 
-// Copies operand tiles of kLines lines by kChunksPerLine 16-byte chunks of D
-// from a row-major global matrix into the core-matrix layout, stage after
-// stage. The depth runs along the lines (kDepthLines: the forward's W, dW's
-// x and dy, whose rows are the depth) or along the chunks (the forward's
-// and dx's A; dx's W, whose columns are the depth); the tile's place in the
-// other dimension is fixed. Thread t copies chunk (t / 8) % kChunksPerLine
-// of lines 8 g + t % 8 for its line groups g, so that 8 consecutive lanes
-// fill one core matrix and read one 16-byte column of 8 rows (their quarter
-// warp neighbours the adjacent columns: whole 32-byte sectors).
-template <typename D, int kDepth, int kLines, int kChunksPerLine, bool kDepthLines>
-class CoreMatrixCopier {
+// Copies operand tiles (SwizzledLayout's lines by chunks of D) from a
+// row-major global matrix into that layout, stage after stage. The depth
+// runs along the lines (kDepthLines: the forward's W, dW's x and dy, whose
+// rows are the depth) or along the chunks (the forward's and dx's A; dx's
+// W, whose columns are the depth); the tile's place in the other dimension
+// is fixed. Thread t copies chunk t % kChunks of lines t / kChunks + i
+// kLinesPerPass, so that a quarter warp reads 128 contiguous bytes of one
+// line or of consecutive ones and writes them to one 128-byte line of
+// shared memory.
+template <typename D, int kDepth, bool kDepthLines>
+class SwizzledCopier {
  public:
-  using Layout = CoreLayout<kDepth, kDepthLines>;
-  static constexpr int kPerChunk = 8;
-  static constexpr int kGroupStep = kThreads / (kCoreLines * kChunksPerLine);
-  static_assert(kGroupStep >= 1 && kThreads % (kCoreLines * kChunksPerLine) == 0, "threads cover whole chunk columns");
-  static constexpr int kCopies = kLines / kCoreLines / kGroupStep;
-  static_assert(kCopies * kGroupStep * kCoreLines == kLines, "every thread copies as many chunks");
+  using Layout = SwizzledLayout<kDepth, kDepthLines>;
+  static constexpr int kPerChunk = kChunkElements;
+  static constexpr int kLinesPerPass = kThreads / Layout::kChunks;
+  static constexpr int kCopies = Layout::kLines / kLinesPerPass;
+  static_assert(kCopies * kLinesPerPass == Layout::kLines, "every thread copies as many chunks");
+  // Copy i lies this far after copy 0: the permutation repeats every 8 lines.
+  static constexpr int kCopyStride = kLinesPerPass * Layout::kRowElements;
+  static_assert(kLinesPerPass % 8 == 0, "every copy of a thread has the same permutation");
 
   // src: the matrix, ld its leading dimension; fixed0 and fixed_end: the
   // tile's first row or column across the depth and the matrix's extent
   // there.
-  __device__ CoreMatrixCopier(const D* src, int64_t ld, int64_t fixed0, int64_t fixed_end)
+  __device__ SwizzledCopier(const D* src, int64_t ld, int64_t fixed0, int64_t fixed_end)
       : matrix_(src),
         ld_(ld),
-        low_(threadIdx.x % kCoreLines),
-        chunk_(threadIdx.x / kCoreLines % kChunksPerLine),
-        group0_(threadIdx.x / (kCoreLines * kChunksPerLine)) {
+        chunk_(threadIdx.x % Layout::kChunks),
+        line0_(threadIdx.x / Layout::kChunks) {
     if constexpr (kDepthLines) {
       base_ = src + fixed0 + chunk_ * kPerChunk + Line(0) * ld;
       fixed_ok_ = fixed0 + chunk_ * kPerChunk < fixed_end ? kAllCopies : 0u;
@@ -135,7 +166,7 @@ class CoreMatrixCopier {
     }
   }
 
-  __device__ int Line(int i) const { return (group0_ + i * kGroupStep) * kCoreLines + low_; }
+  __device__ int Line(int i) const { return line0_ + i * kLinesPerPass; }
   // The tile's strip (16 rows or columns across the depth) holding copy i.
   __device__ int Strip(int i) const { return (kDepthLines ? chunk_ * kPerChunk : Line(i)) / pl::kStrip; }
   // Bit i: copy i lies in a strip set in `strips`.
@@ -152,16 +183,15 @@ class CoreMatrixCopier {
   // the depth's end d_end; the others are zero fills that read nothing.
   __device__ void Issue(D* stage, int64_t d0, int64_t d_end, unsigned live) const {
     const D* src = base_ + (kDepthLines ? d0 * ld_ : d0);
-    const int64_t step = int64_t{kGroupStep * kCoreLines} * ld_;
+    const int64_t step = int64_t{kLinesPerPass} * ld_;
     D* dst = stage + Layout::Offset(Line(0), chunk_);
-    const int depth_left =
-        static_cast<int>(max(int64_t{0}, min(d_end - d0, int64_t{kDepthLines ? kLines : kChunksPerLine * kPerChunk})));
+    const int depth_left = static_cast<int>(max(int64_t{0}, min(d_end - d0, int64_t{kDepth})));
     const unsigned readable = live & fixed_ok_;
 #pragma unroll
     for (int i = 0; i < kCopies; ++i) {
       const bool in_depth = (kDepthLines ? Line(i) : chunk_ * kPerChunk) < depth_left;
       const bool read = ((readable >> i) & 1u) != 0 && in_depth;
-      ptx::CopyAsync16(dst + i * kGroupStep * Layout::kLineGroupStride, read ? src : matrix_, read);
+      ptx::CopyAsync16(dst + i * kCopyStride, read ? src : matrix_, read);
       src += step;
     }
   }
@@ -173,13 +203,13 @@ class CoreMatrixCopier {
     D* dst = stage + Layout::Offset(Line(0), chunk_);
 #pragma unroll
     for (int i = 0; i < kCopies; ++i) {
-      uint4 bits = *reinterpret_cast<const uint4*>(dst + i * kGroupStep * Layout::kLineGroupStride);
+      uint4 bits = *reinterpret_cast<const uint4*>(dst + i * kCopyStride);
       D values[kPerChunk];
       static_assert(sizeof(values) == sizeof(bits), "a chunk is 16 bytes");
       memcpy(values, &bits, sizeof(bits));
       rewrite(i, values);
       memcpy(&bits, values, sizeof(bits));
-      *reinterpret_cast<uint4*>(dst + i * kGroupStep * Layout::kLineGroupStride) = bits;
+      *reinterpret_cast<uint4*>(dst + i * kCopyStride) = bits;
     }
   }
 
@@ -187,7 +217,7 @@ class CoreMatrixCopier {
   const D* matrix_;  // what a zero fill names: no byte of it is read
   const D* base_;    // chunk 0 at depth 0
   int64_t ld_;
-  int low_, chunk_, group0_;
+  int chunk_, line0_;
   unsigned fixed_ok_;  // bit i: copy i lies inside the matrix in the fixed dimension
 };
 
@@ -215,9 +245,11 @@ template <typename D, int kDepth, int kRunStrips, bool kAMMajor, bool kBNMajor, 
 __device__ inline void MultiplyRuns(float (&acc)[64], uint64_t a, uint64_t b, unsigned strips) {
   if constexpr (kRun < pl::kTileStrips / kRunStrips) {
     constexpr unsigned kRunMask = (1u << kRunStrips) - 1;
-    // The run's first column along B, in the descriptor's 16-byte units: 8
-    // columns are one core matrix further, kDepth * 16 bytes either way.
-    constexpr uint64_t kRunStart = uint64_t{kRun} * kRunStrips * (pl::kStrip / 8) * kDepth;
+    // The run's first column along B, in the descriptor's 16-byte units.
+    using BLayout = SwizzledLayout<kDepth, kBNMajor>;
+    constexpr int kColumn = kRun * kRunStrips * pl::kStrip;
+    constexpr uint64_t kRunStart =
+        2 * (kBNMajor ? BLayout::LogicalOffset(0, kColumn / kChunkElements) : BLayout::LogicalOffset(kColumn, 0)) / 16;
     ptx::WarpgroupMma<D, kRunStrips * pl::kStrip, kRun * kRunStrips * pl::kStrip / 2,
                       (kRunStrips < pl::kTileStrips || !kWholeLive), kAMMajor, kBNMajor>(
         acc, a, b + kRunStart, ((strips >> (kRun * kRunStrips)) & kRunMask) != 0);
@@ -241,16 +273,18 @@ struct HalfStrips {
 template <typename D, int kDepth, int kRunStrips, bool kAMMajor, bool kBNMajor, bool kWholeLive>
 __device__ inline void MultiplyStage(uint32_t a_stage, uint32_t b_stage, const HalfStrips& strips,
                                      float (&acc)[2][64]) {
-  using ALayout = CoreLayout<kDepth, kAMMajor>;
-  using BLayout = CoreLayout<kDepth, kBNMajor>;
+  using ALayout = SwizzledLayout<kDepth, kAMMajor>;
+  using BLayout = SwizzledLayout<kDepth, kBNMajor>;
 #pragma unroll
   for (int k0 = 0; k0 < kDepth; k0 += 16) {
-    const uint64_t b = Descriptor<kDepth>(b_stage + 2 * (kBNMajor ? BLayout::Offset(k0, 0) : BLayout::Offset(0, k0 / 8)));
+    const int b_offset = kBNMajor ? BLayout::LogicalOffset(k0, 0) : BLayout::LogicalOffset(0, k0 / kChunkElements);
+    const uint64_t b = Descriptor<BLayout>(b_stage + 2 * b_offset);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int a_offset = kAMMajor ? ALayout::Offset(k0, half * kHalfRows / 8) : ALayout::Offset(half * kHalfRows, k0 / 8);
-      MultiplyRuns<D, kDepth, kRunStrips, kAMMajor, kBNMajor, kWholeLive>(acc[half], Descriptor<kDepth>(a_stage + 2 * a_offset), b,
-                                                              strips.half[half]);
+      const int a_offset = kAMMajor ? ALayout::LogicalOffset(k0, half * kHalfRows / kChunkElements)
+                                    : ALayout::LogicalOffset(half * kHalfRows, k0 / kChunkElements);
+      MultiplyRuns<D, kDepth, kRunStrips, kAMMajor, kBNMajor, kWholeLive>(
+          acc[half], Descriptor<ALayout>(a_stage + 2 * a_offset), b, strips.half[half]);
     }
   }
 }
@@ -268,7 +302,10 @@ template <typename D, int kDepth, int kRunStrips, bool kAMMajor, bool kBNMajor, 
           typename Prepare>
 __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prepare& prepare, float (&acc)[2][64]) {
   constexpr int kStageElements = 2 * kOperandElements<kDepth>;
-  D* shared = reinterpret_cast<D*>(ptx::DynamicShared());
+  // The stages start on the swizzle's repeat in the shared window (kSharedBytes
+  // has room for the shift).
+  unsigned char* dynamic = ptx::DynamicShared();
+  D* shared = reinterpret_cast<D*>(dynamic + ((0u - ptx::SharedAddress(dynamic)) & (kSwizzleRepeat - 1)));
   const uint32_t shared_address = ptx::SharedAddress(shared);
   const auto a_of = [&](int64_t step) { return shared + (step & (kStages - 1)) * kStageElements; };
   const auto b_of = [&](int64_t step) { return a_of(step) + kOperandElements<kDepth>; };

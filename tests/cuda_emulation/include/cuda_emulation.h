@@ -344,7 +344,7 @@ class Engine {
       Report("a shared-memory address outside the dynamic shared memory");
       return 0;
     }
-    return static_cast<uint32_t>(byte - base);
+    return kDynamicSharedWindowStart + static_cast<uint32_t>(byte - base);
   }
   size_t DynamicSharedBytes() const { return dynamic_shared_.size() - kDynamicSharedAlignment; }
 
@@ -467,6 +467,10 @@ class Engine {
 
   static constexpr size_t kExchangeBytes = 64;
   static constexpr size_t kDynamicSharedAlignment = 128;
+  // Where the dynamic shared memory begins in the shared window: after a
+  // kernel's static shared memory, 128-byte but not 1024-byte aligned, as it
+  // can be on a GPU, so that a kernel that assumes more alignment shows.
+  static constexpr uint32_t kDynamicSharedWindowStart = 1152;
 
   static constexpr size_t kStackBytes = 256 * 1024;
   static constexpr size_t kGuardBytes = 64 * 1024;  // PROT_NONE below each stack: an overflow faults
@@ -646,45 +650,54 @@ class Engine {
 };
 
 // One thread's share of a product. The descriptors as the PTX ISA lays them
-// out (the emulation knows the no-swizzle layout only): the start address,
-// the leading (between the core matrices along K) and stride (along M or N)
-// byte offsets, each in 16-byte units of 14 bits; a core matrix is 8 rows
-// (K-major: of M or N; N-major: of K) of 16 contiguous bytes.
+// out (the emulation knows the swizzled layouts only): the start address,
+// the leading and stride byte offsets, each in 16-byte units of 14 bits,
+// and the swizzle in bits 62-63 (1: 128 bytes, 2: 64, 3: 32). In a
+// swizzle of S bytes a row holds S bytes of 16-byte chunks (K-major: the
+// row's k; M- or N-major: S / 2 of its rows or columns at one k); rows
+// follow one another, 8 to a group, groups `stride` apart (M/N-major:
+// blocks of S / 2 rows or columns `leading` apart); then each address's
+// bits 4 .. are XORed with its bits 7 .. (log2(S / 16) of them), on the
+// shared window's addresses.
 inline void Engine::RunWarpgroupMma(const PendingWarpgroupMma& product) {
   struct Operand {
-    uint32_t start, leading, stride;
+    uint32_t start, leading, stride, swizzle_bytes;
   };
   bool valid = true;
   const auto decode = [&](uint64_t descriptor) {
-    constexpr uint64_t kFieldBits = (uint64_t{0x3fff} << 0) | (uint64_t{0x3fff} << 16) | (uint64_t{0x3fff} << 32);
-    if ((descriptor & ~kFieldBits) != 0) {
-      Report("wgmma: a descriptor with a swizzle, a base offset or reserved bits set");
+    constexpr uint64_t kFieldBits =
+        (uint64_t{0x3fff} << 0) | (uint64_t{0x3fff} << 16) | (uint64_t{0x3fff} << 32) | (uint64_t{3} << 62);
+    const uint32_t mode = static_cast<uint32_t>(descriptor >> 62);
+    if ((descriptor & ~kFieldBits) != 0 || mode == 0) {
+      Report("wgmma: a descriptor without a swizzle, or with a base offset or reserved bits set");
       valid = false;
     }
     return Operand{static_cast<uint32_t>(descriptor & 0x3fff) << 4,
                    static_cast<uint32_t>((descriptor >> 16) & 0x3fff) << 4,
-                   static_cast<uint32_t>((descriptor >> 32) & 0x3fff) << 4};
+                   static_cast<uint32_t>((descriptor >> 32) & 0x3fff) << 4, 256u >> mode};
   };
   const Operand a = decode(product.a);
   const Operand b = decode(product.b);
   const unsigned char* shared = DynamicShared();
   const size_t bytes = DynamicSharedBytes();
-  const auto element = [&](size_t offset) {
-    if (offset + 2 > bytes) {
+  const auto element = [&](uint32_t address) {
+    if (address < kDynamicSharedWindowStart || address - kDynamicSharedWindowStart + 2 > bytes) {
       Report("wgmma: an operand outside the dynamic shared memory");
       valid = false;
       return 0.0f;
     }
     uint16_t value;
-    std::memcpy(&value, shared + offset, sizeof(value));
+    std::memcpy(&value, shared + (address - kDynamicSharedWindowStart), sizeof(value));
     return product.widen(value);
   };
-  // K-major: a line of 8 k per row (or column), 8 rows to a core matrix;
-  // M- or N-major: a line of 8 rows (columns) per k, 8 k to a core matrix.
   const auto at = [&](const Operand& operand, bool k_major, int row, int k) {
-    return k_major
-               ? element(operand.start + row % 8 * 16 + row / 8 * operand.stride + k % 8 * 2 + k / 8 * operand.leading)
-               : element(operand.start + row % 8 * 2 + row / 8 * operand.stride + k % 8 * 16 + k / 8 * operand.leading);
+    const uint32_t row_bytes = operand.swizzle_bytes;
+    const uint32_t row_chunks = row_bytes / 16;
+    const uint32_t address =
+        k_major ? operand.start + row / 8 * operand.stride + row % 8 * row_bytes + k * 2
+                : operand.start + row % 8 * 2 + row / 8 % row_chunks * 16 + row / 8 / row_chunks * operand.leading +
+                      k % 8 * row_bytes + k / 8 * operand.stride;
+    return element(address ^ ((address >> 7) & (row_chunks - 1)) << 4);
   };
   const auto a_at = [&](int row, int k) { return at(a, !product.a_m_major, row, k); };
   const auto b_at = [&](int k, int column) { return at(b, !product.b_n_major, column, k); };
