@@ -114,8 +114,12 @@ def kernel_family(pipelined, tensor_cores):
     return "pipelined" if pipelined else "wmma" if tensor_cores else "cuda-cores"
 
 
+MATMUL_MODES = ("forward", "grad_input", "grad_weight", "train")
+
+
 def products_of(mode):
-    return ("forward", "grad_input", "grad_weight") if mode == "train" else ("forward",)
+    """The products a mode times: one of them, or all three ("train")."""
+    return ("forward", "grad_input", "grad_weight") if mode == "train" else (mode,)
 
 
 def case(shape, block, density, precision_name, mode, reps, warmup, baseline=None):
@@ -132,17 +136,21 @@ def case(shape, block, density, precision_name, mode, reps, warmup, baseline=Non
     dy = torch.randn(m, n, device="cuda", dtype=dtype)
     y, dx, dw = (torch.empty(s, device="cuda", dtype=dtype) for s in ((m, n), (m, k), (k, n)))
 
+    operands = {"forward": (x, w, y), "grad_input": (dy, w, dx), "grad_weight": (x, dy, dw)}
+    products = products_of(mode)
+
     def fused(harness):
-        harness.run("forward", x, w, block_mask, "block", (block, block), shape, y, tensor_cores)
-        if mode == "train":
-            harness.run("grad_input", dy, w, block_mask, "block", (block, block), shape, dx, tensor_cores)
-            harness.run("grad_weight", x, dy, block_mask, "block", (block, block), shape, dw, tensor_cores)
+        for product in products:
+            a, b, out = operands[product]
+            harness.run(product, a, b, block_mask, "block", (block, block), shape, out, tensor_cores)
 
     def dense():
-        w_masked = w * element
-        torch.matmul(x, w_masked, out=y)
-        if mode == "train":
+        w_masked = w * element if "forward" in products or "grad_input" in products else None
+        if "forward" in products:
+            torch.matmul(x, w_masked, out=y)
+        if "grad_input" in products:
             torch.matmul(dy, w_masked.T, out=dx)
+        if "grad_weight" in products:
             torch.mul(torch.matmul(x.T, dy), element, out=dw)
 
     medians, speedups = timed_row(fused, dense, baseline, reps, warmup,
@@ -269,7 +277,8 @@ def main():
     parser.add_argument("--densities", default="1.0,0.5,0.25,0.1,0.05")
     parser.add_argument("--blocks", default="16,32,64")
     parser.add_argument("--precisions", default="fp32,tf32,bf16")
-    parser.add_argument("--modes", default="forward,train")
+    parser.add_argument("--modes", default="forward,train",
+                        help="of " + ", ".join(MATMUL_MODES) + " (the convs time forward and train only)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--conv", action="store_true", help="also time masked_conv2d against cuDNN")
@@ -280,6 +289,9 @@ def main():
     parser.add_argument("--json")
     parser.add_argument("--summary", metavar="JSON", help="print the README's tables from a results file and exit")
     args = parser.parse_args()
+    unknown = set(args.modes.split(",")) - set(MATMUL_MODES)
+    if unknown:
+        parser.error(f"unknown modes {sorted(unknown)}")
     if args.summary:
         summary(args.summary)
         return
@@ -328,7 +340,7 @@ def main():
     print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * bool(baseline))
     for precision in args.precisions.split(","):
         for density, active in ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.1, 1.0), (1.0, 0.25), (1.0, 0.1), (0.5, 0.25)):
-            for mode in args.modes.split(","):
+            for mode in (m for m in args.modes.split(",") if m in ("forward", "train")):
                 row = conv_case(density, active, precision, mode, args.reps, args.warmup, baseline)
                 conv_rows.append(row)
                 save()

@@ -5,10 +5,10 @@
 # kernel family (the pipelined ones included), and bench/gpu.py, writing
 # every log and the bench JSON under $OUT (default: /tmp/masked_ops_gpu_session).
 #
-#   bash bench/gpu_session.sh            # all of it (~4-5 minutes on an H200)
+#   bash bench/gpu_session.sh            # all of it (about 2 minutes on an H100)
 #   bash bench/gpu_session.sh tests      # build + tests/gpu + compute-sanitizer
-#   bash bench/gpu_session.sh bench      # build + bench/gpu.py (and a small-batch run)
-#   bash bench/gpu_session.sh profile    # build + ncu on the bf16 block-32 d=0.1 forward
+#   bash bench/gpu_session.sh bench      # build + bench/gpu.py (a small batch, dx and dW apart)
+#   bash bench/gpu_session.sh profile    # build + ncu on the bf16 block-32 forward, d=1 and 0.1, both tiles
 #   bash bench/gpu_session.sh ab         # build + the current harness against a baseline
 #
 # ab (also part of "all" when a baseline is given) times the harness named by
@@ -98,6 +98,12 @@ if [[ "$what" == all || "$what" == bench ]]; then
   timeout -s KILL 45 python3 bench/gpu.py --shape 32x4096x4096 --precisions bf16 --modes forward --blocks 32,64 \
     --json "$out/gpu-small-batch.json" >> "$out/bench.log" 2>&1
   note "bench/gpu.py small batch: rc $?"
+  # dx and dW apart, each on both tiles: which of them the warpgroup tile
+  # loses below density 1 (bench/GPU_NOTES.md, session 9).
+  echo "== dx and dW apart" >> "$out/bench.log"
+  timeout -s KILL 60 python3 bench/gpu.py --precisions bf16 --densities 1,0.5,0.1 --modes grad_input,grad_weight \
+    >> "$out/bench.log" 2>&1
+  note "bench/gpu.py dx and dW apart: rc $?"
   python3 bench/gpu.py --summary "$out/gpu.json" 2>&1 | tail -40
 fi
 
