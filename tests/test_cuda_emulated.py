@@ -74,6 +74,7 @@ class Emulator:
         lib.emu_elementwise.argtypes = [i, i, i] + [i64] * 5 + [p, p, i, p, ctypes.POINTER(p),
                                                                 ctypes.POINTER(ctypes.c_double), i]
         lib.emu_set_schedule.argtypes = [i, ctypes.c_uint64]
+        lib.emu_set_copy_line_check.argtypes = [i]
         lib.emu_set_device_tensor_cores.argtypes = [i]
         lib.emu_set_warpgroup_mma.argtypes = [i]
         lib.emu_take_diagnostics.argtypes = [ctypes.c_char_p, i64]
@@ -101,6 +102,7 @@ class Emulator:
         self.lib.emu_set_schedule(0, 0)
         self.lib.emu_set_device_tensor_cores(1)
         self.lib.emu_set_warpgroup_mma(WARPGROUP_NONE)
+        self.lib.emu_set_copy_line_check(0)
         self.diagnostics()
 
     def checked(self, what, status):
@@ -713,7 +715,7 @@ WARPGROUP_CASES = [  # (m, k, n, block): every run width, both stage depths, sho
 @pytest.mark.parametrize("schedule", [0, 2], ids=["in-order", "shuffled"])
 def test_warpgroup_products_multiply_live_blocks_only(emulator, shape_and_block, dtype, schedule):
     """With the warpgroup tile on (a Hopper device), the forward product and
-    dx of the half types run as wgmma products from the core-matrix layout
+    dx of the half types run as wgmma products from wgmma's swizzled layouts
     (W N-major, W^T K-major): the reference's result (block factors 1, 2 and
     -0.5: 0/1 stages and stages rescaled in shared memory; NaN in dead
     blocks), no mma.sync, and the wgmma columns restated from the mask (dW:
@@ -737,6 +739,28 @@ def test_warpgroup_products_multiply_live_blocks_only(emulator, shape_and_block,
                                      mask.astype(np.float64), {"block_rows": block[0], "block_cols": block[1]})
         check(out, expected, bound, depth, dtype, True, f"{product} {dtype}")
     run_matmul(emulator, tuple(shape), block, dtype, True, "block", density=0.5)
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (48, 80)], ids=lambda b: f"b{b[0]}x{b[1]}")
+@pytest.mark.parametrize("product", ["forward", "grad_input", "grad_weight"])
+def test_warpgroup_copies_are_whole_lines(emulator, product, block):
+    """Each quarter warp's cp.async copies on the warpgroup tile read whole
+    32-byte sectors and land in one 128-byte line of shared memory: on the
+    H100 each such quarter warp is one L2 request, and the first layout
+    (one 16-byte column of 8 rows per quarter warp) split every request
+    into a half-used sector and ran at a third of the speed. Stages of 16
+    (blocks of 16 and 48 rows) and 32, every operand's layout, partly live
+    tiles; rows of whole sectors (the dimensions multiples of 16)."""
+    emulator.lib.emu_set_warpgroup_mma(WARPGROUP_ALL)
+    emulator.lib.emu_set_copy_line_check(1)
+    shape = (192, 256, 320)
+    mask, _, products = matmul_case(shape, block, "bfloat16", "block", density=0.5)
+    for name, a, b, out_shape, _ in products:
+        if name == product:
+            emulator.lib.emu_reset_stats()
+            emulator.matmul(product, a, b, mask, "block", block, shape,
+                            np.full(out_shape, np.nan, a.dtype), True)
+            assert emulator.stats()["warpgroup_mma_columns"] > 0, product
 
 
 @pytest.mark.parametrize("block", [(16, 32), (32, 64), (32, 16)], ids=lambda b: f"b{b[0]}x{b[1]}")

@@ -51,6 +51,10 @@ void emu_set_schedule(int mode, uint64_t seed) {
   cuda_emulation::Engine::Get().SetSchedule(static_cast<cuda_emulation::Schedule>(mode), seed);
 }
 
+// on 1: each block's cp.async copies are checked for whole-line quarter
+// warps (Engine::SetCopyLineCheck).
+void emu_set_copy_line_check(int on) { cuda_emulation::Engine::Get().SetCopyLineCheck(on != 0); }
+
 // Copies the diagnostics since the last call (empty: none) into buffer, NUL
 // terminated and cut to size; returns their full length.
 int64_t emu_take_diagnostics(char* buffer, int64_t size) {

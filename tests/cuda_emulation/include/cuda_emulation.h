@@ -64,6 +64,8 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -308,8 +310,17 @@ class Engine {
       Report("cp.async: an address not 16-byte aligned");
     }
     std::memset(dst, 0xff, 16);
-    fibers_[current_].open_copies.push_back(PendingCopy{dst, src, bytes_read});
+    Fiber& fiber = fibers_[current_];
+    if (check_copy_lines_) block_copies_.push_back(IssuedCopy{current_, fiber.copies_issued, dst, src, bytes_read});
+    ++fiber.copies_issued;
+    fiber.open_copies.push_back(PendingCopy{dst, src, bytes_read});
   }
+  // Whether each block's cp.async copies are checked a quarter warp at a
+  // time (the same copy of 8 consecutive threads) for the pattern that
+  // makes them one L2 request each on the GPU: where all 8 read, the
+  // 32-byte sectors they touch are read whole, and their destinations are
+  // distinct 16-byte slots of one 128-byte line of the shared window.
+  void SetCopyLineCheck(bool on) { check_copy_lines_ = on; }
   // The bytes cp.async has read (address, count) since the last call, for a
   // check that a kernel staged nothing it must not read.
   std::vector<std::pair<const unsigned char*, int>> TakeCopyReads() { return std::move(copy_reads_); }
@@ -460,6 +471,7 @@ class Engine {
     std::vector<PendingWarpgroupMma> open_mmas;
     std::vector<std::vector<PendingWarpgroupMma>> committed_mmas;
     int64_t retired_mma_groups;
+    int64_t copies_issued;  // cp.async copies in the block so far
     bool barrier_predicate, barrier_result;  // of __syncthreads_or
   };
 
@@ -546,10 +558,12 @@ class Engine {
       fiber.barrier_predicate = fiber.barrier_result = false;
       fiber.open_copies.clear();
       fiber.committed.clear();
+      fiber.copies_issued = 0;
       fiber.open_mmas.clear();
       fiber.committed_mmas.clear();
       fiber.retired_mma_groups = 0;
     }
+    block_copies_.clear();
     std::vector<unsigned> order;
     for (;;) {
       Order(threads, order);
@@ -586,7 +600,10 @@ class Engine {
           same_site = same_site && fibers_[i].site == site;
         }
       }
-      if (waiting == 0) return true;
+      if (waiting == 0) {
+        if (check_copy_lines_) CheckCopyLines();
+        return true;
+      }
       if (exited != 0) {
         Report("__syncthreads() reached by " + std::to_string(waiting) + " threads after " + std::to_string(exited) +
                " others of the block exited");
@@ -601,6 +618,43 @@ class Engine {
         if (fibers_[i].state == State::kAtBarrier) {
           fibers_[i].state = State::kRunnable;
           fibers_[i].barrier_result = any;
+        }
+      }
+    }
+  }
+
+  struct IssuedCopy {
+    unsigned thread;
+    int64_t index;  // of the thread's copies in the block
+    const void* dst;
+    const void* src;
+    int bytes_read;
+  };
+
+  // SetCopyLineCheck's check of the block's copies; one report a block.
+  void CheckCopyLines() {
+    std::map<std::pair<int64_t, unsigned>, std::vector<const IssuedCopy*>> quarter_warps;
+    for (const IssuedCopy& copy : block_copies_) quarter_warps[{copy.index, copy.thread / 8}].push_back(&copy);
+    for (const auto& [key, copies] : quarter_warps) {
+      std::set<uint32_t> lines, slots;
+      std::map<uintptr_t, unsigned> sector_halves;
+      bool all_read = copies.size() == 8;
+      for (const IssuedCopy* copy : copies) {
+        const uint32_t address = SharedAddress(copy->dst);
+        lines.insert(address / 128);
+        slots.insert(address / 16);
+        const auto source = reinterpret_cast<uintptr_t>(copy->src);
+        if (copy->bytes_read == 16) sector_halves[source / 32] |= 1u << (source / 16 % 2);
+        all_read = all_read && copy->bytes_read == 16;
+      }
+      if (lines.size() != 1 || slots.size() != copies.size()) {
+        Report("cp.async: a quarter warp's copies land in several 128-byte lines of shared memory or share a slot");
+        return;
+      }
+      for (const auto& [sector, halves] : sector_halves) {
+        if (all_read && halves != 3) {
+          Report("cp.async: a quarter warp reads half of a 32-byte sector");
+          return;
         }
       }
     }
@@ -643,6 +697,8 @@ class Engine {
   std::vector<unsigned char> exchange_;
   std::vector<unsigned char> dynamic_shared_;
   std::vector<std::pair<const unsigned char*, int>> copy_reads_;
+  bool check_copy_lines_ = false;
+  std::vector<IssuedCopy> block_copies_;
   unsigned current_ = 0;
   cudaError_t error_ = cudaSuccess;
   std::vector<Diagnostic> diagnostics_;
