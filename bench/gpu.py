@@ -198,7 +198,8 @@ def conv_case(density, active, precision_name, mode, reps, warmup, baseline=None
         if mode == "train":
             out.backward(dy.permute(0, 3, 1, 2))
 
-    medians, speedups = timed_row(fused, dense, baseline, reps, warmup)
+    medians, speedups = timed_row(fused, dense, baseline, reps, warmup,
+                                  warpgroup=WARPGROUP and dtype in (torch.float16, torch.bfloat16))
     kernels = {product: kernel_family(HARNESS.conv2d_uses_pipeline(product, dtype, geometry, "block", tensor_cores),
                                       HARNESS.conv2d_uses_tensor_cores(product, dtype, geometry, tensor_cores))
                for product in products_of(mode)}
@@ -265,9 +266,11 @@ def summary(path):
         print("|---|---|" + "---:|" * len(columns))
         by_key = {(r["precision"], r["mode"], r["density"], r["active"]): r for r in results["conv_rows"]}
         for precision, mode in dict.fromkeys((r["precision"], r["mode"]) for r in results["conv_rows"]):
-            cells = " | ".join(f"{by_key[(precision, mode, *c)]['speedup']:.2f}x" if (precision, mode, *c) in by_key
-                               else "" for c in columns)
-            print(f"| {precision} | {mode} | {cells} |")
+            for label, key in ((precision, "speedup"), (f"{precision}, wgmma", "speedup_warpgroup")):
+                rows = [by_key.get((precision, mode, *c), {}) for c in columns]
+                if any(key in row for row in rows):
+                    cells = " | ".join(f"{row[key]:.2f}x" if key in row else "" for row in rows)
+                    print(f"| {label} | {mode} | {cells} |")
         kernels_line(results["conv_rows"])
 
 
@@ -335,9 +338,9 @@ def main():
     if not args.conv:
         return
     torch.backends.cudnn.benchmark = True
-    print(f"\n| precision | density | active tiles | mode | fused ms | cuDNN ms | speedup | target{versus} "
+    print(f"\n| precision | density | active tiles | mode | fused ms | cuDNN ms | speedup | target{versus}{wgmma} "
           f"|  # {device}")
-    print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * bool(baseline))
+    print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * timed_pairs)
     for precision in args.precisions.split(","):
         for density, active in ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.1, 1.0), (1.0, 0.25), (1.0, 0.1), (0.5, 0.25)):
             for mode in (m for m in args.modes.split(",") if m in ("forward", "train")):
@@ -346,7 +349,7 @@ def main():
                 save()
                 print(f"| {row['precision']} | {row['density']:g} | {row['active']:g} | {row['mode']} "
                       f"| {row['median_ms']['fused']:.3f} | {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x "
-                      f"| {row['target']:.2f}x{baseline_cells(row)} |")
+                      f"| {row['target']:.2f}x{baseline_cells(row)}{warpgroup_cells(row) if WARPGROUP else ''} |")
 
 
 if __name__ == "__main__":

@@ -1043,28 +1043,35 @@ def stage_mmas(block, channels, dtype):
     return math.ceil(block / stage) * stage // 16
 
 
-def pipelined_conv_mma_count(fields, live, output_mask, dtype="bfloat16"):
-    """The mma.sync calls (per warp) of the pipelined forward conv, restated:
-    rows are output pixels tile by tile (a tile of the output mask with no
-    live pixel is inactive); for every 128-row, 128-channel tile with an
-    active row, every (tap, input block) segment with a live block in the
-    tile's channels multiplies, each depth step, every live 16-channel strip
-    in every 16-row strip holding an active row, in 2 halves."""
-    batch, h, w, cin, kh, kw, cout, *_, out_h, out_w, in_block, out_block, tile_h, tile_w = fields
-    in_block, out_block = min(in_block, cin), min(out_block, cout)
+def conv_row_activity(fields, output_mask):
+    """Whether each row of the forward conv's implicit GEMM is an output
+    pixel of an active tile: rows are output pixels tile by tile (a tile of
+    the output mask with no live pixel is inactive), padded to 128s."""
+    batch, *_, out_h, out_w, _, _, tile_h, tile_w = fields
     tile_h, tile_w = min(tile_h, out_h), min(tile_w, out_w)
     tiles_h, tiles_w = math.ceil(out_h / tile_h), math.ceil(out_w / tile_w)
-    per_tile = tile_h * tile_w
     active = []
     for tile in range(batch * tiles_h * tiles_w):
         n, ty, tx = tile // (tiles_h * tiles_w), tile // tiles_w % tiles_h, tile % tiles_w
         window = None if output_mask is None else output_mask[n, ty * tile_h:(ty + 1) * tile_h,
                                                               tx * tile_w:(tx + 1) * tile_w]
         tile_on = window is None or (window != 0).any()
-        for q in range(per_tile):
+        for q in range(tile_h * tile_w):
             oy, ox = ty * tile_h + q // tile_w, tx * tile_w + q % tile_w
             active.append(tile_on and oy < out_h and ox < out_w)
-    active += [False] * (-len(active) % 128)
+    return active + [False] * (-len(active) % 128)
+
+
+def pipelined_conv_mma_count(fields, live, output_mask, dtype="bfloat16"):
+    """The mma.sync calls (per warp) of the pipelined forward conv, restated:
+    for every 128-row, 128-channel tile with an active row
+    (conv_row_activity), every (tap, input block) segment with a live block
+    in the tile's channels multiplies, each depth step, every live
+    16-channel strip in every 16-row strip holding an active row, in 2
+    halves."""
+    batch, h, w, cin, kh, kw, cout, *_, out_h, out_w, in_block, out_block, tile_h, tile_w = fields
+    in_block, out_block = min(in_block, cin), min(out_block, cout)
+    active = conv_row_activity(fields, output_mask)
     per_segment = stage_mmas(in_block, cin, dtype)
     total = 0
     for row0 in range(0, len(active), 128):
@@ -1118,6 +1125,108 @@ def test_pipelined_conv_multiplies_live_fragments_only(emulator, geometry, block
     emulator.conv2d("grad_input", dy, f_nan, mask, "block", fields, np.full(dx_shape, np.nan, x.dtype), output_mask,
                     True)
     assert emulator.stats()["mma_syncs"] == pipelined_conv_dx_mma_count(fields, mask != 0, dtype)
+
+
+def warpgroup_conv_columns(fields, live, output_mask):
+    """The columns the warpgroup forward conv's wgmma products span (summed
+    per warpgroup), restated: for every 128-row tile (conv_row_activity),
+    128-channel tile and (tap, input block) segment with a live block in the
+    tile's channels, every 16 of the segment's depth in stages (32, or 16
+    for input blocks not on 32s), each 64-row half holding an active row
+    multiplies each run of the tile's 16-channel strips that has a live
+    strip; a run is as many strips (8, 4, 2 or 1) as lie in one block."""
+    *_, cin, kh, kw, cout, _, _, _, _, _, _, _, _, in_block, out_block, _, _ = fields
+    in_block, out_block = min(in_block, cin), min(out_block, cout)
+    active = conv_row_activity(fields, output_mask)
+    run = 8 if out_block >= cout else max(p for p in (1, 2, 4, 8) if out_block % (16 * p) == 0)
+    stage = 32 if in_block % 32 == 0 or in_block >= cin else 16
+    steps = math.ceil(in_block / stage) * stage // 16
+    total = 0
+    for row0 in range(0, len(active), 128):
+        halves = sum(any(active[row0 + h * 64:row0 + h * 64 + 64]) for h in range(2))
+        for col0 in range(0, cout, 128):
+            for i in range(live.shape[0]):
+                strips = [bool(live[i, c // out_block]) for c in range(col0, min(cout, col0 + 128), 16)]
+                runs = sum(any(strips[r:r + run]) for r in range(0, len(strips), run))
+                total += kh * kw * steps * halves * runs * run * 16
+    return total
+
+
+@pytest.mark.parametrize("geometry, block, tile", [
+    (CONV_GEOMETRIES[5], (16, 16), (3, 5)),    # stages of 16, runs of 1 strip, a second channel tile 8 wide
+    (CONV_GEOMETRIES[6], (32, 48), (4, 4)),    # strided and dilated, one short input block, runs of 1
+    (CONV_GEOMETRIES[5], (32, 128), (2, 8)),   # runs of 8: whole tiles and (the 8-wide tile) partly live ones
+    (CONV_GEOMETRIES[5], (16, 64), (8, 8)),    # runs of 4
+    ((2, 12, 11, 32, 64, (3, 3), 1, 1, (1, 1, 1, 1)), (16, 64), (8, 8)),  # one block across: 64-row halves guarded
+], ids=["b16x16", "b32x48", "b32x128", "b16x64", "one-block"])
+@pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("schedule", [0, 2], ids=["in-order", "shuffled"])
+def test_warpgroup_conv_forward(emulator, geometry, block, tile, with_output_mask, dtype, schedule):
+    """With all products on the warpgroup tile, the forward conv runs as
+    wgmma products from the swizzled layouts (A gathered per tap, B the
+    tap's filters N-major): the reference's result (block factors 1 and 2:
+    0/1 stages and stages rescaled in shared memory; NaN in dead filter
+    blocks; output tiles inactive, and 64-row halves without an active
+    pixel, skipped), no mma.sync, and the wgmma columns restated from the
+    masks."""
+    emulator.lib.emu_set_warpgroup_mma(WARPGROUP_ALL)
+    emulator.lib.emu_set_schedule(schedule, 7)
+    mask, _, output_mask, fields, attrs, products = conv_case(geometry, block, tile, dtype, "block",
+                                                              with_output_mask)
+    _, x, f_nan, out_shape, depth = products[0]
+    assert emulator.conv2d_uses_pipeline("forward", dtype, fields, "block")
+    emulator.lib.emu_reset_stats()
+    out = emulator.conv2d("forward", x, f_nan, mask, "block", fields, np.full(out_shape, np.nan, x.dtype),
+                          output_mask, True)
+    stats = emulator.stats()
+    assert stats["mma_syncs"] == 0
+    assert stats["warpgroup_mma_columns"] == warpgroup_conv_columns(fields, mask != 0, output_mask)
+    om64 = np.zeros((0,)) if output_mask is None else output_mask.astype(np.float64)
+    expected, bound, _ = _conv(CONV_OPS["forward"], x.astype(np.float64), f_nan.astype(np.float64),
+                               mask.astype(np.float64), om64, products[1][1].astype(np.float64), attrs)
+    check(out, expected, bound, depth, dtype, True, f"forward {dtype}")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_warpgroup_conv_forward_skips_inactive_halves(emulator, seed):
+    """Every filter block live and output tiles of 64 pixels, so that a tile
+    of 128 rows is live across its first 128 channels and holds an active
+    pixel in none, one or both of its 64-row halves: only tiles active in
+    both take the unguarded whole-tile products, and a half without an
+    active pixel never multiplies (the wgmma columns restated)."""
+    emulator.lib.emu_set_warpgroup_mma(WARPGROUP_ALL)
+    _, _, output_mask, fields, attrs, products = conv_case(CONV_GEOMETRIES[5], (16, 64), (8, 8), "bfloat16", "block",
+                                                           True, seed)
+    _, x, f_nan, out_shape, depth = products[0]
+    filters = np.nan_to_num(f_nan.astype(np.float32)).astype(f_nan.dtype)  # every block live
+    mask = np.ones((2, 3), np.float32)
+    emulator.lib.emu_reset_stats()
+    out = emulator.conv2d("forward", x, filters, mask, "block", fields, np.full(out_shape, np.nan, x.dtype),
+                          output_mask, True)
+    assert emulator.stats()["warpgroup_mma_columns"] == warpgroup_conv_columns(fields, mask != 0, output_mask)
+    active = conv_row_activity(fields, output_mask)
+    assert any(sum(any(active[r:r + 64]) for r in (row0, row0 + 64)) == 1 for row0 in range(0, len(active), 128))
+    expected, bound, _ = _conv(CONV_OPS["forward"], x.astype(np.float64), filters.astype(np.float64),
+                               mask.astype(np.float64), output_mask.astype(np.float64),
+                               products[1][1].astype(np.float64), attrs)
+    check(out, expected, bound, depth, "bfloat16", True, "forward")
+
+
+def test_warpgroup_conv_forward_copies_are_whole_lines(emulator):
+    """The warpgroup forward conv's copies (A gathered pixel by pixel, B the
+    filters) read whole 32-byte sectors into one 128-byte line of shared
+    memory a quarter warp at a time, where the channels make rows of whole
+    sectors (as test_warpgroup_copies_are_whole_lines)."""
+    emulator.lib.emu_set_warpgroup_mma(WARPGROUP_ALL)
+    emulator.lib.emu_set_copy_line_check(1)
+    geometry = (2, 12, 11, 32, 128, (3, 3), 1, 1, (1, 1, 1, 1))
+    mask, _, output_mask, fields, _, products = conv_case(geometry, (16, 32), (4, 4), "bfloat16", "block", True)
+    _, x, f_nan, out_shape, _ = products[0]
+    emulator.lib.emu_reset_stats()
+    emulator.conv2d("forward", x, f_nan, mask, "block", fields, np.full(out_shape, np.nan, x.dtype), output_mask,
+                    True)
+    assert emulator.stats()["warpgroup_mma_columns"] > 0
 
 
 @pytest.mark.parametrize("level", ["block", "element"])

@@ -60,15 +60,11 @@ def check(actual, expected, dtype, terms, tensor_cores):
     np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance * scale)
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}x{g[1]}x{g[2]}x{g[3]}-{g[5][0]}x{g[5][1]}x{g[4]}-s{g[6]}-d{g[7]}")
-@pytest.mark.parametrize("level", ["block", "element"])
-@pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("block_and_tile", BLOCKS_AND_TILES, ids=lambda b: f"b{b[0][0]}x{b[0][1]}-t{b[1][0]}x{b[1][1]}")
-@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "cuda-cores"])
-def test_conv_products_match_reference(geometry, level, with_output_mask, dtype, block_and_tile, tensor_cores):
+def make_case(geometry, block, tile, level, with_output_mask, dtype):
+    """(x, filters with NaN where masked, dy, mask, output mask or None) on
+    the GPU, the harness's geometry fields, the float64 reference (y, dx,
+    dfilters) of the inputs as rounded to dtype, and the element-level mask."""
     n, h, w, cin, cout, (kh, kw), stride, dilation, pads = geometry
-    block, tile = block_and_tile
     rng = np.random.default_rng([n, h, w, cin, cout, kh])
     out_h = out_size(h, kh, stride, dilation, pads[0], pads[1])
     out_w = out_size(w, kw, stride, dilation, pads[2], pads[3])
@@ -90,17 +86,35 @@ def test_conv_products_match_reference(geometry, level, with_output_mask, dtype,
     x, dy = (t.double().cpu().numpy() for t in (x_t, dy_t))
     filters = on_gpu(filters).double().cpu().numpy()
     expected = reference(x, filters, element, output_mask, stride, dilation, pads, dy)
-    geometry_fields = (n, h, w, cin, kh, kw, cout, stride, stride, dilation, dilation, pads[0], pads[2],
-                       out_h, out_w, *block, *tile)
+    fields = (n, h, w, cin, kh, kw, cout, stride, stride, dilation, dilation, pads[0], pads[2], out_h, out_w,
+              *block, *tile)
     mask_t = torch.tensor(mask, dtype=torch.float32, device="cuda")
     o_t = None if output_mask is None else torch.tensor(output_mask, dtype=torch.float32, device="cuda")
-    nan = lambda *shape: torch.full(shape, float("nan"), dtype=dtype, device="cuda")  # noqa: E731
-    y = HARNESS.conv2d("forward", x_t, f_t, mask_t, level, geometry_fields, nan(n, out_h, out_w, cout), o_t,
-                       tensor_cores)
-    dx = HARNESS.conv2d("grad_input", dy_t, f_t, mask_t, level, geometry_fields, nan(n, h, w, cin), o_t,
+    return (x_t, f_t, dy_t, mask_t, o_t), fields, expected, element
+
+
+def nan_filled(dtype, *shape):
+    return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}x{g[1]}x{g[2]}x{g[3]}-{g[5][0]}x{g[5][1]}x{g[4]}-s{g[6]}-d{g[7]}")
+@pytest.mark.parametrize("level", ["block", "element"])
+@pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_and_tile", BLOCKS_AND_TILES, ids=lambda b: f"b{b[0][0]}x{b[0][1]}-t{b[1][0]}x{b[1][1]}")
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "cuda-cores"])
+def test_conv_products_match_reference(geometry, level, with_output_mask, dtype, block_and_tile, tensor_cores):
+    n, h, w, cin, cout, (kh, kw), *_ = geometry
+    block, tile = block_and_tile
+    (x_t, f_t, dy_t, mask_t, o_t), geometry_fields, expected, element = make_case(geometry, block, tile, level,
+                                                                                  with_output_mask, dtype)
+    out_h, out_w = geometry_fields[13:15]
+    y = HARNESS.conv2d("forward", x_t, f_t, mask_t, level, geometry_fields, nan_filled(dtype, n, out_h, out_w, cout),
+                       o_t, tensor_cores)
+    dx = HARNESS.conv2d("grad_input", dy_t, f_t, mask_t, level, geometry_fields, nan_filled(dtype, n, h, w, cin), o_t,
                         tensor_cores)
-    df = HARNESS.conv2d("grad_weight", x_t, dy_t, mask_t, level, geometry_fields, nan(kh, kw, cin, cout), o_t,
-                        tensor_cores)
+    df = HARNESS.conv2d("grad_weight", x_t, dy_t, mask_t, level, geometry_fields,
+                        nan_filled(dtype, kh, kw, cin, cout), o_t, tensor_cores)
     torch.cuda.synchronize()
     aligned = lambda block_size, channels: block_size % 16 == 0 or block_size >= channels  # noqa: E731
     rule = {"forward": aligned(block[1], cout), "grad_input": aligned(block[0], cin),
@@ -118,3 +132,42 @@ def test_conv_products_match_reference(geometry, level, with_output_mask, dtype,
     check(dx, expected[1], dtype, kh * kw * cout, tensor_cores)
     check(df, expected[2], dtype, n * out_h * out_w, tensor_cores)
     assert (df.double().cpu().numpy()[element == 0] == 0).all()
+
+
+WARPGROUP_CASES = [  # (geometry, block, tile): runs of 1, 4 and 8 strips, stages of 16 and 32, guarded halves
+    (GEOMETRIES[6], (16, 16), (3, 5)),
+    (GEOMETRIES[7], (32, 48), (4, 4)),
+    (GEOMETRIES[6], (32, 128), (2, 8)),
+    (GEOMETRIES[6], (16, 64), (8, 8)),
+    ((2, 12, 11, 32, 64, (3, 3), 1, 1, (1, 1, 1, 1)), (16, 64), (8, 8)),
+]
+
+
+@pytest.mark.parametrize("case", WARPGROUP_CASES, ids=["b16x16", "b32x48", "b32x128", "b16x64", "one-block"])
+@pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_warpgroup_conv_forward_matches_reference(case, with_output_mask, dtype):
+    """The forward conv on the warpgroup (wgmma) tile (Hopper, with every
+    product chosen for it) against the float64 reference: every run width,
+    stages of 16 and 32, whole and partly live tiles, 64-row halves without
+    an active pixel, block factors 1 and 2, NaN in dead filter blocks,
+    outputs poisoned with NaN."""
+    if not HARNESS.set_warpgroup_products("all"):
+        HARNESS.set_warpgroup_products("forward")
+        pytest.skip("the warpgroup tile needs a compute capability 9.0 GPU and a build with sm_90a code")
+    try:
+        geometry, block, tile = case
+        (x_t, f_t, _, mask_t, o_t), fields, expected, _ = make_case(geometry, block, tile, "block", with_output_mask,
+                                                                    dtype)
+        n, _, _, cin, cout, (kh, kw), *_ = geometry
+        y = HARNESS.conv2d("forward", x_t, f_t, mask_t, "block", fields, nan_filled(dtype, n, *fields[13:15], cout),
+                           o_t)
+        torch.cuda.synchronize()
+        # The reference takes the inputs as rounded to dtype, so only the
+        # output's rounding and the float sums differ: a bound tight enough
+        # for a misplaced chunk or a wrong tap to show.
+        actual = y.double().cpu().numpy()
+        assert np.isfinite(actual).all(), "an output element was left unwritten or took a masked NaN"
+        np.testing.assert_allclose(actual, expected[0], rtol=1e-2, atol=1e-2 * max(1.0, np.abs(expected[0]).max()))
+    finally:
+        HARNESS.set_warpgroup_products("forward")

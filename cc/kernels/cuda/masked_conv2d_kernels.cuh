@@ -18,6 +18,7 @@
 #include "cc/kernels/cuda/pipelined_gemm.cuh"
 #include "cc/kernels/cuda/ptx_primitives.cuh"
 #include "cc/kernels/cuda/tensor_core_tile.cuh"
+#include "cc/kernels/cuda/warpgroup_gemm.cuh"
 
 namespace masked_ops {
 namespace gpu {
@@ -638,10 +639,103 @@ struct ConvSegments {
   __device__ float factor(int64_t segment, int64_t group) const { return factors[pair(segment, group)]; }
 };
 
+// The rows of a forward conv tile (the implicit GEMM's 128 output pixels,
+// grouped by output tile as in TensorCoreConvForward), set up by a thread
+// per row: each row's output pixel (-1: none) and, for a row of an active
+// output tile, the input pixel its tap (0, 0) reads, as (image, y, x),
+// image -1 for an inactive row.
+struct ForwardTileRows {
+  int64_t pixel[pl::kTileRows];
+  int64_t image[pl::kTileRows];
+  int64_t iy[pl::kTileRows];
+  int64_t ix[pl::kTileRows];
+
+  __device__ void Set(const ConvDims& d, const uint8_t* active, int64_t row0) {
+    const int r = threadIdx.x;
+    const int64_t per_tile = d.tile_h * d.tile_w;
+    const int64_t tile = (row0 + r) / per_tile;
+    const int64_t q = (row0 + r) % per_tile;
+    int64_t out_pixel = -1;
+    int64_t in_image = -1;
+    int64_t oy = 0;
+    int64_t ox = 0;
+    if (tile < d.batch * d.tiles_h() * d.tiles_w()) {
+      oy = ((tile / d.tiles_w()) % d.tiles_h()) * d.tile_h + q / d.tile_w;
+      ox = (tile % d.tiles_w()) * d.tile_w + q % d.tile_w;
+      const int64_t n = tile / (d.tiles_h() * d.tiles_w());
+      if (oy < d.out_h && ox < d.out_w) {
+        out_pixel = (n * d.out_h + oy) * d.out_w + ox;
+        if (active[tile]) in_image = n * d.in_h * d.in_w;
+      }
+    }
+    pixel[r] = out_pixel;
+    image[r] = in_image;
+    iy[r] = oy * d.stride_h - d.pad_top;
+    ix[r] = ox * d.stride_w - d.pad_left;
+  }
+  // x's element offset of row r's input pixel at `tap`, or -1 (in the
+  // padding, or an inactive row).
+  __device__ int64_t InputOffset(const ConvDims& d, int r, int64_t tap) const {
+    const int64_t y = iy[r] + tap / d.filter_w * d.dilation_h;
+    const int64_t x = ix[r] + tap % d.filter_w * d.dilation_w;
+    const bool inside = image[r] >= 0 && y >= 0 && y < d.in_h && x >= 0 && x < d.in_w;
+    return inside ? (image[r] + y * d.in_w + x) * d.in_channels : -1;
+  }
+  // Output entries (r, c) and (r, c + 1) of the tile at channel col0: every
+  // pixel is written, an inactive one as zeros.
+  template <typename D>
+  __device__ void Store(const ConvDims& d, const float* output_factors, int64_t col0, int r, int c, float v0, float v1,
+                        D* y) const {
+    const int64_t co = col0 + c;
+    if (pixel[r] < 0 || co >= d.out_channels) return;
+    const bool on = image[r] >= 0;
+    pl::StorePair(y + pixel[r] * d.out_channels + co, on ? OutputScaled(output_factors, pixel[r], v0) : 0.0f,
+                  on ? OutputScaled(output_factors, pixel[r], v1) : 0.0f);
+  }
+};
+
+// A forward conv thread's view of the list entry it stages: the entry's
+// segment, and the input offsets of the thread's kCopies gathered rows at
+// the segment's tap (x's element offset of each row's pixel, or -1), worked
+// out once per entry and once per tap.
+template <int kCopies>
+struct GatheredSegment {
+  uint32_t entry = ~0u;
+  ConvSegment segment{};
+  int64_t tap = -1;
+  int64_t offset[kCopies];
+
+  // row_of(i): the tile row of copy i.
+  template <typename RowOf>
+  __device__ void Update(uint32_t new_entry, const ConvDims& d, const ForwardTileRows& rows, const RowOf& row_of) {
+    if (new_entry != entry) {
+      entry = new_entry;
+      segment = SegmentAt(entry, d.in_blocks(), d.in_block, d.in_channels);
+    }
+    if (segment.tap != tap) {
+      tap = segment.tap;
+#pragma unroll
+      for (int i = 0; i < kCopies; ++i) offset[i] = rows.InputOffset(d, row_of(i), tap);
+    }
+  }
+};
+
+// The output tile of a forward conv's thread block: blockIdx.x walks tiles
+// of 128 rows (ForwardTileRows) by 128 output channels, channels fastest.
+struct ForwardTile {
+  int64_t row0, col_tile, col0;
+  __device__ explicit ForwardTile(const ConvDims& d) {
+    const int64_t col_tiles = CeilDiv(d.out_channels, pl::kTileCols);
+    row0 = int64_t(blockIdx.x) / col_tiles * pl::kTileRows;
+    col_tile = int64_t(blockIdx.x) % col_tiles;
+    col0 = col_tile * pl::kTileCols;
+  }
+};
+
 // The forward conv for 16-bit D (or float as TF32) and a block mask on the
 // pipelined tile, an implicit GEMM: rows are output pixels grouped by output
-// tile as in TensorCoreConvForward, columns output channels, and the depth runs
-// over the (tap, input block) segments listed for the tile's channels, kDepth
+// tile (ForwardTileRows), columns output channels, and the depth runs over
+// the (tap, input block) segments listed for the tile's channels, kDepth
 // channels a stage. Each thread gathers the same rows of every stage: their
 // input pixels are worked out once per tap, and a pixel in the padding, or a
 // row without an active pixel, is a zero fill. A warp multiplies only its live
@@ -655,47 +749,15 @@ __global__ void __launch_bounds__(pl::kThreads)
   __trap();  // launched only where DeviceSupportsTensorCores()
 #else
   static_assert(pl::kTileRows == pl::kThreads, "a thread per tile row");
-  // Per tile row: its output pixel (-1: none), and for a row of an active
-  // tile the input pixel its tap (0, 0) reads, as (image, y, x), image -1
-  // for an inactive row.
-  __shared__ int64_t row_pixel[pl::kTileRows];
-  __shared__ int64_t row_image[pl::kTileRows];
-  __shared__ int64_t row_iy[pl::kTileRows];
-  __shared__ int64_t row_ix[pl::kTileRows];
-  const int64_t per_tile = d.tile_h * d.tile_w;
-  const int64_t tiles = d.batch * d.tiles_h() * d.tiles_w();
-  const int64_t col_tiles = CeilDiv(d.out_channels, pl::kTileCols);
-  const int64_t row0 = int64_t(blockIdx.x) / col_tiles * pl::kTileRows;
-  const int64_t col_tile = int64_t(blockIdx.x) % col_tiles;
-  const int64_t col0 = col_tile * pl::kTileCols;
-  {
-    const int r = threadIdx.x;
-    const int64_t tile = (row0 + r) / per_tile;
-    const int64_t q = (row0 + r) % per_tile;
-    int64_t pixel = -1;
-    int64_t image = -1;
-    int64_t oy = 0;
-    int64_t ox = 0;
-    if (tile < tiles) {
-      oy = ((tile / d.tiles_w()) % d.tiles_h()) * d.tile_h + q / d.tile_w;
-      ox = (tile % d.tiles_w()) * d.tile_w + q % d.tile_w;
-      const int64_t n = tile / (d.tiles_h() * d.tiles_w());
-      if (oy < d.out_h && ox < d.out_w) {
-        pixel = (n * d.out_h + oy) * d.out_w + ox;
-        if (active[tile]) image = n * d.in_h * d.in_w;
-      }
-    }
-    row_pixel[r] = pixel;
-    row_image[r] = image;
-    row_iy[r] = oy * d.stride_h - d.pad_top;
-    row_ix[r] = ox * d.stride_w - d.pad_left;
-  }
+  __shared__ ForwardTileRows rows;
+  const ForwardTile tile(d);
+  rows.Set(d, active, tile.row0);
   __syncthreads();
   const pl::WarpPlace warp = pl::ThisWarp();
   unsigned active_rows = 0;  // bit mt: the warp's 16-row strip mt holds an active pixel
   bool any_active = false;
   for (int r = 0; r < pl::kTileRows; ++r) {
-    if (row_image[r] < 0) continue;
+    if (rows.image[r] < 0) continue;
     any_active = true;
     if (r / pl::kWarpTile == warp.row) active_rows |= 1u << (r % pl::kWarpTile / pl::kStrip);
   }
@@ -703,58 +765,107 @@ __global__ void __launch_bounds__(pl::kThreads)
   constexpr int kAChunks = ACopier::kChunks;
   const int a_row = threadIdx.x / ACopier::kChunksPerRow;
   const int a_col = threadIdx.x % ACopier::kChunksPerRow * ACopier::kPerChunk;
-  int64_t gathered_tap = -1;
-  int64_t a_offset[kAChunks];  // x's element offset of each A chunk's pixel at the gathered tap, or -1
+  GatheredSegment<kAChunks> gathered;
   // B = the filters as a [taps * in_channels][out_channels] matrix.
   using BCopier = pl::StageCopier<D, kDepth, pl::kTileCols, true>;
-  const BCopier b_copier(filters, d.out_channels, col0, d.out_channels);
+  const BCopier b_copier(filters, d.out_channels, tile.col0, d.out_channels);
   const unsigned b_strip_chunks = pl::ChunksOfStrips<false>(b_copier);
-  const int64_t in_blocks = d.in_blocks();
-  uint32_t issued_entry = ~0u;
-  ConvSegment issued{};  // worked out once a segment
   const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub, int) {
-    if (entry != issued_entry) {
-      issued_entry = entry;
-      issued = SegmentAt(entry, in_blocks, d.in_block, d.in_channels);
-    }
-    const int64_t tap = issued.tap;
-    if (tap != gathered_tap) {
-      gathered_tap = tap;
-      const int64_t tap_y = tap / d.filter_w * d.dilation_h;
-      const int64_t tap_x = tap % d.filter_w * d.dilation_w;
-#pragma unroll
-      for (int c = 0; c < kAChunks; ++c) {
-        const int r = a_row + c * ACopier::kRowStep;
-        const int64_t iy = row_iy[r] + tap_y;
-        const int64_t ix = row_ix[r] + tap_x;
-        const bool inside = row_image[r] >= 0 && iy >= 0 && iy < d.in_h && ix >= 0 && ix < d.in_w;
-        a_offset[c] = inside ? (row_image[r] + iy * d.in_w + ix) * d.in_channels : -1;
-      }
-    }
+    gathered.Update(entry, d, rows, [&](int c) { return a_row + c * ACopier::kRowStep; });
+    const ConvSegment& issued = gathered.segment;
     const int64_t ci0 = issued.begin + int64_t{sub} * kDepth;
     const int64_t ci_end = issued.end;
 #pragma unroll
     for (int c = 0; c < kAChunks; ++c) {
-      const bool read = a_offset[c] >= 0 && ci0 + a_col < ci_end;
+      const bool read = gathered.offset[c] >= 0 && ci0 + a_col < ci_end;
       ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * ACopier::kStride + a_col,
-                       read ? x + a_offset[c] + ci0 + a_col : x, read);
+                       read ? x + gathered.offset[c] + ci0 + a_col : x, read);
     }
-    b_copier.Issue(b_stage, tap * d.in_channels + ci0, tap * d.in_channels + ci_end,
+    b_copier.Issue(b_stage, issued.tap * d.in_channels + ci0, issued.tap * d.in_channels + ci_end,
                    pl::LiveChunks<BCopier>(b_strip_chunks, pl::StripsOf(entry)));
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
   const ConvSegments<false> segments{d, live, factors};
   pl::RunListedSegments<D, kDepth, false, false>(
-      segments, col0, lists + col_tile * segments.segments(), any_active ? counts[col_tile] : 0,
+      segments, tile.col0, lists + tile.col_tile * segments.segments(), any_active ? counts[tile.col_tile] : 0,
       min(d.in_block, d.in_channels), active_rows, issue_segment, nullptr, acc);
-  // Every pixel of the tile's rows is written: inactive ones as zeros.
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
-    const int64_t pixel = row_pixel[r];
-    const int64_t co = col0 + c;
-    if (pixel < 0 || co >= d.out_channels) return;
-    const bool on = row_image[r] >= 0;
-    pl::StorePair(y + pixel * d.out_channels + co, on ? OutputScaled(output_factors, pixel, v0) : 0.0f,
-                  on ? OutputScaled(output_factors, pixel, v1) : 0.0f);
+    rows.Store(d, output_factors, tile.col0, r, c, v0, v1, y);
+  });
+#endif
+}
+
+namespace wg = warpgroup;
+
+// PipelinedConvForward on the warpgroup tile (warpgroup_gemm.cuh; Hopper,
+// built for sm_90a): the same tiles, lists and gathers, A (the rows' input
+// pixels at the segment's tap, kDepth channels) gathered into the swizzled
+// K-major layout and B (the tap's filters) N-major as the matmul's W, one
+// wgmma per live run of output channels and 64-row half holding an active
+// pixel. Tiles whose every listed segment is live across the tile and whose
+// two halves both hold active pixels take the kWhole launch (128-wide
+// products, unguarded: kWholeLive), the others kPartlyLive (or kAll, where a
+// half may hold none), as for WarpgroupProduct. A stage whose segment has a
+// live block with a factor other than 1 is rescaled in shared memory. Two
+// thread blocks per SM: under the three-block cap of 168 registers the
+// gather's per-row state spilled ~100 bytes.
+template <typename D, int kDepth, int kRunStrips, bool kWholeLive>
+__global__ void __launch_bounds__(wg::kThreads, 2)
+    WarpgroupConvForward(const D* x, const D* filters, const float* factors, const float* output_factors,
+                         const uint8_t* live, const uint8_t* active, ConvDims d, const uint32_t* lists,
+                         const int32_t* counts, D* y, wg::Tiles taken) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // launched only where wg::DeviceRunsWarpgroupMma()
+#else
+  static_assert(pl::kTileRows == wg::kThreads, "a thread per tile row");
+  __shared__ ForwardTileRows rows;
+  const ForwardTile tile(d);
+  rows.Set(d, active, tile.row0);
+  const ConvSegments<false> segments{d, live, factors};
+  const uint32_t* list = lists + tile.col_tile * segments.segments();
+  const int listed = counts[tile.col_tile];
+  bool partly = false;
+  for (int i = threadIdx.x; i < listed; i += wg::kThreads) {
+    partly = partly || pl::StripsOf(list[i]) != (1u << pl::kTileStrips) - 1;
+  }
+  const bool partly_live = __syncthreads_or(partly) != 0;
+  unsigned halves = 0;  // bit h: 64-row half h holds an active pixel
+  for (int r = 0; r < pl::kTileRows; ++r) {
+    if (rows.image[r] >= 0) halves |= 1u << (r / wg::kHalfRows);
+  }
+  const bool whole = !partly_live && (halves == 0 || halves == 3u);
+  if (taken != wg::Tiles::kAll && whole != (taken == wg::Tiles::kWhole)) return;  // the other launch's
+  using ALayout = wg::SwizzledLayout<kDepth, false>;
+  using ALanes = wg::SwizzledCopier<D, kDepth, false>;  // for its lane mapping only
+  const int a_chunk = threadIdx.x % ALayout::kChunks;
+  const int a_line = threadIdx.x / ALayout::kChunks;
+  GatheredSegment<ALanes::kCopies> gathered;
+  using BCopier = wg::SwizzledCopier<D, kDepth, true>;
+  const BCopier b_copier(filters, d.out_channels, tile.col0, d.out_channels);
+  const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub) {
+    gathered.Update(entry, d, rows, [&](int i) { return a_line + i * ALanes::kLinesPerPass; });
+    const ConvSegment& issued = gathered.segment;
+    const int64_t ci0 = issued.begin + int64_t{sub} * kDepth + a_chunk * ALanes::kPerChunk;
+    D* a_dst = a_stage + ALayout::Offset(a_line, a_chunk);
+#pragma unroll
+    for (int i = 0; i < ALanes::kCopies; ++i) {
+      const bool read = gathered.offset[i] >= 0 && ci0 < issued.end;
+      ptx::CopyAsync16(a_dst + i * ALanes::kCopyStride, read ? x + gathered.offset[i] + ci0 : x, read);
+    }
+    const int64_t d0 = issued.tap * d.in_channels + issued.begin + int64_t{sub} * kDepth;
+    b_copier.Issue(b_stage, d0, issued.tap * d.in_channels + issued.end, b_copier.CopiesIn(pl::StripsOf(entry)));
+  };
+  const auto scale_stage = [&](D* b_stage, uint32_t entry) {
+    wg::RescaleStage(b_copier, b_stage, entry, [&](int strip) {
+      return segments.factor(int64_t{pl::SegmentOf(entry)},
+                             min(tile.col0 + strip * pl::kStrip, d.out_channels - 1) / d.out_block);
+    });
+  };
+  float acc[2][64] = {};
+  wg::RunListedSegments<D, kDepth, kRunStrips, true, kWholeLive>(
+      list, halves != 0 ? listed : 0, min(d.in_block, d.in_channels), halves, issue_segment, scale_stage, acc);
+  wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
+    rows.Store(d, output_factors, tile.col0, r, c, v0, v1, y);
   });
 #endif
 }

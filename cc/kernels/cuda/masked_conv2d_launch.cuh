@@ -189,6 +189,19 @@ int RunForward(const Launch& launch, const Conv2DGeometry& g, const T* x, const 
              pl::kScanThreads, segments, lists, ws.counts);
       pl::WithStageDepth<D<T>>(d.in_block, d.in_channels, [&](auto stage) {
         constexpr int kDepth = decltype(stage)::value;
+        if constexpr (wg::kHasWarpgroupPath<D<T>>) {
+          if (wg::ConvForwardUsesWarpgroupMma()) {
+            wg::WithRunStrips(d.out_block, d.out_channels, [&](auto run_strips, auto taken) {
+              launch.WithSharedMemory(wg::kSharedBytes<D<T>, kDepth>)(
+                  WarpgroupConvForward<D<T>, kDepth, decltype(run_strips)::value,
+                                       decltype(taken)::value == wg::Tiles::kWhole>,
+                  static_cast<unsigned>(blocks),
+                  wg::kThreads, Dev(x), Dev(filters), ws.factors, output_factors, ws.live, ws.active, d, lists,
+                  ws.counts, Dev(y), decltype(taken)::value);
+            });
+            return;
+          }
+        }
         launch.WithSharedMemory(pl::kSharedBytes<D<T>, kDepth, true, false>)(
             PipelinedConvForward<D<T>, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x), Dev(filters),
             ws.factors, output_factors, ws.live, ws.active, d, lists, ws.counts, Dev(y));

@@ -56,10 +56,12 @@ bool MatmulUsesPipeline(const BlockGrid& grid, Product product, GpuMath math, Ma
 
 namespace warpgroup {
 // Which products of float16 / bfloat16 take the warpgroup (wgmma) tile
-// instead of the pipelined one where MatmulUsesPipeline and the device runs
-// it. The forward product by default: on an H100 it beat the pipelined tile
-// in every forward row of bench/gpu.py, while dx and dW on it were faster
-// only where every tile is whole (bench/GPU_NOTES.md, session 9).
+// instead of the pipelined one where it applies (MatmulUsesPipeline,
+// Conv2DUsesPipeline) and the device runs it: none; the matmul forward
+// product, the default (on an H100 it beat the pipelined tile in every
+// forward row of bench/gpu.py, while dx and dW on it were faster only where
+// every tile is whole: bench/GPU_NOTES.md, session 9); or all, the three
+// matmul products and the conv forward (not yet timed on a GPU).
 enum class Products : int { kNone = 0, kForward = 1, kAll = 2 };
 void SetProducts(Products products);
 Products ChosenProducts();
@@ -73,6 +75,7 @@ inline bool UsesWarpgroupMma(Product product) {
       chosen == Products::kAll || (chosen == Products::kForward && product == Product::kForward);
   return chosen_product && DeviceRunsWarpgroupMma();
 }
+inline bool ConvForwardUsesWarpgroupMma() { return ChosenProducts() == Products::kAll && DeviceRunsWarpgroupMma(); }
 }  // namespace warpgroup
 
 // Device bytes of `product`'s workspace for a T weight with a mask of

@@ -578,17 +578,8 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
     b_copier.Issue(b_stage, d0, d_end, b_copier.CopiesIn(pl::StripsOf(entry)));
   };
   const auto scale_stage = [&](D* b_stage, uint32_t entry) {
-    int factor_strip = -1;  // the forward's copies all lie in one strip: one factor
-    float factor = 0.0f;
-    b_copier.RewriteChunks(b_stage, [&](int i, D(&values)[8]) {
-      const int strip = b_copier.Strip(i);
-      if (((pl::StripsOf(entry) >> strip) & 1u) == 0) return;  // zero fills, never multiplied
-      if (strip != factor_strip) {
-        factor_strip = strip;
-        factor = p.factor(int64_t{pl::SegmentOf(entry)},
-                          min(tile.col0 + strip * pl::kStrip, p.out_cols() - 1) / p.out_block());
-      }
-      for (D& value : values) value = FromCompute<D>(Masked(ToCompute(value), factor));
+    wg::RescaleStage(b_copier, b_stage, entry, [&](int strip) {
+      return p.factor(int64_t{pl::SegmentOf(entry)}, min(tile.col0 + strip * pl::kStrip, p.out_cols() - 1) / p.out_block());
     });
   };
   if (tile.empty()) return;  // the whole block, before any barrier
@@ -600,8 +591,8 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
   const bool partly_live = __syncthreads_or(partly) != 0;
   if (taken != wg::Tiles::kAll && partly_live == (taken == wg::Tiles::kWhole)) return;  // the other launch's
   float acc[2][64] = {};
-  wg::RunListedSegments<D, kDepth, kRunStrips, !kTransposed>(list, tile.count, min(p.depth_block(), p.depth()),
-                                                             issue_segment, scale_stage, acc);
+  wg::RunListedSegments<D, kDepth, kRunStrips, !kTransposed, true>(list, tile.count, min(p.depth_block(), p.depth()),
+                                                                   3u, issue_segment, scale_stage, acc);
   wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) { tile.Store(r, c, v0, v1, partials, out); });
 #endif
 }

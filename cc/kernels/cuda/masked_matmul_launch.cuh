@@ -179,29 +179,6 @@ size_t GpuWorkspaceBytes(const MatmulShape& shape, MaskLevel level, Product prod
 
 namespace {
 
-// run(run_strips, taken) for each launch of a warpgroup kernel over output
-// columns cut into blocks of `block` (of `cols`), both integral_constants:
-// one launch of whole-tile products where runs are whole tiles, else one for
-// the tiles that are all live and one, with run_strips from wg::RunStrips,
-// for the others.
-template <typename Run>
-void WithRunStrips(int64_t block, int64_t cols, const Run& run) {
-  const std::integral_constant<int, pl::kTileStrips> whole;
-  const int run_strips = wg::RunStrips(block, cols);
-  using Tiles = wg::Tiles;
-  if (run_strips == pl::kTileStrips) return run(whole, std::integral_constant<Tiles, Tiles::kAll>{});
-  run(whole, std::integral_constant<Tiles, Tiles::kWhole>{});
-  const std::integral_constant<Tiles, Tiles::kPartlyLive> partly_live;
-  switch (run_strips) {
-    case 4:
-      return run(std::integral_constant<int, 4>{}, partly_live);
-    case 2:
-      return run(std::integral_constant<int, 2>{}, partly_live);
-    default:
-      return run(std::integral_constant<int, 1>{}, partly_live);
-  }
-}
-
 // The forward product and dx of 16-bit types take the warpgroup tile where
 // it is chosen for them and the device runs it, the rest the pipelined tile
 // (same grid, lists and splits); so does dW (RunGradWeight).
@@ -211,7 +188,7 @@ void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, in
   if constexpr (wg::kHasWarpgroupPath<D>) {
     if (wg::UsesWarpgroupMma(kTransposed ? Product::kGradInput : Product::kForward)) {
       // The blocks across the output's columns: W's columns, or its rows for dx.
-      WithRunStrips(kTransposed ? dims.block_rows : dims.block_cols, kTransposed ? dims.rows : dims.cols,
+      wg::WithRunStrips(kTransposed ? dims.block_rows : dims.block_cols, kTransposed ? dims.rows : dims.cols,
                     [&](auto run_strips, auto taken) {
                       launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
                           WarpgroupProduct<D, kTransposed, kDepth, decltype(run_strips)::value>,
@@ -313,7 +290,7 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
       if constexpr (wg::kHasWarpgroupPath<D>) {
         if (wg::UsesWarpgroupMma(Product::kGradWeight)) {
           warpgroup = true;
-          WithRunStrips(dims.block_cols, dims.cols, [&](auto run_strips, auto taken) {
+          wg::WithRunStrips(dims.block_cols, dims.cols, [&](auto run_strips, auto taken) {
             launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
                 WarpgroupOuterProducts<D, kDepth, decltype(run_strips)::value,
                                        decltype(taken)::value == wg::Tiles::kWhole>,

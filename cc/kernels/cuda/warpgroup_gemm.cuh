@@ -221,6 +221,27 @@ class SwizzledCopier {
   unsigned fixed_ok_;  // bit i: copy i lies inside the matrix in the fixed dimension
 };
 
+// Rescales the staged B of an entry marked scaled (pl::ScaledOf): every
+// thread rewrites its own chunks of B in live strips as Masked(value,
+// factor) rounded to D, factor_of(strip) giving a strip's factor (looked up
+// once per run of copies in one strip: an N-major B's copies of a thread
+// all lie in one). Every thread, after a barrier; the caller fences and
+// synchronizes after.
+template <typename D, typename Copier, typename FactorOf>
+__device__ inline void RescaleStage(const Copier& copier, D* b_stage, uint32_t entry, const FactorOf& factor_of) {
+  int factor_strip = -1;
+  float factor = 0.0f;
+  copier.RewriteChunks(b_stage, [&](int i, D(&values)[Copier::kPerChunk]) {
+    const int strip = copier.Strip(i);
+    if (((pl::StripsOf(entry) >> strip) & 1u) == 0) return;  // zero fills, never multiplied
+    if (strip != factor_strip) {
+      factor_strip = strip;
+      factor = factor_of(strip);
+    }
+    for (D& value : values) value = FromCompute<D>(Masked(ToCompute(value), factor));
+  });
+}
+
 // Which thread blocks of a launch of the warpgroup products multiply: all,
 // those whose list entries have every strip of their tile live, or the
 // others.
@@ -234,6 +255,28 @@ inline int RunStrips(int64_t block, int64_t cols) {
   int run = 1;
   while (run < pl::kTileStrips && block % (2 * run * pl::kStrip) == 0) run *= 2;
   return run;
+}
+
+// run(run_strips, taken) for each launch of a warpgroup kernel over output
+// columns cut into blocks of `block` (of `cols`), both integral_constants:
+// one launch of whole-tile products where runs are whole tiles, else one for
+// the tiles that are all live and one, with run_strips from RunStrips, for
+// the others.
+template <typename Run>
+void WithRunStrips(int64_t block, int64_t cols, const Run& run) {
+  const std::integral_constant<int, pl::kTileStrips> whole;
+  const int run_strips = RunStrips(block, cols);
+  if (run_strips == pl::kTileStrips) return run(whole, std::integral_constant<Tiles, Tiles::kAll>{});
+  run(whole, std::integral_constant<Tiles, Tiles::kWhole>{});
+  const std::integral_constant<Tiles, Tiles::kPartlyLive> partly_live;
+  switch (run_strips) {
+    case 4:
+      return run(std::integral_constant<int, 4>{}, partly_live);
+    case 2:
+      return run(std::integral_constant<int, 2>{}, partly_live);
+    default:
+      return run(std::integral_constant<int, 1>{}, partly_live);
+  }
 }
 
 // acc += A B over the runs of kRunStrips strips from run kRun on that have
@@ -339,10 +382,13 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
 // of `list`, each segment segment_depth deep; issue_segment(a_stage,
 // b_stage, entry, sub) stages stage `sub` of an entry's segment;
 // scale_stage(b_stage, entry) rescales a staged B whose entry is marked
-// scaled (every thread, after a barrier). Step entries travel from the
-// issuing threads to the multiplying ones through shared memory.
-template <typename D, int kDepth, int kRunStrips, bool kBNMajor, typename IssueSegment, typename ScaleStage>
-__device__ inline void RunListedSegments(const uint32_t* list, int count, int64_t segment_depth,
+// scaled (every thread, after a barrier). Only the 64-row halves set in
+// `halves` (bit h) multiply; kWholeLive as for MultiplyRuns, which every
+// half must then be. Step entries travel from the issuing threads to the
+// multiplying ones through shared memory.
+template <typename D, int kDepth, int kRunStrips, bool kBNMajor, bool kWholeLive, typename IssueSegment,
+          typename ScaleStage>
+__device__ inline void RunListedSegments(const uint32_t* list, int count, int64_t segment_depth, unsigned halves,
                                          const IssueSegment& issue_segment, const ScaleStage& scale_stage,
                                          float (&acc)[2][64]) {
   __shared__ uint32_t step_entry[kStages];
@@ -361,9 +407,9 @@ __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_
       __syncthreads();
     }
     const unsigned strips = ptx::WarpUniform(pl::StripsOf(entry));
-    return HalfStrips{{strips, strips}};
+    return HalfStrips{{(halves & 1u) != 0 ? strips : 0u, (halves & 2u) != 0 ? strips : 0u}};
   };
-  RunPipeline<D, kDepth, kRunStrips, false, kBNMajor, true>(int64_t{count} * per_segment, issue, prepare, acc);
+  RunPipeline<D, kDepth, kRunStrips, false, kBNMajor, kWholeLive>(int64_t{count} * per_segment, issue, prepare, acc);
 }
 
 // write(row, col, v0, v1) for every accumulator pair of the thread: tile
