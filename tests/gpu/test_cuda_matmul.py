@@ -268,6 +268,21 @@ def test_warpgroup_products_match_reference(warpgroup, shape, density, dtype):
     and partly live tiles, split lists and batches, block factors 1, 2 and
     -0.5 (stages rescaled in shared memory), NaN in dead blocks, outputs
     poisoned with NaN."""
+    check_products_on_rounded_inputs(shape, density, dtype)
+
+
+@pytest.mark.parametrize("shape", WARPGROUP_SHAPES[-4:], ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-b{s[3][0]}x{s[3][1]}")
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_warpgroup_default_products_match_reference(shape, density):
+    """The three products with the kernels' default choice of tile (on
+    Hopper the forward product on the wgmma tile, dx and dW pipelined)."""
+    HARNESS.set_warpgroup_products("forward")
+    check_products_on_rounded_inputs(shape, density, torch.bfloat16)
+
+
+def check_products_on_rounded_inputs(shape, density, dtype):
+    """The three products of a random case against the reference of its
+    inputs rounded to dtype (check_rounded_inputs)."""
     m, k, n, block_size = shape
     rng = np.random.default_rng([m, k, n, int(density * 10), 1])
     mask, element = make_masks(rng, k, n, block_size, density, "block")
