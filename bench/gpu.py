@@ -17,11 +17,12 @@ Precisions: fp32 (CUDA cores on both sides: PyTorch's TF32 switches off),
 tf32 (float32 tensors, TF32 tensor cores on both sides: what TensorFlow does
 by default on Ampere and later) and bf16 (tensor cores, float accumulators).
 "fused" is the pipelined tile for every product. On a Hopper GPU with a
-harness built for sm_90a, the bf16 rows are also timed with the three
-matmul products on the warpgroup (wgmma) tile, in the same interleaved set
-("wgmma" columns). The kernels' default there takes the warpgroup tile for
-the forward product alone: a forward row's "wgmma" time, and for train rows
-the pipelined dx and dW.
+harness built for sm_90a, the bf16 rows are also timed with every product
+that has a warpgroup (wgmma) kernel on it (the three matmul products, the
+conv forward), in the same interleaved set ("wgmma" columns). The kernels'
+default there takes the warpgroup tile for the matmul forward product
+alone: a matmul forward row's "wgmma" time, and for train rows the
+pipelined dx and dW.
 
   make gpu-test                       # builds build/gpu/libmasked_ops_cuda_harness.so
   python3 bench/gpu.py --conv --json bench/results/gpu.json
@@ -41,6 +42,7 @@ from harness import Harness  # noqa: E402
 torch = None  # imported by main(), so that --summary runs without PyTorch
 HARNESS = None  # the harness under test, loaded by main()
 WARPGROUP = False  # whether the device runs the warpgroup (wgmma) tile: then timed too
+BASELINE_WARPGROUP = False  # whether the baseline harness has it too: then timed too
 
 
 def precision(name):
@@ -78,8 +80,8 @@ def interleaved(functions, reps, warmup):
 
 
 def with_warpgroup(fused, harness):
-    """fused(harness) with the three matmul products on the warpgroup (wgmma)
-    tile for the call (the pipelined tile otherwise)."""
+    """fused(harness) with every product that has a warpgroup (wgmma) kernel
+    on it for the call (the pipelined tile otherwise)."""
     harness.set_warpgroup_products("all")
     try:
         fused(harness)
@@ -301,7 +303,7 @@ def main():
     global torch, HARNESS, WARPGROUP, BASELINE_WARPGROUP
     import torch
     HARNESS = Harness(torch)
-    # "fused" is the pipelined tile; "wgmma" the three products on the warpgroup tile.
+    # "fused" is the pipelined tile; "wgmma" every product that has one on the warpgroup tile.
     WARPGROUP = HARNESS.set_warpgroup_products("all") and not args.no_warpgroup
     HARNESS.set_warpgroup_products("none")
     baseline = Harness(torch, args.baseline_harness) if args.baseline_harness else None
