@@ -700,17 +700,19 @@ struct ForwardTileRows {
 // out once per entry and once per tap.
 template <int kCopies>
 struct GatheredSegment {
+  int64_t in_blocks;
   uint32_t entry = ~0u;
   ConvSegment segment{};
   int64_t tap = -1;
   int64_t offset[kCopies];
 
+  __device__ explicit GatheredSegment(const ConvDims& d) : in_blocks(d.in_blocks()) {}
   // row_of(i): the tile row of copy i.
   template <typename RowOf>
   __device__ void Update(uint32_t new_entry, const ConvDims& d, const ForwardTileRows& rows, const RowOf& row_of) {
     if (new_entry != entry) {
       entry = new_entry;
-      segment = SegmentAt(entry, d.in_blocks(), d.in_block, d.in_channels);
+      segment = SegmentAt(entry, in_blocks, d.in_block, d.in_channels);
     }
     if (segment.tap != tap) {
       tap = segment.tap;
@@ -765,7 +767,7 @@ __global__ void __launch_bounds__(pl::kThreads)
   constexpr int kAChunks = ACopier::kChunks;
   const int a_row = threadIdx.x / ACopier::kChunksPerRow;
   const int a_col = threadIdx.x % ACopier::kChunksPerRow * ACopier::kPerChunk;
-  GatheredSegment<kAChunks> gathered;
+  GatheredSegment<kAChunks> gathered(d);
   // B = the filters as a [taps * in_channels][out_channels] matrix.
   using BCopier = pl::StageCopier<D, kDepth, pl::kTileCols, true>;
   const BCopier b_copier(filters, d.out_channels, tile.col0, d.out_channels);
@@ -837,9 +839,9 @@ __global__ void __launch_bounds__(wg::kThreads, 2)
   if (taken != wg::Tiles::kAll && whole != (taken == wg::Tiles::kWhole)) return;  // the other launch's
   using ALayout = wg::SwizzledLayout<kDepth, false>;
   using ALanes = wg::SwizzledCopier<D, kDepth, false>;  // for its lane mapping only
-  const int a_chunk = threadIdx.x % ALayout::kChunks;
-  const int a_line = threadIdx.x / ALayout::kChunks;
-  GatheredSegment<ALanes::kCopies> gathered;
+  const int a_chunk = ALanes::ThreadChunk();
+  const int a_line = ALanes::ThreadLine();
+  GatheredSegment<ALanes::kCopies> gathered(d);
   using BCopier = wg::SwizzledCopier<D, kDepth, true>;
   const BCopier b_copier(filters, d.out_channels, tile.col0, d.out_channels);
   const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub) {

@@ -153,8 +153,8 @@ class SwizzledCopier {
   __device__ SwizzledCopier(const D* src, int64_t ld, int64_t fixed0, int64_t fixed_end)
       : matrix_(src),
         ld_(ld),
-        chunk_(threadIdx.x % Layout::kChunks),
-        line0_(threadIdx.x / Layout::kChunks) {
+        chunk_(ThreadChunk()),
+        line0_(ThreadLine()) {
     if constexpr (kDepthLines) {
       base_ = src + fixed0 + chunk_ * kPerChunk + Line(0) * ld;
       fixed_ok_ = fixed0 + chunk_ * kPerChunk < fixed_end ? kAllCopies : 0u;
@@ -166,6 +166,10 @@ class SwizzledCopier {
     }
   }
 
+  // This thread's chunk, and its first line (copy i's is kLinesPerPass i
+  // further), for gathers that follow the same lane mapping.
+  __device__ static int ThreadChunk() { return threadIdx.x % Layout::kChunks; }
+  __device__ static int ThreadLine() { return threadIdx.x / Layout::kChunks; }
   __device__ int Line(int i) const { return line0_ + i * kLinesPerPass; }
   // The tile's strip (16 rows or columns across the depth) holding copy i.
   __device__ int Strip(int i) const { return (kDepthLines ? chunk_ * kPerChunk : Line(i)) / pl::kStrip; }
