@@ -5,9 +5,12 @@ VENV := .venv
 VENV_PY := $(VENV)/bin/python
 PIP := $(VENV_PY) -m pip
 STAMP := $(VENV)/.masked-ops-installed
-SOURCES := $(shell find cc python build_tools -type f -not -name '*.pyc') CMakeLists.txt pyproject.toml
+SOURCES := $(shell find cc python build_tools -type f -not -name '*.pyc') CMakeLists.txt pyproject.toml Makefile
 BUILD_DEPS := "scikit-build-core>=1.1" ninja "cmake>=3.21"
 TF_REQUIREMENT := "tensorflow>=2.21,<2.22"
+# Read the sm_90a SASS of the CUDA kernels in tests/test_warpgroup_sass.py
+# (the CUDA toolkit here has nvcc but neither of these).
+SASS_TOOLS := "nvidia-cuda-cuobjdump>=13,<14" "nvidia-cuda-nvdisasm>=13,<14"
 
 .PHONY: test bench wheel wheel-check gpu-test sanitize fuzz clean
 
@@ -18,7 +21,7 @@ $(VENV_PY):
 # Built without isolation, against the venv's TensorFlow, so the library and
 # the TensorFlow that loads it are the same build.
 $(STAMP): $(VENV_PY) $(SOURCES)
-	$(PIP) install $(TF_REQUIREMENT) $(BUILD_DEPS) pytest hypothesis matplotlib scikit-learn
+	$(PIP) install $(TF_REQUIREMENT) $(BUILD_DEPS) $(SASS_TOOLS) pytest hypothesis matplotlib scikit-learn
 	$(PIP) install --no-build-isolation --no-deps .
 	touch $@
 

@@ -122,6 +122,21 @@ __device__ inline void FenceProxyAsync() { asm volatile("fence.proxy.async.share
 // the warpgroup products that follow.
 __device__ inline void WarpgroupFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 
+// Keeps the compiler's hands off the accumulators (an empty asm that reads and
+// writes each register) at the edges of a pipeline of warpgroup products:
+// ptxas keeps products in flight across a wait only when no other
+// instruction defines or reads their accumulators in between, and without
+// this it moved or initialized them there in some kernels (C7515) and
+// serialized every product.
+template <int kN>
+__device__ inline void PinAccumulators(float (&acc)[2][kN]) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(acc[half][i])::"memory");
+  }
+}
+
 // The warpgroup products issued since the last commit form a group.
 __device__ inline void WarpgroupCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 
@@ -244,6 +259,8 @@ __device__ inline uint32_t WarpUniform(uint32_t v) { return cuda_emulation::Warp
 __device__ inline uint32_t SharedAddress(const void* p) { return cuda_emulation::Engine::Get().SharedAddress(p); }
 __device__ inline void FenceProxyAsync() {}
 __device__ inline void WarpgroupFence() {}
+template <int kN>
+__device__ inline void PinAccumulators(float (&)[2][kN]) {}
 __device__ inline void WarpgroupCommit() { cuda_emulation::Engine::Get().CommitWarpgroupMmas(); }
 template <int kPending>
 __device__ inline void WarpgroupWait() {

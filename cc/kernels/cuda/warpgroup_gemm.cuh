@@ -340,11 +340,14 @@ __device__ inline void MultiplyStage(uint32_t a_stage, uint32_t b_stage, const H
 // step's operands (every thread, steps 0, 1, ... in order, cp.async only);
 // prepare(step, b_stage) gives the step's HalfStrips after the step's
 // barrier (every thread, in order; it may rewrite the stage, and then
-// fences and synchronizes itself). A stage's products run while the copies
-// of a stage ahead are issued; a buffer is refilled once every warp has
-// waited for the products reading it and passed a barrier since. With two
-// or three thread blocks per SM, one's products fill the tensor cores while
-// another waits at its barrier. kWholeLive as for MultiplyRuns.
+// fences and synchronizes itself). A step's products run on while the warps
+// issue the copies of a stage ahead, wait for the step before's products
+// (wait_group 1) and pass the next step's barrier, so that the next products
+// queue behind them with no gap at the barrier. A buffer is refilled once
+// every warp has waited for the products reading it and passed a barrier
+// since: the copies run kStages - 2 steps ahead (the step multiplied and the
+// one before it hold two buffers). Two or three thread blocks per SM fill
+// the gaps that remain. kWholeLive as for MultiplyRuns.
 template <typename D, int kDepth, int kRunStrips, bool kAMMajor, bool kBNMajor, bool kWholeLive, typename Issue,
           typename Prepare>
 __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prepare& prepare, float (&acc)[2][64]) {
@@ -356,9 +359,11 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
   const uint32_t shared_address = ptx::SharedAddress(shared);
   const auto a_of = [&](int64_t step) { return shared + (step & (kStages - 1)) * kStageElements; };
   const auto b_of = [&](int64_t step) { return a_of(step) + kOperandElements<kDepth>; };
-  pl::IssueFirstStages(steps, issue, a_of, b_of);
+  constexpr int kAhead = kStages - 2;
+  ptx::PinAccumulators(acc);
+  pl::IssueFirstStages<kAhead>(steps, issue, a_of, b_of);
   for (int64_t step = 0; step < steps; ++step) {
-    ptx::WaitCopies<kStages - 2>();
+    ptx::WaitCopies<kAhead - 1>();
     // This thread's copies of the step are written; after the barrier every
     // thread's are, for the products' reads too.
     ptx::FenceProxyAsync();
@@ -369,16 +374,16 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
     MultiplyStage<D, kDepth, kRunStrips, kAMMajor, kBNMajor, kWholeLive>(
         a_stage, a_stage + kOperandElements<kDepth> * int(sizeof(D)), strips, acc);
     ptx::WarpgroupCommit();
-    // Every warp waited for its share of step - 1's products before this
-    // step's barrier, so step - 1's buffers, which step + kStages - 1 refills,
-    // are free. (A wait covers the executing warp's products only: waiting
-    // for step - 1 here, after the barrier, would free them for this warp
-    // alone.) The copies are issued while this step's products run.
-    const int64_t next = step + kStages - 1;
+    // Every warp waited for its share of step - 2's products before this
+    // step's barrier (a wait covers the executing warp's products only), so
+    // step - 2's buffers, which step + kAhead refills, are free.
+    const int64_t next = step + kAhead;
     if (next < steps) issue(next, a_of(next), b_of(next));
     ptx::CommitCopies();
-    ptx::WarpgroupWait<0>();
+    ptx::WarpgroupWait<1>();
   }
+  ptx::WarpgroupWait<0>();
+  ptx::PinAccumulators(acc);
 }
 
 // A product over listed segments, as pl::RunListedSegments, B staged
