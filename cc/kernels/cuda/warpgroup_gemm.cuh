@@ -126,6 +126,12 @@ __device__ inline uint64_t Descriptor(uint32_t address) {
          (uint64_t{Layout::kLeadingBytes >> 4} << 16) | ((address & 0x3ffffu) >> 4);
 }
 
+// `elements` of D as a move of a descriptor's start address (16-byte units).
+template <typename D>
+__host__ __device__ constexpr uint64_t DescriptorUnits(int elements) {
+  return uint64_t(elements) * sizeof(D) / 16;
+}
+
 // Copies operand tiles (SwizzledLayout's lines by chunks of D) from a
 // row-major global matrix into that layout, stage after stage. The depth
 // runs along the lines (kDepthLines: the forward's W, dW's x and dy, whose
@@ -295,8 +301,8 @@ __device__ inline void MultiplyRuns(float (&acc)[64], uint64_t a, uint64_t b, un
     // The run's first column along B, in the descriptor's 16-byte units.
     using BLayout = SwizzledLayout<kDepth, kBNMajor>;
     constexpr int kColumn = kRun * kRunStrips * pl::kStrip;
-    constexpr uint64_t kRunStart =
-        2 * (kBNMajor ? BLayout::LogicalOffset(0, kColumn / kChunkElements) : BLayout::LogicalOffset(kColumn, 0)) / 16;
+    constexpr uint64_t kRunStart = DescriptorUnits<D>(
+        kBNMajor ? BLayout::LogicalOffset(0, kColumn / kChunkElements) : BLayout::LogicalOffset(kColumn, 0));
     ptx::WarpgroupMma<D, kRunStrips * pl::kStrip, kRun * kRunStrips * pl::kStrip / 2,
                       (kRunStrips < pl::kTileStrips || !kWholeLive), kAMMajor, kBNMajor>(
         acc, a, b + kRunStart, ((strips >> (kRun * kRunStrips)) & kRunMask) != 0);
@@ -309,29 +315,31 @@ struct HalfStrips {
   unsigned half[2];
 };
 
-// acc[half] += A B over one stage (a_stage, b_stage: the operands' shared
-// addresses) for each half's live strips; issued, not waited for: one
-// product per run of kRunStrips strips (RunStrips: 16 kRunStrips columns,
-// all in one block) that has a live strip. (A run's strips past the
+// acc[half] += A B over one stage (a_stage, b_stage: the descriptors of the
+// operands' logical starts) for each half's live strips; issued, not waited
+// for: one product per run of kRunStrips strips (RunStrips: 16 kRunStrips
+// columns, all in one block) that has a live strip. (A run's strips past the
 // output's last column are zero fills whose products are never stored.) The
 // products are predicated, none branched over, and never a whole-tile
 // product mixed with narrower ones over the same accumulators: ptxas then
-// waits for each.
+// waits for each. A descriptor of a place inside the stage is the stage's
+// plus its offset in 16-byte units (addresses stay inside the 256 KB the
+// address field spans), a constant here.
 template <typename D, int kDepth, int kRunStrips, bool kAMMajor, bool kBNMajor, bool kWholeLive>
-__device__ inline void MultiplyStage(uint32_t a_stage, uint32_t b_stage, const HalfStrips& strips,
+__device__ inline void MultiplyStage(uint64_t a_stage, uint64_t b_stage, const HalfStrips& strips,
                                      float (&acc)[2][64]) {
   using ALayout = SwizzledLayout<kDepth, kAMMajor>;
   using BLayout = SwizzledLayout<kDepth, kBNMajor>;
 #pragma unroll
   for (int k0 = 0; k0 < kDepth; k0 += 16) {
     const int b_offset = kBNMajor ? BLayout::LogicalOffset(k0, 0) : BLayout::LogicalOffset(0, k0 / kChunkElements);
-    const uint64_t b = Descriptor<BLayout>(b_stage + 2 * b_offset);
+    const uint64_t b = b_stage + DescriptorUnits<D>(b_offset);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int a_offset = kAMMajor ? ALayout::LogicalOffset(k0, half * kHalfRows / kChunkElements)
                                     : ALayout::LogicalOffset(half * kHalfRows, k0 / kChunkElements);
       MultiplyRuns<D, kDepth, kRunStrips, kAMMajor, kBNMajor, kWholeLive>(
-          acc[half], Descriptor<ALayout>(a_stage + 2 * a_offset), b, strips.half[half]);
+          acc[half], a_stage + DescriptorUnits<D>(a_offset), b, strips.half[half]);
     }
   }
 }
@@ -356,9 +364,13 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
   // has room for the shift).
   unsigned char* dynamic = ptx::DynamicShared();
   D* shared = reinterpret_cast<D*>(dynamic + ((0u - ptx::SharedAddress(dynamic)) & (kSwizzleRepeat - 1)));
-  const uint32_t shared_address = ptx::SharedAddress(shared);
   const auto a_of = [&](int64_t step) { return shared + (step & (kStages - 1)) * kStageElements; };
   const auto b_of = [&](int64_t step) { return a_of(step) + kOperandElements<kDepth>; };
+  // Stage 0's descriptors; step s's lie (s mod kStages) stages further.
+  const uint32_t shared_address = ptx::SharedAddress(shared);
+  const uint64_t a_first = Descriptor<SwizzledLayout<kDepth, kAMMajor>>(shared_address);
+  const uint64_t b_first =
+      Descriptor<SwizzledLayout<kDepth, kBNMajor>>(shared_address + kOperandElements<kDepth> * int(sizeof(D)));
   constexpr int kAhead = kStages - 2;
   ptx::PinAccumulators(acc);
   pl::IssueFirstStages<kAhead>(steps, issue, a_of, b_of);
@@ -369,10 +381,9 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
     ptx::FenceProxyAsync();
     __syncthreads();
     const HalfStrips strips = prepare(step, b_of(step));
-    const uint32_t a_stage = shared_address + uint32_t((a_of(step) - shared) * int(sizeof(D)));
+    const uint64_t stage = DescriptorUnits<D>(int(step & (kStages - 1)) * kStageElements);
     ptx::WarpgroupFence();
-    MultiplyStage<D, kDepth, kRunStrips, kAMMajor, kBNMajor, kWholeLive>(
-        a_stage, a_stage + kOperandElements<kDepth> * int(sizeof(D)), strips, acc);
+    MultiplyStage<D, kDepth, kRunStrips, kAMMajor, kBNMajor, kWholeLive>(a_first + stage, b_first + stage, strips, acc);
     ptx::WarpgroupCommit();
     // Every warp waited for its share of step - 2's products before this
     // step's barrier (a wait covers the executing warp's products only), so
