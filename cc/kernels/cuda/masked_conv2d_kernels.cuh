@@ -809,10 +809,10 @@ namespace wg = warpgroup;
 // products, unguarded: kWholeLive), the others kPartlyLive (or kAll, where a
 // half may hold none), as for WarpgroupProduct. A stage whose segment has a
 // live block with a factor other than 1 is rescaled in shared memory. Two
-// thread blocks per SM: under the three-block cap of 168 registers the
-// gather's per-row state spilled ~100 bytes.
+// thread blocks per SM, as for the matmul's (under a three-block cap of 168
+// registers the gather's per-row state spilled ~100 bytes).
 template <typename D, int kDepth, int kRunStrips, bool kWholeLive>
-__global__ void __launch_bounds__(wg::kThreads, 2)
+__global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
     WarpgroupConvForward(const D* x, const D* filters, const float* factors, const float* output_factors,
                          const uint8_t* live, const uint8_t* active, ConvDims d, const uint32_t* lists,
                          const int32_t* counts, D* y, wg::Tiles taken) {

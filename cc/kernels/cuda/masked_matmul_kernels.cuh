@@ -554,7 +554,7 @@ __global__ void __launch_bounds__(pl::kThreads)
 // own chunks of W as Masked(w, factor) rounded to D, a chunk lying in one
 // strip.
 template <typename D, bool kTransposed, int kDepth, int kRunStrips>
-__global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
+__global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
     WarpgroupProduct(const D* a, int64_t m, const D* w, const float* factors, GridDims g, const uint8_t* live,
                      const uint32_t* lists, const int32_t* counts, int64_t splits, float* partials, D* out,
                      wg::Tiles taken) {
@@ -704,7 +704,7 @@ __global__ void __launch_bounds__(pl::kThreads)
 // kWholeLive: unguarded), the others kPartlyLive (or kAll, where a half may
 // have no live strip), as for WarpgroupProduct.
 template <typename D, int kDepth, int kRunStrips, bool kWholeLive>
-__global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
+__global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
     WarpgroupOuterProducts(const D* x, const D* dy, int64_t m, const float* factors, bool element_level, GridDims g,
                            const uint8_t* live, int64_t per_split, float* partials, D* dw, wg::Tiles taken) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -734,13 +734,13 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm<kRunStrips>)
   const Copier dy_copier(dy, g.cols, tile.col0, g.cols);
   const unsigned x_copies = x_copier.CopiesIn(row_strips);
   const unsigned dy_copies = dy_copier.CopiesIn(strips.half[0] | strips.half[1]);
-  const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
+  const auto issue = [&](int64_t step, int, D* a_stage, D* b_stage) {
     x_copier.Issue(a_stage, (tile.first + step) * kDepth, m, x_copies);
     dy_copier.Issue(b_stage, (tile.first + step) * kDepth, m, dy_copies);
   };
   float acc[2][64] = {};
   wg::RunPipeline<D, kDepth, kRunStrips, true, true, kWholeLive>(
-      strips.half[0] | strips.half[1] ? tile.steps : 0, issue, [&](int64_t, D*) { return strips; }, acc);
+      strips.half[0] | strips.half[1] ? tile.steps : 0, issue, [&](int64_t, int, D*) { return strips; }, acc);
   wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
     tile.Store(g, r, c, v0, v1, partials, dw, [&](int64_t, int64_t row, int64_t col) {
       return make_float2(g.factor(factors, element_level, row, col), g.factor(factors, element_level, row, col + 1));

@@ -576,13 +576,13 @@ __device__ inline void MultiplyStage(const D* a_lane, const D* b_lane, const War
   }
 }
 
-// The first kAhead (by default kStages - 1) of `steps` stages, issued before
-// a main loop: issue(step, a_of(step), b_of(step)), one commit group each
-// (empty past the last step, so that the group count stays one per step).
-template <int kAhead = kStages - 1, typename Issue, typename AOf, typename BOf>
+// The first kStages - 1 of `steps` stages, issued before a main loop:
+// issue(step, a_of(step), b_of(step)), one commit group each (empty past the
+// last step, so that the group count stays one per step).
+template <typename Issue, typename AOf, typename BOf>
 __device__ inline void IssueFirstStages(int64_t steps, const Issue& issue, const AOf& a_of, const BOf& b_of) {
 #pragma unroll
-  for (int s = 0; s < kAhead; ++s) {
+  for (int s = 0; s < kStages - 1; ++s) {
     if (s < steps) issue(int64_t{s}, a_of(s), b_of(s));
     ptx::CommitCopies();
   }

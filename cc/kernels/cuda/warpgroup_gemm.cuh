@@ -49,16 +49,16 @@ namespace warpgroup {
 namespace pl = pipelined;
 
 constexpr int kThreads = 128;  // one warpgroup
-// Thread blocks per SM: three (registers capped at 168, shared memory 3 x
-// 65 KB at stages of 32), so that while one waits at its barrier or for its
-// copies the others' products keep the tensor cores busy (ptxas then spills
-// 16-40 bytes, a few LDL per stage: to weigh on the GPU against two blocks);
-// two with runs of one strip, whose eight guarded products per step would
-// spill more.
-template <int kRunStrips>
-constexpr int kBlocksPerSm = kRunStrips > 1 ? 3 : 2;
+// Operand stages in shared memory: the one multiplied, the one before it
+// (its products may still run: RunPipeline) and kStages - 2 in flight
+// ahead, so that the copies are issued four steps before their products.
+// At stages of 32, 6 x 16 KB: two thread blocks per SM, whose 255
+// registers hold the accumulators and the copies' state with no spill (at
+// three blocks, capped at 168, they spilled, and the copies led by two
+// steps only).
+constexpr int kStages = 6;
+constexpr int kBlocksPerSm = 2;
 constexpr int kHalfRows = 64;  // the rows of one wgmma
-constexpr int kStages = pl::kStages;
 constexpr int kChunkElements = 8;     // of a 16-bit type in a 16-byte chunk
 constexpr int kSwizzleRepeat = 1024;  // bytes: the alignment every layout's pattern needs
 
@@ -344,17 +344,17 @@ __device__ inline void MultiplyStage(uint64_t a_stage, uint64_t b_stage, const H
   }
 }
 
-// The main loop over `steps` stages: issue(step, a_stage, b_stage) stages a
-// step's operands (every thread, steps 0, 1, ... in order, cp.async only);
-// prepare(step, b_stage) gives the step's HalfStrips after the step's
-// barrier (every thread, in order; it may rewrite the stage, and then
+// The main loop over `steps` stages: issue(step, slot, a_stage, b_stage)
+// stages a step's operands (every thread, steps 0, 1, ... in order, cp.async
+// only) into buffer `slot` (of kStages, in turn); prepare(step, slot,
+// b_stage) gives the step's HalfStrips after the step's barrier (every thread, in order; it may rewrite the stage, and then
 // fences and synchronizes itself). A step's products run on while the warps
 // issue the copies of a stage ahead, wait for the step before's products
 // (wait_group 1) and pass the next step's barrier, so that the next products
 // queue behind them with no gap at the barrier. A buffer is refilled once
 // every warp has waited for the products reading it and passed a barrier
 // since: the copies run kStages - 2 steps ahead (the step multiplied and the
-// one before it hold two buffers). Two or three thread blocks per SM fill
+// one before it hold two buffers). The other thread block on the SM fills
 // the gaps that remain. kWholeLive as for MultiplyRuns.
 template <typename D, int kDepth, int kRunStrips, bool kAMMajor, bool kBNMajor, bool kWholeLive, typename Issue,
           typename Prepare>
@@ -364,24 +364,31 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
   // has room for the shift).
   unsigned char* dynamic = ptx::DynamicShared();
   D* shared = reinterpret_cast<D*>(dynamic + ((0u - ptx::SharedAddress(dynamic)) & (kSwizzleRepeat - 1)));
-  const auto a_of = [&](int64_t step) { return shared + (step & (kStages - 1)) * kStageElements; };
-  const auto b_of = [&](int64_t step) { return a_of(step) + kOperandElements<kDepth>; };
-  // Stage 0's descriptors; step s's lie (s mod kStages) stages further.
+  const auto a_of = [&](int slot) { return shared + slot * kStageElements; };
+  const auto b_of = [&](int slot) { return a_of(slot) + kOperandElements<kDepth>; };
+  const auto next_slot = [](int slot) { return slot + 1 == kStages ? 0 : slot + 1; };
+  // Slot 0's descriptors; a slot's lie that many stages further.
   const uint32_t shared_address = ptx::SharedAddress(shared);
   const uint64_t a_first = Descriptor<SwizzledLayout<kDepth, kAMMajor>>(shared_address);
   const uint64_t b_first =
       Descriptor<SwizzledLayout<kDepth, kBNMajor>>(shared_address + kOperandElements<kDepth> * int(sizeof(D)));
   constexpr int kAhead = kStages - 2;
   ptx::PinAccumulators(acc);
-  pl::IssueFirstStages<kAhead>(steps, issue, a_of, b_of);
+#pragma unroll
+  for (int s = 0; s < kAhead; ++s) {
+    if (s < steps) issue(int64_t{s}, s, a_of(s), b_of(s));
+    ptx::CommitCopies();
+  }
+  int slot = 0;          // step's
+  int issue_slot = kAhead;  // step + kAhead's
   for (int64_t step = 0; step < steps; ++step) {
     ptx::WaitCopies<kAhead - 1>();
     // This thread's copies of the step are written; after the barrier every
     // thread's are, for the products' reads too.
     ptx::FenceProxyAsync();
     __syncthreads();
-    const HalfStrips strips = prepare(step, b_of(step));
-    const uint64_t stage = DescriptorUnits<D>(int(step & (kStages - 1)) * kStageElements);
+    const HalfStrips strips = prepare(step, slot, b_of(slot));
+    const uint64_t stage = DescriptorUnits<D>(slot * kStageElements);
     ptx::WarpgroupFence();
     MultiplyStage<D, kDepth, kRunStrips, kAMMajor, kBNMajor, kWholeLive>(a_first + stage, b_first + stage, strips, acc);
     ptx::WarpgroupCommit();
@@ -389,9 +396,11 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
     // step's barrier (a wait covers the executing warp's products only), so
     // step - 2's buffers, which step + kAhead refills, are free.
     const int64_t next = step + kAhead;
-    if (next < steps) issue(next, a_of(next), b_of(next));
+    if (next < steps) issue(next, issue_slot, a_of(issue_slot), b_of(issue_slot));
     ptx::CommitCopies();
     ptx::WarpgroupWait<1>();
+    slot = next_slot(slot);
+    issue_slot = next_slot(issue_slot);
   }
   ptx::WarpgroupWait<0>();
   ptx::PinAccumulators(acc);
@@ -411,16 +420,16 @@ template <typename D, int kDepth, int kRunStrips, bool kBNMajor, bool kWholeLive
 __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_t segment_depth, unsigned halves,
                                          const IssueSegment& issue_segment, const ScaleStage& scale_stage,
                                          float (&acc)[2][64]) {
-  __shared__ uint32_t step_entry[kStages];
+  __shared__ uint32_t slot_entry[kStages];
   const int per_segment = static_cast<int>(CeilDiv(segment_depth, int64_t{kDepth}));
   pl::SegmentCursor issuing(list, count, per_segment);
-  const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
-    if (threadIdx.x == 0) step_entry[step & (kStages - 1)] = issuing.entry();
+  const auto issue = [&](int64_t, int slot, D* a_stage, D* b_stage) {
+    if (threadIdx.x == 0) slot_entry[slot] = issuing.entry();
     issue_segment(a_stage, b_stage, issuing.entry(), issuing.sub());
     issuing.Advance();
   };
-  const auto prepare = [&](int64_t step, D* b_stage) {
-    const uint32_t entry = step_entry[step & (kStages - 1)];
+  const auto prepare = [&](int64_t, int slot, D* b_stage) {
+    const uint32_t entry = slot_entry[slot];
     if (pl::ScaledOf(entry)) {
       scale_stage(b_stage, entry);
       ptx::FenceProxyAsync();
