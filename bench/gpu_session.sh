@@ -8,14 +8,14 @@
 #   bash bench/gpu_session.sh            # all of it (about 2 minutes on an H100)
 #   bash bench/gpu_session.sh tests      # build + tests/gpu + compute-sanitizer
 #   bash bench/gpu_session.sh bench      # build + bench/gpu.py (a small batch, dx and dW apart)
-#   bash bench/gpu_session.sh profile    # build + ncu on the bf16 block-32 forward, d=1 and 0.1, both tiles
-#   bash bench/gpu_session.sh ab         # build + the current harness against a baseline
+#   bash bench/gpu_session.sh profile    # build + ncu on the bf16 block-32 forward, d=1, 0.5 and 0.1, both tiles
+#   bash bench/gpu_session.sh ab         # build + the current harness against each baseline
 #
-# ab (also part of "all" when a baseline is given) times the harness named by
-# $MASKED_OPS_CUDA_HARNESS_BASELINE (one built here by bench/baseline_harness.sh
-# from an earlier commit, and carried) interleaved with the current one in the
-# same process, since cuBLAS itself was seen to run 25 % slower in one process
-# than in the next on the same card.
+# ab (also part of "all" when a baseline is given) times each harness named in
+# $MASKED_OPS_CUDA_HARNESS_BASELINE (colon-separated; each built here by
+# bench/baseline_harness.sh from an earlier commit, and carried) interleaved
+# with the current one in the same process, since cuBLAS itself was seen to
+# run 25 % slower in one process than in the next on the same card.
 #
 # A harness built elsewhere for this GPU (it is a plain C library, so one built
 # with nvcc 13 on a CPU-only machine loads there) is used when
@@ -97,7 +97,7 @@ if [[ "$what" == all || "$what" == bench ]]; then
   # Inference: a small batch, where the forward product splits its lists.
   echo "== small batch" >> "$out/bench.log"
   timeout -s KILL 45 python3 bench/gpu.py --shape 32x4096x4096 --precisions bf16 --modes forward --blocks 32,64 \
-    --json "$out/gpu-small-batch.json" >> "$out/bench.log" 2>&1
+    >> "$out/bench.log" 2>&1
   note "bench/gpu.py small batch: rc $?"
   # dx and dW apart, each on both tiles: which of them the warpgroup tile
   # loses below density 1 (bench/GPU_NOTES.md, session 9).
@@ -109,22 +109,27 @@ if [[ "$what" == all || "$what" == bench ]]; then
 fi
 
 if [[ ( "$what" == all || "$what" == ab ) && -n "${MASKED_OPS_CUDA_HARNESS_BASELINE:-}" ]]; then
-  timeout -s KILL 150 python3 bench/gpu.py --precisions bf16,tf32 --blocks 32,64 --densities 1,0.1 \
-    --modes forward,train --conv --baseline-harness "$MASKED_OPS_CUDA_HARNESS_BASELINE" > "$out/ab.log" 2>&1
-  note "bench/gpu.py against the baseline: rc $?"
+  IFS=: read -r -a baselines <<< "$MASKED_OPS_CUDA_HARNESS_BASELINE"
+  for baseline in "${baselines[@]}"; do
+    echo "== against $baseline" >> "$out/ab.log"
+    timeout -s KILL 120 python3 bench/gpu.py --precisions bf16 --blocks 32,64 --densities 1,0.5,0.1 \
+      --modes forward,train --conv --baseline-harness "$baseline" >> "$out/ab.log" 2>&1
+    note "bench/gpu.py against $(basename "$baseline"): rc $?"
+  done
 fi
 
 if [[ "$what" == all || "$what" == profile ]]; then
-  # The pipelined and warpgroup forward, dense and where the sparse targets
-  # meet the L2 floor (bench/GPU_NOTES.md): L2 reads, tensor-pipe use,
-  # occupancy and where the warps stall. Two launches of each kernel and
-  # density (warm-up and timed): per density 2 pipelined launches and 2 x 2
-  # warpgroup ones (its whole-tile and partly-live launches).
-  timeout -s KILL 120 ncu --clock-control none --kernel-name 'regex:PipelinedProduct|WarpgroupProduct' -c 12 \
+  # The pipelined and warpgroup forward, dense, at half density (where the
+  # warpgroup tile took as long as dense in session 9) and where the sparse
+  # targets meet the L2 floor (bench/GPU_NOTES.md): L2 reads, tensor-pipe
+  # use, issue, occupancy and where the warps stall. Two launches of each
+  # kernel and density (warm-up and timed): per density 2 pipelined launches
+  # and 2 x 2 warpgroup ones (its whole-tile and partly-live launches).
+  timeout -s KILL 180 ncu --clock-control none --kernel-name 'regex:PipelinedProduct|WarpgroupProduct' -c 18 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis \
-    --metrics lts__t_sectors_srcunit_tex_op_read.sum,dram__bytes_read.sum,gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
-    python3 bench/gpu.py --densities 1,0.1 --blocks 32 --precisions bf16 --modes forward --reps 1 --warmup 1 \
+    --metrics lts__t_requests_srcunit_tex_op_read.sum,lts__t_sectors_srcunit_tex_op_read.sum,dram__bytes_read.sum,gpu__time_duration.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
+    python3 bench/gpu.py --densities 1,0.5,0.1 --blocks 32 --precisions bf16 --modes forward --reps 1 --warmup 1 \
     > "$out/ncu.txt" 2>&1
   note "ncu: rc $?"
 fi
