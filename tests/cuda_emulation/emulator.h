@@ -51,6 +51,21 @@ struct EmulatedLaunch {
   }
 
   int Status() const { return static_cast<int>(cudaGetLastError()); }
+
+  // CudaLaunch::EncodeTensorMap's checks of the driver's (and false where
+  // it would refuse), then the map.
+  bool EncodeTensorMap(cuda_emulation::TensorMap* map, const void* base, int64_t inner, int64_t outer,
+                       int64_t row_bytes, int box_inner, int box_outer, int swizzle_bytes) const {
+    const bool valid = reinterpret_cast<uintptr_t>(base) % 16 == 0 && row_bytes % 16 == 0 && inner >= 1 &&
+                       outer >= 1 && row_bytes >= inner * 2 && box_inner >= 1 && box_inner <= 256 &&
+                       box_outer >= 1 && box_outer <= 256 && box_inner * 2 % 16 == 0 &&
+                       (swizzle_bytes == 32 || swizzle_bytes == 64 || swizzle_bytes == 128) &&
+                       box_inner * 2 <= swizzle_bytes;
+    if (!valid) return false;
+    *map = cuda_emulation::TensorMap{static_cast<const unsigned char*>(base), inner, outer, row_bytes, box_inner,
+                                     box_outer, swizzle_bytes};
+    return true;
+  }
 };
 
 // Reports (as `message`) a cp.async read, since the engine's last

@@ -145,6 +145,38 @@ __global__ void CopiesThroughShared(const float* in, float* out) {
   for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = staged[(threadIdx.x * 4 + 32 + i) % 256];
 }
 
+// A tensor copy of the box at (4, 5) of 16 x 8 16-bit elements, 32-byte
+// swizzle, into dynamic shared memory: before (staged before the wait on the
+// mbarrier) and after (the landed box), 256 bytes each, as they lie there.
+__global__ void TensorCopyThroughShared(const __grid_constant__ ptx::TensorMap map, float* before, float* after) {
+  __shared__ uint64_t arrival;
+  auto* staged = reinterpret_cast<float*>(ptx::DynamicShared());
+  if (threadIdx.x == 0) {
+    ptx::MbarrierInit(&arrival, 1);
+    ptx::FenceMbarrierInit();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    ptx::MbarrierArriveExpectTx(&arrival, 16 * 8 * 2);
+    ptx::TensorCopy2D(staged, &map, 4, 5, &arrival);
+  }
+  __syncthreads();
+  before[threadIdx.x] = staged[threadIdx.x];
+  __syncthreads();
+  ptx::MbarrierWait(&arrival, 0);
+  after[threadIdx.x] = staged[threadIdx.x];
+}
+
+// Every thread waits for the first phase of an mbarrier on which no thread
+// arrives: a hang on a GPU.
+__global__ void WaitsForNoArrival(float* out) {
+  __shared__ uint64_t arrival;
+  if (threadIdx.x == 0) ptx::MbarrierInit(&arrival, 1);
+  __syncthreads();
+  ptx::MbarrierWait(&arrival, 0);
+  out[threadIdx.x] = 1.0f;
+}
+
 // d = a b + c for 16 x 16 float matrices (row-major in memory) on one warp
 // with ldmatrix and mma.sync m16n8k16 (two 8-column halves), the operands as
 // __nv_bfloat16: A staged row-major, B as [k][n] (kBDepthOuter: loaded
@@ -202,7 +234,11 @@ extern "C" {
 //   15 / 16: data[256:512] = data[0:256] rotated by 32, through cp.async
 //            with / without waiting for the copies;
 //   17 / 18: data[768:1024] = A B + C as in 8..13 with ldmatrix and mma.sync
-//            (__nv_bfloat16), B staged [k][n] / [n][k].
+//            (__nv_bfloat16), B staged [k][n] / [n][k];
+//   19: data[0:80] as 10 rows of 12 16-bit elements, 32 bytes apart, by a
+//       tensor copy (TensorCopyThroughShared) into data[256:320] (before
+//       the wait) and data[320:384] (after);
+//   20: a wait for an mbarrier phase that no thread arrives on.
 int emu_self_test(int which, float* data, int64_t n) {
   const EmulatedLaunch launch;
   Arena arena;
@@ -264,6 +300,15 @@ int emu_self_test(int which, float* data, int64_t n) {
       break;
     case 18:
       launch(MmaProduct<false>, 1, 32, d, d + 256, d + 512, d + 768);
+      break;
+    case 19: {
+      ptx::TensorMap map;
+      if (!launch.EncodeTensorMap(&map, d, 12, 10, 32, 16, 8, 32)) return cudaErrorInvalidValue;
+      launch.WithSharedMemory(256)(TensorCopyThroughShared, 1, 64, map, d + 256, d + 320);
+      break;
+    }
+    case 20:
+      launch(WaitsForNoArrival, 1, 64, d);
       break;
     default:
       return masked_ops::emulation::kUnknownType;

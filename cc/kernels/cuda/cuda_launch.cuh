@@ -1,13 +1,18 @@
 // The launch policy the *_launch.cuh launch sequences run with on a GPU:
 // launch(kernel, grid, block, args...) is kernel<<<grid, block,
 // shared_bytes, stream>>>(args...), launch.WithSharedMemory(bytes) the same
-// policy with `bytes` of dynamic shared memory, and Status() is
-// cudaGetLastError() as an int. (The CUDA emulation of tests/cuda_emulation
+// policy with `bytes` of dynamic shared memory, Status() is
+// cudaGetLastError() as an int, and EncodeTensorMap makes a TMA descriptor
+// through the driver's cuTensorMapEncodeTiled. (The CUDA emulation of tests/cuda_emulation
 // runs the same sequences with its own policy.) nvcc only.
 #ifndef MASKED_OPS_CC_KERNELS_CUDA_CUDA_LAUNCH_CUH_
 #define MASKED_OPS_CC_KERNELS_CUDA_CUDA_LAUNCH_CUH_
 
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 namespace masked_ops {
 namespace gpu {
@@ -37,6 +42,36 @@ struct CudaLaunch {
   }
 
   int Status() const { return static_cast<int>(cudaGetLastError()); }
+
+  // A tensor map of a row-major array of 16-bit elements at `base` (16-byte
+  // aligned): `outer` rows of `inner` elements, `row_bytes` apart (a
+  // multiple of 16); boxes of box_inner x box_outer elements land in shared
+  // memory in the swizzle of swizzle_bytes (32, 64 or 128: box_inner * 2
+  // bytes), zeros outside the array. False where the driver refuses it (or
+  // has no cuTensorMapEncodeTiled: before CUDA 12).
+  bool EncodeTensorMap(CUtensorMap* map, const void* base, int64_t inner, int64_t outer, int64_t row_bytes,
+                       int box_inner, int box_outer, int swizzle_bytes) const {
+    static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+      void* function = nullptr;
+      cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+      const cudaError_t status =
+          cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault, &found);
+      return status == cudaSuccess && found == cudaDriverEntryPointSuccess
+                 ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function)
+                 : nullptr;
+    }();
+    if (encode == nullptr) return false;
+    const cuuint64_t dims[2] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(outer)};
+    const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_bytes)};
+    const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_inner), static_cast<cuuint32_t>(box_outer)};
+    const cuuint32_t element_strides[2] = {1, 1};
+    const CUtensorMapSwizzle swizzle = swizzle_bytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
+                                       : swizzle_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                             : CU_TENSOR_MAP_SWIZZLE_32B;
+    return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, const_cast<void*>(base), dims, strides, box,
+                  element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  }
 };
 
 template <typename StreamHandle>

@@ -844,7 +844,7 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
   GatheredSegment<ALanes::kCopies> gathered(d);
   using BCopier = wg::SwizzledCopier<D, kDepth, true>;
   const BCopier b_copier(filters, d.out_channels, tile.col0, d.out_channels);
-  const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub) {
+  const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub, uint64_t*) {
     gathered.Update(entry, d, rows, [&](int i) { return a_line + i * ALanes::kLinesPerPass; });
     const ConvSegment& issued = gathered.segment;
     const int64_t ci0 = issued.begin + int64_t{sub} * kDepth + a_chunk * ALanes::kPerChunk;
@@ -864,7 +864,7 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
     });
   };
   float acc[2][64] = {};
-  wg::RunListedSegments<D, kDepth, kRunStrips, true, kWholeLive>(
+  wg::RunListedSegments<D, kDepth, kRunStrips, true, kWholeLive, false>(
       list, halves != 0 ? listed : 0, min(d.in_block, d.in_channels), halves, issue_segment, scale_stage, acc);
   wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
     rows.Store(d, output_factors, tile.col0, r, c, v0, v1, y);

@@ -553,29 +553,53 @@ __global__ void __launch_bounds__(pl::kThreads)
 // factor other than 1 is rescaled in shared memory: each thread rewrites its
 // own chunks of W as Masked(w, factor) rounded to D, a chunk lying in one
 // strip.
+//
+// The stages of A, and of B where every listed strip is live (kRunStrips
+// 8), come by tensor copies (a_map: A's rows of `depth` elements, boxes of
+// kDepth x 128; b_map: W, boxes of 64 x kDepth forward, two per stage, or
+// kDepth x 128 for dx), which one thread issues: the other threads issue no
+// copy of them, and rows and depth past the arrays' ends land as zeros. (A
+// segment's stages never cross into the next segment: its depth is a
+// multiple of kDepth, or the whole depth, wg::WithStageDepth.) B in
+// partly live tiles comes by cp.async, chunks of dead strips zero fills that
+// read nothing: a tensor copy cannot leave them out.
 template <typename D, bool kTransposed, int kDepth, int kRunStrips>
 __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
-    WarpgroupProduct(const D* a, int64_t m, const D* w, const float* factors, GridDims g, const uint8_t* live,
+    WarpgroupProduct(const __grid_constant__ ptx::TensorMap a_map, const __grid_constant__ ptx::TensorMap b_map,
+                     int64_t m, const D* w, const float* factors, GridDims g, const uint8_t* live,
                      const uint32_t* lists, const int32_t* counts, int64_t splits, float* partials, D* out,
                      wg::Tiles taken) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // launched only where wg::DeviceRunsWarpgroupMma()
 #else
+  constexpr bool kTensorB = kRunStrips == pl::kTileStrips;
+  constexpr uint32_t kStageBytes = (kTensorB ? 2 : 1) * wg::kOperandElements<kDepth> * uint32_t(sizeof(D));
   const ProductDims<kTransposed> p{g, live, factors};
   const ListedTile tile(m, p.out_cols(), counts, splits);
-  using ACopier = wg::SwizzledCopier<D, kDepth, false>;
   // Forward: W's rows d0 .. as depth lines of its columns col0 ..; dx: W's
   // rows col0 .. as lines, along the depth (its columns).
   using BCopier = std::conditional_t<kTransposed, wg::SwizzledCopier<D, kDepth, false>,
                                      wg::SwizzledCopier<D, kDepth, true>>;
-  const ACopier a_copier(a, p.depth(), tile.row0, m);
   const BCopier b_copier(w, g.cols, tile.col0, p.out_cols());
-  const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub) {
+  const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub, uint64_t* arrival) {
     const int64_t segment = pl::SegmentOf(entry);
     const int64_t d0 = segment * p.depth_block() + int64_t{sub} * kDepth;
-    const int64_t d_end = min(p.depth(), (segment + 1) * p.depth_block());
-    a_copier.Issue(a_stage, d0, d_end, ACopier::kAllCopies);
-    b_copier.Issue(b_stage, d0, d_end, b_copier.CopiesIn(pl::StripsOf(entry)));
+    if (threadIdx.x == 0) {
+      ptx::MbarrierArriveExpectTx(arrival, kStageBytes);
+      ptx::TensorCopy2D(a_stage, &a_map, int32_t(d0), int32_t(tile.row0), arrival);
+      if constexpr (kTensorB && kTransposed) {
+        ptx::TensorCopy2D(b_stage, &b_map, int32_t(d0), int32_t(tile.col0), arrival);
+      } else if constexpr (kTensorB) {
+        for (int half = 0; half < 2; ++half) {
+          ptx::TensorCopy2D(b_stage + half * BCopier::Layout::kHalfElements, &b_map,
+                            int32_t(tile.col0 + half * wg::kHalfRows), int32_t(d0), arrival);
+        }
+      }
+    }
+    if constexpr (!kTensorB) {
+      const int64_t d_end = min(p.depth(), (segment + 1) * p.depth_block());
+      b_copier.Issue(b_stage, d0, d_end, b_copier.CopiesIn(pl::StripsOf(entry)));
+    }
   };
   const auto scale_stage = [&](D* b_stage, uint32_t entry) {
     wg::RescaleStage(b_copier, b_stage, entry, [&](int strip) {
@@ -591,8 +615,8 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
   const bool partly_live = __syncthreads_or(partly) != 0;
   if (taken != wg::Tiles::kAll && partly_live == (taken == wg::Tiles::kWhole)) return;  // the other launch's
   float acc[2][64] = {};
-  wg::RunListedSegments<D, kDepth, kRunStrips, !kTransposed, true>(list, tile.count, min(p.depth_block(), p.depth()),
-                                                                   3u, issue_segment, scale_stage, acc);
+  wg::RunListedSegments<D, kDepth, kRunStrips, !kTransposed, true, true>(
+      list, tile.count, min(p.depth_block(), p.depth()), 3u, issue_segment, scale_stage, acc);
   wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) { tile.Store(r, c, v0, v1, partials, out); });
 #endif
 }
@@ -734,12 +758,12 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
   const Copier dy_copier(dy, g.cols, tile.col0, g.cols);
   const unsigned x_copies = x_copier.CopiesIn(row_strips);
   const unsigned dy_copies = dy_copier.CopiesIn(strips.half[0] | strips.half[1]);
-  const auto issue = [&](int64_t step, int, D* a_stage, D* b_stage) {
+  const auto issue = [&](int64_t step, int, D* a_stage, D* b_stage, uint64_t*) {
     x_copier.Issue(a_stage, (tile.first + step) * kDepth, m, x_copies);
     dy_copier.Issue(b_stage, (tile.first + step) * kDepth, m, dy_copies);
   };
   float acc[2][64] = {};
-  wg::RunPipeline<D, kDepth, kRunStrips, true, true, kWholeLive>(
+  wg::RunPipeline<D, kDepth, kRunStrips, true, true, kWholeLive, false>(
       strips.half[0] | strips.half[1] ? tile.steps : 0, issue, [&](int64_t, int, D*) { return strips; }, acc);
   wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
     tile.Store(g, r, c, v0, v1, partials, dw, [&](int64_t, int64_t row, int64_t col) {

@@ -180,19 +180,33 @@ size_t GpuWorkspaceBytes(const MatmulShape& shape, MaskLevel level, Product prod
 namespace {
 
 // The forward product and dx of 16-bit types take the warpgroup tile where
-// it is chosen for them and the device runs it, the rest the pipelined tile
-// (same grid, lists and splits); so does dW (RunGradWeight).
+// it is chosen for them and the device runs it (and its tensor maps can be
+// made: the arrays' sizes within the 32-bit coordinates of a tensor copy),
+// the rest the pipelined tile (same grid, lists and splits); so does dW
+// (RunGradWeight).
 template <typename D, bool kTransposed, int kDepth, typename Launch>
 void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, int64_t m, const D* w,
                             const Workspace<float>& ws, const GridDims& dims, int64_t splits, D* out) {
   if constexpr (wg::kHasWarpgroupPath<D>) {
-    if (wg::UsesWarpgroupMma(kTransposed ? Product::kGradInput : Product::kForward)) {
+    // A: m rows of the depth (W's rows, or its columns for dx); W: rows x cols.
+    const int64_t depth = kTransposed ? dims.cols : dims.rows;
+    constexpr int64_t kCoordinates = int64_t{1} << 31;
+    ptx::TensorMap a_map;
+    ptx::TensorMap b_map;
+    if (wg::UsesWarpgroupMma(kTransposed ? Product::kGradInput : Product::kForward) && m < kCoordinates &&
+        dims.rows < kCoordinates && dims.cols < kCoordinates &&
+        launch.EncodeTensorMap(&a_map, a, depth, m, depth * int64_t(sizeof(D)), kDepth, pl::kTileRows,
+                               kDepth * int(sizeof(D))) &&
+        (kTransposed ? launch.EncodeTensorMap(&b_map, w, dims.cols, dims.rows, dims.cols * int64_t(sizeof(D)), kDepth,
+                                              pl::kTileCols, kDepth * int(sizeof(D)))
+                     : launch.EncodeTensorMap(&b_map, w, dims.cols, dims.rows, dims.cols * int64_t(sizeof(D)),
+                                              wg::kHalfRows, kDepth, wg::kHalfRows * int(sizeof(D))))) {
       // The blocks across the output's columns: W's columns, or its rows for dx.
       wg::WithRunStrips(kTransposed ? dims.block_rows : dims.block_cols, kTransposed ? dims.rows : dims.cols,
                     [&](auto run_strips, auto taken) {
                       launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
                           WarpgroupProduct<D, kTransposed, kDepth, decltype(run_strips)::value>,
-                          static_cast<unsigned>(blocks), wg::kThreads, a, m, w, ws.factors, dims, ws.live,
+                          static_cast<unsigned>(blocks), wg::kThreads, a_map, b_map, m, w, ws.factors, dims, ws.live,
                           reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits,
                           splits > 1 ? ws.partials : nullptr, out, decltype(taken)::value);
                     });

@@ -3,7 +3,8 @@
 // to shared memory (cp.async, sm_80), warp-collective loads of 8 x 8 matrices
 // from shared memory (ldmatrix), the m16n8k16 tensor-core product with float
 // accumulators (mma.sync), Hopper's asynchronous warpgroup product (wgmma,
-// sm_90a) with its fences, plus the kernel's dynamic shared memory.
+// sm_90a) with its fences, its tensor copies (cp.async.bulk.tensor, the TMA)
+// and the mbarriers they complete on, plus the kernel's dynamic shared memory.
 //
 // nvcc compiles them to the instructions; a host compiler (the CUDA
 // emulation of tests/cuda_emulation) gets the emulation's versions, which
@@ -19,7 +20,9 @@
 #include <cstdint>
 #include <type_traits>
 
-#if !defined(__CUDACC__)
+#if defined(__CUDACC__)
+#include <cuda.h>  // CUtensorMap (the type only: no driver call here)
+#else
 #include <cuda_emulation_ptx.h>
 #endif
 
@@ -226,6 +229,53 @@ __device__ inline void WarpgroupMma(float (&d)[64], uint64_t a, uint64_t b, bool
   }
 }
 
+// A TMA descriptor of a 2-D global array, made on the host (the launch
+// policies' EncodeTensorMap) and passed to a kernel as a __grid_constant__
+// parameter.
+using TensorMap = CUtensorMap;
+
+// An mbarrier in shared memory: each phase completes once `arrivals`
+// threads have arrived and every byte they announced has landed. Then
+// FenceMbarrierInit and a barrier, before any use by another thread or the
+// tensor copies.
+__device__ inline void MbarrierInit(uint64_t* barrier, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SharedAddress(barrier)), "r"(arrivals) : "memory");
+}
+__device__ inline void FenceMbarrierInit() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+
+// This thread arrives on `barrier`, announcing `bytes` that tensor copies
+// will land in the phase under way.
+__device__ inline void MbarrierArriveExpectTx(uint64_t* barrier, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SharedAddress(barrier)), "r"(bytes)
+               : "memory");
+}
+
+// Waits until the phase of `barrier` with this parity (0 for its first
+// phase, 1 for the next, ...) has completed; the bytes landed in it are then
+// visible to this thread, and to wgmma after a FenceProxyAsync.
+__device__ inline void MbarrierWait(uint64_t* barrier, uint32_t parity) {
+  uint32_t done = 0;
+  while (done == 0) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(SharedAddress(barrier)), "r"(parity)
+        : "memory");
+  }
+}
+
+// The box of `map` whose first element is (inner, outer) (element
+// coordinates; outside the array: zeros) to shared `dst` (128-byte aligned)
+// in the map's swizzled layout, completing `bytes` of `barrier`'s phase (the
+// whole box, zeros too). One thread issues it.
+__device__ inline void TensorCopy2D(void* dst, const TensorMap* map, int32_t inner, int32_t outer, uint64_t* barrier) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
+          "r"(SharedAddress(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(SharedAddress(barrier))
+      : "memory");
+}
+
 // The launch's dynamic shared memory.
 __device__ inline unsigned char* DynamicShared() {
   extern __shared__ __align__(128) unsigned char dynamic_shared[];
@@ -258,6 +308,20 @@ __device__ inline unsigned char* DynamicShared() { return cuda_emulation::Engine
 __device__ inline uint32_t WarpUniform(uint32_t v) { return cuda_emulation::WarpUniform(v); }
 __device__ inline uint32_t SharedAddress(const void* p) { return cuda_emulation::Engine::Get().SharedAddress(p); }
 __device__ inline void FenceProxyAsync() {}
+using TensorMap = cuda_emulation::TensorMap;
+__device__ inline void MbarrierInit(uint64_t* barrier, uint32_t arrivals) {
+  cuda_emulation::Engine::Get().MbarrierInit(barrier, arrivals);
+}
+__device__ inline void FenceMbarrierInit() {}
+__device__ inline void MbarrierArriveExpectTx(uint64_t* barrier, uint32_t bytes) {
+  cuda_emulation::Engine::Get().MbarrierArriveExpectTx(barrier, bytes);
+}
+__device__ inline void MbarrierWait(uint64_t* barrier, uint32_t parity) {
+  cuda_emulation::Engine::Get().MbarrierWait(barrier, parity);
+}
+__device__ inline void TensorCopy2D(void* dst, const TensorMap* map, int32_t inner, int32_t outer, uint64_t* barrier) {
+  cuda_emulation::Engine::Get().TensorCopy(dst, *map, inner, outer, barrier);
+}
 __device__ inline void WarpgroupFence() {}
 template <int kN>
 __device__ inline void PinAccumulators(float (&)[2][kN]) {}

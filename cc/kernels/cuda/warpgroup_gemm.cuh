@@ -7,10 +7,13 @@
 // ldmatrix per warp on the pipelined tile, pipelined_gemm.cuh) and spend the
 // rest on the copies of the stages ahead while the tensor cores work.
 //
-// Stages, lists and zero fills are the pipelined tile's: cp.async brings
-// kStages stages of kDepth into shared memory ahead of their use, the
-// segments come from TileSegmentLists, and chunks of W in dead strips are
-// zero fills that read nothing. A stage's products cover only its live
+// Lists and zero fills are the pipelined tile's: kStages stages of kDepth
+// come into shared memory ahead of their use, the segments from
+// TileSegmentLists, and chunks of W in dead strips are zero fills that read
+// nothing. The forward product and dx bring A, and W where a tile's listed
+// strips are all live, by tensor copies (the TMA: one thread issues a few
+// per stage, an mbarrier counts their bytes); the rest comes by every
+// thread's cp.async. A stage's products cover only its live
 // blocks: one wgmma per run of 128, 64, 32 or 16 columns (the widest that
 // W's block width divides) in a live block, whose accumulators are the
 // matching slice of the full-width product's: no dead block is multiplied.
@@ -109,6 +112,9 @@ struct SwizzledLayout {
     return chunk / kRowChunks * kHalfElements + line * kRowElements;
   }
 };
+
+// The stage buffer after `slot`, in turn.
+__device__ inline int NextSlot(int slot) { return slot + 1 == kStages ? 0 : slot + 1; }
 
 // Elements of one operand stage and of the dynamic shared memory (with room
 // to align the stages).
@@ -344,20 +350,23 @@ __device__ inline void MultiplyStage(uint64_t a_stage, uint64_t b_stage, const H
   }
 }
 
-// The main loop over `steps` stages: issue(step, slot, a_stage, b_stage)
-// stages a step's operands (every thread, steps 0, 1, ... in order, cp.async
-// only) into buffer `slot` (of kStages, in turn); prepare(step, slot,
-// b_stage) gives the step's HalfStrips after the step's barrier (every thread, in order; it may rewrite the stage, and then
-// fences and synchronizes itself). A step's products run on while the warps
-// issue the copies of a stage ahead, wait for the step before's products
+// The main loop over `steps` stages: issue(step, slot, a_stage, b_stage,
+// arrival) stages a step's operands (every thread, steps 0, 1, ... in
+// order) into buffer `slot` (of kStages, in turn), by cp.async or, where
+// kTensorCopies, also by tensor copies on the mbarrier `arrival`, which one
+// thread arms with their bytes (each step one arrival); prepare(step, slot,
+// b_stage) gives the step's HalfStrips after the step's barrier (every
+// thread, in order; it may rewrite the stage, and then fences and
+// synchronizes itself). A step's products run on while the warps issue the
+// copies of a stage ahead, wait for the step before's products
 // (wait_group 1) and pass the next step's barrier, so that the next products
 // queue behind them with no gap at the barrier. A buffer is refilled once
 // every warp has waited for the products reading it and passed a barrier
 // since: the copies run kStages - 2 steps ahead (the step multiplied and the
 // one before it hold two buffers). The other thread block on the SM fills
 // the gaps that remain. kWholeLive as for MultiplyRuns.
-template <typename D, int kDepth, int kRunStrips, bool kAMMajor, bool kBNMajor, bool kWholeLive, typename Issue,
-          typename Prepare>
+template <typename D, int kDepth, int kRunStrips, bool kAMMajor, bool kBNMajor, bool kWholeLive, bool kTensorCopies,
+          typename Issue, typename Prepare>
 __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prepare& prepare, float (&acc)[2][64]) {
   constexpr int kStageElements = 2 * kOperandElements<kDepth>;
   // The stages start on the swizzle's repeat in the shared window (kSharedBytes
@@ -366,7 +375,14 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
   D* shared = reinterpret_cast<D*>(dynamic + ((0u - ptx::SharedAddress(dynamic)) & (kSwizzleRepeat - 1)));
   const auto a_of = [&](int slot) { return shared + slot * kStageElements; };
   const auto b_of = [&](int slot) { return a_of(slot) + kOperandElements<kDepth>; };
-  const auto next_slot = [](int slot) { return slot + 1 == kStages ? 0 : slot + 1; };
+  __shared__ uint64_t arrivals[kStages];
+  if constexpr (kTensorCopies) {
+    if (threadIdx.x == 0) {
+      for (uint64_t& arrival : arrivals) ptx::MbarrierInit(&arrival, 1);
+      ptx::FenceMbarrierInit();
+    }
+    __syncthreads();
+  }
   // Slot 0's descriptors; a slot's lie that many stages further.
   const uint32_t shared_address = ptx::SharedAddress(shared);
   const uint64_t a_first = Descriptor<SwizzledLayout<kDepth, kAMMajor>>(shared_address);
@@ -376,13 +392,15 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
   ptx::PinAccumulators(acc);
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
-    if (s < steps) issue(int64_t{s}, s, a_of(s), b_of(s));
+    if (s < steps) issue(int64_t{s}, s, a_of(s), b_of(s), &arrivals[s]);
     ptx::CommitCopies();
   }
-  int slot = 0;          // step's
+  int slot = 0;             // step's
   int issue_slot = kAhead;  // step + kAhead's
+  uint32_t parity = 0;      // of the phase of arrivals[slot] that step's copies complete
   for (int64_t step = 0; step < steps; ++step) {
     ptx::WaitCopies<kAhead - 1>();
+    if constexpr (kTensorCopies) ptx::MbarrierWait(&arrivals[slot], parity);
     // This thread's copies of the step are written; after the barrier every
     // thread's are, for the products' reads too.
     ptx::FenceProxyAsync();
@@ -396,11 +414,12 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
     // step's barrier (a wait covers the executing warp's products only), so
     // step - 2's buffers, which step + kAhead refills, are free.
     const int64_t next = step + kAhead;
-    if (next < steps) issue(next, issue_slot, a_of(issue_slot), b_of(issue_slot));
+    if (next < steps) issue(next, issue_slot, a_of(issue_slot), b_of(issue_slot), &arrivals[issue_slot]);
     ptx::CommitCopies();
     ptx::WarpgroupWait<1>();
-    slot = next_slot(slot);
-    issue_slot = next_slot(issue_slot);
+    slot = NextSlot(slot);
+    issue_slot = NextSlot(issue_slot);
+    if (slot == 0) parity ^= 1u;
   }
   ptx::WarpgroupWait<0>();
   ptx::PinAccumulators(acc);
@@ -409,23 +428,24 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
 // A product over listed segments, as pl::RunListedSegments, B staged
 // N-major (kBNMajor: the forward's W) or K-major (dx's W^T): `count` entries
 // of `list`, each segment segment_depth deep; issue_segment(a_stage,
-// b_stage, entry, sub) stages stage `sub` of an entry's segment;
-// scale_stage(b_stage, entry) rescales a staged B whose entry is marked
-// scaled (every thread, after a barrier). Only the 64-row halves set in
-// `halves` (bit h) multiply; kWholeLive as for MultiplyRuns, which every
-// half must then be. Step entries travel from the issuing threads to the
-// multiplying ones through shared memory.
-template <typename D, int kDepth, int kRunStrips, bool kBNMajor, bool kWholeLive, typename IssueSegment,
-          typename ScaleStage>
+// b_stage, entry, sub, arrival) stages stage `sub` of an entry's segment
+// (kTensorCopies: partly by tensor copies on `arrival`, as for
+// RunPipeline); scale_stage(b_stage, entry) rescales a staged B whose entry
+// is marked scaled (every thread, after a barrier). Only the 64-row halves
+// set in `halves` (bit h) multiply; kWholeLive as for MultiplyRuns, which
+// every half must then be. Step entries travel from the issuing threads to
+// the multiplying ones through shared memory.
+template <typename D, int kDepth, int kRunStrips, bool kBNMajor, bool kWholeLive, bool kTensorCopies,
+          typename IssueSegment, typename ScaleStage>
 __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_t segment_depth, unsigned halves,
                                          const IssueSegment& issue_segment, const ScaleStage& scale_stage,
                                          float (&acc)[2][64]) {
   __shared__ uint32_t slot_entry[kStages];
   const int per_segment = static_cast<int>(CeilDiv(segment_depth, int64_t{kDepth}));
   pl::SegmentCursor issuing(list, count, per_segment);
-  const auto issue = [&](int64_t, int slot, D* a_stage, D* b_stage) {
+  const auto issue = [&](int64_t, int slot, D* a_stage, D* b_stage, uint64_t* arrival) {
     if (threadIdx.x == 0) slot_entry[slot] = issuing.entry();
-    issue_segment(a_stage, b_stage, issuing.entry(), issuing.sub());
+    issue_segment(a_stage, b_stage, issuing.entry(), issuing.sub(), arrival);
     issuing.Advance();
   };
   const auto prepare = [&](int64_t, int slot, D* b_stage) {
@@ -438,7 +458,8 @@ __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_
     const unsigned strips = ptx::WarpUniform(pl::StripsOf(entry));
     return HalfStrips{{(halves & 1u) != 0 ? strips : 0u, (halves & 2u) != 0 ? strips : 0u}};
   };
-  RunPipeline<D, kDepth, kRunStrips, false, kBNMajor, kWholeLive>(int64_t{count} * per_segment, issue, prepare, acc);
+  RunPipeline<D, kDepth, kRunStrips, false, kBNMajor, kWholeLive, kTensorCopies>(int64_t{count} * per_segment, issue,
+                                                                                 prepare, acc);
 }
 
 // write(row, col, v0, v1) for every accumulator pair of the thread: tile

@@ -38,6 +38,11 @@
 // thread and land when the thread waits for their group; until then their
 // destination holds 0xff bytes (NaN in every float type), so reading it
 // early, or overwriting a buffer other threads still read, shows in results.
+// Tensor copies (cp.async.bulk.tensor, the TMA) are queued on their
+// mbarrier, their destination 0xff bytes until a thread waits on that
+// mbarrier; the wait lands them and then requires the phase waited for to
+// have completed (every expected arrival made, every expected byte landed),
+// or reports it, since on a GPU it would hang.
 //
 // Not emulated: shuffles, votes, __syncwarp, atomics, the memory model, and
 // anything about timing; not detected: reads of shared memory no thread
@@ -82,6 +87,7 @@
 #define __shared__ static
 #define __constant__ static
 #define __restrict__ __restrict
+#define __grid_constant__
 
 // ---------------------------------------------------------------------------
 // Vector types and the built-in variables.
@@ -208,6 +214,26 @@ struct PendingWarpgroupMma {
   unsigned thread;  // within the block
 };
 
+// A 2-D tensor map (the TMA descriptor) of 16-bit elements, as
+// EncodeTensorMap makes it: `inner` elements along a row (contiguous),
+// `outer` rows `row_bytes` apart from `base`; boxes of box_inner x
+// box_outer elements land in shared memory row after row, box_inner * 2
+// bytes each, permuted by the swizzle of swizzle_bytes (32, 64 or 128) as
+// wgmma's layouts are.
+struct TensorMap {
+  const unsigned char* base;
+  int64_t inner, outer, row_bytes;
+  int box_inner, box_outer, swizzle_bytes;
+};
+
+// One cp.async.bulk.tensor.2d into shared memory at dst: the box at
+// (inner, outer) of map, landed when a thread waits on its mbarrier.
+struct PendingTensorCopy {
+  unsigned char* dst;
+  TensorMap map;
+  int64_t inner, outer;
+};
+
 class Engine {
  public:
   static Engine& Get() {
@@ -321,9 +347,61 @@ class Engine {
   // 32-byte sectors they touch are read whole, and their destinations are
   // distinct 16-byte slots of one 128-byte line of the shared window.
   void SetCopyLineCheck(bool on) { check_copy_lines_ = on; }
-  // The bytes cp.async has read (address, count) since the last call, for a
+  // The bytes cp.async and the tensor copies have read (address, count) since the last call, for a
   // check that a kernel staged nothing it must not read.
   std::vector<std::pair<const unsigned char*, int>> TakeCopyReads() { return std::move(copy_reads_); }
+
+  // mbarrier.init: `arrivals` arrivals complete each phase (with every byte
+  // expected in it landed); the phase under way is 0.
+  void MbarrierInit(const void* barrier, uint32_t arrivals) {
+    mbarriers_[barrier] = Mbarrier{arrivals, arrivals, 0, 0, {}};
+  }
+  // mbarrier.arrive.expect_tx: `bytes` more are expected in the phase under
+  // way, and the current thread arrives.
+  void MbarrierArriveExpectTx(const void* barrier, uint32_t bytes) {
+    Mbarrier* state = MbarrierOf(barrier);
+    if (state == nullptr) return;
+    if (state->pending_arrivals == 0) {
+      Report("mbarrier: more arrivals than the phase expects");
+      return;
+    }
+    --state->pending_arrivals;
+    state->pending_bytes += bytes;
+  }
+  // cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx:
+  // queued on `barrier`; dst holds 0xff bytes until a wait on it lands the box.
+  void TensorCopy(void* dst, const TensorMap& map, int64_t inner, int64_t outer, const void* barrier) {
+    Mbarrier* state = MbarrierOf(barrier);
+    if (state == nullptr) return;
+    if (SharedAddress(dst) % 128 != 0) Report("cp.async.bulk.tensor: a destination not 128-byte aligned");
+    std::memset(dst, 0xff, static_cast<size_t>(map.box_inner) * map.box_outer * 2);
+    state->copies.push_back(PendingTensorCopy{static_cast<unsigned char*>(dst), map, inner, outer});
+  }
+  // mbarrier.try_wait.parity in a loop until the phase of that parity has
+  // completed: lands the copies queued on the barrier and completes the
+  // phase under way if it can; if not, the thread spins (lets the others
+  // run, then tries again). RunBlock reports threads that spin with no
+  // thread making progress, which would hang on a GPU.
+  void MbarrierWait(const void* barrier, uint32_t parity) {
+    Fiber& fiber = fibers_[current_];
+    for (;;) {
+      Mbarrier* state = MbarrierOf(barrier);
+      if (state == nullptr) return;
+      for (const PendingTensorCopy& copy : state->copies) state->pending_bytes -= LandTensorCopy(copy);
+      state->copies.clear();
+      if (state->pending_bytes < 0) Report("mbarrier: more bytes landed than expected");
+      if (state->pending_arrivals == 0 && state->pending_bytes == 0) {
+        ++state->phase;
+        state->pending_arrivals = state->arrivals;
+      }
+      if (state->phase % 2 != parity % 2) {
+        fiber.spinning = false;
+        return;
+      }
+      fiber.spinning = true;
+      swapcontext(&fiber.context, &scheduler_);
+    }
+  }
 
   // cp.async.commit_group: the copies issued since the last commit form a group.
   void CommitCopies() {
@@ -473,9 +551,57 @@ class Engine {
     int64_t retired_mma_groups;
     int64_t copies_issued;  // cp.async copies in the block so far
     bool barrier_predicate, barrier_result;  // of __syncthreads_or
+    bool spinning;  // in MbarrierWait, for a phase not yet completed
   };
 
   void RunWarpgroupMma(const PendingWarpgroupMma& product);
+
+  struct Mbarrier {
+    uint32_t arrivals, pending_arrivals;
+    int64_t pending_bytes;
+    uint32_t phase;  // phases completed
+    std::vector<PendingTensorCopy> copies;
+  };
+  Mbarrier* MbarrierOf(const void* barrier) {
+    const auto found = mbarriers_.find(barrier);
+    if (found == mbarriers_.end()) {
+      Report("mbarrier: used before mbarrier.init");
+      return nullptr;
+    }
+    return &found->second;
+  }
+  // Writes a tensor copy's box into shared memory (elements outside the
+  // tensor as zeros, the rest read and logged as cp.async's are); returns
+  // the bytes landed, the whole box as the hardware counts them.
+  int64_t LandTensorCopy(const PendingTensorCopy& copy) {
+    const TensorMap& map = copy.map;
+    const int64_t row_box_bytes = int64_t{map.box_inner} * 2;
+    const uint32_t row_chunks = static_cast<uint32_t>(map.swizzle_bytes) / 16;
+    const uint32_t start = SharedAddress(copy.dst);
+    for (int64_t r = 0; r < map.box_outer; ++r) {
+      const int64_t outer = copy.outer + r;
+      const bool row_inside = outer >= 0 && outer < map.outer;
+      const int64_t first = std::max<int64_t>(copy.inner, 0);
+      const int64_t last = std::min<int64_t>(copy.inner + map.box_inner, map.inner);
+      if (row_inside && first < last) {
+        copy_reads_.emplace_back(map.base + outer * map.row_bytes + first * 2, static_cast<int>((last - first) * 2));
+      }
+      // A 16-byte chunk (8 elements) at a time: the swizzle moves whole chunks.
+      for (int64_t c = 0; c < map.box_inner; c += 8) {
+        const uint32_t address = start + static_cast<uint32_t>(r * row_box_bytes + c * 2);
+        unsigned char* dst = DynamicShared() + ((address ^ (((address >> 7) & (row_chunks - 1)) << 4)) -
+                                                kDynamicSharedWindowStart);
+        std::memset(dst, 0, 16);
+        const int64_t from = std::max(copy.inner + c, first);
+        const int64_t to = std::min(copy.inner + c + 8, last);
+        if (row_inside && from < to) {
+          std::memcpy(dst + (from - copy.inner - c) * 2, map.base + outer * map.row_bytes + from * 2,
+                      static_cast<size_t>(to - from) * 2);
+        }
+      }
+    }
+    return row_box_bytes * map.box_outer;
+  }
 
   static constexpr size_t kExchangeBytes = 64;
   static constexpr size_t kDynamicSharedAlignment = 128;
@@ -556,6 +682,7 @@ class Engine {
       fiber.thread = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
       fiber.exchanges = 0;
       fiber.barrier_predicate = fiber.barrier_result = false;
+      fiber.spinning = false;
       fiber.open_copies.clear();
       fiber.committed.clear();
       fiber.copies_issued = 0;
@@ -564,20 +691,26 @@ class Engine {
       fiber.retired_mma_groups = 0;
     }
     block_copies_.clear();
+    mbarriers_.clear();
     std::vector<unsigned> order;
     for (;;) {
       Order(threads, order);
+      bool progress = false;  // a thread that ran did more than spin
+      unsigned spinning = 0;
       for (unsigned i : order) {
         Fiber& fiber = fibers_[i];
         if (fiber.state != State::kRunnable) continue;
         current_ = i;
         threadIdx = fiber.thread;
+        const bool was_spinning = fiber.spinning;
         swapcontext(&scheduler_, &fiber.context);
         if (fiber.state == State::kTrapped) {
           Report("__trap()");
           Fail(cudaErrorLaunchFailure, nullptr);
           return false;
         }
+        progress = progress || !fiber.spinning || !was_spinning;
+        spinning += fiber.spinning ? 1 : 0;
       }
       switch (ReleaseCollectives(threads)) {
         case Collectives::kReleased:
@@ -587,6 +720,12 @@ class Engine {
           return false;
         case Collectives::kNone:
           break;
+      }
+      if (spinning != 0) {
+        if (progress) continue;
+        Report("mbarrier: threads wait for a phase that never completes (arrivals or bytes missing)");
+        Fail(cudaErrorLaunchFailure, nullptr);
+        return false;
       }
       unsigned waiting = 0;
       unsigned exited = 0;
@@ -602,6 +741,9 @@ class Engine {
       }
       if (waiting == 0) {
         if (check_copy_lines_) CheckCopyLines();
+        for (const auto& [barrier, state] : mbarriers_) {
+          if (!state.copies.empty()) Report("a block exited with tensor copies no thread waited for");
+        }
         return true;
       }
       if (exited != 0) {
@@ -699,6 +841,7 @@ class Engine {
   std::vector<std::pair<const unsigned char*, int>> copy_reads_;
   bool check_copy_lines_ = false;
   std::vector<IssuedCopy> block_copies_;
+  std::map<const void*, Mbarrier> mbarriers_;
   unsigned current_ = 0;
   cudaError_t error_ = cudaSuccess;
   std::vector<Diagnostic> diagnostics_;
