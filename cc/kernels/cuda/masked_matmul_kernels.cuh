@@ -726,10 +726,14 @@ __global__ void __launch_bounds__(pl::kThreads)
 // are zero fills that read nothing. Tiles in which every strip of both
 // halves holds a live fragment take the kWhole launch (128-wide products,
 // kWholeLive: unguarded), the others kPartlyLive (or kAll, where a half may
-// have no live strip), as for WarpgroupProduct.
+// have no live strip), as for WarpgroupProduct. The whole tiles' stages come
+// by tensor copies (x_map, dy_map: boxes of 64 columns by kDepth rows, two
+// per operand and stage) issued by one thread, rows past the batch landing
+// as zeros; the others' by cp.async.
 template <typename D, int kDepth, int kRunStrips, bool kWholeLive>
 __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
-    WarpgroupOuterProducts(const D* x, const D* dy, int64_t m, const float* factors, bool element_level, GridDims g,
+    WarpgroupOuterProducts(const __grid_constant__ ptx::TensorMap x_map, const __grid_constant__ ptx::TensorMap dy_map,
+                           const D* x, const D* dy, int64_t m, const float* factors, bool element_level, GridDims g,
                            const uint8_t* live, int64_t per_split, float* partials, D* dw, wg::Tiles taken) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // launched only where wg::DeviceRunsWarpgroupMma()
@@ -758,12 +762,24 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
   const Copier dy_copier(dy, g.cols, tile.col0, g.cols);
   const unsigned x_copies = x_copier.CopiesIn(row_strips);
   const unsigned dy_copies = dy_copier.CopiesIn(strips.half[0] | strips.half[1]);
-  const auto issue = [&](int64_t step, int, D* a_stage, D* b_stage, uint64_t*) {
-    x_copier.Issue(a_stage, (tile.first + step) * kDepth, m, x_copies);
-    dy_copier.Issue(b_stage, (tile.first + step) * kDepth, m, dy_copies);
+  const auto issue = [&](int64_t step, int, D* a_stage, D* b_stage, uint64_t* arrival) {
+    const int64_t d0 = (tile.first + step) * kDepth;
+    if constexpr (kWholeLive) {
+      if (threadIdx.x == 0) {
+        ptx::MbarrierArriveExpectTx(arrival, 2 * wg::kOperandElements<kDepth> * uint32_t(sizeof(D)));
+        for (int half = 0; half < 2; ++half) {
+          const int offset = half * Copier::Layout::kHalfElements;
+          ptx::TensorCopy2D(a_stage + offset, &x_map, int32_t(tile.row0 + half * wg::kHalfRows), int32_t(d0), arrival);
+          ptx::TensorCopy2D(b_stage + offset, &dy_map, int32_t(tile.col0 + half * wg::kHalfRows), int32_t(d0), arrival);
+        }
+      }
+    } else {
+      x_copier.Issue(a_stage, d0, m, x_copies);
+      dy_copier.Issue(b_stage, d0, m, dy_copies);
+    }
   };
   float acc[2][64] = {};
-  wg::RunPipeline<D, kDepth, kRunStrips, true, true, kWholeLive, false>(
+  wg::RunPipeline<D, kDepth, kRunStrips, true, true, kWholeLive, kWholeLive>(
       strips.half[0] | strips.half[1] ? tile.steps : 0, issue, [&](int64_t, int, D*) { return strips; }, acc);
   wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
     tile.Store(g, r, c, v0, v1, partials, dw, [&](int64_t, int64_t row, int64_t col) {

@@ -302,14 +302,24 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
       float* partials = splits > 1 ? ws.partials : nullptr;
       bool warpgroup = false;
       if constexpr (wg::kHasWarpgroupPath<D>) {
-        if (wg::UsesWarpgroupMma(Product::kGradWeight)) {
+        // x and dy as depth lines of 64 columns (two boxes per stage), for
+        // the whole tiles' tensor copies.
+        constexpr int64_t kCoordinates = int64_t{1} << 31;
+        ptx::TensorMap x_map;
+        ptx::TensorMap dy_map;
+        if (wg::UsesWarpgroupMma(Product::kGradWeight) && shape.m < kCoordinates && shape.k < kCoordinates &&
+            shape.n < kCoordinates &&
+            launch.EncodeTensorMap(&x_map, x, shape.k, shape.m, shape.k * int64_t(sizeof(D)), wg::kHalfRows, kDepth,
+                                   wg::kHalfRows * int(sizeof(D))) &&
+            launch.EncodeTensorMap(&dy_map, dy, shape.n, shape.m, shape.n * int64_t(sizeof(D)), wg::kHalfRows, kDepth,
+                                   wg::kHalfRows * int(sizeof(D)))) {
           warpgroup = true;
           wg::WithRunStrips(dims.block_cols, dims.cols, [&](auto run_strips, auto taken) {
             launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
                 WarpgroupOuterProducts<D, kDepth, decltype(run_strips)::value,
                                        decltype(taken)::value == wg::Tiles::kWhole>,
-                static_cast<unsigned>(blocks), wg::kThreads, device_x, device_dy, shape.m, ws.factors, element_level, dims,
-                ws.live, per_split, partials, device_dw, decltype(taken)::value);
+                static_cast<unsigned>(blocks), wg::kThreads, x_map, dy_map, device_x, device_dy, shape.m, ws.factors,
+                element_level, dims, ws.live, per_split, partials, device_dw, decltype(taken)::value);
           });
         }
       }
