@@ -18,8 +18,8 @@ namespace {
 using elementwise_kernels::MatrixStack;
 
 struct GpuBackend {
-  static void CopyBytes(OpKernelContext* ctx, const void* from, void* to, size_t bytes) {
-    ctx->eigen_device<Eigen::GpuDevice>().memcpy(to, from, bytes);
+  static absl::Status CopyBytes(OpKernelContext* ctx, const void* from, void* to, size_t bytes) {
+    return LaunchStatus(ctx, gpu::CopyDeviceBytes(from, to, bytes, OpStream(ctx)));
   }
 
   template <typename T, typename Mask>

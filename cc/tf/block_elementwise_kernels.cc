@@ -17,7 +17,10 @@ namespace {
 using elementwise_kernels::MatrixStack;
 
 struct CpuBackend {
-  static void CopyBytes(OpKernelContext*, const void* from, void* to, size_t bytes) { std::memcpy(to, from, bytes); }
+  static absl::Status CopyBytes(OpKernelContext*, const void* from, void* to, size_t bytes) {
+    std::memcpy(to, from, bytes);
+    return absl::OkStatus();
+  }
 
   template <typename T, typename Mask>
   static void MaskGradient(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad, T* out) {

@@ -2,7 +2,7 @@
 // validate, lock and unshare resource variables, read scalars on the host and
 // hand the work to a Backend (CPU: block_elementwise_kernels.cc; GPU:
 // block_elementwise_gpu_kernels.cc). A Backend provides
-//   CopyBytes(ctx, from, to, bytes)                   device memory copy;
+//   CopyBytes(ctx, from, to, bytes) -> Status         device memory copy;
 //   MaskGradient / MaskedUpdate / AdamStep / SgdStep / RmspropStep<T, Mask>
 //   (ctx, MatrixStack, ...)                           the kernels.
 #ifndef MASKED_OPS_CC_TF_BLOCK_ELEMENTWISE_KERNELS_H_
@@ -137,7 +137,9 @@ class LockedVariables {
     if (!variable->copy_on_read_mode.load() && tensor->RefCountIsOne()) return absl::OkStatus();
     Tensor copy;
     TF_RETURN_IF_ERROR(ctx->allocate_temp(tensor->dtype(), tensor->shape(), &copy));
-    if (tensor->TotalBytes() > 0) Backend::CopyBytes(ctx, tensor->data(), copy.data(), tensor->TotalBytes());
+    if (tensor->TotalBytes() > 0) {
+      TF_RETURN_IF_ERROR(Backend::CopyBytes(ctx, tensor->data(), copy.data(), tensor->TotalBytes()));
+    }
     *tensor = copy;
     return absl::OkStatus();
   }

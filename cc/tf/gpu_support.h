@@ -4,7 +4,10 @@
 #ifndef MASKED_OPS_CC_TF_GPU_SUPPORT_H_
 #define MASKED_OPS_CC_TF_GPU_SUPPORT_H_
 
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "absl/strings/str_cat.h"
@@ -38,10 +41,26 @@ inline gpu::Stream OpStream(OpKernelContext* ctx) {
   return reinterpret_cast<gpu::Stream>(ctx->eigen_device<Eigen::GpuDevice>().stream());
 }
 
+// A launcher's cudaError_t as the op's status: sizes past one launch's grid
+// are the caller's arguments, no memory is exhaustion, no kernel image is a
+// GPU older than the kernels' architectures (sm_80 code, sm_90a, PTX of
+// compute_90 for newer); the rest are internal.
 inline absl::Status LaunchStatus(OpKernelContext* ctx, int status) {
   if (status == 0) return absl::OkStatus();
-  return absl::InternalError(
-      absl::StrCat(ctx->op_kernel().type_string(), ": CUDA launch failed with cudaError_t ", status));
+  const std::string op = ctx->op_kernel().type_string();
+  switch (status) {
+    case cudaErrorInvalidConfiguration:
+      return absl::InvalidArgumentError(absl::StrCat(op, ": the tensors' sizes need more CUDA thread blocks than one "
+                                                         "launch can have (cudaErrorInvalidConfiguration)"));
+    case cudaErrorMemoryAllocation:
+      return absl::ResourceExhaustedError(absl::StrCat(op, ": out of GPU memory (cudaErrorMemoryAllocation)"));
+    case cudaErrorNoKernelImageForDevice:
+      return absl::UnimplementedError(absl::StrCat(op, ": the library's GPU kernels need compute capability 8.0 or "
+                                                       "newer (A100, RTX 30 series, H100 ...); this GPU is older "
+                                                       "(cudaErrorNoKernelImageForDevice)"));
+    default:
+      return absl::InternalError(absl::StrCat(op, ": CUDA launch failed with cudaError_t ", status));
+  }
 }
 
 // run(workspace, stream) with `bytes` of device workspace; its status becomes

@@ -15,6 +15,11 @@
 namespace masked_ops {
 namespace gpu {
 
+int CopyDeviceBytes(const void* from, void* to, size_t bytes, Stream stream) {
+  return static_cast<int>(
+      cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, reinterpret_cast<cudaStream_t>(stream)));
+}
+
 template <typename T, typename TMask>
 int MaskGradient(int64_t outer, const BlockGrid& grid, const T* grad, MaskView<TMask> mask, T* out,
                  void* workspace, Stream stream) {

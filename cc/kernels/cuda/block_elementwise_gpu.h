@@ -21,6 +21,11 @@ namespace gpu {
 template <typename T>
 size_t ElementwiseWorkspaceBytes(int64_t outer, const BlockGrid& grid, MaskLevel level);
 
+// `bytes` from device memory at `from` to `to`, on `stream` (not
+// synchronized): the copy a variable shared with a reader is given before
+// a masked update writes it.
+int CopyDeviceBytes(const void* from, void* to, size_t bytes, Stream stream);
+
 template <typename T, typename TMask>
 int MaskGradient(int64_t outer, const BlockGrid& grid, const T* grad, MaskView<TMask> mask, T* out,
                  void* workspace, Stream stream);

@@ -55,6 +55,7 @@ int Run(const Launch& launch, int64_t outer, const BlockGrid& grid, MaskView<TMa
   const StackDims d = DimsOf(outer, grid, mask.level);
   const int64_t blocks = outer * d.blocks_per_matrix();
   if (blocks == 0) return 0;
+  if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
   F* factors = static_cast<F*>(workspace);
   uint8_t* live = static_cast<uint8_t*>(workspace) + AlignUp(FactorCount(d) * int64_t(sizeof(F)));
   launch(CanonicalFactors<TMask, F>, BlocksFor(FactorCount(d)), kThreads, mask.data, FactorCount(d), factors);
