@@ -560,7 +560,8 @@ __global__ void __launch_bounds__(pl::kThreads)
 // kDepth x 128 for dx), which one thread issues: the other threads issue no
 // copy of them, and rows and depth past the arrays' ends land as zeros. (A
 // segment's stages never cross into the next segment: its depth is a
-// multiple of kDepth, or the whole depth, wg::WithStageDepth.) B in
+// multiple of kDepth, or the whole depth: pl::WithStageDepth, and blocks
+// on multiples of 16 for the pipelined shapes.) B in
 // partly live tiles comes by cp.async, chunks of dead strips zero fills that
 // read nothing: a tensor copy cannot leave them out.
 template <typename D, bool kTransposed, int kDepth, int kRunStrips>
