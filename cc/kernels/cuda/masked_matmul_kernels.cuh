@@ -554,16 +554,18 @@ __global__ void __launch_bounds__(pl::kThreads)
 // own chunks of W as Masked(w, factor) rounded to D, a chunk lying in one
 // strip.
 //
-// The stages of A, and of B where every listed strip is live (kRunStrips
-// 8), come by tensor copies (a_map: A's rows of `depth` elements, boxes of
-// kDepth x 128; b_map: W, boxes of 64 x kDepth forward, two per stage, or
-// kDepth x 128 for dx), which one thread issues: the other threads issue no
-// copy of them, and rows and depth past the arrays' ends land as zeros. (A
-// segment's stages never cross into the next segment: its depth is a
-// multiple of kDepth, or the whole depth: pl::WithStageDepth, and blocks
-// on multiples of 16 for the pipelined shapes.) B in
-// partly live tiles comes by cp.async, chunks of dead strips zero fills that
-// read nothing: a tensor copy cannot leave them out.
+// The stages come by tensor copies, which one thread issues (the others
+// issue no copy; rows and depth past the arrays' ends land as zeros): A's
+// (a_map: A's rows of `depth` elements, boxes of kDepth x 128) and W's in
+// boxes of whole runs holding a live strip, the others left out (b_map: W;
+// dx, boxes of kDepth x the run's columns, which are W's rows; forward,
+// boxes of 64 columns x kDepth, the layout's halves, so runs of 64 or 128
+// columns). (A segment's stages never cross into the next segment: its
+// depth is a multiple of kDepth, or the whole depth: pl::WithStageDepth,
+// and blocks on multiples of 16 for the pipelined shapes.) The forward
+// product's runs of 16 and 32 columns come by every thread's cp.async,
+// chunks of dead strips zero fills that read nothing: a box of them would
+// not land in the 128-byte rows of the N-major layout.
 template <typename D, bool kTransposed, int kDepth, int kRunStrips>
 __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
     WarpgroupProduct(const __grid_constant__ ptx::TensorMap a_map, const __grid_constant__ ptx::TensorMap b_map,
@@ -573,8 +575,10 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // launched only where wg::DeviceRunsWarpgroupMma()
 #else
-  constexpr bool kTensorB = kRunStrips == pl::kTileStrips;
-  constexpr uint32_t kStageBytes = (kTensorB ? 2 : 1) * wg::kOperandElements<kDepth> * uint32_t(sizeof(D));
+  constexpr int kBoxColumns = wg::BoxColumns(kTransposed, kRunStrips);
+  constexpr bool kTensorB = kBoxColumns != 0;
+  constexpr int kBoxStrips = kTensorB ? kBoxColumns / pl::kStrip : 1;
+  constexpr uint32_t kBoxBytes = uint32_t(kBoxColumns) * kDepth * uint32_t(sizeof(D));
   const ProductDims<kTransposed> p{g, live, factors};
   const ListedTile tile(m, p.out_cols(), counts, splits);
   // Forward: W's rows d0 .. as depth lines of its columns col0 ..; dx: W's
@@ -586,14 +590,32 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
     const int64_t segment = pl::SegmentOf(entry);
     const int64_t d0 = segment * p.depth_block() + int64_t{sub} * kDepth;
     if (threadIdx.x == 0) {
-      ptx::MbarrierArriveExpectTx(arrival, kStageBytes);
+      // Bit j: box j (columns j kBoxColumns ..) holds a live strip.
+      unsigned boxes = 0;
+      uint32_t bytes = wg::kOperandElements<kDepth> * uint32_t(sizeof(D));
+      if constexpr (kTensorB) {
+#pragma unroll
+        for (int j = 0; j < pl::kTileStrips / kBoxStrips; ++j) {
+          if (((pl::StripsOf(entry) >> (j * kBoxStrips)) & ((1u << kBoxStrips) - 1)) != 0) {
+            boxes |= 1u << j;
+            bytes += kBoxBytes;
+          }
+        }
+      }
+      ptx::MbarrierArriveExpectTx(arrival, bytes);
       ptx::TensorCopy2D(a_stage, &a_map, int32_t(d0), int32_t(tile.row0), arrival);
-      if constexpr (kTensorB && kTransposed) {
-        ptx::TensorCopy2D(b_stage, &b_map, int32_t(d0), int32_t(tile.col0), arrival);
-      } else if constexpr (kTensorB) {
-        for (int half = 0; half < 2; ++half) {
-          ptx::TensorCopy2D(b_stage + half * BCopier::Layout::kHalfElements, &b_map,
-                            int32_t(tile.col0 + half * wg::kHalfRows), int32_t(d0), arrival);
+      if constexpr (kTensorB) {
+#pragma unroll
+        for (int j = 0; j < pl::kTileStrips / kBoxStrips; ++j) {
+          if (((boxes >> j) & 1u) == 0) continue;
+          const int64_t column = tile.col0 + j * kBoxColumns;
+          if constexpr (kTransposed) {
+            ptx::TensorCopy2D(b_stage + BCopier::Layout::LogicalOffset(j * kBoxColumns, 0), &b_map, int32_t(d0),
+                              int32_t(column), arrival);
+          } else {
+            ptx::TensorCopy2D(b_stage + BCopier::Layout::LogicalOffset(0, j * kBoxColumns / wg::kChunkElements),
+                              &b_map, int32_t(column), int32_t(d0), arrival);
+          }
         }
       }
     }

@@ -188,28 +188,36 @@ template <typename D, bool kTransposed, int kDepth, typename Launch>
 void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, int64_t m, const D* w,
                             const Workspace<float>& ws, const GridDims& dims, int64_t splits, D* out) {
   if constexpr (wg::kHasWarpgroupPath<D>) {
-    // A: m rows of the depth (W's rows, or its columns for dx); W: rows x cols.
+    // A: m rows of the depth (W's rows, or its columns for dx); W: rows x cols,
+    // in boxes of wg::BoxColumns (whole tiles' and the other tiles' runs).
     const int64_t depth = kTransposed ? dims.cols : dims.rows;
+    const int64_t block = kTransposed ? dims.block_rows : dims.block_cols;
+    const int64_t out_cols = kTransposed ? dims.rows : dims.cols;
+    const auto encode_w = [&](ptx::TensorMap* map, int run_strips) {
+      const int box = wg::BoxColumns(kTransposed, run_strips);
+      const int64_t row_bytes = dims.cols * int64_t(sizeof(D));
+      return box == 0 || (kTransposed ? launch.EncodeTensorMap(map, w, dims.cols, dims.rows, row_bytes, kDepth, box,
+                                                               kDepth * int(sizeof(D)))
+                                      : launch.EncodeTensorMap(map, w, dims.cols, dims.rows, row_bytes, box, kDepth,
+                                                               box * int(sizeof(D))));
+    };
     constexpr int64_t kCoordinates = int64_t{1} << 31;
-    ptx::TensorMap a_map;
-    ptx::TensorMap b_map;
+    ptx::TensorMap a_map{};
+    ptx::TensorMap w_whole_map{};
+    ptx::TensorMap w_runs_map{};  // unused where the runs' W comes by cp.async
     if (wg::UsesWarpgroupMma(kTransposed ? Product::kGradInput : Product::kForward) && m < kCoordinates &&
         dims.rows < kCoordinates && dims.cols < kCoordinates &&
         launch.EncodeTensorMap(&a_map, a, depth, m, depth * int64_t(sizeof(D)), kDepth, pl::kTileRows,
                                kDepth * int(sizeof(D))) &&
-        (kTransposed ? launch.EncodeTensorMap(&b_map, w, dims.cols, dims.rows, dims.cols * int64_t(sizeof(D)), kDepth,
-                                              pl::kTileCols, kDepth * int(sizeof(D)))
-                     : launch.EncodeTensorMap(&b_map, w, dims.cols, dims.rows, dims.cols * int64_t(sizeof(D)),
-                                              wg::kHalfRows, kDepth, wg::kHalfRows * int(sizeof(D))))) {
-      // The blocks across the output's columns: W's columns, or its rows for dx.
-      wg::WithRunStrips(kTransposed ? dims.block_rows : dims.block_cols, kTransposed ? dims.rows : dims.cols,
-                    [&](auto run_strips, auto taken) {
-                      launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
-                          WarpgroupProduct<D, kTransposed, kDepth, decltype(run_strips)::value>,
-                          static_cast<unsigned>(blocks), wg::kThreads, a_map, b_map, m, w, ws.factors, dims, ws.live,
-                          reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits,
-                          splits > 1 ? ws.partials : nullptr, out, decltype(taken)::value);
-                    });
+        encode_w(&w_whole_map, pl::kTileStrips) && encode_w(&w_runs_map, wg::RunStrips(block, out_cols))) {
+      wg::WithRunStrips(block, out_cols, [&](auto run_strips, auto taken) {
+        constexpr int kRunStrips = decltype(run_strips)::value;
+        launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
+            WarpgroupProduct<D, kTransposed, kDepth, kRunStrips>, static_cast<unsigned>(blocks), wg::kThreads, a_map,
+            kRunStrips == pl::kTileStrips ? w_whole_map : w_runs_map, m, w, ws.factors, dims, ws.live,
+            reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits, splits > 1 ? ws.partials : nullptr, out,
+            decltype(taken)::value);
+      });
       return;
     }
   }
@@ -305,8 +313,8 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
         // x and dy as depth lines of 64 columns (two boxes per stage), for
         // the whole tiles' tensor copies.
         constexpr int64_t kCoordinates = int64_t{1} << 31;
-        ptx::TensorMap x_map;
-        ptx::TensorMap dy_map;
+        ptx::TensorMap x_map{};
+        ptx::TensorMap dy_map{};
         if (wg::UsesWarpgroupMma(Product::kGradWeight) && shape.m < kCoordinates && shape.k < kCoordinates &&
             shape.n < kCoordinates &&
             launch.EncodeTensorMap(&x_map, x, shape.k, shape.m, shape.k * int64_t(sizeof(D)), wg::kHalfRows, kDepth,

@@ -273,6 +273,15 @@ inline int RunStrips(int64_t block, int64_t cols) {
   return run;
 }
 
+// The columns of the boxes in which the forward product (B N-major) or dx
+// (kTransposed: B K-major) with runs of run_strips strips brings W's stages
+// by tensor copies: dx, a run's (its lines, W's rows, follow one another);
+// forward, 64 (a half of the N-major layout's 128-byte rows) where runs fill
+// whole halves; 0 where W comes by cp.async.
+__host__ __device__ constexpr int BoxColumns(bool transposed, int run_strips) {
+  return transposed ? run_strips * pl::kStrip : run_strips * pl::kStrip >= kHalfRows ? kHalfRows : 0;
+}
+
 // run(run_strips, taken) for each launch of a warpgroup kernel over output
 // columns cut into blocks of `block` (of `cols`), both integral_constants:
 // one launch of whole-tile products where runs are whole tiles, else one for
