@@ -555,17 +555,15 @@ __global__ void __launch_bounds__(pl::kThreads)
 // strip.
 //
 // The stages come by tensor copies, which one thread issues (the others
-// issue no copy; rows and depth past the arrays' ends land as zeros): A's
+// issue none; rows and depth past the arrays' ends land as zeros): A's
 // (a_map: A's rows of `depth` elements, boxes of kDepth x 128) and W's in
-// boxes of whole runs holding a live strip, the others left out (b_map: W;
-// dx, boxes of kDepth x the run's columns, which are W's rows; forward,
-// boxes of 64 columns x kDepth, the layout's halves, so runs of 64 or 128
-// columns). (A segment's stages never cross into the next segment: its
-// depth is a multiple of kDepth, or the whole depth: pl::WithStageDepth,
-// and blocks on multiples of 16 for the pipelined shapes.) The forward
-// product's runs of 16 and 32 columns come by every thread's cp.async,
-// chunks of dead strips zero fills that read nothing: a box of them would
-// not land in the 128-byte rows of the N-major layout.
+// boxes of runs holding a live strip, dead runs left out, so that no dead
+// block is read (b_map: W; dx, boxes of kDepth x the run's columns, which
+// are W's rows; forward, boxes of the run's columns, up to 64, x kDepth,
+// W's stage N-major in rows as wide: wg::ForwardLineRowBytes). (A
+// segment's stages never cross into the next segment: its depth is a
+// multiple of kDepth, or the whole depth: pl::WithStageDepth, and blocks
+// on multiples of 16 for the pipelined shapes.)
 template <typename D, bool kTransposed, int kDepth, int kRunStrips>
 __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
     WarpgroupProduct(const __grid_constant__ ptx::TensorMap a_map, const __grid_constant__ ptx::TensorMap b_map,
@@ -576,15 +574,16 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
   __trap();  // launched only where wg::DeviceRunsWarpgroupMma()
 #else
   constexpr int kBoxColumns = wg::BoxColumns(kTransposed, kRunStrips);
-  constexpr bool kTensorB = kBoxColumns != 0;
-  constexpr int kBoxStrips = kTensorB ? kBoxColumns / pl::kStrip : 1;
+  constexpr int kBoxStrips = kBoxColumns / pl::kStrip;
   constexpr uint32_t kBoxBytes = uint32_t(kBoxColumns) * kDepth * uint32_t(sizeof(D));
   const ProductDims<kTransposed> p{g, live, factors};
   const ListedTile tile(m, p.out_cols(), counts, splits);
   // Forward: W's rows d0 .. as depth lines of its columns col0 ..; dx: W's
-  // rows col0 .. as lines, along the depth (its columns).
-  using BCopier = std::conditional_t<kTransposed, wg::SwizzledCopier<D, kDepth, false>,
-                                     wg::SwizzledCopier<D, kDepth, true>>;
+  // rows col0 .. as lines, along the depth (its columns). (Its lane mapping
+  // rescales stages; the tensor copies bring them.)
+  using BCopier =
+      std::conditional_t<kTransposed, wg::SwizzledCopier<D, kDepth, false>,
+                         wg::SwizzledCopier<D, kDepth, true, wg::ForwardLineRowBytes(kRunStrips)>>;
   const BCopier b_copier(w, g.cols, tile.col0, p.out_cols());
   const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub, uint64_t* arrival) {
     const int64_t segment = pl::SegmentOf(entry);
@@ -593,35 +592,27 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
       // Bit j: box j (columns j kBoxColumns ..) holds a live strip.
       unsigned boxes = 0;
       uint32_t bytes = wg::kOperandElements<kDepth> * uint32_t(sizeof(D));
-      if constexpr (kTensorB) {
 #pragma unroll
-        for (int j = 0; j < pl::kTileStrips / kBoxStrips; ++j) {
-          if (((pl::StripsOf(entry) >> (j * kBoxStrips)) & ((1u << kBoxStrips) - 1)) != 0) {
-            boxes |= 1u << j;
-            bytes += kBoxBytes;
-          }
+      for (int j = 0; j < pl::kTileStrips / kBoxStrips; ++j) {
+        if (((pl::StripsOf(entry) >> (j * kBoxStrips)) & ((1u << kBoxStrips) - 1)) != 0) {
+          boxes |= 1u << j;
+          bytes += kBoxBytes;
         }
       }
       ptx::MbarrierArriveExpectTx(arrival, bytes);
       ptx::TensorCopy2D(a_stage, &a_map, int32_t(d0), int32_t(tile.row0), arrival);
-      if constexpr (kTensorB) {
 #pragma unroll
-        for (int j = 0; j < pl::kTileStrips / kBoxStrips; ++j) {
-          if (((boxes >> j) & 1u) == 0) continue;
-          const int64_t column = tile.col0 + j * kBoxColumns;
-          if constexpr (kTransposed) {
-            ptx::TensorCopy2D(b_stage + BCopier::Layout::LogicalOffset(j * kBoxColumns, 0), &b_map, int32_t(d0),
-                              int32_t(column), arrival);
-          } else {
-            ptx::TensorCopy2D(b_stage + BCopier::Layout::LogicalOffset(0, j * kBoxColumns / wg::kChunkElements),
-                              &b_map, int32_t(column), int32_t(d0), arrival);
-          }
+      for (int j = 0; j < pl::kTileStrips / kBoxStrips; ++j) {
+        if (((boxes >> j) & 1u) == 0) continue;
+        const int64_t column = tile.col0 + j * kBoxColumns;
+        if constexpr (kTransposed) {
+          ptx::TensorCopy2D(b_stage + BCopier::Layout::LogicalOffset(j * kBoxColumns, 0), &b_map, int32_t(d0),
+                            int32_t(column), arrival);
+        } else {
+          ptx::TensorCopy2D(b_stage + BCopier::Layout::LogicalOffset(0, j * kBoxColumns / wg::kChunkElements), &b_map,
+                            int32_t(column), int32_t(d0), arrival);
         }
       }
-    }
-    if constexpr (!kTensorB) {
-      const int64_t d_end = min(p.depth(), (segment + 1) * p.depth_block());
-      b_copier.Issue(b_stage, d0, d_end, b_copier.CopiesIn(pl::StripsOf(entry)));
     }
   };
   const auto scale_stage = [&](D* b_stage, uint32_t entry) {
@@ -638,7 +629,7 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
   const bool partly_live = __syncthreads_or(partly) != 0;
   if (taken != wg::Tiles::kAll && partly_live == (taken == wg::Tiles::kWhole)) return;  // the other launch's
   float acc[2][64] = {};
-  wg::RunListedSegments<D, kDepth, kRunStrips, !kTransposed, true, true>(
+  wg::RunListedSegments<D, kDepth, kRunStrips, typename BCopier::Layout, true, true>(
       list, tile.count, min(p.depth_block(), p.depth()), 3u, issue_segment, scale_stage, acc);
   wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) { tile.Store(r, c, v0, v1, partials, out); });
 #endif
@@ -791,7 +782,7 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
       if (threadIdx.x == 0) {
         ptx::MbarrierArriveExpectTx(arrival, 2 * wg::kOperandElements<kDepth> * uint32_t(sizeof(D)));
         for (int half = 0; half < 2; ++half) {
-          const int offset = half * Copier::Layout::kHalfElements;
+          const int offset = half * Copier::Layout::kGroupElements;
           ptx::TensorCopy2D(a_stage + offset, &x_map, int32_t(tile.row0 + half * wg::kHalfRows), int32_t(d0), arrival);
           ptx::TensorCopy2D(b_stage + offset, &dy_map, int32_t(tile.col0 + half * wg::kHalfRows), int32_t(d0), arrival);
         }
@@ -802,7 +793,7 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
     }
   };
   float acc[2][64] = {};
-  wg::RunPipeline<D, kDepth, kRunStrips, true, true, kWholeLive, kWholeLive>(
+  wg::RunPipeline<D, kDepth, kRunStrips, true, typename Copier::Layout, kWholeLive, kWholeLive>(
       strips.half[0] | strips.half[1] ? tile.steps : 0, issue, [&](int64_t, int, D*) { return strips; }, acc);
   wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
     tile.Store(g, r, c, v0, v1, partials, dw, [&](int64_t, int64_t row, int64_t col) {

@@ -196,15 +196,15 @@ void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, in
     const auto encode_w = [&](ptx::TensorMap* map, int run_strips) {
       const int box = wg::BoxColumns(kTransposed, run_strips);
       const int64_t row_bytes = dims.cols * int64_t(sizeof(D));
-      return box == 0 || (kTransposed ? launch.EncodeTensorMap(map, w, dims.cols, dims.rows, row_bytes, kDepth, box,
-                                                               kDepth * int(sizeof(D)))
-                                      : launch.EncodeTensorMap(map, w, dims.cols, dims.rows, row_bytes, box, kDepth,
-                                                               box * int(sizeof(D))));
+      return kTransposed ? launch.EncodeTensorMap(map, w, dims.cols, dims.rows, row_bytes, kDepth, box,
+                                                  kDepth * int(sizeof(D)))
+                         : launch.EncodeTensorMap(map, w, dims.cols, dims.rows, row_bytes, box, kDepth,
+                                                  box * int(sizeof(D)));
     };
     constexpr int64_t kCoordinates = int64_t{1} << 31;
     ptx::TensorMap a_map{};
     ptx::TensorMap w_whole_map{};
-    ptx::TensorMap w_runs_map{};  // unused where the runs' W comes by cp.async
+    ptx::TensorMap w_runs_map{};
     if (wg::UsesWarpgroupMma(kTransposed ? Product::kGradInput : Product::kForward) && m < kCoordinates &&
         dims.rows < kCoordinates && dims.cols < kCoordinates &&
         launch.EncodeTensorMap(&a_map, a, depth, m, depth * int64_t(sizeof(D)), kDepth, pl::kTileRows,

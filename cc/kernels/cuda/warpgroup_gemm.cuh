@@ -10,10 +10,10 @@
 // Lists and zero fills are the pipelined tile's: kStages stages of kDepth
 // come into shared memory ahead of their use, the segments from
 // TileSegmentLists, and chunks of W in dead strips are zero fills that read
-// nothing. The forward product and dx bring A, and W where a tile's listed
-// strips are all live, by tensor copies (the TMA: one thread issues a few
-// per stage, an mbarrier counts their bytes); the rest comes by every
-// thread's cp.async. A stage's products cover only its live
+// nothing. The forward product and dx bring A and W's live runs, and dW
+// its whole tiles, by tensor copies (the TMA: one thread issues a few per
+// stage, an mbarrier counts their bytes); the rest comes by every thread's
+// cp.async. A stage's products cover only its live
 // blocks: one wgmma per run of 128, 64, 32 or 16 columns (the widest that
 // W's block width divides) in a live block, whose accumulators are the
 // matching slice of the full-width product's: no dead block is multiplied.
@@ -74,28 +74,32 @@ constexpr bool kHasWarpgroupPath = std::is_same_v<D, __half> || std::is_same_v<D
 // (K-major: 128 lines of kDepth) or one depth along the rows or columns
 // (kDepthLines, M- or N-major: kDepth lines of 128). wgmma's swizzled
 // layouts: lines of kRowBytes (K-major: the whole line, 32, 64 or 128
-// bytes; otherwise 64 of its rows or columns, 128 bytes, the second 64
-// after all the first's lines), one after the other, each line's chunks
+// bytes; otherwise kLineRowBytes / 2 of its rows or columns, 128, 64 or 32
+// bytes, the next group of as many after all the first's lines), one after
+// the other, each line's chunks
 // permuted by XOR with bits 7 .. of its address (the 32-, 64- and 128-byte
 // swizzles of the PTX ISA, which act on shared addresses: stages start on
 // kSwizzleRepeat bytes). Logical offsets (chunks in order) are what the
 // descriptors take; the hardware applies the permutation.
-template <int kDepth, bool kDepthLines>
+template <int kDepth, bool kDepthLines, int kLineRowBytes = 128>
 struct SwizzledLayout {
   static_assert(pl::kTileRows == pl::kTileCols, "a K-major operand has 128 lines, A's or B's");
   static_assert(kDepth == 16 || kDepth == 32 || kDepth == 64, "a K-major line is one swizzle row");
+  static_assert(kLineRowBytes == 32 || kLineRowBytes == 64 || kLineRowBytes == 128, "a swizzle's row");
+  static constexpr bool kDepthLinesLayout = kDepthLines;
   static constexpr int kLines = kDepthLines ? kDepth : pl::kTileRows;
   static constexpr int kChunks = kDepthLines ? pl::kTileCols / kChunkElements : kDepth / kChunkElements;
-  static constexpr int kRowBytes = kDepthLines ? 128 : 2 * kDepth;
+  static constexpr int kRowBytes = kDepthLines ? kLineRowBytes : 2 * kDepth;
   static constexpr int kRowChunks = kRowBytes / 16;
   static constexpr int kRowElements = kRowBytes / 2;
-  static constexpr int kHalfElements = kLines * kRowElements;  // M/N-major: the second 64 rows or columns
+  // M/N-major: where the next group of kRowElements rows or columns starts.
+  static constexpr int kGroupElements = kLines * kRowElements;
   // The descriptor's fields: the swizzle (1: 128 bytes, 2: 64, 3: 32); the
   // byte offsets between 8-line groups (stride) and, M/N-major, between
-  // the two 64-wide halves (leading; unused K-major).
+  // the groups of rows or columns (leading; unused K-major).
   static constexpr uint64_t kSwizzleMode = kRowBytes == 128 ? 1 : kRowBytes == 64 ? 2 : 3;
   static constexpr uint32_t kStrideBytes = 8 * kRowBytes;
-  static constexpr uint32_t kLeadingBytes = kDepthLines ? 2 * kHalfElements : 16;
+  static constexpr uint32_t kLeadingBytes = kDepthLines ? 2 * kGroupElements : 16;
 
   __host__ __device__ static constexpr int LogicalOffset(int line, int chunk) {
     return RowStart(line, chunk) + chunk % kRowChunks * kChunkElements;
@@ -109,7 +113,7 @@ struct SwizzledLayout {
 
  private:
   __host__ __device__ static constexpr int RowStart(int line, int chunk) {
-    return chunk / kRowChunks * kHalfElements + line * kRowElements;
+    return chunk / kRowChunks * kGroupElements + line * kRowElements;
   }
 };
 
@@ -147,10 +151,10 @@ __host__ __device__ constexpr uint64_t DescriptorUnits(int elements) {
 // kLinesPerPass, so that a quarter warp reads 128 contiguous bytes of one
 // line or of consecutive ones and writes them to one 128-byte line of
 // shared memory.
-template <typename D, int kDepth, bool kDepthLines>
+template <typename D, int kDepth, bool kDepthLines, int kLineRowBytes = 128>
 class SwizzledCopier {
  public:
-  using Layout = SwizzledLayout<kDepth, kDepthLines>;
+  using Layout = SwizzledLayout<kDepth, kDepthLines, kLineRowBytes>;
   static constexpr int kPerChunk = kChunkElements;
   static constexpr int kLinesPerPass = kThreads / Layout::kChunks;
   static constexpr int kCopies = Layout::kLines / kLinesPerPass;
@@ -275,11 +279,16 @@ inline int RunStrips(int64_t block, int64_t cols) {
 
 // The columns of the boxes in which the forward product (B N-major) or dx
 // (kTransposed: B K-major) with runs of run_strips strips brings W's stages
-// by tensor copies: dx, a run's (its lines, W's rows, follow one another);
-// forward, 64 (a half of the N-major layout's 128-byte rows) where runs fill
-// whole halves; 0 where W comes by cp.async.
+// by tensor copies, one box per run holding a live strip: dx, a run's (its
+// lines, W's rows, follow one another); forward, a run's up to 64, the
+// N-major layout's rows being as wide (ForwardLineRowBytes).
 __host__ __device__ constexpr int BoxColumns(bool transposed, int run_strips) {
-  return transposed ? run_strips * pl::kStrip : run_strips * pl::kStrip >= kHalfRows ? kHalfRows : 0;
+  return transposed || run_strips * pl::kStrip < kHalfRows ? run_strips * pl::kStrip : kHalfRows;
+}
+// The bytes of a row of the forward product's N-major W stage with runs of
+// run_strips strips: a box's columns.
+__host__ __device__ constexpr int ForwardLineRowBytes(int run_strips) {
+  return BoxColumns(false, run_strips) * 2;
 }
 
 // run(run_strips, taken) for each launch of a warpgroup kernel over output
@@ -306,22 +315,23 @@ void WithRunStrips(int64_t block, int64_t cols, const Run& run) {
 
 // acc += A B over the runs of kRunStrips strips from run kRun on that have
 // a live strip in `strips`; a and b: the operands' descriptors (b at column
-// 0), A M-major (kAMMajor) or K-major, B N-major (kBNMajor) or K-major.
+// 0), A M-major (kAMMajor) or K-major, B laid out as BLayout (a
+// SwizzledLayout: N-major where its lines are the depth's, else K-major).
 // kWholeLive: a run of all 8 strips is live whenever the stage is
 // multiplied (the listed products), so that product needs no guard.
-template <typename D, int kDepth, int kRunStrips, bool kAMMajor, bool kBNMajor, bool kWholeLive, int kRun = 0>
+template <typename D, int kRunStrips, bool kAMMajor, typename BLayout, bool kWholeLive, int kRun = 0>
 __device__ inline void MultiplyRuns(float (&acc)[64], uint64_t a, uint64_t b, unsigned strips) {
   if constexpr (kRun < pl::kTileStrips / kRunStrips) {
+    constexpr bool kBNMajor = BLayout::kDepthLinesLayout;
     constexpr unsigned kRunMask = (1u << kRunStrips) - 1;
     // The run's first column along B, in the descriptor's 16-byte units.
-    using BLayout = SwizzledLayout<kDepth, kBNMajor>;
     constexpr int kColumn = kRun * kRunStrips * pl::kStrip;
     constexpr uint64_t kRunStart = DescriptorUnits<D>(
         kBNMajor ? BLayout::LogicalOffset(0, kColumn / kChunkElements) : BLayout::LogicalOffset(kColumn, 0));
     ptx::WarpgroupMma<D, kRunStrips * pl::kStrip, kRun * kRunStrips * pl::kStrip / 2,
                       (kRunStrips < pl::kTileStrips || !kWholeLive), kAMMajor, kBNMajor>(
         acc, a, b + kRunStart, ((strips >> (kRun * kRunStrips)) & kRunMask) != 0);
-    MultiplyRuns<D, kDepth, kRunStrips, kAMMajor, kBNMajor, kWholeLive, kRun + 1>(acc, a, b, strips);
+    MultiplyRuns<D, kRunStrips, kAMMajor, BLayout, kWholeLive, kRun + 1>(acc, a, b, strips);
   }
 }
 
@@ -340,11 +350,11 @@ struct HalfStrips {
 // waits for each. A descriptor of a place inside the stage is the stage's
 // plus its offset in 16-byte units (addresses stay inside the 256 KB the
 // address field spans), a constant here.
-template <typename D, int kDepth, int kRunStrips, bool kAMMajor, bool kBNMajor, bool kWholeLive>
+template <typename D, int kDepth, int kRunStrips, bool kAMMajor, typename BLayout, bool kWholeLive>
 __device__ inline void MultiplyStage(uint64_t a_stage, uint64_t b_stage, const HalfStrips& strips,
                                      float (&acc)[2][64]) {
   using ALayout = SwizzledLayout<kDepth, kAMMajor>;
-  using BLayout = SwizzledLayout<kDepth, kBNMajor>;
+  constexpr bool kBNMajor = BLayout::kDepthLinesLayout;
 #pragma unroll
   for (int k0 = 0; k0 < kDepth; k0 += 16) {
     const int b_offset = kBNMajor ? BLayout::LogicalOffset(k0, 0) : BLayout::LogicalOffset(0, k0 / kChunkElements);
@@ -353,8 +363,8 @@ __device__ inline void MultiplyStage(uint64_t a_stage, uint64_t b_stage, const H
     for (int half = 0; half < 2; ++half) {
       const int a_offset = kAMMajor ? ALayout::LogicalOffset(k0, half * kHalfRows / kChunkElements)
                                     : ALayout::LogicalOffset(half * kHalfRows, k0 / kChunkElements);
-      MultiplyRuns<D, kDepth, kRunStrips, kAMMajor, kBNMajor, kWholeLive>(
-          acc[half], a_stage + DescriptorUnits<D>(a_offset), b, strips.half[half]);
+      MultiplyRuns<D, kRunStrips, kAMMajor, BLayout, kWholeLive>(acc[half], a_stage + DescriptorUnits<D>(a_offset), b,
+                                                                 strips.half[half]);
     }
   }
 }
@@ -373,8 +383,8 @@ __device__ inline void MultiplyStage(uint64_t a_stage, uint64_t b_stage, const H
 // every warp has waited for the products reading it and passed a barrier
 // since: the copies run kStages - 2 steps ahead (the step multiplied and the
 // one before it hold two buffers). The other thread block on the SM fills
-// the gaps that remain. kWholeLive as for MultiplyRuns.
-template <typename D, int kDepth, int kRunStrips, bool kAMMajor, bool kBNMajor, bool kWholeLive, bool kTensorCopies,
+// the gaps that remain. BLayout and kWholeLive as for MultiplyRuns.
+template <typename D, int kDepth, int kRunStrips, bool kAMMajor, typename BLayout, bool kWholeLive, bool kTensorCopies,
           typename Issue, typename Prepare>
 __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prepare& prepare, float (&acc)[2][64]) {
   constexpr int kStageElements = 2 * kOperandElements<kDepth>;
@@ -395,8 +405,7 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
   // Slot 0's descriptors; a slot's lie that many stages further.
   const uint32_t shared_address = ptx::SharedAddress(shared);
   const uint64_t a_first = Descriptor<SwizzledLayout<kDepth, kAMMajor>>(shared_address);
-  const uint64_t b_first =
-      Descriptor<SwizzledLayout<kDepth, kBNMajor>>(shared_address + kOperandElements<kDepth> * int(sizeof(D)));
+  const uint64_t b_first = Descriptor<BLayout>(shared_address + kOperandElements<kDepth> * int(sizeof(D)));
   constexpr int kAhead = kStages - 2;
   ptx::PinAccumulators(acc);
 #pragma unroll
@@ -417,7 +426,7 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
     const HalfStrips strips = prepare(step, slot, b_of(slot));
     const uint64_t stage = DescriptorUnits<D>(slot * kStageElements);
     ptx::WarpgroupFence();
-    MultiplyStage<D, kDepth, kRunStrips, kAMMajor, kBNMajor, kWholeLive>(a_first + stage, b_first + stage, strips, acc);
+    MultiplyStage<D, kDepth, kRunStrips, kAMMajor, BLayout, kWholeLive>(a_first + stage, b_first + stage, strips, acc);
     ptx::WarpgroupCommit();
     // Every warp waited for its share of step - 2's products before this
     // step's barrier (a wait covers the executing warp's products only), so
@@ -434,8 +443,8 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
   ptx::PinAccumulators(acc);
 }
 
-// A product over listed segments, as pl::RunListedSegments, B staged
-// N-major (kBNMajor: the forward's W) or K-major (dx's W^T): `count` entries
+// A product over listed segments, as pl::RunListedSegments, B staged as
+// BLayout (N-major: the forward's W; K-major: dx's W^T): `count` entries
 // of `list`, each segment segment_depth deep; issue_segment(a_stage,
 // b_stage, entry, sub, arrival) stages stage `sub` of an entry's segment
 // (kTensorCopies: partly by tensor copies on `arrival`, as for
@@ -444,7 +453,7 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
 // set in `halves` (bit h) multiply; kWholeLive as for MultiplyRuns, which
 // every half must then be. Step entries travel from the issuing threads to
 // the multiplying ones through shared memory.
-template <typename D, int kDepth, int kRunStrips, bool kBNMajor, bool kWholeLive, bool kTensorCopies,
+template <typename D, int kDepth, int kRunStrips, typename BLayout, bool kWholeLive, bool kTensorCopies,
           typename IssueSegment, typename ScaleStage>
 __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_t segment_depth, unsigned halves,
                                          const IssueSegment& issue_segment, const ScaleStage& scale_stage,
@@ -467,8 +476,8 @@ __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_
     const unsigned strips = ptx::WarpUniform(pl::StripsOf(entry));
     return HalfStrips{{(halves & 1u) != 0 ? strips : 0u, (halves & 2u) != 0 ? strips : 0u}};
   };
-  RunPipeline<D, kDepth, kRunStrips, false, kBNMajor, kWholeLive, kTensorCopies>(int64_t{count} * per_segment, issue,
-                                                                                 prepare, acc);
+  RunPipeline<D, kDepth, kRunStrips, false, BLayout, kWholeLive, kTensorCopies>(int64_t{count} * per_segment, issue,
+                                                                                prepare, acc);
 }
 
 // write(row, col, v0, v1) for every accumulator pair of the thread: tile
