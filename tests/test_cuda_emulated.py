@@ -92,7 +92,8 @@ class Emulator:
         return buffer.value.decode()
 
     def stats(self):
-        names = ("launches", "blocks", "threads", "barriers", "mma_syncs", "warpgroup_mma_columns", "warpgroup_mmas")
+        names = ("launches", "blocks", "threads", "barriers", "mma_syncs", "warpgroup_mma_columns", "warpgroup_mmas",
+                 "async_copies", "tensor_copies")
         values = (ctypes.c_int64 * len(names))()
         self.lib.emu_stats(values)
         return dict(zip(names, values))
@@ -768,26 +769,48 @@ def test_warpgroup_products_multiply_live_blocks_only(emulator, shape_and_block,
     run_matmul(emulator, tuple(shape), block, dtype, True, "block", density=0.5)
 
 
-@pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (48, 80)], ids=lambda b: f"b{b[0]}x{b[1]}")
-@pytest.mark.parametrize("product", ["forward", "grad_input", "grad_weight"])
-def test_warpgroup_copies_are_whole_lines(emulator, product, block):
-    """Each quarter warp's cp.async copies on the warpgroup tile read whole
+WHOLE_LINE_BLOCKS = [(16, 16), (32, 32), (64, 64), (48, 80)]
+
+
+@pytest.mark.parametrize("block", WHOLE_LINE_BLOCKS, ids=lambda b: f"b{b[0]}x{b[1]}")
+def test_warpgroup_copies_are_whole_lines(emulator, block):
+    """Each quarter warp's cp.async copies on the warpgroup tile (dW's
+    partly live tiles: the other products come by tensor copies) read whole
     32-byte sectors and land in one 128-byte line of shared memory: on the
     H100 each such quarter warp is one L2 request, and the first layout
     (one 16-byte column of 8 rows per quarter warp) split every request
     into a half-used sector and ran at a third of the speed. Stages of 16
-    (blocks of 16 and 48 rows) and 32, every operand's layout, partly live
+    (blocks of 16 and 48 rows) and 32, both operands' layouts, partly live
     tiles; rows of whole sectors (the dimensions multiples of 16)."""
     emulator.lib.emu_set_warpgroup_mma(WARPGROUP_ALL)
     emulator.lib.emu_set_copy_line_check(1)
     shape = (192, 256, 320)
     mask, _, products = matmul_case(shape, block, "bfloat16", "block", density=0.5)
     for name, a, b, out_shape, _ in products:
+        if name == "grad_weight":
+            emulator.lib.emu_reset_stats()
+            emulator.matmul(name, a, b, mask, "block", block, shape, np.full(out_shape, np.nan, a.dtype), True)
+            stats = emulator.stats()
+            assert stats["warpgroup_mma_columns"] > 0 and stats["async_copies"] > 0, stats
+
+
+@pytest.mark.parametrize("block", WHOLE_LINE_BLOCKS, ids=lambda b: f"b{b[0]}x{b[1]}")
+@pytest.mark.parametrize("product", ["forward", "grad_input"])
+def test_warpgroup_forward_and_dx_stage_by_tensor_copies_only(emulator, product, block):
+    """On the warpgroup tile the forward product and dx bring every stage,
+    A and W's live runs, by tensor copies: no thread issues a cp.async
+    (partly live tiles, runs of 16 to 128 columns); the results and the
+    reads (no dead block) are checked as everywhere."""
+    emulator.lib.emu_set_warpgroup_mma(WARPGROUP_ALL)
+    shape = (192, 256, 320)
+    mask, _, products = matmul_case(shape, block, "bfloat16", "block", density=0.5)
+    for name, a, b, out_shape, _ in products:
         if name == product:
             emulator.lib.emu_reset_stats()
-            emulator.matmul(product, a, b, mask, "block", block, shape,
-                            np.full(out_shape, np.nan, a.dtype), True)
-            assert emulator.stats()["warpgroup_mma_columns"] > 0, product
+            emulator.matmul(product, a, b, mask, "block", block, shape, np.full(out_shape, np.nan, a.dtype), True)
+            stats = emulator.stats()
+            assert stats["warpgroup_mma_columns"] > 0 and stats["tensor_copies"] > 0, stats
+            assert stats["async_copies"] == 0, stats
 
 
 @pytest.mark.parametrize("block", [(16, 32), (32, 64), (32, 16)], ids=lambda b: f"b{b[0]}x{b[1]}")

@@ -191,6 +191,8 @@ struct Stats {
   int64_t mma_syncs = 0;  // warp-level wmma::mma_sync and mma.sync calls (counted once per warp)
   int64_t warpgroup_mma_columns = 0;  // the columns (N) of the wgmma products, counted once per warpgroup
   int64_t warpgroup_mmas = 0;         // the wgmma products, counted once per warpgroup
+  int64_t async_copies = 0;           // cp.async copies, each thread's
+  int64_t tensor_copies = 0;          // cp.async.bulk.tensor copies
 };
 
 // One 16-byte cp.async: the first `bytes_read` (0 .. 16) from src, the rest
@@ -336,6 +338,7 @@ class Engine {
       Report("cp.async: an address not 16-byte aligned");
     }
     std::memset(dst, 0xff, 16);
+    ++stats_.async_copies;
     Fiber& fiber = fibers_[current_];
     if (check_copy_lines_) block_copies_.push_back(IssuedCopy{current_, fiber.copies_issued, dst, src, bytes_read});
     ++fiber.copies_issued;
@@ -375,6 +378,7 @@ class Engine {
     if (state == nullptr) return;
     if (SharedAddress(dst) % 128 != 0) Report("cp.async.bulk.tensor: a destination not 128-byte aligned");
     std::memset(dst, 0xff, static_cast<size_t>(map.box_inner) * map.box_outer * 2);
+    ++stats_.tensor_copies;
     state->copies.push_back(PendingTensorCopy{static_cast<unsigned char*>(dst), map, inner, outer});
   }
   // mbarrier.try_wait.parity in a loop until the phase of that parity has
