@@ -838,11 +838,11 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
   const bool whole = !partly_live && (halves == 0 || halves == 3u);
   if (taken != wg::Tiles::kAll && whole != (taken == wg::Tiles::kWhole)) return;  // the other launch's
   using ALayout = wg::SwizzledLayout<kDepth, false>;
-  using ALanes = wg::SwizzledCopier<D, kDepth, false>;  // for its lane mapping only
+  using ALanes = wg::SwizzledLanes<D, kDepth, false>;
   const int a_chunk = ALanes::ThreadChunk();
   const int a_line = ALanes::ThreadLine();
   GatheredSegment<ALanes::kCopies> gathered(d);
-  using BCopier = wg::SwizzledCopier<D, kDepth, true>;
+  using BCopier = wg::SwizzledCopier<D, kDepth>;
   const BCopier b_copier(filters, d.out_channels, tile.col0, d.out_channels);
   const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub, uint64_t*) {
     gathered.Update(entry, d, rows, [&](int i) { return a_line + i * ALanes::kLinesPerPass; });

@@ -579,12 +579,11 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
   const ProductDims<kTransposed> p{g, live, factors};
   const ListedTile tile(m, p.out_cols(), counts, splits);
   // Forward: W's rows d0 .. as depth lines of its columns col0 ..; dx: W's
-  // rows col0 .. as lines, along the depth (its columns). (Its lane mapping
-  // rescales stages; the tensor copies bring them.)
-  using BCopier =
-      std::conditional_t<kTransposed, wg::SwizzledCopier<D, kDepth, false>,
-                         wg::SwizzledCopier<D, kDepth, true, wg::ForwardLineRowBytes(kRunStrips)>>;
-  const BCopier b_copier(w, g.cols, tile.col0, p.out_cols());
+  // rows col0 .. as lines, along the depth (its columns). (The tensor
+  // copies bring the stages; these places rescale them.)
+  using BLanes = std::conditional_t<kTransposed, wg::SwizzledLanes<D, kDepth, false>,
+                                    wg::SwizzledLanes<D, kDepth, true, wg::ForwardLineRowBytes(kRunStrips)>>;
+  const BLanes b_lanes;
   const auto issue_segment = [&](D* a_stage, D* b_stage, uint32_t entry, int sub, uint64_t* arrival) {
     const int64_t segment = pl::SegmentOf(entry);
     const int64_t d0 = segment * p.depth_block() + int64_t{sub} * kDepth;
@@ -606,17 +605,17 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
         if (((boxes >> j) & 1u) == 0) continue;
         const int64_t column = tile.col0 + j * kBoxColumns;
         if constexpr (kTransposed) {
-          ptx::TensorCopy2D(b_stage + BCopier::Layout::LogicalOffset(j * kBoxColumns, 0), &b_map, int32_t(d0),
+          ptx::TensorCopy2D(b_stage + BLanes::Layout::LogicalOffset(j * kBoxColumns, 0), &b_map, int32_t(d0),
                             int32_t(column), arrival);
         } else {
-          ptx::TensorCopy2D(b_stage + BCopier::Layout::LogicalOffset(0, j * kBoxColumns / wg::kChunkElements), &b_map,
+          ptx::TensorCopy2D(b_stage + BLanes::Layout::LogicalOffset(0, j * kBoxColumns / wg::kChunkElements), &b_map,
                             int32_t(column), int32_t(d0), arrival);
         }
       }
     }
   };
   const auto scale_stage = [&](D* b_stage, uint32_t entry) {
-    wg::RescaleStage(b_copier, b_stage, entry, [&](int strip) {
+    wg::RescaleStage(b_lanes, b_stage, entry, [&](int strip) {
       return p.factor(int64_t{pl::SegmentOf(entry)}, min(tile.col0 + strip * pl::kStrip, p.out_cols() - 1) / p.out_block());
     });
   };
@@ -629,7 +628,7 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
   const bool partly_live = __syncthreads_or(partly) != 0;
   if (taken != wg::Tiles::kAll && partly_live == (taken == wg::Tiles::kWhole)) return;  // the other launch's
   float acc[2][64] = {};
-  wg::RunListedSegments<D, kDepth, kRunStrips, typename BCopier::Layout, true, true>(
+  wg::RunListedSegments<D, kDepth, kRunStrips, typename BLanes::Layout, true, true>(
       list, tile.count, min(p.depth_block(), p.depth()), 3u, issue_segment, scale_stage, acc);
   wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) { tile.Store(r, c, v0, v1, partials, out); });
 #endif
@@ -771,7 +770,7 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
   strips.half[0] = ptx::WarpUniform(strips.half[0]);
   strips.half[1] = ptx::WarpUniform(strips.half[1]);
   // x's and dy's rows m0 .. as depth lines, along dW's rows and columns.
-  using Copier = wg::SwizzledCopier<D, kDepth, true>;
+  using Copier = wg::SwizzledCopier<D, kDepth>;
   const Copier x_copier(x, g.rows, tile.row0, g.rows);
   const Copier dy_copier(dy, g.cols, tile.col0, g.cols);
   const unsigned x_copies = x_copier.CopiesIn(row_strips);

@@ -142,17 +142,13 @@ __host__ __device__ constexpr uint64_t DescriptorUnits(int elements) {
   return uint64_t(elements) * sizeof(D) / 16;
 }
 
-// Copies operand tiles (SwizzledLayout's lines by chunks of D) from a
-// row-major global matrix into that layout, stage after stage. The depth
-// runs along the lines (kDepthLines: the forward's W, dW's x and dy, whose
-// rows are the depth) or along the chunks (the forward's and dx's A; dx's
-// W, whose columns are the depth); the tile's place in the other dimension
-// is fixed. Thread t copies chunk t % kChunks of lines t / kChunks + i
-// kLinesPerPass, so that a quarter warp reads 128 contiguous bytes of one
-// line or of consecutive ones and writes them to one 128-byte line of
-// shared memory.
+// The threads' places in a stage of SwizzledLayout (lines by chunks of D),
+// for copies into it and rewrites of it: thread t holds chunk t % kChunks
+// of lines t / kChunks + i kLinesPerPass (copy i), so that a quarter warp's
+// 128 bytes are contiguous along one line or consecutive ones in global
+// memory and land in one 128-byte line of shared memory.
 template <typename D, int kDepth, bool kDepthLines, int kLineRowBytes = 128>
-class SwizzledCopier {
+class SwizzledLanes {
  public:
   using Layout = SwizzledLayout<kDepth, kDepthLines, kLineRowBytes>;
   static constexpr int kPerChunk = kChunkElements;
@@ -163,24 +159,7 @@ class SwizzledCopier {
   static constexpr int kCopyStride = kLinesPerPass * Layout::kRowElements;
   static_assert(kLinesPerPass % 8 == 0, "every copy of a thread has the same permutation");
 
-  // src: the matrix, ld its leading dimension; fixed0 and fixed_end: the
-  // tile's first row or column across the depth and the matrix's extent
-  // there.
-  __device__ SwizzledCopier(const D* src, int64_t ld, int64_t fixed0, int64_t fixed_end)
-      : matrix_(src),
-        ld_(ld),
-        chunk_(ThreadChunk()),
-        line0_(ThreadLine()) {
-    if constexpr (kDepthLines) {
-      base_ = src + fixed0 + chunk_ * kPerChunk + Line(0) * ld;
-      fixed_ok_ = fixed0 + chunk_ * kPerChunk < fixed_end ? kAllCopies : 0u;
-    } else {
-      base_ = src + (fixed0 + Line(0)) * ld + chunk_ * kPerChunk;
-      fixed_ok_ = 0;
-#pragma unroll
-      for (int i = 0; i < kCopies; ++i) fixed_ok_ |= (fixed0 + Line(i) < fixed_end ? 1u : 0u) << i;
-    }
-  }
+  __device__ SwizzledLanes() : chunk_(ThreadChunk()), line0_(ThreadLine()) {}
 
   // This thread's chunk, and its first line (copy i's is kLinesPerPass i
   // further), for gathers that follow the same lane mapping.
@@ -189,32 +168,6 @@ class SwizzledCopier {
   __device__ int Line(int i) const { return line0_ + i * kLinesPerPass; }
   // The tile's strip (16 rows or columns across the depth) holding copy i.
   __device__ int Strip(int i) const { return (kDepthLines ? chunk_ * kPerChunk : Line(i)) / pl::kStrip; }
-  // Bit i: copy i lies in a strip set in `strips`.
-  __device__ unsigned CopiesIn(unsigned strips) const {
-    unsigned copies = 0;
-#pragma unroll
-    for (int i = 0; i < kCopies; ++i) copies |= ((strips >> Strip(i)) & 1u) << i;
-    return copies;
-  }
-  static constexpr unsigned kAllCopies = (1u << kCopies) - 1;
-
-  // Stages the tile whose depth starts at d0 into `stage`: copy i is read
-  // where bit i of `live` is set and it lies inside the matrix and before
-  // the depth's end d_end; the others are zero fills that read nothing.
-  __device__ void Issue(D* stage, int64_t d0, int64_t d_end, unsigned live) const {
-    const D* src = base_ + (kDepthLines ? d0 * ld_ : d0);
-    const int64_t step = int64_t{kLinesPerPass} * ld_;
-    D* dst = stage + Layout::Offset(Line(0), chunk_);
-    const int depth_left = static_cast<int>(max(int64_t{0}, min(d_end - d0, int64_t{kDepth})));
-    const unsigned readable = live & fixed_ok_;
-#pragma unroll
-    for (int i = 0; i < kCopies; ++i) {
-      const bool in_depth = (kDepthLines ? Line(i) : chunk_ * kPerChunk) < depth_left;
-      const bool read = ((readable >> i) & 1u) != 0 && in_depth;
-      ptx::CopyAsync16(dst + i * kCopyStride, read ? src : matrix_, read);
-      src += step;
-    }
-  }
 
   // rewrite(i, values) on the 8 D of this thread's chunk of copy i in
   // `stage`, in place, for each copy.
@@ -233,26 +186,76 @@ class SwizzledCopier {
     }
   }
 
+ protected:
+  int chunk_, line0_;
+};
+
+// Copies operand tiles whose lines run along the depth (SwizzledLayout with
+// kDepthLines: dW's x and dy, the conv's filters, whose rows are the
+// depth) from a row-major global matrix by cp.async, stage after stage, the
+// tile's columns fixed; in SwizzledLanes' places. (The K-major operands come
+// by tensor copies or, the conv's input, by its own gather.)
+template <typename D, int kDepth>
+class SwizzledCopier : public SwizzledLanes<D, kDepth, true> {
+  using Lanes = SwizzledLanes<D, kDepth, true>;
+
+ public:
+  using typename Lanes::Layout;
+  using Lanes::kCopies;
+  using Lanes::kLinesPerPass;
+  using Lanes::kPerChunk;
+
+  // src: the matrix, ld its leading dimension; fixed0 and fixed_end: the
+  // tile's first column and the matrix's columns.
+  __device__ SwizzledCopier(const D* src, int64_t ld, int64_t fixed0, int64_t fixed_end)
+      : matrix_(src),
+        base_(src + fixed0 + this->chunk_ * kPerChunk + this->Line(0) * ld),
+        ld_(ld),
+        fixed_ok_(fixed0 + this->chunk_ * kPerChunk < fixed_end) {}
+
+  // Bit i: copy i lies in a strip set in `strips`.
+  __device__ unsigned CopiesIn(unsigned strips) const {
+    unsigned copies = 0;
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) copies |= ((strips >> this->Strip(i)) & 1u) << i;
+    return copies;
+  }
+
+  // Stages the tile whose depth starts at d0 into `stage`: copy i is read
+  // where bit i of `live` is set and it lies inside the matrix and before
+  // the depth's end d_end; the others are zero fills that read nothing.
+  __device__ void Issue(D* stage, int64_t d0, int64_t d_end, unsigned live) const {
+    const D* src = base_ + d0 * ld_;
+    const int64_t step = int64_t{kLinesPerPass} * ld_;
+    D* dst = stage + Layout::Offset(this->Line(0), this->chunk_);
+    const int depth_left = static_cast<int>(max(int64_t{0}, min(d_end - d0, int64_t{kDepth})));
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) {
+      const bool read = fixed_ok_ && ((live >> i) & 1u) != 0 && this->Line(i) < depth_left;
+      ptx::CopyAsync16(dst + i * Lanes::kCopyStride, read ? src : matrix_, read);
+      src += step;
+    }
+  }
+
  private:
   const D* matrix_;  // what a zero fill names: no byte of it is read
   const D* base_;    // chunk 0 at depth 0
   int64_t ld_;
-  int chunk_, line0_;
-  unsigned fixed_ok_;  // bit i: copy i lies inside the matrix in the fixed dimension
+  bool fixed_ok_;  // this thread's chunk lies inside the matrix's columns
 };
 
 // Rescales the staged B of an entry marked scaled (pl::ScaledOf): every
-// thread rewrites its own chunks of B in live strips as Masked(value,
-// factor) rounded to D, factor_of(strip) giving a strip's factor (looked up
-// once per run of copies in one strip: an N-major B's copies of a thread
-// all lie in one). Every thread, after a barrier; the caller fences and
-// synchronizes after.
-template <typename D, typename Copier, typename FactorOf>
-__device__ inline void RescaleStage(const Copier& copier, D* b_stage, uint32_t entry, const FactorOf& factor_of) {
+// thread rewrites its own chunks of B (in the places `lanes` gives, a
+// SwizzledLanes) in live strips as Masked(value, factor) rounded to D,
+// factor_of(strip) giving a strip's factor (looked up once per run of
+// copies in one strip: an N-major B's copies of a thread all lie in one).
+// Every thread, after a barrier; the caller fences and synchronizes after.
+template <typename D, typename Lanes, typename FactorOf>
+__device__ inline void RescaleStage(const Lanes& lanes, D* b_stage, uint32_t entry, const FactorOf& factor_of) {
   int factor_strip = -1;
   float factor = 0.0f;
-  copier.RewriteChunks(b_stage, [&](int i, D(&values)[Copier::kPerChunk]) {
-    const int strip = copier.Strip(i);
+  lanes.RewriteChunks(b_stage, [&](int i, D(&values)[Lanes::kPerChunk]) {
+    const int strip = lanes.Strip(i);
     if (((pl::StripsOf(entry) >> strip) & 1u) == 0) return;  // zero fills, never multiplied
     if (strip != factor_strip) {
       factor_strip = strip;
