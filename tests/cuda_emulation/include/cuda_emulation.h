@@ -40,9 +40,9 @@
 // early, or overwriting a buffer other threads still read, shows in results.
 // Tensor copies (cp.async.bulk.tensor, the TMA) are queued on their
 // mbarrier, their destination 0xff bytes until a thread waits on that
-// mbarrier; the wait lands them and then requires the phase waited for to
-// have completed (every expected arrival made, every expected byte landed),
-// or reports it, since on a GPU it would hang.
+// mbarrier; the wait lands them, and a thread whose phase has not completed
+// (an expected arrival or byte missing) spins while the others run; spinning
+// with no thread making progress is reported, since on a GPU it would hang.
 //
 // Not emulated: shuffles, votes, __syncwarp, atomics, the memory model, and
 // anything about timing; not detected: reads of shared memory no thread
