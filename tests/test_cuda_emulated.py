@@ -320,20 +320,20 @@ def test_tensor_copies_land_swizzled_when_waited_for(emulator):
     """A tensor copy's box lands at the wait on its mbarrier (before it, NaN),
     rows of 32 bytes whose 16-byte chunks swap where bit 7 of the shared-window
     address is set (the 32-byte swizzle; dynamic shared memory starts at 1152
-    there), elements past the array's 12 x 10 zeros."""
+    there), elements past the array's 16 x 10 zeros."""
     rng = np.random.default_rng(5)
     data = rng.standard_normal(1024).astype(np.float32)
     status, out, diagnostics = self_test(emulator, 19, data)
     assert status == 0 and not diagnostics
     assert np.isnan(out[256:320]).all()
-    source = data[:80].view(np.uint16).reshape(10, 16)[:, :12]  # rows 32 bytes apart, 12 elements each
+    source = data[:80].view(np.uint16).reshape(10, 16)
     expected = np.zeros(128, np.uint16)
     for r in range(8):
         for c in range(16):
             address = 1152 + r * 32 + c * 2
             swizzled = address ^ (((address >> 7) & 1) << 4)
             row, column = 5 + r, 4 + c
-            expected[(swizzled - 1152) // 2] = source[row, column] if row < 10 and column < 12 else 0
+            expected[(swizzled - 1152) // 2] = source[row, column] if row < 10 and column < 16 else 0
     np.testing.assert_array_equal(out[320:384].view(np.uint16), expected)
 
 

@@ -55,15 +55,14 @@ struct EmulatedLaunch {
   // CudaLaunch::EncodeTensorMap's checks of the driver's (and false where
   // it would refuse), then the map.
   bool EncodeTensorMap(cuda_emulation::TensorMap* map, const void* base, int64_t inner, int64_t outer,
-                       int64_t row_bytes, int box_inner, int box_outer, int swizzle_bytes) const {
-    const bool valid = reinterpret_cast<uintptr_t>(base) % 16 == 0 && row_bytes % 16 == 0 && inner >= 1 &&
-                       outer >= 1 && row_bytes >= inner * 2 && box_inner >= 1 && box_inner <= 256 &&
-                       box_outer >= 1 && box_outer <= 256 && box_inner * 2 % 16 == 0 &&
-                       (swizzle_bytes == 32 || swizzle_bytes == 64 || swizzle_bytes == 128) &&
-                       box_inner * 2 <= swizzle_bytes;
+                       int box_inner, int box_outer) const {
+    constexpr int64_t kCoordinates = int64_t{1} << 31;
+    const bool valid = reinterpret_cast<uintptr_t>(base) % 16 == 0 && inner % 8 == 0 && inner >= 1 &&
+                       inner < kCoordinates && outer >= 1 && outer < kCoordinates &&
+                       (box_inner == 16 || box_inner == 32 || box_inner == 64) && box_outer >= 1 && box_outer <= 256;
     if (!valid) return false;
-    *map = cuda_emulation::TensorMap{static_cast<const unsigned char*>(base), inner, outer, row_bytes, box_inner,
-                                     box_outer, swizzle_bytes};
+    *map = cuda_emulation::TensorMap{static_cast<const unsigned char*>(base), inner, outer, inner * 2, box_inner,
+                                     box_outer, box_inner * 2};
     return true;
   }
 };

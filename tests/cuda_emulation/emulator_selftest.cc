@@ -235,7 +235,7 @@ extern "C" {
 //            with / without waiting for the copies;
 //   17 / 18: data[768:1024] = A B + C as in 8..13 with ldmatrix and mma.sync
 //            (__nv_bfloat16), B staged [k][n] / [n][k];
-//   19: data[0:80] as 10 rows of 12 16-bit elements, 32 bytes apart, by a
+//   19: data[0:80] as 10 rows of 16 16-bit elements, by a
 //       tensor copy (TensorCopyThroughShared) into data[256:320] (before
 //       the wait) and data[320:384] (after);
 //   20: a wait for an mbarrier phase that no thread arrives on.
@@ -303,7 +303,7 @@ int emu_self_test(int which, float* data, int64_t n) {
       break;
     case 19: {
       ptx::TensorMap map;
-      if (!launch.EncodeTensorMap(&map, d, 12, 10, 32, 16, 8, 32)) return cudaErrorInvalidValue;
+      if (!launch.EncodeTensorMap(&map, d, 16, 10, 16, 8)) return cudaErrorInvalidValue;
       launch.WithSharedMemory(256)(TensorCopyThroughShared, 1, 64, map, d + 256, d + 320);
       break;
     }

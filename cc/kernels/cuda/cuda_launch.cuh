@@ -43,14 +43,15 @@ struct CudaLaunch {
 
   int Status() const { return static_cast<int>(cudaGetLastError()); }
 
-  // A tensor map of a row-major array of 16-bit elements at `base` (16-byte
-  // aligned): `outer` rows of `inner` elements, `row_bytes` apart (a
-  // multiple of 16); boxes of box_inner x box_outer elements land in shared
-  // memory in the swizzle of swizzle_bytes (32, 64 or 128: box_inner * 2
-  // bytes), zeros outside the array. False where the driver refuses it (or
-  // has no cuTensorMapEncodeTiled: before CUDA 12).
-  bool EncodeTensorMap(CUtensorMap* map, const void* base, int64_t inner, int64_t outer, int64_t row_bytes,
-                       int box_inner, int box_outer, int swizzle_bytes) const {
+  // A tensor map of a contiguous row-major array of 16-bit elements at
+  // `base` (16-byte aligned): `outer` rows of `inner` elements (a multiple
+  // of 8); boxes of box_inner x box_outer elements land in shared memory in
+  // the swizzle whose row is a box's row (box_inner 16, 32 or 64: the 32-,
+  // 64- or 128-byte swizzle), zeros outside the array. False where a tensor
+  // copy's 32-bit coordinates cannot reach the whole array, or the driver
+  // refuses the map (or has no cuTensorMapEncodeTiled: before CUDA 12).
+  bool EncodeTensorMap(CUtensorMap* map, const void* base, int64_t inner, int64_t outer, int box_inner,
+                       int box_outer) const {
     static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
       void* function = nullptr;
       cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
@@ -60,14 +61,15 @@ struct CudaLaunch {
                  ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function)
                  : nullptr;
     }();
-    if (encode == nullptr) return false;
+    constexpr int64_t kCoordinates = int64_t{1} << 31;
+    if (encode == nullptr || inner >= kCoordinates || outer >= kCoordinates) return false;
     const cuuint64_t dims[2] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(outer)};
-    const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_bytes)};
+    const cuuint64_t strides[1] = {static_cast<cuuint64_t>(inner * 2)};
     const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_inner), static_cast<cuuint32_t>(box_outer)};
     const cuuint32_t element_strides[2] = {1, 1};
-    const CUtensorMapSwizzle swizzle = swizzle_bytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
-                                       : swizzle_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
-                                                             : CU_TENSOR_MAP_SWIZZLE_32B;
+    const CUtensorMapSwizzle swizzle = box_inner == 64   ? CU_TENSOR_MAP_SWIZZLE_128B
+                                       : box_inner == 32 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                         : CU_TENSOR_MAP_SWIZZLE_32B;
     return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, const_cast<void*>(base), dims, strides, box,
                   element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;

@@ -181,7 +181,7 @@ namespace {
 
 // The forward product and dx of 16-bit types take the warpgroup tile where
 // it is chosen for them and the device runs it (and its tensor maps can be
-// made: the arrays' sizes within the 32-bit coordinates of a tensor copy),
+// made),
 // the rest the pipelined tile (same grid, lists and splits); so does dW
 // (RunGradWeight).
 template <typename D, bool kTransposed, int kDepth, typename Launch>
@@ -195,20 +195,14 @@ void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, in
     const int64_t out_cols = kTransposed ? dims.rows : dims.cols;
     const auto encode_w = [&](ptx::TensorMap* map, int run_strips) {
       const int box = wg::BoxColumns(kTransposed, run_strips);
-      const int64_t row_bytes = dims.cols * int64_t(sizeof(D));
-      return kTransposed ? launch.EncodeTensorMap(map, w, dims.cols, dims.rows, row_bytes, kDepth, box,
-                                                  kDepth * int(sizeof(D)))
-                         : launch.EncodeTensorMap(map, w, dims.cols, dims.rows, row_bytes, box, kDepth,
-                                                  box * int(sizeof(D)));
+      return kTransposed ? launch.EncodeTensorMap(map, w, dims.cols, dims.rows, kDepth, box)
+                         : launch.EncodeTensorMap(map, w, dims.cols, dims.rows, box, kDepth);
     };
-    constexpr int64_t kCoordinates = int64_t{1} << 31;
     ptx::TensorMap a_map{};
     ptx::TensorMap w_whole_map{};
     ptx::TensorMap w_runs_map{};
-    if (wg::UsesWarpgroupMma(kTransposed ? Product::kGradInput : Product::kForward) && m < kCoordinates &&
-        dims.rows < kCoordinates && dims.cols < kCoordinates &&
-        launch.EncodeTensorMap(&a_map, a, depth, m, depth * int64_t(sizeof(D)), kDepth, pl::kTileRows,
-                               kDepth * int(sizeof(D))) &&
+    if (wg::UsesWarpgroupMma(kTransposed ? Product::kGradInput : Product::kForward) &&
+        launch.EncodeTensorMap(&a_map, a, depth, m, kDepth, pl::kTileRows) &&
         encode_w(&w_whole_map, pl::kTileStrips) && encode_w(&w_runs_map, wg::RunStrips(block, out_cols))) {
       wg::WithRunStrips(block, out_cols, [&](auto run_strips, auto taken) {
         constexpr int kRunStrips = decltype(run_strips)::value;
@@ -312,15 +306,11 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
       if constexpr (wg::kHasWarpgroupPath<D>) {
         // x and dy as depth lines of 64 columns (two boxes per stage), for
         // the whole tiles' tensor copies.
-        constexpr int64_t kCoordinates = int64_t{1} << 31;
         ptx::TensorMap x_map{};
         ptx::TensorMap dy_map{};
-        if (wg::UsesWarpgroupMma(Product::kGradWeight) && shape.m < kCoordinates && shape.k < kCoordinates &&
-            shape.n < kCoordinates &&
-            launch.EncodeTensorMap(&x_map, x, shape.k, shape.m, shape.k * int64_t(sizeof(D)), wg::kHalfRows, kDepth,
-                                   wg::kHalfRows * int(sizeof(D))) &&
-            launch.EncodeTensorMap(&dy_map, dy, shape.n, shape.m, shape.n * int64_t(sizeof(D)), wg::kHalfRows, kDepth,
-                                   wg::kHalfRows * int(sizeof(D)))) {
+        if (wg::UsesWarpgroupMma(Product::kGradWeight) &&
+            launch.EncodeTensorMap(&x_map, x, shape.k, shape.m, wg::kHalfRows, kDepth) &&
+            launch.EncodeTensorMap(&dy_map, dy, shape.n, shape.m, wg::kHalfRows, kDepth)) {
           warpgroup = true;
           wg::WithRunStrips(dims.block_cols, dims.cols, [&](auto run_strips, auto taken) {
             launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
