@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from fuzz_references import _conv, _matmul
+from tensor_copy_model import PROBE_CASES, describe_misplacement, landed_box, probe_array
 
 try:
     import ml_dtypes
@@ -81,6 +82,7 @@ class Emulator:
         lib.emu_take_diagnostics.restype = i64
         lib.emu_stats.argtypes = [ctypes.POINTER(i64)]
         lib.emu_self_test.argtypes = [i, p, i64]
+        lib.emu_tensor_copy_probe.argtypes = [p, i64, i64, i, i, ctypes.c_int32, ctypes.c_int32, p, p]
         for name in ("float_to_half", "half_to_float", "float_to_bfloat16", "bfloat16_to_float", "float_to_tf32"):
             getattr(lib, f"emu_{name}").argtypes = [p, p, i64]
         self.lib = lib
@@ -335,6 +337,20 @@ def test_tensor_copies_land_swizzled_when_waited_for(emulator):
             row, column = 5 + r, 4 + c
             expected[(swizzled - 1152) // 2] = source[row, column] if row < 10 and column < 16 else 0
     np.testing.assert_array_equal(out[320:384].view(np.uint16), expected)
+
+
+@pytest.mark.parametrize("box_inner, box_outer, inner, outer", PROBE_CASES)
+def test_tensor_copy_probe_lands_as_modelled(emulator, box_inner, box_outer, inner, outer):
+    """The GPU harness's tensor-copy probe under the emulation lands what
+    tests/gpu expects of a GPU (tests/tensor_copy_model.py)."""
+    array = probe_array()
+    landed = np.zeros(box_inner * box_outer, np.uint16)
+    completed = np.zeros(1, np.int32)
+    status = emulator.lib.emu_tensor_copy_probe(array.ctypes.data, array.shape[1], array.shape[0], box_inner,
+                                                box_outer, inner, outer, landed.ctypes.data, completed.ctypes.data)
+    assert status == 0 and completed[0] == 1, emulator.diagnostics()
+    expected = landed_box(array, inner, outer, box_inner, box_outer)
+    assert np.array_equal(landed, expected), describe_misplacement(landed, expected, box_inner)
 
 
 def test_mbarrier_wait_that_never_completes_is_reported(emulator):

@@ -3,7 +3,8 @@
 // emulation reports what it promises to report, that WMMA computes the
 // product of its fragments in every layout, that ldmatrix and mma.sync
 // compose into a product as the PTX ISA lays out their fragments, and that
-// cp.async data lands only when waited for.
+// cp.async data lands only when waited for; and the tensor-copy probe of the
+// GPU harness (cc/bindings/tensor_copy_probe.cuh) under the emulation.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -12,6 +13,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cc/bindings/tensor_copy_probe.cuh"
 #include "cc/kernels/cuda/ptx_primitives.cuh"
 #include "tests/cuda_emulation/emulator.h"
 
@@ -314,6 +316,17 @@ int emu_self_test(int which, float* data, int64_t n) {
       return masked_ops::emulation::kUnknownType;
   }
   return arena.Finish(launch.Status());
+}
+
+// masked_ops_gpu_tensor_copy_probe of the GPU harness, on host arrays.
+int emu_tensor_copy_probe(const uint16_t* array, int64_t inner_size, int64_t outer_size, int box_inner,
+                          int box_outer, int32_t inner, int32_t outer, uint16_t* landed, int32_t* completed) {
+  Arena arena;
+  const int status = masked_ops::gpu::probe::RunTensorCopyProbe(
+      EmulatedLaunch{}, arena.In(array, inner_size * outer_size, "array"), inner_size, outer_size, box_inner,
+      box_outer, inner, outer, arena.InOut(landed, int64_t{box_inner} * box_outer, "landed"),
+      arena.InOut(completed, 1, "completed"));
+  return arena.Finish(status);
 }
 
 }  // extern "C"

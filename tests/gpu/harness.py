@@ -69,6 +69,11 @@ def load(path=None):
     if hasattr(library, "masked_ops_gpu_set_warpgroup_mma"):  # harnesses built before session 8 lack it
         library.masked_ops_gpu_set_warpgroup_mma.restype = ctypes.c_int
         library.masked_ops_gpu_set_warpgroup_mma.argtypes = [ctypes.c_int]
+    if hasattr(library, "masked_ops_gpu_tensor_copy_probe"):  # harnesses built before session 11 lack it
+        library.masked_ops_gpu_tensor_copy_probe.restype = ctypes.c_int
+        library.masked_ops_gpu_tensor_copy_probe.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 2
+                                                             + [ctypes.c_int] * 2 + [ctypes.c_int32] * 2
+                                                             + [ctypes.c_void_p] * 3)
     library.masked_ops_gpu_matmul.restype = ctypes.c_int
     library.masked_ops_gpu_matmul.argtypes = (
         [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p] + [ctypes.c_int64] * 5
@@ -126,6 +131,20 @@ class Harness:
         if not hasattr(self.library, "masked_ops_gpu_set_warpgroup_mma"):
             return False
         return self.library.masked_ops_gpu_set_warpgroup_mma(WARPGROUP_PRODUCTS[products]) == 1
+
+    def tensor_copy_probe(self, array, inner, outer, box_inner, box_outer):
+        """(status, completed, landed): one tensor copy of the box_outer x
+        box_inner box at element (row outer, column inner) of `array` (a 2-D
+        int16 CUDA tensor), as it lies in shared memory afterwards (see
+        cc/bindings/tensor_copy_probe.cuh); status is the harness's (0, -1
+        where the driver refused the tensor map, or a cudaError_t)."""
+        landed = self.torch.empty(box_inner * box_outer, dtype=self.torch.int16, device=array.device)
+        completed = self.torch.zeros(1, dtype=self.torch.int32, device=array.device)
+        status = self.library.masked_ops_gpu_tensor_copy_probe(
+            address(array), array.shape[1], array.shape[0], box_inner, box_outer, inner, outer, address(landed),
+            address(completed), self.torch.cuda.current_stream().cuda_stream)
+        self.torch.cuda.synchronize()
+        return status, int(completed.item()) == 1, landed.cpu().numpy().view("uint16")
 
     def uses_tensor_cores(self, product, dtype, shape, block_size, tensor_cores=True):
         """Whether run(product, ...) on dtype tensors of this shape takes the tensor-core kernels."""

@@ -250,17 +250,23 @@ __device__ inline void MbarrierArriveExpectTx(uint64_t* barrier, uint32_t bytes)
                : "memory");
 }
 
-// Waits until the phase of `barrier` with this parity (0 for its first
+// True once the phase of `barrier` with this parity (0 for its first
 // phase, 1 for the next, ...) has completed; the bytes landed in it are then
-// visible to this thread, and to wgmma after a FenceProxyAsync.
+// visible to this thread, and to wgmma after a FenceProxyAsync. The hardware
+// may suspend the thread for a while before it answers false.
+__device__ inline bool MbarrierTryWait(uint64_t* barrier, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(SharedAddress(barrier)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// Waits until MbarrierTryWait is true.
 __device__ inline void MbarrierWait(uint64_t* barrier, uint32_t parity) {
-  uint32_t done = 0;
-  while (done == 0) {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(SharedAddress(barrier)), "r"(parity)
-        : "memory");
+  while (!MbarrierTryWait(barrier, parity)) {
   }
 }
 
@@ -315,6 +321,9 @@ __device__ inline void MbarrierInit(uint64_t* barrier, uint32_t arrivals) {
 __device__ inline void FenceMbarrierInit() {}
 __device__ inline void MbarrierArriveExpectTx(uint64_t* barrier, uint32_t bytes) {
   cuda_emulation::Engine::Get().MbarrierArriveExpectTx(barrier, bytes);
+}
+__device__ inline bool MbarrierTryWait(uint64_t* barrier, uint32_t parity) {
+  return cuda_emulation::Engine::Get().MbarrierTryWait(barrier, parity);
 }
 __device__ inline void MbarrierWait(uint64_t* barrier, uint32_t parity) {
   cuda_emulation::Engine::Get().MbarrierWait(barrier, parity);

@@ -381,30 +381,31 @@ class Engine {
     ++stats_.tensor_copies;
     state->copies.push_back(PendingTensorCopy{static_cast<unsigned char*>(dst), map, inner, outer});
   }
-  // mbarrier.try_wait.parity in a loop until the phase of that parity has
-  // completed: lands the copies queued on the barrier and completes the
-  // phase under way if it can; if not, the thread spins (lets the others
-  // run, then tries again). RunBlock reports threads that spin with no
-  // thread making progress, which would hang on a GPU.
+  // mbarrier.try_wait.parity: lands the copies queued on the barrier and
+  // completes the phase under way if it can; true once the phase of that
+  // parity has completed (an unknown barrier, reported, counts as done).
+  bool MbarrierTryWait(const void* barrier, uint32_t parity) {
+    Mbarrier* state = MbarrierOf(barrier);
+    if (state == nullptr) return true;
+    for (const PendingTensorCopy& copy : state->copies) state->pending_bytes -= LandTensorCopy(copy);
+    state->copies.clear();
+    if (state->pending_bytes < 0) Report("mbarrier: more bytes landed than expected");
+    if (state->pending_arrivals == 0 && state->pending_bytes == 0) {
+      ++state->phase;
+      state->pending_arrivals = state->arrivals;
+    }
+    return state->phase % 2 != parity % 2;
+  }
+  // MbarrierTryWait in a loop: while it is false the thread spins (lets the
+  // others run, then tries again). RunBlock reports threads that spin with
+  // no thread making progress, which would hang on a GPU.
   void MbarrierWait(const void* barrier, uint32_t parity) {
     Fiber& fiber = fibers_[current_];
-    for (;;) {
-      Mbarrier* state = MbarrierOf(barrier);
-      if (state == nullptr) return;
-      for (const PendingTensorCopy& copy : state->copies) state->pending_bytes -= LandTensorCopy(copy);
-      state->copies.clear();
-      if (state->pending_bytes < 0) Report("mbarrier: more bytes landed than expected");
-      if (state->pending_arrivals == 0 && state->pending_bytes == 0) {
-        ++state->phase;
-        state->pending_arrivals = state->arrivals;
-      }
-      if (state->phase % 2 != parity % 2) {
-        fiber.spinning = false;
-        return;
-      }
+    while (!MbarrierTryWait(barrier, parity)) {
       fiber.spinning = true;
       swapcontext(&fiber.context, &scheduler_);
     }
+    fiber.spinning = false;
   }
 
   // cp.async.commit_group: the copies issued since the last commit form a group.
