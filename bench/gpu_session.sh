@@ -25,7 +25,7 @@
 # returns the end of the output. Notes on what each run showed:
 # bench/GPU_NOTES.md.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out="${OUT:-/tmp/masked_ops_gpu_session}"
 mkdir -p "$out"
 what="${1:-all}"
@@ -51,11 +51,18 @@ else
 fi
 
 if [[ "$what" == all || "$what" == tests ]]; then
-  # The warpgroup tests first and in a process of their own: a kernel that
-  # faults there would otherwise fail every test after it in the same CUDA
-  # context, and one that hangs costs a shorter limit.
-  echo "== tests/gpu -k warpgroup" > "$out/gpu-test.log"
-  timeout -s KILL 90 python3 -m pytest -q -p no:cacheprovider tests/gpu -k warpgroup >> "$out/gpu-test.log" 2>&1
+  # Single tensor copies first, then the warpgroup products, each in a
+  # process of their own: a kernel that faults would otherwise fail every
+  # test after it in the same CUDA context, and one that hangs costs a
+  # shorter limit. A probe failure says whether the products' failures are
+  # the tensor copies'.
+  echo "== tests/gpu/test_warpgroup_tensor_copies.py" > "$out/gpu-test.log"
+  timeout -s KILL 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_warpgroup_tensor_copies.py \
+    >> "$out/gpu-test.log" 2>&1
+  note "tensor-copy probe: rc $?, $(tail -1 "$out/gpu-test.log")"
+  echo "== tests/gpu -k 'warpgroup and not tensor_copies'" >> "$out/gpu-test.log"
+  timeout -s KILL 90 python3 -m pytest -q -p no:cacheprovider tests/gpu -k "warpgroup and not tensor_copies" \
+    >> "$out/gpu-test.log" 2>&1
   warpgroup_tests_rc=$?
   note "tests/gpu -k warpgroup: rc $warpgroup_tests_rc, $(tail -1 "$out/gpu-test.log")"
   echo "== tests/gpu -k 'not warpgroup'" >> "$out/gpu-test.log"

@@ -2,10 +2,11 @@
 their own: one box per launch through the harness's probe
 (cc/bindings/tensor_copy_probe.cuh), against the layout the CUDA emulation
 lands and the kernels' descriptors read (tests/tensor_copy_model.py; the same
-cases pass under the emulation in tests/test_cuda_emulated.py). Run before
-the warpgroup products (the module's name holds "warpgroup"), so that a
-failure here tells a tensor copy's fault from a product's. Skipped without a
-GPU of compute capability 9.0 or a harness with the probe."""
+cases pass under the emulation in tests/test_cuda_emulated.py), so that a
+failure here tells a tensor copy's fault from a product's;
+bench/gpu_session.sh runs it before the warpgroup products, in a process
+of its own. Skipped without a GPU of compute capability 9.0 or a harness
+with the probe."""
 
 import numpy as np
 import pytest
