@@ -5,23 +5,32 @@ emulation (tests/test_cuda_emulated.py) and on a GPU (tests/gpu)."""
 
 import numpy as np
 
-# (box_inner, box_outer, inner, outer) on PROBE_ARRAY_SHAPE: every swizzle (a
-# box row of 32, 64, 128 bytes), boxes of the kernels' heights (8 to 128
-# rows), inside the array and over its last column, last row and corner
-# (zeros there; the array's rows end where the swizzle moves chunks).
+# (box_inner, box_outer, inner, outer, offset) on an array of
+# PROBE_ARRAY_SHAPE starting `offset` elements past a 256-byte boundary:
+# every swizzle (a box row of 32, 64, 128 bytes) with every box height the
+# kernels ask for (8 to 128 rows), inside the array and over its last
+# column, last row and corner (zeros there; the array's rows end where the
+# swizzle moves chunks), and arrays only 16-byte aligned.
 PROBE_ARRAY_SHAPE = (150, 200)
-PROBE_CASES = [(box_inner, box_outer, inner, outer)
-               for box_inner in (16, 32, 64)
-               for box_outer in (8, 128)
-               for inner, outer in ((8, 3), (200 - box_inner // 2, 5), (24, 150 - box_outer * 3 // 4),
-                                    (200 - box_inner // 2, 150 - box_outer * 3 // 4))]
+PROBE_CASES = ([(box_inner, box_outer, inner, outer, 0)
+                for box_inner in (16, 32, 64)
+                for box_outer in (8, 128)
+                for inner, outer in ((8, 3), (200 - box_inner // 2, 5), (24, 150 - box_outer * 3 // 4),
+                                     (200 - box_inner // 2, 150 - box_outer * 3 // 4))]
+               + [(box_inner, box_outer, 8, 3, 0) for box_inner in (16, 32, 64) for box_outer in (16, 32, 64)]
+               + [(box_inner, 32, 200 - box_inner // 2, 150 - 24, 8) for box_inner in (16, 32, 64)])
 
 
-def probe_array():
+def probe_array(offset):
     """Distinct 16-bit values 1 .. (no 0: the zeros past the array's ends;
-    no 0xffff: the probe's mark of shared memory that no copy wrote)."""
+    no 0xffff: the probe's mark of shared memory that no copy wrote), as a
+    view `offset` elements into a 256-byte aligned buffer."""
     rows, cols = PROBE_ARRAY_SHAPE
-    return (np.arange(rows * cols) % 65521 + 1).astype(np.uint16).reshape(rows, cols)
+    buffer = np.empty(rows * cols + 128 + offset, np.uint16)
+    start = (-buffer.ctypes.data % 256) // 2 + offset
+    array = buffer[start:start + rows * cols].reshape(rows, cols)
+    array[...] = (np.arange(rows * cols) % 65521 + 1).reshape(rows, cols)
+    return array
 
 
 def landed_box(array, inner, outer, box_inner, box_outer):

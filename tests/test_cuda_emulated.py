@@ -82,6 +82,9 @@ class Emulator:
         lib.emu_take_diagnostics.restype = i64
         lib.emu_stats.argtypes = [ctypes.POINTER(i64)]
         lib.emu_self_test.argtypes = [i, p, i64]
+        lib.emu_set_tensor_maps_refused.argtypes = [i]
+        lib.emu_tensor_map_refusals.restype = i64
+        lib.emu_tensor_map_refusals.argtypes = []
         lib.emu_tensor_copy_probe.argtypes = [p, i64, i64, i, i, ctypes.c_int32, ctypes.c_int32, p, p]
         for name in ("float_to_half", "half_to_float", "float_to_bfloat16", "bfloat16_to_float", "float_to_tf32"):
             getattr(lib, f"emu_{name}").argtypes = [p, p, i64]
@@ -106,6 +109,7 @@ class Emulator:
         self.lib.emu_set_device_tensor_cores(1)
         self.lib.emu_set_warpgroup_mma(WARPGROUP_NONE)
         self.lib.emu_set_copy_line_check(0)
+        self.lib.emu_set_tensor_maps_refused(0)
         self.diagnostics()
 
     def checked(self, what, status):
@@ -339,11 +343,11 @@ def test_tensor_copies_land_swizzled_when_waited_for(emulator):
     np.testing.assert_array_equal(out[320:384].view(np.uint16), expected)
 
 
-@pytest.mark.parametrize("box_inner, box_outer, inner, outer", PROBE_CASES)
-def test_tensor_copy_probe_lands_as_modelled(emulator, box_inner, box_outer, inner, outer):
+@pytest.mark.parametrize("box_inner, box_outer, inner, outer, offset", PROBE_CASES)
+def test_tensor_copy_probe_lands_as_modelled(emulator, box_inner, box_outer, inner, outer, offset):
     """The GPU harness's tensor-copy probe under the emulation lands what
     tests/gpu expects of a GPU (tests/tensor_copy_model.py)."""
-    array = probe_array()
+    array = probe_array(offset)
     landed = np.zeros(box_inner * box_outer, np.uint16)
     completed = np.zeros(1, np.int32)
     status = emulator.lib.emu_tensor_copy_probe(array.ctypes.data, array.shape[1], array.shape[0], box_inner,
@@ -827,6 +831,20 @@ def test_warpgroup_forward_and_dx_stage_by_tensor_copies_only(emulator, product,
             stats = emulator.stats()
             assert stats["warpgroup_mma_columns"] > 0 and stats["tensor_copies"] > 0, stats
             assert stats["async_copies"] == 0, stats
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["maps-made", "maps-refused"])
+def test_warpgroup_launches_count_refused_tensor_maps(emulator, refused):
+    """A launch chosen for the warpgroup tile whose tensor maps the driver
+    refuses takes the pipelined tile (the reference's results, no wgmma) and
+    is counted, which tests/gpu asserts never happens; with the maps made,
+    none is counted."""
+    emulator.lib.emu_set_warpgroup_mma(WARPGROUP_ALL)
+    emulator.lib.emu_set_tensor_maps_refused(int(refused))
+    before = emulator.lib.emu_tensor_map_refusals()
+    run_matmul(emulator, (192, 256, 320), (32, 64), "bfloat16", True, "block", density=0.5)
+    assert emulator.lib.emu_tensor_map_refusals() - before == (3 if refused else 0)
+    assert (emulator.stats()["warpgroup_mmas"] == 0) == refused  # dW's, the last product run
 
 
 @pytest.mark.parametrize("block", [(16, 32), (32, 64), (32, 16)], ids=lambda b: f"b{b[0]}x{b[1]}")

@@ -335,4 +335,8 @@ int masked_ops_gpu_set_warpgroup_mma(int products) {
   return products != 0 && wg::DeviceRunsWarpgroupMma() ? 1 : 0;
 }
 
+// How many launches chosen for the warpgroup tile took the pipelined one
+// because a tensor map could not be made, since the library was loaded.
+int64_t masked_ops_gpu_tensor_map_refusals() { return masked_ops::gpu::warpgroup::TensorMapRefusals(); }
+
 }  // extern "C"

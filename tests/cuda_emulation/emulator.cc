@@ -17,6 +17,8 @@ namespace {
 bool device_has_tensor_cores = true;
 bool device_runs_warpgroup_mma = false;
 masked_ops::gpu::warpgroup::Products chosen_products = masked_ops::gpu::warpgroup::Products::kForward;
+bool tensor_maps_refused = false;
+int64_t tensor_map_refusals = 0;
 }  // namespace
 
 namespace masked_ops {
@@ -30,8 +32,13 @@ namespace warpgroup {
 bool DeviceRunsWarpgroupMma() { return device_runs_warpgroup_mma; }
 void SetProducts(Products products) { chosen_products = products; }
 Products ChosenProducts() { return chosen_products; }
+void CountTensorMapRefusal() { ++tensor_map_refusals; }
+int64_t TensorMapRefusals() { return tensor_map_refusals; }
 }  // namespace warpgroup
 }  // namespace gpu
+namespace emulation {
+bool TensorMapsRefused() { return tensor_maps_refused; }
+}  // namespace emulation
 }  // namespace masked_ops
 
 extern "C" {
@@ -44,6 +51,11 @@ void emu_set_warpgroup_mma(int products) {
   chosen_products = products == 2 ? masked_ops::gpu::warpgroup::Products::kAll
                                   : masked_ops::gpu::warpgroup::Products::kForward;
 }
+
+// on 1: EmulatedLaunch::EncodeTensorMap refuses every map, as a driver
+// might. emu_tensor_map_refusals: warpgroup::TensorMapRefusals().
+void emu_set_tensor_maps_refused(int on) { tensor_maps_refused = on != 0; }
+int64_t emu_tensor_map_refusals() { return masked_ops::gpu::warpgroup::TensorMapRefusals(); }
 
 // mode 0: a block's threads run in thread order between barriers; 1: reverse
 // order; 2: shuffled (by seed).

@@ -34,6 +34,10 @@ Param Implicit(const Arg& arg) {
   return arg;
 }
 
+// Whether a test has EmulatedLaunch refuse every tensor map
+// (emu_set_tensor_maps_refused).
+bool TensorMapsRefused();
+
 // The launch policy of the *_launch.cuh sequences under emulation: every
 // thread of every block runs kernel(params...) on its own copy of the
 // parameters, with shared_bytes of dynamic shared memory; the launch is
@@ -53,12 +57,12 @@ struct EmulatedLaunch {
   int Status() const { return static_cast<int>(cudaGetLastError()); }
 
   // CudaLaunch::EncodeTensorMap's checks of the driver's (and false where
-  // it would refuse), then the map.
+  // it would refuse, or where a test has every map refused), then the map.
   bool EncodeTensorMap(cuda_emulation::TensorMap* map, const void* base, int64_t inner, int64_t outer,
                        int box_inner, int box_outer) const {
     constexpr int64_t kCoordinates = int64_t{1} << 31;
-    const bool valid = reinterpret_cast<uintptr_t>(base) % 16 == 0 && inner % 8 == 0 && inner >= 1 &&
-                       inner < kCoordinates && outer >= 1 && outer < kCoordinates &&
+    const bool valid = !TensorMapsRefused() && reinterpret_cast<uintptr_t>(base) % 16 == 0 && inner % 8 == 0 &&
+                       inner >= 1 && inner < kCoordinates && outer >= 1 && outer < kCoordinates &&
                        (box_inner == 16 || box_inner == 32 || box_inner == 64) && box_outer >= 1 && box_outer <= 256;
     if (!valid) return false;
     *map = cuda_emulation::TensorMap{static_cast<const unsigned char*>(base), inner, outer, inner * 2, box_inner,

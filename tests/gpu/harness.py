@@ -69,7 +69,10 @@ def load(path=None):
     if hasattr(library, "masked_ops_gpu_set_warpgroup_mma"):  # harnesses built before session 8 lack it
         library.masked_ops_gpu_set_warpgroup_mma.restype = ctypes.c_int
         library.masked_ops_gpu_set_warpgroup_mma.argtypes = [ctypes.c_int]
-    if hasattr(library, "masked_ops_gpu_tensor_copy_probe"):  # harnesses built before session 11 lack it
+    if hasattr(library, "masked_ops_gpu_tensor_map_refusals"):  # harnesses built before session 11 lack it
+        library.masked_ops_gpu_tensor_map_refusals.restype = ctypes.c_int64
+        library.masked_ops_gpu_tensor_map_refusals.argtypes = []
+    if hasattr(library, "masked_ops_gpu_tensor_copy_probe"):
         library.masked_ops_gpu_tensor_copy_probe.restype = ctypes.c_int
         library.masked_ops_gpu_tensor_copy_probe.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 2
                                                              + [ctypes.c_int] * 2 + [ctypes.c_int32] * 2
@@ -131,6 +134,14 @@ class Harness:
         if not hasattr(self.library, "masked_ops_gpu_set_warpgroup_mma"):
             return False
         return self.library.masked_ops_gpu_set_warpgroup_mma(WARPGROUP_PRODUCTS[products]) == 1
+
+    def tensor_map_refusals(self):
+        """How many launches chosen for the warpgroup tile took the pipelined
+        one because a tensor map could not be made (0 for a harness older
+        than the count)."""
+        if not hasattr(self.library, "masked_ops_gpu_tensor_map_refusals"):
+            return 0
+        return self.library.masked_ops_gpu_tensor_map_refusals()
 
     def tensor_copy_probe(self, array, inner, outer, box_inner, box_outer):
         """(status, completed, landed): one tensor copy of the box_outer x

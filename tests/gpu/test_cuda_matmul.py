@@ -192,9 +192,13 @@ def pipelined_tile():
 @pytest.fixture
 def warpgroup():
     """The half types' three products on the warpgroup (wgmma) tile for the
-    test; skipped where the GPU or the build has none."""
+    test, which fails if a launch fell back to the pipelined tile for want of
+    a tensor map; skipped where the GPU or the build has none."""
     if not HARNESS.set_warpgroup_products("all"):
         pytest.skip("the warpgroup tile needs a compute capability 9.0 GPU and a build with sm_90a code")
+    refusals = HARNESS.tensor_map_refusals()
+    yield
+    assert HARNESS.tensor_map_refusals() == refusals, "the driver refused a tensor map: the pipelined tile ran"
 
 
 def run_product(product, a, b, mask, block_size, dtype):
@@ -277,7 +281,9 @@ def test_warpgroup_default_products_match_reference(shape, density):
     """The three products with the kernels' default choice of tile (on
     Hopper the forward product on the wgmma tile, dx and dW pipelined)."""
     HARNESS.set_warpgroup_products("forward")
+    refusals = HARNESS.tensor_map_refusals()
     check_products_on_rounded_inputs(shape, density, torch.bfloat16)
+    assert HARNESS.tensor_map_refusals() == refusals, "the driver refused a tensor map: the pipelined tile ran"
 
 
 def check_products_on_rounded_inputs(shape, density, dtype):

@@ -21,11 +21,16 @@ if not hasattr(HARNESS.library, "masked_ops_gpu_tensor_copy_probe"):
     pytest.skip("a harness built without the tensor-copy probe", allow_module_level=True)
 
 
-@pytest.mark.parametrize("box_inner, box_outer, inner, outer", PROBE_CASES)
-def test_warpgroup_tensor_copy_lands_as_modelled(box_inner, box_outer, inner, outer):
-    array = probe_array()
-    status, completed, landed = HARNESS.tensor_copy_probe(
-        torch.from_numpy(array.view(np.int16)).cuda(), inner, outer, box_inner, box_outer)
+@pytest.mark.parametrize("box_inner, box_outer, inner, outer, offset", PROBE_CASES)
+def test_warpgroup_tensor_copy_lands_as_modelled(box_inner, box_outer, inner, outer, offset):
+    array = probe_array(offset)
+    rows, cols = array.shape
+    # A CUDA allocation starts on 256 bytes; the array `offset` elements in.
+    buffer = torch.from_numpy(np.ascontiguousarray(array).view(np.int16).reshape(-1)).cuda()
+    padded = torch.zeros(rows * cols + offset, dtype=torch.int16, device="cuda")
+    padded[offset:] = buffer
+    status, completed, landed = HARNESS.tensor_copy_probe(padded[offset:].view(rows, cols), inner, outer, box_inner,
+                                                          box_outer)
     assert status == 0, f"the probe's status {status} (-1: the driver refused the tensor map)"
     assert completed, "the mbarrier phase armed with the whole box's bytes never completed"
     expected = landed_box(array, inner, outer, box_inner, box_outer)

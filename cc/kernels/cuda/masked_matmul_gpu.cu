@@ -48,10 +48,13 @@ bool DeviceSupportsTensorCores() { return ComputeCapability() >= 80; }
 namespace warpgroup {
 namespace {
 std::atomic<Products> chosen_products{Products::kForward};
+std::atomic<int64_t> tensor_map_refusals{0};
 }  // namespace
 
 void SetProducts(Products products) { chosen_products = products; }
 Products ChosenProducts() { return chosen_products; }
+void CountTensorMapRefusal() { ++tensor_map_refusals; }
+int64_t TensorMapRefusals() { return tensor_map_refusals; }
 
 bool DeviceRunsWarpgroupMma() {
 #if defined(MASKED_OPS_SM90A_CODE)

@@ -76,6 +76,12 @@ inline bool UsesWarpgroupMma(Product product) {
   return chosen_product && DeviceRunsWarpgroupMma();
 }
 inline bool ConvForwardUsesWarpgroupMma() { return ChosenProducts() == Products::kAll && DeviceRunsWarpgroupMma(); }
+// A launch for the warpgroup tile whose tensor maps cannot be made (the
+// driver refuses one, or an array lies past the tensor copies' 32-bit
+// coordinates) takes the pipelined tile instead, and is counted, so that
+// the GPU tests can tell that the warpgroup tile really ran.
+void CountTensorMapRefusal();
+int64_t TensorMapRefusals();
 }  // namespace warpgroup
 
 // Device bytes of `product`'s workspace for a T weight with a mask of

@@ -201,18 +201,21 @@ void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, in
     ptx::TensorMap a_map{};
     ptx::TensorMap w_whole_map{};
     ptx::TensorMap w_runs_map{};
-    if (wg::UsesWarpgroupMma(kTransposed ? Product::kGradInput : Product::kForward) &&
-        launch.EncodeTensorMap(&a_map, a, depth, m, kDepth, pl::kTileRows) &&
-        encode_w(&w_whole_map, pl::kTileStrips) && encode_w(&w_runs_map, wg::RunStrips(block, out_cols))) {
-      wg::WithRunStrips(block, out_cols, [&](auto run_strips, auto taken) {
-        constexpr int kRunStrips = decltype(run_strips)::value;
-        launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
-            WarpgroupProduct<D, kTransposed, kDepth, kRunStrips>, static_cast<unsigned>(blocks), wg::kThreads, a_map,
-            kRunStrips == pl::kTileStrips ? w_whole_map : w_runs_map, m, w, ws.factors, dims, ws.live,
-            reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits, splits > 1 ? ws.partials : nullptr, out,
-            decltype(taken)::value);
-      });
-      return;
+    // (No depth: nothing to copy, and no tensor map of an empty array.)
+    if (wg::UsesWarpgroupMma(kTransposed ? Product::kGradInput : Product::kForward) && depth > 0) {
+      if (launch.EncodeTensorMap(&a_map, a, depth, m, kDepth, pl::kTileRows) &&
+          encode_w(&w_whole_map, pl::kTileStrips) && encode_w(&w_runs_map, wg::RunStrips(block, out_cols))) {
+        wg::WithRunStrips(block, out_cols, [&](auto run_strips, auto taken) {
+          constexpr int kRunStrips = decltype(run_strips)::value;
+          launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
+              WarpgroupProduct<D, kTransposed, kDepth, kRunStrips>, static_cast<unsigned>(blocks), wg::kThreads,
+              a_map, kRunStrips == pl::kTileStrips ? w_whole_map : w_runs_map, m, w, ws.factors, dims, ws.live,
+              reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits, splits > 1 ? ws.partials : nullptr,
+              out, decltype(taken)::value);
+        });
+        return;
+      }
+      wg::CountTensorMapRefusal();
     }
   }
   launch.WithSharedMemory(pl::kSharedBytes<D, kDepth, true, kTransposed>)(
@@ -308,10 +311,12 @@ int RunGradWeight(const Launch& launch, const MatmulShape& shape, const T* x, co
         // the whole tiles' tensor copies.
         ptx::TensorMap x_map{};
         ptx::TensorMap dy_map{};
-        if (wg::UsesWarpgroupMma(Product::kGradWeight) &&
-            launch.EncodeTensorMap(&x_map, x, shape.k, shape.m, wg::kHalfRows, kDepth) &&
-            launch.EncodeTensorMap(&dy_map, dy, shape.n, shape.m, wg::kHalfRows, kDepth)) {
-          warpgroup = true;
+        if (wg::UsesWarpgroupMma(Product::kGradWeight) && shape.m > 0) {
+          warpgroup = launch.EncodeTensorMap(&x_map, x, shape.k, shape.m, wg::kHalfRows, kDepth) &&
+                      launch.EncodeTensorMap(&dy_map, dy, shape.n, shape.m, wg::kHalfRows, kDepth);
+          if (!warpgroup) wg::CountTensorMapRefusal();
+        }
+        if (warpgroup) {
           wg::WithRunStrips(dims.block_cols, dims.cols, [&](auto run_strips, auto taken) {
             launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
                 WarpgroupOuterProducts<D, kDepth, decltype(run_strips)::value,
