@@ -43,6 +43,7 @@ torch = None  # imported by main(), so that --summary runs without PyTorch
 HARNESS = None  # the harness under test, loaded by main()
 WARPGROUP = False  # whether the device runs the warpgroup (wgmma) tile: then timed too
 BASELINE_WARPGROUP = False  # whether the baseline harness has it too: then timed too
+TALL = False  # whether the matmul rows are timed on the warpgroup tile with tall tiles too (--tall)
 
 
 def precision(name):
@@ -79,26 +80,32 @@ def interleaved(functions, reps, warmup):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def with_warpgroup(fused, harness):
+def with_warpgroup(fused, harness, tall=False):
     """fused(harness) with every product that has a warpgroup (wgmma) kernel
-    on it for the call (the pipelined tile otherwise)."""
+    on it for the call (the pipelined tile otherwise), in tall tiles where
+    `tall`."""
     harness.set_warpgroup_products("all")
+    harness.set_warpgroup_tall_tiles(tall)
     try:
         fused(harness)
     finally:
         harness.set_warpgroup_products("none")
+        harness.set_warpgroup_tall_tiles(False)
 
 
-def timed_row(fused, dense, baseline, reps, warmup, warpgroup=False):
+def timed_row(fused, dense, baseline, reps, warmup, warpgroup=False, tall=False):
     """(medians, speedups) of fused(harness) against dense, against
     fused(baseline) where a baseline harness is given, and with the
     warpgroup tile on where `warpgroup` (speedup_warpgroup: over dense;
-    with a baseline that has the tile, its warpgroup time too)."""
+    with a baseline that has the tile, its warpgroup time too; where `tall`
+    also in tall tiles, speedup_warpgroup_tall)."""
     functions = {"fused": lambda: fused(HARNESS), "dense": dense}
     if baseline is not None:
         functions["baseline"] = lambda: fused(baseline)
     if warpgroup:
         functions["warpgroup"] = lambda: with_warpgroup(fused, HARNESS)
+        if tall:
+            functions["warpgroup_tall"] = lambda: with_warpgroup(fused, HARNESS, tall=True)
         if baseline is not None and BASELINE_WARPGROUP:
             functions["baseline_warpgroup"] = lambda: with_warpgroup(fused, baseline)
     medians = interleaved(functions, reps, warmup)
@@ -107,6 +114,8 @@ def timed_row(fused, dense, baseline, reps, warmup, warpgroup=False):
         speedups["over_baseline"] = medians["baseline"] / medians["fused"]
     if warpgroup:
         speedups["speedup_warpgroup"] = medians["dense"] / medians["warpgroup"]
+        if "warpgroup_tall" in medians:
+            speedups["speedup_warpgroup_tall"] = medians["dense"] / medians["warpgroup_tall"]
         if "baseline_warpgroup" in medians:
             speedups["warpgroup_over_baseline"] = medians["baseline_warpgroup"] / medians["warpgroup"]
     return medians, speedups
@@ -156,7 +165,7 @@ def case(shape, block, density, precision_name, mode, reps, warmup, baseline=Non
             torch.mul(torch.matmul(x.T, dy), element, out=dw)
 
     medians, speedups = timed_row(fused, dense, baseline, reps, warmup,
-                                  warpgroup=WARPGROUP and dtype in (torch.float16, torch.bfloat16))
+                                  warpgroup=WARPGROUP and dtype in (torch.float16, torch.bfloat16), tall=TALL)
     kernels = {product: kernel_family(
         HARNESS.uses_pipeline(product, dtype, shape, (block, block), "block", tensor_cores),
         HARNESS.uses_tensor_cores(product, dtype, shape, (block, block), tensor_cores)) for product in products_of(mode)}
@@ -223,6 +232,8 @@ def warpgroup_cells(row):
     if "warpgroup" not in row["median_ms"]:
         return " | | "
     cells = f" | {row['median_ms']['warpgroup']:.3f} | {row['speedup_warpgroup']:.2f}x"
+    if "warpgroup_tall" in row["median_ms"]:
+        cells += f" | {row['median_ms']['warpgroup_tall']:.3f} | {row['speedup_warpgroup_tall']:.2f}x"
     if "baseline_warpgroup" in row["median_ms"]:
         cells += f" | {row['median_ms']['baseline_warpgroup']:.3f} | {row['warpgroup_over_baseline']:.2f}x"
     return cells
@@ -253,10 +264,11 @@ def summary(path):
     for (name, block, mode), by_density in table.items():
         cells = " | ".join(f"{by_density[d]['speedup']:.2f}x" if d in by_density else "" for d in densities)
         print(f"| {name} | {block} | {mode} | {cells} |")
-        if any("speedup_warpgroup" in row for row in by_density.values()):
-            cells = " | ".join(f"{by_density[d]['speedup_warpgroup']:.2f}x" if "speedup_warpgroup" in
-                               by_density.get(d, {}) else "" for d in densities)
-            print(f"| {name}, wgmma | {block} | {mode} | {cells} |")
+        for label, key in ((f"{name}, wgmma", "speedup_warpgroup"), (f"{name}, wgmma tall", "speedup_warpgroup_tall")):
+            if any(key in row for row in by_density.values()):
+                cells = " | ".join(f"{by_density[d][key]:.2f}x" if key in by_density.get(d, {}) else ""
+                                   for d in densities)
+                print(f"| {label} | {block} | {mode} | {cells} |")
     kernels_line(results["rows"])
     if results.get("conv_rows"):
         print(f"\nconv 3x3 256 -> 256 on [8, 56, 56], speedup over cuDNN on f * m ({results['device']}; target 0.6/(d a))\n")
@@ -291,6 +303,8 @@ def main():
                         help="also time this harness library (an earlier build) interleaved with the current one")
     parser.add_argument("--no-warpgroup", action="store_true",
                         help="skip the warpgroup (wgmma) forward timings a Hopper GPU otherwise adds")
+    parser.add_argument("--tall", action="store_true",
+                        help="also time the matmul rows' warpgroup products in tall tiles (256 x 128)")
     parser.add_argument("--json")
     parser.add_argument("--summary", metavar="JSON", help="print the README's tables from a results file and exit")
     args = parser.parse_args()
@@ -300,12 +314,13 @@ def main():
     if args.summary:
         summary(args.summary)
         return
-    global torch, HARNESS, WARPGROUP, BASELINE_WARPGROUP
+    global torch, HARNESS, WARPGROUP, BASELINE_WARPGROUP, TALL
     import torch
     HARNESS = Harness(torch)
     # "fused" is the pipelined tile; "wgmma" every product that has one on the warpgroup tile.
     WARPGROUP = HARNESS.set_warpgroup_products("all") and not args.no_warpgroup
     HARNESS.set_warpgroup_products("none")
+    TALL = WARPGROUP and args.tall and HARNESS.set_warpgroup_tall_tiles(False)
     baseline = Harness(torch, args.baseline_harness) if args.baseline_harness else None
     BASELINE_WARPGROUP = WARPGROUP and baseline is not None and baseline.set_warpgroup_products("all")
     if baseline is not None:
@@ -321,11 +336,15 @@ def main():
                                                            "rows": rows, "conv_rows": conv_rows}, indent=2) + "\n")
 
     versus = " | baseline ms | over baseline" if baseline else ""
-    wgmma = (" | wgmma ms | wgmma speedup" if WARPGROUP else "") + (
-        " | baseline wgmma ms | wgmma over baseline" if BASELINE_WARPGROUP else "")
-    print(f"| precision | block | density | mode | fused ms | cuBLAS ms | speedup | target{versus}{wgmma} |  # {device}")
+    # Tall tiles are the matmul's alone: the conv table has no such columns.
+    own = " | wgmma ms | wgmma speedup" if WARPGROUP else ""
+    tall = " | wgmma tall ms | wgmma tall speedup" if TALL else ""
+    of_baseline = " | baseline wgmma ms | wgmma over baseline" if BASELINE_WARPGROUP else ""
+    wgmma = own + of_baseline
+    print(f"| precision | block | density | mode | fused ms | cuBLAS ms | speedup "
+          f"| target{versus}{own}{tall}{of_baseline} |  # {device}")
     timed_pairs = bool(baseline) + WARPGROUP + bool(BASELINE_WARPGROUP)
-    print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * timed_pairs)
+    print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * (timed_pairs + TALL))
     for precision in args.precisions.split(","):
         for block in args.blocks.split(","):
             for density in args.densities.split(","):

@@ -7,7 +7,7 @@
 #
 #   bash bench/gpu_session.sh            # all of it (about 2 minutes on an H100)
 #   bash bench/gpu_session.sh tests      # build + tests/gpu + compute-sanitizer
-#   bash bench/gpu_session.sh bench      # build + bench/gpu.py (a small batch, dx and dW apart)
+#   bash bench/gpu_session.sh bench      # build + bench/gpu.py (a small batch, dx and dW apart, tall tiles)
 #   bash bench/gpu_session.sh profile    # build + ncu on the bf16 block-32 forward, d=1, 0.5 and 0.1, both tiles
 #   bash bench/gpu_session.sh ab         # build + the current harness against each baseline
 #
@@ -79,6 +79,7 @@ if [[ "$what" == all || "$what" == tests ]]; then
     or (test_warpgroup_products_match_reference and 300x200x136 and 0.3 and bfloat16)
     or (test_warpgroup_products_match_reference and 8x4160x16 and 0.3 and torch.float16)
     or (test_warpgroup_conv_forward_matches_reference and b16x64 and output-mask and bfloat16)
+    or (test_warpgroup_tall_tiles_match_reference and 300x256x512 and 0.1)
     or test_types_match_the_product_and_sum or test_adam_step'
   for tool in memcheck racecheck synccheck; do
     {
@@ -112,6 +113,12 @@ if [[ "$what" == all || "$what" == bench ]]; then
   timeout -s KILL 60 python3 bench/gpu.py --precisions bf16 --densities 1,0.5,0.1 --modes grad_input,grad_weight \
     >> "$out/bench.log" 2>&1
   note "bench/gpu.py dx and dW apart: rc $?"
+  # The forward product and dx in tall tiles (256 x 128) beside the
+  # warpgroup tile's 128 x 128 (bench/GPU_NOTES.md, session 11).
+  echo "== tall tiles" >> "$out/bench.log"
+  timeout -s KILL 60 python3 bench/gpu.py --precisions bf16 --blocks 32,64 --densities 1,0.5,0.1 \
+    --modes forward,grad_input --tall ${skip_warpgroup[@]+"${skip_warpgroup[@]}"} >> "$out/bench.log" 2>&1
+  note "bench/gpu.py tall tiles: rc $?"
   python3 bench/gpu.py --summary "$out/gpu.json" 2>&1 | tail -40
 fi
 

@@ -78,6 +78,7 @@ class Emulator:
         lib.emu_set_copy_line_check.argtypes = [i]
         lib.emu_set_device_tensor_cores.argtypes = [i]
         lib.emu_set_warpgroup_mma.argtypes = [i]
+        lib.emu_set_warpgroup_tall_tiles.argtypes = [i]
         lib.emu_take_diagnostics.argtypes = [ctypes.c_char_p, i64]
         lib.emu_take_diagnostics.restype = i64
         lib.emu_stats.argtypes = [ctypes.POINTER(i64)]
@@ -110,6 +111,7 @@ class Emulator:
         self.lib.emu_set_warpgroup_mma(WARPGROUP_NONE)
         self.lib.emu_set_copy_line_check(0)
         self.lib.emu_set_tensor_maps_refused(0)
+        self.lib.emu_set_warpgroup_tall_tiles(0)
         self.diagnostics()
 
     def checked(self, what, status):
@@ -717,11 +719,12 @@ def test_pipelined_forward_split_over_its_list(emulator, density):
 
 # -- the warpgroup (wgmma) forward product ---------------------------------------------------------------
 
-def warpgroup_columns(m, depth, out_cols, block, live):
+def warpgroup_columns(m, depth, out_cols, block, live, tall=False):
     """The columns the warpgroup products' wgmma products span (summed per
     warpgroup), restated from a block mask whose block (i, j) is live where
     live[i, j], block (i, j) covering depth i and output columns j (the
-    forward product: W's mask; dx: its transpose): for every 128-row tile,
+    forward product: W's mask; dx: its transpose): for every 128-row tile
+    (with tall tiles, two per 256 rows, the last one's second too),
     128-column tile and segment (block row of live) with a live block in the
     tile, every 16 of the segment's depth in stages (32, or 16 for blocks not
     on 32s along the depth), both 64-row halves multiply each run of the
@@ -730,6 +733,7 @@ def warpgroup_columns(m, depth, out_cols, block, live):
     rows, cols = min(block[0], depth), min(block[1], out_cols)
     run = 8 if cols >= out_cols else max(p for p in (1, 2, 4, 8) if cols % (16 * p) == 0)
     stage = 32 if rows % 32 == 0 or rows >= depth else 16
+    row_groups = 2 * math.ceil(m / 256) if takes_tall_tiles(m, stage, tall) else math.ceil(m / 128)
     steps = math.ceil(rows / stage) * stage // 16
     total = 0
     for col0 in range(0, out_cols, 128):
@@ -737,7 +741,14 @@ def warpgroup_columns(m, depth, out_cols, block, live):
             strips = [bool(live[segment, c // cols]) for c in range(col0, min(out_cols, col0 + 128), 16)]
             runs = sum(any(strips[r:r + run]) for r in range(0, len(strips), run))
             total += steps * 2 * runs * run * 16
-    return math.ceil(m / 128) * total
+    return row_groups * total
+
+
+def takes_tall_tiles(m, stage, tall):
+    """The launchers' rule for tall tiles (256 x 128) when they are switched
+    on: stages of 32, more than 128 rows and one split (every case here with
+    more than 128 rows has one)."""
+    return tall and stage == 32 and m > 128
 
 
 def oriented(product, k, n, block, live):
@@ -770,9 +781,50 @@ def test_warpgroup_products_multiply_live_blocks_only(emulator, shape_and_block,
     its own test). The emulation runs a product when a wait
     retires it, reading shared memory then, so a buffer refilled before every
     warp's products reading it were waited for shows in the results."""
+    check_warpgroup_products(emulator, shape_and_block, dtype, schedule, tall=False)
+
+
+TALL_CASES = WARPGROUP_CASES + [
+    (520, 64, 256, (32, 64)),    # two tall tiles and a third of 8 rows, two column tiles
+    (384, 96, 136, (96, 16)),    # one and a half tall tiles, runs of 1, a column tile 8 wide
+]
+
+
+@pytest.mark.parametrize("shape_and_block", TALL_CASES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-b{s[3][0]}x{s[3][1]}")
+@pytest.mark.parametrize("schedule", [0, 2], ids=["in-order", "shuffled"])
+def test_warpgroup_tall_tiles_multiply_live_blocks_only(emulator, shape_and_block, schedule):
+    """The same with tall tiles switched on: two warpgroups of a thread
+    block share each stage of W (one rescales it for both), each
+    multiplying its own 128 rows of the tile's 256 (rows past the output's
+    end: zeros, never stored), where a product takes them (stages of 32,
+    more than 128 rows); the grid then has half the row tiles."""
+    m = shape_and_block[0]
+    check_warpgroup_products(emulator, shape_and_block, "bfloat16", schedule, tall=True)
+    stage = 32 if shape_and_block[3][0] % 32 == 0 or shape_and_block[3][0] >= shape_and_block[1] else 16
+    if takes_tall_tiles(m, stage, True) and math.ceil(m / 128) > math.ceil(m / 256):
+        emulator.lib.emu_reset_stats()
+        emulator.lib.emu_set_warpgroup_tall_tiles(0)
+        mask, _, products = matmul_case(tuple(shape_and_block[:3]), shape_and_block[3], "bfloat16", "block",
+                                        density=0.5)
+        _, a, b, out_shape, _ = products[0]
+        emulator.matmul("forward", a, b, mask, "block", shape_and_block[3], tuple(shape_and_block[:3]),
+                        np.full(out_shape, np.nan, a.dtype), True)
+        blocks_short = emulator.stats()["blocks"]
+        emulator.lib.emu_reset_stats()
+        emulator.lib.emu_set_warpgroup_tall_tiles(1)
+        emulator.matmul("forward", a, b, mask, "block", shape_and_block[3], tuple(shape_and_block[:3]),
+                        np.full(out_shape, np.nan, a.dtype), True)
+        assert emulator.stats()["blocks"] < blocks_short, "the tall tiles' grid was not taken"
+
+
+def check_warpgroup_products(emulator, shape_and_block, dtype, schedule, tall):
+    """The forward product and dx of one case on the warpgroup tile (tall
+    tiles or not) against the reference and the restated wgmma columns,
+    then the three products as run_matmul checks them."""
     *shape, block = shape_and_block
     m, k, n = shape
     emulator.lib.emu_set_warpgroup_mma(WARPGROUP_ALL)
+    emulator.lib.emu_set_warpgroup_tall_tiles(int(tall))
     emulator.lib.emu_set_schedule(schedule, 99)
     mask, element, products = matmul_case(tuple(shape), block, dtype, "block", density=0.5)
     for product, a, b, out_shape, depth in products[:2]:
@@ -782,7 +834,8 @@ def test_warpgroup_products_multiply_live_blocks_only(emulator, shape_and_block,
                               True)
         stats = emulator.stats()
         assert stats["mma_syncs"] == 0, product
-        assert stats["warpgroup_mma_columns"] == warpgroup_columns(m, *oriented(product, k, n, block, mask != 0))
+        assert stats["warpgroup_mma_columns"] == warpgroup_columns(m, *oriented(product, k, n, block, mask != 0),
+                                                                   tall=tall)
         expected, bound, _ = _matmul(MATMUL_OPS[product], a.astype(np.float64), np.nan_to_num(b.astype(np.float64)),
                                      mask.astype(np.float64), {"block_rows": block[0], "block_cols": block[1]})
         check(out, expected, bound, depth, dtype, True, f"{product} {dtype}")

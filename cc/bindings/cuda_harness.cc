@@ -335,6 +335,10 @@ int masked_ops_gpu_set_warpgroup_mma(int products) {
   return products != 0 && wg::DeviceRunsWarpgroupMma() ? 1 : 0;
 }
 
+// on 1: the forward product and dx on the warpgroup tile take tall tiles
+// (256 x 128) where they apply (warpgroup::SetTallTiles; off by default).
+void masked_ops_gpu_set_warpgroup_tall_tiles(int on) { masked_ops::gpu::warpgroup::SetTallTiles(on != 0); }
+
 // How many launches chosen for the warpgroup tile took the pipelined one
 // because a tensor map could not be made, since the library was loaded.
 int64_t masked_ops_gpu_tensor_map_refusals() { return masked_ops::gpu::warpgroup::TensorMapRefusals(); }

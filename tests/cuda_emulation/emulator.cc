@@ -19,6 +19,7 @@ bool device_runs_warpgroup_mma = false;
 masked_ops::gpu::warpgroup::Products chosen_products = masked_ops::gpu::warpgroup::Products::kForward;
 bool tensor_maps_refused = false;
 int64_t tensor_map_refusals = 0;
+bool tall_tiles = false;
 }  // namespace
 
 namespace masked_ops {
@@ -34,6 +35,8 @@ void SetProducts(Products products) { chosen_products = products; }
 Products ChosenProducts() { return chosen_products; }
 void CountTensorMapRefusal() { ++tensor_map_refusals; }
 int64_t TensorMapRefusals() { return tensor_map_refusals; }
+void SetTallTiles(bool on) { tall_tiles = on; }
+bool TallTiles() { return tall_tiles; }
 }  // namespace warpgroup
 }  // namespace gpu
 namespace emulation {
@@ -51,6 +54,10 @@ void emu_set_warpgroup_mma(int products) {
   chosen_products = products == 2 ? masked_ops::gpu::warpgroup::Products::kAll
                                   : masked_ops::gpu::warpgroup::Products::kForward;
 }
+
+// on 1: the forward product and dx on the warpgroup tile take tall tiles
+// where they apply (warpgroup::SetTallTiles).
+void emu_set_warpgroup_tall_tiles(int on) { tall_tiles = on != 0; }
 
 // on 1: EmulatedLaunch::EncodeTensorMap refuses every map, as a driver
 // might. emu_tensor_map_refusals: warpgroup::TensorMapRefusals().

@@ -69,7 +69,10 @@ def load(path=None):
     if hasattr(library, "masked_ops_gpu_set_warpgroup_mma"):  # harnesses built before session 8 lack it
         library.masked_ops_gpu_set_warpgroup_mma.restype = ctypes.c_int
         library.masked_ops_gpu_set_warpgroup_mma.argtypes = [ctypes.c_int]
-    if hasattr(library, "masked_ops_gpu_tensor_map_refusals"):  # harnesses built before session 11 lack it
+    if hasattr(library, "masked_ops_gpu_set_warpgroup_tall_tiles"):  # harnesses built before session 11 lack it
+        library.masked_ops_gpu_set_warpgroup_tall_tiles.restype = None
+        library.masked_ops_gpu_set_warpgroup_tall_tiles.argtypes = [ctypes.c_int]
+    if hasattr(library, "masked_ops_gpu_tensor_map_refusals"):
         library.masked_ops_gpu_tensor_map_refusals.restype = ctypes.c_int64
         library.masked_ops_gpu_tensor_map_refusals.argtypes = []
     if hasattr(library, "masked_ops_gpu_tensor_copy_probe"):
@@ -134,6 +137,15 @@ class Harness:
         if not hasattr(self.library, "masked_ops_gpu_set_warpgroup_mma"):
             return False
         return self.library.masked_ops_gpu_set_warpgroup_mma(WARPGROUP_PRODUCTS[products]) == 1
+
+    def set_warpgroup_tall_tiles(self, on):
+        """Whether the forward product and dx on the warpgroup tile take tall
+        tiles (256 x 128, two warpgroups sharing W's stages) where they
+        apply; False for a harness without them (then nothing changes)."""
+        if not hasattr(self.library, "masked_ops_gpu_set_warpgroup_tall_tiles"):
+            return False
+        self.library.masked_ops_gpu_set_warpgroup_tall_tiles(int(on))
+        return True
 
     def tensor_map_refusals(self):
         """How many launches chosen for the warpgroup tile took the pipelined

@@ -275,6 +275,20 @@ def test_warpgroup_products_match_reference(warpgroup, shape, density, dtype):
     check_products_on_rounded_inputs(shape, density, dtype)
 
 
+@pytest.mark.parametrize("shape", WARPGROUP_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-b{s[3][0]}x{s[3][1]}")
+@pytest.mark.parametrize("density", [0.1, 1.0])
+def test_warpgroup_tall_tiles_match_reference(warpgroup, shape, density):
+    """The three products with tall tiles switched on (the forward product
+    and dx in 256 x 128 tiles, two warpgroups sharing each stage of W, where
+    a product has one split, more than 128 rows and stages of 32)."""
+    if not HARNESS.set_warpgroup_tall_tiles(True):
+        pytest.skip("a harness built without tall tiles")
+    try:
+        check_products_on_rounded_inputs(shape, density, torch.bfloat16)
+    finally:
+        HARNESS.set_warpgroup_tall_tiles(False)
+
+
 @pytest.mark.parametrize("shape", WARPGROUP_SHAPES[-4:], ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-b{s[3][0]}x{s[3][1]}")
 @pytest.mark.parametrize("density", [0.3, 1.0])
 def test_warpgroup_default_products_match_reference(shape, density):

@@ -49,12 +49,15 @@ namespace warpgroup {
 namespace {
 std::atomic<Products> chosen_products{Products::kForward};
 std::atomic<int64_t> tensor_map_refusals{0};
+std::atomic<bool> tall_tiles{false};
 }  // namespace
 
 void SetProducts(Products products) { chosen_products = products; }
 Products ChosenProducts() { return chosen_products; }
 void CountTensorMapRefusal() { ++tensor_map_refusals; }
 int64_t TensorMapRefusals() { return tensor_map_refusals; }
+void SetTallTiles(bool on) { tall_tiles = on; }
+bool TallTiles() { return tall_tiles; }
 
 bool DeviceRunsWarpgroupMma() {
 #if defined(MASKED_OPS_SM90A_CODE)

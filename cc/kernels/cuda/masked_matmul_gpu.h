@@ -82,6 +82,12 @@ inline bool ConvForwardUsesWarpgroupMma() { return ChosenProducts() == Products:
 // the GPU tests can tell that the warpgroup tile really ran.
 void CountTensorMapRefusal();
 int64_t TensorMapRefusals();
+// Whether the forward product and dx on the warpgroup tile take tall tiles
+// (256 x 128: two warpgroups sharing each stage of W, a quarter less L2
+// traffic at density 1) where a product has one split and more than 128
+// rows. Off by default: not yet timed on a GPU (bench/GPU_NOTES.md).
+void SetTallTiles(bool on);
+bool TallTiles();
 }  // namespace warpgroup
 
 // Device bytes of `product`'s workspace for a T weight with a mask of

@@ -462,12 +462,14 @@ struct ProductDims {
 struct ListedTile {
   int64_t rows, cols, split, row0, col_tile, col0, first;
   int count;
-  __device__ ListedTile(int64_t rows_, int64_t cols_, const int32_t* counts, int64_t splits)
+  // Tiles of tile_rows rows (the warpgroup tile's may be 256 tall).
+  __device__ ListedTile(int64_t rows_, int64_t cols_, const int32_t* counts, int64_t splits,
+                        int64_t tile_rows = pl::kTileRows)
       : rows(rows_), cols(cols_) {
     const int64_t col_tiles = CeilDiv(cols, int64_t{pl::kTileCols});
-    const int64_t tiles = CeilDiv(rows, int64_t{pl::kTileRows}) * col_tiles;
+    const int64_t tiles = CeilDiv(rows, tile_rows) * col_tiles;
     split = int64_t(blockIdx.x) / tiles;
-    row0 = int64_t(blockIdx.x) % tiles / col_tiles * pl::kTileRows;
+    row0 = int64_t(blockIdx.x) % tiles / col_tiles * tile_rows;
     col_tile = int64_t(blockIdx.x) % col_tiles;
     col0 = col_tile * pl::kTileCols;
     const int64_t per_split = SplitRun(counts[col_tile], splits);
@@ -564,8 +566,14 @@ __global__ void __launch_bounds__(pl::kThreads)
 // segment's stages never cross into the next segment: its depth is a
 // multiple of kDepth, or the whole depth: pl::WithStageDepth, and blocks
 // on multiples of 16 for the pipelined shapes.)
-template <typename D, bool kTransposed, int kDepth, int kRunStrips>
-__global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
+//
+// kRowGroups 2: tall tiles, 256 x 128, two warpgroups sharing each stage's
+// W (A's box is 256 rows; a_map's boxes as tall), each multiplying its own
+// 128 rows, so that W crosses from L2 once per 256 rows of the output
+// instead of per 128 (a quarter less L2 traffic for a dense product), one
+// block per SM; for one split only (blockIdx.x walks the tall tiles).
+template <typename D, bool kTransposed, int kDepth, int kRunStrips, int kRowGroups>
+__global__ void __launch_bounds__(wg::kThreads * kRowGroups, wg::kBlocksPerSm / kRowGroups)
     WarpgroupProduct(const __grid_constant__ ptx::TensorMap a_map, const __grid_constant__ ptx::TensorMap b_map,
                      int64_t m, const D* w, const float* factors, GridDims g, const uint8_t* live,
                      const uint32_t* lists, const int32_t* counts, int64_t splits, float* partials, D* out,
@@ -576,8 +584,9 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
   constexpr int kBoxColumns = wg::BoxColumns(kTransposed, kRunStrips);
   constexpr int kBoxStrips = kBoxColumns / pl::kStrip;
   constexpr uint32_t kBoxBytes = uint32_t(kBoxColumns) * kDepth * uint32_t(sizeof(D));
+  static_assert(kRowGroups == 1 || kRowGroups == 2, "tiles of 128 or 256 rows");
   const ProductDims<kTransposed> p{g, live, factors};
-  const ListedTile tile(m, p.out_cols(), counts, splits);
+  const ListedTile tile(m, p.out_cols(), counts, splits, pl::kTileRows * kRowGroups);
   // Forward: W's rows d0 .. as depth lines of its columns col0 ..; dx: W's
   // rows col0 .. as lines, along the depth (its columns). (The tensor
   // copies bring the stages; these places rescale them.)
@@ -590,7 +599,7 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
     if (threadIdx.x == 0) {
       // Bit j: box j (columns j kBoxColumns ..) holds a live strip.
       unsigned boxes = 0;
-      uint32_t bytes = wg::kOperandElements<kDepth> * uint32_t(sizeof(D));
+      uint32_t bytes = kRowGroups * wg::kOperandElements<kDepth> * uint32_t(sizeof(D));
 #pragma unroll
       for (int j = 0; j < pl::kTileStrips / kBoxStrips; ++j) {
         if (((pl::StripsOf(entry) >> (j * kBoxStrips)) & ((1u << kBoxStrips) - 1)) != 0) {
@@ -615,6 +624,7 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
     }
   };
   const auto scale_stage = [&](D* b_stage, uint32_t entry) {
+    if (kRowGroups > 1 && threadIdx.x >= wg::kThreads) return;  // one warpgroup's lanes cover the stage
     wg::RescaleStage(b_lanes, b_stage, entry, [&](int strip) {
       return p.factor(int64_t{pl::SegmentOf(entry)}, min(tile.col0 + strip * pl::kStrip, p.out_cols() - 1) / p.out_block());
     });
@@ -622,13 +632,13 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
   if (tile.empty()) return;  // the whole block, before any barrier
   const uint32_t* list = lists + tile.col_tile * p.segments() + tile.first;
   bool partly = false;
-  for (int i = threadIdx.x; i < tile.count; i += wg::kThreads) {
+  for (int i = threadIdx.x; i < tile.count; i += wg::kThreads * kRowGroups) {
     partly = partly || pl::StripsOf(list[i]) != (1u << pl::kTileStrips) - 1;
   }
   const bool partly_live = __syncthreads_or(partly) != 0;
   if (taken != wg::Tiles::kAll && partly_live == (taken == wg::Tiles::kWhole)) return;  // the other launch's
   float acc[2][64] = {};
-  wg::RunListedSegments<D, kDepth, kRunStrips, typename BLanes::Layout, true, true>(
+  wg::RunListedSegments<D, kDepth, kRunStrips, typename BLanes::Layout, true, true, kRowGroups>(
       list, tile.count, min(p.depth_block(), p.depth()), 3u, issue_segment, scale_stage, acc);
   wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) { tile.Store(r, c, v0, v1, partials, out); });
 #endif
@@ -792,7 +802,7 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
     }
   };
   float acc[2][64] = {};
-  wg::RunPipeline<D, kDepth, kRunStrips, true, typename Copier::Layout, kWholeLive, kWholeLive>(
+  wg::RunPipeline<D, kDepth, kRunStrips, true, typename Copier::Layout, kWholeLive, kWholeLive, 1>(
       strips.half[0] | strips.half[1] ? tile.steps : 0, issue, [&](int64_t, int, D*) { return strips; }, acc);
   wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
     tile.Store(g, r, c, v0, v1, partials, dw, [&](int64_t, int64_t row, int64_t col) {

@@ -181,8 +181,8 @@ namespace {
 
 // The forward product and dx of 16-bit types take the warpgroup tile where
 // it is chosen for them and the device runs it (and its tensor maps can be
-// made),
-// the rest the pipelined tile (same grid, lists and splits); so does dW
+// made), the rest the pipelined tile (same grid, lists and splits; the
+// warpgroup tile's tall tiles a grid of their own); so does dW
 // (RunGradWeight).
 template <typename D, bool kTransposed, int kDepth, typename Launch>
 void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, int64_t m, const D* w,
@@ -203,17 +203,34 @@ void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, in
     ptx::TensorMap w_runs_map{};
     // (No depth: nothing to copy, and no tensor map of an empty array.)
     if (wg::UsesWarpgroupMma(kTransposed ? Product::kGradInput : Product::kForward) && depth > 0) {
-      if (launch.EncodeTensorMap(&a_map, a, depth, m, kDepth, pl::kTileRows) &&
-          encode_w(&w_whole_map, pl::kTileStrips) && encode_w(&w_runs_map, wg::RunStrips(block, out_cols))) {
+      // Tall tiles (two warpgroups, 256 rows) where chosen, for a product
+      // of one split over more than one tile's rows, in stages of 32 (the
+      // dense products'; stages of 16 stay on 128 rows, which halves the
+      // kernels to compile).
+      const bool tall = kDepth == pl::kWideStage && wg::TallTiles() && splits == 1 && m > pl::kTileRows;
+      const auto run = [&](auto row_groups) {
+        constexpr int kRowGroups = decltype(row_groups)::value;
+        const int64_t tile_rows = int64_t{pl::kTileRows} * kRowGroups;
+        if (!launch.EncodeTensorMap(&a_map, a, depth, m, kDepth, static_cast<int>(tile_rows)) ||
+            !encode_w(&w_whole_map, pl::kTileStrips) || !encode_w(&w_runs_map, wg::RunStrips(block, out_cols))) {
+          return false;
+        }
+        const int64_t tile_blocks =
+            kRowGroups == 1 ? blocks : CeilDiv(m, tile_rows) * CeilDiv(out_cols, int64_t{pl::kTileCols});
         wg::WithRunStrips(block, out_cols, [&](auto run_strips, auto taken) {
           constexpr int kRunStrips = decltype(run_strips)::value;
-          launch.WithSharedMemory(wg::kSharedBytes<D, kDepth>)(
-              WarpgroupProduct<D, kTransposed, kDepth, kRunStrips>, static_cast<unsigned>(blocks), wg::kThreads,
-              a_map, kRunStrips == pl::kTileStrips ? w_whole_map : w_runs_map, m, w, ws.factors, dims, ws.live,
-              reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits, splits > 1 ? ws.partials : nullptr,
-              out, decltype(taken)::value);
+          launch.WithSharedMemory(wg::kSharedBytes<D, kDepth, kRowGroups>)(
+              WarpgroupProduct<D, kTransposed, kDepth, kRunStrips, kRowGroups>, static_cast<unsigned>(tile_blocks),
+              wg::kThreads * kRowGroups, a_map, kRunStrips == pl::kTileStrips ? w_whole_map : w_runs_map, m, w,
+              ws.factors, dims, ws.live, reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits,
+              splits > 1 ? ws.partials : nullptr, out, decltype(taken)::value);
         });
-        return;
+        return true;
+      };
+      if constexpr (kDepth == pl::kWideStage) {
+        if (tall ? run(std::integral_constant<int, 2>{}) : run(std::integral_constant<int, 1>{})) return;
+      } else {
+        if (run(std::integral_constant<int, 1>{})) return;
       }
       wg::CountTensorMapRefusal();
     }

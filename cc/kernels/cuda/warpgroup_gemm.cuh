@@ -1,7 +1,8 @@
 // The warpgroup tile (Hopper, sm_90a) of the matmul products for 16-bit
 // operands (the forward product, B = W N-major; dx, B = W^T K-major; dW,
 // A = x^T M-major and B = dy N-major): one warpgroup (4 warps) computes a 128 x 128 output tile as two
-// halves of 64 rows, each an asynchronous wgmma m64nNk16 per 16 of depth
+// halves of 64 rows (the forward product and dx can take tall tiles too:
+// two warpgroups, 256 x 128, sharing B), each an asynchronous wgmma m64nNk16 per 16 of depth
 // that reads both operands from shared memory, so that the warps issue a
 // few instructions per stage for the products (against 64 mma.sync and 16
 // ldmatrix per warp on the pipelined tile, pipelined_gemm.cuh) and spend the
@@ -120,12 +121,13 @@ struct SwizzledLayout {
 // The stage buffer after `slot`, in turn.
 __device__ inline int NextSlot(int slot) { return slot + 1 == kStages ? 0 : slot + 1; }
 
-// Elements of one operand stage and of the dynamic shared memory (with room
-// to align the stages).
+// Elements of one operand stage (128 lines), and the bytes of dynamic
+// shared memory for stages of kRowGroups such A operands and one B (with
+// room to align the stages).
 template <int kDepth>
 constexpr int kOperandElements = pl::kTileRows * kDepth;
-template <typename D, int kDepth>
-constexpr int kSharedBytes = kStages * 2 * kOperandElements<kDepth> * int(sizeof(D)) + kSwizzleRepeat;
+template <typename D, int kDepth, int kRowGroups = 1>
+constexpr int kSharedBytes = kStages * (kRowGroups + 1) * kOperandElements<kDepth> * int(sizeof(D)) + kSwizzleRepeat;
 static_assert(kOperandElements<16> * 2 % kSwizzleRepeat == 0, "operand stages keep the swizzle alignment");
 
 // A matrix descriptor for an operand laid out as Layout whose logical start
@@ -385,18 +387,23 @@ __device__ inline void MultiplyStage(uint64_t a_stage, uint64_t b_stage, const H
 // queue behind them with no gap at the barrier. A buffer is refilled once
 // every warp has waited for the products reading it and passed a barrier
 // since: the copies run kStages - 2 steps ahead (the step multiplied and the
-// one before it hold two buffers). The other thread block on the SM fills
-// the gaps that remain. BLayout and kWholeLive as for MultiplyRuns.
+// one before it hold two buffers). The other thread block on the SM (in
+// tall tiles, the other warpgroup) fills the gaps that remain. BLayout and
+// kWholeLive as for MultiplyRuns.
+// kRowGroups warpgroups (the block's threads) share each stage's B, each
+// multiplying its own 128 rows of A, which follow one another in the stage
+// (K-major A only: a_stage holds them all).
 template <typename D, int kDepth, int kRunStrips, bool kAMMajor, typename BLayout, bool kWholeLive, bool kTensorCopies,
-          typename Issue, typename Prepare>
+          int kRowGroups, typename Issue, typename Prepare>
 __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prepare& prepare, float (&acc)[2][64]) {
-  constexpr int kStageElements = 2 * kOperandElements<kDepth>;
+  static_assert(kRowGroups == 1 || !kAMMajor, "the row groups' A lie one after another, K-major");
+  constexpr int kStageElements = (kRowGroups + 1) * kOperandElements<kDepth>;
   // The stages start on the swizzle's repeat in the shared window (kSharedBytes
   // has room for the shift).
   unsigned char* dynamic = ptx::DynamicShared();
   D* shared = reinterpret_cast<D*>(dynamic + ((0u - ptx::SharedAddress(dynamic)) & (kSwizzleRepeat - 1)));
   const auto a_of = [&](int slot) { return shared + slot * kStageElements; };
-  const auto b_of = [&](int slot) { return a_of(slot) + kOperandElements<kDepth>; };
+  const auto b_of = [&](int slot) { return a_of(slot) + kRowGroups * kOperandElements<kDepth>; };
   __shared__ uint64_t arrivals[kStages];
   if constexpr (kTensorCopies) {
     if (threadIdx.x == 0) {
@@ -405,10 +412,13 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
     }
     __syncthreads();
   }
-  // Slot 0's descriptors; a slot's lie that many stages further.
+  // Slot 0's descriptors (A: this warpgroup's rows); a slot's lie that many
+  // stages further.
   const uint32_t shared_address = ptx::SharedAddress(shared);
-  const uint64_t a_first = Descriptor<SwizzledLayout<kDepth, kAMMajor>>(shared_address);
-  const uint64_t b_first = Descriptor<BLayout>(shared_address + kOperandElements<kDepth> * int(sizeof(D)));
+  const int row_group = kRowGroups > 1 ? static_cast<int>(threadIdx.x) / kThreads : 0;
+  constexpr int kOperandBytes = kOperandElements<kDepth> * int(sizeof(D));
+  const uint64_t a_first = Descriptor<SwizzledLayout<kDepth, kAMMajor>>(shared_address + row_group * kOperandBytes);
+  const uint64_t b_first = Descriptor<BLayout>(shared_address + kRowGroups * kOperandBytes);
   constexpr int kAhead = kStages - 2;
   ptx::PinAccumulators(acc);
 #pragma unroll
@@ -454,10 +464,11 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Prep
 // RunPipeline); scale_stage(b_stage, entry) rescales a staged B whose entry
 // is marked scaled (every thread, after a barrier). Only the 64-row halves
 // set in `halves` (bit h) multiply; kWholeLive as for MultiplyRuns, which
-// every half must then be. Step entries travel from the issuing threads to
-// the multiplying ones through shared memory.
+// every half must then be; kRowGroups as for RunPipeline. Step entries
+// travel from the issuing threads to the multiplying ones through shared
+// memory.
 template <typename D, int kDepth, int kRunStrips, typename BLayout, bool kWholeLive, bool kTensorCopies,
-          typename IssueSegment, typename ScaleStage>
+          int kRowGroups, typename IssueSegment, typename ScaleStage>
 __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_t segment_depth, unsigned halves,
                                          const IssueSegment& issue_segment, const ScaleStage& scale_stage,
                                          float (&acc)[2][64]) {
@@ -479,22 +490,23 @@ __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_
     const unsigned strips = ptx::WarpUniform(pl::StripsOf(entry));
     return HalfStrips{{(halves & 1u) != 0 ? strips : 0u, (halves & 2u) != 0 ? strips : 0u}};
   };
-  RunPipeline<D, kDepth, kRunStrips, false, BLayout, kWholeLive, kTensorCopies>(int64_t{count} * per_segment, issue,
-                                                                                prepare, acc);
+  RunPipeline<D, kDepth, kRunStrips, false, BLayout, kWholeLive, kTensorCopies, kRowGroups>(
+      int64_t{count} * per_segment, issue, prepare, acc);
 }
 
 // write(row, col, v0, v1) for every accumulator pair of the thread: tile
-// row `row`, tile columns col and col + 1.
+// row `row` (warpgroup g's rows from 128 g), tile columns col and col + 1.
 template <typename Write>
 __device__ inline void ForEachAccumulatorPair(const float (&acc)[2][64], const Write& write) {
-  const int warp = threadIdx.x / 32;
+  const int row_group = threadIdx.x / kThreads;
+  const int warp = threadIdx.x % kThreads / 32;
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
 #pragma unroll
     for (int i = 0; i < 64; i += 2) {
-      write(half * kHalfRows + 16 * warp + lane / 4 + 8 * (i / 2 % 2), 8 * (i / 4) + 2 * (lane % 4), acc[half][i],
-            acc[half][i + 1]);
+      write(row_group * pl::kTileRows + half * kHalfRows + 16 * warp + lane / 4 + 8 * (i / 2 % 2),
+            8 * (i / 4) + 2 * (lane % 4), acc[half][i], acc[half][i + 1]);
     }
   }
 }
