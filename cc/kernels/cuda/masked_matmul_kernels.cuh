@@ -575,7 +575,7 @@ __global__ void __launch_bounds__(pl::kThreads)
 template <typename D, bool kTransposed, int kDepth, int kRunStrips, int kRowGroups>
 __global__ void __launch_bounds__(wg::kThreads * kRowGroups, wg::kBlocksPerSm / kRowGroups)
     WarpgroupProduct(const __grid_constant__ ptx::TensorMap a_map, const __grid_constant__ ptx::TensorMap b_map,
-                     int64_t m, const D* w, const float* factors, GridDims g, const uint8_t* live,
+                     int64_t m, const float* factors, GridDims g, const uint8_t* live,
                      const uint32_t* lists, const int32_t* counts, int64_t splits, float* partials, D* out,
                      wg::Tiles taken) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)

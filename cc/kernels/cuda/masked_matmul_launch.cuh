@@ -203,11 +203,6 @@ void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, in
     ptx::TensorMap w_runs_map{};
     // (No depth: nothing to copy, and no tensor map of an empty array.)
     if (wg::UsesWarpgroupMma(kTransposed ? Product::kGradInput : Product::kForward) && depth > 0) {
-      // Tall tiles (two warpgroups, 256 rows) where chosen, for a product
-      // of one split over more than one tile's rows, in stages of 32 (the
-      // dense products'; stages of 16 stay on 128 rows, which halves the
-      // kernels to compile).
-      const bool tall = kDepth == pl::kWideStage && wg::TallTiles() && splits == 1 && m > pl::kTileRows;
       const auto run = [&](auto row_groups) {
         constexpr int kRowGroups = decltype(row_groups)::value;
         const int64_t tile_rows = int64_t{pl::kTileRows} * kRowGroups;
@@ -221,13 +216,18 @@ void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, in
           constexpr int kRunStrips = decltype(run_strips)::value;
           launch.WithSharedMemory(wg::kSharedBytes<D, kDepth, kRowGroups>)(
               WarpgroupProduct<D, kTransposed, kDepth, kRunStrips, kRowGroups>, static_cast<unsigned>(tile_blocks),
-              wg::kThreads * kRowGroups, a_map, kRunStrips == pl::kTileStrips ? w_whole_map : w_runs_map, m, w,
+              wg::kThreads * kRowGroups, a_map, kRunStrips == pl::kTileStrips ? w_whole_map : w_runs_map, m,
               ws.factors, dims, ws.live, reinterpret_cast<const uint32_t*>(ws.lists), ws.counts, splits,
               splits > 1 ? ws.partials : nullptr, out, decltype(taken)::value);
         });
         return true;
       };
       if constexpr (kDepth == pl::kWideStage) {
+        // Tall tiles (two warpgroups, 256 rows) where chosen, for a product
+        // of one split over more than one tile's rows, in stages of 32 (the
+        // dense products'; stages of 16 stay on 128 rows, which halves the
+        // kernels to compile).
+        const bool tall = wg::TallTiles() && splits == 1 && m > pl::kTileRows;
         if (tall ? run(std::integral_constant<int, 2>{}) : run(std::integral_constant<int, 1>{})) return;
       } else {
         if (run(std::integral_constant<int, 1>{})) return;
