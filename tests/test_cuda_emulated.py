@@ -359,6 +359,18 @@ def test_tensor_copy_probe_lands_as_modelled(emulator, box_inner, box_outer, inn
     assert np.array_equal(landed, expected), describe_misplacement(landed, expected, box_inner)
 
 
+def test_warpgroup_product_of_unfenced_stores_is_reported(emulator):
+    """wgmma reads shared memory through the async proxy: a stage written by
+    stores (or landed cp.async copies) is its to read only after each
+    writing thread's fence.proxy.async. The emulation reports the product
+    that reads unfenced bytes; the same kernel with the fences runs clean."""
+    status, out, diagnostics = self_test(emulator, 21, np.zeros(1024))
+    assert status == 0 and not diagnostics, diagnostics
+    np.testing.assert_array_equal(out[:128], 16.0)
+    status, _, diagnostics = self_test(emulator, 22, np.zeros(1024))
+    assert "without a fence.proxy.async since" in diagnostics, diagnostics
+
+
 def test_mbarrier_wait_that_never_completes_is_reported(emulator):
     status, _, diagnostics = self_test(emulator, 20, np.zeros(1024))
     assert status == 719

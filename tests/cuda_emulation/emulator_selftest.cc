@@ -15,6 +15,7 @@
 
 #include "cc/bindings/tensor_copy_probe.cuh"
 #include "cc/kernels/cuda/ptx_primitives.cuh"
+#include "cc/kernels/cuda/warpgroup_gemm.cuh"
 #include "tests/cuda_emulation/emulator.h"
 
 namespace {
@@ -169,6 +170,33 @@ __global__ void TensorCopyThroughShared(const __grid_constant__ ptx::TensorMap m
   after[threadIdx.x] = staged[threadIdx.x];
 }
 
+// One m64n16k16 product (A 64 x 16 and B 16 x 16 of ones, K-major, 32-byte
+// swizzle) of a stage that the warpgroup fills with stores, fenced by each
+// storing thread (kFence) or not before the barrier: out[t] = the thread's
+// first accumulator, 16.
+template <bool kFence>
+__global__ void ProductOfStoredStage(float* out) {
+  namespace wg = masked_ops::gpu::warpgroup;
+  using Layout = wg::SwizzledLayout<16, false>;
+  unsigned char* dynamic = ptx::DynamicShared();
+  auto* stage = reinterpret_cast<__nv_bfloat16*>(dynamic + ((0u - ptx::SharedAddress(dynamic)) & 1023u));
+  constexpr uint32_t kOnes = 0x3f803f80u;  // two bfloat16 1.0
+  constexpr int kChunks = (64 + 16) * 16 / 8;
+  for (int c = threadIdx.x; c < kChunks; c += blockDim.x) {
+    ptx::StoreShared16(stage + c * 8, uint4{kOnes, kOnes, kOnes, kOnes});
+  }
+  if (kFence) ptx::FenceProxyAsync();
+  __syncthreads();
+  const uint32_t address = ptx::SharedAddress(stage);
+  float d[64] = {};
+  ptx::WarpgroupFence();
+  ptx::WarpgroupMma<__nv_bfloat16, 16, 0, false, false, false>(d, wg::Descriptor<Layout>(address),
+                                                               wg::Descriptor<Layout>(address + 64 * 32), true);
+  ptx::WarpgroupCommit();
+  ptx::WarpgroupWait<0>();
+  out[threadIdx.x] = d[0];
+}
+
 // Every thread waits for the first phase of an mbarrier on which no thread
 // arrives: a hang on a GPU.
 __global__ void WaitsForNoArrival(float* out) {
@@ -240,7 +268,9 @@ extern "C" {
 //   19: data[0:80] as 10 rows of 16 16-bit elements, by a
 //       tensor copy (TensorCopyThroughShared) into data[256:320] (before
 //       the wait) and data[320:384] (after);
-//   20: a wait for an mbarrier phase that no thread arrives on.
+//   20: a wait for an mbarrier phase that no thread arrives on;
+//   21 / 22: data[0:128] = 16 from a warpgroup product of a stage written
+//            by stores, with / without fence.proxy.async after them.
 int emu_self_test(int which, float* data, int64_t n) {
   const EmulatedLaunch launch;
   Arena arena;
@@ -311,6 +341,12 @@ int emu_self_test(int which, float* data, int64_t n) {
     }
     case 20:
       launch(WaitsForNoArrival, 1, 64, d);
+      break;
+    case 21:
+      launch.WithSharedMemory(4096)(ProductOfStoredStage<true>, 1, 128, d);
+      break;
+    case 22:
+      launch.WithSharedMemory(4096)(ProductOfStoredStage<false>, 1, 128, d);
       break;
     default:
       return masked_ops::emulation::kUnknownType;

@@ -121,6 +121,11 @@ __device__ inline uint32_t SharedAddress(const void* p) { return static_cast<uin
 // operand reads), once a barrier has passed them on to the other threads.
 __device__ inline void FenceProxyAsync() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// 16 bytes stored to shared `dst` (16-byte aligned) by the thread: a write
+// through the generic proxy, which wgmma and the tensor copies see only
+// after the thread's FenceProxyAsync (the emulation checks that).
+__device__ inline void StoreShared16(void* dst, const uint4& bits) { *static_cast<uint4*>(dst) = bits; }
+
 // wgmma.fence: the accumulator registers' earlier accesses are ordered before
 // the warpgroup products that follow.
 __device__ inline void WarpgroupFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -313,7 +318,11 @@ __device__ inline void Mma1688Tf32(float (&d)[4], const uint32_t (&a)[4], const 
 __device__ inline unsigned char* DynamicShared() { return cuda_emulation::Engine::Get().DynamicShared(); }
 __device__ inline uint32_t WarpUniform(uint32_t v) { return cuda_emulation::WarpUniform(v); }
 __device__ inline uint32_t SharedAddress(const void* p) { return cuda_emulation::Engine::Get().SharedAddress(p); }
-__device__ inline void FenceProxyAsync() {}
+__device__ inline void FenceProxyAsync() { cuda_emulation::Engine::Get().FenceProxyAsync(); }
+__device__ inline void StoreShared16(void* dst, const uint4& bits) {
+  *static_cast<uint4*>(dst) = bits;
+  cuda_emulation::Engine::Get().NoteGenericWrite(dst, sizeof(bits));
+}
 using TensorMap = cuda_emulation::TensorMap;
 __device__ inline void MbarrierInit(uint64_t* barrier, uint32_t arrivals) {
   cuda_emulation::Engine::Get().MbarrierInit(barrier, arrivals);

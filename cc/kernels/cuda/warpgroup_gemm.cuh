@@ -184,7 +184,7 @@ class SwizzledLanes {
       memcpy(values, &bits, sizeof(bits));
       rewrite(i, values);
       memcpy(&bits, values, sizeof(bits));
-      *reinterpret_cast<uint4*>(dst + i * kCopyStride) = bits;
+      ptx::StoreShared16(dst + i * kCopyStride, bits);
     }
   }
 

@@ -377,6 +377,8 @@ class Engine {
     Mbarrier* state = MbarrierOf(barrier);
     if (state == nullptr) return;
     if (SharedAddress(dst) % 128 != 0) Report("cp.async.bulk.tensor: a destination not 128-byte aligned");
+    CheckFenced(SharedAddress(dst), static_cast<size_t>(map.box_inner) * map.box_outer * 2,
+                "cp.async.bulk.tensor: overwrites");
     std::memset(dst, 0xff, static_cast<size_t>(map.box_inner) * map.box_outer * 2);
     ++stats_.tensor_copies;
     state->copies.push_back(PendingTensorCopy{static_cast<unsigned char*>(dst), map, inner, outer});
@@ -424,8 +426,50 @@ class Engine {
           std::memcpy(copy.dst, copy.src, static_cast<size_t>(copy.bytes_read));
           copy_reads_.emplace_back(static_cast<const unsigned char*>(copy.src), copy.bytes_read);
         }
+        NoteGenericWrite(copy.dst, 16);
       }
       fiber.committed.erase(fiber.committed.begin());
+    }
+  }
+
+  // A write through the generic proxy (a store, a cp.async landing) of
+  // `bytes` at p by the current thread: before an access through the async
+  // proxy (wgmma's operand reads, a tensor copy's landing) the writing
+  // thread must execute fence.proxy.async (PTX ISA, memory consistency
+  // model: proxies). Static shared memory is never accessed asynchronously
+  // here, so only the dynamic shared memory is tracked.
+  void NoteGenericWrite(const void* p, size_t bytes) {
+    const unsigned char* base = DynamicShared();
+    const auto* byte = static_cast<const unsigned char*>(p);
+    if (bytes == 0 || byte < base || byte + bytes > base + DynamicSharedBytes()) return;
+    Fiber& fiber = fibers_[current_];
+    for (size_t chunk = (byte - base) / 16; chunk <= (byte - base + bytes - 1) / 16; ++chunk) {
+      unfenced_writer_[chunk] = current_ + 1;
+      fiber.unfenced_chunks.push_back(chunk);
+    }
+  }
+  // fence.proxy.async of the current thread: its generic writes so far are
+  // ordered before later async-proxy accesses.
+  void FenceProxyAsync() {
+    Fiber& fiber = fibers_[current_];
+    for (size_t chunk : fiber.unfenced_chunks) {
+      if (unfenced_writer_[chunk] == current_ + 1) unfenced_writer_[chunk] = 0;
+    }
+    fiber.unfenced_chunks.clear();
+  }
+  // Reports an async-proxy access (`what`) of the shared-window bytes
+  // [address, address + bytes) that a thread wrote through the generic
+  // proxy and has not fenced since.
+  void CheckFenced(uint32_t address, size_t bytes, const char* what) {
+    if (address < kDynamicSharedWindowStart || bytes == 0) return;
+    const size_t first = (address - kDynamicSharedWindowStart) / 16;
+    const size_t last = (address - kDynamicSharedWindowStart + bytes - 1) / 16;
+    for (size_t chunk = first; chunk <= last && chunk < unfenced_writer_.size(); ++chunk) {
+      if (unfenced_writer_[chunk] != 0) {
+        Report(std::string(what) + " shared memory that a thread wrote through the generic proxy without a "
+               "fence.proxy.async since");
+        return;
+      }
     }
   }
 
@@ -448,6 +492,7 @@ class Engine {
     if (current_ % 128 == 0) {
       stats_.warpgroup_mma_columns += product.n;
       ++stats_.warpgroup_mmas;
+      CheckWarpgroupMmaFenced(product);
     }
     fibers_[current_].open_mmas.push_back(product);
   }
@@ -557,9 +602,26 @@ class Engine {
     int64_t copies_issued;  // cp.async copies in the block so far
     bool barrier_predicate, barrier_result;  // of __syncthreads_or
     bool spinning;  // in MbarrierWait, for a phase not yet completed
+    std::vector<size_t> unfenced_chunks;  // written through the generic proxy since its last fence.proxy.async
   };
 
+  // The shared-window address of the element at (row, k) of a wgmma operand
+  // (see RunWarpgroupMma), before the swizzle.
+  struct WarpgroupOperand {
+    uint32_t start, leading, stride, swizzle_bytes;
+  };
+  static uint32_t OperandAddress(const WarpgroupOperand& operand, bool k_major, int row, int k) {
+    const uint32_t row_bytes = operand.swizzle_bytes;
+    const uint32_t row_chunks = row_bytes / 16;
+    const uint32_t address =
+        k_major ? operand.start + row / 8 * operand.stride + row % 8 * row_bytes + k * 2
+                : operand.start + row % 8 * 2 + row / 8 % row_chunks * 16 + row / 8 / row_chunks * operand.leading +
+                      k % 8 * row_bytes + k / 8 * operand.stride;
+    return address ^ ((address >> 7) & (row_chunks - 1)) << 4;
+  }
+  WarpgroupOperand DecodeDescriptor(uint64_t descriptor, bool& valid);
   void RunWarpgroupMma(const PendingWarpgroupMma& product);
+  void CheckWarpgroupMmaFenced(const PendingWarpgroupMma& product);
 
   struct Mbarrier {
     uint32_t arrivals, pending_arrivals;
@@ -694,9 +756,11 @@ class Engine {
       fiber.open_mmas.clear();
       fiber.committed_mmas.clear();
       fiber.retired_mma_groups = 0;
+      fiber.unfenced_chunks.clear();
     }
     block_copies_.clear();
     mbarriers_.clear();
+    unfenced_writer_.assign(DynamicSharedBytes() / 16 + 1, 0);
     std::vector<unsigned> order;
     for (;;) {
       Order(threads, order);
@@ -843,6 +907,10 @@ class Engine {
   std::vector<char*> stacks_;
   std::vector<unsigned char> exchange_;
   std::vector<unsigned char> dynamic_shared_;
+  // Per 16-byte chunk of the dynamic shared memory: 1 + the thread that
+  // wrote it through the generic proxy without a fence.proxy.async since,
+  // or 0.
+  std::vector<unsigned> unfenced_writer_;
   std::vector<std::pair<const unsigned char*, int>> copy_reads_;
   bool check_copy_lines_ = false;
   std::vector<IssuedCopy> block_copies_;
@@ -863,25 +931,40 @@ class Engine {
 // blocks of S / 2 rows or columns `leading` apart); then each address's
 // bits 4 .. are XORed with its bits 7 .. (log2(S / 16) of them), on the
 // shared window's addresses.
-inline void Engine::RunWarpgroupMma(const PendingWarpgroupMma& product) {
-  struct Operand {
-    uint32_t start, leading, stride, swizzle_bytes;
-  };
+inline Engine::WarpgroupOperand Engine::DecodeDescriptor(uint64_t descriptor, bool& valid) {
+  constexpr uint64_t kFieldBits =
+      (uint64_t{0x3fff} << 0) | (uint64_t{0x3fff} << 16) | (uint64_t{0x3fff} << 32) | (uint64_t{3} << 62);
+  const uint32_t mode = static_cast<uint32_t>(descriptor >> 62);
+  if ((descriptor & ~kFieldBits) != 0 || mode == 0) {
+    Report("wgmma: a descriptor without a swizzle, or with a base offset or reserved bits set");
+    valid = false;
+  }
+  return WarpgroupOperand{static_cast<uint32_t>(descriptor & 0x3fff) << 4,
+                          static_cast<uint32_t>((descriptor >> 16) & 0x3fff) << 4,
+                          static_cast<uint32_t>((descriptor >> 32) & 0x3fff) << 4, 256u >> mode};
+}
+
+// At the product's issue: every shared byte it will read (A 64 x 16, B 16 x
+// n) must have been fenced by the thread that wrote it through the generic
+// proxy.
+inline void Engine::CheckWarpgroupMmaFenced(const PendingWarpgroupMma& product) {
   bool valid = true;
-  const auto decode = [&](uint64_t descriptor) {
-    constexpr uint64_t kFieldBits =
-        (uint64_t{0x3fff} << 0) | (uint64_t{0x3fff} << 16) | (uint64_t{0x3fff} << 32) | (uint64_t{3} << 62);
-    const uint32_t mode = static_cast<uint32_t>(descriptor >> 62);
-    if ((descriptor & ~kFieldBits) != 0 || mode == 0) {
-      Report("wgmma: a descriptor without a swizzle, or with a base offset or reserved bits set");
-      valid = false;
+  const WarpgroupOperand a = DecodeDescriptor(product.a, valid);
+  const WarpgroupOperand b = DecodeDescriptor(product.b, valid);
+  if (!valid) return;
+  const char* what = "wgmma: reads";
+  for (int k = 0; k < 16; ++k) {
+    for (int row = 0; row < 64; ++row) CheckFenced(OperandAddress(a, !product.a_m_major, row, k), 2, what);
+    for (int column = 0; column < product.n; ++column) {
+      CheckFenced(OperandAddress(b, !product.b_n_major, column, k), 2, what);
     }
-    return Operand{static_cast<uint32_t>(descriptor & 0x3fff) << 4,
-                   static_cast<uint32_t>((descriptor >> 16) & 0x3fff) << 4,
-                   static_cast<uint32_t>((descriptor >> 32) & 0x3fff) << 4, 256u >> mode};
-  };
-  const Operand a = decode(product.a);
-  const Operand b = decode(product.b);
+  }
+}
+
+inline void Engine::RunWarpgroupMma(const PendingWarpgroupMma& product) {
+  bool valid = true;
+  const WarpgroupOperand a = DecodeDescriptor(product.a, valid);
+  const WarpgroupOperand b = DecodeDescriptor(product.b, valid);
   const unsigned char* shared = DynamicShared();
   const size_t bytes = DynamicSharedBytes();
   const auto element = [&](uint32_t address) {
@@ -894,17 +977,8 @@ inline void Engine::RunWarpgroupMma(const PendingWarpgroupMma& product) {
     std::memcpy(&value, shared + (address - kDynamicSharedWindowStart), sizeof(value));
     return product.widen(value);
   };
-  const auto at = [&](const Operand& operand, bool k_major, int row, int k) {
-    const uint32_t row_bytes = operand.swizzle_bytes;
-    const uint32_t row_chunks = row_bytes / 16;
-    const uint32_t address =
-        k_major ? operand.start + row / 8 * operand.stride + row % 8 * row_bytes + k * 2
-                : operand.start + row % 8 * 2 + row / 8 % row_chunks * 16 + row / 8 / row_chunks * operand.leading +
-                      k % 8 * row_bytes + k / 8 * operand.stride;
-    return element(address ^ ((address >> 7) & (row_chunks - 1)) << 4);
-  };
-  const auto a_at = [&](int row, int k) { return at(a, !product.a_m_major, row, k); };
-  const auto b_at = [&](int k, int column) { return at(b, !product.b_n_major, column, k); };
+  const auto a_at = [&](int row, int k) { return element(OperandAddress(a, !product.a_m_major, row, k)); };
+  const auto b_at = [&](int k, int column) { return element(OperandAddress(b, !product.b_n_major, column, k)); };
   const int lane = static_cast<int>(product.thread % warpSize);
   const int warp = static_cast<int>(product.thread % 128 / warpSize);
   for (int i = 0; i < product.n / 2 && valid; ++i) {
