@@ -92,26 +92,27 @@ if [[ "$what" == all || "$what" == tests ]]; then
   done
 fi
 
+# The warpgroup tile is timed and profiled only where its tests passed or
+# were all skipped (pytest's 5: no sm_90a) in this session, or did not run
+# (a faulting or hanging kernel would take the rest of a step with it).
+skip_warpgroup=()
+if [[ "${warpgroup_tests_rc:-0}" != 0 && "${warpgroup_tests_rc:-0}" != 5 ]]; then
+  skip_warpgroup=(--no-warpgroup)
+fi
+
 if [[ "$what" == all || "$what" == bench ]]; then
-  # The warpgroup tile is timed only where its tests passed or were all
-  # skipped (pytest's 5: no sm_90a) in this session (a faulting kernel would
-  # take the rest of the bench with it).
-  skip_warpgroup=()
-  if [[ "${warpgroup_tests_rc:-0}" != 0 && "${warpgroup_tests_rc:-0}" != 5 ]]; then
-    skip_warpgroup=(--no-warpgroup)
-  fi
   timeout -s KILL 240 python3 bench/gpu.py --conv ${skip_warpgroup[@]+"${skip_warpgroup[@]}"} --json "$out/gpu.json" > "$out/bench.log" 2>&1
   note "bench/gpu.py: rc $?"
   # Inference: a small batch, where the forward product splits its lists.
   echo "== small batch" >> "$out/bench.log"
   timeout -s KILL 45 python3 bench/gpu.py --shape 32x4096x4096 --precisions bf16 --modes forward --blocks 32,64 \
-    >> "$out/bench.log" 2>&1
+    ${skip_warpgroup[@]+"${skip_warpgroup[@]}"} >> "$out/bench.log" 2>&1
   note "bench/gpu.py small batch: rc $?"
   # dx and dW apart, each on both tiles: which of them the warpgroup tile
   # loses below density 1 (bench/GPU_NOTES.md, session 9).
   echo "== dx and dW apart" >> "$out/bench.log"
   timeout -s KILL 60 python3 bench/gpu.py --precisions bf16 --densities 1,0.5,0.1 --modes grad_input,grad_weight \
-    >> "$out/bench.log" 2>&1
+    ${skip_warpgroup[@]+"${skip_warpgroup[@]}"} >> "$out/bench.log" 2>&1
   note "bench/gpu.py dx and dW apart: rc $?"
   # The forward product and dx in tall tiles (256 x 128) beside the
   # warpgroup tile's 128 x 128 (bench/GPU_NOTES.md, session 11).
@@ -127,7 +128,8 @@ if [[ ( "$what" == all || "$what" == ab ) && -n "${MASKED_OPS_CUDA_HARNESS_BASEL
   for baseline in "${baselines[@]}"; do
     echo "== against $baseline" >> "$out/ab.log"
     timeout -s KILL 120 python3 bench/gpu.py --precisions bf16 --blocks 32,64 --densities 1,0.5,0.1 \
-      --modes forward,train --conv --baseline-harness "$baseline" >> "$out/ab.log" 2>&1
+      --modes forward,train --conv --baseline-harness "$baseline" ${skip_warpgroup[@]+"${skip_warpgroup[@]}"} \
+      >> "$out/ab.log" 2>&1
     note "bench/gpu.py against $(basename "$baseline"): rc $?"
   done
 fi
@@ -144,7 +146,7 @@ if [[ "$what" == all || "$what" == profile ]]; then
     --section MemoryWorkloadAnalysis \
     --metrics lts__t_requests_srcunit_tex_op_read.sum,lts__t_sectors_srcunit_tex_op_read.sum,dram__bytes_read.sum,gpu__time_duration.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
     python3 bench/gpu.py --densities 1,0.5,0.1 --blocks 32 --precisions bf16 --modes forward --reps 1 --warmup 1 \
-    > "$out/ncu.txt" 2>&1
+    ${skip_warpgroup[@]+"${skip_warpgroup[@]}"} > "$out/ncu.txt" 2>&1
   note "ncu: rc $?"
 fi
 

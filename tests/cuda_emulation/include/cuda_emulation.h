@@ -606,7 +606,7 @@ class Engine {
   };
 
   // The shared-window address of the element at (row, k) of a wgmma operand
-  // (see RunWarpgroupMma), before the swizzle.
+  // (see RunWarpgroupMma), the swizzle applied.
   struct WarpgroupOperand {
     uint32_t start, leading, stride, swizzle_bytes;
   };
