@@ -64,7 +64,7 @@ if [[ "$what" == all || "$what" == tests ]]; then
   timeout -s KILL 90 python3 -m pytest -q -p no:cacheprovider tests/gpu -k "warpgroup and not tensor_copies" \
     >> "$out/gpu-test.log" 2>&1
   warpgroup_tests_rc=$?
-  note "tests/gpu -k warpgroup: rc $warpgroup_tests_rc, $(tail -1 "$out/gpu-test.log")"
+  note "tests/gpu -k 'warpgroup and not tensor_copies': rc $warpgroup_tests_rc, $(tail -1 "$out/gpu-test.log")"
   echo "== tests/gpu -k 'not warpgroup'" >> "$out/gpu-test.log"
   timeout -s KILL 150 python3 -m pytest -q -p no:cacheprovider tests/gpu -k "not warpgroup" >> "$out/gpu-test.log" 2>&1
   note "tests/gpu -k 'not warpgroup': $(tail -1 "$out/gpu-test.log")"
@@ -130,7 +130,8 @@ if [[ ( "$what" == all || "$what" == ab ) && -n "${MASKED_OPS_CUDA_HARNESS_BASEL
     timeout -s KILL 120 python3 bench/gpu.py --precisions bf16 --blocks 32,64 --densities 1,0.5,0.1 \
       --modes forward,train --conv --baseline-harness "$baseline" ${skip_warpgroup[@]+"${skip_warpgroup[@]}"} \
       >> "$out/ab.log" 2>&1
-    note "bench/gpu.py against $(basename "$baseline"): rc $?"
+    ab_rc=$?  # before the note's own command substitution resets $?
+    note "bench/gpu.py against $(basename "$baseline"): rc $ab_rc"
   done
 fi
 
