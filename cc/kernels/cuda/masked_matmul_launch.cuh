@@ -210,8 +210,7 @@ void LaunchPipelinedProduct(const Launch& launch, int64_t blocks, const D* a, in
             !encode_w(&w_whole_map, pl::kTileStrips) || !encode_w(&w_runs_map, wg::RunStrips(block, out_cols))) {
           return false;
         }
-        const int64_t tile_blocks =
-            kRowGroups == 1 ? blocks : CeilDiv(m, tile_rows) * CeilDiv(out_cols, int64_t{pl::kTileCols});
+        const int64_t tile_blocks = kRowGroups == 1 ? blocks : pl::TileCount(m, out_cols, tile_rows);
         wg::WithRunStrips(block, out_cols, [&](auto run_strips, auto taken) {
           constexpr int kRunStrips = decltype(run_strips)::value;
           launch.WithSharedMemory(wg::kSharedBytes<D, kDepth, kRowGroups>)(

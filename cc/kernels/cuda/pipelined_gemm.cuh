@@ -114,8 +114,11 @@ void WithStageDepth(int64_t depth_block, int64_t depth, const Run& run) {
   }
 }
 
-// Output tiles of a rows x cols output.
-inline int64_t TileCount(int64_t rows, int64_t cols) { return CeilDiv(rows, kTileRows) * CeilDiv(cols, kTileCols); }
+// Output tiles of a rows x cols output (tiles of tile_rows rows: the
+// warpgroup tile's may be taller).
+inline int64_t TileCount(int64_t rows, int64_t cols, int64_t tile_rows = kTileRows) {
+  return CeilDiv(rows, tile_rows) * CeilDiv(cols, kTileCols);
+}
 
 // How many ways a weight gradient of `tiles` output tiles splits its depth
 // (a batch, or a conv's output pixels) of `depth` rows, counted in stages
