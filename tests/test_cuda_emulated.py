@@ -1301,6 +1301,22 @@ def warpgroup_conv_columns(fields, live, output_mask):
     return total
 
 
+def checked_forward_conv(emulator, x, filters, mask, output_mask, fields, attrs, dy, depth, dtype):
+    """The emulated forward conv (block mask, on the pipelined kernels or the
+    warpgroup tile as chosen), its output poisoned with NaN first, checked
+    against the reference; and the emulator's stats of it."""
+    assert emulator.conv2d_uses_pipeline("forward", dtype, fields, "block")
+    emulator.lib.emu_reset_stats()
+    out = emulator.conv2d("forward", x, filters, mask, "block", fields, np.full(dy.shape, np.nan, x.dtype),
+                          output_mask, True)
+    stats = emulator.stats()
+    om64 = np.zeros((0,)) if output_mask is None else output_mask.astype(np.float64)
+    expected, bound, _ = _conv(CONV_OPS["forward"], x.astype(np.float64), filters.astype(np.float64),
+                               mask.astype(np.float64), om64, dy.astype(np.float64), attrs)
+    check(out, expected, bound, depth, dtype, True, f"forward {dtype}")
+    return out, stats
+
+
 @pytest.mark.parametrize("geometry, block, tile", [
     (CONV_GEOMETRIES[5], (16, 16), (3, 5)),    # stages of 16, runs of 1 strip, a second channel tile 8 wide
     (CONV_GEOMETRIES[6], (32, 48), (4, 4)),    # strided and dilated, one short input block, runs of 1
@@ -1323,18 +1339,67 @@ def test_warpgroup_conv_forward(emulator, geometry, block, tile, with_output_mas
     emulator.lib.emu_set_schedule(schedule, 7)
     mask, _, output_mask, fields, attrs, products = conv_case(geometry, block, tile, dtype, "block",
                                                               with_output_mask)
-    _, x, f_nan, out_shape, depth = products[0]
-    assert emulator.conv2d_uses_pipeline("forward", dtype, fields, "block")
-    emulator.lib.emu_reset_stats()
-    out = emulator.conv2d("forward", x, f_nan, mask, "block", fields, np.full(out_shape, np.nan, x.dtype),
-                          output_mask, True)
-    stats = emulator.stats()
+    _, x, f_nan, _, depth = products[0]
+    _, stats = checked_forward_conv(emulator, x, f_nan, mask, output_mask, fields, attrs, products[1][1], depth, dtype)
     assert stats["mma_syncs"] == 0
     assert stats["warpgroup_mma_columns"] == warpgroup_conv_columns(fields, mask != 0, output_mask)
-    om64 = np.zeros((0,)) if output_mask is None else output_mask.astype(np.float64)
-    expected, bound, _ = _conv(CONV_OPS["forward"], x.astype(np.float64), f_nan.astype(np.float64),
-                               mask.astype(np.float64), om64, products[1][1].astype(np.float64), attrs)
-    check(out, expected, bound, depth, dtype, True, f"forward {dtype}")
+
+
+def forward_conv_splits(fields, output_mask):
+    """How many ways the pipelined forward conv splits the lists of its busy
+    (row tile, channel tile) pairs, restated: a 128-row tile is busy where
+    an output tile overlapping its rows is active; as many splits as keep
+    264 thread blocks busy, at most one per 16 stages of 32 of the depth (and
+    32)."""
+    batch, *_, cin, kh, kw, cout, _, _, _, _, _, _, out_h, out_w, _, _, tile_h, tile_w = fields
+    tile_h, tile_w = min(tile_h, out_h), min(tile_w, out_w)
+    tiles_h, tiles_w = math.ceil(out_h / tile_h), math.ceil(out_w / tile_w)
+    tiles = batch * tiles_h * tiles_w
+    per_tile = tile_h * tile_w
+    active = [True] * tiles
+    if output_mask is not None:
+        active = [(output_mask[t // (tiles_h * tiles_w), t // tiles_w % tiles_h * tile_h:][:tile_h,
+                   t % tiles_w * tile_w:][:, :tile_w] != 0).any() for t in range(tiles)]
+    row_tiles = math.ceil(tiles * per_tile / 128)
+    busy = sum(any(active[r * 128 // per_tile:min(tiles - 1, (r * 128 + 127) // per_tile) + 1])
+               for r in range(row_tiles))
+    most = min(32, max(1, math.ceil(kh * kw * cin / 32) // 16))
+    return max(1, min(most, 264 // max(1, busy * math.ceil(cout / 128))))
+
+
+@pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "two-active-tiles"])
+@pytest.mark.parametrize("products", [WARPGROUP_NONE, WARPGROUP_ALL], ids=["pipelined", "warpgroup"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_forward_conv_splits_its_lists(emulator, with_output_mask, products, dtype):
+    """Few output tiles over a deep list (3 x 3 taps of 256 channels; four
+    128-row tiles, or two busy ones among them under an output mask with two
+    active 8 x 8 tiles, the second row tile idle between them): each busy
+    tile's list is split four ways and the splits' partial sums added by a
+    second kernel: the reference's result everywhere (the idle tiles written
+    as zeros, output factors applied once), with the tensor-core work of the
+    unsplit lists (float32 as TF32 on the pipelined tile only)."""
+    if products == WARPGROUP_ALL and dtype == "float32":
+        pytest.skip("the warpgroup tile takes 16-bit operands only")
+    emulator.lib.emu_set_warpgroup_mma(products)
+    geometry = (2, 16, 16, 256, 40, (3, 3), 1, 1, (1, 1, 1, 1))
+    mask, _, output_mask, fields, attrs, case_products = conv_case(geometry, (32, 16), (8, 8), dtype, "block",
+                                                                   with_output_mask)
+    if with_output_mask:
+        rng = np.random.default_rng(5)
+        output_mask = np.zeros((2, 16, 16), np.float32)
+        for n, ty, tx in ((0, 0, 1), (1, 1, 0)):  # tiles 1 and 6: row tiles 0 and 3
+            output_mask[n, ty * 8:ty * 8 + 8, tx * 8:tx * 8 + 8] = rng.choice([0.0, 1.0, 2.5], (8, 8))
+    assert forward_conv_splits(fields, output_mask) == 4
+    _, x, f_nan, _, depth = case_products[0]
+    out, stats = checked_forward_conv(emulator, x, f_nan, mask, output_mask, fields, attrs, case_products[1][1], depth,
+                                      dtype)
+    if products == WARPGROUP_ALL:
+        assert stats["mma_syncs"] == 0
+        assert stats["warpgroup_mma_columns"] == warpgroup_conv_columns(fields, mask != 0, output_mask)
+    else:
+        assert stats["mma_syncs"] == pipelined_conv_mma_count(fields, mask != 0, output_mask, dtype)
+    if output_mask is not None:
+        assert (out[output_mask == 0] == 0).all()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -82,8 +82,9 @@ int64_t AlignUp(int64_t bytes) { return (bytes + 255) / 256 * 256; }
 // The conv kernels' own workspace for `product`, rounded up to where the
 // output mask's factors start.
 template <typename T>
-int64_t KernelsWorkspace(const Conv2DGeometry& g, int level, int product) {
-  return AlignUp(static_cast<int64_t>(Conv2DWorkspaceBytes<T>(g, LevelOf(level), ProductOf(product))));
+int64_t KernelsWorkspace(const Conv2DGeometry& g, int level, int product, bool output_masked) {
+  return AlignUp(
+      static_cast<int64_t>(Conv2DWorkspaceBytes<T>(g, LevelOf(level), ProductOf(product), output_masked)));
 }
 
 }  // namespace
@@ -239,16 +240,17 @@ int masked_ops_gpu_elementwise(int op, const char* dtype, const char* mask_dtype
   });
 }
 
-// Device workspace of conv `product` (0, 1, 2 as below) of dtype: the
-// kernels' own, then room for the output mask's canonical factors (0 for an
-// unknown product).
-size_t masked_ops_gpu_conv2d_workspace_bytes(int product, const char* dtype, const int64_t* geometry, int level) {
+// Device workspace of conv `product` (0, 1, 2 as below) of dtype, with an
+// output mask where output_masked is not 0: the kernels' own, then room for
+// the output mask's canonical factors (0 for an unknown product).
+size_t masked_ops_gpu_conv2d_workspace_bytes(int product, const char* dtype, const int64_t* geometry, int level,
+                                             int output_masked) {
   using namespace masked_ops::gpu;
   if (!KnownProduct(product)) return 0;
   const masked_ops::Conv2DGeometry g = GeometryOf(geometry);
   return WithElementType(dtype, size_t{0}, [&](auto element) {
     using T = typename decltype(element)::type;
-    return static_cast<size_t>(KernelsWorkspace<T>(g, level, product) +
+    return static_cast<size_t>(KernelsWorkspace<T>(g, level, product, output_masked != 0) +
                                AlignUp(g.out_pixels() * int64_t(sizeof(masked_ops::ComputeOf<T>))));
   });
 }
@@ -272,7 +274,7 @@ int masked_ops_gpu_conv2d(int product, const char* dtype, const char* mask_dtype
     using F = ComputeOf<T>;
     F* factors = nullptr;
     if (output_mask != 0 && output_mask_dtype != nullptr) {
-      factors = reinterpret_cast<F*>(static_cast<char*>(space) + KernelsWorkspace<T>(g, level, product));
+      factors = reinterpret_cast<F*>(static_cast<char*>(space) + KernelsWorkspace<T>(g, level, product, true));
       const int status = WithMaskType(output_mask_dtype, [&](auto tag) {
         using TOut = typename decltype(tag)::type;
         return CanonicalOutputFactors<TOut, F>(Ptr<const TOut>(output_mask), g.out_pixels(), factors, s);

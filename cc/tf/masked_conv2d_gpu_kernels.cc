@@ -46,29 +46,30 @@ struct GpuBackend {
   template <typename T, typename Mask>
   static void Forward(OpKernelContext* ctx, const Conv2DGeometry& g, const T* x, const T* filters,
                       MaskView<Mask> mask, const Factor<T>* factors, T* y) {
-    LaunchWithWorkspace(ctx, WorkspaceBytes<T>(g, mask.level, gpu::Product::kForward), [&](void* workspace, gpu::Stream stream) {
+    LaunchWithWorkspace(ctx, WorkspaceBytes<T>(g, mask.level, gpu::Product::kForward, factors != nullptr), [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedConv2D(g, Storage(x), Storage(filters), mask, factors, Storage(y), workspace, GpuMathFor<T>(), stream);
     });
   }
   template <typename T, typename Mask>
   static void GradInput(OpKernelContext* ctx, const Conv2DGeometry& g, const T* dy, const T* filters,
                         MaskView<Mask> mask, const Factor<T>* factors, T* dx) {
-    LaunchWithWorkspace(ctx, WorkspaceBytes<T>(g, mask.level, gpu::Product::kGradInput), [&](void* workspace, gpu::Stream stream) {
+    LaunchWithWorkspace(ctx, WorkspaceBytes<T>(g, mask.level, gpu::Product::kGradInput, factors != nullptr), [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedConv2DGradInput(g, Storage(dy), Storage(filters), mask, factors, Storage(dx), workspace, GpuMathFor<T>(), stream);
     });
   }
   template <typename T, typename Mask>
   static void GradFilter(OpKernelContext* ctx, const Conv2DGeometry& g, const T* x, const T* dy,
                          MaskView<Mask> mask, const Factor<T>* factors, T* dfilters) {
-    LaunchWithWorkspace(ctx, WorkspaceBytes<T>(g, mask.level, gpu::Product::kGradWeight), [&](void* workspace, gpu::Stream stream) {
+    LaunchWithWorkspace(ctx, WorkspaceBytes<T>(g, mask.level, gpu::Product::kGradWeight, factors != nullptr), [&](void* workspace, gpu::Stream stream) {
       return gpu::MaskedConv2DGradFilter(g, Storage(x), Storage(dy), mask, factors, Storage(dfilters), workspace, GpuMathFor<T>(),
                                          stream);
     });
   }
 
   template <typename T>
-  static int64_t WorkspaceBytes(const Conv2DGeometry& g, MaskLevel level, gpu::Product product) {
-    return static_cast<int64_t>(gpu::Conv2DWorkspaceBytes<typename KernelStorage<T>::type>(g, level, product));
+  static int64_t WorkspaceBytes(const Conv2DGeometry& g, MaskLevel level, gpu::Product product, bool output_masked) {
+    return static_cast<int64_t>(
+        gpu::Conv2DWorkspaceBytes<typename KernelStorage<T>::type>(g, level, product, output_masked));
   }
 };
 

@@ -60,8 +60,8 @@ int emu_conv2d(int product, int dtype, int mask_dtype, int out_mask_dtype, const
       if (status != 0) return arena.Finish(status);
     }
     void* workspace =
-        arena.Scratch(static_cast<int64_t>(gpu::Conv2DWorkspaceBytes<T>(g, view.level,
-                                                                         static_cast<gpu::Product>(product))),
+        arena.Scratch(static_cast<int64_t>(gpu::Conv2DWorkspaceBytes<T>(
+                          g, view.level, static_cast<gpu::Product>(product), factors != nullptr)),
                       "workspace");
     const gpu::GpuMath math = MathOf(tensor_cores);
     int status = kUnknownType;

@@ -48,7 +48,8 @@ def load(path=None):
     )
     library.masked_ops_gpu_conv2d_workspace_bytes.restype = ctypes.c_size_t
     library.masked_ops_gpu_conv2d_workspace_bytes.argtypes = [ctypes.c_int, ctypes.c_char_p,
-                                                              ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+                                                              ctypes.POINTER(ctypes.c_int64), ctypes.c_int,
+                                                              ctypes.c_int]
     library.masked_ops_gpu_conv2d.restype = ctypes.c_int
     library.masked_ops_gpu_conv2d.argtypes = (
         [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int64)]
@@ -222,10 +223,9 @@ class Harness:
         holds Conv2DGeometry's 19 fields in order."""
         fields = (ctypes.c_int64 * 19)(*geometry)
         level_code = 0 if level == "element" else 1
-        workspace = self.torch.empty(self.library.masked_ops_gpu_conv2d_workspace_bytes(PRODUCTS[product],
-                                                                                        dtype_name(a).encode(), fields,
-                                                                                        level_code),
-                                     dtype=self.torch.uint8, device=a.device)
+        workspace = self.torch.empty(self.library.masked_ops_gpu_conv2d_workspace_bytes(
+            PRODUCTS[product], dtype_name(a).encode(), fields, level_code, int(output_mask is not None)),
+            dtype=self.torch.uint8, device=a.device)
         status = self.library.masked_ops_gpu_conv2d(
             PRODUCTS[product], dtype_name(a).encode(), dtype_name(mask).encode(),
             None if output_mask is None else dtype_name(output_mask).encode(), fields, address(a), address(b),

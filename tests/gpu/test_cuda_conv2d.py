@@ -24,6 +24,7 @@ GEOMETRIES = [
     (2, 14, 13, 32, 136, (3, 3), 1, 1, (1, 1, 1, 1)),  # pipelined forward: several row and channel tiles
     (1, 15, 14, 24, 40, (3, 3), 2, 2, (2, 1, 1, 2)),   # pipelined forward: strided, dilated
     (2, 32, 32, 16, 24, (3, 3), 1, 1, (1, 1, 1, 1)),   # pipelined dfilters: 2048 output pixels split 4 ways
+    (2, 16, 16, 256, 40, (3, 3), 1, 1, (1, 1, 1, 1)),  # pipelined forward: 4 row tiles or fewer busy, lists split
 ]
 # (filter block (in, out), output tile (h, w)): channel blocks cutting the
 # channels on multiples of 16 take the tensor-core products when asked (16 x 8
@@ -140,10 +141,12 @@ WARPGROUP_CASES = [  # (geometry, block, tile): runs of 1, 4 and 8 strips, stage
     (GEOMETRIES[6], (32, 128), (2, 8)),
     (GEOMETRIES[6], (16, 64), (8, 8)),
     ((2, 12, 11, 32, 64, (3, 3), 1, 1, (1, 1, 1, 1)), (16, 64), (8, 8)),
+    (GEOMETRIES[9], (32, 16), (8, 8)),
 ]
 
 
-@pytest.mark.parametrize("case", WARPGROUP_CASES, ids=["b16x16", "b32x48", "b32x128", "b16x64", "one-block"])
+@pytest.mark.parametrize("case", WARPGROUP_CASES,
+                         ids=["b16x16", "b32x48", "b32x128", "b16x64", "one-block", "split-lists"])
 @pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_warpgroup_conv_forward_matches_reference(case, with_output_mask, dtype):

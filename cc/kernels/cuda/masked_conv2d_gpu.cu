@@ -70,7 +70,7 @@ MASKED_OPS_FOR_EACH_MASK_TYPE(MASKED_OPS_INSTANTIATE, void)
 #undef MASKED_OPS_INSTANTIATE
 
 #define MASKED_OPS_INSTANTIATE(T)                                                             \
-  template size_t Conv2DWorkspaceBytes<T>(const Conv2DGeometry&, MaskLevel, Product);         \
+  template size_t Conv2DWorkspaceBytes<T>(const Conv2DGeometry&, MaskLevel, Product, bool);   \
   template bool Conv2DUsesTensorCores<T>(const Conv2DGeometry&, Product, GpuMath);            \
   template bool Conv2DUsesPipeline<T>(const Conv2DGeometry&, Product, GpuMath, MaskLevel);
 

@@ -26,10 +26,12 @@ namespace gpu {
 template <typename TOut, typename F>
 int CanonicalOutputFactors(const TOut* output_mask, int64_t pixels, F* factors, Stream stream);
 
-// Device workspace bytes of `product` (the pipelined dfilters keep partial
-// sums of a split depth there).
+// Device workspace bytes of `product`, with or without an output mask (the
+// pipelined forward product and dfilters keep partial sums of a split depth
+// there; the forward product splits more where an output mask leaves few
+// output tiles busy).
 template <typename T>
-size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level, Product product);
+size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level, Product product, bool output_masked);
 
 // Whether `product` runs on tensor cores under `math` on the current device:
 // the forward product needs the output-channel blocks cut on multiples of 16

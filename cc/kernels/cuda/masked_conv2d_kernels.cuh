@@ -643,15 +643,18 @@ struct ConvSegments {
 // grouped by output tile as in TensorCoreConvForward), set up by a thread
 // per row: each row's output pixel (-1: none) and, for a row of an active
 // output tile, the input pixel its tap (0, 0) reads, as (image, y, x),
-// image -1 for an inactive row.
+// image -1 for an inactive row; and where the tile's sums go: y, or, for a
+// split list, `partial` (kTileRows x kTileCols floats).
 struct ForwardTileRows {
   int64_t pixel[pl::kTileRows];
   int64_t image[pl::kTileRows];
   int64_t iy[pl::kTileRows];
   int64_t ix[pl::kTileRows];
+  float* partial;
 
-  __device__ void Set(const ConvDims& d, const uint8_t* active, int64_t row0) {
+  __device__ void Set(const ConvDims& d, const uint8_t* active, int64_t row0, float* partial_sums) {
     const int r = threadIdx.x;
+    if (r == 0) partial = partial_sums;
     const int64_t per_tile = d.tile_h * d.tile_w;
     const int64_t tile = (row0 + r) / per_tile;
     const int64_t q = (row0 + r) % per_tile;
@@ -682,10 +685,15 @@ struct ForwardTileRows {
     return inside ? (image[r] + y * d.in_w + x) * d.in_channels : -1;
   }
   // Output entries (r, c) and (r, c + 1) of the tile at channel col0: every
-  // pixel is written, an inactive one as zeros.
+  // pixel is written, an inactive one as zeros (a split's partial sums as
+  // they are).
   template <typename D>
   __device__ void Store(const ConvDims& d, const float* output_factors, int64_t col0, int r, int c, float v0, float v1,
                         D* y) const {
+    if (partial != nullptr) {
+      pl::StorePair(partial + r * pl::kTileCols + c, v0, v1);
+      return;
+    }
     const int64_t co = col0 + c;
     if (pixel[r] < 0 || co >= d.out_channels) return;
     const bool on = image[r] >= 0;
@@ -722,17 +730,139 @@ struct GatheredSegment {
   }
 };
 
-// The output tile of a forward conv's thread block: blockIdx.x walks tiles
-// of 128 rows (ForwardTileRows) by 128 output channels, channels fastest.
+// The forward conv's 128-row tiles (of output pixels grouped by output tile,
+// as ForwardTileRows).
+__host__ __device__ inline int64_t ForwardRowTiles(const ConvDims& d) {
+  return CeilDiv(d.batch * d.tiles_h() * d.tiles_w() * d.tile_h * d.tile_w, int64_t{pl::kTileRows});
+}
+
+// How many ways the forward conv splits the list of each of its `busy`
+// (row tile, column tile) pairs: as many as keep pl::kTargetBlocks thread
+// blocks busy, at most `most`.
+__host__ __device__ inline int64_t ForwardSplits(int64_t busy, int64_t most) {
+  const int64_t filling = pl::kTargetBlocks / (busy > 1 ? busy : 1);
+  return filling < most ? (filling > 1 ? filling : 1) : most;
+}
+
+// The order in which the forward conv's thread blocks take its row tiles:
+// order[0 .. *busy) the row tiles holding a row of an active output tile,
+// in row order, then the others. One thread block (pl::kScanThreads), which
+// compacts the row tiles a chunk at a time.
+__global__ void __launch_bounds__(pl::kScanThreads)
+    ForwardRowTileOrder(const uint8_t* active, ConvDims d, int32_t* order, int32_t* busy) {
+  __shared__ int32_t scan[pl::kScanThreads];
+  __shared__ int32_t busy_below;  // busy row tiles before the chunk
+  const int64_t row_tiles = ForwardRowTiles(d);
+  const int64_t tiles = d.batch * d.tiles_h() * d.tiles_w();
+  const int64_t per_tile = d.tile_h * d.tile_w;
+  if (threadIdx.x == 0) busy_below = 0;
+  for (int64_t chunk = 0; chunk < row_tiles; chunk += pl::kScanThreads) {
+    const int64_t row_tile = chunk + threadIdx.x;
+    bool is_busy = false;
+    if (row_tile < row_tiles) {
+      const int64_t last = min(tiles - 1, (row_tile * pl::kTileRows + pl::kTileRows - 1) / per_tile);
+      for (int64_t t = row_tile * pl::kTileRows / per_tile; t <= last && !is_busy; ++t) is_busy = active[t] != 0;
+    }
+    scan[threadIdx.x] = is_busy ? 1 : 0;
+    pl::InclusiveScan(scan);
+    if (row_tile < row_tiles) {
+      const int64_t busy_before = busy_below + scan[threadIdx.x] - (is_busy ? 1 : 0);
+      // Idle row tiles fill the order from its end.
+      order[is_busy ? busy_before : row_tiles - 1 - (row_tile - busy_before)] = static_cast<int32_t>(row_tile);
+    }
+    __syncthreads();
+    if (threadIdx.x == pl::kScanThreads - 1) busy_below += scan[threadIdx.x];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *busy = busy_below;
+}
+
+// Where the forward conv's thread blocks find their work: ForwardRowTileOrder's
+// order and busy count, the most ways a list may split (1: it never does),
+// and the partial sums of split lists (kTileRows x kTileCols floats a slot).
+struct ForwardSchedule {
+  const int32_t* order;
+  const int32_t* busy;
+  int64_t most_splits;
+  float* partials;
+};
+
+// A forward conv thread block's work. blockIdx.x walks first the splits of
+// the busy row tiles' (row tile, column tile) pairs (split, pair; columns
+// fastest), then the other row tiles' pairs, which have no active pixel and
+// take no list entries; blocks past those have no work. A split takes the
+// split-th run of pl::SplitRun(count, splits) entries of its column tile's
+// list, from `first`; a split past the list's end, split 0 aside, has no
+// work. With one split the tile is stored as D; else as float partial sums,
+// in slot (split, pair) (`partial`), which ForwardSplitSums adds up.
 struct ForwardTile {
-  int64_t row0, col_tile, col0;
-  __device__ explicit ForwardTile(const ConvDims& d) {
+  int64_t row0 = 0, col_tile = 0, col0 = 0, first = 0;
+  float* partial = nullptr;
+  int count = 0;
+  bool none = false;
+  __device__ ForwardTile(const ConvDims& d, const ForwardSchedule& s, const int32_t* counts) {
     const int64_t col_tiles = CeilDiv(d.out_channels, pl::kTileCols);
-    row0 = int64_t(blockIdx.x) / col_tiles * pl::kTileRows;
+    const int64_t busy_pairs = int64_t{*s.busy} * col_tiles;
+    const int64_t splits = ForwardSplits(busy_pairs, s.most_splits);
+    int64_t pair = blockIdx.x;
+    int64_t split = 0;
+    if (pair < busy_pairs * splits) {
+      split = pair / busy_pairs;
+      pair %= busy_pairs;
+    } else {
+      pair -= busy_pairs * (splits - 1);
+      if (pair >= ForwardRowTiles(d) * col_tiles) {
+        none = true;
+        return;
+      }
+    }
+    row0 = int64_t{s.order[pair / col_tiles]} * pl::kTileRows;
+    // The same as pair % col_tiles (the pairs skipped are whole row tiles'),
+    // but from blockIdx alone, which the compiler can recompute rather than
+    // keep in a register through the pipeline.
     col_tile = int64_t(blockIdx.x) % col_tiles;
     col0 = col_tile * pl::kTileCols;
+    if (pair >= busy_pairs) return;
+    const int64_t listed = counts[col_tile];
+    const int64_t per_split = pl::SplitRun(listed, splits);
+    first = split * per_split;
+    count = static_cast<int>(max(int64_t{0}, min(listed - first, per_split)));
+    none = split > 0 && count == 0;
+    if (splits > 1) partial = s.partials + (split * busy_pairs + pair) * pl::kTileRows * pl::kTileCols;
   }
 };
+
+// y over the busy row tiles of a forward conv whose lists were split: per
+// (row tile, column tile) pair (a thread block each, pl::kTileRows threads),
+// the sum of the partial sums of the splits that took entries, stored as the
+// unsplit kernels store theirs. Blocks past the pairs, or all where the lists
+// were not split, return at once.
+template <typename D>
+__global__ void __launch_bounds__(pl::kTileRows)
+    ForwardSplitSums(const float* output_factors, const uint8_t* active, ConvDims d, ForwardSchedule s,
+                     const int32_t* counts, D* y) {
+  __shared__ ForwardTileRows rows;
+  const int64_t col_tiles = CeilDiv(d.out_channels, pl::kTileCols);
+  const int64_t busy_pairs = int64_t{*s.busy} * col_tiles;
+  const int64_t splits = ForwardSplits(busy_pairs, s.most_splits);
+  const int64_t pair = blockIdx.x;
+  if (splits == 1 || pair >= busy_pairs) return;
+  const int64_t col_tile = pair % col_tiles;
+  rows.Set(d, active, int64_t{s.order[pair / col_tiles]} * pl::kTileRows, nullptr);
+  __syncthreads();
+  const int64_t used = pl::UsedSplits(counts[col_tile], splits);
+  constexpr int kEntries = pl::kTileRows * pl::kTileCols;
+  for (int e = 2 * threadIdx.x; e < kEntries; e += 2 * pl::kTileRows) {
+    float v0 = 0.0f;
+    float v1 = 0.0f;
+    for (int64_t split = 0; split < used; ++split) {
+      const float* partial = s.partials + (split * busy_pairs + pair) * kEntries + e;
+      v0 += partial[0];
+      v1 += partial[1];
+    }
+    rows.Store(d, output_factors, col_tile * pl::kTileCols, e / pl::kTileCols, e % pl::kTileCols, v0, v1, y);
+  }
+}
 
 // The forward conv for 16-bit D (or float as TF32) and a block mask on the
 // pipelined tile, an implicit GEMM: rows are output pixels grouped by output
@@ -741,19 +871,24 @@ struct ForwardTile {
 // channels a stage. Each thread gathers the same rows of every stage: their
 // input pixels are worked out once per tap, and a pixel in the padding, or a
 // row without an active pixel, is a zero fill. A warp multiplies only its live
-// 16-channel strips and its 16-row strips holding an active pixel.
+// 16-channel strips and its 16-row strips holding an active pixel. Thread
+// blocks take their tiles, and runs of a split list, as ForwardTile says:
+// where few tiles hold an active pixel (a small batch, or an output mask
+// leaving most tiles inactive), their lists split so that more thread blocks
+// share them.
 template <typename D, int kDepth>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedConvForward(const D* x, const D* filters, const float* factors, const float* output_factors,
                          const uint8_t* live, const uint8_t* active, ConvDims d, const uint32_t* lists,
-                         const int32_t* counts, D* y) {
+                         const int32_t* counts, ForwardSchedule schedule, D* y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // launched only where DeviceSupportsTensorCores()
 #else
   static_assert(pl::kTileRows == pl::kThreads, "a thread per tile row");
   __shared__ ForwardTileRows rows;
-  const ForwardTile tile(d);
-  rows.Set(d, active, tile.row0);
+  const ForwardTile tile(d, schedule, counts);
+  if (tile.none) return;  // the whole block, before any barrier
+  rows.Set(d, active, tile.row0, tile.partial);
   __syncthreads();
   const pl::WarpPlace warp = pl::ThisWarp();
   unsigned active_rows = 0;  // bit mt: the warp's 16-row strip mt holds an active pixel
@@ -789,7 +924,7 @@ __global__ void __launch_bounds__(pl::kThreads)
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
   const ConvSegments<false> segments{d, live, factors};
   pl::RunListedSegments<D, kDepth, false, false>(
-      segments, tile.col0, lists + tile.col_tile * segments.segments(), any_active ? counts[tile.col_tile] : 0,
+      segments, tile.col0, lists + tile.col_tile * segments.segments() + tile.first, any_active ? tile.count : 0,
       min(d.in_block, d.in_channels), active_rows, issue_segment, nullptr, acc);
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
     rows.Store(d, output_factors, tile.col0, r, c, v0, v1, y);
@@ -800,7 +935,7 @@ __global__ void __launch_bounds__(pl::kThreads)
 namespace wg = warpgroup;
 
 // PipelinedConvForward on the warpgroup tile (warpgroup_gemm.cuh; Hopper,
-// built for sm_90a): the same tiles, lists and gathers, A (the rows' input
+// built for sm_90a): the same tiles, splits, lists and gathers, A (the rows' input
 // pixels at the segment's tap, kDepth channels) gathered into the swizzled
 // K-major layout and B (the tap's filters) N-major as the matmul's W, one
 // wgmma per live run of output channels and 64-row half holding an active
@@ -815,17 +950,18 @@ template <typename D, int kDepth, int kRunStrips, bool kWholeLive>
 __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
     WarpgroupConvForward(const D* x, const D* filters, const float* factors, const float* output_factors,
                          const uint8_t* live, const uint8_t* active, ConvDims d, const uint32_t* lists,
-                         const int32_t* counts, D* y, wg::Tiles taken) {
+                         const int32_t* counts, ForwardSchedule schedule, D* y, wg::Tiles taken) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // launched only where wg::DeviceRunsWarpgroupMma()
 #else
   static_assert(pl::kTileRows == wg::kThreads, "a thread per tile row");
   __shared__ ForwardTileRows rows;
-  const ForwardTile tile(d);
-  rows.Set(d, active, tile.row0);
+  const ForwardTile tile(d, schedule, counts);
+  if (tile.none) return;  // the whole block, before any barrier
+  rows.Set(d, active, tile.row0, tile.partial);
   const ConvSegments<false> segments{d, live, factors};
-  const uint32_t* list = lists + tile.col_tile * segments.segments();
-  const int listed = counts[tile.col_tile];
+  const uint32_t* list = lists + tile.col_tile * segments.segments() + tile.first;
+  const int listed = tile.count;
   bool partly = false;
   for (int i = threadIdx.x; i < listed; i += wg::kThreads) {
     partly = partly || pl::StripsOf(list[i]) != (1u << pl::kTileStrips) - 1;

@@ -46,7 +46,9 @@ struct Workspace {
   int32_t* lists;
   int32_t* counts;
   uint8_t* active;
-  float* partials;  // the pipelined dfilters' split sums
+  int32_t* order;   // the pipelined forward conv's row tiles, busy first,
+  int32_t* busy;    // and their busy count
+  float* partials;  // the pipelined forward conv's and dfilters' split sums
 };
 
 int64_t AlignUp(int64_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -86,11 +88,38 @@ bool PipelineGeometry(const ConvDims& d) {
          d.taps() * std::max(d.in_blocks(), d.out_blocks()) < pl::kMaxSegments;
 }
 
-// Bytes of the pipelined dfilters' partial sums (none for one split).
+// The most ways the pipelined forward conv may split a list (1: it never
+// does), by the depth as for the weight gradients, and by the fewest busy
+// (row tile, column tile) pairs it can have (ForwardSplits): every row
+// tile's without an output mask, one row tile's with one.
+int64_t ForwardMostSplits(const ConvDims& d, bool output_masked) {
+  const int64_t fewest_busy = (output_masked ? 1 : ForwardRowTiles(d)) * CeilDiv(d.out_channels, pl::kTileCols);
+  return ForwardSplits(fewest_busy, pl::MostDepthSplits(d.taps() * d.in_channels));
+}
+
+// The pipelined forward conv's partial-sum slots (ForwardTile): the splits
+// of the busy pairs, which split only while they take at most
+// pl::kTargetBlocks thread blocks; and the blocks beyond one per pair the
+// splits take (fewer than that).
+int64_t ForwardSplitSlots(const ConvDims& d, int64_t most_splits) {
+  const int64_t pairs = ForwardRowTiles(d) * CeilDiv(d.out_channels, pl::kTileCols);
+  return most_splits > 1 ? std::min(pl::kTargetBlocks, pairs * most_splits) : 0;
+}
+int64_t ForwardSplitBlocks(const ConvDims& d, int64_t most_splits) {
+  const int64_t pairs = ForwardRowTiles(d) * CeilDiv(d.out_channels, pl::kTileCols);
+  return std::min(pl::kTargetBlocks, pairs * (most_splits - 1));
+}
+
+// Bytes of the pipelined products' partial sums (none for one split).
 template <typename T>
-int64_t PartialBytes(const ConvDims& d, Product product) {
+int64_t PartialBytes(const ConvDims& d, Product product, bool output_masked) {
+  if (!PipelineGeometry<T>(d)) return 0;
+  if (product == Product::kForward) {
+    return ForwardSplitSlots(d, ForwardMostSplits(d, output_masked)) * pl::kTileRows * pl::kTileCols *
+           int64_t(sizeof(float));
+  }
   const int64_t splits = GradFilterSplits(d);
-  return product == Product::kGradWeight && PipelineGeometry<T>(d) && splits > 1
+  return product == Product::kGradWeight && splits > 1
              ? splits * d.taps() * d.in_channels * d.out_channels * int64_t(sizeof(float))
              : 0;
 }
@@ -109,6 +138,10 @@ Workspace<F> Carve(void* base, const ConvDims& d) {
   p += AlignUp(CountEntries(d) * int64_t(sizeof(int32_t)));
   ws.active = reinterpret_cast<uint8_t*>(p);
   p += AlignUp(Tiles(d));
+  ws.order = reinterpret_cast<int32_t*>(p);
+  p += AlignUp(ForwardRowTiles(d) * int64_t(sizeof(int32_t)));
+  ws.busy = reinterpret_cast<int32_t*>(p);
+  p += AlignUp(sizeof(int32_t));
   ws.partials = reinterpret_cast<float*>(p);
   return ws;
 }
@@ -154,12 +187,13 @@ bool Conv2DUsesPipeline(const Conv2DGeometry& g, Product product, GpuMath math, 
 }
 
 template <typename T>
-size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level, Product product) {
+size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level, Product product, bool output_masked) {
   const ConvDims d = DimsOf(g, level);
   return static_cast<size_t>(AlignUp(FactorCount(d) * int64_t(sizeof(ComputeOf<T>))) + AlignUp(FilterBlocks(d)) +
                              AlignUp(ListEntries(d) * int64_t(sizeof(int32_t))) +
                              AlignUp(CountEntries(d) * int64_t(sizeof(int32_t))) + AlignUp(Tiles(d)) +
-                             PartialBytes<T>(d, product));
+                             AlignUp(ForwardRowTiles(d) * int64_t(sizeof(int32_t))) + AlignUp(sizeof(int32_t)) +
+                             PartialBytes<T>(d, product, output_masked));
 }
 
 namespace {
@@ -180,9 +214,13 @@ int RunForward(const Launch& launch, const Conv2DGeometry& g, const T* x, const 
   const auto ws = IndexFilters<ComputeOf<T>>(launch, d, mask, workspace);
   if constexpr (pl::kHasPipeline<D<T>>) {
     if (Conv2DUsesPipeline<T>(g, Product::kForward, math, mask.level) && pl::Aligned16(x, filters, y)) {
-      const int64_t blocks = pl::TileCount(Tiles(d) * d.tile_h * d.tile_w, d.out_channels);
+      const ForwardSchedule schedule{ws.order, ws.busy, ForwardMostSplits(d, output_factors != nullptr),
+                                     ws.partials};
+      const int64_t blocks = pl::TileCount(Tiles(d) * d.tile_h * d.tile_w, d.out_channels) +
+                             ForwardSplitBlocks(d, schedule.most_splits);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       launch(TileActivity<float>, BlocksFor(Tiles(d)), kThreads, output_factors, d, ws.active);
+      launch(ForwardRowTileOrder, 1, pl::kScanThreads, ws.active, d, ws.order, ws.busy);
       const ConvSegments<false> segments{d, ws.live, ws.factors};
       auto* lists = reinterpret_cast<uint32_t*>(ws.lists);
       launch(pl::TileSegmentLists<ConvSegments<false>>, static_cast<unsigned>(CeilDiv(d.out_channels, pl::kTileCols)),
@@ -197,15 +235,19 @@ int RunForward(const Launch& launch, const Conv2DGeometry& g, const T* x, const 
                                        decltype(taken)::value == wg::Tiles::kWhole>,
                   static_cast<unsigned>(blocks),
                   wg::kThreads, Dev(x), Dev(filters), ws.factors, output_factors, ws.live, ws.active, d, lists,
-                  ws.counts, Dev(y), decltype(taken)::value);
+                  ws.counts, schedule, Dev(y), decltype(taken)::value);
             });
             return;
           }
         }
         launch.WithSharedMemory(pl::kSharedBytes<D<T>, kDepth, true, false>)(
             PipelinedConvForward<D<T>, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x), Dev(filters),
-            ws.factors, output_factors, ws.live, ws.active, d, lists, ws.counts, Dev(y));
+            ws.factors, output_factors, ws.live, ws.active, d, lists, ws.counts, schedule, Dev(y));
       });
+      if (schedule.most_splits > 1) {
+        launch(ForwardSplitSums<D<T>>, static_cast<unsigned>(ForwardSplitSlots(d, schedule.most_splits)),
+               pl::kTileRows, output_factors, ws.active, d, schedule, ws.counts, Dev(y));
+      }
       return launch.Status();
     }
   }

@@ -430,9 +430,6 @@ __global__ void __launch_bounds__(tc::kThreads)
 namespace pl = pipelined;
 namespace wg = warpgroup;
 
-// Entries of a column tile's list each split takes (the last may take fewer).
-__host__ __device__ inline int64_t SplitRun(int64_t listed, int64_t splits) { return CeilDiv(listed, splits); }
-
 // The output columns, depth and segments (block rows of W for the forward
 // product, block columns for dx) of a product, and the block of W behind
 // (segment, group), group being the block of the output's columns.
@@ -472,7 +469,7 @@ struct ListedTile {
     row0 = int64_t(blockIdx.x) % tiles / col_tiles * tile_rows;
     col_tile = int64_t(blockIdx.x) % col_tiles;
     col0 = col_tile * pl::kTileCols;
-    const int64_t per_split = SplitRun(counts[col_tile], splits);
+    const int64_t per_split = pl::SplitRun(counts[col_tile], splits);
     first = split * per_split;
     count = static_cast<int>(max(int64_t{0}, min(int64_t{counts[col_tile]} - first, per_split)));
   }
@@ -651,8 +648,7 @@ __global__ void SplitSums(const float* partials, int64_t splits, const int32_t* 
                           D* out) {
   const int64_t count = rows * cols;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t listed = counts[e % cols / pl::kTileCols];
-    const int64_t used = listed == 0 ? 1 : CeilDiv(listed, SplitRun(listed, splits));
+    const int64_t used = pl::UsedSplits(counts[e % cols / pl::kTileCols], splits);
     float sum = 0.0f;
     for (int64_t s = 0; s < used; ++s) sum += partials[s * count + e];
     out[e] = FromCompute<D>(sum);

@@ -129,9 +129,18 @@ inline int64_t TileCount(int64_t rows, int64_t cols, int64_t tile_rows = kTileRo
 constexpr int64_t kTargetBlocks = 264;
 constexpr int64_t kMaxSplits = 32;
 constexpr int64_t kMinSplitStages = 16;
+inline int64_t MostDepthSplits(int64_t depth) {
+  return std::clamp(CeilDiv(depth, int64_t{kWideStage}) / kMinSplitStages, int64_t{1}, kMaxSplits);
+}
 inline int64_t DepthSplits(int64_t tiles, int64_t depth) {
-  const int64_t most = std::clamp(CeilDiv(depth, int64_t{kWideStage}) / kMinSplitStages, int64_t{1}, kMaxSplits);
-  return std::min(CeilDiv(kTargetBlocks, std::max(tiles, int64_t{1})), most);
+  return std::min(CeilDiv(kTargetBlocks, std::max(tiles, int64_t{1})), MostDepthSplits(depth));
+}
+
+// The entries of a listed tile's list each split takes (the last may take
+// fewer), and the splits that take any (at least one, for an empty list).
+__host__ __device__ inline int64_t SplitRun(int64_t listed, int64_t splits) { return CeilDiv(listed, splits); }
+__host__ __device__ inline int64_t UsedSplits(int64_t listed, int64_t splits) {
+  return listed == 0 ? 1 : CeilDiv(listed, SplitRun(listed, splits));
 }
 
 // Whether a block size cuts an extent on multiples of a fragment, or not at
@@ -253,6 +262,20 @@ __host__ __device__ inline unsigned StripsOf(uint32_t entry) { return entry >> k
 // thread block (kScanThreads) per tile; the threads look at segments in
 // parallel and compact them with a scan.
 constexpr int kScanThreads = 256;
+
+// scan[t] += scan[0 .. t) for the kScanThreads threads t of the block, each
+// having set its own entry: an inclusive prefix sum, visible to every thread
+// on return.
+__device__ inline void InclusiveScan(int32_t* scan) {
+  __syncthreads();
+  for (int stride = 1; stride < kScanThreads; stride *= 2) {
+    const int32_t below = int(threadIdx.x) >= stride ? scan[threadIdx.x - stride] : 0;
+    __syncthreads();
+    scan[threadIdx.x] += below;
+    __syncthreads();
+  }
+}
+
 template <typename Dims>
 __global__ void __launch_bounds__(kScanThreads) TileSegmentLists(Dims dims, uint32_t* lists, int32_t* counts) {
   __shared__ int32_t scan[kScanThreads];
@@ -272,13 +295,7 @@ __global__ void __launch_bounds__(kScanThreads) TileSegmentLists(Dims dims, uint
       }
     }
     scan[threadIdx.x] = strips != 0 ? 1 : 0;
-    __syncthreads();
-    for (int stride = 1; stride < kScanThreads; stride *= 2) {
-      const int32_t below = int(threadIdx.x) >= stride ? scan[threadIdx.x - stride] : 0;
-      __syncthreads();
-      scan[threadIdx.x] += below;
-      __syncthreads();
-    }
+    InclusiveScan(scan);
     if (strips != 0) {
       lists[tile * dims.segments() + listed + scan[threadIdx.x] - 1] =
           static_cast<uint32_t>(segment) | (scaled ? 1u : 0u) << kEntryScaledBit | strips << kEntryStripShift;
