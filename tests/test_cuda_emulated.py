@@ -1348,9 +1348,9 @@ def test_warpgroup_conv_forward(emulator, geometry, block, tile, with_output_mas
 def forward_conv_splits(fields, output_mask):
     """How many ways the pipelined forward conv splits the lists of its busy
     (row tile, channel tile) pairs, restated: a 128-row tile is busy where
-    an output tile overlapping its rows is active; as many splits as keep
-    264 thread blocks busy, at most one per 16 stages of 32 of the depth (and
-    32)."""
+    an output tile overlapping its rows is active; fewer than 264 busy pairs
+    split into at least 264 thread blocks, at most one split per 16 stages
+    of 32 of the depth (and 32)."""
     batch, *_, cin, kh, kw, cout, _, _, _, _, _, _, out_h, out_w, _, _, tile_h, tile_w = fields
     tile_h, tile_w = min(tile_h, out_h), min(tile_w, out_w)
     tiles_h, tiles_w = math.ceil(out_h / tile_h), math.ceil(out_w / tile_w)
@@ -1364,7 +1364,8 @@ def forward_conv_splits(fields, output_mask):
     busy = sum(any(active[r * 128 // per_tile:min(tiles - 1, (r * 128 + 127) // per_tile) + 1])
                for r in range(row_tiles))
     most = min(32, max(1, math.ceil(kh * kw * cin / 32) // 16))
-    return max(1, min(most, 264 // max(1, busy * math.ceil(cout / 128))))
+    pairs = busy * math.ceil(cout / 128)
+    return 1 if pairs >= 264 else min(most, math.ceil(264 / max(1, pairs)))
 
 
 @pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "two-active-tiles"])
@@ -1443,17 +1444,36 @@ def test_warpgroup_conv_forward_copies_are_whole_lines(emulator):
     assert emulator.stats()["warpgroup_mma_columns"] > 0
 
 
+def live_depth_stages(output_mask, pixels, stage):
+    """The stages of `stage` of the `pixels` output pixels (raster order)
+    holding a live pixel of the output mask, or all of them without one."""
+    if output_mask is None:
+        return math.ceil(pixels / stage)
+    flat = output_mask.reshape(-1)
+    return sum(bool((flat[s:s + stage] != 0).any()) for s in range(0, pixels, stage))
+
+
 @pytest.mark.parametrize("level", ["block", "element"])
-@pytest.mark.parametrize("with_output_mask", [False, True], ids=["dense-output", "output-mask"])
+@pytest.mark.parametrize("output_mask_kind", ["dense-output", "output-mask", "sparse-output-mask"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_pipelined_conv_filter_gradient_over_splits(emulator, level, with_output_mask, dtype):
+def test_pipelined_conv_filter_gradient_over_splits(emulator, level, output_mask_kind, dtype):
     """dfilters with its depth (2048 output pixels) split four ways, summed
     by a second kernel: the reference's result, with the mma.sync count of
-    the live fragments over the whole depth (float32 as TF32: 8 deep)."""
+    the live fragments over the depth's stages that hold a live output pixel
+    (all without an output mask; float32 as TF32: stages of 16, 8 deep an
+    mma; a sparse output mask of three 8 x 8 tiles leaves most stages
+    dead)."""
     geometry = (2, 32, 32, 16, 24, (3, 3), 1, 1, (1, 1, 1, 1))
     mask, element, output_mask, fields, attrs, products = conv_case(geometry, (16, 16), (8, 8), dtype, level,
-                                                                    with_output_mask)
+                                                                    output_mask_kind != "dense-output")
     _, x, dy, out_shape, depth = products[2]
+    if output_mask_kind == "sparse-output-mask":
+        sparse = np.zeros_like(output_mask)
+        for n, ty, tx in ((0, 0, 3), (1, 2, 1), (1, 3, 3)):
+            sparse[n, ty * 8:ty * 8 + 8, tx * 8:tx * 8 + 8] = output_mask[n, ty * 8:ty * 8 + 8, tx * 8:tx * 8 + 8] + 1
+        output_mask = sparse
+        finite = np.random.default_rng(7).standard_normal(dy.shape)  # the case's dy is NaN off its own mask
+        dy = np.where(output_mask[..., None] == 0, np.nan, finite).astype(dy.dtype)
     assert emulator.conv2d_uses_pipeline("grad_weight", dtype, fields, level)
     emulator.lib.emu_reset_stats()
     out = emulator.conv2d("grad_weight", x, dy, mask, level, fields, np.full(out_shape, np.nan, x.dtype), output_mask,
@@ -1462,9 +1482,19 @@ def test_pipelined_conv_filter_gradient_over_splits(emulator, level, with_output
     live_taps = [(element[ky, kx] != 0) for ky in range(3) for kx in range(3)]
     fragments = sum(int(live[i:i + 16, j:j + 16].any()) for live in live_taps for i in range(0, 16, 16)
                     for j in range(0, 24, 16))
-    assert stats["mma_syncs"] == 2048 // (8 if dtype == "float32" else 16) * fragments * 2
-    # (the output mask's factors,) the filter factors, liveness, the split products, their sum
-    assert stats["launches"] == 4 + (output_mask is not None)
+    stage, mma_depth = (16, 8) if dtype == "float32" else (32, 16)
+    stages = live_depth_stages(output_mask, 2048, stage)
+    assert stats["mma_syncs"] == stages * (stage // mma_depth) * fragments * 2
+    # (the output mask's factors,) the filter factors, liveness, (the live
+    # stages,) the split products, their sum
+    assert stats["launches"] == 4 + 2 * (output_mask is not None)
+    if output_mask_kind == "sparse-output-mask":
+        assert stages == 24  # the three tiles' 24 rows of 8 pixels, each in a stage of its own
+        # Every stage copies as much as any other: dead ones copy nothing.
+        emulator.lib.emu_reset_stats()
+        emulator.conv2d("grad_weight", x, np.nan_to_num(dy), mask, level, fields, np.full(out_shape, np.nan, x.dtype),
+                        np.ones_like(output_mask), True)
+        assert stats["async_copies"] * 2048 // stage == emulator.stats()["async_copies"] * stages
     om64 = np.zeros((0,)) if output_mask is None else output_mask.astype(np.float64)
     expected, bound, _ = _conv(CONV_OPS["grad_weight"], x.astype(np.float64), products[0][2].astype(np.float64),
                                mask.astype(np.float64), om64, dy.astype(np.float64), attrs)

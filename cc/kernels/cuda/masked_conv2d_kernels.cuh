@@ -113,6 +113,18 @@ __global__ void TileActivity(const F* output_factors, ConvDims d, uint8_t* activ
   }
 }
 
+// live[s] for stage s of `depth` output pixels (in raster order) of the
+// weight gradients' depth: some output factor in it is live.
+template <typename F>
+__global__ void DepthStageActivity(const F* output_factors, int64_t pixels, int64_t depth, uint8_t* live) {
+  const int64_t stages = CeilDiv(pixels, depth);
+  for (int64_t s = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; s < stages; s += int64_t(gridDim.x) * blockDim.x) {
+    bool any = false;
+    for (int64_t p = s * depth; p < min(pixels, (s + 1) * depth) && !any; ++p) any = Live(output_factors[p]);
+    live[s] = any ? 1 : 0;
+  }
+}
+
 // The output pixel that input pixel (iy, ix) meets at tap (ky, kx), or -1.
 __device__ inline int64_t OutputPixelAt(const ConvDims& d, int64_t n, int64_t iy, int64_t ix, int64_t ky,
                                         int64_t kx) {
@@ -737,11 +749,14 @@ __host__ __device__ inline int64_t ForwardRowTiles(const ConvDims& d) {
 }
 
 // How many ways the forward conv splits the list of each of its `busy`
-// (row tile, column tile) pairs: as many as keep pl::kTargetBlocks thread
-// blocks busy, at most `most`.
+// (row tile, column tile) pairs: fewer pairs than pl::kTargetBlocks thread
+// blocks split into at least that many blocks, at most `most` ways (a
+// block's list, not the work, sets a pass's time there: on an H100 ~75 busy
+// blocks took as long as ~170, of 264 places).
 __host__ __device__ inline int64_t ForwardSplits(int64_t busy, int64_t most) {
-  const int64_t filling = pl::kTargetBlocks / (busy > 1 ? busy : 1);
-  return filling < most ? (filling > 1 ? filling : 1) : most;
+  if (busy >= pl::kTargetBlocks) return 1;
+  const int64_t filling = CeilDiv(pl::kTargetBlocks, busy > 1 ? busy : int64_t{1});
+  return filling < most ? filling : most;
 }
 
 // The order in which the forward conv's thread blocks take its row tiles:
@@ -1097,13 +1112,16 @@ __global__ void __launch_bounds__(pl::kThreads)
 // each thread steps its rows' output pixels along stage by stage), B = dy,
 // masked per depth row by the output factors (staged by cp.async with the
 // operands). A warp multiplies only its fragments in live blocks; a tile
-// without any reads nothing. With one split the tile is written masked, as D;
-// with several, as float partial sums to partials[split] (taps x in_channels x
-// out_channels each), which SplitFilterSums adds up.
+// without any reads nothing, and under an output mask a stage whose output
+// pixels are all dead (stage_live) is neither read nor multiplied. With one
+// split the tile is written masked, as D; with several, as float partial
+// sums to partials[split] (taps x in_channels x out_channels each), which
+// SplitFilterSums adds up.
 template <typename D, int kDepth>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedConvGradFilter(const D* x, const D* dy, const float* factors, const float* output_factors,
-                            const uint8_t* live, ConvDims d, int64_t per_split, float* partials, D* dfilters) {
+                            const uint8_t* live, const uint8_t* stage_live, ConvDims d, int64_t per_split,
+                            float* partials, D* dfilters) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // launched only where DeviceSupportsTensorCores()
 #else
@@ -1123,7 +1141,6 @@ __global__ void __launch_bounds__(pl::kThreads)
   };
   const pl::LiveTile live_tile = pl::FindLiveFragments(row0, col0, fragment_live);
   pl::WarpStage stage{};
-  stage.fragments = live_tile.warp;
   // A = x^T as [depth][in channels]: each thread's chunks sit in depth rows
   // a_row + c kRowStep, channels row0 + a_col ..; their output pixels as
   // (image, y, x), stepped kDepth pixels a stage.
@@ -1143,16 +1160,20 @@ __global__ void __launch_bounds__(pl::kThreads)
   const int64_t tap_y = tap / d.filter_w * d.dilation_h - d.pad_top;
   const int64_t tap_x = tap % d.filter_w * d.dilation_w - d.pad_left;
   const pl::StageCopier<D, kDepth, pl::kTileCols, true> dy_copier(dy, d.out_channels, col0, d.out_channels);
+  const auto live_stage = [&](int64_t step) { return stage_live == nullptr || stage_live[first + step] != 0; };
   const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
     const int64_t p0 = (first + step) * kDepth;
+    const bool issued = live_stage(step);
 #pragma unroll
     for (int c = 0; c < kAChunks; ++c) {
       const int64_t iy = a_y[c] * d.stride_h + tap_y;
       const int64_t ix = a_x[c] * d.stride_w + tap_x;
       const bool read = a_n[c] < d.batch && iy >= 0 && iy < d.in_h && ix >= 0 && ix < d.in_w &&
                         row0 + a_col < d.in_channels;
-      ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * ACopier::kStride + a_col,
-                       read ? x + ((a_n[c] * d.in_h + iy) * d.in_w + ix) * d.in_channels + row0 + a_col : x, read);
+      if (issued) {
+        ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * ACopier::kStride + a_col,
+                         read ? x + ((a_n[c] * d.in_h + iy) * d.in_w + ix) * d.in_channels + row0 + a_col : x, read);
+      }
       // The next stage's pixel: kDepth on in raster order (a row or image
       // boundary crossed costs a division, a narrow output several rows).
       a_x[c] += kDepth;
@@ -1165,6 +1186,7 @@ __global__ void __launch_bounds__(pl::kThreads)
         }
       }
     }
+    if (!issued) return;
     dy_copier.Issue(b_stage, p0, pixels, decltype(dy_copier)::kAllChunks);
     constexpr int kFactorChunks = kDepth / 4;  // 4 floats a copy; past the last pixel, +0 (dead)
     if (output_factors != nullptr && int(threadIdx.x) < kFactorChunks) {
@@ -1176,6 +1198,7 @@ __global__ void __launch_bounds__(pl::kThreads)
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
   pl::RunPipeline<D, kDepth, false, false, false>(live_tile.any ? steps : 0, issue, [&](int64_t step) {
+    stage.fragments = live_stage(step) ? live_tile.warp : 0u;
     stage.depth_factor = output_factors == nullptr ? nullptr : depth_factors + (step & (pl::kStages - 1)) * kDepth;
     return stage;
   }, acc);

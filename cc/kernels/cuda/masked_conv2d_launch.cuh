@@ -48,6 +48,7 @@ struct Workspace {
   uint8_t* active;
   int32_t* order;   // the pipelined forward conv's row tiles, busy first,
   int32_t* busy;    // and their busy count
+  uint8_t* stage_live;  // the pipelined dfilters' depth stages holding a live output pixel
   float* partials;  // the pipelined forward conv's and dfilters' split sums
 };
 
@@ -73,6 +74,12 @@ int64_t CountEntries(const ConvDims& d) {
                    CeilDiv(d.in_channels, pl::kTileCols)});
 }
 
+// Stages of the pipelined dfilters' depth (the output pixels), in the
+// narrowest stages any type takes.
+int64_t DepthStages(const ConvDims& d) {
+  return CeilDiv(d.batch * d.out_h * d.out_w, int64_t{pl::kNarrowStage});
+}
+
 // The pipelined dfilters' split of its depth (the output pixels).
 int64_t GradFilterSplits(const ConvDims& d) {
   return pl::DepthSplits(d.taps() * pl::TileCount(d.in_channels, d.out_channels), d.batch * d.out_h * d.out_w);
@@ -88,26 +95,27 @@ bool PipelineGeometry(const ConvDims& d) {
          d.taps() * std::max(d.in_blocks(), d.out_blocks()) < pl::kMaxSegments;
 }
 
+// The pipelined forward conv's (row tile, column tile) pairs.
+int64_t ForwardPairs(const ConvDims& d) { return ForwardRowTiles(d) * CeilDiv(d.out_channels, pl::kTileCols); }
+
 // The most ways the pipelined forward conv may split a list (1: it never
 // does), by the depth as for the weight gradients, and by the fewest busy
 // (row tile, column tile) pairs it can have (ForwardSplits): every row
 // tile's without an output mask, one row tile's with one.
 int64_t ForwardMostSplits(const ConvDims& d, bool output_masked) {
-  const int64_t fewest_busy = (output_masked ? 1 : ForwardRowTiles(d)) * CeilDiv(d.out_channels, pl::kTileCols);
+  const int64_t fewest_busy = output_masked ? CeilDiv(d.out_channels, pl::kTileCols) : ForwardPairs(d);
   return ForwardSplits(fewest_busy, pl::MostDepthSplits(d.taps() * d.in_channels));
 }
 
 // The pipelined forward conv's partial-sum slots (ForwardTile): the splits
-// of the busy pairs, which split only while they take at most
-// pl::kTargetBlocks thread blocks; and the blocks beyond one per pair the
-// splits take (fewer than that).
+// of the busy pairs, which split only while there are fewer than
+// pl::kTargetBlocks of them, into fewer than pl::kTargetBlocks more thread
+// blocks than pairs (ForwardSplits); and those more blocks.
 int64_t ForwardSplitSlots(const ConvDims& d, int64_t most_splits) {
-  const int64_t pairs = ForwardRowTiles(d) * CeilDiv(d.out_channels, pl::kTileCols);
-  return most_splits > 1 ? std::min(pl::kTargetBlocks, pairs * most_splits) : 0;
+  return most_splits > 1 ? std::min(2 * pl::kTargetBlocks, ForwardPairs(d) * most_splits) : 0;
 }
 int64_t ForwardSplitBlocks(const ConvDims& d, int64_t most_splits) {
-  const int64_t pairs = ForwardRowTiles(d) * CeilDiv(d.out_channels, pl::kTileCols);
-  return std::min(pl::kTargetBlocks, pairs * (most_splits - 1));
+  return std::min(pl::kTargetBlocks, ForwardPairs(d) * (most_splits - 1));
 }
 
 // Bytes of the pipelined products' partial sums (none for one split).
@@ -142,6 +150,8 @@ Workspace<F> Carve(void* base, const ConvDims& d) {
   p += AlignUp(ForwardRowTiles(d) * int64_t(sizeof(int32_t)));
   ws.busy = reinterpret_cast<int32_t*>(p);
   p += AlignUp(sizeof(int32_t));
+  ws.stage_live = reinterpret_cast<uint8_t*>(p);
+  p += AlignUp(DepthStages(d));
   ws.partials = reinterpret_cast<float*>(p);
   return ws;
 }
@@ -193,7 +203,7 @@ size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level, Product pr
                              AlignUp(ListEntries(d) * int64_t(sizeof(int32_t))) +
                              AlignUp(CountEntries(d) * int64_t(sizeof(int32_t))) + AlignUp(Tiles(d)) +
                              AlignUp(ForwardRowTiles(d) * int64_t(sizeof(int32_t))) + AlignUp(sizeof(int32_t)) +
-                             PartialBytes<T>(d, product, output_masked));
+                             AlignUp(DepthStages(d)) + PartialBytes<T>(d, product, output_masked));
 }
 
 namespace {
@@ -245,7 +255,8 @@ int RunForward(const Launch& launch, const Conv2DGeometry& g, const T* x, const 
             ws.factors, output_factors, ws.live, ws.active, d, lists, ws.counts, schedule, Dev(y));
       });
       if (schedule.most_splits > 1) {
-        launch(ForwardSplitSums<D<T>>, static_cast<unsigned>(ForwardSplitSlots(d, schedule.most_splits)),
+        // A block per busy pair; pairs split only while fewer than kTargetBlocks.
+        launch(ForwardSplitSums<D<T>>, static_cast<unsigned>(std::min(pl::kTargetBlocks, ForwardPairs(d))),
                pl::kTileRows, output_factors, ws.active, d, schedule, ws.counts, Dev(y));
       }
       return launch.Status();
@@ -334,10 +345,14 @@ int RunGradFilter(const Launch& launch, const Conv2DGeometry& g, const T* x, con
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       constexpr int kDepth = pl::kUnblockedStage<D<T>>;
       const int64_t per_split = CeilDiv(CeilDiv(g.out_pixels(), int64_t{kDepth}), splits);
+      if (output_factors != nullptr) {
+        launch(DepthStageActivity<float>, BlocksFor(CeilDiv(g.out_pixels(), int64_t{kDepth})), kThreads,
+               output_factors, g.out_pixels(), int64_t{kDepth}, ws.stage_live);
+      }
       launch.WithSharedMemory(pl::kSharedBytes<D<T>, kDepth, false, false>)(
           PipelinedConvGradFilter<D<T>, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x),
-          Dev(dy), ws.factors, output_factors, ws.live, d, per_split, splits > 1 ? ws.partials : nullptr,
-          Dev(dfilters));
+          Dev(dy), ws.factors, output_factors, ws.live, output_factors != nullptr ? ws.stage_live : nullptr, d,
+          per_split, splits > 1 ? ws.partials : nullptr, Dev(dfilters));
       if (splits > 1) {
         launch(SplitFilterSums<D<T>>, BlocksFor(d.taps() * d.in_channels * d.out_channels), kThreads, ws.partials,
                splits, ws.factors, d, Dev(dfilters));
