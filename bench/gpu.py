@@ -6,7 +6,8 @@ random block mask of the given density; dense = torch.matmul(x, w * m),
 cuBLAS on the masked weight, the baseline the issue names. conv (--conv):
 x = [8, 56, 56, 256], 3x3 filters 256 -> 256, SAME, against
 torch.nn.functional.conv2d (cuDNN) on the masked filters, with channel-block
-densities and output-tile fractions; cuDNN gets its best case, channels-last
+densities and output-tile fractions, and a late layer with few output tiles
+(x = [8, 7, 7, 512], 512 -> 512) at channel-block densities; cuDNN gets its best case, channels-last
 tensors (our kernels' NHWC) and its algorithms autotuned per shape
 (cudnn.benchmark), since with its heuristics alone its time changed by up
 to 1.8x from one process to the next. Forward alone, and forward plus both
@@ -173,10 +174,21 @@ def case(shape, block, density, precision_name, mode, reps, warmup, baseline=Non
             "median_ms": medians, **speedups, "target": (0.7 if block <= 32 else 0.8) / density, "kernels": kernels}
 
 
-def conv_case(density, active, precision_name, mode, reps, warmup, baseline=None):
+# (batch, size, channels, output tile): the conv layers timed, with their
+# (density, active fraction) pairs: a ResNet stage-4 layer at batch 8 (16
+# output tiles of 128 x 128: the forward splits its lists; timed first, as
+# it is quick and a run cut short keeps it), and a stage-2 one.
+CONV_LAYERS = {(8, 7, 512, 7): ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0)),
+               (8, 56, 256, 8): ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.1, 1.0), (1.0, 0.25), (1.0, 0.1),
+                                 (0.5, 0.25))}
+FIRST_LAYER = [8, 56, 56, 256]  # results from before the layers were recorded timed it alone
+
+
+def conv_case(layer, density, active, precision_name, mode, reps, warmup, baseline=None):
     dtype, tensor_cores = precision(precision_name)
     set_baseline_tf32(tensor_cores)
-    n, size, channels, block, tile = 8, 56, 256, 32, 8
+    n, size, channels, tile = layer
+    block = 32
     generator = torch.Generator(device="cpu").manual_seed(0)
     grid = channels // block
     live = torch.randperm(grid * grid, generator=generator) < round(density * grid * grid)
@@ -214,7 +226,8 @@ def conv_case(density, active, precision_name, mode, reps, warmup, baseline=None
     kernels = {product: kernel_family(HARNESS.conv2d_uses_pipeline(product, dtype, geometry, "block", tensor_cores),
                                       HARNESS.conv2d_uses_tensor_cores(product, dtype, geometry, tensor_cores))
                for product in products_of(mode)}
-    return {"case": "conv", "density": density, "active": active, "precision": precision_name, "mode": mode,
+    return {"case": "conv", "layer": [n, size, size, channels], "density": density, "active": active,
+            "precision": precision_name, "mode": mode,
             "median_ms": medians, **speedups, "target": 0.6 / (density * active),
             "kernels": kernels}
 
@@ -270,22 +283,23 @@ def summary(path):
                                    for d in densities)
                 print(f"| {label} | {block} | {mode} | {cells} |")
     kernels_line(results["rows"])
-    if results.get("conv_rows"):
-        print(f"\nconv 3x3 256 -> 256 on [8, 56, 56], speedup over cuDNN on f * m ({results['device']}; target 0.6/(d a))\n")
-        print("| precision | mode | " + " | ".join(f"d={row['density']:g} a={row['active']:g}"
-                                                   for row in results["conv_rows"] if row["precision"] == "bf16"
-                                                   and row["mode"] == "forward") + " |")
-        columns = [(row["density"], row["active"]) for row in results["conv_rows"]
-                   if row["precision"] == "bf16" and row["mode"] == "forward"]
+    layers = {}
+    for row in results.get("conv_rows", []):
+        layers.setdefault(tuple(row.get("layer", FIRST_LAYER)), []).append(row)
+    for (n, height, width, channels), conv_rows in layers.items():
+        print(f"\nconv 3x3 {channels} -> {channels} on [{n}, {height}, {width}], speedup over cuDNN on f * m "
+              f"({results['device']}; target 0.6/(d a))\n")
+        columns = list(dict.fromkeys((row["density"], row["active"]) for row in conv_rows))
+        print("| precision | mode | " + " | ".join(f"d={d:g} a={a:g}" for d, a in columns) + " |")
         print("|---|---|" + "---:|" * len(columns))
-        by_key = {(r["precision"], r["mode"], r["density"], r["active"]): r for r in results["conv_rows"]}
-        for precision, mode in dict.fromkeys((r["precision"], r["mode"]) for r in results["conv_rows"]):
+        by_key = {(r["precision"], r["mode"], r["density"], r["active"]): r for r in conv_rows}
+        for precision, mode in dict.fromkeys((r["precision"], r["mode"]) for r in conv_rows):
             for label, key in ((precision, "speedup"), (f"{precision}, wgmma", "speedup_warpgroup")):
                 rows = [by_key.get((precision, mode, *c), {}) for c in columns]
                 if any(key in row for row in rows):
                     cells = " | ".join(f"{row[key]:.2f}x" if key in row else "" for row in rows)
                     print(f"| {label} | {mode} | {cells} |")
-        kernels_line(results["conv_rows"])
+        kernels_line(conv_rows)
 
 
 def main():
@@ -359,18 +373,20 @@ def main():
     if not args.conv:
         return
     torch.backends.cudnn.benchmark = True
-    print(f"\n| precision | density | active tiles | mode | fused ms | cuDNN ms | speedup | target{versus}{wgmma} "
-          f"|  # {device}")
-    print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * timed_pairs)
-    for precision in args.precisions.split(","):
-        for density, active in ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.1, 1.0), (1.0, 0.25), (1.0, 0.1), (0.5, 0.25)):
-            for mode in (m for m in args.modes.split(",") if m in ("forward", "train")):
-                row = conv_case(density, active, precision, mode, args.reps, args.warmup, baseline)
-                conv_rows.append(row)
-                save()
-                print(f"| {row['precision']} | {row['density']:g} | {row['active']:g} | {row['mode']} "
-                      f"| {row['median_ms']['fused']:.3f} | {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x "
-                      f"| {row['target']:.2f}x{baseline_cells(row)}{warpgroup_cells(row) if WARPGROUP else ''} |")
+    print(f"\n| layer | precision | density | active tiles | mode | fused ms | cuDNN ms | speedup "
+          f"| target{versus}{wgmma} |  # {device}")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * timed_pairs)
+    for layer, pairs in CONV_LAYERS.items():
+        for precision in args.precisions.split(","):
+            for density, active in pairs:
+                for mode in (m for m in args.modes.split(",") if m in ("forward", "train")):
+                    row = conv_case(layer, density, active, precision, mode, args.reps, args.warmup, baseline)
+                    conv_rows.append(row)
+                    save()
+                    print(f"| {'x'.join(map(str, row['layer']))} | {row['precision']} | {row['density']:g} "
+                          f"| {row['active']:g} | {row['mode']} | {row['median_ms']['fused']:.3f} "
+                          f"| {row['median_ms']['dense']:.3f} | {row['speedup']:.2f}x "
+                          f"| {row['target']:.2f}x{baseline_cells(row)}{warpgroup_cells(row) if WARPGROUP else ''} |")
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ if [[ "$what" == all || "$what" == tests ]]; then
   timeout -s KILL 150 python3 -m pytest -q -p no:cacheprovider tests/gpu -k "not warpgroup" >> "$out/gpu-test.log" 2>&1
   note "tests/gpu -k 'not warpgroup': $(tail -1 "$out/gpu-test.log")"
   # One pipelined matmul (all three products) and conv case per kind of
-  # mask (and a conv whose forward lists split), a WMMA and a CUDA-core case, the warpgroup products (whole list and
-  # split) and conv forward, and the elementwise kernels.
+  # mask (and a conv whose forward lists split), a WMMA and a CUDA-core
+  # case, the warpgroup products (whole list and split) and conv forward,
+  # and the elementwise kernels.
   subset='(test_products_match_reference and 300x200x136 and 0.3 and block and bfloat16 and tensor-cores)
     or (test_products_match_reference and 257x96x160 and 0.3 and element and float32)
     or (test_conv_products_match_reference and 2x14x13x32 and bfloat16 and tensor-cores and b16x16)
