@@ -1238,20 +1238,36 @@ def pipelined_conv_mma_count(fields, live, output_mask, dtype="bfloat16"):
     return total
 
 
-def pipelined_conv_dx_mma_count(fields, live, dtype="bfloat16"):
+def pipelined_conv_dx_mma_count(fields, live, output_mask, dtype="bfloat16"):
     """The mma.sync calls (per warp) of the pipelined conv dx, restated: for
     every 128-pixel, 128-channel tile, every (tap, output block) segment with
     a live block in the tile's input channels multiplies, each depth step,
-    every live 16-channel strip in all 8 row strips, in 2 halves."""
-    batch, h, w, cin, kh, kw, cout, *_, in_block, out_block, _, _ = fields
+    every live 16-channel strip in the row strips (16 input pixels in raster
+    order) where, under an output mask, a pixel meets a live output pixel at
+    the segment's tap (all 8 without one), in 2 halves."""
+    batch, h, w, cin, kh, kw, cout, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, out_h, out_w, \
+        in_block, out_block, _, _ = fields
     in_block, out_block = min(in_block, cin), min(out_block, cout)
     per_segment = stage_mmas(out_block, cout, dtype)
-    per_tile = 0
-    for col0 in range(0, cin, 128):
-        for j in range(live.shape[1]):
-            strips = sum(c < cin and bool(live[c // in_block, j]) for c in range(col0, col0 + 128, 16))
-            per_tile += kh * kw * per_segment * strips * 8 * 2
-    return math.ceil(batch * h * w / 128) * per_tile
+    pixels = batch * h * w
+
+    def meets_live_output(pixel, ky, kx):
+        n, iy, ix = pixel // (h * w), pixel // w % h, pixel % w
+        sy, sx = iy + pad_top - ky * dilation_h, ix + pad_left - kx * dilation_w
+        oy, ox = sy // stride_h, sx // stride_w
+        return (pixel < pixels and sy % stride_h == 0 and sx % stride_w == 0 and 0 <= oy < out_h and 0 <= ox < out_w
+                and output_mask[n, oy, ox] != 0)
+
+    total = 0
+    for row0 in range(0, pixels, 128):
+        for ky, kx in ((ky, kx) for ky in range(kh) for kx in range(kw)):
+            row_strips = 8 if output_mask is None else sum(
+                any(meets_live_output(p, ky, kx) for p in range(row0 + 16 * s, row0 + 16 * s + 16)) for s in range(8))
+            for col0 in range(0, cin, 128):
+                for j in range(live.shape[1]):
+                    strips = sum(c < cin and bool(live[c // in_block, j]) for c in range(col0, col0 + 128, 16))
+                    total += per_segment * strips * row_strips * 2
+    return total
 
 
 @pytest.mark.parametrize("geometry, block, tile", [(CONV_GEOMETRIES[5], (16, 16), (3, 5)),
@@ -1273,7 +1289,7 @@ def test_pipelined_conv_multiplies_live_fragments_only(emulator, geometry, block
     emulator.lib.emu_reset_stats()
     emulator.conv2d("grad_input", dy, f_nan, mask, "block", fields, np.full(dx_shape, np.nan, x.dtype), output_mask,
                     True)
-    assert emulator.stats()["mma_syncs"] == pipelined_conv_dx_mma_count(fields, mask != 0, dtype)
+    assert emulator.stats()["mma_syncs"] == pipelined_conv_dx_mma_count(fields, mask != 0, output_mask, dtype)
 
 
 def warpgroup_conv_columns(fields, live, output_mask):

@@ -1030,8 +1030,12 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
 // meets at the segment's tap (worked out once per tap; none, or a dead
 // output-mask pixel, is a zero fill) and is scaled by that pixel's output
 // factor in registers; B is the tap's filters as [input channels][output
-// channels].
-template <typename D, int kDepth>
+// channels]. Under an output mask (kOutputMasked: output_factors not null)
+// a warp multiplies only its 16-row strips holding a row that meets a live
+// output pixel at the step's tap; without one, every strip (a kernel of its
+// own, which the row checks would cost ~4 % more instructions a step and
+// more spills).
+template <typename D, int kDepth, bool kOutputMasked>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedConvGradInput(const D* dy, const D* filters, const float* factors, const float* output_factors,
                            const uint8_t* live, ConvDims d, const uint32_t* lists, const int32_t* counts, D* dx) {
@@ -1074,7 +1078,7 @@ __global__ void __launch_bounds__(pl::kThreads)
         a_pixel[c] = pixel < pixels ? OutputPixelAt(d, n, (pixel / d.in_w) % d.in_h, pixel % d.in_w,
                                                     tap / d.filter_w, tap % d.filter_w)
                                     : -1;
-        a_factor[c] = a_pixel[c] >= 0 && output_factors != nullptr ? output_factors[a_pixel[c]] : 1.0f;
+        a_factor[c] = kOutputMasked && a_pixel[c] >= 0 ? output_factors[a_pixel[c]] : 1.0f;
       }
     }
     const int64_t co0 = issued.begin + int64_t{sub} * kDepth;
@@ -1084,8 +1088,11 @@ __global__ void __launch_bounds__(pl::kThreads)
       const bool read = a_pixel[c] >= 0 && Live(a_factor[c]) && co0 + a_col < co_end;
       ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * ACopier::kStride + a_col,
                        read ? dy + a_pixel[c] * d.out_channels + co0 + a_col : dy, read);
-      if (output_factors != nullptr && a_col == 0) {
-        row_factors[slot * pl::kTileRows + a_row + c * ACopier::kRowStep] = Live(a_factor[c]) ? a_factor[c] : 0.0f;
+      if (kOutputMasked && a_col == 0) {
+        // +0 for a row that meets no output pixel (its A is a zero fill) as
+        // for a dead one: a strip of such rows is not multiplied.
+        row_factors[slot * pl::kTileRows + a_row + c * ACopier::kRowStep] =
+            a_pixel[c] >= 0 && Live(a_factor[c]) ? a_factor[c] : 0.0f;
       }
     }
     b_copier.Issue(b_stage, co0, co_end, pl::LiveChunks<BCopier>(b_strip_chunks, pl::StripsOf(entry)),
@@ -1093,9 +1100,9 @@ __global__ void __launch_bounds__(pl::kThreads)
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
   const ConvSegments<true> segments{d, live, factors};
-  pl::RunListedSegments<D, kDepth, true, true>(
+  pl::RunListedSegments<D, kDepth, true, !kOutputMasked>(
       segments, col0, lists + col_tile * segments.segments(), counts[col_tile], min(d.out_block, d.out_channels),
-      0xfu, issue_segment, output_factors != nullptr ? row_factors : nullptr, acc);
+      0xfu, issue_segment, kOutputMasked ? row_factors : nullptr, acc);
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
     const int64_t pixel = row0 + r;
     const int64_t ci = col0 + c;

@@ -303,9 +303,16 @@ int RunGradInput(const Launch& launch, const Conv2DGeometry& g, const T* dy, con
              ws.counts);
       pl::WithStageDepth<D<T>>(d.out_block, d.out_channels, [&](auto stage) {
         constexpr int kDepth = decltype(stage)::value;
-        launch.WithSharedMemory(pl::kSharedBytes<D<T>, kDepth, true, true>)(
-            PipelinedConvGradInput<D<T>, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, Dev(dy),
-            Dev(filters), ws.factors, output_factors, ws.live, d, lists, ws.counts, Dev(dx));
+        const auto run = [&](auto kernel) {
+          launch.WithSharedMemory(pl::kSharedBytes<D<T>, kDepth, true, true>)(
+              kernel, static_cast<unsigned>(blocks), pl::kThreads, Dev(dy), Dev(filters), ws.factors, output_factors,
+              ws.live, d, lists, ws.counts, Dev(dx));
+        };
+        if (output_factors != nullptr) {
+          run(PipelinedConvGradInput<D<T>, kDepth, true>);
+        } else {
+          run(PipelinedConvGradInput<D<T>, kDepth, false>);
+        }
       });
       return launch.Status();
     }

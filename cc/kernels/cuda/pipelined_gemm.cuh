@@ -658,7 +658,8 @@ __device__ inline void RunPipeline(int64_t steps, const Issue& issue, const Stag
 // writes row_factors[slot * kTileRows + r] for the tile's rows r);
 // dims.factor(segment, group) is the factor of the block at (segment, output
 // column block group). A warp multiplies its live strips, in its row strips
-// set in active_rows (bit mt; all four when kAllRows), and scales a strip's
+// set in active_rows (bit mt; all four when kAllRows) that hold a row factor
+// other than +0 in the step (where row_factors are given), and scales a strip's
 // B by its factor where that is not 1. Step entries travel from the issuing
 // threads to the multiplying warps through shared memory; each warp loads
 // its strips' factors a step ahead of a new segment, and only for entries
@@ -735,7 +736,17 @@ __device__ inline void RunListedSegments(const Dims& dims, int64_t col0, const u
         load_factors(next, upcoming_factor);
       }
     }
-    return stage;
+    if (row_factors == nullptr) return stage;
+    // A row strip whose row factors are all +0 adds nothing: each lane looks
+    // at two of the warp's 64 rows, strip mt being lanes 8 mt ...
+    const float* rows = stage.row_factor + warp.row * kWarpTile + 2 * (threadIdx.x % 32);
+    const uint32_t live_rows = ptx::WarpBallot(rows[0] != 0.0f || rows[1] != 0.0f);
+    WarpStage rows_stage = stage;
+#pragma unroll
+    for (int mt = 0; mt < kStrips; ++mt) {
+      if (((live_rows >> (8 * mt)) & 0xffu) == 0) rows_stage.fragments &= ~(0xfu << (4 * mt));
+    }
+    return rows_stage;
   };
   RunPipeline<D, kDepth, true, kBDepthInner, kAllRows>(steps, issue, warp_stage, acc);
 }

@@ -141,6 +141,17 @@ __attribute__((noinline)) inline uint32_t WarpUniform(uint32_t v) {
   return first;
 }
 
+// __ballot_sync(~0u, predicate): bit l the predicate of lane l.
+__attribute__((noinline)) inline uint32_t WarpBallot(bool predicate) {
+  const unsigned char* exchange =
+      Engine::Get().WarpExchange(&predicate, sizeof(predicate), __builtin_return_address(0));
+  uint32_t bits = 0;
+  for (unsigned lane = 0; lane < warpSize; ++lane) {
+    bits |= static_cast<uint32_t>(exchange[lane * 64] != 0) << lane;
+  }
+  return bits;
+}
+
 // wgmma.mma_async.sync.aligned.m64nNk16.f32.E.E with A M-major (a_m_major:
 // imm-trans-a 1) or K-major and B N-major (b_n_major: imm-trans-b 1) or
 // K-major in shared memory, scale-d 1:
