@@ -1292,6 +1292,20 @@ def test_pipelined_conv_multiplies_live_fragments_only(emulator, geometry, block
     assert emulator.stats()["mma_syncs"] == pipelined_conv_dx_mma_count(fields, mask != 0, output_mask, dtype)
 
 
+@pytest.mark.parametrize("field, value", [(11, 1 << 30), (7, 1 << 30), (9, 1 << 29), (0, 1 << 30), (14, 1 << 30)],
+                         ids=["pad-top", "stride", "tap-reach", "batch", "output-width"])
+def test_pipelined_conv_needs_coordinates_under_2_30(emulator, field, value):
+    """The pipelined conv kernels form pixel coordinates, a tap's reach and
+    the batch index in 32 bits: a geometry with any of them at 2^30 or more
+    (a dilation of 2^29 over 3 taps reaches past it) takes other kernels."""
+    fields = [1, 8, 8, 16, 3, 3, 16, 1, 1, 1, 1, 1, 1, 8, 8, 16, 16, 4, 4]
+    for product in ("forward", "grad_input", "grad_weight"):
+        assert emulator.conv2d_uses_pipeline(product, "bfloat16", fields, "block")
+        huge = list(fields)
+        huge[field] = value
+        assert not emulator.conv2d_uses_pipeline(product, "bfloat16", huge, "block")
+
+
 def warpgroup_conv_columns(fields, live, output_mask):
     """The columns the warpgroup forward conv's wgmma products span (summed
     per warpgroup), restated: for every 128-row tile (conv_row_activity),

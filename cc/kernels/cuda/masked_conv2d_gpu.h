@@ -43,7 +43,9 @@ bool Conv2DUsesTensorCores(const Conv2DGeometry& g, Product product, GpuMath mat
 // stages, mma.sync), given 16-byte aligned arrays (the output factors too):
 // float16 / bfloat16 under kTensorCores on a device with tensor cores,
 // channel counts multiples of 8, channel blocks cutting them on multiples of
-// 16 (or not at all), and for the forward product and dx a block mask.
+// 16 (or not at all), the batch and every coordinate (sizes, paddings,
+// strides, a tap's reach) under 2^30, and for the forward product and dx a
+// block mask.
 // Elsewhere Conv2DUsesTensorCores decides.
 template <typename T>
 bool Conv2DUsesPipeline(const Conv2DGeometry& g, Product product, GpuMath math, MaskLevel level);

@@ -616,14 +616,18 @@ namespace pl = pipelined;
 
 // A conv segment's tap and its channels [begin, end), for segments of
 // `blocks` blocks of `block` out of `channels` channels a tap (the forward
-// product's input blocks, dx's output blocks).
+// product's input blocks, dx's output blocks). The pipelined kernels count
+// fewer than pl::kMaxSegments (2^23) segments, so a 32-bit division splits
+// one (a 64-bit one is a subroutine call of ~70 instructions, here once a
+// step where blocks are one stage deep).
 struct ConvSegment {
   int64_t tap, begin, end;
 };
 __device__ inline ConvSegment SegmentAt(uint32_t entry, int64_t blocks, int64_t block, int64_t channels) {
-  const int64_t segment = pl::SegmentOf(entry);
-  const int64_t begin = segment % blocks * block;
-  return ConvSegment{segment / blocks, begin, min(channels, begin + block)};
+  const uint32_t segment = pl::SegmentOf(entry);
+  const uint32_t per_tap = static_cast<uint32_t>(blocks);
+  const int64_t begin = int64_t{segment % per_tap} * block;
+  return ConvSegment{int64_t{segment / per_tap}, begin, min(channels, begin + block)};
 }
 
 // A conv product's segments for the pipelined lists: the forward conv's
@@ -641,7 +645,7 @@ struct ConvSegments {
   __host__ __device__ int64_t out_block() const { return kGradInput ? d.in_block : d.out_block; }
   // The (input block, output block) pair of a segment and group, flattened.
   __device__ int64_t pair(int64_t segment, int64_t group) const {
-    const int64_t block = segment % segment_blocks();
+    const int64_t block = static_cast<uint32_t>(segment) % static_cast<uint32_t>(segment_blocks());  // as SegmentAt
     return kGradInput ? group * d.out_blocks() + block : block * d.out_blocks() + group;
   }
   __device__ bool live_block(int64_t segment, int64_t group) const {
@@ -649,6 +653,50 @@ struct ConvSegments {
     return live[tap * d.in_blocks() * d.out_blocks() + pair(segment, group)] != 0;
   }
   __device__ float factor(int64_t segment, int64_t group) const { return factors[pair(segment, group)]; }
+};
+
+// How far tap `tap` reaches from the pixel its tap (0, 0) reads, in input
+// rows and columns (32-bit division, as SegmentAt: a pipelined conv has fewer
+// than pl::kMaxSegments taps).
+struct TapOffset {
+  int64_t y, x;
+  __device__ TapOffset(const ConvDims& d, int64_t tap) {
+    const uint32_t index = static_cast<uint32_t>(tap);
+    const uint32_t width = static_cast<uint32_t>(d.filter_w);
+    y = int64_t{index / width} * d.dilation_h;
+    x = int64_t{index % width} * d.dilation_w;
+  }
+};
+
+// The input pixels of a pipelined dx tile's rows (128 in raster order from a
+// tile's first), set by a thread per row, as (image, y, x), image -1 past the
+// last pixel; and the output pixel each meets at a tap, in 32-bit arithmetic
+// (PipelineGeometry keeps the coordinates and the batch under 2^30).
+struct PixelRows {
+  int32_t image[pl::kTileRows];
+  int32_t y[pl::kTileRows];
+  int32_t x[pl::kTileRows];
+
+  __device__ void Set(const ConvDims& d, int64_t pixel, int r) {
+    const bool inside = pixel < d.batch * d.in_h * d.in_w;
+    image[r] = inside ? static_cast<int32_t>(pixel / (d.in_h * d.in_w)) : -1;
+    y[r] = inside ? static_cast<int32_t>(pixel / d.in_w % d.in_h) : 0;
+    x[r] = inside ? static_cast<int32_t>(pixel % d.in_w) : 0;
+  }
+  // OutputPixelAt for row r at a tap reaching `reach`, or -1 (none, or past
+  // the last pixel).
+  __device__ int64_t OutputPixelAt(const ConvDims& d, int r, const TapOffset& reach) const {
+    const int32_t sy = y[r] + static_cast<int32_t>(d.pad_top - reach.y);
+    const int32_t sx = x[r] + static_cast<int32_t>(d.pad_left - reach.x);
+    if (image[r] < 0 || sy < 0 || sx < 0) return -1;
+    const uint32_t stride_h = static_cast<uint32_t>(d.stride_h);
+    const uint32_t stride_w = static_cast<uint32_t>(d.stride_w);
+    if (static_cast<uint32_t>(sy) % stride_h != 0 || static_cast<uint32_t>(sx) % stride_w != 0) return -1;
+    const int64_t oy = static_cast<uint32_t>(sy) / stride_h;
+    const int64_t ox = static_cast<uint32_t>(sx) / stride_w;
+    if (oy >= d.out_h || ox >= d.out_w) return -1;
+    return (int64_t{image[r]} * d.out_h + oy) * d.out_w + ox;
+  }
 };
 
 // The rows of a forward conv tile (the implicit GEMM's 128 output pixels,
@@ -690,9 +738,9 @@ struct ForwardTileRows {
   }
   // x's element offset of row r's input pixel at `tap`, or -1 (in the
   // padding, or an inactive row).
-  __device__ int64_t InputOffset(const ConvDims& d, int r, int64_t tap) const {
-    const int64_t y = iy[r] + tap / d.filter_w * d.dilation_h;
-    const int64_t x = ix[r] + tap % d.filter_w * d.dilation_w;
+  __device__ int64_t InputOffset(const ConvDims& d, int r, const TapOffset& tap) const {
+    const int64_t y = iy[r] + tap.y;
+    const int64_t x = ix[r] + tap.x;
     const bool inside = image[r] >= 0 && y >= 0 && y < d.in_h && x >= 0 && x < d.in_w;
     return inside ? (image[r] + y * d.in_w + x) * d.in_channels : -1;
   }
@@ -736,8 +784,9 @@ struct GatheredSegment {
     }
     if (segment.tap != tap) {
       tap = segment.tap;
+      const TapOffset reach(d, tap);
 #pragma unroll
-      for (int i = 0; i < kCopies; ++i) offset[i] = rows.InputOffset(d, row_of(i), tap);
+      for (int i = 0; i < kCopies; ++i) offset[i] = rows.InputOffset(d, row_of(i), reach);
     }
   }
 };
@@ -1044,11 +1093,17 @@ __global__ void __launch_bounds__(pl::kThreads)
 #else
   // Each stage's output factor per tile row, for the A operand's scaling.
   __shared__ float row_factors[pl::kStages * pl::kTileRows];
+  // Each tile row's input pixel, worked out once (64-bit divisions), so that
+  // a new tap costs 32-bit arithmetic only (PixelRows).
+  __shared__ PixelRows rows;
   const int64_t pixels = d.batch * d.in_h * d.in_w;
   const int64_t col_tiles = CeilDiv(d.in_channels, pl::kTileCols);
   const int64_t row0 = int64_t(blockIdx.x) / col_tiles * pl::kTileRows;
   const int64_t col_tile = int64_t(blockIdx.x) % col_tiles;
   const int64_t col0 = col_tile * pl::kTileCols;
+  static_assert(pl::kTileRows == pl::kThreads, "a thread per tile row");
+  rows.Set(d, row0 + threadIdx.x, threadIdx.x);
+  __syncthreads();
   using ACopier = pl::StageCopier<D, pl::kTileRows, kDepth, false>;  // for its chunk placement only
   constexpr int kAChunks = ACopier::kChunks;
   const int a_row = threadIdx.x / ACopier::kChunksPerRow;
@@ -1071,13 +1126,10 @@ __global__ void __launch_bounds__(pl::kThreads)
     const int64_t tap = issued.tap;
     if (tap != gathered_tap) {
       gathered_tap = tap;
+      const TapOffset reach(d, tap);
 #pragma unroll
       for (int c = 0; c < kAChunks; ++c) {
-        const int64_t pixel = row0 + a_row + c * ACopier::kRowStep;
-        const int64_t n = pixel / (d.in_h * d.in_w);
-        a_pixel[c] = pixel < pixels ? OutputPixelAt(d, n, (pixel / d.in_w) % d.in_h, pixel % d.in_w,
-                                                    tap / d.filter_w, tap % d.filter_w)
-                                    : -1;
+        a_pixel[c] = rows.OutputPixelAt(d, a_row + c * ACopier::kRowStep, reach);
         a_factor[c] = kOutputMasked && a_pixel[c] >= 0 ? output_factors[a_pixel[c]] : 1.0f;
       }
     }

@@ -85,11 +85,22 @@ int64_t GradFilterSplits(const ConvDims& d) {
   return pl::DepthSplits(d.taps() * pl::TileCount(d.in_channels, d.out_channels), d.batch * d.out_h * d.out_w);
 }
 
+// Whether the batch and every coordinate a pipelined kernel forms (pixel
+// positions, paddings, a tap's reach, strides) stay under 2^30, so that
+// 32-bit arithmetic holds them with room for their sums (PixelRows).
+bool CoordinatesFit32(const ConvDims& d) {
+  constexpr int64_t kLimit = int64_t{1} << 30;
+  return std::max({d.batch, d.in_h, d.in_w, d.out_h, d.out_w, d.pad_top, d.pad_left, d.stride_h, d.stride_w}) <
+             kLimit &&
+         d.filter_h < kLimit / std::max(d.dilation_h, int64_t{1}) &&
+         d.filter_w < kLimit / std::max(d.dilation_w, int64_t{1});
+}
+
 // Whether the geometry suits the pipelined kernels for T (16-bit, or float
 // as TF32; the rest of the rule, Conv2DUsesPipeline, is about the call).
 template <typename T>
 bool PipelineGeometry(const ConvDims& d) {
-  return pl::kHasPipeline<typename Device<T>::type> && d.in_channels % pl::kPerChunk == 0 &&
+  return pl::kHasPipeline<typename Device<T>::type> && CoordinatesFit32(d) && d.in_channels % pl::kPerChunk == 0 &&
          d.out_channels % pl::kPerChunk == 0 && pl::StripAligned(d.in_block, d.in_channels) &&
          pl::StripAligned(d.out_block, d.out_channels) &&
          d.taps() * std::max(d.in_blocks(), d.out_blocks()) < pl::kMaxSegments;
