@@ -1202,20 +1202,23 @@ __global__ void __launch_bounds__(pl::kThreads)
   pl::WarpStage stage{};
   // A = x^T as [depth][in channels]: each thread's chunks sit in depth rows
   // a_row + c kRowStep, channels row0 + a_col ..; their output pixels as
-  // (image, y, x), stepped kDepth pixels a stage.
+  // (image, y, x), stepped kDepth pixels a stage (in 32 bits: the pipelined
+  // rule keeps coordinates and the batch under 2^30).
   using ACopier = pl::StageCopier<D, kDepth, pl::kTileRows, true>;  // for its chunk placement only
   constexpr int kAChunks = ACopier::kChunks;
   const int a_row = threadIdx.x / ACopier::kChunksPerRow;
   const int a_col = threadIdx.x % ACopier::kChunksPerRow * ACopier::kPerChunk;
-  int64_t a_n[kAChunks], a_y[kAChunks], a_x[kAChunks];
+  int32_t a_n[kAChunks], a_y[kAChunks], a_x[kAChunks];
 #pragma unroll
   for (int c = 0; c < kAChunks; ++c) {
     // No output pixels: no steps, and no divisions by an empty plane.
     const int64_t pixel = first * kDepth + a_row + c * ACopier::kRowStep;
-    a_n[c] = pixels > 0 ? pixel / (d.out_h * d.out_w) : d.batch;
-    a_y[c] = pixels > 0 ? pixel / d.out_w % d.out_h : 0;
-    a_x[c] = pixels > 0 ? pixel % d.out_w : 0;
+    a_n[c] = static_cast<int32_t>(pixels > 0 ? min(pixel / (d.out_h * d.out_w), d.batch) : d.batch);
+    a_y[c] = static_cast<int32_t>(pixels > 0 ? pixel / d.out_w % d.out_h : 0);
+    a_x[c] = static_cast<int32_t>(pixels > 0 ? pixel % d.out_w : 0);
   }
+  const int32_t out_h = static_cast<int32_t>(d.out_h);
+  const int32_t out_w = static_cast<int32_t>(d.out_w);
   const int64_t tap_y = tap / d.filter_w * d.dilation_h - d.pad_top;
   const int64_t tap_x = tap % d.filter_w * d.dilation_w - d.pad_left;
   const pl::StageCopier<D, kDepth, pl::kTileCols, true> dy_copier(dy, d.out_channels, col0, d.out_channels);
@@ -1225,23 +1228,24 @@ __global__ void __launch_bounds__(pl::kThreads)
     const bool issued = live_stage(step);
 #pragma unroll
     for (int c = 0; c < kAChunks; ++c) {
-      const int64_t iy = a_y[c] * d.stride_h + tap_y;
-      const int64_t ix = a_x[c] * d.stride_w + tap_x;
+      const int64_t iy = int64_t{a_y[c]} * d.stride_h + tap_y;
+      const int64_t ix = int64_t{a_x[c]} * d.stride_w + tap_x;
       const bool read = a_n[c] < d.batch && iy >= 0 && iy < d.in_h && ix >= 0 && ix < d.in_w &&
                         row0 + a_col < d.in_channels;
       if (issued) {
         ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * ACopier::kStride + a_col,
-                         read ? x + ((a_n[c] * d.in_h + iy) * d.in_w + ix) * d.in_channels + row0 + a_col : x, read);
+                         read ? x + ((int64_t{a_n[c]} * d.in_h + iy) * d.in_w + ix) * d.in_channels + row0 + a_col : x,
+                         read);
       }
       // The next stage's pixel: kDepth on in raster order (a row or image
       // boundary crossed costs a division, a narrow output several rows).
       a_x[c] += kDepth;
-      if (a_x[c] >= d.out_w) {
-        a_y[c] += a_x[c] / d.out_w;
-        a_x[c] %= d.out_w;
-        if (a_y[c] >= d.out_h) {
-          a_n[c] += a_y[c] / d.out_h;
-          a_y[c] %= d.out_h;
+      if (a_x[c] >= out_w) {
+        a_y[c] += a_x[c] / out_w;
+        a_x[c] %= out_w;
+        if (a_y[c] >= out_h) {
+          a_n[c] = min(a_n[c] + a_y[c] / out_h, static_cast<int32_t>(d.batch));
+          a_y[c] %= out_h;
         }
       }
     }
