@@ -61,10 +61,11 @@ def check(actual, expected, dtype, terms, tensor_cores):
     np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance * scale)
 
 
-def make_case(geometry, block, tile, level, with_output_mask, dtype):
+def make_case(geometry, block, tile, level, with_output_mask, dtype, active=0.5):
     """(x, filters with NaN where masked, dy, mask, output mask or None) on
     the GPU, the harness's geometry fields, the float64 reference (y, dx,
-    dfilters) of the inputs as rounded to dtype, and the element-level mask."""
+    dfilters) of the inputs as rounded to dtype, and the element-level mask;
+    output tiles active with probability `active`."""
     n, h, w, cin, cout, (kh, kw), stride, dilation, pads = geometry
     rng = np.random.default_rng([n, h, w, cin, cout, kh])
     out_h = out_size(h, kh, stride, dilation, pads[0], pads[1])
@@ -76,7 +77,7 @@ def make_case(geometry, block, tile, level, with_output_mask, dtype):
     if level == "element":
         element = element * (rng.random((kh, kw, cin, cout)) < 0.8)
     mask = element if level == "element" else blocks
-    tiles = rng.random((n, math.ceil(out_h / tile[0]), math.ceil(out_w / tile[1]))) < 0.5
+    tiles = rng.random((n, math.ceil(out_h / tile[0]), math.ceil(out_w / tile[1]))) < active
     output_mask = (np.repeat(np.repeat(tiles, tile[0], 1), tile[1], 2)[:, :out_h, :out_w]
                    * rng.choice([1.0, 2.5], (n, out_h, out_w))) if with_output_mask else None
     on_gpu = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=dtype, device="cuda")  # noqa: E731
@@ -132,6 +133,31 @@ def test_conv_products_match_reference(geometry, level, with_output_mask, dtype,
     check(y, expected[0], dtype, kh * kw * cin, tensor_cores)
     check(dx, expected[1], dtype, kh * kw * cout, tensor_cores)
     check(df, expected[2], dtype, n * out_h * out_w, tensor_cores)
+    assert (df.double().cpu().numpy()[element == 0] == 0).all()
+
+
+@pytest.mark.parametrize("geometry", [GEOMETRIES[6], GEOMETRIES[8], GEOMETRIES[9]],
+                         ids=["2x14x13x32", "2x32x32x16", "2x16x16x256"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_conv_products_under_a_sparse_output_mask(geometry, dtype):
+    """A tenth of the output tiles active: the forward conv's few busy tiles
+    (its lists split on the 256-channel input), dx's row strips and
+    dfilters' stages of output pixels that meet no live output pixel left
+    out, on the pipelined kernels (float32 as TF32), against the reference."""
+    n, h, w, cin, cout, (kh, kw), *_ = geometry
+    (x_t, f_t, dy_t, mask_t, o_t), fields, expected, element = make_case(geometry, (32, 16), (4, 4), "block", True,
+                                                                         dtype, active=0.1)
+    out_h, out_w = fields[13:15]
+    for product in ("forward", "grad_input", "grad_weight"):
+        assert HARNESS.conv2d_uses_pipeline(product, dtype, fields, "block") == (
+            torch.cuda.get_device_capability()[0] >= 8)
+    y = HARNESS.conv2d("forward", x_t, f_t, mask_t, "block", fields, nan_filled(dtype, n, out_h, out_w, cout), o_t)
+    dx = HARNESS.conv2d("grad_input", dy_t, f_t, mask_t, "block", fields, nan_filled(dtype, n, h, w, cin), o_t)
+    df = HARNESS.conv2d("grad_weight", x_t, dy_t, mask_t, "block", fields, nan_filled(dtype, kh, kw, cin, cout), o_t)
+    torch.cuda.synchronize()
+    check(y, expected[0], dtype, kh * kw * cin, True)
+    check(dx, expected[1], dtype, kh * kw * cout, True)
+    check(df, expected[2], dtype, n * out_h * out_w, True)
     assert (df.double().cpu().numpy()[element == 0] == 0).all()
 
 
