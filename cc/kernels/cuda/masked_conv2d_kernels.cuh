@@ -1066,7 +1066,7 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
   float acc[2][64] = {};
   wg::RunListedSegments<D, kDepth, kRunStrips, typename BCopier::Layout, kWholeLive, false, 1>(
       list, halves != 0 ? listed : 0, min(d.in_block, d.in_channels), halves, issue_segment, scale_stage, acc);
-  wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
+  wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
     rows.Store(d, output_factors, tile.col0, r, c, v0, v1, y);
   });
 #endif

@@ -637,7 +637,9 @@ __global__ void __launch_bounds__(wg::kThreads * kRowGroups, wg::kBlocksPerSm / 
   float acc[2][64] = {};
   wg::RunListedSegments<D, kDepth, kRunStrips, typename BLanes::Layout, true, true, kRowGroups>(
       list, tile.count, min(p.depth_block(), p.depth()), 3u, issue_segment, scale_stage, acc);
-  wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) { tile.Store(r, c, v0, v1, partials, out); });
+  wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
+    tile.Store(r, c, v0, v1, partials, out);
+  });
 #endif
 }
 
@@ -800,9 +802,13 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
   float acc[2][64] = {};
   wg::RunPipeline<D, kDepth, kRunStrips, true, typename Copier::Layout, kWholeLive, kWholeLive, 1>(
       strips.half[0] | strips.half[1] ? tile.steps : 0, issue, [&](int64_t, int, D*) { return strips; }, acc);
-  wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1) {
-    tile.Store(g, r, c, v0, v1, partials, dw, [&](int64_t, int64_t row, int64_t col) {
-      return make_float2(g.factor(factors, element_level, row, col), g.factor(factors, element_level, row, col + 1));
+  const wg::AccumulatorBlocks blocks(
+      tile.row0, tile.col0, [&](int64_t row) { return min(row, g.rows - 1) / g.block_rows * g.grid_cols; },
+      [&](int64_t col) { return min(col, g.cols - 1) / g.block_cols; });
+  wg::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int slot, int strip) {
+    tile.Store(g, r, c, v0, v1, partials, dw, [&](int64_t at, int64_t, int64_t) {
+      return element_level ? make_float2(factors[at], factors[at + 1])
+                           : make_float2(factors[blocks(slot, strip)], factors[blocks(slot, strip)]);
     });
   });
 #endif

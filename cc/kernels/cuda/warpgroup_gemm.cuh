@@ -494,22 +494,48 @@ __device__ inline void RunListedSegments(const uint32_t* list, int count, int64_
       int64_t{count} * per_segment, issue, prepare, acc);
 }
 
-// write(row, col, v0, v1) for every accumulator pair of the thread: tile
-// row `row` (warpgroup g's rows from 128 g), tile columns col and col + 1.
+// The tile row of this thread's accumulator row `slot` (0 .. 3: the 64-row
+// half slot / 2, a fragment's first or second 8 rows slot % 2; warpgroup
+// g's rows from 128 g).
+__device__ inline int AccumulatorRow(int slot) {
+  return threadIdx.x / kThreads * pl::kTileRows + slot / 2 * kHalfRows + 16 * (threadIdx.x % kThreads / 32) +
+         threadIdx.x % 32 / 4 + 8 * (slot % 2);
+}
+
+// write(row, col, v0, v1, slot, strip) for every accumulator pair of the
+// thread: tile row `row` (AccumulatorRow(slot)), tile columns col and col +
+// 1, in 16-column strip `strip` (slot and strip compile-time indices once
+// unrolled, for per-thread arrays).
 template <typename Write>
 __device__ inline void ForEachAccumulatorPair(const float (&acc)[2][64], const Write& write) {
-  const int row_group = threadIdx.x / kThreads;
-  const int warp = threadIdx.x % kThreads / 32;
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
 #pragma unroll
     for (int i = 0; i < 64; i += 2) {
-      write(row_group * pl::kTileRows + half * kHalfRows + 16 * warp + lane / 4 + 8 * (i / 2 % 2),
-            8 * (i / 4) + 2 * (lane % 4), acc[half][i], acc[half][i + 1]);
+      const int slot = half * 2 + i / 2 % 2;
+      write(AccumulatorRow(slot), 8 * (i / 4) + 2 * (lane % 4), acc[half][i], acc[half][i + 1], slot, i / 8);
     }
   }
 }
+
+// The flat block index of each of a thread's accumulators, as
+// pl::FragmentBlocks: one part per accumulator row slot and per column
+// strip, worked out once (a 64-bit division per entry is a subroutine call
+// of ~70 instructions). row_part_of(row), col_part_of(col) give the parts
+// for a row and a column of the output.
+struct AccumulatorBlocks {
+  int64_t row_part[4];
+  int64_t col_part[pl::kTileStrips];
+  template <typename RowPart, typename ColPart>
+  __device__ AccumulatorBlocks(int64_t row0, int64_t col0, const RowPart& row_part_of, const ColPart& col_part_of) {
+#pragma unroll
+    for (int slot = 0; slot < 4; ++slot) row_part[slot] = row_part_of(row0 + AccumulatorRow(slot));
+#pragma unroll
+    for (int strip = 0; strip < pl::kTileStrips; ++strip) col_part[strip] = col_part_of(col0 + strip * pl::kStrip);
+  }
+  __device__ int64_t operator()(int slot, int strip) const { return row_part[slot] + col_part[strip]; }
+};
 
 }  // namespace warpgroup
 }  // namespace gpu
