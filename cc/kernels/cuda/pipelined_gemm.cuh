@@ -737,10 +737,11 @@ __device__ inline void RunListedSegments(const Dims& dims, int64_t col0, const u
       }
     }
     if (row_factors == nullptr) return stage;
-    // A row strip whose row factors are all +0 adds nothing: each lane looks
-    // at two of the warp's 64 rows, strip mt being lanes 8 mt ...
+    // A row strip whose row factors are all +0 (dead; a live factor that is
+    // zero in float is -0) adds nothing: each lane looks at two of the
+    // warp's 64 rows, strip mt being lanes 8 mt ...
     const float* rows = stage.row_factor + warp.row * kWarpTile + 2 * (threadIdx.x % 32);
-    const uint32_t live_rows = ptx::WarpBallot(rows[0] != 0.0f || rows[1] != 0.0f);
+    const uint32_t live_rows = ptx::WarpBallot(Live(rows[0]) || Live(rows[1]));
     WarpStage rows_stage = stage;
 #pragma unroll
     for (int mt = 0; mt < kStrips; ++mt) {
