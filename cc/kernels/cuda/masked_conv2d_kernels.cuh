@@ -639,18 +639,24 @@ struct ConvSegments {
   ConvDims d;
   const uint8_t* live;
   const float* factors;  // per (input block, output block): the same at every tap
-  __host__ __device__ int64_t segment_blocks() const { return kGradInput ? d.out_blocks() : d.in_blocks(); }
+  // d's block counts, worked out once: each is a 64-bit division, which the
+  // scaled segments' factor lookups in the product loop would otherwise repeat.
+  int64_t in_blocks, out_blocks;
+  __host__ __device__ ConvSegments(const ConvDims& dims, const uint8_t* live_blocks, const float* block_factors)
+      : d(dims), live(live_blocks), factors(block_factors), in_blocks(dims.in_blocks()),
+        out_blocks(dims.out_blocks()) {}
+  __host__ __device__ int64_t segment_blocks() const { return kGradInput ? out_blocks : in_blocks; }
   __host__ __device__ int64_t segments() const { return d.taps() * segment_blocks(); }
   __host__ __device__ int64_t out_cols() const { return kGradInput ? d.in_channels : d.out_channels; }
   __host__ __device__ int64_t out_block() const { return kGradInput ? d.in_block : d.out_block; }
   // The (input block, output block) pair of a segment and group, flattened.
   __device__ int64_t pair(int64_t segment, int64_t group) const {
     const int64_t block = static_cast<uint32_t>(segment) % static_cast<uint32_t>(segment_blocks());  // as SegmentAt
-    return kGradInput ? group * d.out_blocks() + block : block * d.out_blocks() + group;
+    return kGradInput ? group * out_blocks + block : block * out_blocks + group;
   }
   __device__ bool live_block(int64_t segment, int64_t group) const {
     const int64_t tap = segment / segment_blocks();
-    return live[tap * d.in_blocks() * d.out_blocks() + pair(segment, group)] != 0;
+    return live[tap * in_blocks * out_blocks + pair(segment, group)] != 0;
   }
   __device__ float factor(int64_t segment, int64_t group) const { return factors[pair(segment, group)]; }
 };
