@@ -7,10 +7,10 @@ cuBLAS on the masked weight, the baseline the issue names. conv (--conv):
 x = [8, 56, 56, 256], 3x3 filters 256 -> 256, SAME, against
 torch.nn.functional.conv2d (cuDNN) on the masked filters, with channel-block
 densities and output-tile fractions, and a late layer with few output tiles
-(x = [8, 7, 7, 512], 512 -> 512) at channel-block densities; cuDNN gets its best case, channels-last
-tensors (our kernels' NHWC) and its algorithms autotuned per shape
-(cudnn.benchmark), since with its heuristics alone its time changed by up
-to 1.8x from one process to the next. Forward alone, and forward plus both
+(x = [8, 7, 7, 512], 512 -> 512) at channel-block densities; cuDNN gets its
+best case, channels-last tensors (our kernels' NHWC) and its algorithms
+autotuned per shape (cudnn.benchmark), since with its heuristics alone its
+time changed by up to 1.8x from one process to the next. Forward alone, and forward plus both
 gradients ("train"). Each pair is timed interleaved with CUDA events after
 warm-up; the median of --reps repetitions is reported.
 

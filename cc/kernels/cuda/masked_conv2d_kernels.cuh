@@ -855,6 +855,8 @@ struct ForwardSchedule {
   const int32_t* busy;
   int64_t most_splits;
   float* partials;
+  // The busy (row tile, column tile) pairs of `col_tiles` column tiles.
+  __device__ int64_t BusyPairs(int64_t col_tiles) const { return int64_t{*busy} * col_tiles; }
 };
 
 // A forward conv thread block's work. blockIdx.x walks first the splits of
@@ -872,7 +874,7 @@ struct ForwardTile {
   bool none = false;
   __device__ ForwardTile(const ConvDims& d, const ForwardSchedule& s, const int32_t* counts) {
     const int64_t col_tiles = CeilDiv(d.out_channels, pl::kTileCols);
-    const int64_t busy_pairs = int64_t{*s.busy} * col_tiles;
+    const int64_t busy_pairs = s.BusyPairs(col_tiles);
     const int64_t splits = ForwardSplits(busy_pairs, s.most_splits);
     int64_t pair = blockIdx.x;
     int64_t split = 0;
@@ -913,7 +915,7 @@ __global__ void __launch_bounds__(pl::kTileRows)
                      const int32_t* counts, D* y) {
   __shared__ ForwardTileRows rows;
   const int64_t col_tiles = CeilDiv(d.out_channels, pl::kTileCols);
-  const int64_t busy_pairs = int64_t{*s.busy} * col_tiles;
+  const int64_t busy_pairs = s.BusyPairs(col_tiles);
   const int64_t splits = ForwardSplits(busy_pairs, s.most_splits);
   const int64_t pair = blockIdx.x;
   if (splits == 1 || pair >= busy_pairs) return;

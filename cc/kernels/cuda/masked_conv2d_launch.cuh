@@ -237,8 +237,7 @@ int RunForward(const Launch& launch, const Conv2DGeometry& g, const T* x, const 
     if (Conv2DUsesPipeline<T>(g, Product::kForward, math, mask.level) && pl::Aligned16(x, filters, y)) {
       const ForwardSchedule schedule{ws.order, ws.busy, ForwardMostSplits(d, output_factors != nullptr),
                                      ws.partials};
-      const int64_t blocks = pl::TileCount(Tiles(d) * d.tile_h * d.tile_w, d.out_channels) +
-                             ForwardSplitBlocks(d, schedule.most_splits);
+      const int64_t blocks = ForwardPairs(d) + ForwardSplitBlocks(d, schedule.most_splits);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       launch(TileActivity<float>, BlocksFor(Tiles(d)), kThreads, output_factors, d, ws.active);
       launch(ForwardRowTileOrder, 1, pl::kScanThreads, ws.active, d, ws.order, ws.busy);
