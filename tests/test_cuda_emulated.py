@@ -99,7 +99,7 @@ class Emulator:
 
     def stats(self):
         names = ("launches", "blocks", "threads", "barriers", "mma_syncs", "warpgroup_mma_columns", "warpgroup_mmas",
-                 "async_copies", "tensor_copies")
+                 "async_copies", "tensor_copies", "busiest_block_tensor_work")
         values = (ctypes.c_int64 * len(names))()
         self.lib.emu_stats(values)
         return dict(zip(names, values))
@@ -711,7 +711,8 @@ def test_pipelined_forward_split_over_its_list(emulator, density):
     """A small batch over a long depth (8 x 4160 x 16: one output tile) splits
     the tile's list 8 ways, adding the partial products in a second kernel
     from the splits that had entries: the reference's result and the live
-    blocks' mma.sync count, whether no block, a few or all are live."""
+    blocks' mma.sync count, no thread block taking more than an eighth of the
+    list, whether no block, a few or all are live."""
     m, k, n, block = 8, 4160, 16, (16, 16)
     assert depth_splits(1, k) == 8
     rng = np.random.default_rng(9)
@@ -724,6 +725,8 @@ def test_pipelined_forward_split_over_its_list(emulator, density):
     stats = emulator.stats()
     assert stats["launches"] == 5  # factors, liveness, lists, the split products, their sum
     assert stats["mma_syncs"] == pipelined_mma_count("forward", m, k, n, block, mask != 0)
+    listed = int((mask != 0).sum())  # one column of blocks: an entry, of the same work, per live block
+    assert stats["busiest_block_tensor_work"] == math.ceil(listed / 8) * stats["mma_syncs"] // max(listed, 1)
     expected, bound, _ = _matmul(MATMUL_OPS["forward"], x.astype(np.float64), np.nan_to_num(w.astype(np.float64)),
                                  mask.astype(np.float64), {"block_rows": 16, "block_cols": 16})
     check(y, expected, bound, k, "float16", True, "forward float16")
@@ -1211,31 +1214,56 @@ def conv_row_activity(fields, output_mask):
     return active + [False] * (-len(active) % 128)
 
 
-def pipelined_conv_mma_count(fields, live, output_mask, dtype="bfloat16"):
-    """The mma.sync calls (per warp) of the pipelined forward conv, restated:
-    for every 128-row, 128-channel tile with an active row
-    (conv_row_activity), every (tap, input block) segment with a live block
-    in the tile's channels multiplies, each depth step, every live
-    16-channel strip in every 16-row strip holding an active row, in 2
-    halves."""
-    batch, h, w, cin, kh, kw, cout, *_, out_h, out_w, in_block, out_block, tile_h, tile_w = fields
-    in_block, out_block = min(in_block, cin), min(out_block, cout)
+def forward_conv_lists_work(fields, live, output_mask, entry_work):
+    """The forward conv's busy pairs of a 128-row tile (conv_row_activity)
+    and a 128-channel tile, each as the tensor-core work of its list's
+    entries in order, restated: the (tap, input block) segments with a live
+    block in the tile's channels, taps outermost; entry_work(rows, strips,
+    input_block) is one entry's work, given the tile's 128 row activities
+    and its 8 16-channel strips' liveness (False past the channels)."""
+    *_, cin, kh, kw, cout, _, _, _, _, _, _, _, _, in_block, out_block, _, _ = fields
+    out_block = min(out_block, cout)
     active = conv_row_activity(fields, output_mask)
-    per_segment = stage_mmas(in_block, cin, dtype)
-    total = 0
+    pairs = []
     for row0 in range(0, len(active), 128):
-        strips_on = [any(active[row0 + s * 16:row0 + s * 16 + 16]) for s in range(8)]  # 2 warp rows x 4
-        if not any(strips_on):
+        rows = active[row0:row0 + 128]
+        if not any(rows):
             continue
         for col0 in range(0, cout, 128):
-            for i in range(live.shape[0]):
-                live_strips = [c < cout and bool(live[i, c // out_block]) for c in range(col0, col0 + 128, 16)]
-                if not any(live_strips):
-                    continue
-                for warp_row in range(2):
-                    rows_on = sum(strips_on[warp_row * 4:warp_row * 4 + 4])
-                    total += kh * kw * per_segment * rows_on * sum(live_strips) * 2
-    return total
+            work = []
+            for _ in range(kh * kw):
+                for i in range(live.shape[0]):
+                    strips = [c < cout and bool(live[i, c // out_block]) for c in range(col0, col0 + 128, 16)]
+                    if any(strips):
+                        work.append(entry_work(rows, strips, i))
+            pairs.append(work)
+    return pairs
+
+
+def busiest_split(lists_work, splits):
+    """The most work one thread block takes where each list (of the work of
+    its entries or stages) splits into runs of ceil(entries / splits)
+    (pl::SplitRun)."""
+    most = 0
+    for work in lists_work:
+        run = max(1, math.ceil(len(work) / splits))
+        most = max([most] + [sum(work[first:first + run]) for first in range(0, len(work), run)])
+    return most
+
+
+def pipelined_conv_entry_mmas(fields, dtype):
+    """A pipelined forward conv list entry's mma.sync calls (per warp): each
+    depth step (stage_mmas) multiplies every live 16-channel strip in every
+    16-row strip holding an active row, in 2 halves."""
+    *_, cin, _, _, _, _, _, _, _, _, _, _, _, in_block, _, _, _ = fields
+    per_segment = stage_mmas(min(in_block, cin), cin, dtype)
+    return lambda rows, strips, _: per_segment * sum(any(rows[s:s + 16]) for s in range(0, 128, 16)) * sum(strips) * 2
+
+
+def pipelined_conv_mma_count(fields, live, output_mask, dtype="bfloat16"):
+    """The mma.sync calls (per warp) of the pipelined forward conv, restated
+    over its lists (forward_conv_lists_work)."""
+    return sum(map(sum, forward_conv_lists_work(fields, live, output_mask, pipelined_conv_entry_mmas(fields, dtype))))
 
 
 def pipelined_conv_dx_mma_count(fields, live, output_mask, dtype="bfloat16"):
@@ -1306,35 +1334,37 @@ def test_pipelined_conv_needs_coordinates_under_2_30(emulator, field, value):
         assert not emulator.conv2d_uses_pipeline(product, "bfloat16", huge, "block")
 
 
-def warpgroup_conv_columns(fields, live, output_mask):
-    """The columns the warpgroup forward conv's wgmma products span (summed
-    per warpgroup), restated: for every 128-row tile (conv_row_activity),
-    128-channel tile and (tap, input block) segment with a live block in the
-    tile's channels, every 16 of the segment's depth in stages (32, or 16
-    for input blocks not on 32s), each 64-row half holding an active row
-    multiplies each run of the tile's 16-channel strips that has a live
+def warpgroup_conv_entry_columns(fields):
+    """The columns a warpgroup forward conv list entry's wgmma products span
+    (summed per warpgroup): every 16 of the segment's depth in stages (32,
+    or 16 for input blocks not on 32s), each 64-row half holding an active
+    row multiplies each run of the tile's 16-channel strips that has a live
     strip; a run is as many strips (8, 4, 2 or 1) as lie in one block."""
-    *_, cin, kh, kw, cout, _, _, _, _, _, _, _, _, in_block, out_block, _, _ = fields
+    *_, cin, _, _, cout, _, _, _, _, _, _, _, _, in_block, out_block, _, _ = fields
     in_block, out_block = min(in_block, cin), min(out_block, cout)
-    active = conv_row_activity(fields, output_mask)
     run = 8 if out_block >= cout else max(p for p in (1, 2, 4, 8) if out_block % (16 * p) == 0)
     stage = 32 if in_block % 32 == 0 or in_block >= cin else 16
     steps = math.ceil(in_block / stage) * stage // 16
-    total = 0
-    for row0 in range(0, len(active), 128):
-        halves = sum(any(active[row0 + h * 64:row0 + h * 64 + 64]) for h in range(2))
-        for col0 in range(0, cout, 128):
-            for i in range(live.shape[0]):
-                strips = [bool(live[i, c // out_block]) for c in range(col0, min(cout, col0 + 128), 16)]
-                runs = sum(any(strips[r:r + run]) for r in range(0, len(strips), run))
-                total += kh * kw * steps * halves * runs * run * 16
-    return total
+
+    def columns(rows, strips, _):
+        halves = sum(any(rows[h:h + 64]) for h in (0, 64))
+        return steps * halves * sum(any(strips[r:r + run]) for r in range(0, 8, run)) * run * 16
+    return columns
 
 
-def checked_forward_conv(emulator, x, filters, mask, output_mask, fields, attrs, dy, depth, dtype):
-    """The emulated forward conv (block mask, on the pipelined kernels or the
-    warpgroup tile as chosen), its output poisoned with NaN first, checked
-    against the reference; and the emulator's stats of it."""
+def warpgroup_conv_columns(fields, live, output_mask):
+    """The columns the warpgroup forward conv's wgmma products span, restated
+    over its lists (forward_conv_lists_work)."""
+    return sum(map(sum, forward_conv_lists_work(fields, live, output_mask, warpgroup_conv_entry_columns(fields))))
+
+
+def checked_forward_conv(emulator, x, filters, mask, output_mask, fields, attrs, dy, depth, dtype, warpgroup):
+    """The emulated forward conv (block mask, on the pipelined kernels or,
+    where `warpgroup`, the warpgroup tile, as the emulator was set), its
+    output poisoned with NaN first, checked against the reference, and its
+    tensor-core work against its lists' (forward_conv_lists_work): the
+    whole, on the chosen tile only, and the busiest thread block's, the
+    lists split as forward_conv_splits says. Returns the output."""
     assert emulator.conv2d_uses_pipeline("forward", dtype, fields, "block")
     emulator.lib.emu_reset_stats()
     out = emulator.conv2d("forward", x, filters, mask, "block", fields, np.full(dy.shape, np.nan, x.dtype),
@@ -1344,7 +1374,13 @@ def checked_forward_conv(emulator, x, filters, mask, output_mask, fields, attrs,
     expected, bound, _ = _conv(CONV_OPS["forward"], x.astype(np.float64), filters.astype(np.float64),
                                mask.astype(np.float64), om64, dy.astype(np.float64), attrs)
     check(out, expected, bound, depth, dtype, True, f"forward {dtype}")
-    return out, stats
+    entry_work = warpgroup_conv_entry_columns(fields) if warpgroup else pipelined_conv_entry_mmas(fields, dtype)
+    lists_work = forward_conv_lists_work(fields, mask != 0, output_mask, entry_work)
+    work, other_work = ("warpgroup_mma_columns", "mma_syncs") if warpgroup else ("mma_syncs", "warpgroup_mma_columns")
+    assert stats[other_work] == 0
+    assert stats[work] == sum(map(sum, lists_work))
+    assert stats["busiest_block_tensor_work"] == busiest_split(lists_work, forward_conv_splits(fields, output_mask))
+    return out
 
 
 @pytest.mark.parametrize("geometry, block, tile", [
@@ -1370,9 +1406,7 @@ def test_warpgroup_conv_forward(emulator, geometry, block, tile, with_output_mas
     mask, _, output_mask, fields, attrs, products = conv_case(geometry, block, tile, dtype, "block",
                                                               with_output_mask)
     _, x, f_nan, _, depth = products[0]
-    _, stats = checked_forward_conv(emulator, x, f_nan, mask, output_mask, fields, attrs, products[1][1], depth, dtype)
-    assert stats["mma_syncs"] == 0
-    assert stats["warpgroup_mma_columns"] == warpgroup_conv_columns(fields, mask != 0, output_mask)
+    checked_forward_conv(emulator, x, f_nan, mask, output_mask, fields, attrs, products[1][1], depth, dtype, True)
 
 
 def forward_conv_splits(fields, output_mask):
@@ -1408,7 +1442,8 @@ def test_forward_conv_splits_its_lists(emulator, with_output_mask, products, dty
     tile's list is split four ways and the splits' partial sums added by a
     second kernel: the reference's result everywhere (the idle tiles written
     as zeros, output factors applied once), with the tensor-core work of the
-    unsplit lists (float32 as TF32 on the pipelined tile only)."""
+    unsplit lists, and no thread block doing more than its quarter of a list
+    (float32 as TF32 on the pipelined tile only)."""
     if products == WARPGROUP_ALL and dtype == "float32":
         pytest.skip("the warpgroup tile takes 16-bit operands only")
     emulator.lib.emu_set_warpgroup_mma(products)
@@ -1422,13 +1457,8 @@ def test_forward_conv_splits_its_lists(emulator, with_output_mask, products, dty
             output_mask[n, ty * 8:ty * 8 + 8, tx * 8:tx * 8 + 8] = rng.choice([0.0, 1.0, 2.5], (8, 8))
     assert forward_conv_splits(fields, output_mask) == 4
     _, x, f_nan, _, depth = case_products[0]
-    out, stats = checked_forward_conv(emulator, x, f_nan, mask, output_mask, fields, attrs, case_products[1][1], depth,
-                                      dtype)
-    if products == WARPGROUP_ALL:
-        assert stats["mma_syncs"] == 0
-        assert stats["warpgroup_mma_columns"] == warpgroup_conv_columns(fields, mask != 0, output_mask)
-    else:
-        assert stats["mma_syncs"] == pipelined_conv_mma_count(fields, mask != 0, output_mask, dtype)
+    out = checked_forward_conv(emulator, x, f_nan, mask, output_mask, fields, attrs, case_products[1][1], depth, dtype,
+                               products == WARPGROUP_ALL)
     if output_mask is not None:
         assert (out[output_mask == 0] == 0).all()
 
@@ -1474,13 +1504,13 @@ def test_warpgroup_conv_forward_copies_are_whole_lines(emulator):
     assert emulator.stats()["warpgroup_mma_columns"] > 0
 
 
-def live_depth_stages(output_mask, pixels, stage):
-    """The stages of `stage` of the `pixels` output pixels (raster order)
-    holding a live pixel of the output mask, or all of them without one."""
+def depth_stage_liveness(output_mask, pixels, stage):
+    """Whether each stage of `stage` of the `pixels` output pixels (raster
+    order) holds a live pixel of the output mask (all, without one)."""
     if output_mask is None:
-        return math.ceil(pixels / stage)
+        return [True] * math.ceil(pixels / stage)
     flat = output_mask.reshape(-1)
-    return sum(bool((flat[s:s + stage] != 0).any()) for s in range(0, pixels, stage))
+    return [bool((flat[s:s + stage] != 0).any()) for s in range(0, pixels, stage)]
 
 
 @pytest.mark.parametrize("level", ["block", "element"])
@@ -1492,7 +1522,7 @@ def test_pipelined_conv_filter_gradient_over_splits(emulator, level, output_mask
     the live fragments over the depth's stages that hold a live output pixel
     (all without an output mask; float32 as TF32: stages of 16, 8 deep an
     mma; a sparse output mask of three 8 x 8 tiles leaves most stages
-    dead)."""
+    dead), no thread block multiplying more than its split's stages."""
     geometry = (2, 32, 32, 16, 24, (3, 3), 1, 1, (1, 1, 1, 1))
     mask, element, output_mask, fields, attrs, products = conv_case(geometry, (16, 16), (8, 8), dtype, level,
                                                                     output_mask_kind != "dense-output")
@@ -1510,11 +1540,14 @@ def test_pipelined_conv_filter_gradient_over_splits(emulator, level, output_mask
                           True)
     stats = emulator.stats()
     live_taps = [(element[ky, kx] != 0) for ky in range(3) for kx in range(3)]
-    fragments = sum(int(live[i:i + 16, j:j + 16].any()) for live in live_taps for i in range(0, 16, 16)
-                    for j in range(0, 24, 16))
+    tap_fragments = [sum(int(live[:, j:j + 16].any()) for j in range(0, 24, 16)) for live in live_taps]
     stage, mma_depth = (16, 8) if dtype == "float32" else (32, 16)
-    stages = live_depth_stages(output_mask, 2048, stage)
-    assert stats["mma_syncs"] == stages * (stage // mma_depth) * fragments * 2
+    stage_live = depth_stage_liveness(output_mask, 2048, stage)
+    stages = sum(stage_live)
+    assert stats["mma_syncs"] == stages * (stage // mma_depth) * sum(tap_fragments) * 2
+    # A thread block per (split, tap): a quarter of the stages each.
+    most_stages = busiest_split([stage_live], 4)
+    assert stats["busiest_block_tensor_work"] == most_stages * (stage // mma_depth) * max(tap_fragments) * 2
     # (the output mask's factors,) the filter factors, liveness, (the live
     # stages,) the split products, their sum
     assert stats["launches"] == 4 + 2 * (output_mask is not None)

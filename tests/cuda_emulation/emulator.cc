@@ -87,7 +87,8 @@ int64_t emu_take_diagnostics(char* buffer, int64_t size) {
 }
 
 // launches, blocks, threads, barriers, mma_syncs, warpgroup_mma_columns,
-// warpgroup_mmas, async_copies, tensor_copies since the last reset.
+// warpgroup_mmas, async_copies, tensor_copies, busiest_block_tensor_work
+// since the last reset.
 void emu_stats(int64_t* out) {
   const cuda_emulation::Stats& stats = cuda_emulation::Engine::Get().stats();
   out[0] = stats.launches;
@@ -99,6 +100,7 @@ void emu_stats(int64_t* out) {
   out[6] = stats.warpgroup_mmas;
   out[7] = stats.async_copies;
   out[8] = stats.tensor_copies;
+  out[9] = stats.busiest_block_tensor_work;
 }
 
 void emu_reset_stats() { cuda_emulation::Engine::Get().stats() = cuda_emulation::Stats{}; }

@@ -193,6 +193,9 @@ struct Stats {
   int64_t warpgroup_mmas = 0;         // the wgmma products, counted once per warpgroup
   int64_t async_copies = 0;           // cp.async copies, each thread's
   int64_t tensor_copies = 0;          // cp.async.bulk.tensor copies
+  // The most tensor-core work (mma_syncs + warpgroup_mma_columns) one thread
+  // block did: how a launch shared its products out among its blocks.
+  int64_t busiest_block_tensor_work = 0;
 };
 
 // One 16-byte cp.async: the first `bytes_read` (0 .. 16) from src, the rest
@@ -737,6 +740,7 @@ class Engine {
   bool RunBlock(dim3 block, unsigned threads) {
     ++stats_.blocks;
     stats_.threads += threads;
+    const int64_t tensor_work_before = stats_.mma_syncs + stats_.warpgroup_mma_columns;
     for (unsigned i = 0; i < threads; ++i) {
       Fiber& fiber = fibers_[i];
       getcontext(&fiber.context);
@@ -809,6 +813,8 @@ class Engine {
         }
       }
       if (waiting == 0) {
+        stats_.busiest_block_tensor_work = std::max(
+            stats_.busiest_block_tensor_work, stats_.mma_syncs + stats_.warpgroup_mma_columns - tensor_work_before);
         if (check_copy_lines_) CheckCopyLines();
         for (const auto& [barrier, state] : mbarriers_) {
           if (!state.copies.empty()) Report("a block exited with tensor copies no thread waited for");
