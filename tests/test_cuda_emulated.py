@@ -1195,22 +1195,35 @@ def stage_mmas(block, channels, dtype):
     return math.ceil(block / stage) * stage // 16
 
 
-def conv_row_activity(fields, output_mask):
-    """Whether each row of the forward conv's implicit GEMM is an output
-    pixel of an active tile: rows are output pixels tile by tile (a tile of
-    the output mask with no live pixel is inactive), padded to 128s."""
+def tile_order_pixels(fields):
+    """The output pixels tile by tile, the order of the forward conv's rows
+    (and of dfilters' depth under an output mask): per output tile (n, tile
+    row, tile column) its tile_h x tile_w places in raster order, each an
+    (n, oy, ox), or None past the output's bottom or right edge."""
     batch, *_, out_h, out_w, _, _, tile_h, tile_w = fields
     tile_h, tile_w = min(tile_h, out_h), min(tile_w, out_w)
     tiles_h, tiles_w = math.ceil(out_h / tile_h), math.ceil(out_w / tile_w)
-    active = []
+    pixels = []
     for tile in range(batch * tiles_h * tiles_w):
         n, ty, tx = tile // (tiles_h * tiles_w), tile // tiles_w % tiles_h, tile % tiles_w
-        window = None if output_mask is None else output_mask[n, ty * tile_h:(ty + 1) * tile_h,
-                                                              tx * tile_w:(tx + 1) * tile_w]
-        tile_on = window is None or (window != 0).any()
         for q in range(tile_h * tile_w):
             oy, ox = ty * tile_h + q // tile_w, tx * tile_w + q % tile_w
-            active.append(tile_on and oy < out_h and ox < out_w)
+            pixels.append((n, oy, ox) if oy < out_h and ox < out_w else None)
+    return pixels
+
+
+def conv_row_activity(fields, output_mask):
+    """Whether each row of the forward conv's implicit GEMM is an output
+    pixel of an active tile: rows are output pixels tile by tile
+    (tile_order_pixels; a tile of the output mask with no live pixel is
+    inactive), padded to 128s."""
+    *_, out_h, out_w, _, _, tile_h, tile_w = fields
+    tile_h, tile_w = min(tile_h, out_h), min(tile_w, out_w)
+
+    def tile_on(n, oy, ox):
+        ty, tx = oy // tile_h * tile_h, ox // tile_w * tile_w
+        return output_mask is None or (output_mask[n, ty:ty + tile_h, tx:tx + tile_w] != 0).any()
+    active = [pixel is not None and tile_on(*pixel) for pixel in tile_order_pixels(fields)]
     return active + [False] * (-len(active) % 128)
 
 
@@ -1504,27 +1517,36 @@ def test_warpgroup_conv_forward_copies_are_whole_lines(emulator):
     assert emulator.stats()["warpgroup_mma_columns"] > 0
 
 
-def depth_stage_liveness(output_mask, pixels, stage):
-    """Whether each stage of `stage` of the `pixels` output pixels (raster
-    order) holds a live pixel of the output mask (all, without one)."""
+def depth_stage_liveness(fields, output_mask, stage):
+    """Whether each stage of `stage` rows of the pipelined dfilters' depth
+    holds a live output pixel: without an output mask, the output pixels in
+    raster order, all live; with one, tile by tile (tile_order_pixels), so
+    that an inactive tile's stages are dead."""
+    batch, *_, out_h, out_w, _, _, _, _ = fields
     if output_mask is None:
-        return [True] * math.ceil(pixels / stage)
-    flat = output_mask.reshape(-1)
-    return [bool((flat[s:s + stage] != 0).any()) for s in range(0, pixels, stage)]
+        return [True] * math.ceil(batch * out_h * out_w / stage)
+    pixels = tile_order_pixels(fields)
+    return [any(p is not None and output_mask[p] != 0 for p in pixels[s:s + stage]) for s in range(0, len(pixels), stage)]
 
 
 @pytest.mark.parametrize("level", ["block", "element"])
 @pytest.mark.parametrize("output_mask_kind", ["dense-output", "output-mask", "sparse-output-mask"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_pipelined_conv_filter_gradient_over_splits(emulator, level, output_mask_kind, dtype):
-    """dfilters with its depth (2048 output pixels) split four ways, summed
-    by a second kernel: the reference's result, with the mma.sync count of
-    the live fragments over the depth's stages that hold a live output pixel
-    (all without an output mask; float32 as TF32: stages of 16, 8 deep an
-    mma; a sparse output mask of three 8 x 8 tiles leaves most stages
-    dead), no thread block multiplying more than its split's stages."""
-    geometry = (2, 32, 32, 16, 24, (3, 3), 1, 1, (1, 1, 1, 1))
-    mask, element, output_mask, fields, attrs, products = conv_case(geometry, (16, 16), (8, 8), dtype, level,
+@pytest.mark.parametrize("size, tile", [((32, 32), (8, 8)), ((30, 29), (5, 3))], ids=["whole-tiles", "edge-tiles"])
+def test_pipelined_conv_filter_gradient_over_splits(emulator, level, output_mask_kind, dtype, size, tile):
+    """dfilters with its depth (2048 output pixels, or 1740 of a 30 x 29
+    output; under an output mask in tile order, which 5 x 3 tiles, each less
+    than a stage, pad to 1800 rows) split four ways (30 x 29: three), summed
+    by a second kernel: the reference's result, with
+    the mma.sync count of the live fragments over the depth's stages that
+    hold a live output pixel (all without an output mask; float32 as TF32:
+    stages of 16, 8 deep an mma; a sparse output mask of three 8 x 8 tiles
+    leaves all stages but theirs dead), no thread block multiplying more than
+    its split's stages."""
+    if output_mask_kind == "sparse-output-mask" and tile != (8, 8):
+        pytest.skip("the sparse output mask is laid out in 8 x 8 tiles")
+    geometry = (2, *size, 16, 24, (3, 3), 1, 1, (1, 1, 1, 1))
+    mask, element, output_mask, fields, attrs, products = conv_case(geometry, (16, 16), tile, dtype, level,
                                                                     output_mask_kind != "dense-output")
     _, x, dy, out_shape, depth = products[2]
     if output_mask_kind == "sparse-output-mask":
@@ -1542,22 +1564,25 @@ def test_pipelined_conv_filter_gradient_over_splits(emulator, level, output_mask
     live_taps = [(element[ky, kx] != 0) for ky in range(3) for kx in range(3)]
     tap_fragments = [sum(int(live[:, j:j + 16].any()) for j in range(0, 24, 16)) for live in live_taps]
     stage, mma_depth = (16, 8) if dtype == "float32" else (32, 16)
-    stage_live = depth_stage_liveness(output_mask, 2048, stage)
+    stage_live = depth_stage_liveness(fields, output_mask, stage)
     stages = sum(stage_live)
     assert stats["mma_syncs"] == stages * (stage // mma_depth) * sum(tap_fragments) * 2
-    # A thread block per (split, tap): a quarter of the stages each.
-    most_stages = busiest_split([stage_live], 4)
+    # A thread block per (split, tap), each with its split's run of stages.
+    depth_rows = 2 * size[0] * size[1] if output_mask is None else len(tile_order_pixels(fields))
+    splits = depth_splits(9, depth_rows)
+    assert splits == (4 if size == (32, 32) else 3)
+    most_stages = busiest_split([stage_live], splits)
     assert stats["busiest_block_tensor_work"] == most_stages * (stage // mma_depth) * max(tap_fragments) * 2
     # (the output mask's factors,) the filter factors, liveness, (the live
     # stages,) the split products, their sum
     assert stats["launches"] == 4 + 2 * (output_mask is not None)
     if output_mask_kind == "sparse-output-mask":
-        assert stages == 24  # the three tiles' 24 rows of 8 pixels, each in a stage of its own
+        assert stages == 3 * 64 // stage  # the three tiles' 64 pixels, in stages of their own
         # Every stage copies as much as any other: dead ones copy nothing.
         emulator.lib.emu_reset_stats()
         emulator.conv2d("grad_weight", x, np.nan_to_num(dy), mask, level, fields, np.full(out_shape, np.nan, x.dtype),
                         np.ones_like(output_mask), True)
-        assert stats["async_copies"] * 2048 // stage == emulator.stats()["async_copies"] * stages
+        assert stats["async_copies"] * len(stage_live) == emulator.stats()["async_copies"] * stages
     om64 = np.zeros((0,)) if output_mask is None else output_mask.astype(np.float64)
     expected, bound, _ = _conv(CONV_OPS["grad_weight"], x.astype(np.float64), products[0][2].astype(np.float64),
                                mask.astype(np.float64), om64, dy.astype(np.float64), attrs)

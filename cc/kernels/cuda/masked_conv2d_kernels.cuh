@@ -113,18 +113,6 @@ __global__ void TileActivity(const F* output_factors, ConvDims d, uint8_t* activ
   }
 }
 
-// live[s] for stage s of `depth` output pixels (in raster order) of the
-// weight gradients' depth: some output factor in it is live.
-template <typename F>
-__global__ void DepthStageActivity(const F* output_factors, int64_t pixels, int64_t depth, uint8_t* live) {
-  const int64_t stages = CeilDiv(pixels, depth);
-  for (int64_t s = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; s < stages; s += int64_t(gridDim.x) * blockDim.x) {
-    bool any = false;
-    for (int64_t p = s * depth; p < min(pixels, (s + 1) * depth) && !any; ++p) any = Live(output_factors[p]);
-    live[s] = any ? 1 : 0;
-  }
-}
-
 // The output pixel that input pixel (iy, ix) meets at tap (ky, kx), or -1.
 __device__ inline int64_t OutputPixelAt(const ConvDims& d, int64_t n, int64_t iy, int64_t ix, int64_t ky,
                                         int64_t kx) {
@@ -705,6 +693,40 @@ struct PixelRows {
   }
 };
 
+// Output pixels ordered tile by tile (the forward conv's rows; dfilters'
+// depth under an output mask): row `row` is place row % (tile_h tile_w) of
+// output tile row / (tile_h tile_w) = (n, tile_y, tile_x), its places in
+// raster order. A tile at the output's bottom or right edge keeps all its
+// places; those past the output are no pixel (inside false), and rows past
+// the last tile have the batch for their image.
+struct TiledPixel {
+  int64_t tile, n, tile_y, tile_x, oy, ox;
+  bool inside;
+  __host__ __device__ TiledPixel(const ConvDims& d, int64_t row) {
+    const int64_t per_tile = d.tile_h * d.tile_w;
+    const int64_t per_image = d.tiles_h() * d.tiles_w();
+    tile = row / per_tile;
+    const int64_t q = row % per_tile;
+    n = per_image > 0 ? min(tile / per_image, d.batch) : d.batch;
+    tile_y = per_image > 0 ? tile / d.tiles_w() % d.tiles_h() : 0;
+    tile_x = per_image > 0 ? tile % d.tiles_w() : 0;
+    oy = tile_y * d.tile_h + q / d.tile_w;
+    ox = tile_x * d.tile_w + q % d.tile_w;
+    inside = n < d.batch && oy < d.out_h && ox < d.out_w;
+  }
+};
+
+// The rows of the implicit GEMMs over output pixels ordered tile by tile.
+__host__ __device__ inline int64_t TileOrderRows(const ConvDims& d) {
+  return d.batch * d.tiles_h() * d.tiles_w() * d.tile_h * d.tile_w;
+}
+
+// The depth of the pipelined dfilters: the output pixels, in raster order,
+// or tile by tile (edge tiles padded to whole tiles) under an output mask.
+__host__ __device__ inline int64_t GradFilterDepth(const ConvDims& d, bool tile_order) {
+  return tile_order ? TileOrderRows(d) : d.batch * d.out_h * d.out_w;
+}
+
 // The rows of a forward conv tile (the implicit GEMM's 128 output pixels,
 // grouped by output tile as in TensorCoreConvForward), set up by a thread
 // per row: each row's output pixel (-1: none) and, for a row of an active
@@ -721,26 +743,11 @@ struct ForwardTileRows {
   __device__ void Set(const ConvDims& d, const uint8_t* active, int64_t row0, float* partial_sums) {
     const int r = threadIdx.x;
     if (r == 0) partial = partial_sums;
-    const int64_t per_tile = d.tile_h * d.tile_w;
-    const int64_t tile = (row0 + r) / per_tile;
-    const int64_t q = (row0 + r) % per_tile;
-    int64_t out_pixel = -1;
-    int64_t in_image = -1;
-    int64_t oy = 0;
-    int64_t ox = 0;
-    if (tile < d.batch * d.tiles_h() * d.tiles_w()) {
-      oy = ((tile / d.tiles_w()) % d.tiles_h()) * d.tile_h + q / d.tile_w;
-      ox = (tile % d.tiles_w()) * d.tile_w + q % d.tile_w;
-      const int64_t n = tile / (d.tiles_h() * d.tiles_w());
-      if (oy < d.out_h && ox < d.out_w) {
-        out_pixel = (n * d.out_h + oy) * d.out_w + ox;
-        if (active[tile]) in_image = n * d.in_h * d.in_w;
-      }
-    }
-    pixel[r] = out_pixel;
-    image[r] = in_image;
-    iy[r] = oy * d.stride_h - d.pad_top;
-    ix[r] = ox * d.stride_w - d.pad_left;
+    const TiledPixel at(d, row0 + r);
+    pixel[r] = at.inside ? (at.n * d.out_h + at.oy) * d.out_w + at.ox : -1;
+    image[r] = at.inside && active[at.tile] ? at.n * d.in_h * d.in_w : -1;
+    iy[r] = at.oy * d.stride_h - d.pad_top;
+    ix[r] = at.ox * d.stride_w - d.pad_left;
   }
   // x's element offset of row r's input pixel at `tap`, or -1 (in the
   // padding, or an inactive row).
@@ -800,7 +807,7 @@ struct GatheredSegment {
 // The forward conv's 128-row tiles (of output pixels grouped by output tile,
 // as ForwardTileRows).
 __host__ __device__ inline int64_t ForwardRowTiles(const ConvDims& d) {
-  return CeilDiv(d.batch * d.tiles_h() * d.tiles_w() * d.tile_h * d.tile_w, int64_t{pl::kTileRows});
+  return CeilDiv(TileOrderRows(d), int64_t{pl::kTileRows});
 }
 
 // How many ways the forward conv splits the list of each of its `busy`
@@ -1171,20 +1178,140 @@ __global__ void __launch_bounds__(pl::kThreads)
 #endif
 }
 
+// The output's extents and tiles in 32 bits (the pipelined rule keeps the
+// batch and every coordinate under 2^30), the tile counts worked out once
+// (each a 64-bit division from ConvDims).
+struct OutputGrid32 {
+  int32_t batch, out_h, out_w, tile_h, tile_w, tiles_h, tiles_w;
+  __device__ explicit OutputGrid32(const ConvDims& d)
+      : batch(static_cast<int32_t>(d.batch)), out_h(static_cast<int32_t>(d.out_h)),
+        out_w(static_cast<int32_t>(d.out_w)), tile_h(static_cast<int32_t>(d.tile_h)),
+        tile_w(static_cast<int32_t>(d.tile_w)), tiles_h(static_cast<int32_t>(d.tiles_h())),
+        tiles_w(static_cast<int32_t>(d.tiles_w())) {}
+  __device__ int64_t Pixel(int32_t n, int32_t y, int32_t x) const {
+    return (int64_t{n} * out_h + y) * out_w + x;
+  }
+};
+
+// A step of a DepthCursor, as whole rows (of the output, or of a tile) and
+// the columns left over: worked out once, so that a step that crosses no
+// tile or image costs no division.
+struct CursorStep {
+  int32_t rows, columns;
+};
+
+// A pipelined dfilters thread's place in the depth (the output pixels), moved
+// along a stage at a time in 32 bits. kTileOrder: the depth runs tile by tile
+// as TiledPixel orders it, as (image, tile row, tile column, row and column
+// in the tile); else in raster order, as (image, y, x). Past the last row,
+// the image is the batch. Seek(d, row) places it at a depth row (64-bit
+// arithmetic, once); StepOf(g, rows) is the step that Advance(g, step) moves
+// it `rows` rows on by.
+template <bool kTileOrder>
+struct DepthCursor;
+
+template <>
+struct DepthCursor<false> {
+  int32_t n, y, x;
+  __device__ void Seek(const ConvDims& d, int64_t row) {
+    const int64_t plane = d.out_h * d.out_w;  // no output pixels: no divisions by an empty plane
+    n = static_cast<int32_t>(plane > 0 ? min(row / plane, d.batch) : d.batch);
+    y = static_cast<int32_t>(plane > 0 ? row / d.out_w % d.out_h : 0);
+    x = static_cast<int32_t>(plane > 0 ? row % d.out_w : 0);
+  }
+  __device__ static CursorStep StepOf(const OutputGrid32& g, int32_t rows) {
+    return g.out_w > 0 ? CursorStep{rows / g.out_w, rows % g.out_w} : CursorStep{0, 0};
+  }
+  __device__ void Advance(const OutputGrid32& g, CursorStep step) {
+    x += step.columns;
+    y += step.rows;
+    if (x >= g.out_w) {
+      x -= g.out_w;
+      ++y;
+    }
+    if (y < g.out_h) return;
+    n = min(n + y / g.out_h, g.batch);
+    y %= g.out_h;
+  }
+  __device__ int32_t Y(const OutputGrid32&) const { return y; }
+  __device__ int32_t X(const OutputGrid32&) const { return x; }
+  __device__ bool Inside(const OutputGrid32& g) const { return n < g.batch; }
+  __device__ int64_t Pixel(const OutputGrid32& g) const { return g.Pixel(n, y, x); }
+};
+
+template <>
+struct DepthCursor<true> {
+  int32_t n, ty, tx, qy, qx;
+  __device__ void Seek(const ConvDims& d, int64_t row) {
+    const TiledPixel at(d, row);
+    n = static_cast<int32_t>(at.n);
+    ty = static_cast<int32_t>(at.tile_y);
+    tx = static_cast<int32_t>(at.tile_x);
+    qy = static_cast<int32_t>(at.oy - at.tile_y * d.tile_h);
+    qx = static_cast<int32_t>(at.ox - at.tile_x * d.tile_w);
+  }
+  __device__ static CursorStep StepOf(const OutputGrid32& g, int32_t rows) {
+    return CursorStep{rows / g.tile_w, rows % g.tile_w};
+  }
+  __device__ void Advance(const OutputGrid32& g, CursorStep step) {
+    qx += step.columns;
+    qy += step.rows;
+    if (qx >= g.tile_w) {
+      qx -= g.tile_w;
+      ++qy;
+    }
+    if (qy < g.tile_h) return;
+    tx += qy / g.tile_h;
+    qy %= g.tile_h;
+    if (tx < g.tiles_w) return;
+    ty += tx / g.tiles_w;
+    tx %= g.tiles_w;
+    if (ty < g.tiles_h) return;
+    n = min(n + ty / g.tiles_h, g.batch);
+    ty %= g.tiles_h;
+  }
+  __device__ int32_t Y(const OutputGrid32& g) const { return ty * g.tile_h + qy; }
+  __device__ int32_t X(const OutputGrid32& g) const { return tx * g.tile_w + qx; }
+  __device__ bool Inside(const OutputGrid32& g) const { return n < g.batch && Y(g) < g.out_h && X(g) < g.out_w; }
+  __device__ int64_t Pixel(const OutputGrid32& g) const { return g.Pixel(n, Y(g), X(g)); }
+};
+
+// live[s] for stage s of `depth` rows of the pipelined dfilters' depth under
+// an output mask (the output pixels tile by tile): some output factor of its
+// pixels is live.
+template <typename F>
+__global__ void DepthStageActivity(const F* output_factors, ConvDims d, int64_t depth, uint8_t* live) {
+  const int64_t rows = TileOrderRows(d);
+  const int64_t stages = CeilDiv(rows, depth);
+  const OutputGrid32 grid(d);
+  const CursorStep one_row = DepthCursor<true>::StepOf(grid, 1);
+  for (int64_t s = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; s < stages; s += int64_t(gridDim.x) * blockDim.x) {
+    DepthCursor<true> at;
+    at.Seek(d, s * depth);
+    bool any = false;
+    for (int64_t row = s * depth; row < min(rows, (s + 1) * depth) && !any; ++row, at.Advance(grid, one_row)) {
+      any = at.Inside(grid) && Live(output_factors[at.Pixel(grid)]);
+    }
+    live[s] = any ? 1 : 0;
+  }
+}
+
 // dfilters for 16-bit D (or float as TF32) on the pipelined tile, split over
 // the depth: blockIdx.x walks (split, tap, 128-channel tile of in_channels, of
-// out_channels), the last fastest; the depth is the output pixels, kDepth a
-// stage, and split s takes stages [s per_split, (s + 1) per_split). A = x^T
-// gathered at the tap's input pixel of each depth row (padding: zero fills;
-// each thread steps its rows' output pixels along stage by stage), B = dy,
-// masked per depth row by the output factors (staged by cp.async with the
-// operands). A warp multiplies only its fragments in live blocks; a tile
-// without any reads nothing, and under an output mask a stage whose output
-// pixels are all dead (stage_live) is neither read nor multiplied. With one
-// split the tile is written masked, as D; with several, as float partial
-// sums to partials[split] (taps x in_channels x out_channels each), which
-// SplitFilterSums adds up.
-template <typename D, int kDepth>
+// out_channels), the last fastest; the depth is the output pixels (without an
+// output mask in raster order; with one, tile by tile, kTileOrder, so that the
+// stages of inactive output tiles are dead), kDepth a stage, and split s takes
+// stages [s per_split, (s + 1) per_split). A = x^T gathered at the tap's input
+// pixel of each depth row (padding: zero fills; each thread steps its rows'
+// output pixels along stage by stage, DepthCursor), B = dy (in tile order
+// gathered by the same rows), masked per depth row by the output factors
+// (staged by cp.async with the operands). A warp multiplies only its
+// fragments in live blocks; a tile without any reads nothing, and under an
+// output mask a stage whose output pixels are all dead (stage_live) is
+// neither read nor multiplied. With one split the tile is written masked, as
+// D; with several, as float partial sums to partials[split] (taps x
+// in_channels x out_channels each), which SplitFilterSums adds up.
+template <typename D, int kDepth, bool kTileOrder>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedConvGradFilter(const D* x, const D* dy, const float* factors, const float* output_factors,
                             const uint8_t* live, const uint8_t* stage_live, ConvDims d, int64_t per_split,
@@ -1199,72 +1326,70 @@ __global__ void __launch_bounds__(pl::kThreads)
   const int64_t row0 = int64_t(blockIdx.x) / col_tiles % row_tiles * pl::kTileRows;
   const int64_t tap = int64_t(blockIdx.x) / (col_tiles * row_tiles) % d.taps();
   const int64_t split = int64_t(blockIdx.x) / (col_tiles * row_tiles * d.taps());
-  const int64_t pixels = d.batch * d.out_h * d.out_w;
+  const int64_t depth = GradFilterDepth(d, kTileOrder);
   const int64_t first = split * per_split;
-  const int64_t steps = max(int64_t{0}, min(CeilDiv(pixels, int64_t{kDepth}), first + per_split) - first);
+  const int64_t steps = max(int64_t{0}, min(CeilDiv(depth, int64_t{kDepth}), first + per_split) - first);
   const auto fragment_live = [&](int64_t ci, int64_t co) {
     return ci < d.in_channels && co < d.out_channels &&
            live[(tap * d.in_blocks() + ci / d.in_block) * d.out_blocks() + co / d.out_block] != 0;
   };
   const pl::LiveTile live_tile = pl::FindLiveFragments(row0, col0, fragment_live);
   pl::WarpStage stage{};
-  // A = x^T as [depth][in channels]: each thread's chunks sit in depth rows
-  // a_row + c kRowStep, channels row0 + a_col ..; their output pixels as
-  // (image, y, x), stepped kDepth pixels a stage (in 32 bits: the pipelined
-  // rule keeps coordinates and the batch under 2^30).
+  // A = x^T as [depth][in channels], B = dy as [depth][out channels]: each
+  // thread's chunks of both sit in depth rows a_row + c kRowStep, columns
+  // a_col ..; those rows' output pixels are its cursors.
   using ACopier = pl::StageCopier<D, kDepth, pl::kTileRows, true>;  // for its chunk placement only
+  using BCopier = pl::StageCopier<D, kDepth, pl::kTileCols, true>;
+  static_assert(ACopier::kChunksPerRow == BCopier::kChunksPerRow && ACopier::kStride == BCopier::kStride,
+                "A's and B's chunks sit in the same places");
   constexpr int kAChunks = ACopier::kChunks;
   const int a_row = threadIdx.x / ACopier::kChunksPerRow;
   const int a_col = threadIdx.x % ACopier::kChunksPerRow * ACopier::kPerChunk;
-  int32_t a_n[kAChunks], a_y[kAChunks], a_x[kAChunks];
+  const OutputGrid32 grid(d);
+  const CursorStep stage_step = DepthCursor<kTileOrder>::StepOf(grid, kDepth);
+  DepthCursor<kTileOrder> cursor[kAChunks];
 #pragma unroll
-  for (int c = 0; c < kAChunks; ++c) {
-    // No output pixels: no steps, and no divisions by an empty plane.
-    const int64_t pixel = first * kDepth + a_row + c * ACopier::kRowStep;
-    a_n[c] = static_cast<int32_t>(pixels > 0 ? min(pixel / (d.out_h * d.out_w), d.batch) : d.batch);
-    a_y[c] = static_cast<int32_t>(pixels > 0 ? pixel / d.out_w % d.out_h : 0);
-    a_x[c] = static_cast<int32_t>(pixels > 0 ? pixel % d.out_w : 0);
-  }
-  const int32_t out_h = static_cast<int32_t>(d.out_h);
-  const int32_t out_w = static_cast<int32_t>(d.out_w);
+  for (int c = 0; c < kAChunks; ++c) cursor[c].Seek(d, first * kDepth + a_row + c * ACopier::kRowStep);
   const int64_t tap_y = tap / d.filter_w * d.dilation_h - d.pad_top;
   const int64_t tap_x = tap % d.filter_w * d.dilation_w - d.pad_left;
-  const pl::StageCopier<D, kDepth, pl::kTileCols, true> dy_copier(dy, d.out_channels, col0, d.out_channels);
+  const BCopier dy_copier(dy, d.out_channels, col0, d.out_channels);
   const auto live_stage = [&](int64_t step) { return stage_live == nullptr || stage_live[first + step] != 0; };
   const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
     const int64_t p0 = (first + step) * kDepth;
     const bool issued = live_stage(step);
+    float* stage_factors = depth_factors + (step & (pl::kStages - 1)) * kDepth;
 #pragma unroll
     for (int c = 0; c < kAChunks; ++c) {
-      const int64_t iy = int64_t{a_y[c]} * d.stride_h + tap_y;
-      const int64_t ix = int64_t{a_x[c]} * d.stride_w + tap_x;
-      const bool read = a_n[c] < d.batch && iy >= 0 && iy < d.in_h && ix >= 0 && ix < d.in_w &&
-                        row0 + a_col < d.in_channels;
+      const int row = a_row + c * ACopier::kRowStep;
+      const bool inside = cursor[c].Inside(grid);
+      const int64_t pixel = cursor[c].Pixel(grid);
+      const int64_t iy = int64_t{cursor[c].Y(grid)} * d.stride_h + tap_y;
+      const int64_t ix = int64_t{cursor[c].X(grid)} * d.stride_w + tap_x;
+      const bool read = inside && iy >= 0 && iy < d.in_h && ix >= 0 && ix < d.in_w && row0 + a_col < d.in_channels;
       if (issued) {
-        ptx::CopyAsync16(a_stage + (a_row + c * ACopier::kRowStep) * ACopier::kStride + a_col,
-                         read ? x + ((int64_t{a_n[c]} * d.in_h + iy) * d.in_w + ix) * d.in_channels + row0 + a_col : x,
+        ptx::CopyAsync16(a_stage + row * ACopier::kStride + a_col,
+                         read ? x + ((int64_t{cursor[c].n} * d.in_h + iy) * d.in_w + ix) * d.in_channels + row0 + a_col
+                              : x,
                          read);
-      }
-      // The next stage's pixel: kDepth on in raster order (a row or image
-      // boundary crossed costs a division, a narrow output several rows).
-      a_x[c] += kDepth;
-      if (a_x[c] >= out_w) {
-        a_y[c] += a_x[c] / out_w;
-        a_x[c] %= out_w;
-        if (a_y[c] >= out_h) {
-          a_n[c] = min(a_n[c] + a_y[c] / out_h, static_cast<int32_t>(d.batch));
-          a_y[c] %= out_h;
+        if constexpr (kTileOrder) {
+          const bool read_dy = inside && col0 + a_col < d.out_channels;
+          ptx::CopyAsync16(b_stage + row * BCopier::kStride + a_col,
+                           read_dy ? dy + pixel * d.out_channels + col0 + a_col : dy, read_dy);
+          if (a_col == 0) ptx::CopyAsync4(stage_factors + row, inside ? output_factors + pixel : output_factors, inside);
         }
       }
+      cursor[c].Advance(grid, stage_step);
     }
     if (!issued) return;
-    dy_copier.Issue(b_stage, p0, pixels, decltype(dy_copier)::kAllChunks);
-    constexpr int kFactorChunks = kDepth / 4;  // 4 floats a copy; past the last pixel, +0 (dead)
-    if (output_factors != nullptr && int(threadIdx.x) < kFactorChunks) {
-      const int64_t at = p0 + threadIdx.x * 4;
-      const int64_t floats = at < pixels ? min(int64_t{4}, pixels - at) : 0;
-      ptx::CopyAsyncHead(depth_factors + (step & (pl::kStages - 1)) * kDepth + threadIdx.x * 4,
-                         floats > 0 ? output_factors + at : output_factors, static_cast<int>(floats * 4));
+    if constexpr (!kTileOrder) {
+      dy_copier.Issue(b_stage, p0, depth, BCopier::kAllChunks);
+      constexpr int kFactorChunks = kDepth / 4;  // 4 floats a copy; past the last pixel, +0 (dead)
+      if (output_factors != nullptr && int(threadIdx.x) < kFactorChunks) {
+        const int64_t at = p0 + threadIdx.x * 4;
+        const int64_t floats = at < depth ? min(int64_t{4}, depth - at) : 0;
+        ptx::CopyAsyncHead(stage_factors + threadIdx.x * 4, floats > 0 ? output_factors + at : output_factors,
+                           static_cast<int>(floats * 4));
+      }
     }
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};

@@ -74,15 +74,13 @@ int64_t CountEntries(const ConvDims& d) {
                    CeilDiv(d.in_channels, pl::kTileCols)});
 }
 
-// Stages of the pipelined dfilters' depth (the output pixels), in the
-// narrowest stages any type takes.
-int64_t DepthStages(const ConvDims& d) {
-  return CeilDiv(d.batch * d.out_h * d.out_w, int64_t{pl::kNarrowStage});
-}
+// Stages of the pipelined dfilters' depth under an output mask (the output
+// pixels tile by tile), in the narrowest stages any type takes.
+int64_t DepthStages(const ConvDims& d) { return CeilDiv(TileOrderRows(d), int64_t{pl::kNarrowStage}); }
 
-// The pipelined dfilters' split of its depth (the output pixels).
-int64_t GradFilterSplits(const ConvDims& d) {
-  return pl::DepthSplits(d.taps() * pl::TileCount(d.in_channels, d.out_channels), d.batch * d.out_h * d.out_w);
+// The pipelined dfilters' split of its depth (GradFilterDepth).
+int64_t GradFilterSplits(const ConvDims& d, bool output_masked) {
+  return pl::DepthSplits(d.taps() * pl::TileCount(d.in_channels, d.out_channels), GradFilterDepth(d, output_masked));
 }
 
 // Whether the batch and every coordinate a pipelined kernel forms (pixel
@@ -137,7 +135,7 @@ int64_t PartialBytes(const ConvDims& d, Product product, bool output_masked) {
     return ForwardSplitSlots(d, ForwardMostSplits(d, output_masked)) * pl::kTileRows * pl::kTileCols *
            int64_t(sizeof(float));
   }
-  const int64_t splits = GradFilterSplits(d);
+  const int64_t splits = GradFilterSplits(d, output_masked);
   return product == Product::kGradWeight && splits > 1
              ? splits * d.taps() * d.in_channels * d.out_channels * int64_t(sizeof(float))
              : 0;
@@ -357,19 +355,27 @@ int RunGradFilter(const Launch& launch, const Conv2DGeometry& g, const T* x, con
   if constexpr (pl::kHasPipeline<D<T>>) {
     if (Conv2DUsesPipeline<T>(g, Product::kGradWeight, math, mask.level) && pl::Aligned16(x, dy, dfilters) &&
         pl::Aligned16(output_factors)) {
-      const int64_t splits = GradFilterSplits(d);
+      const bool tile_order = output_factors != nullptr;
+      const int64_t splits = GradFilterSplits(d, tile_order);
       const int64_t blocks = splits * d.taps() * pl::TileCount(d.in_channels, d.out_channels);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       constexpr int kDepth = pl::kUnblockedStage<D<T>>;
-      const int64_t per_split = CeilDiv(CeilDiv(g.out_pixels(), int64_t{kDepth}), splits);
-      if (output_factors != nullptr) {
-        launch(DepthStageActivity<float>, BlocksFor(CeilDiv(g.out_pixels(), int64_t{kDepth})), kThreads,
-               output_factors, g.out_pixels(), int64_t{kDepth}, ws.stage_live);
+      const int64_t stages = CeilDiv(GradFilterDepth(d, tile_order), int64_t{kDepth});
+      const int64_t per_split = CeilDiv(stages, splits);
+      constexpr int kSharedBytes = pl::kSharedBytes<D<T>, kDepth, false, false>;
+      if (tile_order) {
+        launch(DepthStageActivity<float>, BlocksFor(stages), kThreads, output_factors, d, int64_t{kDepth},
+               ws.stage_live);
+        launch.WithSharedMemory(kSharedBytes)(PipelinedConvGradFilter<D<T>, kDepth, true>,
+                                              static_cast<unsigned>(blocks), pl::kThreads, Dev(x), Dev(dy),
+                                              ws.factors, output_factors, ws.live, ws.stage_live, d, per_split,
+                                              splits > 1 ? ws.partials : nullptr, Dev(dfilters));
+      } else {
+        launch.WithSharedMemory(kSharedBytes)(PipelinedConvGradFilter<D<T>, kDepth, false>,
+                                              static_cast<unsigned>(blocks), pl::kThreads, Dev(x), Dev(dy),
+                                              ws.factors, nullptr, ws.live, nullptr, d, per_split,
+                                              splits > 1 ? ws.partials : nullptr, Dev(dfilters));
       }
-      launch.WithSharedMemory(pl::kSharedBytes<D<T>, kDepth, false, false>)(
-          PipelinedConvGradFilter<D<T>, kDepth>, static_cast<unsigned>(blocks), pl::kThreads, Dev(x),
-          Dev(dy), ws.factors, output_factors, ws.live, output_factors != nullptr ? ws.stage_live : nullptr, d,
-          per_split, splits > 1 ? ws.partials : nullptr, Dev(dfilters));
       if (splits > 1) {
         launch(SplitFilterSums<D<T>>, BlocksFor(d.taps() * d.in_channels * d.out_channels), kThreads, ws.partials,
                splits, ws.factors, d, Dev(dfilters));

@@ -1,6 +1,6 @@
 // The PTX instructions the pipelined tensor-core kernels (pipelined_gemm.cuh)
-// are built from, one function each: asynchronous 16-byte copies from global
-// to shared memory (cp.async, sm_80), warp-collective loads of 8 x 8 matrices
+// are built from, one function each: asynchronous 16- and 4-byte copies from
+// global to shared memory (cp.async, sm_80), warp-collective loads of 8 x 8 matrices
 // from shared memory (ldmatrix), the m16n8k16 tensor-core product with float
 // accumulators (mma.sync), Hopper's asynchronous warpgroup product (wgmma,
 // sm_90a) with its fences, its tensor copies (cp.async.bulk.tensor, the TMA)
@@ -43,6 +43,14 @@ __device__ inline void CopyAsyncHead(void* dst, const void* src, int bytes) {
 // The same for all 16 bytes or none: when !read, dst is zero-filled and src
 // not read.
 __device__ inline void CopyAsync16(void* dst, const void* src, bool read) { CopyAsyncHead(dst, src, read ? 16 : 0); }
+
+// 4 bytes to shared `dst` from global `src`, both 4-byte aligned (through
+// L1: cp.async.cg takes 16 bytes only), landing as CopyAsync16's; when
+// !read, dst is zero-filled and src not read.
+__device__ inline void CopyAsync4(void* dst, const void* src, bool read) {
+  const unsigned shared = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared), "l"(src), "r"(read ? 4 : 0) : "memory");
+}
 
 // The copies issued since the last commit form a group.
 __device__ inline void CommitCopies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
@@ -302,6 +310,9 @@ __device__ inline void CopyAsyncHead(void* dst, const void* src, int bytes) {
   cuda_emulation::Engine::Get().CopyAsync(dst, src, bytes);
 }
 __device__ inline void CopyAsync16(void* dst, const void* src, bool read) { CopyAsyncHead(dst, src, read ? 16 : 0); }
+__device__ inline void CopyAsync4(void* dst, const void* src, bool read) {
+  cuda_emulation::Engine::Get().CopyAsync(dst, src, read ? 4 : 0, 4);
+}
 __device__ inline void CommitCopies() { cuda_emulation::Engine::Get().CommitCopies(); }
 template <int kPending>
 __device__ inline void WaitCopies() {

@@ -198,12 +198,13 @@ struct Stats {
   int64_t busiest_block_tensor_work = 0;
 };
 
-// One 16-byte cp.async: the first `bytes_read` (0 .. 16) from src, the rest
-// of dst's 16 bytes zero-filled.
+// One cp.async of `size` (16 or 4) bytes: the first `bytes_read` (0 ..
+// size) from src, the rest of dst's `size` bytes zero-filled.
 struct PendingCopy {
   void* dst;
   const void* src;
   int bytes_read;
+  int size;
 };
 
 // One thread's share of a wgmma.mma_async m64nNk16 (A M- or K-major; B N-
@@ -334,18 +335,21 @@ class Engine {
     return exchange;
   }
 
-  // cp.async of the current thread: dst holds 0xff bytes until the copy
-  // lands (WaitCopies).
-  void CopyAsync(void* dst, const void* src, int bytes_read) {
-    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
-      Report("cp.async: an address not 16-byte aligned");
+  // cp.async of `size` bytes (16, or 4) of the current thread: dst holds
+  // 0xff bytes until the copy lands (WaitCopies). Only the 16-byte copies
+  // take part in the copy line check.
+  void CopyAsync(void* dst, const void* src, int bytes_read, int size = 16) {
+    if (reinterpret_cast<uintptr_t>(dst) % size != 0 || reinterpret_cast<uintptr_t>(src) % size != 0) {
+      Report("cp.async: an address not " + std::to_string(size) + "-byte aligned");
     }
-    std::memset(dst, 0xff, 16);
+    std::memset(dst, 0xff, static_cast<size_t>(size));
     ++stats_.async_copies;
     Fiber& fiber = fibers_[current_];
-    if (check_copy_lines_) block_copies_.push_back(IssuedCopy{current_, fiber.copies_issued, dst, src, bytes_read});
-    ++fiber.copies_issued;
-    fiber.open_copies.push_back(PendingCopy{dst, src, bytes_read});
+    if (size == 16) {
+      if (check_copy_lines_) block_copies_.push_back(IssuedCopy{current_, fiber.copies_issued, dst, src, bytes_read});
+      ++fiber.copies_issued;
+    }
+    fiber.open_copies.push_back(PendingCopy{dst, src, bytes_read, size});
   }
   // Whether each block's cp.async copies are checked a quarter warp at a
   // time (the same copy of 8 consecutive threads) for the pattern that
@@ -424,12 +428,12 @@ class Engine {
     Fiber& fiber = fibers_[current_];
     while (fiber.committed.size() > static_cast<size_t>(pending)) {
       for (const PendingCopy& copy : fiber.committed.front()) {
-        std::memset(copy.dst, 0, 16);
+        std::memset(copy.dst, 0, static_cast<size_t>(copy.size));
         if (copy.bytes_read != 0) {
           std::memcpy(copy.dst, copy.src, static_cast<size_t>(copy.bytes_read));
           copy_reads_.emplace_back(static_cast<const unsigned char*>(copy.src), copy.bytes_read);
         }
-        NoteGenericWrite(copy.dst, 16);
+        NoteGenericWrite(copy.dst, static_cast<size_t>(copy.size));
       }
       fiber.committed.erase(fiber.committed.begin());
     }
