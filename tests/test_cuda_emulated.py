@@ -1195,21 +1195,35 @@ def stage_mmas(block, channels, dtype):
     return math.ceil(block / stage) * stage // 16
 
 
-def tile_order_pixels(fields):
-    """The output pixels tile by tile, the order of the forward conv's rows
-    (and of dfilters' depth under an output mask): per output tile (n, tile
-    row, tile column) its tile_h x tile_w places in raster order, each an
-    (n, oy, ox), or None past the output's bottom or right edge."""
-    batch, *_, out_h, out_w, _, _, tile_h, tile_w = fields
-    tile_h, tile_w = min(tile_h, out_h), min(tile_w, out_w)
-    tiles_h, tiles_w = math.ceil(out_h / tile_h), math.ceil(out_w / tile_w)
+def tiled_pixels(batch, h, w, tile_h, tile_w):
+    """A batch's pixels tile by tile (TiledPixel): per tile (n, tile row,
+    tile column) its tile_h x tile_w places in raster order, each an (n, y,
+    x), or None past the image's bottom or right edge."""
+    tiles_h, tiles_w = math.ceil(h / tile_h), math.ceil(w / tile_w)
     pixels = []
     for tile in range(batch * tiles_h * tiles_w):
         n, ty, tx = tile // (tiles_h * tiles_w), tile // tiles_w % tiles_h, tile % tiles_w
         for q in range(tile_h * tile_w):
-            oy, ox = ty * tile_h + q // tile_w, tx * tile_w + q % tile_w
-            pixels.append((n, oy, ox) if oy < out_h and ox < out_w else None)
+            y, x = ty * tile_h + q // tile_w, tx * tile_w + q % tile_w
+            pixels.append((n, y, x) if y < h and x < w else None)
     return pixels
+
+
+def tile_order_pixels(fields):
+    """The output pixels tile by tile (tiled_pixels), the order of the
+    forward conv's rows (and of dfilters' depth under an output mask)."""
+    batch, *_, out_h, out_w, _, _, tile_h, tile_w = fields
+    return tiled_pixels(batch, out_h, out_w, min(tile_h, out_h), min(tile_w, out_w))
+
+
+def dx_row_pixels(fields, output_mask):
+    """The input pixels of the pipelined dx's rows: in raster order, or under
+    an output mask tile by tile over the input tiles the output tiles step
+    over (InputTiles: tile x stride, at most the input's extent)."""
+    batch, h, w, _, _, _, _, stride_h, stride_w, *_, out_h, out_w, _, _, tile_h, tile_w = fields
+    if output_mask is None:
+        return [(n, y, x) for n in range(batch) for y in range(h) for x in range(w)]
+    return tiled_pixels(batch, h, w, min(min(tile_h, out_h) * stride_h, h), min(min(tile_w, out_w) * stride_w, w))
 
 
 def conv_row_activity(fields, output_mask):
@@ -1281,29 +1295,31 @@ def pipelined_conv_mma_count(fields, live, output_mask, dtype="bfloat16"):
 
 def pipelined_conv_dx_mma_count(fields, live, output_mask, dtype="bfloat16"):
     """The mma.sync calls (per warp) of the pipelined conv dx, restated: for
-    every 128-pixel, 128-channel tile, every (tap, output block) segment with
-    a live block in the tile's input channels multiplies, each depth step,
-    every live 16-channel strip in the row strips (16 input pixels in raster
-    order) where, under an output mask, a pixel meets a live output pixel at
-    the segment's tap (all 8 without one), in 2 halves."""
+    every 128-row, 128-channel tile (rows: dx_row_pixels), every (tap, output
+    block) segment with a live block in the tile's input channels
+    multiplies, each depth step, every live 16-channel strip in the row
+    strips of 16 where, under an output mask, a pixel meets a live output
+    pixel at the segment's tap (all 8 without one), in 2 halves."""
     batch, h, w, cin, kh, kw, cout, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, out_h, out_w, \
         in_block, out_block, _, _ = fields
     in_block, out_block = min(in_block, cin), min(out_block, cout)
     per_segment = stage_mmas(out_block, cout, dtype)
-    pixels = batch * h * w
+    rows = dx_row_pixels(fields, output_mask)
 
     def meets_live_output(pixel, ky, kx):
-        n, iy, ix = pixel // (h * w), pixel // w % h, pixel % w
+        if pixel is None:
+            return False
+        n, iy, ix = pixel
         sy, sx = iy + pad_top - ky * dilation_h, ix + pad_left - kx * dilation_w
         oy, ox = sy // stride_h, sx // stride_w
-        return (pixel < pixels and sy % stride_h == 0 and sx % stride_w == 0 and 0 <= oy < out_h and 0 <= ox < out_w
+        return (sy % stride_h == 0 and sx % stride_w == 0 and 0 <= oy < out_h and 0 <= ox < out_w
                 and output_mask[n, oy, ox] != 0)
 
     total = 0
-    for row0 in range(0, pixels, 128):
+    for row0 in range(0, len(rows), 128):
         for ky, kx in ((ky, kx) for ky in range(kh) for kx in range(kw)):
             row_strips = 8 if output_mask is None else sum(
-                any(meets_live_output(p, ky, kx) for p in range(row0 + 16 * s, row0 + 16 * s + 16)) for s in range(8))
+                any(meets_live_output(p, ky, kx) for p in rows[row0 + 16 * s:row0 + 16 * s + 16]) for s in range(8))
             for col0 in range(0, cin, 128):
                 for j in range(live.shape[1]):
                     strips = sum(c < cin and bool(live[c // in_block, j]) for c in range(col0, col0 + 128, 16))
@@ -1331,6 +1347,62 @@ def test_pipelined_conv_multiplies_live_fragments_only(emulator, geometry, block
     emulator.conv2d("grad_input", dy, f_nan, mask, "block", fields, np.full(dx_shape, np.nan, x.dtype), output_mask,
                     True)
     assert emulator.stats()["mma_syncs"] == pipelined_conv_dx_mma_count(fields, mask != 0, output_mask, dtype)
+
+
+def dx_live_row_tiles(fields, output_mask):
+    """Which 128-row tiles of the pipelined dx (rows: dx_row_pixels) hold a
+    row that meets a live output pixel at some tap."""
+    batch, h, w, cin, kh, kw, cout, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, out_h, out_w, \
+        *_ = fields
+    rows = dx_row_pixels(fields, output_mask)
+
+    def meets_live(pixel):
+        n, iy, ix = pixel
+        for ky, kx in ((ky, kx) for ky in range(kh) for kx in range(kw)):
+            sy, sx = iy + pad_top - ky * dilation_h, ix + pad_left - kx * dilation_w
+            oy, ox = sy // stride_h, sx // stride_w
+            if sy % stride_h == 0 and sx % stride_w == 0 and 0 <= oy < out_h and 0 <= ox < out_w and \
+                    output_mask[n, oy, ox] != 0:
+                return True
+        return False
+    return [any(p is not None and meets_live(p) for p in rows[r:r + 128]) for r in range(0, len(rows), 128)]
+
+
+@pytest.mark.parametrize("geometry", [(2, 32, 32, 16, 24, (3, 3), 1, 1, (1, 1, 1, 1)),
+                                      (2, 31, 30, 16, 24, (3, 3), 2, 1, (1, 1, 1, 1))], ids=["stride-1", "stride-2"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_pipelined_conv_dx_skips_dead_row_tiles(emulator, geometry, dtype):
+    """Under a sparse output mask (three active 4 x 4 output tiles, factors
+    0, 1 and 2) the pipelined dx takes its rows tile by tile over the input
+    tiles the output tiles step over, and a 128-row tile none of whose rows
+    meets a live output pixel at any tap copies nothing and multiplies
+    nothing (its dx stored as zeros): copies in proportion to the other row
+    tiles (an output mask of ones leaves none dead), mma.sync calls
+    restated, the reference's result (dy NaN wherever the output mask is
+    zero)."""
+    mask, _, output_mask, fields, attrs, products = conv_case(geometry, (16, 16), (4, 4), dtype, "block", True)
+    _, dy, f_nan, dx_shape, depth = products[1]
+    sparse = np.zeros_like(output_mask)
+    for n, ty, tx in ((0, 0, 3), (1, 2, 1), (1, 3, 3)):
+        window = sparse[n, ty * 4:ty * 4 + 4, tx * 4:tx * 4 + 4]  # a view: 4 x 3 at a 15-wide output's edge
+        window[...] = (np.arange(16, dtype=np.float32).reshape(4, 4) % 3)[:, :window.shape[1]]
+    dy = np.where(sparse[..., None] == 0, np.nan, np.nan_to_num(dy.astype(np.float64), nan=0.5)).astype(dy.dtype)
+    live_tiles = dx_live_row_tiles(fields, sparse)
+    assert 0 < sum(live_tiles) < len(live_tiles) // 2
+    assert all(dx_live_row_tiles(fields, np.ones_like(sparse)))
+    assert emulator.conv2d_uses_pipeline("grad_input", dtype, fields, "block")
+    emulator.lib.emu_reset_stats()
+    out = emulator.conv2d("grad_input", dy, f_nan, mask, "block", fields, np.full(dx_shape, np.nan, dy.dtype), sparse,
+                          True)
+    stats = emulator.stats()
+    assert stats["mma_syncs"] == pipelined_conv_dx_mma_count(fields, mask != 0, sparse, dtype)
+    emulator.lib.emu_reset_stats()
+    emulator.conv2d("grad_input", np.nan_to_num(dy), f_nan, mask, "block", fields, np.full(dx_shape, np.nan, dy.dtype),
+                    np.ones_like(sparse), True)
+    assert stats["async_copies"] * len(live_tiles) == emulator.stats()["async_copies"] * sum(live_tiles)
+    expected, bound, _ = _conv(CONV_OPS["grad_input"], products[0][1].astype(np.float64), f_nan.astype(np.float64),
+                               mask.astype(np.float64), sparse.astype(np.float64), dy.astype(np.float64), attrs)
+    check(out, expected, bound, depth, dtype, True, f"grad_input {dtype}")
 
 
 @pytest.mark.parametrize("field, value", [(11, 1 << 30), (7, 1 << 30), (9, 1 << 29), (0, 1 << 30), (14, 1 << 30)],

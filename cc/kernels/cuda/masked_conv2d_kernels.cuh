@@ -662,20 +662,90 @@ struct TapOffset {
   }
 };
 
-// The input pixels of a pipelined dx tile's rows (128 in raster order from a
-// tile's first), set by a thread per row, as (image, y, x), image -1 past the
-// last pixel; and the output pixel each meets at a tap, in 32-bit arithmetic
-// (PipelineGeometry keeps the coordinates and the batch under 2^30).
+// Pixels of an image batch (batch x h x w) in tiles of tile_h x tile_w.
+struct PixelTiles {
+  int64_t batch, h, w, tile_h, tile_w;
+  __host__ __device__ int64_t tiles_h() const { return CeilDiv(h, tile_h); }
+  __host__ __device__ int64_t tiles_w() const { return CeilDiv(w, tile_w); }
+  // The rows of an implicit GEMM over the pixels ordered tile by tile
+  // (TiledPixel), edge tiles padded to whole ones.
+  __host__ __device__ int64_t Rows() const { return batch * tiles_h() * tiles_w() * tile_h * tile_w; }
+};
+
+// The output's tiles (the output mask's).
+__host__ __device__ inline PixelTiles OutputTiles(const ConvDims& d) {
+  return PixelTiles{d.batch, d.out_h, d.out_w, d.tile_h, d.tile_w};
+}
+
+// The input's tiles that the output tiles step over, tile_h stride_h x
+// tile_w stride_w (at most the input's extent): for a conv whose padding
+// centres its filter, the pixels an input tile meets at any tap lie in the
+// output tile at the same place but for a border of them.
+__host__ __device__ inline PixelTiles InputTiles(const ConvDims& d) {
+  const auto clamp = [](int64_t tile, int64_t extent) { return tile < extent ? tile : (extent > 1 ? extent : 1); };
+  return PixelTiles{d.batch, d.in_h, d.in_w, clamp(d.tile_h * d.stride_h, d.in_h),
+                    clamp(d.tile_w * d.stride_w, d.in_w)};
+}
+
+// Pixels ordered tile by tile (the forward conv's rows; dfilters' depth and
+// dx's rows under an output mask): row `row` is place row % (tile_h tile_w)
+// of tile row / (tile_h tile_w) = (n, tile_y, tile_x), its places in raster
+// order. A tile at the bottom or right edge keeps all its places; those past
+// the image are no pixel (inside false), and rows past the last tile have the
+// batch for their image.
+struct TiledPixel {
+  int64_t tile, n, tile_y, tile_x, y, x;
+  bool inside;
+  __host__ __device__ TiledPixel(const PixelTiles& t, int64_t row) {
+    const int64_t per_tile = t.tile_h * t.tile_w;
+    const int64_t per_image = t.tiles_h() * t.tiles_w();
+    tile = row / per_tile;
+    const int64_t q = row % per_tile;
+    n = per_image > 0 ? min(tile / per_image, t.batch) : t.batch;
+    tile_y = per_image > 0 ? tile / t.tiles_w() % t.tiles_h() : 0;
+    tile_x = per_image > 0 ? tile % t.tiles_w() : 0;
+    y = tile_y * t.tile_h + q / t.tile_w;
+    x = tile_x * t.tile_w + q % t.tile_w;
+    inside = n < t.batch && y < t.h && x < t.w;
+  }
+};
+
+// The input pixels of a pipelined dx tile's rows (128 from a tile's first,
+// in raster order or, kTiled, tile by tile as InputTiles and TiledPixel
+// order them), set by a thread per row, as (image, y, x), image -1 for a row
+// that is no pixel; and the output pixel each meets at a tap, in 32-bit
+// arithmetic (PipelineGeometry keeps the coordinates and the batch under
+// 2^30).
 struct PixelRows {
   int32_t image[pl::kTileRows];
   int32_t y[pl::kTileRows];
   int32_t x[pl::kTileRows];
 
-  __device__ void Set(const ConvDims& d, int64_t pixel, int r) {
-    const bool inside = pixel < d.batch * d.in_h * d.in_w;
-    image[r] = inside ? static_cast<int32_t>(pixel / (d.in_h * d.in_w)) : -1;
-    y[r] = inside ? static_cast<int32_t>(pixel / d.in_w % d.in_h) : 0;
-    x[r] = inside ? static_cast<int32_t>(pixel % d.in_w) : 0;
+  template <bool kTiled>
+  __device__ void Set(const ConvDims& d, int64_t row, int r) {
+    bool inside = false;
+    int64_t n = 0;
+    int64_t iy = 0;
+    int64_t ix = 0;
+    if constexpr (kTiled) {
+      const TiledPixel at(InputTiles(d), row);
+      inside = at.inside;
+      n = at.n;
+      iy = at.y;
+      ix = at.x;
+    } else {
+      inside = row < d.batch * d.in_h * d.in_w;
+      n = inside ? row / (d.in_h * d.in_w) : 0;
+      iy = inside ? row / d.in_w % d.in_h : 0;
+      ix = inside ? row % d.in_w : 0;
+    }
+    image[r] = inside ? static_cast<int32_t>(n) : -1;
+    y[r] = static_cast<int32_t>(iy);
+    x[r] = static_cast<int32_t>(ix);
+  }
+  // Row r's input pixel (its index in raster order), or -1.
+  __device__ int64_t InputPixel(const ConvDims& d, int r) const {
+    return image[r] < 0 ? -1 : (int64_t{image[r]} * d.in_h + y[r]) * d.in_w + x[r];
   }
   // OutputPixelAt for row r at a tap reaching `reach`, or -1 (none, or past
   // the last pixel).
@@ -693,38 +763,10 @@ struct PixelRows {
   }
 };
 
-// Output pixels ordered tile by tile (the forward conv's rows; dfilters'
-// depth under an output mask): row `row` is place row % (tile_h tile_w) of
-// output tile row / (tile_h tile_w) = (n, tile_y, tile_x), its places in
-// raster order. A tile at the output's bottom or right edge keeps all its
-// places; those past the output are no pixel (inside false), and rows past
-// the last tile have the batch for their image.
-struct TiledPixel {
-  int64_t tile, n, tile_y, tile_x, oy, ox;
-  bool inside;
-  __host__ __device__ TiledPixel(const ConvDims& d, int64_t row) {
-    const int64_t per_tile = d.tile_h * d.tile_w;
-    const int64_t per_image = d.tiles_h() * d.tiles_w();
-    tile = row / per_tile;
-    const int64_t q = row % per_tile;
-    n = per_image > 0 ? min(tile / per_image, d.batch) : d.batch;
-    tile_y = per_image > 0 ? tile / d.tiles_w() % d.tiles_h() : 0;
-    tile_x = per_image > 0 ? tile % d.tiles_w() : 0;
-    oy = tile_y * d.tile_h + q / d.tile_w;
-    ox = tile_x * d.tile_w + q % d.tile_w;
-    inside = n < d.batch && oy < d.out_h && ox < d.out_w;
-  }
-};
-
-// The rows of the implicit GEMMs over output pixels ordered tile by tile.
-__host__ __device__ inline int64_t TileOrderRows(const ConvDims& d) {
-  return d.batch * d.tiles_h() * d.tiles_w() * d.tile_h * d.tile_w;
-}
-
 // The depth of the pipelined dfilters: the output pixels, in raster order,
 // or tile by tile (edge tiles padded to whole tiles) under an output mask.
 __host__ __device__ inline int64_t GradFilterDepth(const ConvDims& d, bool tile_order) {
-  return tile_order ? TileOrderRows(d) : d.batch * d.out_h * d.out_w;
+  return tile_order ? OutputTiles(d).Rows() : d.batch * d.out_h * d.out_w;
 }
 
 // The rows of a forward conv tile (the implicit GEMM's 128 output pixels,
@@ -743,11 +785,11 @@ struct ForwardTileRows {
   __device__ void Set(const ConvDims& d, const uint8_t* active, int64_t row0, float* partial_sums) {
     const int r = threadIdx.x;
     if (r == 0) partial = partial_sums;
-    const TiledPixel at(d, row0 + r);
-    pixel[r] = at.inside ? (at.n * d.out_h + at.oy) * d.out_w + at.ox : -1;
+    const TiledPixel at(OutputTiles(d), row0 + r);
+    pixel[r] = at.inside ? (at.n * d.out_h + at.y) * d.out_w + at.x : -1;
     image[r] = at.inside && active[at.tile] ? at.n * d.in_h * d.in_w : -1;
-    iy[r] = at.oy * d.stride_h - d.pad_top;
-    ix[r] = at.ox * d.stride_w - d.pad_left;
+    iy[r] = at.y * d.stride_h - d.pad_top;
+    ix[r] = at.x * d.stride_w - d.pad_left;
   }
   // x's element offset of row r's input pixel at `tap`, or -1 (in the
   // padding, or an inactive row).
@@ -807,7 +849,7 @@ struct GatheredSegment {
 // The forward conv's 128-row tiles (of output pixels grouped by output tile,
 // as ForwardTileRows).
 __host__ __device__ inline int64_t ForwardRowTiles(const ConvDims& d) {
-  return CeilDiv(TileOrderRows(d), int64_t{pl::kTileRows});
+  return CeilDiv(OutputTiles(d).Rows(), int64_t{pl::kTileRows});
 }
 
 // How many ways the forward conv splits the list of each of its `busy`
@@ -1088,17 +1130,21 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
 }
 
 // dx for 16-bit D (or float as TF32) and a block mask on the pipelined tile:
-// rows are input pixels in raster order, columns input channels, and the depth
-// runs over the (tap, output block) segments listed for the tile's channels,
-// kDepth output channels a stage. A gathers dy at the output pixel each row
-// meets at the segment's tap (worked out once per tap; none, or a dead
-// output-mask pixel, is a zero fill) and is scaled by that pixel's output
-// factor in registers; B is the tap's filters as [input channels][output
-// channels]. Under an output mask (kOutputMasked: output_factors not null)
-// a warp multiplies only its 16-row strips holding a row that meets a live
-// output pixel at the step's tap; without one, every strip (a kernel of its
-// own, which the row checks would cost ~4 % more instructions a step and
-// more spills).
+// rows are input pixels, columns input channels, and the depth runs over the
+// (tap, output block) segments listed for the tile's channels, kDepth output
+// channels a stage. A gathers dy at the output pixel each row meets at the
+// segment's tap (worked out once per tap; none, or a dead output-mask pixel,
+// is a zero fill) and is scaled by that pixel's output factor in registers;
+// B is the tap's filters as [input channels][output channels]. Without an
+// output mask the rows are the input pixels in raster order. Under one
+// (kOutputMasked: output_factors not null) they go tile by tile over the
+// input tiles the output tiles step over (InputTiles), so that a 16-row
+// strip lies in one input tile and meets mostly one output tile: a warp
+// multiplies only its strips holding a row that meets a live output pixel at
+// the step's tap, and a tile none of whose rows meets a live output pixel at
+// any tap walks no list and stores zeros. The two are kernels of their own:
+// the row checks would cost the unmasked one ~4 % more instructions a step
+// and more spills.
 template <typename D, int kDepth, bool kOutputMasked>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedConvGradInput(const D* dy, const D* filters, const float* factors, const float* output_factors,
@@ -1111,14 +1157,21 @@ __global__ void __launch_bounds__(pl::kThreads)
   // Each tile row's input pixel, worked out once (64-bit divisions), so that
   // a new tap costs 32-bit arithmetic only (PixelRows).
   __shared__ PixelRows rows;
-  const int64_t pixels = d.batch * d.in_h * d.in_w;
   const int64_t col_tiles = CeilDiv(d.in_channels, pl::kTileCols);
   const int64_t row0 = int64_t(blockIdx.x) / col_tiles * pl::kTileRows;
   const int64_t col_tile = int64_t(blockIdx.x) % col_tiles;
   const int64_t col0 = col_tile * pl::kTileCols;
   static_assert(pl::kTileRows == pl::kThreads, "a thread per tile row");
-  rows.Set(d, row0 + threadIdx.x, threadIdx.x);
+  rows.Set<kOutputMasked>(d, row0 + threadIdx.x, threadIdx.x);
   __syncthreads();
+  bool meets_live = !kOutputMasked;
+  if constexpr (kOutputMasked) {
+    for (int64_t tap = 0; tap < d.taps() && !meets_live; ++tap) {
+      const int64_t pixel = rows.OutputPixelAt(d, threadIdx.x, TapOffset(d, tap));
+      meets_live = pixel >= 0 && Live(output_factors[pixel]);
+    }
+    meets_live = __syncthreads_or(meets_live) != 0;
+  }
   using ACopier = pl::StageCopier<D, pl::kTileRows, kDepth, false>;  // for its chunk placement only
   constexpr int kAChunks = ACopier::kChunks;
   const int a_row = threadIdx.x / ACopier::kChunksPerRow;
@@ -1168,12 +1221,12 @@ __global__ void __launch_bounds__(pl::kThreads)
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
   const ConvSegments<true> segments{d, live, factors};
   pl::RunListedSegments<D, kDepth, true, !kOutputMasked>(
-      segments, col0, lists + col_tile * segments.segments(), counts[col_tile], min(d.out_block, d.out_channels),
-      0xfu, issue_segment, kOutputMasked ? row_factors : nullptr, acc);
+      segments, col0, lists + col_tile * segments.segments(), meets_live ? counts[col_tile] : 0,
+      min(d.out_block, d.out_channels), 0xfu, issue_segment, kOutputMasked ? row_factors : nullptr, acc);
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
-    const int64_t pixel = row0 + r;
+    const int64_t pixel = rows.InputPixel(d, r);
     const int64_t ci = col0 + c;
-    if (pixel < pixels && ci < d.in_channels) pl::StorePair(dx + pixel * d.in_channels + ci, v0, v1);
+    if (pixel >= 0 && ci < d.in_channels) pl::StorePair(dx + pixel * d.in_channels + ci, v0, v1);
   });
 #endif
 }
@@ -1243,12 +1296,12 @@ template <>
 struct DepthCursor<true> {
   int32_t n, ty, tx, qy, qx;
   __device__ void Seek(const ConvDims& d, int64_t row) {
-    const TiledPixel at(d, row);
+    const TiledPixel at(OutputTiles(d), row);
     n = static_cast<int32_t>(at.n);
     ty = static_cast<int32_t>(at.tile_y);
     tx = static_cast<int32_t>(at.tile_x);
-    qy = static_cast<int32_t>(at.oy - at.tile_y * d.tile_h);
-    qx = static_cast<int32_t>(at.ox - at.tile_x * d.tile_w);
+    qy = static_cast<int32_t>(at.y - at.tile_y * d.tile_h);
+    qx = static_cast<int32_t>(at.x - at.tile_x * d.tile_w);
   }
   __device__ static CursorStep StepOf(const OutputGrid32& g, int32_t rows) {
     return CursorStep{rows / g.tile_w, rows % g.tile_w};
@@ -1281,7 +1334,7 @@ struct DepthCursor<true> {
 // pixels is live.
 template <typename F>
 __global__ void DepthStageActivity(const F* output_factors, ConvDims d, int64_t depth, uint8_t* live) {
-  const int64_t rows = TileOrderRows(d);
+  const int64_t rows = OutputTiles(d).Rows();
   const int64_t stages = CeilDiv(rows, depth);
   const OutputGrid32 grid(d);
   const CursorStep one_row = DepthCursor<true>::StepOf(grid, 1);

@@ -76,7 +76,7 @@ int64_t CountEntries(const ConvDims& d) {
 
 // Stages of the pipelined dfilters' depth under an output mask (the output
 // pixels tile by tile), in the narrowest stages any type takes.
-int64_t DepthStages(const ConvDims& d) { return CeilDiv(TileOrderRows(d), int64_t{pl::kNarrowStage}); }
+int64_t DepthStages(const ConvDims& d) { return CeilDiv(OutputTiles(d).Rows(), int64_t{pl::kNarrowStage}); }
 
 // The pipelined dfilters' split of its depth (GradFilterDepth).
 int64_t GradFilterSplits(const ConvDims& d, bool output_masked) {
@@ -302,7 +302,9 @@ int RunGradInput(const Launch& launch, const Conv2DGeometry& g, const T* dy, con
   const auto ws = IndexFilters<ComputeOf<T>>(launch, d, mask, workspace);
   if constexpr (pl::kHasPipeline<D<T>>) {
     if (Conv2DUsesPipeline<T>(g, Product::kGradInput, math, mask.level) && pl::Aligned16(dy, filters, dx)) {
-      const int64_t blocks = pl::TileCount(g.in_pixels(), d.in_channels);
+      // Under an output mask the rows go tile by tile (PipelinedConvGradInput).
+      const int64_t rows = output_factors != nullptr ? InputTiles(d).Rows() : g.in_pixels();
+      const int64_t blocks = pl::TileCount(rows, d.in_channels);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       const ConvSegments<true> segments{d, ws.live, ws.factors};
       auto* lists = reinterpret_cast<uint32_t*>(ws.lists);
