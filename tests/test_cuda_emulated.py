@@ -1349,23 +1349,21 @@ def test_pipelined_conv_multiplies_live_fragments_only(emulator, geometry, block
     assert emulator.stats()["mma_syncs"] == pipelined_conv_dx_mma_count(fields, mask != 0, output_mask, dtype)
 
 
-def dx_live_row_tiles(fields, output_mask):
-    """Which 128-row tiles of the pipelined dx (rows: dx_row_pixels) hold a
-    row that meets a live output pixel at some tap."""
+def dx_live_tiles_and_taps(fields, output_mask):
+    """For each 128-row tile of the pipelined dx (rows: dx_row_pixels),
+    whether some row of it meets a live output pixel at each tap."""
     batch, h, w, cin, kh, kw, cout, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, out_h, out_w, \
         *_ = fields
     rows = dx_row_pixels(fields, output_mask)
 
-    def meets_live(pixel):
+    def meets_live(pixel, ky, kx):
         n, iy, ix = pixel
-        for ky, kx in ((ky, kx) for ky in range(kh) for kx in range(kw)):
-            sy, sx = iy + pad_top - ky * dilation_h, ix + pad_left - kx * dilation_w
-            oy, ox = sy // stride_h, sx // stride_w
-            if sy % stride_h == 0 and sx % stride_w == 0 and 0 <= oy < out_h and 0 <= ox < out_w and \
-                    output_mask[n, oy, ox] != 0:
-                return True
-        return False
-    return [any(p is not None and meets_live(p) for p in rows[r:r + 128]) for r in range(0, len(rows), 128)]
+        sy, sx = iy + pad_top - ky * dilation_h, ix + pad_left - kx * dilation_w
+        oy, ox = sy // stride_h, sx // stride_w
+        return sy % stride_h == 0 and sx % stride_w == 0 and 0 <= oy < out_h and 0 <= ox < out_w and \
+            output_mask[n, oy, ox] != 0
+    return [[any(p is not None and meets_live(p, ky, kx) for p in rows[r:r + 128])
+             for ky in range(kh) for kx in range(kw)] for r in range(0, len(rows), 128)]
 
 
 @pytest.mark.parametrize("geometry", [(2, 32, 32, 16, 24, (3, 3), 1, 1, (1, 1, 1, 1)),
@@ -1374,12 +1372,12 @@ def dx_live_row_tiles(fields, output_mask):
 def test_pipelined_conv_dx_skips_dead_row_tiles(emulator, geometry, dtype):
     """Under a sparse output mask (three active 4 x 4 output tiles, factors
     0, 1 and 2) the pipelined dx takes its rows tile by tile over the input
-    tiles the output tiles step over, and a 128-row tile none of whose rows
-    meets a live output pixel at any tap copies nothing and multiplies
-    nothing (its dx stored as zeros): copies in proportion to the other row
-    tiles (an output mask of ones leaves none dead), mma.sync calls
-    restated, the reference's result (dy NaN wherever the output mask is
-    zero)."""
+    tiles the output tiles step over, and a 128-row tile walks only the list
+    entries of the taps at which some row of it meets a live output pixel
+    (none: it copies nothing, multiplies nothing and stores zeros): copies
+    in proportion to those (row tile, tap) pairs (an output mask of ones
+    leaves none dead), mma.sync calls restated, the reference's result (dy
+    NaN wherever the output mask is zero)."""
     mask, _, output_mask, fields, attrs, products = conv_case(geometry, (16, 16), (4, 4), dtype, "block", True)
     _, dy, f_nan, dx_shape, depth = products[1]
     sparse = np.zeros_like(output_mask)
@@ -1387,9 +1385,11 @@ def test_pipelined_conv_dx_skips_dead_row_tiles(emulator, geometry, dtype):
         window = sparse[n, ty * 4:ty * 4 + 4, tx * 4:tx * 4 + 4]  # a view: 4 x 3 at a 15-wide output's edge
         window[...] = (np.arange(16, dtype=np.float32).reshape(4, 4) % 3)[:, :window.shape[1]]
     dy = np.where(sparse[..., None] == 0, np.nan, np.nan_to_num(dy.astype(np.float64), nan=0.5)).astype(dy.dtype)
-    live_tiles = dx_live_row_tiles(fields, sparse)
-    assert 0 < sum(live_tiles) < len(live_tiles) // 2
-    assert all(dx_live_row_tiles(fields, np.ones_like(sparse)))
+    live_taps = dx_live_tiles_and_taps(fields, sparse)
+    pairs, live_pairs = len(live_taps) * 9, sum(map(sum, live_taps))
+    assert sum(not any(taps) for taps in live_taps) > len(live_taps) // 2  # row tiles with no live tap
+    assert any(0 < sum(taps) < 9 for taps in live_taps)  # and row tiles with some
+    assert sum(map(sum, dx_live_tiles_and_taps(fields, np.ones_like(sparse)))) == pairs
     assert emulator.conv2d_uses_pipeline("grad_input", dtype, fields, "block")
     emulator.lib.emu_reset_stats()
     out = emulator.conv2d("grad_input", dy, f_nan, mask, "block", fields, np.full(dx_shape, np.nan, dy.dtype), sparse,
@@ -1399,10 +1399,46 @@ def test_pipelined_conv_dx_skips_dead_row_tiles(emulator, geometry, dtype):
     emulator.lib.emu_reset_stats()
     emulator.conv2d("grad_input", np.nan_to_num(dy), f_nan, mask, "block", fields, np.full(dx_shape, np.nan, dy.dtype),
                     np.ones_like(sparse), True)
-    assert stats["async_copies"] * len(live_tiles) == emulator.stats()["async_copies"] * sum(live_tiles)
+    assert stats["async_copies"] * pairs == emulator.stats()["async_copies"] * live_pairs
     expected, bound, _ = _conv(CONV_OPS["grad_input"], products[0][1].astype(np.float64), f_nan.astype(np.float64),
                                mask.astype(np.float64), sparse.astype(np.float64), dy.astype(np.float64), attrs)
     check(out, expected, bound, depth, dtype, True, f"grad_input {dtype}")
+
+
+@pytest.mark.parametrize("geometry, block", [
+    ((1, 16, 16, 16, 2048, (3, 3), 1, 1, (1, 1, 1, 1)), (16, 16)),  # 9 taps x 128 output blocks: 1152 entries
+    ((1, 20, 20, 16, 16, (17, 17), 1, 1, (8, 8, 8, 8)), (16, 16)),  # 289 taps
+], ids=["1152-entries", "289-taps"])
+def test_pipelined_conv_dx_long_lists_walk_every_tap(emulator, geometry, block):
+    """Where a dx tile's list is longer than 1024 entries or the filter has
+    more than 256 taps (every filter block live here), the list is not cut
+    to the live taps (its shared
+    memory would not hold them): a row tile with a live tap walks it whole,
+    one with none still walks nothing; the reference's result and the
+    mma.sync calls restated (a dead tap's strips are still not
+    multiplied)."""
+    mask, _, output_mask, fields, attrs, products = conv_case(geometry, block, (4, 4), "bfloat16", "block", True)
+    _, dy, f_nan, dx_shape, depth = products[1]
+    mask = np.ones_like(mask)  # every block live: the lists are taps x output blocks long
+    f_nan = np.nan_to_num(f_nan.astype(np.float32)).astype(f_nan.dtype)
+    sparse = np.zeros_like(output_mask)
+    sparse[0, 8, 5] = 1.0  # one live pixel, met from both sides of a row tile boundary: some taps of each
+    dy = np.where(sparse[..., None] == 0, np.nan, np.nan_to_num(dy.astype(np.float64), nan=0.5)).astype(dy.dtype)
+    live_taps = dx_live_tiles_and_taps(fields, sparse)
+    walked = sum(map(any, live_taps))
+    assert any(0 < sum(taps) < len(taps) for taps in live_taps)
+    emulator.lib.emu_reset_stats()
+    out = emulator.conv2d("grad_input", dy, f_nan, mask, "block", fields, np.full(dx_shape, np.nan, dy.dtype), sparse,
+                          True)
+    stats = emulator.stats()
+    assert stats["mma_syncs"] == pipelined_conv_dx_mma_count(fields, mask != 0, sparse)
+    emulator.lib.emu_reset_stats()
+    emulator.conv2d("grad_input", np.nan_to_num(dy), f_nan, mask, "block", fields,
+                    np.full(dx_shape, np.nan, dy.dtype), np.ones_like(sparse), True)
+    assert stats["async_copies"] * len(live_taps) == emulator.stats()["async_copies"] * walked
+    expected, bound, _ = _conv(CONV_OPS["grad_input"], products[0][1].astype(np.float64), f_nan.astype(np.float64),
+                               mask.astype(np.float64), sparse.astype(np.float64), dy.astype(np.float64), attrs)
+    check(out, expected, bound, depth, "bfloat16", True, "grad_input bfloat16")
 
 
 @pytest.mark.parametrize("field, value", [(11, 1 << 30), (7, 1 << 30), (9, 1 << 29), (0, 1 << 30), (14, 1 << 30)],

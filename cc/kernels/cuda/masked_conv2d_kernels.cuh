@@ -1129,6 +1129,72 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
 #endif
 }
 
+// The taps at which some row of a pipelined dx tile (PixelRows, a thread
+// per row) meets a live output pixel, as bits, for filters of up to
+// kMostTaps taps; and the tile's list cut down to those taps' entries.
+struct LiveTapList {
+  static constexpr int kMostTaps = 256;
+  static constexpr int kMostEntries = 1024;
+  uint32_t taps[kMostTaps / 32];
+  uint32_t entries[kMostEntries];
+  int warp_kept[pl::kThreads / 32];
+  int kept;
+
+  // Whether any row meets a live output pixel at any tap; the tap bits where
+  // the filter has at most kMostTaps taps (one barrier a tap).
+  __device__ bool FindTaps(const ConvDims& d, const PixelRows& rows, const float* output_factors) {
+    const int64_t taps_count = d.taps();
+    const bool marked = taps_count <= kMostTaps;
+    bool any = false;
+    for (int64_t tap = 0; tap < taps_count && (marked || !any); ++tap) {
+      const int64_t pixel = rows.OutputPixelAt(d, threadIdx.x, TapOffset(d, tap));
+      const bool meets = pixel >= 0 && Live(output_factors[pixel]);
+      if (!marked) {
+        any = any || meets;
+        continue;
+      }
+      const bool tap_live = __syncthreads_or(meets) != 0;
+      any = any || tap_live;
+      if (threadIdx.x == 0) {
+        const uint32_t bit = 1u << (tap % 32);
+        taps[tap / 32] = tap_live ? taps[tap / 32] | bit : taps[tap / 32] & ~bit;
+      }
+    }
+    if (!marked) any = __syncthreads_or(any) != 0;
+    __syncthreads();
+    return any;
+  }
+
+  // The entries of `list` (count, of (tap, output block) segments) at the
+  // live taps, in order, in `entries`, and their count: a block-wide
+  // compaction, 128 entries a pass. Only where FindTaps marked the taps and
+  // count <= kMostEntries.
+  __device__ int Keep(const uint32_t* list, int count, int64_t out_blocks) {
+    const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x == 0) kept = 0;
+    __syncthreads();
+    for (int first = 0; first < count; first += pl::kThreads) {
+      const int i = first + threadIdx.x;
+      const uint32_t entry = i < count ? list[i] : 0u;
+      const uint32_t tap = pl::SegmentOf(entry) / static_cast<uint32_t>(out_blocks);
+      const bool keep = i < count && ((taps[tap / 32] >> (tap % 32)) & 1u) != 0;
+      const uint32_t ballot = ptx::WarpBallot(keep);
+      if (lane == 0) warp_kept[warp] = ptx::PopCount(ballot);
+      __syncthreads();
+      int at = kept;
+      for (int w = 0; w < warp; ++w) at += warp_kept[w];
+      if (keep) entries[at + ptx::PopCount(ballot & ((1u << lane) - 1u))] = entry;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        for (int w = 0; w < pl::kThreads / 32; ++w) kept += warp_kept[w];
+      }
+      __syncthreads();
+    }
+    return kept;
+  }
+};
+
 // dx for 16-bit D (or float as TF32) and a block mask on the pipelined tile:
 // rows are input pixels, columns input channels, and the depth runs over the
 // (tap, output block) segments listed for the tile's channels, kDepth output
@@ -1164,13 +1230,17 @@ __global__ void __launch_bounds__(pl::kThreads)
   static_assert(pl::kTileRows == pl::kThreads, "a thread per tile row");
   rows.Set<kOutputMasked>(d, row0 + threadIdx.x, threadIdx.x);
   __syncthreads();
-  bool meets_live = !kOutputMasked;
+  const ConvSegments<true> segments{d, live, factors};
+  const uint32_t* list = lists + col_tile * segments.segments();
+  int listed = counts[col_tile];
   if constexpr (kOutputMasked) {
-    for (int64_t tap = 0; tap < d.taps() && !meets_live; ++tap) {
-      const int64_t pixel = rows.OutputPixelAt(d, threadIdx.x, TapOffset(d, tap));
-      meets_live = pixel >= 0 && Live(output_factors[pixel]);
+    __shared__ LiveTapList live_taps;
+    if (!live_taps.FindTaps(d, rows, output_factors)) {
+      listed = 0;
+    } else if (d.taps() <= LiveTapList::kMostTaps && listed <= LiveTapList::kMostEntries) {
+      listed = live_taps.Keep(list, listed, d.out_blocks());
+      list = live_taps.entries;
     }
-    meets_live = __syncthreads_or(meets_live) != 0;
   }
   using ACopier = pl::StageCopier<D, pl::kTileRows, kDepth, false>;  // for its chunk placement only
   constexpr int kAChunks = ACopier::kChunks;
@@ -1219,10 +1289,9 @@ __global__ void __launch_bounds__(pl::kThreads)
                    tap * d.in_channels * d.out_channels);
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
-  const ConvSegments<true> segments{d, live, factors};
-  pl::RunListedSegments<D, kDepth, true, !kOutputMasked>(
-      segments, col0, lists + col_tile * segments.segments(), meets_live ? counts[col_tile] : 0,
-      min(d.out_block, d.out_channels), 0xfu, issue_segment, kOutputMasked ? row_factors : nullptr, acc);
+  pl::RunListedSegments<D, kDepth, true, !kOutputMasked>(segments, col0, list, listed,
+                                                          min(d.out_block, d.out_channels), 0xfu, issue_segment,
+                                                          kOutputMasked ? row_factors : nullptr, acc);
   pl::ForEachAccumulatorPair(acc, [&](int r, int c, float v0, float v1, int, int) {
     const int64_t pixel = rows.InputPixel(d, r);
     const int64_t ci = col0 + c;

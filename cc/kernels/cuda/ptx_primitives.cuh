@@ -123,6 +123,9 @@ __device__ inline uint32_t WarpUniform(uint32_t v) { return __shfl_sync(0xffffff
 // Bit l: lane l's predicate, for every lane of the warp (all reach it).
 __device__ inline uint32_t WarpBallot(bool predicate) { return __ballot_sync(0xffffffffu, predicate); }
 
+// The set bits of v.
+__device__ inline int PopCount(uint32_t v) { return __popc(v); }
+
 // The address of `p` (in shared memory) in the shared window, as the
 // warpgroup matrix descriptors take it.
 __device__ inline uint32_t SharedAddress(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
@@ -332,6 +335,7 @@ __device__ inline void Mma1688Tf32(float (&d)[4], const uint32_t (&a)[4], const 
 __device__ inline unsigned char* DynamicShared() { return cuda_emulation::Engine::Get().DynamicShared(); }
 __device__ inline uint32_t WarpUniform(uint32_t v) { return cuda_emulation::WarpUniform(v); }
 __device__ inline uint32_t WarpBallot(bool predicate) { return cuda_emulation::WarpBallot(predicate); }
+__device__ inline int PopCount(uint32_t v) { return __builtin_popcount(v); }
 __device__ inline uint32_t SharedAddress(const void* p) { return cuda_emulation::Engine::Get().SharedAddress(p); }
 __device__ inline void FenceProxyAsync() { cuda_emulation::Engine::Get().FenceProxyAsync(); }
 __device__ inline void StoreShared16(void* dst, const uint4& bits) {
