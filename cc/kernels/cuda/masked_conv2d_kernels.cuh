@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cc/kernels/block_mask.h"
 #include "cc/kernels/cuda/mask_factors.cuh"
@@ -113,16 +114,28 @@ __global__ void TileActivity(const F* output_factors, ConvDims d, uint8_t* activ
   }
 }
 
+// The output pixel of image n whose filter window, shifted by (sy, sx) from
+// the padded input's origin (an input pixel's place plus the padding, less a
+// tap's reach), starts there, or -1: in Int arithmetic (int64_t, or int32_t
+// where the pipelined rule keeps the coordinates under 2^30: 32-bit
+// divisions, not a 64-bit one's subroutine).
+template <typename Int>
+__device__ inline int64_t OutputPixelOfShift(const ConvDims& d, int64_t n, Int sy, Int sx) {
+  using Unsigned = std::make_unsigned_t<Int>;
+  if (sy < 0 || sx < 0) return -1;
+  const Unsigned stride_h = static_cast<Unsigned>(d.stride_h);
+  const Unsigned stride_w = static_cast<Unsigned>(d.stride_w);
+  if (static_cast<Unsigned>(sy) % stride_h != 0 || static_cast<Unsigned>(sx) % stride_w != 0) return -1;
+  const int64_t oy = static_cast<int64_t>(static_cast<Unsigned>(sy) / stride_h);
+  const int64_t ox = static_cast<int64_t>(static_cast<Unsigned>(sx) / stride_w);
+  if (oy >= d.out_h || ox >= d.out_w) return -1;
+  return (n * d.out_h + oy) * d.out_w + ox;
+}
+
 // The output pixel that input pixel (iy, ix) meets at tap (ky, kx), or -1.
 __device__ inline int64_t OutputPixelAt(const ConvDims& d, int64_t n, int64_t iy, int64_t ix, int64_t ky,
                                         int64_t kx) {
-  const int64_t sy = iy + d.pad_top - ky * d.dilation_h;
-  const int64_t sx = ix + d.pad_left - kx * d.dilation_w;
-  if (sy < 0 || sx < 0 || sy % d.stride_h != 0 || sx % d.stride_w != 0) return -1;
-  const int64_t oy = sy / d.stride_h;
-  const int64_t ox = sx / d.stride_w;
-  if (oy >= d.out_h || ox >= d.out_w) return -1;
-  return (n * d.out_h + oy) * d.out_w + ox;
+  return OutputPixelOfShift(d, n, iy + d.pad_top - ky * d.dilation_h, ix + d.pad_left - kx * d.dilation_w);
 }
 
 template <typename C>
@@ -750,16 +763,9 @@ struct PixelRows {
   // OutputPixelAt for row r at a tap reaching `reach`, or -1 (none, or past
   // the last pixel).
   __device__ int64_t OutputPixelAt(const ConvDims& d, int r, const TapOffset& reach) const {
-    const int32_t sy = y[r] + static_cast<int32_t>(d.pad_top - reach.y);
-    const int32_t sx = x[r] + static_cast<int32_t>(d.pad_left - reach.x);
-    if (image[r] < 0 || sy < 0 || sx < 0) return -1;
-    const uint32_t stride_h = static_cast<uint32_t>(d.stride_h);
-    const uint32_t stride_w = static_cast<uint32_t>(d.stride_w);
-    if (static_cast<uint32_t>(sy) % stride_h != 0 || static_cast<uint32_t>(sx) % stride_w != 0) return -1;
-    const int64_t oy = static_cast<uint32_t>(sy) / stride_h;
-    const int64_t ox = static_cast<uint32_t>(sx) / stride_w;
-    if (oy >= d.out_h || ox >= d.out_w) return -1;
-    return (int64_t{image[r]} * d.out_h + oy) * d.out_w + ox;
+    // A row that is no pixel (image -1) is shifted off the output.
+    const int32_t sy = image[r] < 0 ? -1 : y[r] + static_cast<int32_t>(d.pad_top - reach.y);
+    return OutputPixelOfShift(d, image[r], sy, x[r] + static_cast<int32_t>(d.pad_left - reach.x));
   }
 };
 
