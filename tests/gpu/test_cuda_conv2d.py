@@ -136,16 +136,21 @@ def test_conv_products_match_reference(geometry, level, with_output_mask, dtype,
     assert (df.double().cpu().numpy()[element == 0] == 0).all()
 
 
-@pytest.mark.parametrize("geometry", [GEOMETRIES[6], GEOMETRIES[8], GEOMETRIES[9]],
-                         ids=["2x14x13x32", "2x32x32x16", "2x16x16x256"])
+@pytest.mark.parametrize("geometry, block, tile", [
+    (GEOMETRIES[6], (32, 16), (4, 4)),
+    (GEOMETRIES[8], (32, 16), (5, 3)),  # tiles smaller than a stage, ragged at the edges
+    (GEOMETRIES[9], (32, 16), (4, 4)),
+    ((1, 16, 16, 16, 4096, (3, 3), 1, 1, (1, 1, 1, 1)), (16, 16), (4, 4)),  # dx lists over 1024 entries
+], ids=["2x14x13x32", "2x32x32x16-t5x3", "2x16x16x256", "1x16x16x16-3x3x4096"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_conv_products_under_a_sparse_output_mask(geometry, dtype):
+def test_conv_products_under_a_sparse_output_mask(geometry, block, tile, dtype):
     """A tenth of the output tiles active: the forward conv's few busy tiles
-    (its lists split on the 256-channel input), dx's row strips and
-    dfilters' stages of output pixels that meet no live output pixel left
-    out, on the pipelined kernels (float32 as TF32), against the reference."""
+    (its lists split on the 256-channel input), dx's row tiles, taps and row
+    strips and dfilters' stages of output pixels (both tile by tile) that
+    meet no live output pixel left out, on the pipelined kernels (float32 as
+    TF32), against the reference."""
     n, h, w, cin, cout, (kh, kw), *_ = geometry
-    (x_t, f_t, dy_t, mask_t, o_t), fields, expected, element = make_case(geometry, (32, 16), (4, 4), "block", True,
+    (x_t, f_t, dy_t, mask_t, o_t), fields, expected, element = make_case(geometry, block, tile, "block", True,
                                                                          dtype, active=0.1)
     out_h, out_w = fields[13:15]
     for product in ("forward", "grad_input", "grad_weight"):
