@@ -753,8 +753,8 @@ struct PixelRows {
       ix = inside ? row % d.in_w : 0;
     }
     image[r] = inside ? static_cast<int32_t>(n) : -1;
-    y[r] = static_cast<int32_t>(iy);
-    x[r] = static_cast<int32_t>(ix);
+    y[r] = inside ? static_cast<int32_t>(iy) : 0;  // an edge tile's places past the input reach ~2x its extent
+    x[r] = inside ? static_cast<int32_t>(ix) : 0;
   }
   // Row r's input pixel (its index in raster order), or -1.
   __device__ int64_t InputPixel(const ConvDims& d, int r) const {
@@ -1135,46 +1135,70 @@ __global__ void __launch_bounds__(wg::kThreads, wg::kBlocksPerSm)
 #endif
 }
 
-// The taps at which some row of a pipelined dx tile (PixelRows, a thread
-// per row) meets a live output pixel, as bits, for filters of up to
-// kMostTaps taps; and the tile's list cut down to those taps' entries.
+// The pipelined dx's 128-row tiles under an output mask (rows: input pixels
+// tile by tile, InputTiles), and the words of tap bits DxRowTileTaps marks
+// for each: kTapWords words (32 taps each) for filters of up to kMostTaps
+// taps; for larger filters every bit stands for "some tap".
+__host__ __device__ inline int64_t DxRowTiles(const ConvDims& d) {
+  return CeilDiv(InputTiles(d).Rows(), int64_t{pl::kTileRows});
+}
+constexpr int kTapWords = 8;
+constexpr int kMostTaps = 32 * kTapWords;
+
+// taps[row_tile * kTapWords ..]: the taps at which some row of the pipelined
+// dx's row tile (a thread block of pl::kThreads, a thread per row) meets a
+// live output pixel, as bits; all bits set, or none, where the filter has
+// more than kMostTaps taps. A kernel of its own ahead of the dx (one barrier
+// a tap): in the dx's own prologue its loop cost the main loop a spill, and
+// every column tile would repeat it.
+__global__ void __launch_bounds__(pl::kThreads)
+    DxRowTileTaps(const float* output_factors, ConvDims d, uint32_t* taps) {
+  __shared__ PixelRows rows;
+  __shared__ uint32_t words[kTapWords];
+  const int64_t row_tile = blockIdx.x;
+  rows.Set<true>(d, row_tile * pl::kTileRows + threadIdx.x, threadIdx.x);
+  if (threadIdx.x < kTapWords) words[threadIdx.x] = 0;
+  __syncthreads();
+  const int64_t taps_count = d.taps();
+  const bool marked = taps_count <= kMostTaps;
+  bool any = false;
+  for (int64_t tap = 0; tap < taps_count && (marked || !any); ++tap) {
+    const int64_t pixel = rows.OutputPixelAt(d, threadIdx.x, TapOffset(d, tap));
+    const bool meets = pixel >= 0 && Live(output_factors[pixel]);
+    if (!marked) {
+      any = any || meets;
+      continue;
+    }
+    if (__syncthreads_or(meets) != 0 && threadIdx.x == 0) words[tap / 32] |= 1u << (tap % 32);
+  }
+  if (!marked) any = __syncthreads_or(any) != 0;
+  __syncthreads();
+  if (threadIdx.x < kTapWords) taps[row_tile * kTapWords + threadIdx.x] = marked ? words[threadIdx.x] : any ? ~0u : 0u;
+}
+
+// A pipelined dx tile's list cut down to the entries of the taps at which
+// one of its rows meets a live output pixel (DxRowTileTaps), in shared
+// memory, for lists of up to kMostEntries entries.
 struct LiveTapList {
-  static constexpr int kMostTaps = 256;
   static constexpr int kMostEntries = 1024;
-  uint32_t taps[kMostTaps / 32];
+  uint32_t taps[kTapWords];
   uint32_t entries[kMostEntries];
   int warp_kept[pl::kThreads / 32];
   int kept;
 
-  // Whether any row meets a live output pixel at any tap; the tap bits where
-  // the filter has at most kMostTaps taps (one barrier a tap).
-  __device__ bool FindTaps(const ConvDims& d, const PixelRows& rows, const float* output_factors) {
-    const int64_t taps_count = d.taps();
-    const bool marked = taps_count <= kMostTaps;
-    bool any = false;
-    for (int64_t tap = 0; tap < taps_count && (marked || !any); ++tap) {
-      const int64_t pixel = rows.OutputPixelAt(d, threadIdx.x, TapOffset(d, tap));
-      const bool meets = pixel >= 0 && Live(output_factors[pixel]);
-      if (!marked) {
-        any = any || meets;
-        continue;
-      }
-      const bool tap_live = __syncthreads_or(meets) != 0;
-      any = any || tap_live;
-      if (threadIdx.x == 0) {
-        const uint32_t bit = 1u << (tap % 32);
-        taps[tap / 32] = tap_live ? taps[tap / 32] | bit : taps[tap / 32] & ~bit;
-      }
-    }
-    if (!marked) any = __syncthreads_or(any) != 0;
+  // The row tile's tap words from DxRowTileTaps, and whether any is set.
+  __device__ bool Load(const uint32_t* row_tile_taps) {
+    if (threadIdx.x < kTapWords) taps[threadIdx.x] = row_tile_taps[threadIdx.x];
     __syncthreads();
-    return any;
+    uint32_t any = 0;
+    for (int word = 0; word < kTapWords; ++word) any |= taps[word];
+    return any != 0;
   }
 
   // The entries of `list` (count, of (tap, output block) segments) at the
   // live taps, in order, in `entries`, and their count: a block-wide
-  // compaction, 128 entries a pass. Only where FindTaps marked the taps and
-  // count <= kMostEntries.
+  // compaction, 128 entries a pass. Only where the filter has at most
+  // kMostTaps taps and count <= kMostEntries.
   __device__ int Keep(const uint32_t* list, int count, int64_t out_blocks) {
     const int lane = threadIdx.x % 32;
     const int warp = threadIdx.x / 32;
@@ -1220,7 +1244,8 @@ struct LiveTapList {
 template <typename D, int kDepth, bool kOutputMasked>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedConvGradInput(const D* dy, const D* filters, const float* factors, const float* output_factors,
-                           const uint8_t* live, ConvDims d, const uint32_t* lists, const int32_t* counts, D* dx) {
+                           const uint8_t* live, const uint32_t* row_tile_taps, ConvDims d, const uint32_t* lists,
+                           const int32_t* counts, D* dx) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // launched only where DeviceSupportsTensorCores()
 #else
@@ -1241,9 +1266,9 @@ __global__ void __launch_bounds__(pl::kThreads)
   int listed = counts[col_tile];
   if constexpr (kOutputMasked) {
     __shared__ LiveTapList live_taps;
-    if (!live_taps.FindTaps(d, rows, output_factors)) {
+    if (!live_taps.Load(row_tile_taps + row0 / pl::kTileRows * kTapWords)) {
       listed = 0;
-    } else if (d.taps() <= LiveTapList::kMostTaps && listed <= LiveTapList::kMostEntries) {
+    } else if (d.taps() <= kMostTaps && listed <= LiveTapList::kMostEntries) {
       listed = live_taps.Keep(list, listed, d.out_blocks());
       list = live_taps.entries;
     }
@@ -1433,12 +1458,13 @@ __global__ void DepthStageActivity(const F* output_factors, ConvDims d, int64_t 
 // pixel of each depth row (padding: zero fills; each thread steps its rows'
 // output pixels along stage by stage, DepthCursor), B = dy (in tile order
 // gathered by the same rows), masked per depth row by the output factors
-// (staged by cp.async with the operands). A warp multiplies only its
-// fragments in live blocks; a tile without any reads nothing, and under an
-// output mask a stage whose output pixels are all dead (stage_live) is
-// neither read nor multiplied. With one split the tile is written masked, as
-// D; with several, as float partial sums to partials[split] (taps x
-// in_channels x out_channels each), which SplitFilterSums adds up.
+// (staged by cp.async with the operands; output_factors and stage_live are
+// given with kTileOrder only). A warp multiplies only its fragments in live
+// blocks; a tile without any reads nothing, and under an output mask a stage
+// whose output pixels are all dead (stage_live) is neither read nor
+// multiplied. With one split the tile is written masked, as D; with several,
+// as float partial sums to partials[split] (taps x in_channels x
+// out_channels each), which SplitFilterSums adds up.
 template <typename D, int kDepth, bool kTileOrder>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedConvGradFilter(const D* x, const D* dy, const float* factors, const float* output_factors,
@@ -1481,9 +1507,8 @@ __global__ void __launch_bounds__(pl::kThreads)
   const int64_t tap_y = tap / d.filter_w * d.dilation_h - d.pad_top;
   const int64_t tap_x = tap % d.filter_w * d.dilation_w - d.pad_left;
   const BCopier dy_copier(dy, d.out_channels, col0, d.out_channels);
-  const auto live_stage = [&](int64_t step) { return stage_live == nullptr || stage_live[first + step] != 0; };
+  const auto live_stage = [&](int64_t step) { return !kTileOrder || stage_live[first + step] != 0; };
   const auto issue = [&](int64_t step, D* a_stage, D* b_stage) {
-    const int64_t p0 = (first + step) * kDepth;
     const bool issued = live_stage(step);
     float* stage_factors = depth_factors + (step & (pl::kStages - 1)) * kDepth;
 #pragma unroll
@@ -1508,22 +1533,12 @@ __global__ void __launch_bounds__(pl::kThreads)
       }
       cursor[c].Advance(grid, stage_step);
     }
-    if (!issued) return;
-    if constexpr (!kTileOrder) {
-      dy_copier.Issue(b_stage, p0, depth, BCopier::kAllChunks);
-      constexpr int kFactorChunks = kDepth / 4;  // 4 floats a copy; past the last pixel, +0 (dead)
-      if (output_factors != nullptr && int(threadIdx.x) < kFactorChunks) {
-        const int64_t at = p0 + threadIdx.x * 4;
-        const int64_t floats = at < depth ? min(int64_t{4}, depth - at) : 0;
-        ptx::CopyAsyncHead(stage_factors + threadIdx.x * 4, floats > 0 ? output_factors + at : output_factors,
-                           static_cast<int>(floats * 4));
-      }
-    }
+    if (!kTileOrder && issued) dy_copier.Issue(b_stage, (first + step) * kDepth, depth, BCopier::kAllChunks);
   };
   float acc[pl::kStrips][2 * pl::kStrips][4] = {};
   pl::RunPipeline<D, kDepth, false, false, false>(live_tile.any ? steps : 0, issue, [&](int64_t step) {
     stage.fragments = live_stage(step) ? live_tile.warp : 0u;
-    stage.depth_factor = output_factors == nullptr ? nullptr : depth_factors + (step & (pl::kStages - 1)) * kDepth;
+    stage.depth_factor = kTileOrder ? depth_factors + (step & (pl::kStages - 1)) * kDepth : nullptr;
     return stage;
   }, acc);
   const pl::FragmentBlocks blocks(

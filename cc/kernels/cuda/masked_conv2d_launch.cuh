@@ -49,6 +49,7 @@ struct Workspace {
   int32_t* order;   // the pipelined forward conv's row tiles, busy first,
   int32_t* busy;    // and their busy count
   uint8_t* stage_live;  // the pipelined dfilters' depth stages holding a live output pixel
+  uint32_t* tile_taps;  // the pipelined dx's live taps per row tile under an output mask (DxRowTileTaps)
   float* partials;  // the pipelined forward conv's and dfilters' split sums
 };
 
@@ -161,6 +162,8 @@ Workspace<F> Carve(void* base, const ConvDims& d) {
   p += AlignUp(sizeof(int32_t));
   ws.stage_live = reinterpret_cast<uint8_t*>(p);
   p += AlignUp(DepthStages(d));
+  ws.tile_taps = reinterpret_cast<uint32_t*>(p);
+  p += AlignUp(DxRowTiles(d) * kTapWords * int64_t(sizeof(uint32_t)));
   ws.partials = reinterpret_cast<float*>(p);
   return ws;
 }
@@ -212,7 +215,9 @@ size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level, Product pr
                              AlignUp(ListEntries(d) * int64_t(sizeof(int32_t))) +
                              AlignUp(CountEntries(d) * int64_t(sizeof(int32_t))) + AlignUp(Tiles(d)) +
                              AlignUp(ForwardRowTiles(d) * int64_t(sizeof(int32_t))) + AlignUp(sizeof(int32_t)) +
-                             AlignUp(DepthStages(d)) + PartialBytes<T>(d, product, output_masked));
+                             AlignUp(DepthStages(d)) +
+                             AlignUp(DxRowTiles(d) * kTapWords * int64_t(sizeof(uint32_t))) +
+                             PartialBytes<T>(d, product, output_masked));
 }
 
 namespace {
@@ -316,9 +321,10 @@ int RunGradInput(const Launch& launch, const Conv2DGeometry& g, const T* dy, con
         const auto run = [&](auto kernel) {
           launch.WithSharedMemory(pl::kSharedBytes<D<T>, kDepth, true, true>)(
               kernel, static_cast<unsigned>(blocks), pl::kThreads, Dev(dy), Dev(filters), ws.factors, output_factors,
-              ws.live, d, lists, ws.counts, Dev(dx));
+              ws.live, ws.tile_taps, d, lists, ws.counts, Dev(dx));
         };
         if (output_factors != nullptr) {
+          launch(DxRowTileTaps, static_cast<unsigned>(DxRowTiles(d)), pl::kThreads, output_factors, d, ws.tile_taps);
           run(PipelinedConvGradInput<D<T>, kDepth, true>);
         } else {
           run(PipelinedConvGradInput<D<T>, kDepth, false>);
