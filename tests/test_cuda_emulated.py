@@ -1584,6 +1584,29 @@ def test_forward_conv_splits_its_lists(emulator, with_output_mask, products, dty
         assert (out[output_mask == 0] == 0).all()
 
 
+@pytest.mark.parametrize("products", [WARPGROUP_NONE, WARPGROUP_ALL], ids=["pipelined", "warpgroup"])
+def test_forward_conv_orders_row_tiles_across_chunks(emulator, products):
+    """More row tiles than one ordering block takes (272 of 128 output
+    pixels: two chunks of 256), three of them busy, in either chunk: the
+    chunks' counts and the order built from them send the thread blocks to
+    the busy row tiles (the reference's result, the idle tiles zeros) and
+    each busy tile's list to one block (its work restated)."""
+    emulator.lib.emu_set_warpgroup_mma(products)
+    geometry = (2, 136, 128, 16, 16, (3, 3), 1, 1, (1, 1, 1, 1))
+    mask, _, _, fields, attrs, case_products = conv_case(geometry, (16, 16), (8, 8), "bfloat16", "block", True)
+    output_mask = np.zeros((2, 136, 128), np.float32)
+    for n, ty, tx in ((0, 0, 0), (1, 8, 3), (1, 16, 15)):  # tiles 0, 403 and 543: row tiles 0, 201 and 271
+        output_mask[n, ty * 8:ty * 8 + 8, tx * 8:tx * 8 + 8] = 1.0 + (np.arange(64).reshape(8, 8) % 2)
+    active = conv_row_activity(fields, output_mask)
+    busy = [r // 128 for r in range(0, len(active), 128) if any(active[r:r + 128])]
+    assert len(active) // 128 == 272 and busy == [0, 201, 271]
+    _, x, f_nan, _, depth = case_products[0]
+    dy = np.nan_to_num(case_products[1][1].astype(np.float32)).astype(case_products[1][1].dtype)
+    out = checked_forward_conv(emulator, x, f_nan, mask, output_mask, fields, attrs, dy, depth, "bfloat16",
+                               products == WARPGROUP_ALL)
+    assert (out[output_mask == 0] == 0).all()
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_warpgroup_conv_forward_skips_inactive_halves(emulator, seed):
     """Every filter block live and output tiles of 64 pixels, so that a tile

@@ -869,37 +869,68 @@ __host__ __device__ inline int64_t ForwardSplits(int64_t busy, int64_t most) {
   return filling < most ? filling : most;
 }
 
-// The order in which the forward conv's thread blocks take its row tiles:
-// order[0 .. *busy) the row tiles holding a row of an active output tile,
-// in row order, then the others. One thread block (pl::kScanThreads), which
-// compacts the row tiles a chunk at a time.
-__global__ void __launch_bounds__(pl::kScanThreads)
-    ForwardRowTileOrder(const uint8_t* active, ConvDims d, int32_t* order, int32_t* busy) {
-  __shared__ int32_t scan[pl::kScanThreads];
-  __shared__ int32_t busy_below;  // busy row tiles before the chunk
-  const int64_t row_tiles = ForwardRowTiles(d);
+// Whether the forward conv's row tile holds a row of an active output tile.
+__device__ inline bool ForwardRowTileBusy(const uint8_t* active, const ConvDims& d, int64_t row_tile) {
   const int64_t tiles = d.batch * d.tiles_h() * d.tiles_w();
   const int64_t per_tile = d.tile_h * d.tile_w;
-  if (threadIdx.x == 0) busy_below = 0;
-  for (int64_t chunk = 0; chunk < row_tiles; chunk += pl::kScanThreads) {
-    const int64_t row_tile = chunk + threadIdx.x;
-    bool is_busy = false;
-    if (row_tile < row_tiles) {
-      const int64_t last = min(tiles - 1, (row_tile * pl::kTileRows + pl::kTileRows - 1) / per_tile);
-      for (int64_t t = row_tile * pl::kTileRows / per_tile; t <= last && !is_busy; ++t) is_busy = active[t] != 0;
-    }
-    scan[threadIdx.x] = is_busy ? 1 : 0;
-    pl::InclusiveScan(scan);
-    if (row_tile < row_tiles) {
-      const int64_t busy_before = busy_below + scan[threadIdx.x] - (is_busy ? 1 : 0);
-      // Idle row tiles fill the order from its end.
-      order[is_busy ? busy_before : row_tiles - 1 - (row_tile - busy_before)] = static_cast<int32_t>(row_tile);
-    }
-    __syncthreads();
-    if (threadIdx.x == pl::kScanThreads - 1) busy_below += scan[threadIdx.x];
-    __syncthreads();
+  const int64_t last = min(tiles - 1, (row_tile * pl::kTileRows + pl::kTileRows - 1) / per_tile);
+  bool busy = false;
+  for (int64_t t = row_tile * pl::kTileRows / per_tile; t <= last && !busy; ++t) busy = active[t] != 0;
+  return busy;
+}
+
+// The forward conv's row tiles in chunks of pl::kScanThreads, a thread
+// block each (a thread per row tile), for ForwardRowTileOrder.
+__host__ __device__ inline int64_t ForwardRowTileChunks(const ConvDims& d) {
+  return CeilDiv(ForwardRowTiles(d), int64_t{pl::kScanThreads});
+}
+
+// chunk_busy[c]: the busy row tiles of chunk c.
+__global__ void __launch_bounds__(pl::kScanThreads)
+    ForwardRowTileCounts(const uint8_t* active, ConvDims d, int32_t* chunk_busy) {
+  __shared__ int32_t scan[pl::kScanThreads];
+  const int64_t row_tile = int64_t(blockIdx.x) * pl::kScanThreads + threadIdx.x;
+  scan[threadIdx.x] = row_tile < ForwardRowTiles(d) && ForwardRowTileBusy(active, d, row_tile) ? 1 : 0;
+  pl::InclusiveScan(scan);
+  if (threadIdx.x == 0) chunk_busy[blockIdx.x] = scan[pl::kScanThreads - 1];
+}
+
+// The order in which the forward conv's thread blocks take its row tiles:
+// order[0 .. *busy) the row tiles holding a row of an active output tile,
+// in row order, then the others. A thread block per chunk (after
+// ForwardRowTileCounts), which adds up the chunks before its own and
+// compacts its row tiles with a scan.
+__global__ void __launch_bounds__(pl::kScanThreads)
+    ForwardRowTileOrder(const uint8_t* active, ConvDims d, const int32_t* chunk_busy, int32_t* order,
+                        int32_t* busy) {
+  __shared__ int32_t scan[pl::kScanThreads];
+  const int64_t chunks = ForwardRowTileChunks(d);
+  // The busy row tiles before this chunk, and in all.
+  int32_t before = 0;
+  int32_t total = 0;
+  for (int64_t c = threadIdx.x; c < chunks; c += pl::kScanThreads) {
+    before += c < blockIdx.x ? chunk_busy[c] : 0;
+    total += chunk_busy[c];
   }
-  if (threadIdx.x == 0) *busy = busy_below;
+  scan[threadIdx.x] = before;
+  pl::InclusiveScan(scan);
+  before = scan[pl::kScanThreads - 1];
+  __syncthreads();
+  scan[threadIdx.x] = total;
+  pl::InclusiveScan(scan);
+  total = scan[pl::kScanThreads - 1];
+  __syncthreads();
+  const int64_t row_tiles = ForwardRowTiles(d);
+  const int64_t row_tile = int64_t(blockIdx.x) * pl::kScanThreads + threadIdx.x;
+  const bool is_busy = row_tile < row_tiles && ForwardRowTileBusy(active, d, row_tile);
+  scan[threadIdx.x] = is_busy ? 1 : 0;
+  pl::InclusiveScan(scan);
+  if (row_tile < row_tiles) {
+    const int64_t busy_before = before + scan[threadIdx.x] - (is_busy ? 1 : 0);
+    // Idle row tiles fill the order from its end.
+    order[is_busy ? busy_before : row_tiles - 1 - (row_tile - busy_before)] = static_cast<int32_t>(row_tile);
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) *busy = total;
 }
 
 // Where the forward conv's thread blocks find their work: ForwardRowTileOrder's

@@ -47,7 +47,8 @@ struct Workspace {
   int32_t* counts;
   uint8_t* active;
   int32_t* order;   // the pipelined forward conv's row tiles, busy first,
-  int32_t* busy;    // and their busy count
+  int32_t* busy;    // their busy count,
+  int32_t* chunk_busy;  // and the busy count of each chunk of them (ForwardRowTileCounts)
   uint8_t* stage_live;  // the pipelined dfilters' depth stages holding a live output pixel
   uint32_t* tile_taps;  // the pipelined dx's live taps per row tile under an output mask (DxRowTileTaps)
   float* partials;  // the pipelined forward conv's and dfilters' split sums
@@ -160,6 +161,8 @@ Workspace<F> Carve(void* base, const ConvDims& d) {
   p += AlignUp(ForwardRowTiles(d) * int64_t(sizeof(int32_t)));
   ws.busy = reinterpret_cast<int32_t*>(p);
   p += AlignUp(sizeof(int32_t));
+  ws.chunk_busy = reinterpret_cast<int32_t*>(p);
+  p += AlignUp(ForwardRowTileChunks(d) * int64_t(sizeof(int32_t)));
   ws.stage_live = reinterpret_cast<uint8_t*>(p);
   p += AlignUp(DepthStages(d));
   ws.tile_taps = reinterpret_cast<uint32_t*>(p);
@@ -215,6 +218,7 @@ size_t Conv2DWorkspaceBytes(const Conv2DGeometry& g, MaskLevel level, Product pr
                              AlignUp(ListEntries(d) * int64_t(sizeof(int32_t))) +
                              AlignUp(CountEntries(d) * int64_t(sizeof(int32_t))) + AlignUp(Tiles(d)) +
                              AlignUp(ForwardRowTiles(d) * int64_t(sizeof(int32_t))) + AlignUp(sizeof(int32_t)) +
+                             AlignUp(ForwardRowTileChunks(d) * int64_t(sizeof(int32_t))) +
                              AlignUp(DepthStages(d)) +
                              AlignUp(DxRowTiles(d) * kTapWords * int64_t(sizeof(uint32_t))) +
                              PartialBytes<T>(d, product, output_masked));
@@ -243,7 +247,9 @@ int RunForward(const Launch& launch, const Conv2DGeometry& g, const T* x, const 
       const int64_t blocks = ForwardPairs(d) + ForwardSplitBlocks(d, schedule.most_splits);
       if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
       launch(TileActivity<float>, BlocksFor(Tiles(d)), kThreads, output_factors, d, ws.active);
-      launch(ForwardRowTileOrder, 1, pl::kScanThreads, ws.active, d, ws.order, ws.busy);
+      const auto chunks = static_cast<unsigned>(ForwardRowTileChunks(d));
+      launch(ForwardRowTileCounts, chunks, pl::kScanThreads, ws.active, d, ws.chunk_busy);
+      launch(ForwardRowTileOrder, chunks, pl::kScanThreads, ws.active, d, ws.chunk_busy, ws.order, ws.busy);
       const ConvSegments<false> segments{d, ws.live, ws.factors};
       auto* lists = reinterpret_cast<uint32_t*>(ws.lists);
       launch(pl::TileSegmentLists<ConvSegments<false>>, static_cast<unsigned>(CeilDiv(d.out_channels, pl::kTileCols)),
