@@ -114,11 +114,12 @@ __global__ void TileActivity(const F* output_factors, ConvDims d, uint8_t* activ
   }
 }
 
-// The output pixel of image n whose filter window, shifted by (sy, sx) from
-// the padded input's origin (an input pixel's place plus the padding, less a
-// tap's reach), starts there, or -1: in Int arithmetic (int64_t, or int32_t
-// where the pipelined rule keeps the coordinates under 2^30: 32-bit
-// divisions, not a 64-bit one's subroutine).
+// The output pixel (sy / stride_h, sx / stride_w) of image n, where (sy, sx)
+// is an input pixel's place in the padded input less a tap's reach, or -1
+// where that is no output pixel (negative, between strides, or past the
+// output). In Int arithmetic: int64_t, or int32_t where the pipelined rule
+// keeps the coordinates under 2^30 (32-bit divisions, not the subroutine a
+// 64-bit one is).
 template <typename Int>
 __device__ inline int64_t OutputPixelOfShift(const ConvDims& d, int64_t n, Int sy, Int sx) {
   using Unsigned = std::make_unsigned_t<Int>;
@@ -753,7 +754,10 @@ struct PixelRows {
       ix = inside ? row % d.in_w : 0;
     }
     image[r] = inside ? static_cast<int32_t>(n) : -1;
-    y[r] = inside ? static_cast<int32_t>(iy) : 0;  // an edge tile's places past the input reach ~2x its extent
+    // A row that is no pixel keeps 0: an edge tile's places past the input
+    // reach up to twice its extent, where the 32-bit tap arithmetic could
+    // overflow.
+    y[r] = inside ? static_cast<int32_t>(iy) : 0;
     x[r] = inside ? static_cast<int32_t>(ix) : 0;
   }
   // Row r's input pixel (its index in raster order), or -1.
@@ -1204,7 +1208,9 @@ __global__ void __launch_bounds__(pl::kThreads)
   }
   if (!marked) any = __syncthreads_or(any) != 0;
   __syncthreads();
-  if (threadIdx.x < kTapWords) taps[row_tile * kTapWords + threadIdx.x] = marked ? words[threadIdx.x] : any ? ~0u : 0u;
+  if (threadIdx.x < kTapWords) {
+    taps[row_tile * kTapWords + threadIdx.x] = marked ? words[threadIdx.x] : any ? ~0u : 0u;
+  }
 }
 
 // A pipelined dx tile's list cut down to the entries of the taps at which
@@ -1266,12 +1272,13 @@ struct LiveTapList {
 // output mask the rows are the input pixels in raster order. Under one
 // (kOutputMasked: output_factors not null) they go tile by tile over the
 // input tiles the output tiles step over (InputTiles), so that a 16-row
-// strip lies in one input tile and meets mostly one output tile: a warp
-// multiplies only its strips holding a row that meets a live output pixel at
-// the step's tap, and a tile none of whose rows meets a live output pixel at
-// any tap walks no list and stores zeros. The two are kernels of their own:
-// the row checks would cost the unmasked one ~4 % more instructions a step
-// and more spills.
+// strip lies in one input tile and meets mostly one output tile: a tile
+// walks only the list entries of the taps at which one of its rows meets a
+// live output pixel (row_tile_taps, from DxRowTileTaps; LiveTapList), none
+// where there is no such tap (its dx stored as zeros), and a warp multiplies
+// only its strips holding a row that meets a live output pixel at the step's
+// tap. The two are kernels of their own: the row checks would cost the
+// unmasked one ~4 % more instructions a step and more spills.
 template <typename D, int kDepth, bool kOutputMasked>
 __global__ void __launch_bounds__(pl::kThreads)
     PipelinedConvGradInput(const D* dy, const D* filters, const float* factors, const float* output_factors,
@@ -1559,7 +1566,9 @@ __global__ void __launch_bounds__(pl::kThreads)
           const bool read_dy = inside && col0 + a_col < d.out_channels;
           ptx::CopyAsync16(b_stage + row * BCopier::kStride + a_col,
                            read_dy ? dy + pixel * d.out_channels + col0 + a_col : dy, read_dy);
-          if (a_col == 0) ptx::CopyAsync4(stage_factors + row, inside ? output_factors + pixel : output_factors, inside);
+          if (a_col == 0) {
+            ptx::CopyAsync4(stage_factors + row, inside ? output_factors + pixel : output_factors, inside);
+          }
         }
       }
       cursor[c].Advance(grid, stage_step);

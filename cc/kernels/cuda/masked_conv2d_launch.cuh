@@ -376,19 +376,17 @@ int RunGradFilter(const Launch& launch, const Conv2DGeometry& g, const T* x, con
       constexpr int kDepth = pl::kUnblockedStage<D<T>>;
       const int64_t stages = CeilDiv(GradFilterDepth(d, tile_order), int64_t{kDepth});
       const int64_t per_split = CeilDiv(stages, splits);
-      constexpr int kSharedBytes = pl::kSharedBytes<D<T>, kDepth, false, false>;
+      const auto run = [&](auto kernel, const uint8_t* stage_live) {
+        launch.WithSharedMemory(pl::kSharedBytes<D<T>, kDepth, false, false>)(
+            kernel, static_cast<unsigned>(blocks), pl::kThreads, Dev(x), Dev(dy), ws.factors, output_factors,
+            ws.live, stage_live, d, per_split, splits > 1 ? ws.partials : nullptr, Dev(dfilters));
+      };
       if (tile_order) {
         launch(DepthStageActivity<float>, BlocksFor(stages), kThreads, output_factors, d, int64_t{kDepth},
                ws.stage_live);
-        launch.WithSharedMemory(kSharedBytes)(PipelinedConvGradFilter<D<T>, kDepth, true>,
-                                              static_cast<unsigned>(blocks), pl::kThreads, Dev(x), Dev(dy),
-                                              ws.factors, output_factors, ws.live, ws.stage_live, d, per_split,
-                                              splits > 1 ? ws.partials : nullptr, Dev(dfilters));
+        run(PipelinedConvGradFilter<D<T>, kDepth, true>, ws.stage_live);
       } else {
-        launch.WithSharedMemory(kSharedBytes)(PipelinedConvGradFilter<D<T>, kDepth, false>,
-                                              static_cast<unsigned>(blocks), pl::kThreads, Dev(x), Dev(dy),
-                                              ws.factors, nullptr, ws.live, nullptr, d, per_split,
-                                              splits > 1 ? ws.partials : nullptr, Dev(dfilters));
+        run(PipelinedConvGradFilter<D<T>, kDepth, false>, nullptr);
       }
       if (splits > 1) {
         launch(SplitFilterSums<D<T>>, BlocksFor(d.taps() * d.in_channels * d.out_channels), kThreads, ws.partials,
