@@ -11,8 +11,11 @@ densities and output-tile fractions, and a late layer with few output tiles
 best case, channels-last tensors (our kernels' NHWC) and its algorithms
 autotuned per shape (cudnn.benchmark), since with its heuristics alone its
 time changed by up to 1.8x from one process to the next. Forward alone, and forward plus both
-gradients ("train"). Each pair is timed interleaved with CUDA events after
-warm-up; the median of --reps repetitions is reported.
+gradients ("train"); with --modes grad_input / grad_weight one gradient
+alone (the conv's against cuDNN's own backward call for it, torch.nn.grad,
+dy through the output mask first). Each pair is timed interleaved with CUDA
+events after warm-up; the median of --reps repetitions is reported.
+--conv-only skips the matmul rows.
 
 Precisions: fp32 (CUDA cores on both sides: PyTorch's TF32 switches off),
 tf32 (float32 tensors, TF32 tensor cores on both sides: what TensorFlow does
@@ -202,24 +205,38 @@ def conv_case(layer, density, active, precision_name, mode, reps, warmup, baseli
     y, dx, df = torch.empty_like(dy), torch.empty_like(x), torch.empty_like(f)
     geometry = (n, size, size, channels, 3, 3, channels, 1, 1, 1, 1, 1, 1, size, size, block, block, tile, tile)
     o = output_mask if active < 1 else None
+    operands = {"forward": (x, f, y), "grad_input": (dy, f, dx), "grad_weight": (x, dy, df)}
 
     def fused(harness):
-        harness.conv2d("forward", x, f, block_mask, "block", geometry, y, o, tensor_cores)
-        if mode == "train":
-            harness.conv2d("grad_input", dy, f, block_mask, "block", geometry, dx, o, tensor_cores)
-            harness.conv2d("grad_weight", x, dy, block_mask, "block", geometry, df, o, tensor_cores)
+        for product in products_of(mode):
+            a, b, out = operands[product]
+            harness.conv2d(product, a, b, block_mask, "block", geometry, out, o, tensor_cores)
 
     x_channels_last = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     x_channels_last.requires_grad_(mode == "train")
+    dy_channels_last = dy.permute(0, 3, 1, 2)  # NCHW over NHWC memory: channels-last already
+    # The filter mask as [out, in, 1, 1], for dfilters on its own.
+    filter_mask = per_tap.T[:, :, None, None].to(dtype)
+
+    def masked_dy():
+        """dy through the output mask, as conv2d(x, w * m) * o's backward takes it."""
+        return dy_channels_last if o is None else dy_channels_last * o[:, None].to(dtype)
 
     def dense():
-        x_channels_last.grad = None  # dx written, not accumulated, as ours is
+        if mode == "grad_weight":  # cuDNN's dfilters alone, masked
+            torch.nn.grad.conv2d_weight(x_channels_last, (channels, channels, 3, 3), masked_dy(),
+                                        padding=1).mul_(filter_mask)
+            return
         w = (f * per_tap.to(dtype)).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+        if mode == "grad_input":  # cuDNN's dx alone
+            torch.nn.grad.conv2d_input(x_channels_last.shape, w, masked_dy(), padding=1)
+            return
+        x_channels_last.grad = None  # dx written, not accumulated, as ours is
         out = torch.nn.functional.conv2d(x_channels_last, w.requires_grad_(mode == "train"), padding=1)
         if o is not None:
             out = out * o[:, None]
         if mode == "train":
-            out.backward(dy.permute(0, 3, 1, 2))
+            out.backward(dy_channels_last)
 
     medians, speedups = timed_row(fused, dense, baseline, reps, warmup,
                                   warpgroup=WARPGROUP and dtype in (torch.float16, torch.bfloat16))
@@ -308,11 +325,11 @@ def main():
     parser.add_argument("--densities", default="1.0,0.5,0.25,0.1,0.05")
     parser.add_argument("--blocks", default="16,32,64")
     parser.add_argument("--precisions", default="fp32,tf32,bf16")
-    parser.add_argument("--modes", default="forward,train",
-                        help="of " + ", ".join(MATMUL_MODES) + " (the convs time forward and train only)")
+    parser.add_argument("--modes", default="forward,train", help="of " + ", ".join(MATMUL_MODES))
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--conv", action="store_true", help="also time masked_conv2d against cuDNN")
+    parser.add_argument("--conv-only", action="store_true", help="time masked_conv2d only (implies --conv)")
     parser.add_argument("--baseline-harness", metavar="SO",
                         help="also time this harness library (an earlier build) interleaved with the current one")
     parser.add_argument("--no-warpgroup", action="store_true",
@@ -355,11 +372,12 @@ def main():
     tall = " | wgmma tall ms | wgmma tall speedup" if TALL else ""
     of_baseline = " | baseline wgmma ms | wgmma over baseline" if BASELINE_WARPGROUP else ""
     wgmma = own + of_baseline
-    print(f"| precision | block | density | mode | fused ms | cuBLAS ms | speedup "
-          f"| target{versus}{own}{tall}{of_baseline} |  # {device}")
     timed_pairs = bool(baseline) + WARPGROUP + bool(BASELINE_WARPGROUP)
-    print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * (timed_pairs + TALL))
-    for precision in args.precisions.split(","):
+    if not args.conv_only:
+        print(f"| precision | block | density | mode | fused ms | cuBLAS ms | speedup "
+              f"| target{versus}{own}{tall}{of_baseline} |  # {device}")
+        print("|---|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * (timed_pairs + TALL))
+    for precision in args.precisions.split(",") if not args.conv_only else ():
         for block in args.blocks.split(","):
             for density in args.densities.split(","):
                 for mode in args.modes.split(","):
@@ -370,7 +388,7 @@ def main():
                           f"| {row['median_ms']['fused']:.3f} | {row['median_ms']['dense']:.3f} "
                           f"| {row['speedup']:.2f}x | {row['target']:.2f}x{baseline_cells(row)}"
                           f"{warpgroup_cells(row) if WARPGROUP else ''} |")
-    if not args.conv:
+    if not (args.conv or args.conv_only):
         return
     torch.backends.cudnn.benchmark = True
     print(f"\n| layer | precision | density | active tiles | mode | fused ms | cuDNN ms | speedup "
@@ -379,7 +397,7 @@ def main():
     for layer, pairs in CONV_LAYERS.items():
         for precision in args.precisions.split(","):
             for density, active in pairs:
-                for mode in (m for m in args.modes.split(",") if m in ("forward", "train")):
+                for mode in args.modes.split(","):
                     row = conv_case(layer, density, active, precision, mode, args.reps, args.warmup, baseline)
                     conv_rows.append(row)
                     save()

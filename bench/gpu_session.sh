@@ -7,7 +7,8 @@
 #
 #   bash bench/gpu_session.sh            # all of it (about 2 minutes on an H100)
 #   bash bench/gpu_session.sh tests      # build + tests/gpu + compute-sanitizer
-#   bash bench/gpu_session.sh bench      # build + bench/gpu.py (a small batch, dx and dW apart, tall tiles)
+#   bash bench/gpu_session.sh bench      # build + bench/gpu.py (a small batch, dx and dW apart, the conv's too,
+#                                        # tall tiles)
 #   bash bench/gpu_session.sh profile    # build + ncu on the bf16 block-32 forward, d=1, 0.5 and 0.1, both tiles
 #   bash bench/gpu_session.sh ab         # build + the current harness against each baseline
 #
@@ -120,6 +121,13 @@ if [[ "$what" == all || "$what" == bench ]]; then
   timeout -s KILL 60 python3 bench/gpu.py --precisions bf16 --densities 1,0.5,0.1 --modes grad_input,grad_weight \
     ${skip_warpgroup[@]+"${skip_warpgroup[@]}"} >> "$out/bench.log" 2>&1
   note "bench/gpu.py dx and dW apart: rc $?"
+  # The conv's dx and dW apart (bf16, both layers, every density and active
+  # fraction), against cuDNN's own dx and dW calls: session 13's tile-order
+  # backward under output masks (bench/GPU_NOTES.md).
+  echo "== conv dx and dW apart" >> "$out/bench.log"
+  timeout -s KILL 90 python3 bench/gpu.py --conv-only --precisions bf16 --modes grad_input,grad_weight \
+    ${skip_warpgroup[@]+"${skip_warpgroup[@]}"} >> "$out/bench.log" 2>&1
+  note "bench/gpu.py conv dx and dW apart: rc $?"
   # The forward product and dx in tall tiles (256 x 128) beside the
   # warpgroup tile's 128 x 128 (bench/GPU_NOTES.md, session 11).
   echo "== tall tiles" >> "$out/bench.log"
