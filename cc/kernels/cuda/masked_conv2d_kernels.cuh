@@ -1183,7 +1183,7 @@ constexpr int kMostTaps = 32 * kTapWords;
 // taps[row_tile * kTapWords ..]: the taps at which some row of the pipelined
 // dx's row tile (a thread block of pl::kThreads, a thread per row) meets a
 // live output pixel, as bits; all bits set, or none, where the filter has
-// more than kMostTaps taps. A kernel of its own ahead of the dx (one barrier
+// more than kMostTaps taps. A kernel of its own ahead of the dx (a barrier
 // a tap): in the dx's own prologue its loop cost the main loop a spill, and
 // every column tile would repeat it.
 __global__ void __launch_bounds__(pl::kThreads)
@@ -1197,14 +1197,25 @@ __global__ void __launch_bounds__(pl::kThreads)
   const int64_t taps_count = d.taps();
   const bool marked = taps_count <= kMostTaps;
   bool any = false;
-  for (int64_t tap = 0; tap < taps_count && (marked || !any); ++tap) {
-    const int64_t pixel = rows.OutputPixelAt(d, threadIdx.x, TapOffset(d, tap));
-    const bool meets = pixel >= 0 && Live(output_factors[pixel]);
-    if (!marked) {
-      any = any || meets;
-      continue;
+  // kTapsAtOnce taps' factors loaded before any is looked at, so that their
+  // loads overlap rather than each waiting out the one before.
+  constexpr int kTapsAtOnce = 8;
+  for (int64_t tap0 = 0; tap0 < taps_count && (marked || !any); tap0 += kTapsAtOnce) {
+    bool meets[kTapsAtOnce];
+#pragma unroll
+    for (int k = 0; k < kTapsAtOnce; ++k) {
+      const int64_t pixel = tap0 + k < taps_count ? rows.OutputPixelAt(d, threadIdx.x, TapOffset(d, tap0 + k)) : -1;
+      meets[k] = pixel >= 0 && Live(output_factors[pixel]);
     }
-    if (__syncthreads_or(meets) != 0 && threadIdx.x == 0) words[tap / 32] |= 1u << (tap % 32);
+#pragma unroll
+    for (int k = 0; k < kTapsAtOnce; ++k) {
+      const int64_t tap = tap0 + k;
+      if (!marked) {
+        any = any || meets[k];
+      } else if (tap < taps_count && __syncthreads_or(meets[k]) != 0 && threadIdx.x == 0) {
+        words[tap / 32] |= 1u << (tap % 32);
+      }
+    }
   }
   if (!marked) any = __syncthreads_or(any) != 0;
   __syncthreads();
