@@ -701,6 +701,11 @@ __host__ __device__ inline PixelTiles InputTiles(const ConvDims& d) {
                     clamp(d.tile_w * d.stride_w, d.in_w)};
 }
 
+// Tiles of whole images: tile by tile, their pixels are in raster order.
+__host__ __device__ inline PixelTiles WholeImages(int64_t batch, int64_t h, int64_t w) {
+  return PixelTiles{batch, h, w, h > 1 ? h : 1, w > 1 ? w : 1};
+}
+
 // Pixels ordered tile by tile (the forward conv's rows; dfilters' depth and
 // dx's rows under an output mask): row `row` is place row % (tile_h tile_w)
 // of tile row / (tile_h tile_w) = (n, tile_y, tile_x), its places in raster
@@ -737,28 +742,13 @@ struct PixelRows {
 
   template <bool kTiled>
   __device__ void Set(const ConvDims& d, int64_t row, int r) {
-    bool inside = false;
-    int64_t n = 0;
-    int64_t iy = 0;
-    int64_t ix = 0;
-    if constexpr (kTiled) {
-      const TiledPixel at(InputTiles(d), row);
-      inside = at.inside;
-      n = at.n;
-      iy = at.y;
-      ix = at.x;
-    } else {
-      inside = row < d.batch * d.in_h * d.in_w;
-      n = inside ? row / (d.in_h * d.in_w) : 0;
-      iy = inside ? row / d.in_w % d.in_h : 0;
-      ix = inside ? row % d.in_w : 0;
-    }
-    image[r] = inside ? static_cast<int32_t>(n) : -1;
+    const TiledPixel at(kTiled ? InputTiles(d) : WholeImages(d.batch, d.in_h, d.in_w), row);
+    image[r] = at.inside ? static_cast<int32_t>(at.n) : -1;
     // A row that is no pixel keeps 0: an edge tile's places past the input
     // reach up to twice its extent, where the 32-bit tap arithmetic could
     // overflow.
-    y[r] = inside ? static_cast<int32_t>(iy) : 0;
-    x[r] = inside ? static_cast<int32_t>(ix) : 0;
+    y[r] = at.inside ? static_cast<int32_t>(at.y) : 0;
+    x[r] = at.inside ? static_cast<int32_t>(at.x) : 0;
   }
   // Row r's input pixel (its index in raster order), or -1.
   __device__ int64_t InputPixel(const ConvDims& d, int r) const {
@@ -1402,6 +1392,24 @@ struct CursorStep {
   int32_t rows, columns;
 };
 
+// (column, row) in rows `width` wide moved on by `step`.
+__device__ inline void StepPlace(int32_t& column, int32_t& row, CursorStep step, int32_t width) {
+  column += step.columns;
+  row += step.rows;
+  if (column >= width) {
+    column -= width;
+    ++row;
+  }
+}
+
+// Carries `digit` of radix `radix` into the next one; whether it did.
+__device__ inline bool Carry(int32_t& digit, int32_t& next, int32_t radix) {
+  if (digit < radix) return false;
+  next += digit / radix;
+  digit %= radix;
+  return true;
+}
+
 // A pipelined dfilters thread's place in the depth (the output pixels), moved
 // along a stage at a time in 32 bits. kTileOrder: the depth runs tile by tile
 // as TiledPixel orders it, as (image, tile row, tile column, row and column
@@ -1416,24 +1424,17 @@ template <>
 struct DepthCursor<false> {
   int32_t n, y, x;
   __device__ void Seek(const ConvDims& d, int64_t row) {
-    const int64_t plane = d.out_h * d.out_w;  // no output pixels: no divisions by an empty plane
-    n = static_cast<int32_t>(plane > 0 ? min(row / plane, d.batch) : d.batch);
-    y = static_cast<int32_t>(plane > 0 ? row / d.out_w % d.out_h : 0);
-    x = static_cast<int32_t>(plane > 0 ? row % d.out_w : 0);
+    const TiledPixel at(WholeImages(d.batch, d.out_h, d.out_w), row);
+    n = static_cast<int32_t>(at.n);
+    y = static_cast<int32_t>(at.y);
+    x = static_cast<int32_t>(at.x);
   }
   __device__ static CursorStep StepOf(const OutputGrid32& g, int32_t rows) {
     return g.out_w > 0 ? CursorStep{rows / g.out_w, rows % g.out_w} : CursorStep{0, 0};
   }
   __device__ void Advance(const OutputGrid32& g, CursorStep step) {
-    x += step.columns;
-    y += step.rows;
-    if (x >= g.out_w) {
-      x -= g.out_w;
-      ++y;
-    }
-    if (y < g.out_h) return;
-    n = min(n + y / g.out_h, g.batch);
-    y %= g.out_h;
+    StepPlace(x, y, step, g.out_w);
+    if (Carry(y, n, g.out_h)) n = min(n, g.batch);
   }
   __device__ int32_t Y(const OutputGrid32&) const { return y; }
   __device__ int32_t X(const OutputGrid32&) const { return x; }
@@ -1456,21 +1457,8 @@ struct DepthCursor<true> {
     return CursorStep{rows / g.tile_w, rows % g.tile_w};
   }
   __device__ void Advance(const OutputGrid32& g, CursorStep step) {
-    qx += step.columns;
-    qy += step.rows;
-    if (qx >= g.tile_w) {
-      qx -= g.tile_w;
-      ++qy;
-    }
-    if (qy < g.tile_h) return;
-    tx += qy / g.tile_h;
-    qy %= g.tile_h;
-    if (tx < g.tiles_w) return;
-    ty += tx / g.tiles_w;
-    tx %= g.tiles_w;
-    if (ty < g.tiles_h) return;
-    n = min(n + ty / g.tiles_h, g.batch);
-    ty %= g.tiles_h;
+    StepPlace(qx, qy, step, g.tile_w);
+    if (Carry(qy, tx, g.tile_h) && Carry(tx, ty, g.tiles_w) && Carry(ty, n, g.tiles_h)) n = min(n, g.batch);
   }
   __device__ int32_t Y(const OutputGrid32& g) const { return ty * g.tile_h + qy; }
   __device__ int32_t X(const OutputGrid32& g) const { return tx * g.tile_w + qx; }
