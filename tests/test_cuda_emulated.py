@@ -1293,20 +1293,12 @@ def pipelined_conv_mma_count(fields, live, output_mask, dtype="bfloat16"):
     return sum(map(sum, forward_conv_lists_work(fields, live, output_mask, pipelined_conv_entry_mmas(fields, dtype))))
 
 
-def pipelined_conv_dx_mma_count(fields, live, output_mask, dtype="bfloat16"):
-    """The mma.sync calls (per warp) of the pipelined conv dx, restated: for
-    every 128-row, 128-channel tile (rows: dx_row_pixels), every (tap, output
-    block) segment with a live block in the tile's input channels
-    multiplies, each depth step, every live 16-channel strip in the row
-    strips of 16 where, under an output mask, a pixel meets a live output
-    pixel at the segment's tap (all 8 without one), in 2 halves."""
-    batch, h, w, cin, kh, kw, cout, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, out_h, out_w, \
-        in_block, out_block, _, _ = fields
-    in_block, out_block = min(in_block, cin), min(out_block, cout)
-    per_segment = stage_mmas(out_block, cout, dtype)
-    rows = dx_row_pixels(fields, output_mask)
+def dx_rows_meeting_live_output(fields, output_mask):
+    """For each tap (ky, kx), in order, whether each row of the pipelined dx
+    (dx_row_pixels) meets a live output pixel of the output mask there."""
+    *_, kh, kw, _, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, out_h, out_w, _, _, _, _ = fields
 
-    def meets_live_output(pixel, ky, kx):
+    def meets(pixel, ky, kx):
         if pixel is None:
             return False
         n, iy, ix = pixel
@@ -1314,12 +1306,28 @@ def pipelined_conv_dx_mma_count(fields, live, output_mask, dtype="bfloat16"):
         oy, ox = sy // stride_h, sx // stride_w
         return (sy % stride_h == 0 and sx % stride_w == 0 and 0 <= oy < out_h and 0 <= ox < out_w
                 and output_mask[n, oy, ox] != 0)
+    rows = dx_row_pixels(fields, output_mask)
+    return [[meets(p, ky, kx) for p in rows] for ky in range(kh) for kx in range(kw)]
 
+
+def pipelined_conv_dx_mma_count(fields, live, output_mask, dtype="bfloat16"):
+    """The mma.sync calls (per warp) of the pipelined conv dx, restated: for
+    every 128-row, 128-channel tile (rows: dx_row_pixels), every (tap, output
+    block) segment with a live block in the tile's input channels
+    multiplies, each depth step, every live 16-channel strip in the row
+    strips of 16 where, under an output mask, a pixel meets a live output
+    pixel at the segment's tap (dx_rows_meeting_live_output; all 8 without
+    one), in 2 halves."""
+    *_, cin, kh, kw, cout, _, _, _, _, _, _, _, _, in_block, out_block, _, _ = fields
+    in_block, out_block = min(in_block, cin), min(out_block, cout)
+    per_segment = stage_mmas(out_block, cout, dtype)
+    rows = len(dx_row_pixels(fields, output_mask))
+    meets = None if output_mask is None else dx_rows_meeting_live_output(fields, output_mask)
     total = 0
-    for row0 in range(0, len(rows), 128):
-        for ky, kx in ((ky, kx) for ky in range(kh) for kx in range(kw)):
-            row_strips = 8 if output_mask is None else sum(
-                any(meets_live_output(p, ky, kx) for p in rows[row0 + 16 * s:row0 + 16 * s + 16]) for s in range(8))
+    for row0 in range(0, rows, 128):
+        for tap in range(kh * kw):
+            row_strips = 8 if meets is None else sum(any(meets[tap][row0 + 16 * s:row0 + 16 * s + 16])
+                                                     for s in range(8))
             for col0 in range(0, cin, 128):
                 for j in range(live.shape[1]):
                     strips = sum(c < cin and bool(live[c // in_block, j]) for c in range(col0, col0 + 128, 16))
@@ -1352,18 +1360,8 @@ def test_pipelined_conv_multiplies_live_fragments_only(emulator, geometry, block
 def dx_live_tiles_and_taps(fields, output_mask):
     """For each 128-row tile of the pipelined dx (rows: dx_row_pixels),
     whether some row of it meets a live output pixel at each tap."""
-    batch, h, w, cin, kh, kw, cout, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, out_h, out_w, \
-        *_ = fields
-    rows = dx_row_pixels(fields, output_mask)
-
-    def meets_live(pixel, ky, kx):
-        n, iy, ix = pixel
-        sy, sx = iy + pad_top - ky * dilation_h, ix + pad_left - kx * dilation_w
-        oy, ox = sy // stride_h, sx // stride_w
-        return sy % stride_h == 0 and sx % stride_w == 0 and 0 <= oy < out_h and 0 <= ox < out_w and \
-            output_mask[n, oy, ox] != 0
-    return [[any(p is not None and meets_live(p, ky, kx) for p in rows[r:r + 128])
-             for ky in range(kh) for kx in range(kw)] for r in range(0, len(rows), 128)]
+    meets = dx_rows_meeting_live_output(fields, output_mask)
+    return [[any(by_row[r:r + 128]) for by_row in meets] for r in range(0, len(meets[0]), 128)]
 
 
 @pytest.mark.parametrize("geometry", [(2, 32, 32, 16, 24, (3, 3), 1, 1, (1, 1, 1, 1)),
