@@ -1,6 +1,8 @@
 """Smoke test for an installed wheel, run outside the source tree by `make wheel-check`."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -8,6 +10,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import masked_ops  # noqa: E402
+from masked_ops import _build_info  # noqa: E402
 
 rng = np.random.default_rng(0)
 x = tf.constant(rng.standard_normal((5, 40)).astype(np.float32))
@@ -25,4 +28,17 @@ assert dx.shape == x.shape
 
 layer = masked_ops.layers.MaskedDense(3, block_size=8)
 assert layer(x).shape == (5, 3)
-print(f"smoke test passed: masked_ops {masked_ops.__version__} with TensorFlow {tf.__version__}")
+
+# A wheel built with CUDA ships the GPU kernels, which load (on request) on
+# this machine too, GPU or not.
+if _build_info.WITH_CUDA:
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import masked_ops; assert masked_ops.gpu_kernels_loaded()"],
+        env={**os.environ, "MASKED_OPS_GPU_KERNELS": "1"},
+        check=False,
+    )
+    assert loaded.returncode == 0, "the GPU kernels did not load"
+print(
+    f"smoke test passed: masked_ops {masked_ops.__version__} with TensorFlow {tf.__version__}"
+    f"{', GPU kernels load' if _build_info.WITH_CUDA else ''}"
+)

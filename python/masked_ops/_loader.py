@@ -23,14 +23,51 @@ def check_tensorflow_version(running: str, built: str) -> None:
         )
 
 
-_LIBRARY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_masked_ops.so")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_LIBRARY_PATH = os.path.join(_PACKAGE_DIR, "_masked_ops.so")
+GPU_KERNEL_LIBRARY_PATH = os.path.join(_PACKAGE_DIR, "_masked_ops_gpu.so")
+GPU_KERNELS_VARIABLE = "MASKED_OPS_GPU_KERNELS"
+
+
+def gpu_kernels_requested() -> bool:
+    """Whether MASKED_OPS_GPU_KERNELS asks for the GPU kernels ("1"; unset or "0": not)."""
+    value = os.environ.get(GPU_KERNELS_VARIABLE, "0")
+    if value not in ("0", "1"):
+        raise ImportError(f"{GPU_KERNELS_VARIABLE}={value!r}: expected 0 or 1")
+    return value == "1"
 
 
 @functools.lru_cache(maxsize=None)
+def _load_libraries():
+    """Loads the op library and, when requested, the GPU kernel library after it.
+
+    The GPU kernels (`_masked_ops_gpu.so`, a kernel library for the op
+    library's ops) are opt-in because their TensorFlow glue has not yet run on
+    a GPU: without them TensorFlow places these ops on the CPU, also on a
+    machine with a GPU. Returns the op module and whether the GPU kernels
+    were loaded.
+    """
+    check_tensorflow_version(tf.__version__, _build_info.TENSORFLOW_VERSION)
+    library = tf.load_op_library(_LIBRARY_PATH)
+    if not gpu_kernels_requested():
+        return library, False
+    if not os.path.exists(GPU_KERNEL_LIBRARY_PATH):
+        raise ImportError(
+            f"{GPU_KERNELS_VARIABLE}=1, but this build of masked_ops has no GPU kernels "
+            "(it was built without nvcc); rebuild it where the CUDA toolkit is installed"
+        )
+    tf.load_library(GPU_KERNEL_LIBRARY_PATH)
+    return library, True
+
+
 def op_library():
     """The loaded `_masked_ops.so` module of generated op wrappers."""
-    check_tensorflow_version(tf.__version__, _build_info.TENSORFLOW_VERSION)
-    return tf.load_op_library(_LIBRARY_PATH)
+    return _load_libraries()[0]
+
+
+def gpu_kernels_loaded() -> bool:
+    """Whether the ops' GPU kernels are registered (MASKED_OPS_GPU_KERNELS=1 at import)."""
+    return _load_libraries()[1]
 
 
 @functools.lru_cache(maxsize=None)
