@@ -218,17 +218,21 @@ def test_fused_steps_reject_bad_inputs(graph):
 
         (tf.function(call) if graph else call)()
 
-    def adam(m, lr, mask):
+    adam_scalars = ["alpha", "one_minus_beta_1", "one_minus_beta_2", "epsilon", "learning_rate", "weight_decay"]
+
+    def adam(m, mask, not_scalar=None):
+        scalars = [tf.ones((2,)) if name == not_scalar else scalar for name in adam_scalars]
         run(lambda: _ops.masked_ops_masked_adam_step(
-            variable.handle, m.handle, variable.handle, variable.handle, grad, mask, scalar, scalar, scalar,
-            scalar, lr, scalar, amsgrad=False, block_rows=4, block_cols=4))
+            variable.handle, m.handle, variable.handle, variable.handle, grad, mask, *scalars,
+            amsgrad=False, block_rows=4, block_cols=4))
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="m must have grad's dtype and shape"):
-        adam(wrong, scalar, tf.ones((1, 2)))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="learning_rate must be a scalar"):
-        adam(variable, tf.ones((2,)), tf.ones((1, 2)))
+        adam(wrong, tf.ones((1, 2)))
+    for name in adam_scalars:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=f"{name} must be a scalar, got shape \\[2\\]"):
+            adam(variable, tf.ones((1, 2)), not_scalar=name)
     with pytest.raises(tf.errors.InvalidArgumentError, match="mask must be element-level"):
-        adam(variable, scalar, tf.ones((3, 3)))
+        adam(variable, tf.ones((3, 3)))
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="momentum must have grad's dtype and shape"):
         run(lambda: _ops.masked_ops_masked_sgd_step(

@@ -72,8 +72,7 @@ class Emulator:
         lib.emu_conv2d.argtypes = [i, i, i, i, ctypes.POINTER(i64), p, p, p, i, p, p, i]
         lib.emu_conv2d_uses_tensor_cores.argtypes = [i, i, ctypes.POINTER(i64), i]
         lib.emu_conv2d_uses_pipeline.argtypes = [i, i, ctypes.POINTER(i64), i, i]
-        lib.emu_elementwise.argtypes = [i, i, i] + [i64] * 5 + [p, p, i, p, ctypes.POINTER(p),
-                                                                ctypes.POINTER(ctypes.c_double), i]
+        lib.emu_elementwise.argtypes = [i, i, i] + [i64] * 5 + [p, p, i, p, ctypes.POINTER(p), p, i]
         lib.emu_set_schedule.argtypes = [i, ctypes.c_uint64]
         lib.emu_set_copy_line_check.argtypes = [i]
         lib.emu_set_device_tensor_cores.argtypes = [i]
@@ -158,10 +157,10 @@ class Emulator:
         outer, k, n = a.shape
         pointers = (ctypes.c_void_p * 3)(*([None if s is None else s.ctypes.data for s in state]
                                            + [None] * (3 - len(state))))
-        values = (ctypes.c_double * 6)(*(list(scalars) + [0.0] * (6 - len(scalars))))
+        values = np.asarray(list(scalars) + [0.0] * (6 - len(scalars)), a.dtype)
         self.checked(f"elementwise {op}", self.lib.emu_elementwise(
             op, DTYPE_CODES[a.dtype.name], MASK_CODES[mask.dtype.name], outer, k, n, *block, a.ctypes.data,
-            mask.ctypes.data, 0 if level == "element" else 1, out.ctypes.data, pointers, values, int(flag)))
+            mask.ctypes.data, 0 if level == "element" else 1, out.ctypes.data, pointers, values.ctypes.data, int(flag)))
 
     def convert(self, name, values, out_dtype):
         values = np.ascontiguousarray(values)
@@ -1836,10 +1835,11 @@ def test_sgd_momentum_step(emulator, dtype, nesterov):
     mask, live, _ = elementwise_masks(rng, shape, block, "element")
     var, momentum = (rng.standard_normal(shape).astype(t) for _ in range(2))
     grad = np.where(live, rng.standard_normal(shape), np.nan).astype(t)
-    learning_rate, mu = np.float32(0.1), np.float32(0.9)
     before_var, before_momentum = var.copy(), momentum.copy()
-    emulator.elementwise(5, grad, mask, "element", block, var, state=(momentum,),
-                         scalars=(float(learning_rate), float(mu), 0.0), flag=nesterov)
+    emulator.elementwise(5, grad, mask, "element", block, var, state=(momentum,), scalars=(0.1, 0.9, 0.0),
+                         flag=nesterov)
+    # The scalars are values of the op's type, as the optimizer's inputs are.
+    learning_rate, mu = np.array([0.1, 0.9]).astype(t).astype(np.float32)
     g, w0, m0 = (a.astype(np.float32) for a in (grad, before_var, before_momentum))
     scaled = g * learning_rate
     m_new = m0 * mu - scaled  # in float; the variable's update takes it unrounded

@@ -192,11 +192,11 @@ size_t masked_ops_gpu_elementwise_workspace_bytes(const char* dtype, int64_t out
 // flag = amsgrad); 5 sgd (state = momentum or 0; scalars = learning_rate,
 // momentum, weight_decay; flag = nesterov); 6 rmsprop (state = velocity,
 // momentum or 0, average_grad or 0; scalars = learning_rate, rho, 1 - rho,
-// momentum, epsilon, weight_decay; flag = centered). Scalars come as float
-// (widened to double for float64). out is the variable for ops 1-6.
+// momentum, epsilon, weight_decay; flag = centered). scalars: a device
+// array of those values in dtype. out is the variable for ops 1-6.
 int masked_ops_gpu_elementwise(int op, const char* dtype, const char* mask_dtype, int64_t outer, int64_t k,
                                int64_t n, int64_t block_rows, int64_t block_cols, uintptr_t a, uintptr_t mask,
-                               int level, uintptr_t out, const uintptr_t* state, const float* scalars,
+                               int level, uintptr_t out, const uintptr_t* state, uintptr_t scalars,
                                int flag, uintptr_t workspace, uintptr_t stream) {
   using namespace masked_ops;
   using namespace masked_ops::gpu;
@@ -204,8 +204,8 @@ int masked_ops_gpu_elementwise(int op, const char* dtype, const char* mask_dtype
   return WithTypes(dtype, mask_dtype, [&](auto element, auto mask_tag) {
     using T = typename decltype(element)::type;
     using TMask = typename decltype(mask_tag)::type;
-    using C = ComputeOf<T>;
     const MaskView<TMask> view{Ptr<const TMask>(mask), LevelOf(level)};
+    const T* p = Ptr<const T>(scalars);
     void* space = Ptr<void>(workspace);
     Stream s = Ptr<CUstream_st>(stream);
     switch (op) {
@@ -218,19 +218,17 @@ int masked_ops_gpu_elementwise(int op, const char* dtype, const char* mask_dtype
         return MaskedUpdate<T, TMask>(outer, grid, view, mode, Ptr<const T>(a), Ptr<T>(out), space, s);
       }
       case 4: {
-        const AdamStep<C> step{C(scalars[0]), C(scalars[1]), C(scalars[2]), C(scalars[3]), C(scalars[4]),
-                               C(scalars[5]), flag != 0};
+        const AdamStep<const T*> step{p, p + 1, p + 2, p + 3, p + 4, p + 5, flag != 0};
         return MaskedAdamStep<T, TMask>(outer, grid, view, Ptr<const T>(a), step, Ptr<T>(out), Ptr<T>(state[0]),
                                         Ptr<T>(state[1]), Ptr<T>(state[2]), space, s);
       }
       case 5: {
-        const SgdStep<C> step{C(scalars[0]), C(scalars[1]), flag != 0, C(scalars[2])};
+        const SgdStep<const T*> step{p, p + 1, flag != 0, p + 2};
         return MaskedSgdStep<T, TMask>(outer, grid, view, Ptr<const T>(a), step, Ptr<T>(out), Ptr<T>(state[0]),
                                        space, s);
       }
       case 6: {
-        const RmspropStep<C> step{C(scalars[0]), C(scalars[1]), C(scalars[2]), C(scalars[3]), C(scalars[4]),
-                                  flag != 0, C(scalars[5])};
+        const RmspropStep<const T*> step{p, p + 1, p + 2, p + 3, p + 4, flag != 0, p + 5};
         return MaskedRmspropStep<T, TMask>(outer, grid, view, Ptr<const T>(a), step, Ptr<T>(out),
                                            Ptr<T>(state[0]), Ptr<T>(state[1]), Ptr<T>(state[2]), space, s);
       }

@@ -84,6 +84,29 @@ void MaskedRmspropStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mas
                        const RmspropStep<ComputeOf<T>>& step, T* var, T* velocity, T* momentum,
                        T* average_grad, const ParallelFor& parallel_for);
 
+// The same step with each scalar passed through `scalar`. The GPU kernels
+// take their steps as pointers to scalars in device memory (a step's learning
+// rate is computed on the device, and reading it on the host would wait for
+// the device) and read the values with it; the TensorFlow glue builds every
+// step from its scalar inputs so.
+template <typename To, typename From, typename Scalar>
+MASKED_OPS_HOST_DEVICE AdamStep<To> MapScalars(const AdamStep<From>& step, const Scalar& scalar) {
+  return {scalar(step.alpha),         scalar(step.one_minus_beta_1), scalar(step.one_minus_beta_2),
+          scalar(step.epsilon),       scalar(step.learning_rate),    scalar(step.weight_decay),
+          step.amsgrad};
+}
+
+template <typename To, typename From, typename Scalar>
+MASKED_OPS_HOST_DEVICE SgdStep<To> MapScalars(const SgdStep<From>& step, const Scalar& scalar) {
+  return {scalar(step.learning_rate), scalar(step.momentum), step.nesterov, scalar(step.weight_decay)};
+}
+
+template <typename To, typename From, typename Scalar>
+MASKED_OPS_HOST_DEVICE RmspropStep<To> MapScalars(const RmspropStep<From>& step, const Scalar& scalar) {
+  return {scalar(step.learning_rate), scalar(step.rho),     scalar(step.one_minus_rho), scalar(step.momentum),
+          scalar(step.epsilon),       step.centered,        scalar(step.weight_decay)};
+}
+
 }  // namespace masked_ops
 
 #endif  // MASKED_OPS_CC_KERNELS_BLOCK_ELEMENTWISE_H_

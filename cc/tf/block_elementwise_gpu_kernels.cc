@@ -1,7 +1,7 @@
 // GPU OpKernels for the block-masked elementwise ops: the device-generic
 // OpKernels of block_elementwise_kernels.h over the CUDA kernels
-// (gpu_support.h). The optimizer steps' scalars stay in host memory, where
-// the OpKernels read them. Compiled with GOOGLE_CUDA=1 and TensorFlow's CUDA
+// (gpu_support.h). The optimizer steps' scalars stay in device memory, where
+// the kernels read them. Compiled with GOOGLE_CUDA=1 and TensorFlow's CUDA
 // headers (CMakeLists.txt).
 #include <cstdint>
 
@@ -16,6 +16,13 @@ namespace masked_ops {
 namespace {
 
 using elementwise_kernels::MatrixStack;
+
+// A step's scalar pointers (into device memory) as the kernels' storage types.
+template <typename T, template <typename> class Step>
+Step<const typename KernelStorage<T>::type*> StorageScalars(const Step<const T*>& scalars) {
+  return MapScalars<const typename KernelStorage<T>::type*>(scalars,
+                                                            [](const T* scalar) { return Storage(scalar); });
+}
 
 struct GpuBackend {
   static absl::Status CopyBytes(OpKernelContext* ctx, const void* from, void* to, size_t bytes) {
@@ -38,26 +45,26 @@ struct GpuBackend {
   }
   template <typename T, typename Mask>
   static void AdamStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
-                       const masked_ops::AdamStep<ComputeT<T>>& step, T* var, T* m, T* v, T* v_hat) {
+                       const masked_ops::AdamStep<const T*>& scalars, T* var, T* m, T* v, T* v_hat) {
     Launch<T>(ctx, stack, [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedAdamStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var), Storage(m),
+      return gpu::MaskedAdamStep(stack.outer, stack.grid, stack.mask, Storage(grad), StorageScalars(scalars), Storage(var), Storage(m),
                                  Storage(v), Storage(v_hat), workspace, stream);
     });
   }
   template <typename T, typename Mask>
   static void SgdStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
-                      const masked_ops::SgdStep<ComputeT<T>>& step, T* var, T* momentum) {
+                      const masked_ops::SgdStep<const T*>& scalars, T* var, T* momentum) {
     Launch<T>(ctx, stack, [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedSgdStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var),
+      return gpu::MaskedSgdStep(stack.outer, stack.grid, stack.mask, Storage(grad), StorageScalars(scalars), Storage(var),
                                 Storage(momentum), workspace, stream);
     });
   }
   template <typename T, typename Mask>
   static void RmspropStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
-                          const masked_ops::RmspropStep<ComputeT<T>>& step, T* var, T* velocity, T* momentum,
+                          const masked_ops::RmspropStep<const T*>& scalars, T* var, T* velocity, T* momentum,
                           T* average_grad) {
     Launch<T>(ctx, stack, [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedRmspropStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var),
+      return gpu::MaskedRmspropStep(stack.outer, stack.grid, stack.mask, Storage(grad), StorageScalars(scalars), Storage(var),
                                     Storage(velocity), Storage(momentum), Storage(average_grad), workspace, stream);
     });
   }
@@ -75,50 +82,10 @@ struct GpuBackend {
 
 using ::tensorflow::register_kernel::Name;
 
-#define MASKED_OPS_REGISTER_GPU(T, Mask)                                                                      \
-  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskGradient")                                                      \
-                              .Device(::tensorflow::DEVICE_GPU)                                               \
-                              .TypeConstraint<T>("T")                                                         \
-                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),                               \
-                          elementwise_kernels::MaskGradientOp<GpuBackend, T, Mask>);                          \
-  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedUpdateVariable")                                              \
-                              .Device(::tensorflow::DEVICE_GPU)                                               \
-                              .TypeConstraint<T>("T")                                                         \
-                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),                               \
-                          elementwise_kernels::MaskedUpdateVariableOp<GpuBackend, T, Mask>);                  \
-  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedAdamStep")                                                    \
-                              .Device(::tensorflow::DEVICE_GPU)                                               \
-                              .TypeConstraint<T>("T")                                                         \
-                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask")                                \
-                              .HostMemory("alpha")                                                            \
-                              .HostMemory("one_minus_beta_1")                                                 \
-                              .HostMemory("one_minus_beta_2")                                                 \
-                              .HostMemory("epsilon")                                                          \
-                              .HostMemory("learning_rate")                                                    \
-                              .HostMemory("weight_decay"),                                                    \
-                          elementwise_kernels::MaskedAdamStepOp<GpuBackend, T, Mask>);                        \
-  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedSgdStep")                                                     \
-                              .Device(::tensorflow::DEVICE_GPU)                                               \
-                              .TypeConstraint<T>("T")                                                         \
-                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask")                                \
-                              .HostMemory("learning_rate")                                                    \
-                              .HostMemory("momentum_factor")                                                  \
-                              .HostMemory("weight_decay"),                                                    \
-                          elementwise_kernels::MaskedSgdStepOp<GpuBackend, T, Mask>);                         \
-  REGISTER_KERNEL_BUILDER(Name("MaskedOps>MaskedRmspropStep")                                                 \
-                              .Device(::tensorflow::DEVICE_GPU)                                               \
-                              .TypeConstraint<T>("T")                                                         \
-                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask")                                \
-                              .HostMemory("learning_rate")                                                    \
-                              .HostMemory("rho")                                                              \
-                              .HostMemory("one_minus_rho")                                                    \
-                              .HostMemory("momentum_factor")                                                  \
-                              .HostMemory("epsilon")                                                          \
-                              .HostMemory("weight_decay"),                                                    \
-                          elementwise_kernels::MaskedRmspropStepOp<GpuBackend, T, Mask>);
+#define MASKED_OPS_REGISTER(T, Mask) MASKED_OPS_REGISTER_ELEMENTWISE(::tensorflow::DEVICE_GPU, GpuBackend, T, Mask)
 
-MASKED_OPS_FOR_EACH_GPU_TF_TYPE_PAIR(MASKED_OPS_REGISTER_GPU)
+MASKED_OPS_FOR_EACH_GPU_TF_TYPE_PAIR(MASKED_OPS_REGISTER)
 
-#undef MASKED_OPS_REGISTER_GPU
+#undef MASKED_OPS_REGISTER
 
 }  // namespace masked_ops

@@ -16,6 +16,12 @@ namespace {
 
 using elementwise_kernels::MatrixStack;
 
+// A step's scalars, inputs in host memory, as the kernels compute them.
+template <typename T, template <typename> class Step>
+Step<ComputeT<T>> HostScalarValues(const Step<const T*>& scalars) {
+  return MapScalars<ComputeT<T>>(scalars, [](const T* scalar) { return static_cast<ComputeT<T>>(*scalar); });
+}
+
 struct CpuBackend {
   static absl::Status CopyBytes(OpKernelContext*, const void* from, void* to, size_t bytes) {
     std::memcpy(to, from, bytes);
@@ -39,26 +45,26 @@ struct CpuBackend {
   }
   template <typename T, typename Mask>
   static void AdamStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
-                       const masked_ops::AdamStep<ComputeT<T>>& step, T* var, T* m, T* v, T* v_hat) {
+                       const masked_ops::AdamStep<const T*>& scalars, T* var, T* m, T* v, T* v_hat) {
     RunKernel(ctx, [&] {
-      MaskedAdamStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var), Storage(m), Storage(v),
+      MaskedAdamStep(stack.outer, stack.grid, stack.mask, Storage(grad), HostScalarValues(scalars), Storage(var), Storage(m), Storage(v),
                      Storage(v_hat), IntraOpParallelFor(ctx));
     });
   }
   template <typename T, typename Mask>
   static void SgdStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
-                      const masked_ops::SgdStep<ComputeT<T>>& step, T* var, T* momentum) {
+                      const masked_ops::SgdStep<const T*>& scalars, T* var, T* momentum) {
     RunKernel(ctx, [&] {
-      MaskedSgdStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var), Storage(momentum),
+      MaskedSgdStep(stack.outer, stack.grid, stack.mask, Storage(grad), HostScalarValues(scalars), Storage(var), Storage(momentum),
                     IntraOpParallelFor(ctx));
     });
   }
   template <typename T, typename Mask>
   static void RmspropStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
-                          const masked_ops::RmspropStep<ComputeT<T>>& step, T* var, T* velocity, T* momentum,
+                          const masked_ops::RmspropStep<const T*>& scalars, T* var, T* velocity, T* momentum,
                           T* average_grad) {
     RunKernel(ctx, [&] {
-      MaskedRmspropStep(stack.outer, stack.grid, stack.mask, Storage(grad), step, Storage(var), Storage(velocity),
+      MaskedRmspropStep(stack.outer, stack.grid, stack.mask, Storage(grad), HostScalarValues(scalars), Storage(var), Storage(velocity),
                         Storage(momentum), Storage(average_grad), IntraOpParallelFor(ctx));
     });
   }
@@ -68,23 +74,10 @@ struct CpuBackend {
 
 using ::tensorflow::register_kernel::Name;
 
-#define MASKED_OPS_REGISTER_ONE(OP, KERNEL, T, Mask)                                           \
-  REGISTER_KERNEL_BUILDER(Name(OP)                                                             \
-                              .Device(::tensorflow::DEVICE_CPU)                                \
-                              .TypeConstraint<T>("T")                                          \
-                              .TypeConstraint<TfMaskType<Mask>::type>("Tmask"),                \
-                          elementwise_kernels::KERNEL<CpuBackend, T, Mask>);
-
-#define MASKED_OPS_REGISTER(T, Mask)                                                            \
-  MASKED_OPS_REGISTER_ONE("MaskedOps>MaskGradient", MaskGradientOp, T, Mask)                    \
-  MASKED_OPS_REGISTER_ONE("MaskedOps>MaskedUpdateVariable", MaskedUpdateVariableOp, T, Mask)    \
-  MASKED_OPS_REGISTER_ONE("MaskedOps>MaskedAdamStep", MaskedAdamStepOp, T, Mask)                \
-  MASKED_OPS_REGISTER_ONE("MaskedOps>MaskedSgdStep", MaskedSgdStepOp, T, Mask)                  \
-  MASKED_OPS_REGISTER_ONE("MaskedOps>MaskedRmspropStep", MaskedRmspropStepOp, T, Mask)
+#define MASKED_OPS_REGISTER(T, Mask) MASKED_OPS_REGISTER_ELEMENTWISE(::tensorflow::DEVICE_CPU, CpuBackend, T, Mask)
 
 MASKED_OPS_FOR_EACH_TF_TYPE_PAIR(MASKED_OPS_REGISTER)
 
 #undef MASKED_OPS_REGISTER
-#undef MASKED_OPS_REGISTER_ONE
 
 }  // namespace masked_ops

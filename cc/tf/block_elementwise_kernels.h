@@ -10,7 +10,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -177,15 +179,26 @@ class MaskedUpdateVariableOp : public OpKernel {
   UpdateMode mode_ = UpdateMode::kAssign;
 };
 
-// The scalar input `input`, of the op's type T, as the kernels compute it.
+// Where the scalar input `input`, of the op's type T, is stored: in the
+// op's device memory, so that a step whose scalars were computed on a GPU
+// does not wait to read them on the host (the backends read them).
 template <typename T>
-inline absl::Status ReadScalar(OpKernelContext* ctx, int input, absl::string_view name, ComputeT<T>* value) {
+inline absl::Status ScalarInput(OpKernelContext* ctx, int input, absl::string_view name, const T** scalar) {
   const Tensor& tensor = ctx->input(input);
   if (!tensorflow::TensorShapeUtils::IsScalar(tensor.shape())) {
     return absl::InvalidArgumentError(
         absl::StrCat(name, " must be a scalar, got shape ", tensor.shape().DebugString()));
   }
-  *value = static_cast<ComputeT<T>>(tensor.scalar<T>()());
+  *scalar = tensor.scalar<T>().data();
+  return absl::OkStatus();
+}
+
+// The scalar inputs from `first` on, in order, each named for its error.
+template <typename T>
+inline absl::Status ScalarInputs(OpKernelContext* ctx, int first,
+                                 std::initializer_list<std::pair<absl::string_view, const T**>> scalars) {
+  int input = first;
+  for (const auto& [name, scalar] : scalars) TF_RETURN_IF_ERROR(ScalarInput<T>(ctx, input++, name, scalar));
   return absl::OkStatus();
 }
 
@@ -220,14 +233,15 @@ class MaskedAdamStepOp : public MaskedStepKernel<Mask> {
     const Tensor& grad = ctx->input(4);
     MatrixStack<Mask> stack;
     OP_REQUIRES_OK(ctx, this->ViewGrad(ctx, 4, &stack));
-    AdamStep<ComputeT<T>> step;
+    AdamStep<const T*> step;
     step.amsgrad = amsgrad_;
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 6, "alpha", &step.alpha));
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 7, "one_minus_beta_1", &step.one_minus_beta_1));
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 8, "one_minus_beta_2", &step.one_minus_beta_2));
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 9, "epsilon", &step.epsilon));
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 10, "learning_rate", &step.learning_rate));
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 11, "weight_decay", &step.weight_decay));
+    OP_REQUIRES_OK(ctx, ScalarInputs<T>(ctx, 6,
+                                        {{"alpha", &step.alpha},
+                                         {"one_minus_beta_1", &step.one_minus_beta_1},
+                                         {"one_minus_beta_2", &step.one_minus_beta_2},
+                                         {"epsilon", &step.epsilon},
+                                         {"learning_rate", &step.learning_rate},
+                                         {"weight_decay", &step.weight_decay}}));
     LockedVariables<Backend> variables;
     OP_REQUIRES_OK(ctx, amsgrad_ ? variables.Lock(ctx, {0, 1, 2, 3}, {"variable", "m", "v", "v_hat"}, grad)
                                  : variables.Lock(ctx, {0, 1, 2}, {"variable", "m", "v"}, grad));
@@ -252,11 +266,12 @@ class MaskedSgdStepOp : public MaskedStepKernel<Mask> {
     const Tensor& grad = ctx->input(2);
     MatrixStack<Mask> stack;
     OP_REQUIRES_OK(ctx, this->ViewGrad(ctx, 2, &stack));
-    SgdStep<ComputeT<T>> step;
+    SgdStep<const T*> step;
     step.nesterov = nesterov_;
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 4, "learning_rate", &step.learning_rate));
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 5, "momentum_factor", &step.momentum));
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 6, "weight_decay", &step.weight_decay));
+    OP_REQUIRES_OK(ctx, ScalarInputs<T>(ctx, 4,
+                                        {{"learning_rate", &step.learning_rate},
+                                         {"momentum_factor", &step.momentum},
+                                         {"weight_decay", &step.weight_decay}}));
     LockedVariables<Backend> variables;
     OP_REQUIRES_OK(ctx, use_momentum_ ? variables.Lock(ctx, {0, 1}, {"variable", "momentum"}, grad)
                                       : variables.Lock(ctx, {0}, {"variable"}, grad));
@@ -281,14 +296,15 @@ class MaskedRmspropStepOp : public MaskedStepKernel<Mask> {
     const Tensor& grad = ctx->input(4);
     MatrixStack<Mask> stack;
     OP_REQUIRES_OK(ctx, this->ViewGrad(ctx, 4, &stack));
-    RmspropStep<ComputeT<T>> step;
+    RmspropStep<const T*> step;
     step.centered = centered_;
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 6, "learning_rate", &step.learning_rate));
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 7, "rho", &step.rho));
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 8, "one_minus_rho", &step.one_minus_rho));
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 9, "momentum_factor", &step.momentum));
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 10, "epsilon", &step.epsilon));
-    OP_REQUIRES_OK(ctx, ReadScalar<T>(ctx, 11, "weight_decay", &step.weight_decay));
+    OP_REQUIRES_OK(ctx, ScalarInputs<T>(ctx, 6,
+                                        {{"learning_rate", &step.learning_rate},
+                                         {"rho", &step.rho},
+                                         {"one_minus_rho", &step.one_minus_rho},
+                                         {"momentum_factor", &step.momentum},
+                                         {"epsilon", &step.epsilon},
+                                         {"weight_decay", &step.weight_decay}}));
     std::vector<int> inputs = {0, 1};
     std::vector<absl::string_view> names = {"variable", "velocity"};
     if (use_momentum_) {
@@ -314,5 +330,22 @@ class MaskedRmspropStepOp : public MaskedStepKernel<Mask> {
 
 }  // namespace elementwise_kernels
 }  // namespace masked_ops
+
+// The five ops' kernels on DEVICE over BACKEND, for T and Mask (use with
+// `using ::tensorflow::register_kernel::Name;` in scope).
+#define MASKED_OPS_REGISTER_ELEMENTWISE_ONE(OP, KERNEL, DEVICE, BACKEND, T, Mask)              \
+  REGISTER_KERNEL_BUILDER(Name(OP)                                                             \
+                              .Device(DEVICE)                                                  \
+                              .TypeConstraint<T>("T")                                          \
+                              .TypeConstraint<::masked_ops::TfMaskType<Mask>::type>("Tmask"),  \
+                          ::masked_ops::elementwise_kernels::KERNEL<BACKEND, T, Mask>);
+
+#define MASKED_OPS_REGISTER_ELEMENTWISE(DEVICE, BACKEND, T, Mask)                                                  \
+  MASKED_OPS_REGISTER_ELEMENTWISE_ONE("MaskedOps>MaskGradient", MaskGradientOp, DEVICE, BACKEND, T, Mask)          \
+  MASKED_OPS_REGISTER_ELEMENTWISE_ONE("MaskedOps>MaskedUpdateVariable", MaskedUpdateVariableOp, DEVICE, BACKEND, T, \
+                                      Mask)                                                                      \
+  MASKED_OPS_REGISTER_ELEMENTWISE_ONE("MaskedOps>MaskedAdamStep", MaskedAdamStepOp, DEVICE, BACKEND, T, Mask)      \
+  MASKED_OPS_REGISTER_ELEMENTWISE_ONE("MaskedOps>MaskedSgdStep", MaskedSgdStepOp, DEVICE, BACKEND, T, Mask)        \
+  MASKED_OPS_REGISTER_ELEMENTWISE_ONE("MaskedOps>MaskedRmspropStep", MaskedRmspropStepOp, DEVICE, BACKEND, T, Mask)
 
 #endif  // MASKED_OPS_CC_TF_BLOCK_ELEMENTWISE_KERNELS_H_

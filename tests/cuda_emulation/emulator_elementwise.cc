@@ -24,17 +24,17 @@ extern "C" {
 // null; scalars = learning_rate, momentum, weight_decay; flag = nesterov); 6:
 // rmsprop (state = velocity, momentum or null, average_grad or null; scalars
 // = learning_rate, rho, 1 - rho, momentum, epsilon, weight_decay; flag =
-// centered), as the CUDA harness numbers them. Returns as emu_matmul.
+// centered), as the CUDA harness numbers them; scalars: those values in
+// dtype. Returns as emu_matmul.
 int emu_elementwise(int op, int dtype, int mask_dtype, int64_t outer, int64_t k, int64_t n, int64_t block_rows,
                     int64_t block_cols, const void* a, const void* mask, int level, void* out, void* const* state,
-                    const double* scalars, int flag) {
+                    const void* scalars, int flag) {
   using namespace masked_ops;
   using namespace masked_ops::emulation;
   const BlockGrid grid{k, n, block_rows, block_cols};
   return WithTypes(dtype, mask_dtype, [&](auto element, auto mask_tag) {
     using T = typename decltype(element)::type;
     using TMask = typename decltype(mask_tag)::type;
-    using C = ComputeOf<T>;
     Arena arena;
     const int64_t count = outer * k * n;
     const int64_t mask_count = level == 0 ? count : grid.grid_rows() * grid.grid_cols();
@@ -46,6 +46,7 @@ int emu_elementwise(int op, int dtype, int mask_dtype, int64_t outer, int64_t k,
     T* s0 = arena.InOut(static_cast<T*>(state[0]), count, "state[0]");
     T* s1 = arena.InOut(static_cast<T*>(state[1]), count, "state[1]");
     T* s2 = arena.InOut(static_cast<T*>(state[2]), count, "state[2]");
+    const T* p = arena.In(static_cast<const T*>(scalars), 6, "scalars");
     int status = kUnknownType;
     switch (op) {
       case 0:
@@ -59,19 +60,17 @@ int emu_elementwise(int op, int dtype, int mask_dtype, int64_t outer, int64_t k,
         break;
       }
       case 4: {
-        const AdamStep<C> step{C(scalars[0]), C(scalars[1]), C(scalars[2]), C(scalars[3]),
-                               C(scalars[4]), C(scalars[5]), flag != 0};
+        const AdamStep<const T*> step{p, p + 1, p + 2, p + 3, p + 4, p + 5, flag != 0};
         status = gpu::RunAdamStep(EmulatedLaunch{}, outer, grid, view, in, step, var, s0, s1, s2, workspace);
         break;
       }
       case 5: {
-        const SgdStep<C> step{C(scalars[0]), C(scalars[1]), flag != 0, C(scalars[2])};
+        const SgdStep<const T*> step{p, p + 1, flag != 0, p + 2};
         status = gpu::RunSgdStep(EmulatedLaunch{}, outer, grid, view, in, step, var, s0, workspace);
         break;
       }
       case 6: {
-        const RmspropStep<C> step{C(scalars[0]), C(scalars[1]), C(scalars[2]), C(scalars[3]),
-                                  C(scalars[4]), flag != 0,     C(scalars[5])};
+        const RmspropStep<const T*> step{p, p + 1, p + 2, p + 3, p + 4, flag != 0, p + 5};
         status = gpu::RunRmspropStep(EmulatedLaunch{}, outer, grid, view, in, step, var, s0, s1, s2, workspace);
         break;
       }

@@ -44,7 +44,7 @@ def load(path=None):
     library.masked_ops_gpu_elementwise.argtypes = (
         [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p] + [ctypes.c_int64] * 5
         + [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
-                                   ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     )
     library.masked_ops_gpu_conv2d_workspace_bytes.restype = ctypes.c_size_t
     library.masked_ops_gpu_conv2d_workspace_bytes.argtypes = [ctypes.c_int, ctypes.c_char_p,
@@ -209,10 +209,11 @@ class Harness:
             dtype=self.torch.uint8, device=a.device)
         pointers = [0 if t is None else address(t) for t in state] + [0] * (3 - len(state))
         state_array = (ctypes.c_void_p * 3)(*pointers)
-        scalar_array = (ctypes.c_float * 6)(*(list(scalars) + [0.0] * (6 - len(scalars))))
+        scalar_array = self.torch.tensor(list(scalars) + [0.0] * (6 - len(scalars)), dtype=a.dtype,
+                                         device=a.device)
         status = self.library.masked_ops_gpu_elementwise(
             ELEMENTWISE[op], dtype_name(a).encode(), dtype_name(mask).encode(), outer, k, n, rows, cols,
-            address(a), address(mask), level_code, address(out), state_array, scalar_array, int(flag),
+            address(a), address(mask), level_code, address(out), state_array, address(scalar_array), int(flag),
             workspace.data_ptr(), self.torch.cuda.current_stream().cuda_stream)
         if status != 0:
             raise RuntimeError(f"masked_ops_gpu_elementwise({op}) failed with status {status}")

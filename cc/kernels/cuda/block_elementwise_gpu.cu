@@ -34,36 +34,36 @@ int MaskedUpdate(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, Upd
 
 template <typename T, typename TMask>
 int MaskedAdamStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                   const AdamStep<ComputeOf<T>>& step, T* var, T* m, T* v, T* v_hat, void* workspace,
+                   const AdamStep<const T*>& step, T* var, T* m, T* v, T* v_hat, void* workspace,
                    Stream stream) {
   return RunAdamStep(OnStream(stream), outer, grid, mask, grad, step, var, m, v, v_hat, workspace);
 }
 
 template <typename T, typename TMask>
 int MaskedSgdStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                  const SgdStep<ComputeOf<T>>& step, T* var, T* momentum, void* workspace, Stream stream) {
+                  const SgdStep<const T*>& step, T* var, T* momentum, void* workspace, Stream stream) {
   return RunSgdStep(OnStream(stream), outer, grid, mask, grad, step, var, momentum, workspace);
 }
 
 template <typename T, typename TMask>
 int MaskedRmspropStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                      const RmspropStep<ComputeOf<T>>& step, T* var, T* velocity, T* momentum,
+                      const RmspropStep<const T*>& step, T* var, T* velocity, T* momentum,
                       T* average_grad, void* workspace, Stream stream) {
   return RunRmspropStep(OnStream(stream), outer, grid, mask, grad, step, var, velocity, momentum, average_grad,
                         workspace);
 }
 
-#define MASKED_OPS_INSTANTIATE(T, TMask)                                                            \
-  template int MaskGradient<T, TMask>(int64_t, const BlockGrid&, const T*, MaskView<TMask>, T*,      \
-                                      void*, Stream);                                                \
-  template int MaskedUpdate<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, UpdateMode,        \
-                                      const T*, T*, void*, Stream);                                  \
-  template int MaskedAdamStep<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, const T*,        \
-                                        const AdamStep<ComputeOf<T>>&, T*, T*, T*, T*, void*, Stream);      \
-  template int MaskedSgdStep<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, const T*,         \
-                                       const SgdStep<ComputeOf<T>>&, T*, T*, void*, Stream);                \
-  template int MaskedRmspropStep<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, const T*,     \
-                                           const RmspropStep<ComputeOf<T>>&, T*, T*, T*, T*, void*, Stream);
+#define MASKED_OPS_INSTANTIATE(T, TMask)                                                                 \
+  template int MaskGradient<T, TMask>(int64_t, const BlockGrid&, const T*, MaskView<TMask>, T*,          \
+                                      void*, Stream);                                                    \
+  template int MaskedUpdate<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, UpdateMode,            \
+                                      const T*, T*, void*, Stream);                                      \
+  template int MaskedAdamStep<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, const T*,            \
+                                        const AdamStep<const T*>&, T*, T*, T*, T*, void*, Stream);       \
+  template int MaskedSgdStep<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, const T*,             \
+                                       const SgdStep<const T*>&, T*, T*, void*, Stream);                 \
+  template int MaskedRmspropStep<T, TMask>(int64_t, const BlockGrid&, MaskView<TMask>, const T*,         \
+                                           const RmspropStep<const T*>&, T*, T*, T*, T*, void*, Stream);
 
 MASKED_OPS_FOR_EACH_GPU_TYPE_PAIR(MASKED_OPS_INSTANTIATE)
 

@@ -4,7 +4,10 @@
 // double or the storage types Float16Bits / BFloat16Bits (computed in
 // ComputeOf<T>: float, double for double). Every launcher needs a device
 // workspace of ElementwiseWorkspaceBytes<T>(...) bytes, returns its launches' cudaError_t as an int (0 on success) and does not
-// synchronize. Framework-free and CUDA-header-free, like masked_matmul_gpu.h.
+// synchronize. The optimizer steps' scalars are pointers to single values of
+// type T in device memory (block_elementwise.h's MapScalars), read by the
+// kernels, so that no launch waits for a value computed on the device.
+// Framework-free and CUDA-header-free, like masked_matmul_gpu.h.
 #ifndef MASKED_OPS_CC_KERNELS_CUDA_BLOCK_ELEMENTWISE_GPU_H_
 #define MASKED_OPS_CC_KERNELS_CUDA_BLOCK_ELEMENTWISE_GPU_H_
 
@@ -36,16 +39,16 @@ int MaskedUpdate(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, Upd
 
 template <typename T, typename TMask>
 int MaskedAdamStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                   const AdamStep<ComputeOf<T>>& step, T* var, T* m, T* v, T* v_hat, void* workspace,
+                   const AdamStep<const T*>& step, T* var, T* m, T* v, T* v_hat, void* workspace,
                    Stream stream);
 
 template <typename T, typename TMask>
 int MaskedSgdStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                  const SgdStep<ComputeOf<T>>& step, T* var, T* momentum, void* workspace, Stream stream);
+                  const SgdStep<const T*>& step, T* var, T* momentum, void* workspace, Stream stream);
 
 template <typename T, typename TMask>
 int MaskedRmspropStep(int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                      const RmspropStep<ComputeOf<T>>& step, T* var, T* velocity, T* momentum,
+                      const RmspropStep<const T*>& step, T* var, T* velocity, T* momentum,
                       T* average_grad, void* workspace, Stream stream);
 
 }  // namespace gpu

@@ -95,9 +95,17 @@ __global__ void MaskedUpdateKernel(const Compute<T>* factors, const uint8_t* liv
   });
 }
 
+// A step's scalars, read from device memory (every thread reads the same
+// few words), as the kernels compute them.
+template <typename T, template <typename> class Step>
+__device__ Step<Compute<T>> ReadScalars(const Step<const T*>& scalars) {
+  return MapScalars<Compute<T>>(scalars, [](const T* scalar) { return ToCompute(*scalar); });
+}
+
 template <typename T>
 __global__ void AdamKernel(const Compute<T>* factors, const uint8_t* live, StackDims d, const T* grad,
-                           AdamStep<Compute<T>> step, T* var, T* m, T* v, T* v_hat) {
+                           AdamStep<const T*> scalars, T* var, T* m, T* v, T* v_hat) {
+  const auto step = ReadScalars(scalars);
   ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, Compute<T>) {
     Compute<T> w = ToCompute(var[i]);
     if (step.weight_decay != Compute<T>(0)) w -= w * step.weight_decay * step.learning_rate;
@@ -119,7 +127,8 @@ __global__ void AdamKernel(const Compute<T>* factors, const uint8_t* live, Stack
 
 template <typename T>
 __global__ void SgdKernel(const Compute<T>* factors, const uint8_t* live, StackDims d, const T* grad,
-                          SgdStep<Compute<T>> step, T* var, T* momentum) {
+                          SgdStep<const T*> scalars, T* var, T* momentum) {
+  const auto step = ReadScalars(scalars);
   ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, Compute<T>) {
     Compute<T> w = ToCompute(var[i]);
     if (step.weight_decay != Compute<T>(0)) w -= w * step.weight_decay * step.learning_rate;
@@ -136,7 +145,8 @@ __global__ void SgdKernel(const Compute<T>* factors, const uint8_t* live, StackD
 
 template <typename T>
 __global__ void RmspropKernel(const Compute<T>* factors, const uint8_t* live, StackDims d, const T* grad,
-                              RmspropStep<Compute<T>> step, T* var, T* velocity, T* momentum, T* average_grad) {
+                              RmspropStep<const T*> scalars, T* var, T* velocity, T* momentum, T* average_grad) {
+  const auto step = ReadScalars(scalars);
   ForBlock(factors, live, d, /*live_only=*/true, [&](int64_t i, Compute<T>) {
     Compute<T> w = ToCompute(var[i]);
     if (step.weight_decay != Compute<T>(0)) w -= w * step.weight_decay * step.learning_rate;

@@ -76,6 +76,20 @@ const D<T>* Dev(const T* p) {
   return reinterpret_cast<const D<T>*>(p);
 }
 
+// A step's scalar pointers as the kernels' device types (a functor, not a
+// lambda, since MapScalars is a host and device function).
+template <typename T>
+struct DevicePointer {
+  MASKED_OPS_HOST_DEVICE const D<T>* operator()(const T* scalar) const {
+    return reinterpret_cast<const D<T>*>(scalar);
+  }
+};
+
+template <typename T, template <typename> class Step>
+Step<const D<T>*> DeviceScalars(const Step<const T*>& step) {
+  return MapScalars<const D<T>*>(step, DevicePointer<T>{});
+}
+
 }  // namespace
 
 template <typename T>
@@ -106,31 +120,31 @@ int RunMaskedUpdate(const Launch& launch, int64_t outer, const BlockGrid& grid, 
 
 template <typename T, typename TMask, typename Launch>
 int RunAdamStep(const Launch& launch, int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                const AdamStep<ComputeOf<T>>& step, T* var, T* m, T* v, T* v_hat, void* workspace) {
+                const AdamStep<const T*>& step, T* var, T* m, T* v, T* v_hat, void* workspace) {
   return Run<ComputeOf<T>>(launch, outer, grid, mask, workspace,
                            [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks) {
-                             launch(AdamKernel<D<T>>, blocks, kThreads, f, l, d, Dev(grad), step, Dev(var), Dev(m),
+                             launch(AdamKernel<D<T>>, blocks, kThreads, f, l, d, Dev(grad), DeviceScalars(step), Dev(var), Dev(m),
                                     Dev(v), Dev(v_hat));
                            });
 }
 
 template <typename T, typename TMask, typename Launch>
 int RunSgdStep(const Launch& launch, int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-               const SgdStep<ComputeOf<T>>& step, T* var, T* momentum, void* workspace) {
+               const SgdStep<const T*>& step, T* var, T* momentum, void* workspace) {
   return Run<ComputeOf<T>>(launch, outer, grid, mask, workspace,
                            [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks) {
-                             launch(SgdKernel<D<T>>, blocks, kThreads, f, l, d, Dev(grad), step, Dev(var),
+                             launch(SgdKernel<D<T>>, blocks, kThreads, f, l, d, Dev(grad), DeviceScalars(step), Dev(var),
                                     Dev(momentum));
                            });
 }
 
 template <typename T, typename TMask, typename Launch>
 int RunRmspropStep(const Launch& launch, int64_t outer, const BlockGrid& grid, MaskView<TMask> mask, const T* grad,
-                   const RmspropStep<ComputeOf<T>>& step, T* var, T* velocity, T* momentum, T* average_grad,
+                   const RmspropStep<const T*>& step, T* var, T* velocity, T* momentum, T* average_grad,
                    void* workspace) {
   return Run<ComputeOf<T>>(launch, outer, grid, mask, workspace,
                            [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks) {
-                             launch(RmspropKernel<D<T>>, blocks, kThreads, f, l, d, Dev(grad), step, Dev(var),
+                             launch(RmspropKernel<D<T>>, blocks, kThreads, f, l, d, Dev(grad), DeviceScalars(step), Dev(var),
                                     Dev(velocity), Dev(momentum), Dev(average_grad));
                            });
 }
