@@ -47,16 +47,16 @@ struct GpuBackend {
   static void AdamStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
                        const masked_ops::AdamStep<const T*>& scalars, T* var, T* m, T* v, T* v_hat) {
     Launch<T>(ctx, stack, [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedAdamStep(stack.outer, stack.grid, stack.mask, Storage(grad), StorageScalars(scalars), Storage(var), Storage(m),
-                                 Storage(v), Storage(v_hat), workspace, stream);
+      return gpu::MaskedAdamStep(stack.outer, stack.grid, stack.mask, Storage(grad), StorageScalars(scalars),
+                                 Storage(var), Storage(m), Storage(v), Storage(v_hat), workspace, stream);
     });
   }
   template <typename T, typename Mask>
   static void SgdStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
                       const masked_ops::SgdStep<const T*>& scalars, T* var, T* momentum) {
     Launch<T>(ctx, stack, [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedSgdStep(stack.outer, stack.grid, stack.mask, Storage(grad), StorageScalars(scalars), Storage(var),
-                                Storage(momentum), workspace, stream);
+      return gpu::MaskedSgdStep(stack.outer, stack.grid, stack.mask, Storage(grad), StorageScalars(scalars),
+                                Storage(var), Storage(momentum), workspace, stream);
     });
   }
   template <typename T, typename Mask>
@@ -64,8 +64,9 @@ struct GpuBackend {
                           const masked_ops::RmspropStep<const T*>& scalars, T* var, T* velocity, T* momentum,
                           T* average_grad) {
     Launch<T>(ctx, stack, [&](void* workspace, gpu::Stream stream) {
-      return gpu::MaskedRmspropStep(stack.outer, stack.grid, stack.mask, Storage(grad), StorageScalars(scalars), Storage(var),
-                                    Storage(velocity), Storage(momentum), Storage(average_grad), workspace, stream);
+      return gpu::MaskedRmspropStep(stack.outer, stack.grid, stack.mask, Storage(grad), StorageScalars(scalars),
+                                    Storage(var), Storage(velocity), Storage(momentum), Storage(average_grad),
+                                    workspace, stream);
     });
   }
 

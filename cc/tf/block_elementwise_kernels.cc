@@ -47,16 +47,16 @@ struct CpuBackend {
   static void AdamStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
                        const masked_ops::AdamStep<const T*>& scalars, T* var, T* m, T* v, T* v_hat) {
     RunKernel(ctx, [&] {
-      MaskedAdamStep(stack.outer, stack.grid, stack.mask, Storage(grad), HostScalarValues(scalars), Storage(var), Storage(m), Storage(v),
-                     Storage(v_hat), IntraOpParallelFor(ctx));
+      MaskedAdamStep(stack.outer, stack.grid, stack.mask, Storage(grad), HostScalarValues(scalars), Storage(var),
+                     Storage(m), Storage(v), Storage(v_hat), IntraOpParallelFor(ctx));
     });
   }
   template <typename T, typename Mask>
   static void SgdStep(OpKernelContext* ctx, const MatrixStack<Mask>& stack, const T* grad,
                       const masked_ops::SgdStep<const T*>& scalars, T* var, T* momentum) {
     RunKernel(ctx, [&] {
-      MaskedSgdStep(stack.outer, stack.grid, stack.mask, Storage(grad), HostScalarValues(scalars), Storage(var), Storage(momentum),
-                    IntraOpParallelFor(ctx));
+      MaskedSgdStep(stack.outer, stack.grid, stack.mask, Storage(grad), HostScalarValues(scalars), Storage(var),
+                    Storage(momentum), IntraOpParallelFor(ctx));
     });
   }
   template <typename T, typename Mask>
@@ -64,8 +64,8 @@ struct CpuBackend {
                           const masked_ops::RmspropStep<const T*>& scalars, T* var, T* velocity, T* momentum,
                           T* average_grad) {
     RunKernel(ctx, [&] {
-      MaskedRmspropStep(stack.outer, stack.grid, stack.mask, Storage(grad), HostScalarValues(scalars), Storage(var), Storage(velocity),
-                        Storage(momentum), Storage(average_grad), IntraOpParallelFor(ctx));
+      MaskedRmspropStep(stack.outer, stack.grid, stack.mask, Storage(grad), HostScalarValues(scalars), Storage(var),
+                        Storage(velocity), Storage(momentum), Storage(average_grad), IntraOpParallelFor(ctx));
     });
   }
 };

@@ -180,8 +180,8 @@ class MaskedUpdateVariableOp : public OpKernel {
 };
 
 // Where the scalar input `input`, of the op's type T, is stored: in the
-// op's device memory, so that a step whose scalars were computed on a GPU
-// does not wait to read them on the host (the backends read them).
+// memory of the op's device, where the backend's kernels read it (on a GPU,
+// so that a step whose scalars were computed there waits for no copy).
 template <typename T>
 inline absl::Status ScalarInput(OpKernelContext* ctx, int input, absl::string_view name, const T** scalar) {
   const Tensor& tensor = ctx->input(input);

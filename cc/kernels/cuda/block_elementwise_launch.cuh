@@ -123,8 +123,8 @@ int RunAdamStep(const Launch& launch, int64_t outer, const BlockGrid& grid, Mask
                 const AdamStep<const T*>& step, T* var, T* m, T* v, T* v_hat, void* workspace) {
   return Run<ComputeOf<T>>(launch, outer, grid, mask, workspace,
                            [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks) {
-                             launch(AdamKernel<D<T>>, blocks, kThreads, f, l, d, Dev(grad), DeviceScalars(step), Dev(var), Dev(m),
-                                    Dev(v), Dev(v_hat));
+                             launch(AdamKernel<D<T>>, blocks, kThreads, f, l, d, Dev(grad), DeviceScalars(step),
+                                    Dev(var), Dev(m), Dev(v), Dev(v_hat));
                            });
 }
 
@@ -133,8 +133,8 @@ int RunSgdStep(const Launch& launch, int64_t outer, const BlockGrid& grid, MaskV
                const SgdStep<const T*>& step, T* var, T* momentum, void* workspace) {
   return Run<ComputeOf<T>>(launch, outer, grid, mask, workspace,
                            [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks) {
-                             launch(SgdKernel<D<T>>, blocks, kThreads, f, l, d, Dev(grad), DeviceScalars(step), Dev(var),
-                                    Dev(momentum));
+                             launch(SgdKernel<D<T>>, blocks, kThreads, f, l, d, Dev(grad), DeviceScalars(step),
+                                    Dev(var), Dev(momentum));
                            });
 }
 
@@ -144,8 +144,8 @@ int RunRmspropStep(const Launch& launch, int64_t outer, const BlockGrid& grid, M
                    void* workspace) {
   return Run<ComputeOf<T>>(launch, outer, grid, mask, workspace,
                            [&](const auto* f, const uint8_t* l, StackDims d, dim3 blocks) {
-                             launch(RmspropKernel<D<T>>, blocks, kThreads, f, l, d, Dev(grad), DeviceScalars(step), Dev(var),
-                                    Dev(velocity), Dev(momentum), Dev(average_grad));
+                             launch(RmspropKernel<D<T>>, blocks, kThreads, f, l, d, Dev(grad), DeviceScalars(step),
+                                    Dev(var), Dev(velocity), Dev(momentum), Dev(average_grad));
                            });
 }
 
