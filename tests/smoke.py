@@ -29,8 +29,8 @@ assert dx.shape == x.shape
 layer = masked_ops.layers.MaskedDense(3, block_size=8)
 assert layer(x).shape == (5, 3)
 
-# A wheel built with CUDA ships the GPU kernels, which load (on request) on
-# this machine too, GPU or not.
+# A wheel built with CUDA ships the GPU kernels, which load (on request)
+# into this CUDA-enabled TensorFlow whether or not the machine has a GPU.
 if _build_info.WITH_CUDA:
     loaded = subprocess.run(
         [sys.executable, "-c", "import masked_ops; assert masked_ops.gpu_kernels_loaded()"],

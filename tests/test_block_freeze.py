@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from masked_ops.layers import MaskedDense
-from masked_ops.optimizers import BlockFreeze, masked_update
+from masked_ops.optimizers import BlockFreeze, block_freeze, masked_update
 from reference import element_mask
 
 BLOCK = (16, 8)
@@ -148,9 +148,18 @@ def test_block_freeze_serializes_with_its_inner_optimizer():
     np.testing.assert_allclose(float(clone.learning_rate), 0.003)
 
 
+def run_without_kernels(monkeypatch):
+    """As on a device where the masked ops have no kernel (a GPU without
+    MASKED_OPS_GPU_KERNELS=1): the updates take TensorFlow's own ops."""
+    monkeypatch.setattr(block_freeze, "_kernels_run_on", lambda variable: False)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "tensorflow-ops"])
 @pytest.mark.parametrize("mode", ["assign", "add", "sub"])
 @pytest.mark.parametrize("level", ["block", "element"])
-def test_masked_update_writes_live_entries_only(mode, level):
+def test_masked_update_writes_live_entries_only(mode, level, kernels, monkeypatch):
+    if not kernels:
+        run_without_kernels(monkeypatch)
     rng = np.random.default_rng(3)
     start = rng.standard_normal((2, 40, 24)).astype(np.float32)
     value = rng.standard_normal((2, 40, 24)).astype(np.float32)
@@ -201,6 +210,38 @@ def test_frozen_variables_take_the_fused_step_where_there_is_one(name, fused_op)
         assert "MaskedOps>MaskedUpdateVariable" in op_types and not fused_ops & op_types
     else:
         assert fused_ops & op_types == {fused_op}
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf.function"])
+@pytest.mark.parametrize("name", ["momentum", "adamw", "rmsprop-centered-momentum", "adafactor"])
+def test_where_the_kernels_do_not_run_frozen_variables_take_tensorflows_own_ops(name, graph, monkeypatch):
+    run_without_kernels(monkeypatch)
+    at_freeze, frozen_run, _ = train(OPTIMIZERS[name], freeze=True, graph=graph)
+    _, reference_run, _ = train(OPTIMIZERS[name], freeze=False, graph=graph, pin_frozen=True)
+    np.testing.assert_array_equal(frozen_run[FROZEN], at_freeze[FROZEN])
+    np.testing.assert_allclose(frozen_run[~FROZEN], reference_run[~FROZEN], rtol=1e-5, atol=1e-6)
+    w = keras.Variable(np.ones((40, 24), np.float32))
+    optimizer = BlockFreeze(OPTIMIZERS[name](), [(w, GRAD_MASK)], block_size=BLOCK)
+    step = tf.function(lambda grad: optimizer.apply([grad], [w]))
+    op_types = {op.type for op in step.get_concrete_function(tf.TensorSpec((40, 24), tf.float32)).graph.get_operations()}
+    assert not {type_ for type_ in op_types if type_.startswith("MaskedOps>") and type_ != "MaskedOps>MaskGradient"}
+
+
+class _PlacedVariable:
+    def __init__(self, device):
+        self.device = device
+
+
+@pytest.mark.parametrize("device, gpu_kernels, expected", [
+    ("/job:localhost/replica:0/task:0/device:CPU:0", False, True),
+    ("", False, True),
+    ("/job:localhost/replica:0/task:0/device:GPU:0", False, False),
+    ("/job:localhost/replica:0/task:0/device:GPU:0", True, True),
+    ("/device:TPU:0", True, False),
+])
+def test_variable_updates_take_the_kernels_only_where_they_run(device, gpu_kernels, expected, monkeypatch):
+    monkeypatch.setattr(block_freeze, "gpu_kernels_loaded", lambda: gpu_kernels)
+    assert block_freeze._kernels_run_on(_PlacedVariable(device)) is expected
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])

@@ -17,7 +17,8 @@ import masked_ops
 from masked_ops import _build_info, _loader
 
 _GPU_KERNELS_LOADED = pytest.mark.skipif(
-    not masked_ops.gpu_kernels_loaded(), reason="the GPU kernel library is not loaded (a build without CUDA)"
+    not masked_ops.gpu_kernels_loaded(),
+    reason="the GPU kernel library is not loaded (a build without CUDA, or MASKED_OPS_GPU_KERNELS=0)",
 )
 
 
@@ -84,8 +85,10 @@ def test_no_gpu_kernel_takes_an_argument_in_host_memory():
             assert all(not kernel.host_memory_arg for kernel in registered), op
 
 
-def test_without_the_variable_no_gpu_kernel_is_registered():
-    result = _run_python(_COUNT_GPU_KERNELS, {})
+@pytest.mark.parametrize("environ", [{}, {_loader.GPU_KERNELS_VARIABLE: ""}, {_loader.GPU_KERNELS_VARIABLE: "0"}],
+                         ids=["unset", "empty", "0"])
+def test_without_the_variable_no_gpu_kernel_is_registered(environ):
+    result = _run_python(_COUNT_GPU_KERNELS, environ)
     assert result.returncode == 0, result.stderr
     loaded, cpu_kernels, gpu_kernels = result.stdout.split()
     assert (loaded, gpu_kernels) == ("False", "0") and int(cpu_kernels) > 0

@@ -1,6 +1,6 @@
 // The OpKernels of the block-masked elementwise ops, device-generic: they
-// validate, lock and unshare resource variables, read scalars on the host and
-// hand the work to a Backend (CPU: block_elementwise_kernels.cc; GPU:
+// validate, lock and unshare resource variables, point at the scalar inputs
+// where they are stored and hand the work to a Backend (CPU: block_elementwise_kernels.cc; GPU:
 // block_elementwise_gpu_kernels.cc). A Backend provides
 //   CopyBytes(ctx, from, to, bytes) -> Status         device memory copy;
 //   MaskGradient / MaskedUpdate / AdamStep / SgdStep / RmspropStep<T, Mask>

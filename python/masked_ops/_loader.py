@@ -30,8 +30,8 @@ GPU_KERNELS_VARIABLE = "MASKED_OPS_GPU_KERNELS"
 
 
 def gpu_kernels_requested() -> bool:
-    """Whether MASKED_OPS_GPU_KERNELS asks for the GPU kernels ("1"; unset or "0": not)."""
-    value = os.environ.get(GPU_KERNELS_VARIABLE, "0")
+    """Whether MASKED_OPS_GPU_KERNELS asks for the GPU kernels ("1"; unset, empty or "0": not)."""
+    value = os.environ.get(GPU_KERNELS_VARIABLE) or "0"
     if value not in ("0", "1"):
         raise ImportError(f"{GPU_KERNELS_VARIABLE}={value!r}: expected 0 or 1")
     return value == "1"
@@ -48,15 +48,23 @@ def _load_libraries():
     were loaded.
     """
     check_tensorflow_version(tf.__version__, _build_info.TENSORFLOW_VERSION)
-    library = tf.load_op_library(_LIBRARY_PATH)
-    if not gpu_kernels_requested():
-        return library, False
-    if not os.path.exists(GPU_KERNEL_LIBRARY_PATH):
+    requested = gpu_kernels_requested()
+    if requested and not os.path.exists(GPU_KERNEL_LIBRARY_PATH):
         raise ImportError(
             f"{GPU_KERNELS_VARIABLE}=1, but this build of masked_ops has no GPU kernels "
             "(it was built without nvcc); rebuild it where the CUDA toolkit is installed"
         )
-    tf.load_library(GPU_KERNEL_LIBRARY_PATH)
+    library = tf.load_op_library(_LIBRARY_PATH)
+    if not requested:
+        return library, False
+    try:
+        tf.load_library(GPU_KERNEL_LIBRARY_PATH)
+    except tf.errors.NotFoundError as error:
+        # E.g. a TensorFlow built without CUDA (tensorflow-cpu), which lacks
+        # the GPU symbols the kernels link against.
+        raise ImportError(
+            f"{GPU_KERNELS_VARIABLE}=1, but this TensorFlow cannot load masked_ops' GPU kernels: {error}"
+        ) from error
     return library, True
 
 

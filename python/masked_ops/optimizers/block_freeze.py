@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from masked_ops._loader import gpu_kernels_loaded
 from masked_ops.layers._base import GRAD_MASK_TAG, MaskedKernelLayer
 from masked_ops.ops import _ops, normalize_block_size
 
@@ -26,9 +27,33 @@ def masked_update(variable, value, mask, *, block_size=(32, 32), mode="assign"):
     if isinstance(value, tf.IndexedSlices):
         _masked_sparse_update(variable, value, mask, rows, cols, mode)
         return
-    _ops.masked_ops_masked_update_variable(
-        variable.handle, tf.cast(value, variable.dtype), mask, block_rows=rows, block_cols=cols, mode=mode
-    )
+    value = tf.cast(value, variable.dtype)
+    if not _kernels_run_on(variable):
+        _masked_dense_update(variable, value, mask, rows, cols, mode)
+        return
+    _ops.masked_ops_masked_update_variable(variable.handle, value, mask, block_rows=rows, block_cols=cols, mode=mode)
+
+
+def _kernels_run_on(variable):
+    """Whether the masked ops' kernels run where `variable` lives: on a CPU
+    always, on a GPU when its kernels were loaded (MASKED_OPS_GPU_KERNELS=1).
+    An op that updates a variable must run on the variable's device."""
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    device_type = tf.DeviceSpec.from_string(variable.device or "").device_type
+    return device_type in (None, "CPU") or (device_type == "GPU" and gpu_kernels_loaded())
+
+
+def _masked_dense_update(variable, value, mask, rows, cols, mode):
+    """masked_update in TensorFlow's own ops, for a variable where the masked
+    ops have no kernel: every entry is read and written, frozen ones with
+    their own bits. The live entries come from mask_gradient over ones in
+    float64 (which keeps every non-zero mask value non-zero), on the CPU."""
+    ones = tf.ones(tf.shape(variable), tf.float64)
+    live = tf.not_equal(_ops.masked_ops_mask_gradient(ones, mask, block_rows=rows, block_cols=cols), 0.0)
+    current = variable.read_value()
+    updated = {"assign": value, "add": current + value, "sub": current - value}[mode]
+    variable.assign(tf.where(live, updated, current))
 
 
 def _masked_sparse_update(variable, value, mask, rows, cols, mode):
@@ -356,7 +381,7 @@ def _has_fused_step(optimizer):
 def _fused_step(inner, freeze, gradient, variable, learning_rate):
     """Runs inner's update of a frozen variable as one masked kernel when
     there is one for inner's type (and a dense gradient); False otherwise."""
-    if not _has_fused_step(inner) or isinstance(gradient, tf.IndexedSlices):
+    if not _has_fused_step(inner) or isinstance(gradient, tf.IndexedSlices) or not _kernels_run_on(variable):
         return False
     dtype = variable.dtype
     index = inner._get_variable_index(variable)
