@@ -21,8 +21,7 @@ def masked_update(variable, value, mask, *, block_size=(32, 32), mode="assign"):
     read or written. `mask` is element-level (the variable's shape) or
     block-level over the last two dimensions, as for `mask_gradients`."""
     rows, cols = normalize_block_size(block_size)
-    if isinstance(variable, keras.Variable):
-        variable = variable.value
+    variable = _tf_variable(variable)
     mask = tf.convert_to_tensor(mask)
     if isinstance(value, tf.IndexedSlices):
         _masked_sparse_update(variable, value, mask, rows, cols, mode)
@@ -38,9 +37,7 @@ def _kernels_run_on(variable):
     """Whether the masked ops' kernels run where `variable` lives: on a CPU
     always, on a GPU when its kernels were loaded (MASKED_OPS_GPU_KERNELS=1).
     An op that updates a variable must run on the variable's device."""
-    if isinstance(variable, keras.Variable):
-        variable = variable.value
-    device_type = tf.DeviceSpec.from_string(variable.device or "").device_type
+    device_type = tf.DeviceSpec.from_string(_tf_variable(variable).device or "").device_type
     return device_type in (None, "CPU") or (device_type == "GPU" and gpu_kernels_loaded())
 
 
@@ -51,9 +48,14 @@ def _masked_dense_update(variable, value, mask, rows, cols, mode):
     float64 (which keeps every non-zero mask value non-zero), on the CPU."""
     ones = tf.ones(tf.shape(variable), tf.float64)
     live = tf.not_equal(_ops.masked_ops_mask_gradient(ones, mask, block_rows=rows, block_cols=cols), 0.0)
-    current = variable.read_value()
+    variable.assign(_updated_where_live(live, variable.read_value(), value, mode))
+
+
+def _updated_where_live(live, current, value, mode):
+    """`current` with `value` assigned, added or subtracted where `live`, and
+    its own bits elsewhere (whatever `value` holds there)."""
     updated = {"assign": value, "add": current + value, "sub": current - value}[mode]
-    variable.assign(tf.where(live, updated, current))
+    return tf.where(live, updated, current)
 
 
 def _masked_sparse_update(variable, value, mask, rows, cols, mode):
@@ -74,8 +76,9 @@ def _masked_sparse_update(variable, value, mask, rows, cols, mode):
         row_masks = tf.repeat(tf.gather(mask, indices // rows), cols, axis=1)[:, :width]
     live = tf.not_equal(tf.cast(row_masks, tf.float32), 0.0) if row_masks.dtype != tf.bool else row_masks
     current = tf.gather(variable, indices)
-    updated = {"assign": values, "add": current + values, "sub": current - values}[mode]
-    variable.scatter_update(tf.IndexedSlices(tf.where(live, updated, current), indices, value.dense_shape))
+    variable.scatter_update(
+        tf.IndexedSlices(_updated_where_live(live, current, values, mode), indices, value.dense_shape)
+    )
 
 
 class _Freeze:
@@ -367,8 +370,13 @@ def _check_wrappable(optimizer):
         raise ValueError("BlockFreeze cannot wrap an optimizer with use_ema: the EMA overwrites frozen weights")
 
 
+def _tf_variable(variable):
+    """The TensorFlow variable behind a Keras one (or the variable itself)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
 def _handle(variable):
-    return (variable.value if isinstance(variable, keras.Variable) else variable).handle
+    return _tf_variable(variable).handle
 
 
 def _has_fused_step(optimizer):
